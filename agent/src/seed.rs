@@ -1,0 +1,383 @@
+//! Seeding and checksum resync of one disk from an image.
+//!
+//! The first seed of a disk writes a base generation: one extent object per extent
+//! that holds any non-zero block. Every later seed is a checksum resync: it hashes each
+//! block of the image (xxh3-128) and compares with the checksum map of the replica's
+//! latest point, sending only differing blocks as log segments. Either way it ends
+//! with a checksum map of the image and a recovery point of kind seed.
+//!
+//! Extents are processed by a small pool of threads, each reading, hashing, sealing and
+//! uploading one extent at a time, so memory is bounded by the pool size times about
+//! two extents.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use ferry_replica::disk::new_point_id;
+use ferry_replica::keys::random_hex;
+use ferry_replica::meta::{Base, CommitKind, ExtentRef, SegmentRef};
+use ferry_replica::object::{ObjectKind, SealContext, CHUNK_TARGET};
+use ferry_replica::rebuild::{rebuild, FileSink};
+use ferry_replica::record::ObjectBuilder;
+use ferry_replica::scan::{block_sum, scan_region, Run, Sum, ZERO_SUM};
+use ferry_replica::sums::BlockSums;
+use ferry_replica::{Disk, DiskState, Error, Point, PointKind, Result, Store, VaultKey};
+
+use crate::image::Image;
+
+pub struct SeedOptions<'a> {
+    pub machine: &'a str,
+    pub disk: &'a str,
+    pub image: &'a Path,
+    pub label: Option<String>,
+    pub time: DateTime<Utc>,
+    /// Extents in flight at once; 0 picks cores + 1.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeedReport {
+    pub point: Point,
+    /// True for a first full copy, false for a checksum resync.
+    pub full_copy: bool,
+    pub disk_bytes: u64,
+    /// Bytes of block data sent (zero blocks and unchanged blocks excluded).
+    pub sent_bytes: u64,
+    /// Bytes uploaded, sealed and compressed, checksum map included.
+    pub stored_bytes: u64,
+    pub blocks: u64,
+    pub blocks_sent: u64,
+}
+
+/// What one extent job produced.
+#[derive(Default)]
+struct JobOut {
+    extent: Option<ExtentRef>,
+    segment: Option<SegmentRef>,
+    sums: Vec<Sum>,
+}
+
+struct Plan<'a> {
+    disk: &'a Disk,
+    image: &'a Image,
+    old: Option<&'a BlockSums>,
+    first_seq: u64,
+    generation: String,
+    extent_bytes: u64,
+    block_bytes: usize,
+}
+
+impl Plan<'_> {
+    fn full(&self) -> bool {
+        self.old.is_none()
+    }
+
+    /// Sequence number of extent job `j`. A full copy is one base at `first_seq`; a
+    /// resync gives each extent its own number after `first_seq`, which it keeps for
+    /// the hole that clears a grown tail.
+    fn seq_of(&self, j: u64) -> u64 {
+        if self.full() {
+            self.first_seq
+        } else {
+            self.first_seq + 1 + j
+        }
+    }
+
+    fn run_job(
+        &self,
+        j: u64,
+        buf: &mut Vec<u8>,
+        ctx: &mut SealContext,
+        sent: &AtomicU64,
+        stored: &AtomicU64,
+        blocks_sent: &AtomicU64,
+    ) -> Result<JobOut> {
+        let start = j * self.extent_bytes;
+        let len = self.extent_bytes.min(self.image.size - start) as usize;
+        buf.resize(len, 0);
+        self.image.read_at(buf, start)?;
+        let key = self.disk.key()?;
+        let seq = self.seq_of(j);
+        let (kind, object) = if self.full() {
+            (
+                ObjectKind::Extent,
+                self.disk.paths.extent(&self.generation, j),
+            )
+        } else {
+            (
+                ObjectKind::Segment,
+                self.disk.paths.segment(seq, &random_hex(8)),
+            )
+        };
+        let mut b = ObjectBuilder::new(ctx, key, &self.disk.disk_id, kind, &object);
+        let first_block = (start / self.block_bytes as u64) as usize;
+        let mut sums = vec![ZERO_SUM; len.div_ceil(self.block_bytes)];
+        let old = self.old.map(|o| {
+            let end = (first_block + sums.len()).min(o.sums.len());
+            &o.sums[first_block.min(end)..end]
+        });
+        let mut n_sent = 0u64;
+        let bs = self.block_bytes as u64;
+        scan_region(
+            buf,
+            start,
+            self.block_bytes,
+            old,
+            &mut sums,
+            CHUNK_TARGET,
+            |run| match run {
+                Run::Data { offset, data } => {
+                    n_sent += (data.len() as u64).div_ceil(bs);
+                    b.data(seq, offset, data);
+                }
+                Run::Zero { offset, len } => {
+                    n_sent += len.div_ceil(bs);
+                    b.zero(seq, offset, len);
+                }
+            },
+        );
+        let mut out = JobOut {
+            sums,
+            ..Default::default()
+        };
+        if b.is_empty() {
+            return Ok(out);
+        }
+        sent.fetch_add(b.data_bytes(), Ordering::Relaxed);
+        blocks_sent.fetch_add(n_sent, Ordering::Relaxed);
+        let bytes = b.finish();
+        let stored_bytes = bytes.len() as u64;
+        stored.fetch_add(stored_bytes, Ordering::Relaxed);
+        let store = &self.disk.store;
+        store.block(self.disk.upload(&object, bytes.into()))?;
+        if self.full() {
+            out.extent = Some(ExtentRef {
+                index: j,
+                object,
+                stored_bytes,
+            });
+        } else {
+            out.segment = Some(SegmentRef {
+                object,
+                first_seq: seq,
+                last_seq: seq,
+                stored_bytes,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Checksums of the replica at its latest point: its checksum map when it has one,
+/// else computed from a rebuild into a scratch file.
+fn replica_sums(disk: &Disk, state: &DiskState) -> Result<BlockSums> {
+    let bs = disk.info.block_bytes;
+    let (seq, size) = match state.latest_point() {
+        Some(p) => {
+            if let Some(object) = &p.sums {
+                let map = disk.store.block(BlockSums::load(disk, object))?;
+                if map.block_bytes == bs && map.disk_bytes == p.disk_bytes {
+                    return Ok(map);
+                }
+            }
+            (p.seq, p.disk_bytes)
+        }
+        None => (
+            state.next_seq.saturating_sub(1),
+            state.base.as_ref().map_or(0, |b| b.disk_bytes),
+        ),
+    };
+    let tmp = tempfile::tempfile().map_err(|e| Error::io("create", "resync scratch file", e))?;
+    tmp.set_len(size)
+        .map_err(|e| Error::io("size", "resync scratch file", e))?;
+    let sink = FileSink {
+        file: &tmp,
+        path: "resync scratch file".into(),
+    };
+    rebuild(disk, state, seq, size, &sink, &|_| {})?;
+    let mut sums = Vec::with_capacity(BlockSums::blocks_for(size, bs));
+    let mut buf = vec![0u8; bs as usize];
+    let mut at = 0;
+    while at < size {
+        let n = bs.min(size - at) as usize;
+        std::os::unix::fs::FileExt::read_exact_at(&tmp, &mut buf[..n], at)
+            .map_err(|e| Error::io("read", "resync scratch file", e))?;
+        sums.push(block_sum(&buf[..n]));
+        at += n as u64;
+    }
+    Ok(BlockSums {
+        block_bytes: bs,
+        disk_bytes: size,
+        sums,
+    })
+}
+
+/// Seeds (first time) or resyncs (afterwards) one disk from an image, then commits a
+/// recovery point of kind seed.
+pub fn seed(
+    store: &Store,
+    vault: &VaultKey,
+    opts: &SeedOptions<'_>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SeedReport> {
+    let image = Image::open(opts.image)?;
+    let disk = store.block(Disk::open_or_create(
+        store,
+        opts.machine,
+        opts.disk,
+        vault,
+        ferry_replica::DEFAULT_BLOCK_BYTES,
+        ferry_replica::DEFAULT_EXTENT_BYTES,
+    ))?;
+    let mut state = store.block(disk.load_state())?;
+    let first_time = state.base.is_none() && state.segments.is_empty() && state.points.is_empty();
+    let old = if first_time {
+        None
+    } else {
+        Some(replica_sums(&disk, &state)?)
+    };
+    let extent_bytes = disk.info.extent_bytes;
+    let plan = Plan {
+        disk: &disk,
+        image: &image,
+        old: old.as_ref(),
+        first_seq: state.next_seq,
+        generation: random_hex(8),
+        extent_bytes,
+        block_bytes: disk.info.block_bytes as usize,
+    };
+    let jobs = image.size.div_ceil(extent_bytes);
+    let workers = if opts.workers == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
+    } else {
+        opts.workers
+    };
+    let next = AtomicUsize::new(0);
+    let (sent, stored, blocks_sent) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let results: Mutex<Vec<Option<JobOut>>> = Mutex::new((0..jobs).map(|_| None).collect());
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(jobs.max(1) as usize) {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                let mut ctx = SealContext::default();
+                loop {
+                    let j = next.fetch_add(1, Ordering::Relaxed) as u64;
+                    if j >= jobs || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    match plan.run_job(j, &mut buf, &mut ctx, &sent, &stored, &blocks_sent) {
+                        Ok(out) => {
+                            let len = (extent_bytes.min(image.size - j * extent_bytes)) as u64;
+                            progress(len);
+                            if let Ok(mut r) = results.lock() {
+                                r[j as usize] = Some(out);
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut sums = Vec::with_capacity(BlockSums::blocks_for(image.size, plan.block_bytes as u64));
+    let (mut extents, mut segments) = (Vec::new(), Vec::new());
+    for out in results.into_iter().flatten() {
+        sums.extend_from_slice(&out.sums);
+        extents.extend(out.extent);
+        segments.extend(out.segment);
+    }
+
+    // A resync onto a grown disk first clears the new tail, so nothing the replica
+    // held there before an earlier shrink can show through.
+    let old_size = old.as_ref().map_or(image.size, |o| o.disk_bytes);
+    let mut ctx = SealContext::default();
+    let mut stored_bytes = stored.into_inner();
+    if !first_time && image.size > old_size {
+        let object = disk.paths.segment(plan.first_seq, &random_hex(8));
+        let mut b = ObjectBuilder::new(
+            &mut ctx,
+            disk.key()?,
+            &disk.disk_id,
+            ObjectKind::Segment,
+            &object,
+        );
+        b.zero(plan.first_seq, old_size, image.size - old_size);
+        let bytes = b.finish();
+        let tail_bytes = bytes.len() as u64;
+        stored_bytes += tail_bytes;
+        store.block(disk.upload(&object, bytes.into()))?;
+        segments.insert(
+            0,
+            SegmentRef {
+                object,
+                first_seq: plan.first_seq,
+                last_seq: plan.first_seq,
+                stored_bytes: tail_bytes,
+            },
+        );
+    }
+
+    let map = BlockSums {
+        block_bytes: plan.block_bytes as u64,
+        disk_bytes: image.size,
+        sums,
+    };
+    let (sums_object, sums_bytes) = map.seal(&disk, &mut ctx)?;
+    stored_bytes += sums_bytes.len() as u64;
+    store.block(disk.upload(&sums_object, sums_bytes.into()))?;
+
+    let (point_seq, next_seq) = if first_time {
+        (plan.first_seq, plan.first_seq + 1)
+    } else {
+        (plan.first_seq + jobs, plan.first_seq + jobs + 1)
+    };
+    let point = Point {
+        id: new_point_id(opts.time),
+        kind: PointKind::Seed,
+        time: opts.time,
+        seq: point_seq,
+        disk_bytes: image.size,
+        label: opts.label.clone(),
+        group: None,
+        sums: Some(sums_object),
+    };
+    let kind = if first_time {
+        CommitKind::Checkpoint
+    } else {
+        CommitKind::Append
+    };
+    let mut c = disk.new_commit(&state, kind, next_seq);
+    if first_time {
+        c.base = Some(Base {
+            generation: plan.generation.clone(),
+            seq: plan.first_seq,
+            disk_bytes: image.size,
+            extent_bytes,
+            extents,
+        });
+    }
+    c.segments = segments;
+    c.points = vec![point.clone()];
+    store.block(disk.commit(&mut state, c))?;
+    Ok(SeedReport {
+        point,
+        full_copy: first_time,
+        disk_bytes: image.size,
+        sent_bytes: sent.into_inner(),
+        stored_bytes,
+        blocks: BlockSums::blocks_for(image.size, plan.block_bytes as u64) as u64,
+        blocks_sent: blocks_sent.into_inner(),
+    })
+}

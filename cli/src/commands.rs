@@ -1,0 +1,228 @@
+//! The subcommands and their arguments.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use ferry_agent::{seed, SeedOptions};
+use ferry_controlplane::points::{list_points, open_machine, PointSpec};
+use ferry_controlplane::{failover, retention};
+use ferry_dataplane::export::Format;
+use ferry_replica::{Store, VaultKey};
+
+use crate::progress::bar;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Continuous disk replication to blob storage, failover and failback"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Blob store: file:///abs/path, az://container or s3://bucket
+    #[arg(long, value_name = "URL")]
+    store: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a new vault key file (32 random bytes, readable only by its owner)
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Copy a disk image into the store: a full copy the first time, afterwards only
+    /// the blocks whose checksums differ; then a recovery point of kind seed
+    Seed {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        disk: String,
+        #[arg(long, value_name = "PATH")]
+        image: PathBuf,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List the recovery points of every disk of a machine, newest first
+    Points {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild every disk of a machine at a recovery point
+    Failover {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        #[arg(long)]
+        machine: String,
+        /// latest, latest-app, a point id, or an RFC 3339 time (the newest point at or before it)
+        #[arg(long, default_value = "latest")]
+        point: PointSpec,
+        /// raw, or vhd (fixed VHD, as Azure takes for a managed disk)
+        #[arg(long, default_value = "raw")]
+        format: Format,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Drop recovery points older than the retention window and fold the log into a
+    /// new base; the newest point is always kept
+    Compact {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        #[arg(long)]
+        machine: String,
+        #[arg(long, value_name = "H")]
+        keep_hours: f64,
+    },
+}
+
+fn key(path: &PathBuf) -> Result<VaultKey> {
+    Ok(VaultKey::load(path)?)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out } => {
+            let k = VaultKey::generate();
+            k.save_new(&out)?;
+            println!("wrote vault key {} to {}", k.id(), out.display());
+        }
+        Command::Seed {
+            store,
+            key_file,
+            machine,
+            disk,
+            image,
+            label,
+        } => {
+            let vault = key(&key_file)?;
+            let store = Store::open(&store.store)?;
+            let size = std::fs::metadata(&image)
+                .with_context(|| format!("image {}", image.display()))?
+                .len();
+            let pb = bar(size, "seed");
+            let opts = SeedOptions {
+                machine: &machine,
+                disk: &disk,
+                image: &image,
+                label,
+                time: Utc::now(),
+                workers: 0,
+            };
+            let r = seed(&store, &vault, &opts, &|n| pb.inc(n))?;
+            pb.finish_and_clear();
+            println!(
+                "{} {machine}/{disk}: {} blocks of {}, {} sent ({} data bytes, {} stored)",
+                if r.full_copy { "seeded" } else { "resynced" },
+                r.blocks_sent,
+                r.blocks,
+                if r.full_copy { "non-zero" } else { "changed" },
+                r.sent_bytes,
+                r.stored_bytes,
+            );
+            println!("{}", r.point.id);
+        }
+        Command::Points {
+            store,
+            machine,
+            json,
+        } => {
+            let store = Store::open(&store.store)?;
+            let disks = open_machine(&store, &machine, None)?;
+            let rows = list_points(&disks);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<10} {:<30} {:<6} {:<25} {:>8} {:>14}  LABEL",
+                    "DISK", "POINT", "KIND", "TIME", "SEQ", "BYTES"
+                );
+                for r in rows {
+                    let p = &r.point;
+                    println!(
+                        "{:<10} {:<30} {:<6} {:<25} {:>8} {:>14}  {}",
+                        r.disk,
+                        p.id,
+                        p.kind,
+                        p.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        p.seq,
+                        p.disk_bytes,
+                        p.label.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Failover {
+            store,
+            key_file,
+            machine,
+            point,
+            format,
+            out,
+        } => {
+            let vault = key(&key_file)?;
+            let store = Store::open(&store.store)?;
+            let plan = failover::plan(&store, &vault, &machine, &point)?;
+            if let Some(note) = &plan.note {
+                eprintln!("note: {note}");
+            }
+            let pb = bar(plan.stored_bytes(), "failover");
+            let done = failover::run(plan, format, &out, &|n| pb.inc(n))?;
+            pb.finish_and_clear();
+            for d in done {
+                println!(
+                    "{} {} at point {} ({}, {} bytes)",
+                    d.path.display(),
+                    d.disk,
+                    d.point.id,
+                    d.point
+                        .time
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    d.point.disk_bytes
+                );
+            }
+        }
+        Command::Compact {
+            store,
+            key_file,
+            machine,
+            keep_hours,
+        } => {
+            if !(keep_hours.is_finite() && keep_hours >= 0.0) {
+                bail!("--keep-hours must be a non-negative number of hours");
+            }
+            let vault = key(&key_file)?;
+            let store = Store::open(&store.store)?;
+            let keep = chrono::Duration::milliseconds((keep_hours * 3_600_000.0) as i64);
+            for (disk, r) in retention::compact_machine(&store, &vault, &machine, keep)? {
+                println!(
+                    "{machine}/{disk}: dropped {} points, folded {} segments, rewrote {} extents, deleted {} objects{}",
+                    r.points_dropped,
+                    r.segments_folded,
+                    r.extents_rewritten,
+                    r.objects_deleted,
+                    r.base_seq.map(|s| format!(", base now at sequence {s}")).unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! Retention: compaction of every disk of a machine by age.
+
+use chrono::{Duration, Utc};
+use ferry_replica::compact::{compact, CompactOptions, CompactReport};
+use ferry_replica::{Result, Store, VaultKey};
+
+use crate::points::open_machine;
+
+/// Unreferenced objects younger than this may be a writer's uncommitted upload.
+pub const ORPHAN_GRACE: Duration = Duration::hours(1);
+
+pub fn compact_machine(
+    store: &Store,
+    vault: &VaultKey,
+    machine: &str,
+    keep: Duration,
+) -> Result<Vec<(String, CompactReport)>> {
+    let disks = open_machine(store, machine, Some(vault))?;
+    let opts = CompactOptions {
+        keep,
+        now: Utc::now(),
+        orphan_grace: ORPHAN_GRACE,
+    };
+    disks
+        .into_iter()
+        .map(|d| Ok((d.name.clone(), compact(&d.disk, &opts)?)))
+        .collect()
+}

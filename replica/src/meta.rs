@@ -1,0 +1,204 @@
+//! The metadata objects: disk.json and commit records. They are JSON, readable without
+//! the vault key (so `ferry points` needs none), and framed with a SHA-256 digest so a
+//! flipped byte is reported as corruption of that object rather than misread:
+//!
+//! ```text
+//! <one line of JSON>\n
+//! sha256 <64 hex digits of the JSON line's bytes>\n
+//! ```
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const FORMAT: u32 = 1;
+
+/// Identity and keys of one protected disk; written once, create-if-absent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskInfo {
+    pub format: u32,
+    pub machine: String,
+    pub disk: String,
+    /// 16 random bytes as hex; sealed into every object of this disk.
+    pub disk_id: String,
+    /// Granularity of checksum maps and zero detection.
+    pub block_bytes: u64,
+    /// Disk address space covered by one base extent object.
+    pub extent_bytes: u64,
+    pub created: DateTime<Utc>,
+    pub vault_key_id: String,
+    pub data_key: WrappedKeyInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WrappedKeyInfo {
+    pub id: String,
+    pub salt: String,
+    pub wrapped: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PointKind {
+    Crash,
+    App,
+    Group,
+    Seed,
+}
+
+impl std::fmt::Display for PointKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PointKind::Crash => "crash",
+            PointKind::App => "app",
+            PointKind::Group => "group",
+            PointKind::Seed => "seed",
+        })
+    }
+}
+
+/// A recovery point: the disk as of every write with sequence <= `seq`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Point {
+    pub id: String,
+    pub kind: PointKind,
+    pub time: DateTime<Utc>,
+    pub seq: u64,
+    pub disk_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Checksum map of the disk at this point, if one was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sums: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentRef {
+    pub object: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtentRef {
+    pub index: u64,
+    pub object: String,
+    pub stored_bytes: u64,
+}
+
+/// A base generation: the disk as of `seq`, as non-overlapping extents. Extents absent
+/// from the list are all zero.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Base {
+    pub generation: String,
+    pub seq: u64,
+    pub disk_bytes: u64,
+    pub extent_bytes: u64,
+    pub extents: Vec<ExtentRef>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitKind {
+    /// Adds segments and points to the state before it.
+    Append,
+    /// Replaces the whole state: base, live segments, live points.
+    Checkpoint,
+}
+
+/// One commit record, `commits/{commit:020}.json`, created if absent, never changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Commit {
+    pub format: u32,
+    pub commit: u64,
+    pub disk_id: String,
+    pub kind: CommitKind,
+    pub time: DateTime<Utc>,
+    /// Every sequence number below this is accounted for after this commit.
+    pub next_seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Base>,
+    #[serde(default)]
+    pub segments: Vec<SegmentRef>,
+    #[serde(default)]
+    pub points: Vec<Point>,
+}
+
+/// `checkpoints/{checkpoint:020}.json`: says commit `checkpoint` replaces everything
+/// before it, so readers list and read commits from there on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointHint {
+    pub format: u32,
+    pub checkpoint: u64,
+}
+
+/// Serialises with the digest frame.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(value).expect("metadata types always serialise");
+    let digest = ring::digest::digest(&ring::digest::SHA256, &out);
+    out.push(b'\n');
+    out.extend_from_slice(b"sha256 ");
+    out.extend_from_slice(hex::encode(digest.as_ref()).as_bytes());
+    out.push(b'\n');
+    out
+}
+
+/// Checks the digest frame and parses; errors name `object`.
+pub fn decode<T: for<'de> Deserialize<'de>>(object: &str, bytes: &[u8]) -> Result<T> {
+    let bad = |reason: &str| Error::corrupt(object, reason.to_string());
+    let body = bytes
+        .strip_suffix(b"\n")
+        .ok_or_else(|| bad("missing final newline"))?;
+    let split = body
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .ok_or_else(|| bad("missing digest line"))?;
+    let (json, trailer) = (&body[..split], &body[split + 1..]);
+    let want = trailer
+        .strip_prefix(b"sha256 ")
+        .ok_or_else(|| bad("malformed digest line"))?;
+    let got = hex::encode(ring::digest::digest(&ring::digest::SHA256, json).as_ref());
+    if want != got.as_bytes() {
+        return Err(bad("digest mismatch"));
+    }
+    serde_json::from_slice(json).map_err(|e| Error::corrupt(object, format!("bad JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_detects_any_flip() {
+        let p = Point {
+            id: "p1".into(),
+            kind: PointKind::Seed,
+            time: Utc::now(),
+            seq: 9,
+            disk_bytes: 4096,
+            label: Some("x".into()),
+            group: None,
+            sums: None,
+        };
+        let bytes = encode(&p);
+        assert_eq!(decode::<Point>("o", &bytes).unwrap(), p);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 1;
+            let e = decode::<Point>("o", &b).unwrap_err();
+            assert!(e.to_string().contains("corrupt object o"), "{e}");
+        }
+    }
+}

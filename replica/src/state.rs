@@ -1,0 +1,146 @@
+//! The state of one disk as its commit records describe it, and the fold that builds it.
+//! Folding is pure so it can be tested without a store: a checkpoint replaces the whole
+//! state, an append adds segments and points after validating their order.
+
+use std::collections::BTreeSet;
+
+use crate::error::{Error, Result};
+use crate::meta::{Base, Commit, CommitKind, Point, SegmentRef};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DiskState {
+    /// Number of the newest commit folded in; None for a disk with no commit yet.
+    pub head: Option<u64>,
+    /// Every sequence number below this is accounted for.
+    pub next_seq: u64,
+    pub base: Option<Base>,
+    /// Live log segments, in sequence order, ranges disjoint.
+    pub segments: Vec<SegmentRef>,
+    /// Live recovery points, in commit order (sequence order).
+    pub points: Vec<Point>,
+}
+
+impl DiskState {
+    /// Number the next commit must take.
+    pub fn next_commit(&self) -> u64 {
+        self.head.map_or(0, |h| h + 1)
+    }
+
+    /// Applies one commit record read from `object`.
+    pub fn fold(&mut self, object: &str, c: &Commit, disk_id: &str) -> Result<()> {
+        let bad = |reason: String| Error::corrupt(object, reason);
+        if c.format != crate::meta::FORMAT {
+            return Err(bad(format!("unsupported format {}", c.format)));
+        }
+        if c.disk_id != disk_id {
+            return Err(bad("belongs to another disk".into()));
+        }
+        if let Some(n) = crate::layout::number_of(object) {
+            if n != c.commit {
+                return Err(bad(format!(
+                    "names commit {} but is stored as {n}",
+                    c.commit
+                )));
+            }
+        }
+        // A reader may start at a checkpoint of any number; after that, numbers are
+        // consecutive.
+        let starts_here = self.head.is_none() && c.kind == CommitKind::Checkpoint;
+        if c.commit != self.next_commit() && !starts_here {
+            return Err(bad(format!("commit {} follows {:?}", c.commit, self.head)));
+        }
+        if c.next_seq < self.next_seq && c.kind == CommitKind::Append {
+            return Err(bad("sequence numbers go backwards".into()));
+        }
+        let mut next = match c.kind {
+            CommitKind::Checkpoint => DiskState {
+                head: Some(c.commit),
+                next_seq: c.next_seq,
+                base: c.base.clone(),
+                segments: Vec::new(),
+                points: Vec::new(),
+            },
+            CommitKind::Append => {
+                if c.base.is_some() {
+                    return Err(bad("an append commit carries a base".into()));
+                }
+                let mut s = self.clone();
+                s.head = Some(c.commit);
+                s.next_seq = c.next_seq;
+                s
+            }
+        };
+        let floor = next.base.as_ref().map_or(0, |b| b.seq + 1);
+        if let Some(b) = &next.base {
+            if b.seq >= c.next_seq || b.extent_bytes == 0 {
+                return Err(bad("base is not below next_seq".into()));
+            }
+        }
+        for seg in &c.segments {
+            let after = next.segments.last().map_or(0, |l| l.last_seq + 1);
+            if seg.first_seq > seg.last_seq || seg.last_seq >= c.next_seq || seg.first_seq < after {
+                return Err(bad(format!(
+                    "segment {} is out of sequence order",
+                    seg.object
+                )));
+            }
+            if seg.last_seq < floor {
+                return Err(bad(format!(
+                    "segment {} lies wholly inside the base",
+                    seg.object
+                )));
+            }
+            next.segments.push(seg.clone());
+        }
+        for p in &c.points {
+            if p.seq >= c.next_seq || next.points.iter().any(|q| q.id == p.id) {
+                return Err(bad(format!("point {} is invalid or repeated", p.id)));
+            }
+            if next.base.as_ref().is_some_and(|b| p.seq < b.seq) {
+                return Err(bad(format!("point {} lies before the base", p.id)));
+            }
+            next.points.push(p.clone());
+        }
+        *self = next;
+        Ok(())
+    }
+
+    pub fn latest_point(&self) -> Option<&Point> {
+        self.points.iter().max_by_key(|p| (p.seq, p.time))
+    }
+
+    pub fn point(&self, id: &str) -> Option<&Point> {
+        self.points.iter().find(|p| p.id == id)
+    }
+
+    /// Every data object the state needs.
+    pub fn referenced(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        if let Some(b) = &self.base {
+            out.extend(b.extents.iter().map(|e| e.object.clone()));
+        }
+        out.extend(self.segments.iter().map(|s| s.object.clone()));
+        out.extend(self.points.iter().filter_map(|p| p.sums.clone()));
+        out
+    }
+
+    /// Segments holding writes in (base.seq, seq], in order.
+    pub fn segments_up_to(&self, seq: u64) -> impl Iterator<Item = &SegmentRef> {
+        let floor = self.base.as_ref().map_or(0, |b| b.seq + 1);
+        self.segments
+            .iter()
+            .filter(move |s| s.first_seq <= seq && s.last_seq >= floor)
+    }
+
+    /// Stored bytes a rebuild at `seq` reads.
+    pub fn stored_bytes_up_to(&self, seq: u64) -> u64 {
+        let base = self
+            .base
+            .as_ref()
+            .map_or(0, |b| b.extents.iter().map(|e| e.stored_bytes).sum());
+        base + self
+            .segments_up_to(seq)
+            .map(|s| s.stored_bytes)
+            .sum::<u64>()
+    }
+}

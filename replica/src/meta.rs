@@ -51,7 +51,7 @@ pub enum PointKind {
 
 impl std::fmt::Display for PointKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             PointKind::Crash => "crash",
             PointKind::App => "app",
             PointKind::Group => "group",

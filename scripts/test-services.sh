@@ -56,7 +56,8 @@ const req = http.request(url, { method, headers }, res => {
     let out = '';
     res.on('data', d => out += d);
     res.on('end', () => {
-        if (res.statusCode >= 300) process.stderr.write(out + '\n');
+        // 409 is "already exists", expected when a state dir is reused.
+        if (res.statusCode >= 300 && res.statusCode !== 409) process.stderr.write(out + "\n");
         console.log(res.statusCode);
     });
 });
@@ -188,7 +189,7 @@ ts_stop_one() { # PIDFILE NAME
     pid=$(<"$1")
     rm -f "$1"
     [[ $pid =~ ^[0-9]+$ ]] || return 0
-    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 0
+    cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || return 0
     [[ $cmd == *"$2"* ]] || return 0
     kill "$pid" 2>/dev/null || return 0
     for ((i = 0; i < 40; i++)); do

@@ -270,7 +270,7 @@ pub fn seed(
                     }
                     match plan.run_job(j, &mut buf, &mut ctx, &sent, &stored, &blocks_sent) {
                         Ok(out) => {
-                            let len = (extent_bytes.min(image.size - j * extent_bytes)) as u64;
+                            let len = extent_bytes.min(image.size - j * extent_bytes);
                             progress(len);
                             if let Ok(mut r) = results.lock() {
                                 r[j as usize] = Some(out);

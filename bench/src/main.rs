@@ -1,1 +1,127 @@
-fn main() {}
+//! `ferry-bench`: measurements that print their own baseline. Every figure is shown
+//! next to a ceiling or a peer timed in the same run on the same machine, because the
+//! machines are shared and noisy and only ratios carry over.
+
+mod machine;
+mod peers;
+mod rebuild;
+mod sample;
+mod seal;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-bench",
+    about = "Ferry benchmarks with same-run baselines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Seal throughput on one core against the zstd-1 + AES-256-GCM ceiling
+    Seal {
+        #[arg(long)]
+        image: PathBuf,
+        /// MiB of non-zero image data to measure on
+        #[arg(long, default_value_t = 256)]
+        sample_mib: usize,
+    },
+    /// Seed an image into a local store, then time a failover rebuild of it
+    Rebuild {
+        #[arg(long)]
+        image: PathBuf,
+    },
+    /// `ferry seed` against `restic backup`, first run and after a change
+    SeedVsRestic {
+        #[arg(long)]
+        image: PathBuf,
+        /// The ferry binary to run
+        #[arg(long)]
+        ferry: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value_t = 5.0)]
+        change_percent: f64,
+    },
+    /// All of the above, ending with the one-line summary
+    All {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        ferry: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        sample_mib: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Seal { image, sample_mib } => {
+            machine::print();
+            seal::run(&image, sample_mib)?;
+        }
+        Command::Rebuild { image } => {
+            machine::print();
+            rebuild::run(&image)?;
+        }
+        Command::SeedVsRestic {
+            image,
+            ferry,
+            work,
+            change_percent,
+        } => {
+            machine::print();
+            peers::run(&image, &ferry, &work, change_percent)?;
+        }
+        Command::All {
+            image,
+            ferry,
+            work,
+            sample_mib,
+        } => {
+            machine::print();
+            let s = seal::run(&image, sample_mib)?;
+            rebuild::run(&image)?;
+            let p = peers::run(&image, &ferry, &work, 5.0)?;
+            println!("seed vs restic after 5 % changed: {:.1} x", p.second_ratio);
+            println!(
+                "seal: {:.0} MB/s per core, ceiling {:.0} MB/s, ratio {:.2}; seed vs restic: {:.1} x",
+                s.seal, s.ceiling, s.seal / s.ceiling, p.first_ratio
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod smoke {
+    //! The benchmarks run small inside the test suite so they cannot rot.
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn seal_and_rebuild_run_on_a_small_image() {
+        std::env::set_var("FERRY_BENCH_SECONDS", "0.05");
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("small.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(24 << 20).unwrap();
+        let text = b"a small image for the benchmark smoke test\n".repeat(30_000);
+        f.write_all_at(&text, 1 << 20).unwrap();
+        let noise: Vec<u8> = (0..4u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        f.write_all_at(&noise, 9 << 20).unwrap();
+        let s = crate::seal::run(&image, 4).unwrap();
+        assert!(s.seal > 0.0 && s.ceiling > 0.0);
+        crate::rebuild::run(&image).unwrap();
+    }
+}

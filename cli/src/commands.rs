@@ -1,6 +1,6 @@
 //! The subcommands and their arguments.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
@@ -94,7 +94,7 @@ enum Command {
     },
 }
 
-fn key(path: &PathBuf) -> Result<VaultKey> {
+fn key(path: &Path) -> Result<VaultKey> {
     Ok(VaultKey::load(path)?)
 }
 

@@ -42,12 +42,24 @@ impl Env {
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "ferry {args:?} failed: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed: {}",
+            text(&out.stderr)
+        );
         text(&out.stdout)
     }
 
     fn seed(&self, machine: &str, disk: &str, image: &Path) -> String {
-        let out = self.ok(&["seed", "--machine", machine, "--disk", disk, "--image", image.to_str().unwrap()]);
+        let out = self.ok(&[
+            "seed",
+            "--machine",
+            machine,
+            "--disk",
+            disk,
+            "--image",
+            image.to_str().unwrap(),
+        ]);
         out.lines().last().unwrap().to_string()
     }
 }
@@ -91,7 +103,10 @@ fn change_blocks(path: &Path, fraction: f64, seed: u64) -> u64 {
 }
 
 fn qemu_img(args: &[&str]) -> Output {
-    Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils) is installed")
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (qemu-utils) is installed")
 }
 
 #[test]
@@ -103,7 +118,17 @@ fn seed_resync_failover_raw_and_vhd() {
     std::fs::copy(&image, env.path("first.img")).unwrap();
 
     let changed = change_blocks(&image, 0.05, 1);
-    let out = env.ok(&["seed", "--machine", "web1", "--disk", "sda", "--image", image.to_str().unwrap(), "--label", "after"]);
+    let out = env.ok(&[
+        "seed",
+        "--machine",
+        "web1",
+        "--disk",
+        "sda",
+        "--image",
+        image.to_str().unwrap(),
+        "--label",
+        "after",
+    ]);
     let second = out.lines().last().unwrap().to_string();
     // Only the changed blocks travel: "resynced web1/sda: N blocks of M, changed sent".
     let sent: u64 = out.split_whitespace().nth(2).unwrap().parse().unwrap();
@@ -112,44 +137,109 @@ fn seed_resync_failover_raw_and_vhd() {
 
     // Points, newest first, as a table and as JSON.
     let table = env.ok(&["points", "--machine", "web1"]);
-    assert!(table.find(&second).unwrap() < table.find(&first).unwrap(), "{table}");
-    let json: serde_json::Value = serde_json::from_str(&env.ok(&["points", "--machine", "web1", "--json"])).unwrap();
+    assert!(
+        table.find(&second).unwrap() < table.find(&first).unwrap(),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["points", "--machine", "web1", "--json"])).unwrap();
     assert_eq!(json[0]["id"], second.as_str());
     assert_eq!(json[0]["label"], "after");
     assert_eq!(json[1]["kind"], "seed");
 
-    for (point, want) in [(first.as_str(), env.path("first.img")), (second.as_str(), image.clone())] {
+    for (point, want) in [
+        (first.as_str(), env.path("first.img")),
+        (second.as_str(), image.clone()),
+    ] {
         for format in ["raw", "vhd"] {
             let out_dir = env.path(&format!("out-{point}-{format}"));
-            env.ok(&["failover", "--machine", "web1", "--point", point, "--format", format, "--out", out_dir.to_str().unwrap()]);
+            env.ok(&[
+                "failover",
+                "--machine",
+                "web1",
+                "--point",
+                point,
+                "--format",
+                format,
+                "--out",
+                out_dir.to_str().unwrap(),
+            ]);
             let rebuilt = out_dir.join(format!("sda.{format}"));
             if format == "raw" {
-                assert!(std::fs::read(&rebuilt).unwrap() == std::fs::read(&want).unwrap(), "raw at {point}");
+                assert!(
+                    std::fs::read(&rebuilt).unwrap() == std::fs::read(&want).unwrap(),
+                    "raw at {point}"
+                );
             } else {
-                let info = qemu_img(&["info", "-f", "vpc", "--output=json", rebuilt.to_str().unwrap()]);
+                let info = qemu_img(&[
+                    "info",
+                    "-f",
+                    "vpc",
+                    "--output=json",
+                    rebuilt.to_str().unwrap(),
+                ]);
                 let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
                 assert_eq!(info["format"], "vpc");
                 assert_eq!(info["virtual-size"], 64u64 << 20);
-                let cmp = qemu_img(&["compare", "-f", "raw", "-F", "vpc", want.to_str().unwrap(), rebuilt.to_str().unwrap()]);
-                assert!(cmp.status.success(), "qemu-img compare: {}", text(&cmp.stdout));
+                let cmp = qemu_img(&[
+                    "compare",
+                    "-f",
+                    "raw",
+                    "-F",
+                    "vpc",
+                    want.to_str().unwrap(),
+                    rebuilt.to_str().unwrap(),
+                ]);
+                assert!(
+                    cmp.status.success(),
+                    "qemu-img compare: {}",
+                    text(&cmp.stdout)
+                );
             }
         }
     }
     // A time between the two points picks the first; latest picks the second.
-    let between = serde_json::from_str::<serde_json::Value>(&env.ok(&["points", "--machine", "web1", "--json"])).unwrap()[1]["time"]
+    let between = serde_json::from_str::<serde_json::Value>(&env.ok(&[
+        "points",
+        "--machine",
+        "web1",
+        "--json",
+    ]))
+    .unwrap()[1]["time"]
         .as_str()
         .unwrap()
         .to_string();
-    let out = env.ok(&["failover", "--machine", "web1", "--point", &between, "--out", env.path("t").to_str().unwrap()]);
+    let out = env.ok(&[
+        "failover",
+        "--machine",
+        "web1",
+        "--point",
+        &between,
+        "--out",
+        env.path("t").to_str().unwrap(),
+    ]);
     assert!(out.contains(&first), "{out}");
-    let out = env.ok(&["failover", "--machine", "web1", "--out", env.path("l").to_str().unwrap()]);
+    let out = env.ok(&[
+        "failover",
+        "--machine",
+        "web1",
+        "--out",
+        env.path("l").to_str().unwrap(),
+    ]);
     assert!(out.contains(&second), "{out}");
 
     // Compaction with no window keeps only the newest point, which still rebuilds.
     env.ok(&["compact", "--machine", "web1", "--keep-hours", "0"]);
-    let json: serde_json::Value = serde_json::from_str(&env.ok(&["points", "--machine", "web1", "--json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["points", "--machine", "web1", "--json"])).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 1);
-    env.ok(&["failover", "--machine", "web1", "--out", env.path("c").to_str().unwrap()]);
+    env.ok(&[
+        "failover",
+        "--machine",
+        "web1",
+        "--out",
+        env.path("c").to_str().unwrap(),
+    ]);
     assert!(std::fs::read(env.path("c/sda.raw")).unwrap() == std::fs::read(&image).unwrap());
 }
 
@@ -157,7 +247,10 @@ fn one_line_error(out: &Output, wants: &str) {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error: ") && err.contains(wants), "wanted {wants:?} in {err}");
+    assert!(
+        err.starts_with("error: ") && err.contains(wants),
+        "wanted {wants:?} in {err}"
+    );
 }
 
 #[test]
@@ -170,31 +263,96 @@ fn errors_are_one_clear_line() {
     let o = out.to_str().unwrap();
 
     let other = env.path("other.key");
-    assert!(ferry(&["keygen", "--out", other.to_str().unwrap()]).status.success());
-    assert_eq!(std::fs::metadata(&other).unwrap().permissions().mode() & 0o777, 0o600);
-    one_line_error(&ferry(&["keygen", "--out", other.to_str().unwrap()]), "File exists");
+    assert!(ferry(&["keygen", "--out", other.to_str().unwrap()])
+        .status
+        .success());
+    assert_eq!(
+        std::fs::metadata(&other).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     one_line_error(
-        &ferry(&["failover", "--store", &env.store, "--key-file", other.to_str().unwrap(), "--machine", "m", "--out", o]),
+        &ferry(&["keygen", "--out", other.to_str().unwrap()]),
+        "File exists",
+    );
+    one_line_error(
+        &ferry(&[
+            "failover",
+            "--store",
+            &env.store,
+            "--key-file",
+            other.to_str().unwrap(),
+            "--machine",
+            "m",
+            "--out",
+            o,
+        ]),
         "wrong key",
     );
-    one_line_error(&env.run(&["failover", "--machine", "m", "--point", "nope", "--out", o]), "point nope is not a point of disk d");
-    one_line_error(&env.run(&["failover", "--machine", "m", "--point", "2001-01-01T00:00:00Z", "--out", o]), "no point at or before");
-    one_line_error(&env.run(&["failover", "--machine", "m", "--point", "latest-app", "--out", o]), "no app-consistent point");
-    one_line_error(&env.run(&["points", "--machine", "ghost"]), "no machine ghost");
-    one_line_error(&env.run(&["seed", "--machine", "a/b", "--disk", "d", "--image", image.to_str().unwrap()]), "invalid machine name");
+    one_line_error(
+        &env.run(&["failover", "--machine", "m", "--point", "nope", "--out", o]),
+        "point nope is not a point of disk d",
+    );
+    one_line_error(
+        &env.run(&[
+            "failover",
+            "--machine",
+            "m",
+            "--point",
+            "2001-01-01T00:00:00Z",
+            "--out",
+            o,
+        ]),
+        "no point at or before",
+    );
+    one_line_error(
+        &env.run(&[
+            "failover",
+            "--machine",
+            "m",
+            "--point",
+            "latest-app",
+            "--out",
+            o,
+        ]),
+        "no app-consistent point",
+    );
+    one_line_error(
+        &env.run(&["points", "--machine", "ghost"]),
+        "no machine ghost",
+    );
+    one_line_error(
+        &env.run(&[
+            "seed",
+            "--machine",
+            "a/b",
+            "--disk",
+            "d",
+            "--image",
+            image.to_str().unwrap(),
+        ]),
+        "invalid machine name",
+    );
 
     // A corrupt segment: the error names it.
     std::fs::write(&image, vec![9u8; 300_000]).unwrap();
     env.seed("m", "d", &image);
     let store_dir = env.dir.path().join("store");
     let log_dir = store_dir.join("machines/m/disks/d/log");
-    let seg = std::fs::read_dir(&log_dir).unwrap().next().unwrap().unwrap().path();
+    let seg = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut bytes = std::fs::read(&seg).unwrap();
     let n = bytes.len();
     bytes[n - 20] ^= 0x10;
     std::fs::write(&seg, bytes).unwrap();
     let rel = seg.strip_prefix(&store_dir).unwrap().display().to_string();
-    one_line_error(&env.run(&["failover", "--machine", "m", "--out", o]), &format!("corrupt object {rel}"));
+    one_line_error(
+        &env.run(&["failover", "--machine", "m", "--out", o]),
+        &format!("corrupt object {rel}"),
+    );
 
     // An unreachable store (nothing listens on this loopback port).
     let start = Instant::now();
@@ -237,8 +395,21 @@ fn a_killed_seed_loses_no_committed_point() {
     change_blocks(&image, 0.5, 2);
     for delay_ms in [50u64, 150, 400] {
         let mut child = Command::new(FERRY)
-            .args(["seed", "--store", &env.store, "--key-file", env.key.to_str().unwrap()])
-            .args(["--machine", "k", "--disk", "d", "--image", image.to_str().unwrap()])
+            .args([
+                "seed",
+                "--store",
+                &env.store,
+                "--key-file",
+                env.key.to_str().unwrap(),
+            ])
+            .args([
+                "--machine",
+                "k",
+                "--disk",
+                "d",
+                "--image",
+                image.to_str().unwrap(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -248,12 +419,31 @@ fn a_killed_seed_loses_no_committed_point() {
         let _ = child.wait();
         // The first point is intact whatever the killed run left behind.
         let out = env.path(&format!("after-kill-{delay_ms}"));
-        env.ok(&["failover", "--machine", "k", "--point", &first, "--out", out.to_str().unwrap()]);
-        assert!(std::fs::read(out.join("d.raw")).unwrap() == std::fs::read(env.path("first.img")).unwrap());
+        env.ok(&[
+            "failover",
+            "--machine",
+            "k",
+            "--point",
+            &first,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(out.join("d.raw")).unwrap()
+                == std::fs::read(env.path("first.img")).unwrap()
+        );
     }
     // A new seed completes and its point rebuilds the current image.
     let last = env.seed("k", "d", &image);
     let out = env.path("final");
-    env.ok(&["failover", "--machine", "k", "--point", &last, "--out", out.to_str().unwrap()]);
+    env.ok(&[
+        "failover",
+        "--machine",
+        "k",
+        "--point",
+        &last,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(std::fs::read(out.join("d.raw")).unwrap() == std::fs::read(&image).unwrap());
 }

@@ -211,7 +211,9 @@ fn build_base(
     };
     let mut touched: BTreeSet<u64> = BTreeSet::new();
     // A shrink must not leave stale bytes past the new end in a kept extent.
-    if state.base.as_ref().is_some_and(|b| b.disk_bytes > size) && size % extent_bytes != 0 {
+    if state.base.as_ref().is_some_and(|b| b.disk_bytes > size)
+        && !size.is_multiple_of(extent_bytes)
+    {
         materialize(
             disk,
             &old,

@@ -103,7 +103,7 @@ impl Disk {
         }
         if info.block_bytes == 0
             || info.extent_bytes == 0
-            || info.extent_bytes % info.block_bytes != 0
+            || !info.extent_bytes.is_multiple_of(info.block_bytes)
         {
             return Err(Error::corrupt(&object, "block or extent size is invalid"));
         }
@@ -133,7 +133,7 @@ impl Disk {
         if let Some(bytes) = store.get_opt(&paths.info()).await? {
             return Self::from_info(store, paths, &bytes, Some(vault));
         }
-        if block_bytes == 0 || extent_bytes % block_bytes != 0 || extent_bytes == 0 {
+        if block_bytes == 0 || !extent_bytes.is_multiple_of(block_bytes) || extent_bytes == 0 {
             return Err(Error::Invalid(
                 "extent size must be a multiple of the block size".into(),
             ));
@@ -204,8 +204,7 @@ impl Disk {
             .collect();
         numbers.sort_unstable();
         let mut objects = Vec::with_capacity(numbers.len());
-        let mut expect = start.unwrap_or(0);
-        for n in numbers {
+        for (expect, n) in (start.unwrap_or(0)..).zip(numbers) {
             if n != expect {
                 return Err(Error::corrupt(
                     self.paths.commit(expect),
@@ -213,7 +212,6 @@ impl Disk {
                 ));
             }
             objects.push(self.paths.commit(n));
-            expect += 1;
         }
         if let (Some(s), true) = (start, objects.is_empty()) {
             return Err(Error::corrupt(

@@ -14,8 +14,9 @@ pub enum Error {
         store: String,
         op: &'static str,
         path: String,
+        // Boxed: object_store's error is large and every Result would carry its size.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// An object that a commit references is missing.
     #[error("store {store}: object {path} is missing")]

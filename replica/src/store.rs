@@ -108,6 +108,7 @@ fn require_credentials(url: &str, vars: &[&str], wanted: &str) -> Result<()> {
 
 /// Builds the object_store for a `--store` URL.
 pub fn build(url: &str) -> Result<Arc<dyn ObjectStore>> {
+    install_tls_provider();
     use object_store::ClientConfigKey::ConnectTimeout;
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
         store_url_error(url, "expected file:///path, az://container or s3://bucket")
@@ -177,7 +178,6 @@ fn install_tls_provider() {
 impl Store {
     /// Opens the store a `--store` URL names.
     pub fn open(url: &str) -> Result<Store> {
-        install_tls_provider();
         Ok(Self::with_object_store(build(url)?, url))
     }
 
@@ -213,7 +213,7 @@ impl Store {
                 store: self.name.to_string(),
                 op,
                 path: path.to_string(),
-                source,
+                source: Box::new(source),
             },
         }
     }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Seal, rebuild and seed-vs-restic benchmarks, each against a baseline timed in the same
+# run (ferry-bench prints the machine, every stage and the ratios; docs/benchmarks.md
+# records them). The test image is a 4 GiB ext4 file system holding about 2 GiB of real
+# files (this machine's /usr and cargo sources), made once and cached.
+#
+#   scripts/bench-seal.sh [WORK_DIR]     needs: mkfs.ext4, restic (scripts/install-deps.sh)
+# Ends with: seal: X MB/s per core, ceiling Y MB/s, ratio R; seed vs restic: Q x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PATH="$PATH:/usr/sbin:/sbin"
+work=${1:-target/bench}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+image=$work/ext4-4g.img
+
+cargo build --release -q -p ferry -p ferry-bench
+
+if [[ ! -f $image ]]; then
+    echo "making $image (4 GiB ext4 with about 2 GiB of files)" >&2
+    stage=$work/stage
+    rm -rf "$stage" && mkdir -p "$stage"
+    for src in /usr/share /usr/bin /usr/lib "${CARGO_HOME:-$HOME/.cargo}/registry/src"; do
+        [[ -d $src ]] || continue
+        (( $(du -sm "$stage" | cut -f1) < 2048 )) || break
+        cp -a --no-preserve=ownership "$src" "$stage/$(echo "$src" | tr / _)" 2>/dev/null || true
+    done
+    truncate -s 4G "$image.tmp"
+    mkfs.ext4 -q -F -d "$stage" "$image.tmp" || {
+        # Too many files for the image: the staging copy overshot; keep what fits.
+        rm -f "$image.tmp"; truncate -s 4G "$image.tmp"
+        mkfs.ext4 -q -F -d "$stage/_usr_share" "$image.tmp"
+    }
+    mv "$image.tmp" "$image"
+    rm -rf "$stage"
+fi
+
+# The seed-vs-restic run changes 5 % of the blocks: work on a copy.
+cp --sparse=always "$image" "$work/run.img"
+target/release/ferry-bench all --image "$work/run.img" --ferry target/release/ferry --work "$work/peers"
+rm -f "$work/run.img"

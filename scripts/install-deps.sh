@@ -3,7 +3,7 @@
 # missing, so it is cheap to run before every test run:
 #   Debian: qemu-utils (qemu-img), e2fsprogs (mkfs.ext4), restic (benchmarks), curl
 #   npm:    azurite 3.37.0 (Azure Blob emulator)
-#   cargo:  s3s-fs 0.14.1 (S3 emulator; building it takes a few minutes)
+#   cargo:  s3s-fs 0.14.1 (S3 emulator; building it takes a few minutes), cargo-fuzz
 # Quiet on success; a failing step prints its full output.
 set -euo pipefail
 
@@ -68,3 +68,10 @@ for component in rustfmt clippy; do
         quiet rustup component add "$component"
     fi
 done
+
+# cargo-fuzz for the protocol's frame-decoder fuzz target (run with RUSTC_BOOTSTRAP on
+# the stable toolchain, which is the only one a fresh machine has).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "install-deps: cargo install cargo-fuzz (a minute or two)"
+    quiet cargo install --locked cargo-fuzz
+fi

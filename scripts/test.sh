@@ -28,3 +28,7 @@ cargo test --workspace --no-fail-fast
 
 section "cargo bench --workspace --no-run"
 cargo bench --workspace --no-run
+
+section "fuzz: the protocol frame decoder, 20 seconds"
+# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
+(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run frame_decoder --release -- -max_total_time=20 -rss_limit_mb=1024)

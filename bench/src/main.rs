@@ -89,9 +89,11 @@ fn main() -> Result<()> {
             sample_mib,
         } => {
             machine::print();
+            // Peers first, while this process is small: a child's peak RSS as wait4
+            // reports it starts from the parent's at spawn time.
+            let p = peers::run(&image, &ferry, &work, 5.0)?;
             let s = seal::run(&image, sample_mib)?;
             rebuild::run(&image)?;
-            let p = peers::run(&image, &ferry, &work, 5.0)?;
             println!("seed vs restic after 5 % changed: {:.1} x", p.second_ratio);
             println!(
                 "seal: {:.0} MB/s per core, ceiling {:.0} MB/s, ratio {:.2}; seed vs restic: {:.1} x",

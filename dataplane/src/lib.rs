@@ -4,3 +4,4 @@
 //! that writes failback deltas onto home disks join it here.
 
 pub mod export;
+pub mod protocol;

@@ -1,0 +1,19 @@
+//! The agent <-> process-server wire protocol, version 1 (docs/protocol.md): frame
+//! types and a codec that never trusts its input. Decoding borrows from the receive
+//! buffer, so write data is handed on without a copy; every length is checked against
+//! what remains and against the negotiated frame limit before anything is allocated.
+
+mod codec;
+mod frame;
+
+pub use codec::{decode, encode, encode_write_header, DecodeError, Decoded};
+pub use frame::{Bookmark, ErrorCode, Frame, Hello, PointKindWire, Welcome};
+
+/// Protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Bytes of every frame header: type u8, flags u8, reserved u16, payload length u32.
+pub const HEADER_BYTES: usize = 8;
+/// The largest payload either side may ever send; a session may negotiate less.
+pub const MAX_PAYLOAD_BYTES: u32 = 4 << 20;
+/// Default TCP port of the data path.
+pub const DEFAULT_PORT: u16 = 9443;

@@ -40,27 +40,29 @@ enum Command {
     },
     /// `ferry seed` against `restic backup`, first run and after a change
     SeedVsRestic {
-        #[arg(long)]
-        image: PathBuf,
-        /// The ferry binary to run
-        #[arg(long)]
-        ferry: PathBuf,
-        #[arg(long)]
-        work: PathBuf,
+        #[command(flatten)]
+        peer: PeerArgs,
         #[arg(long, default_value_t = 5.0)]
         change_percent: f64,
     },
     /// All of the above, ending with the one-line summary
     All {
-        #[arg(long)]
-        image: PathBuf,
-        #[arg(long)]
-        ferry: PathBuf,
-        #[arg(long)]
-        work: PathBuf,
+        #[command(flatten)]
+        peer: PeerArgs,
         #[arg(long, default_value_t = 256)]
         sample_mib: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct PeerArgs {
+    #[arg(long)]
+    image: PathBuf,
+    /// The ferry binary to run
+    #[arg(long)]
+    ferry: PathBuf,
+    #[arg(long)]
+    work: PathBuf,
 }
 
 fn main() -> Result<()> {
@@ -74,18 +76,14 @@ fn main() -> Result<()> {
             rebuild::run(&image)?;
         }
         Command::SeedVsRestic {
-            image,
-            ferry,
-            work,
+            peer,
             change_percent,
         } => {
             machine::print();
-            peers::run(&image, &ferry, &work, change_percent)?;
+            peers::run(&peer.image, &peer.ferry, &peer.work, change_percent)?;
         }
         Command::All {
-            image,
-            ferry,
-            work,
+            peer: PeerArgs { image, ferry, work },
             sample_mib,
         } => {
             machine::print();

@@ -219,6 +219,7 @@ fn build_base(
             &old,
             size / extent_bytes,
             extent_bytes,
+            size,
             &sink,
             &mut touched,
         )?;
@@ -242,7 +243,7 @@ fn build_base(
                     let len = r.len.min(size - r.offset);
                     let last = (r.offset + len.max(1) - 1) / extent_bytes;
                     for idx in r.offset / extent_bytes..=last {
-                        materialize(disk, &old, idx, extent_bytes, &sink, &mut touched)?;
+                        materialize(disk, &old, idx, extent_bytes, size, &sink, &mut touched)?;
                     }
                     match r.data {
                         Some(d) => sink.write_at(&d[..len as usize], r.offset),
@@ -314,6 +315,7 @@ fn materialize(
     old: &BTreeMap<u64, ExtentRef>,
     idx: u64,
     extent_bytes: u64,
+    size: u64,
     sink: &FileSink<'_>,
     touched: &mut BTreeSet<u64>,
 ) -> Result<()> {
@@ -331,11 +333,6 @@ fn materialize(
         kind: ObjectKind::Extent,
         name: &e.object,
     };
-    let size = sink
-        .file
-        .metadata()
-        .map_err(|e| Error::io("stat", "compaction scratch file", e))?
-        .len();
     let (lo, hi) = (idx * extent_bytes, (idx + 1) * extent_bytes);
     open_object(&expect, &mut buf, &mut OpenContext::default(), |chunk| {
         decode_records(

@@ -1,7 +1,12 @@
-//! Ferry's data plane. Today: `export`, the writers that lay a rebuilt disk into an
-//! output image (raw, or a fixed VHD that Azure accepts as a managed disk). The process
-//! server pipeline (ingest -> cache -> batch -> seal -> upload) and the master target
-//! that writes failback deltas onto home disks join it here.
+//! Ferry's data plane. Read in flow order, its modules draw the process server's
+//! pipeline: `protocol` (frames from agents) -> `server` (the session that judges them)
+//! -> `cache` (durable local log, group commit) -> `upload` (seal into segments and
+//! commit to the replica). `export` writes rebuilt disks for failover (raw, fixed VHD).
+//! These are plain logic over files and the store, testable without sockets; the
+//! thread-per-core io_uring shell that feeds them from TLS connections comes next.
 
+pub mod cache;
 pub mod export;
 pub mod protocol;
+pub mod server;
+pub mod upload;

@@ -1,0 +1,123 @@
+//! The upload stage: cached frames of one disk, in sequence order, become a sealed log
+//! segment and the recovery points their bookmarks mark, committed to the replica in one
+//! append. The replica's `next_seq` is the uploaded watermark: every frame below it is
+//! in blob storage, so replaying a cache after a restart skips what already landed and
+//! each write lands exactly once.
+
+use chrono::{TimeZone, Utc};
+use ferry_replica::meta::Point;
+use ferry_replica::object::SealContext;
+use ferry_replica::writer::{append, seal_segment, Payload, Write};
+use ferry_replica::{Disk, DiskState, PointKind, Result, Store, VaultKey};
+
+use crate::protocol::{Frame, PointKindWire};
+
+pub struct DiskUploader {
+    disk: Disk,
+    state: DiskState,
+    ctx: SealContext,
+    /// The disk's size as the agent last announced it.
+    disk_bytes: u64,
+}
+
+impl DiskUploader {
+    pub fn open(
+        store: &Store,
+        vault: &VaultKey,
+        machine: &str,
+        disk: &str,
+    ) -> Result<DiskUploader> {
+        let disk = store.block(Disk::open_or_create(
+            store,
+            machine,
+            disk,
+            vault,
+            ferry_replica::DEFAULT_BLOCK_BYTES,
+            ferry_replica::DEFAULT_EXTENT_BYTES,
+        ))?;
+        let state = store.block(disk.load_state())?;
+        let disk_bytes = state.latest_point().map_or(0, |p| p.disk_bytes);
+        Ok(DiskUploader {
+            disk,
+            state,
+            ctx: SealContext::default(),
+            disk_bytes,
+        })
+    }
+
+    /// Every frame below this sequence number is committed in blob storage.
+    pub fn uploaded(&self) -> u64 {
+        self.state.next_seq
+    }
+
+    pub fn set_disk_bytes(&mut self, bytes: u64) {
+        self.disk_bytes = bytes;
+    }
+
+    /// Seals and commits `frames` (Write, Zero, Bookmark; ascending, gap-free sequence
+    /// numbers from `uploaded()` on; older ones are skipped). Returns the new watermark.
+    pub fn upload(&mut self, frames: &[Frame<'_>]) -> Result<u64> {
+        let mut writes = Vec::new();
+        let mut points = Vec::new();
+        let mut next = self.state.next_seq;
+        for f in frames {
+            let seq = match f {
+                Frame::Write { seq, .. } | Frame::Zero { seq, .. } => *seq,
+                Frame::Bookmark(b) => b.seq,
+                _ => continue,
+            };
+            if seq < next {
+                continue;
+            }
+            if seq != next {
+                return Err(ferry_replica::Error::Invalid(format!(
+                    "disk {}: frame {seq} follows {next}: the cache lost a frame",
+                    self.disk.paths.label()
+                )));
+            }
+            match f {
+                Frame::Write { offset, data, .. } => writes.push(Write {
+                    seq,
+                    offset: *offset,
+                    payload: Payload::Data(data),
+                }),
+                Frame::Zero { offset, len, .. } => writes.push(Write {
+                    seq,
+                    offset: *offset,
+                    payload: Payload::Zero(*len),
+                }),
+                Frame::Bookmark(b) => points.push(Point {
+                    id: b.id.to_string(),
+                    kind: match b.kind {
+                        PointKindWire::Crash => PointKind::Crash,
+                        PointKindWire::App => PointKind::App,
+                        PointKindWire::Group => PointKind::Group,
+                    },
+                    time: Utc
+                        .timestamp_millis_opt(b.time_ms)
+                        .single()
+                        .unwrap_or_else(Utc::now),
+                    // The bookmark's own number: every write below it, none after.
+                    seq,
+                    disk_bytes: self.disk_bytes,
+                    label: (!b.label.is_empty()).then(|| b.label.to_string()),
+                    group: (!b.group.is_empty()).then(|| b.group.to_string()),
+                    sums: None,
+                }),
+                _ => {}
+            }
+            next += 1;
+        }
+        if next == self.state.next_seq {
+            return Ok(next);
+        }
+        let sealed = if writes.is_empty() {
+            vec![]
+        } else {
+            vec![seal_segment(&self.disk, &mut self.ctx, &writes)?]
+        };
+        let store = self.disk.store.clone();
+        store.block(append(&self.disk, &mut self.state, sealed, points, next))?;
+        Ok(next)
+    }
+}

@@ -7,6 +7,8 @@
 
 pub mod cache;
 pub mod export;
+pub mod health;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod upload;

@@ -188,6 +188,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let done = failover::run(plan, format, &out, &|n| pb.inc(n))?;
             pb.finish_and_clear();
             for d in done {
+                let padded = ferry_dataplane::export::Output::vhd_data_bytes(d.point.disk_bytes);
+                if format == Format::Vhd && padded != d.point.disk_bytes {
+                    eprintln!(
+                        "note: {} is padded with zeroes from {} to {padded} bytes: Azure takes only whole MiB",
+                        d.path.display(),
+                        d.point.disk_bytes
+                    );
+                }
                 println!(
                     "{} {} at point {} ({}, {} bytes)",
                     d.path.display(),

@@ -333,6 +333,39 @@ fn errors_are_one_clear_line() {
         "invalid machine name",
     );
 
+    // A VHD of a disk that is not a whole number of MiB is padded to one, for Azure;
+    // qemu-img finds it equal to the raw disk (the padding reads as zero).
+    let vhd_dir = env.path("vhd");
+    let out = env.run(&[
+        "failover",
+        "--machine",
+        "m",
+        "--format",
+        "vhd",
+        "--out",
+        vhd_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("padded with zeroes from 300000 to 1048576 bytes"),
+        "{}",
+        text(&out.stderr)
+    );
+    let vhd = vhd_dir.join("d.vhd");
+    let info = qemu_img(&["info", "-f", "vpc", "--output=json", vhd.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 1u64 << 20);
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "vpc",
+        image.to_str().unwrap(),
+        vhd.to_str().unwrap(),
+    ]);
+    assert!(cmp.status.success(), "{}", text(&cmp.stdout));
+
     // A corrupt segment: the error names it.
     std::fs::write(&image, vec![9u8; 300_000]).unwrap();
     env.seed("m", "d", &image);

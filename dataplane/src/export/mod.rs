@@ -9,6 +9,9 @@ use ferry_replica::{Error, Result};
 
 pub use vhd::{footer, VHD_FOOTER_BYTES};
 
+/// Azure requires a managed disk's VHD to be a whole number of MiB.
+pub const VHD_ALIGN: u64 = 1 << 20;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Raw,
@@ -69,12 +72,17 @@ impl Output {
         self.path.display().to_string()
     }
 
+    /// The size a VHD's data area gets: Azure takes only whole MiB, so a disk of
+    /// another size is padded with zeroes at its end.
+    pub fn vhd_data_bytes(disk_bytes: u64) -> u64 {
+        disk_bytes.div_ceil(VHD_ALIGN) * VHD_ALIGN
+    }
+
     /// Appends the VHD footer if needed and makes the file durable.
     pub fn finish(self) -> Result<PathBuf> {
         let shown = self.shown();
         if self.format == Format::Vhd {
-            // A VHD's data area is whole sectors; the footer follows it.
-            let data = self.disk_bytes.div_ceil(512) * 512;
+            let data = Self::vhd_data_bytes(self.disk_bytes);
             let f = footer(data, chrono::Utc::now());
             std::os::unix::fs::FileExt::write_all_at(&self.file, &f, data)
                 .map_err(|e| Error::io("write VHD footer", &shown, e))?;

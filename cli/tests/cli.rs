@@ -109,6 +109,21 @@ fn qemu_img(args: &[&str]) -> Output {
         .expect("qemu-img (qemu-utils) is installed")
 }
 
+/// qemu-img reads `vhd` as a VHD (vpc) of `size` bytes, equal to the raw `want`.
+fn assert_vhd_matches(want: &Path, vhd: &Path, size: u64) {
+    let info = qemu_img(&["info", "-f", "vpc", "--output=json", vhd.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "vpc");
+    assert_eq!(info["virtual-size"], size);
+    let (w, v) = (want.to_str().unwrap(), vhd.to_str().unwrap());
+    let cmp = qemu_img(&["compare", "-f", "raw", "-F", "vpc", w, v]);
+    assert!(
+        cmp.status.success(),
+        "qemu-img compare: {}",
+        text(&cmp.stdout)
+    );
+}
+
 #[test]
 fn seed_resync_failover_raw_and_vhd() {
     let env = Env::new();
@@ -171,30 +186,7 @@ fn seed_resync_failover_raw_and_vhd() {
                     "raw at {point}"
                 );
             } else {
-                let info = qemu_img(&[
-                    "info",
-                    "-f",
-                    "vpc",
-                    "--output=json",
-                    rebuilt.to_str().unwrap(),
-                ]);
-                let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-                assert_eq!(info["format"], "vpc");
-                assert_eq!(info["virtual-size"], 64u64 << 20);
-                let cmp = qemu_img(&[
-                    "compare",
-                    "-f",
-                    "raw",
-                    "-F",
-                    "vpc",
-                    want.to_str().unwrap(),
-                    rebuilt.to_str().unwrap(),
-                ]);
-                assert!(
-                    cmp.status.success(),
-                    "qemu-img compare: {}",
-                    text(&cmp.stdout)
-                );
+                assert_vhd_matches(&want, &rebuilt, 64 << 20);
             }
         }
     }
@@ -352,19 +344,7 @@ fn errors_are_one_clear_line() {
         text(&out.stderr)
     );
     let vhd = vhd_dir.join("d.vhd");
-    let info = qemu_img(&["info", "-f", "vpc", "--output=json", vhd.to_str().unwrap()]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(info["virtual-size"], 1u64 << 20);
-    let cmp = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "vpc",
-        image.to_str().unwrap(),
-        vhd.to_str().unwrap(),
-    ]);
-    assert!(cmp.status.success(), "{}", text(&cmp.stdout));
+    assert_vhd_matches(&image, &vhd, 1 << 20);
 
     // A corrupt segment: the error names it.
     std::fs::write(&image, vec![9u8; 300_000]).unwrap();

@@ -30,6 +30,10 @@ pub trait DiskSink: Sync {
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zero.
     fn zero(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// How errors name the sink.
+    fn name(&self) -> &str {
+        "rebuilt disk"
+    }
 }
 
 /// A sink writing into a file that starts out as a hole of the disk's size.
@@ -41,6 +45,10 @@ pub struct FileSink<'a> {
 static ZEROES: [u8; 1 << 16] = [0u8; 1 << 16];
 
 impl DiskSink for FileSink<'_> {
+    fn name(&self) -> &str {
+        &self.path
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(data, offset)
     }
@@ -139,7 +147,7 @@ impl Shared<'_> {
                     None => self.sink.zero(r.offset, len).map(|_| 0),
                 };
                 res.map(|_| ())
-                    .map_err(|e| Error::io("write", "rebuilt disk", e))
+                    .map_err(|e| Error::io("write", self.sink.name(), e))
             },
             &job.object,
         )

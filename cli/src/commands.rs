@@ -80,6 +80,17 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
+    /// sealed and uploaded to the store
+    ProcessServer(crate::server_cmd::ProcessServerArgs),
+    /// Write a CA, a server certificate for 127.0.0.1 and agent certificates (loopback
+    /// and tests; production brings its own PKI)
+    Certs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        agents: usize,
+    },
     /// Drop recovery points older than the retention window and fold the log into a
     /// new base; the newest point is always kept
     Compact {
@@ -208,6 +219,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::ProcessServer(a) => crate::server_cmd::process_server(a)?,
+        Command::Certs { out, agents } => crate::server_cmd::certs(&out, agents)?,
         Command::Compact {
             store,
             key_file,

@@ -3,6 +3,7 @@
 
 mod commands;
 mod progress;
+mod server_cmd;
 
 use std::process::ExitCode;
 

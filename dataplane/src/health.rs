@@ -51,6 +51,8 @@ pub struct Inputs {
     pub cache_max_bytes: u64,
     /// Age of the oldest cached write not yet in blob storage.
     pub upload_lag_s: f64,
+    /// The last request to blob storage failed; uploads are being retried.
+    pub store_failing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +110,12 @@ pub fn assess(p: &Policy, i: &Inputs) -> Health {
             ),
         );
     }
+    if i.store_failing {
+        raise(
+            Level::Warning,
+            "blob storage is failing; uploads are retried with backoff and the cache holds the data".into(),
+        );
+    }
     let throttle = free_pct < p.cache_throttle_free_pct;
     if throttle {
         reasons.push(format!(
@@ -133,6 +141,7 @@ mod tests {
                 cache_used_bytes: used_pct,
                 cache_max_bytes: 100,
                 upload_lag_s: lag,
+                store_failing: false,
             },
         )
     }

@@ -6,9 +6,12 @@
 //! thread-per-core io_uring shell that feeds them from TLS connections comes next.
 
 pub mod cache;
+pub mod client;
 pub mod export;
 pub mod health;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod sim;
+pub mod tls;
 pub mod upload;

@@ -72,6 +72,7 @@ pub struct Gauges {
     pub cache_bytes: u64,
     pub cache_max_bytes: u64,
     pub upload_lag_s: f64,
+    pub store_failing: bool,
 }
 
 pub fn render(m: &ShardMetrics, g: &Gauges, health: &Health) -> String {
@@ -157,6 +158,12 @@ pub fn render(m: &ShardMetrics, g: &Gauges, health: &Health) -> String {
         "Time from a write's arrival to its acknowledgement.",
         &summary,
     );
+    metric(
+        "store_failing",
+        "gauge",
+        "1 while requests to blob storage fail (alert).",
+        &one((g.store_failing as u8).to_string()),
+    );
     let level = health.level as u8;
     metric(
         "health",
@@ -202,6 +209,7 @@ mod tests {
             cache_bytes: 90,
             cache_max_bytes: 100,
             upload_lag_s: 2.5,
+            store_failing: true,
         };
         let h = assess(
             &Policy::default(),
@@ -209,6 +217,7 @@ mod tests {
                 cache_used_bytes: 90,
                 cache_max_bytes: 100,
                 upload_lag_s: 2.5,
+                store_failing: true,
             },
         );
         let text = render(&a, &g, &h);
@@ -221,6 +230,7 @@ mod tests {
             "ferry_ack_latency_seconds_count 1001",
             "ferry_health 2",
             "ferry_throttling 1",
+            "ferry_store_failing 1",
             "# TYPE ferry_ack_latency_seconds summary",
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");

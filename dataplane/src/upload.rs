@@ -18,6 +18,9 @@ pub struct DiskUploader {
     ctx: SealContext,
     /// The disk's size as the agent last announced it.
     disk_bytes: u64,
+    /// Payload bytes and sealed bytes of everything uploaded by this uploader.
+    pub plain_bytes: u64,
+    pub sealed_bytes: u64,
 }
 
 impl DiskUploader {
@@ -42,6 +45,8 @@ impl DiskUploader {
             state,
             ctx: SealContext::default(),
             disk_bytes,
+            plain_bytes: 0,
+            sealed_bytes: 0,
         })
     }
 
@@ -55,7 +60,7 @@ impl DiskUploader {
     }
 
     /// Seals and commits `frames` (Write, Zero, Bookmark; ascending, gap-free sequence
-    /// numbers from `uploaded()` on; older ones are skipped). Returns the new watermark.
+    /// numbers from `uploaded()` on; older ones are skipped; a Hello sets the disk size). Returns the new watermark.
     pub fn upload(&mut self, frames: &[Frame<'_>]) -> Result<u64> {
         let mut writes = Vec::new();
         let mut points = Vec::new();
@@ -64,6 +69,12 @@ impl DiskUploader {
             let seq = match f {
                 Frame::Write { seq, .. } | Frame::Zero { seq, .. } => *seq,
                 Frame::Bookmark(b) => b.seq,
+                // The cache keeps each session's Hello: it carries the disk's size,
+                // which the points after it record.
+                Frame::Hello(h) => {
+                    self.disk_bytes = h.disk_bytes;
+                    continue;
+                }
                 _ => continue,
             };
             if seq < next {
@@ -116,8 +127,18 @@ impl DiskUploader {
         } else {
             vec![seal_segment(&self.disk, &mut self.ctx, &writes)?]
         };
+        let plain: u64 = writes
+            .iter()
+            .map(|w| match w.payload {
+                Payload::Data(d) => d.len() as u64,
+                Payload::Zero(_) => 0,
+            })
+            .sum();
+        let sealed_len: u64 = sealed.iter().map(|s| s.bytes.len() as u64).sum();
         let store = self.disk.store.clone();
         store.block(append(&self.disk, &mut self.state, sealed, points, next))?;
+        self.plain_bytes += plain;
+        self.sealed_bytes += sealed_len;
         Ok(next)
     }
 }

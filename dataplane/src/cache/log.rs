@@ -43,7 +43,7 @@ pub enum CacheError {
     TooLarge { disk: String, bytes: usize },
 }
 
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> CacheError {
+pub(crate) fn io_err(op: &'static str, path: &Path, source: io::Error) -> CacheError {
     CacheError::Io {
         op,
         path: path.display().to_string(),
@@ -88,7 +88,7 @@ pub struct CacheLog {
     poisoned: bool,
 }
 
-fn file_name(dir: &Path, n: u64) -> PathBuf {
+pub(crate) fn file_name(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:016}.log"))
 }
 
@@ -97,7 +97,7 @@ fn checksum(disk: &[u8], payload: &[u8]) -> u32 {
 }
 
 /// Parses records from `buf`; returns them and the length of the valid prefix.
-fn parse(file: u64, buf: &[u8]) -> (Vec<Entry>, usize, Option<&'static str>) {
+pub(crate) fn parse(file: u64, buf: &[u8]) -> (Vec<Entry>, usize, Option<&'static str>) {
     let mut out = Vec::new();
     let mut at = 0usize;
     loop {
@@ -301,6 +301,48 @@ impl CacheLog {
         }
         self.dirty = false;
         Ok(())
+    }
+
+    /// Where the oldest record still held starts.
+    pub fn first_position(&self) -> Position {
+        Position {
+            file: self.files.first().map_or(0, |f| f.0),
+            offset: 0,
+        }
+    }
+
+    /// Just past the newest record.
+    pub fn end_position(&self) -> Position {
+        let (file, offset) = *self.files.last().expect("a current file always exists");
+        Position { file, offset }
+    }
+
+    /// For a sync run off the event loop: a handle on the current file when there are
+    /// appends to make durable (records in earlier files were synced when they rolled).
+    /// Call `sync_failed` if syncing it fails.
+    pub fn take_sync(&mut self) -> Result<Option<File>, CacheError> {
+        let path = file_name(&self.dir, self.files.last().map_or(0, |f| f.0));
+        if self.poisoned {
+            return Err(io_err(
+                "sync",
+                &path,
+                io::Error::other("an earlier sync failed; the cache must be reopened"),
+            ));
+        }
+        if !self.dirty {
+            return Ok(None);
+        }
+        let f = self
+            .current
+            .try_clone()
+            .map_err(|e| io_err("sync", &path, e))?;
+        self.dirty = false;
+        Ok(Some(f))
+    }
+
+    /// A sync handed out by `take_sync` failed: nothing may be acknowledged again.
+    pub fn sync_failed(&mut self) {
+        self.poisoned = true;
     }
 
     /// Deletes every file wholly before `upto` (all of whose records are uploaded).

@@ -3,5 +3,7 @@
 //! synced; on restart, the cache is read back and what was not yet uploaded is uploaded.
 
 pub mod log;
+pub mod tail;
 
 pub use log::{CacheError, CacheLog, Entry, Position, Recovered};
+pub use tail::Tailer;

@@ -1,7 +1,16 @@
-//! The process server's logic, apart from any socket or kernel interface so that tests
-//! can drive it directly: today the per-connection session state machine (sequence
-//! checks, resumption, credit-based flow control, acknowledgement watermarks).
+//! The process server. Its logic (the session state machine) is apart from any socket
+//! so that tests can drive it directly; the rest runs it: shards with their own compio
+//! runtime and cache log, TLS connections, the upload stage, and the metrics endpoint.
 
+pub mod conn;
+pub mod http;
+pub mod options;
+pub mod registry;
+pub mod run;
 pub mod session;
+pub mod shard;
+pub mod uploader;
 
+pub use options::Options;
+pub use run::{start, Running};
 pub use session::{Action, Limits, Progress, Reject, Session};

@@ -95,7 +95,8 @@ pub struct Session {
     throttled: bool,
 }
 
-fn payload_bytes(f: &Frame<'_>) -> u64 {
+/// Credit a frame costs: its data, or a flat 64 bytes for the small ones.
+pub fn payload_bytes(f: &Frame<'_>) -> u64 {
     match f {
         Frame::Write { data, .. } => data.len() as u64,
         // Zero and bookmark frames are small but must still count, or an agent could
@@ -181,6 +182,11 @@ impl Session {
     /// Next sequence number the session expects.
     pub fn next_seq(&self) -> u64 {
         self.next
+    }
+
+    /// The durable watermark last told to the agent.
+    pub fn acked(&self) -> u64 {
+        self.acked
     }
 
     /// Payload bytes received and not yet durable.

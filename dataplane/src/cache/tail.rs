@@ -1,0 +1,121 @@
+//! Reads a shard's cache log from behind, up to what the shard has made durable: the
+//! upload stage's input. Reading the files (from the page cache, normally) instead of
+//! holding frames in memory keeps memory bounded however far uploads fall behind, and
+//! makes restart recovery the same path as normal running.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::log::{file_name, io_err, parse, CacheError, Entry, Position, RECORD_PAYLOAD_MAX};
+
+pub struct Tailer {
+    dir: PathBuf,
+    pos: Position,
+    open: Option<(u64, File)>,
+}
+
+impl Tailer {
+    pub fn new(dir: &Path, start: Position) -> Tailer {
+        Tailer {
+            dir: dir.to_path_buf(),
+            pos: start,
+            open: None,
+        }
+    }
+
+    /// Everything before this position has been returned.
+    pub fn position(&self) -> Position {
+        self.pos
+    }
+
+    /// Returns the records between the current position and `upto` (a record boundary
+    /// the shard made durable), about `max_bytes` of them at most.
+    pub fn read(&mut self, upto: Position, max_bytes: usize) -> Result<Vec<Entry>, CacheError> {
+        let mut out = Vec::new();
+        let mut taken = 0usize;
+        while self.pos < upto && taken < max_bytes {
+            let path = file_name(&self.dir, self.pos.file);
+            if self.open.as_ref().map(|(n, _)| *n) != Some(self.pos.file) {
+                let f = File::open(&path).map_err(|e| io_err("open", &path, e))?;
+                self.open = Some((self.pos.file, f));
+            }
+            let (_, f) = self.open.as_ref().expect("opened above");
+            let end = if self.pos.file < upto.file {
+                f.metadata().map_err(|e| io_err("stat", &path, e))?.len()
+            } else {
+                upto.offset
+            };
+            if self.pos.offset >= end {
+                if self.pos.file < upto.file {
+                    // Files are numbered without gaps; a rolled file is complete.
+                    self.pos = Position {
+                        file: self.pos.file + 1,
+                        offset: 0,
+                    };
+                    continue;
+                }
+                break;
+            }
+            let want = (end - self.pos.offset)
+                .min((max_bytes - taken + RECORD_PAYLOAD_MAX + 512) as u64)
+                as usize;
+            let mut buf = vec![0u8; want];
+            f.read_exact_at(&mut buf, self.pos.offset)
+                .map_err(|e| io_err("read", &path, e))?;
+            let (mut found, valid, problem) = parse(self.pos.file, &buf);
+            if valid == 0 {
+                return Err(CacheError::Corrupt {
+                    path: path.display().to_string(),
+                    offset: self.pos.offset,
+                    reason: problem.unwrap_or("no whole record where one was durable"),
+                });
+            }
+            for e in &mut found {
+                e.at.offset += self.pos.offset;
+                taken += e.payload.len();
+            }
+            out.extend(found);
+            self.pos.offset += valid as u64;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheLog;
+
+    #[test]
+    fn follows_the_durable_position_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        let mut t = Tailer::new(dir.path(), log.first_position());
+        let mut want = Vec::new();
+        for i in 0..50u32 {
+            let payload = vec![i as u8; 100 + i as usize];
+            log.append("m/d", &payload).unwrap();
+            want.push(payload);
+        }
+        log.sync().unwrap();
+        let end = log.end_position();
+        assert!(end.file > 2, "the log rolled over several files");
+        let mut got = Vec::new();
+        loop {
+            let batch = t.read(end, 700).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch.into_iter().map(|e| e.payload));
+        }
+        assert_eq!(got, want);
+        assert_eq!(t.position(), end);
+        // More appends are picked up from where it stopped.
+        log.append("m/d", b"late").unwrap();
+        log.sync().unwrap();
+        let batch = t.read(log.end_position(), 1 << 20).unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].payload, b"late");
+    }
+}

@@ -1,0 +1,524 @@
+//! One agent connection on a shard: TLS handshake with a required client certificate,
+//! the Hello, a claim on the disk, then two tasks — the reader judges frames and
+//! appends them to the shard's cache log; the writer sends acknowledgements and credit
+//! as the committer makes appends durable. Anything wrong closes this connection only,
+//! with an Error frame and a logged reason.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::{select, Either};
+use tokio::sync::Notify;
+
+use crate::cache::{CacheError, Position};
+use crate::protocol::{decode, encode, Decoded, ErrorCode, Frame, HEADER_BYTES};
+use crate::tls::{handshake, TlsReader, TlsWriter};
+
+use super::registry::DiskEntry;
+use super::session::{Action, Reject, Session};
+use super::shard::Shard;
+
+/// Why a connection ended, for the log.
+enum End {
+    /// The agent said Bye.
+    Bye,
+    /// We refuse to go on; the agent is told why.
+    Reject(Reject),
+    /// The peer went away or stalled; nothing can be told.
+    Gone(String),
+}
+
+struct State {
+    session: Session,
+    /// Cached, not yet durable: (sequence, end of its record, arrival).
+    pending: VecDeque<(u64, Position, Instant)>,
+    /// An Ack is owed once every write below this is durable.
+    flush: Option<u64>,
+    /// Frames to send as soon as possible (pongs).
+    outbox: Vec<u8>,
+    end: Option<End>,
+    throttled: bool,
+}
+
+fn unavailable(reason: impl Into<String>) -> Reject {
+    Reject {
+        code: ErrorCode::Unavailable,
+        reason: reason.into(),
+    }
+}
+
+pub async fn serve(shard: Rc<Shard>, tcp: std::net::TcpStream) {
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_string(), |a: SocketAddr| a.to_string());
+    let _ = tcp.set_nodelay(true);
+    shard.metrics.borrow_mut().connections += 1;
+    if let Err(why) = serve_inner(&shard, tcp, &peer).await {
+        tracing::warn!(shard = shard.shared.id, %peer, reason = %why, "connection closed");
+    }
+    shard.shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn serve_inner(
+    shard: &Rc<Shard>,
+    tcp: std::net::TcpStream,
+    peer: &str,
+) -> Result<(), String> {
+    let tcp = compio::net::TcpStream::from_std(tcp).map_err(|e| format!("socket: {e}"))?;
+    let conn =
+        rustls::ServerConnection::new(shard.tls.clone()).map_err(|e| format!("TLS setup: {e}"))?;
+    let (mut reader, mut writer) = match handshake(tcp, conn, shard.opts.handshake_timeout).await {
+        Ok(halves) => halves,
+        Err(e) => {
+            shard.metrics.borrow_mut().error("tls");
+            return Err(format!("refused: TLS handshake failed: {e}"));
+        }
+    };
+    let mut inbuf: Vec<u8> = Vec::with_capacity(128 << 10);
+    let first = read_first(shard, &mut reader, &mut inbuf).await;
+    let (hello_len, entry, progress) = match first {
+        Ok(v) => v,
+        Err(End::Reject(r)) => return refuse(shard, writer, r).await,
+        Err(End::Gone(why)) => return Err(why),
+        Err(End::Bye) => return Ok(()),
+    };
+    let hello_bytes = inbuf[..hello_len].to_vec();
+    let Ok(Decoded::Frame(Frame::Hello(hello), _)) = decode(&hello_bytes, u32::MAX) else {
+        return Err("hello vanished".into());
+    };
+    // An agent writes only its own machine's disks: the machine must be a name in
+    // its certificate.
+    let named = reader
+        .peer_certificate()
+        .is_some_and(|der| cert_names(&der, &entry.machine));
+    if !named {
+        return refuse(
+            shard,
+            writer,
+            Reject {
+                code: ErrorCode::NotOwned,
+                reason: format!(
+                    "the client certificate does not name machine {}: it may not write {}",
+                    entry.machine, entry.key
+                ),
+            },
+        )
+        .await;
+    }
+    // Judge the hello before taking the disk from another session.
+    if let Err(r) = Session::start(&hello, progress, shard.opts.limits, |m, d| {
+        entry.machine == m && entry.disk == d
+    }) {
+        return refuse(shard, writer, r).await;
+    }
+    let stop = Arc::new(Notify::new());
+    let claim = match entry
+        .claim(
+            shard.shared.id,
+            shard.conn_id(),
+            stop.clone(),
+            shard.opts.claim_timeout,
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(r) => return refuse(shard, writer, r).await,
+    };
+    // The progress read before the claim may be stale if an earlier session just
+    // ended: answer with the watermarks as they are now.
+    let progress = super::session::Progress {
+        durable: entry.durable.load(Ordering::SeqCst),
+        uploaded: entry.uploaded.load(Ordering::SeqCst),
+    };
+    let (session, welcome) = match Session::start(&hello, progress, shard.opts.limits, |_, _| true)
+    {
+        Ok(v) => v,
+        Err(r) => {
+            entry.release(claim);
+            return refuse(shard, writer, r).await;
+        }
+    };
+    // The Hello goes into the cache too: it carries the disk size for the points.
+    let appended = shard.log.borrow_mut().append(&entry.key, &hello_bytes);
+    if let Err(e) = appended {
+        entry.release(claim);
+        return refuse(shard, writer, unavailable(format!("cache: {e}"))).await;
+    }
+    let mut out = Vec::new();
+    encode(&Frame::Welcome(welcome), &mut out);
+    if let Err(e) = writer.send(&out).await {
+        entry.release(claim);
+        return Err(format!("sending welcome: {e}"));
+    }
+    tracing::info!(shard = shard.shared.id, %peer, disk = %entry.key, durable = progress.durable, uploaded = progress.uploaded, "session started");
+    inbuf.drain(..hello_len);
+    let state = Rc::new(RefCell::new(State {
+        session,
+        pending: VecDeque::new(),
+        flush: None,
+        outbox: Vec::new(),
+        end: None,
+        throttled: false,
+    }));
+    let wake_writer = Rc::new(Notify::new());
+    let write_task = compio::runtime::spawn(write_loop(
+        shard.clone(),
+        entry.clone(),
+        state.clone(),
+        wake_writer.clone(),
+        writer,
+    ));
+    let read_end = read_loop(
+        shard,
+        &entry,
+        &state,
+        &wake_writer,
+        &mut reader,
+        &mut inbuf,
+        &stop,
+    )
+    .await;
+    {
+        let mut st = state.borrow_mut();
+        if st.end.is_none() {
+            st.end = Some(read_end);
+        }
+    }
+    wake_writer.notify_one();
+    let result = write_task
+        .await
+        .unwrap_or_else(|_| Err("writer task failed".into()));
+    entry.release(claim);
+    let end = state.borrow_mut().end.take();
+    match end {
+        Some(End::Bye) | None => result,
+        Some(End::Reject(r)) => {
+            shard.metrics.borrow_mut().error(error_kind(r.code));
+            Err(format!("{} ({:?})", r.reason, r.code))
+        }
+        Some(End::Gone(why)) => Err(why),
+    }
+}
+
+fn error_kind(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Sequence | ErrorCode::Credit => "sequence",
+        ErrorCode::NotOwned => "not_owned",
+        ErrorCode::Unavailable => "cache",
+        _ => "malformed",
+    }
+}
+
+/// Tells the peer why, then closes.
+async fn refuse(shard: &Shard, mut writer: TlsWriter, r: Reject) -> Result<(), String> {
+    shard.metrics.borrow_mut().error(error_kind(r.code));
+    let mut out = Vec::new();
+    encode(&r.frame(), &mut out);
+    let _ = writer.send(&out).await;
+    let _ = writer.close().await;
+    Err(format!("refused: {} ({:?})", r.reason, r.code))
+}
+
+/// Reads until the first frame is whole; it must be a Hello naming a valid disk.
+/// Returns its length in `inbuf`, the disk and its watermarks.
+async fn read_first(
+    shard: &Shard,
+    reader: &mut TlsReader,
+    inbuf: &mut Vec<u8>,
+) -> Result<(usize, Arc<DiskEntry>, super::session::Progress), End> {
+    let timeout = shard.opts.peer_timeout;
+    loop {
+        match decode(inbuf, shard.opts.limits.max_payload) {
+            Ok(Decoded::Frame(Frame::Hello(h), used)) => {
+                let key = format!("{}/{}", h.machine, h.disk);
+                if !valid_name(h.machine) || !valid_name(h.disk) {
+                    return Err(End::Reject(Reject {
+                        code: ErrorCode::Malformed,
+                        reason: format!(
+                            "machine and disk names take letters, digits, '-', '_' and '.': got {key:?}"
+                        ),
+                    }));
+                }
+                let entry = shard.registry.entry(&key);
+                let registry = shard.registry.clone();
+                let e2 = entry.clone();
+                let opened = compio::runtime::spawn_blocking(move || {
+                    e2.open(&registry.store, &registry.vault)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|_| Err("opening the disk panicked".into()));
+                if let Err(e) = opened {
+                    shard.metrics.borrow_mut().error("store");
+                    return Err(End::Reject(unavailable(format!("disk {key}: {e}"))));
+                }
+                let progress = super::session::Progress {
+                    durable: entry.durable.load(Ordering::SeqCst),
+                    uploaded: entry.uploaded.load(Ordering::SeqCst),
+                };
+                return Ok((used, entry, progress));
+            }
+            Ok(Decoded::Frame(_, _)) => {
+                return Err(End::Reject(Reject {
+                    code: ErrorCode::Malformed,
+                    reason: "the first frame must be a hello".into(),
+                }))
+            }
+            Ok(Decoded::Incomplete(_)) => {}
+            Err(e) => {
+                return Err(End::Reject(Reject {
+                    code: e.code(),
+                    reason: e.to_string(),
+                }))
+            }
+        }
+        match compio::time::timeout(timeout, reader.read(inbuf)).await {
+            Ok(Ok(0)) => return Err(End::Gone("closed before its hello".into())),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(End::Gone(format!("reading hello: {e}"))),
+            Err(_) => return Err(End::Gone(format!("no hello within {timeout:?}"))),
+        }
+    }
+}
+
+fn cert_names(der: &[u8], machine: &str) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(machine) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_loop(
+    shard: &Rc<Shard>,
+    entry: &DiskEntry,
+    state: &RefCell<State>,
+    wake_writer: &Notify,
+    reader: &mut TlsReader,
+    inbuf: &mut Vec<u8>,
+    stop: &Notify,
+) -> End {
+    let timeout = shard.opts.peer_timeout;
+    let max_payload = state.borrow().session.max_payload();
+    loop {
+        // Judge every whole frame in the buffer.
+        let mut start = 0;
+        let mut need = HEADER_BYTES;
+        while start < inbuf.len() {
+            let (f, used) = match decode(&inbuf[start..], max_payload) {
+                Ok(Decoded::Frame(f, used)) => (f, used),
+                Ok(Decoded::Incomplete(n)) => {
+                    need = n;
+                    break;
+                }
+                Err(e) => {
+                    return End::Reject(Reject {
+                        code: e.code(),
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            let mut st = state.borrow_mut();
+            match st.session.on_frame(&f) {
+                Ok(Action::Cache { seq }) => {
+                    if shard.durable.borrow().failed {
+                        return End::Reject(unavailable("this shard's cache failed; reconnect"));
+                    }
+                    let appended = shard
+                        .log
+                        .borrow_mut()
+                        .append(&entry.key, &inbuf[start..start + used]);
+                    let end = match appended {
+                        // Durable once the synced prefix reaches the record's end.
+                        Ok(_) => shard.log.borrow().end_position(),
+                        Err(CacheError::Full { used, max }) => {
+                            return End::Reject(unavailable(format!(
+                                "the cache is full ({used} of {max} bytes); retry later"
+                            )))
+                        }
+                        Err(e) => return End::Reject(unavailable(format!("cache: {e}"))),
+                    };
+                    st.pending.push_back((seq, end, Instant::now()));
+                    shard.metrics.borrow_mut().bytes_in += used as u64;
+                    shard
+                        .shared
+                        .backlog
+                        .fetch_add(used as u64, Ordering::Relaxed);
+                    shard.commit.notify_one();
+                }
+                Ok(Action::Duplicate) => {}
+                Ok(Action::Flush { seq }) => {
+                    st.flush = Some(st.flush.map_or(seq, |f| f.max(seq)));
+                    wake_writer.notify_one();
+                }
+                Ok(Action::Pong { token }) => {
+                    encode(&Frame::Pong { token }, &mut st.outbox);
+                    wake_writer.notify_one();
+                }
+                Ok(Action::Close) => return End::Bye,
+                Err(r) => return End::Reject(r),
+            }
+            start += used;
+        }
+        inbuf.drain(..start);
+        if inbuf.capacity() > (256 << 10) && inbuf.len() < (64 << 10) && need < (64 << 10) {
+            // A big frame passed; do not keep its buffer for an idle connection.
+            inbuf.shrink_to(128 << 10);
+        }
+        let outcome = {
+            let read = pin!(compio::time::timeout(timeout, reader.read(inbuf)));
+            let stopped = pin!(stop.notified());
+            match select(read, stopped).await {
+                Either::Left((r, _)) => Either::Left(r),
+                Either::Right(_) => Either::Right(()),
+            }
+        };
+        match outcome {
+            Either::Left(Ok(Ok(0))) => {
+                return End::Gone(if inbuf.is_empty() {
+                    "the agent closed the connection without bye".into()
+                } else {
+                    format!(
+                        "the agent closed the connection within a frame ({} of {need} bytes)",
+                        inbuf.len()
+                    )
+                })
+            }
+            Either::Left(Ok(Ok(_))) => {}
+            Either::Left(Ok(Err(e))) => return End::Gone(format!("read: {e}")),
+            Either::Left(Err(_)) => {
+                return End::Reject(Reject {
+                    code: ErrorCode::Malformed,
+                    reason: if inbuf.is_empty() {
+                        format!("idle for {timeout:?} without a ping")
+                    } else {
+                        format!(
+                            "stalled for {timeout:?} within a frame ({} of {need} bytes)",
+                            inbuf.len()
+                        )
+                    },
+                })
+            }
+            Either::Right(_) => {
+                return End::Reject(unavailable("a newer session took over this disk"))
+            }
+        }
+    }
+}
+
+async fn write_loop(
+    shard: Rc<Shard>,
+    entry: Arc<DiskEntry>,
+    state: Rc<RefCell<State>>,
+    wake: Rc<Notify>,
+    mut writer: TlsWriter,
+) -> Result<(), String> {
+    let mut durable = shard.durable.subscribe();
+    let mut out = Vec::new();
+    let mut ending_since: Option<Instant> = None;
+    loop {
+        let d = *durable.borrow_and_update();
+        let mut finished = false;
+        {
+            let mut st = state.borrow_mut();
+            let st = &mut *st;
+            let mut upto = None;
+            while let Some(&(seq, end, at)) = st.pending.front() {
+                if end > d.pos {
+                    break;
+                }
+                upto = Some(seq + 1);
+                shard
+                    .metrics
+                    .borrow_mut()
+                    .ack(at.elapsed().as_micros() as u64);
+                st.pending.pop_front();
+            }
+            let uploaded = entry.uploaded.load(Ordering::SeqCst);
+            if let Some(w) = upto {
+                entry.durable.fetch_max(w, Ordering::SeqCst);
+                let (ack, credit) = st.session.durable(w, uploaded);
+                for f in ack.iter().chain(credit.iter()) {
+                    encode(f, &mut out);
+                }
+            }
+            if d.throttled != st.throttled {
+                st.throttled = d.throttled;
+                if let Some(c) = st.session.set_throttled(d.throttled) {
+                    encode(&c, &mut out);
+                }
+            }
+            if let Some(f) = st.flush {
+                if st.pending.front().is_none_or(|p| p.0 >= f) {
+                    encode(
+                        &Frame::Ack {
+                            durable: st.session.acked(),
+                            uploaded,
+                        },
+                        &mut out,
+                    );
+                    st.flush = None;
+                }
+            }
+            out.append(&mut st.outbox);
+            if st.end.is_some() {
+                // Acknowledge what is already cached before leaving, briefly.
+                let since = *ending_since.get_or_insert_with(Instant::now);
+                if st.pending.is_empty() || d.failed || since.elapsed() > Duration::from_secs(2) {
+                    if let Some(End::Reject(r)) = &st.end {
+                        encode(&r.frame(), &mut out);
+                    }
+                    finished = true;
+                }
+            }
+        }
+        if !out.is_empty() {
+            let r = writer.send(&out).await;
+            out.clear();
+            if let Err(e) = r {
+                let mut st = state.borrow_mut();
+                if st.end.is_none() {
+                    st.end = Some(End::Gone(format!("write: {e}")));
+                }
+                return Ok(());
+            }
+        }
+        if finished {
+            let _ = writer.close().await;
+            return Ok(());
+        }
+        let tls_wants = {
+            let changed = pin!(durable.changed());
+            let woken = pin!(wake.notified());
+            let tls = pin!(writer.wants_write());
+            let tick = pin!(compio::time::sleep(Duration::from_millis(100)));
+            matches!(
+                select(select(changed, woken), select(tls, tick)).await,
+                Either::Right((Either::Left(_), _))
+            )
+        };
+        if tls_wants {
+            if let Err(e) = writer.flush().await {
+                return Err(format!("write: {e}"));
+            }
+        }
+    }
+}

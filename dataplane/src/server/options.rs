@@ -1,0 +1,54 @@
+//! How a process server is set up: everything `ferry process-server` takes, with the
+//! defaults it documents.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::session::Limits;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub cache_dir: PathBuf,
+    /// Bound of the cache over all shards; each shard gets an equal part.
+    pub cache_bytes: u64,
+    /// Size at which a shard's cache file rolls over.
+    pub cache_file_bytes: u64,
+    pub shards: usize,
+    /// Pin shard i to CPU i.
+    pub pin: bool,
+    pub metrics_listen: Option<SocketAddr>,
+    pub limits: Limits,
+    /// A TLS handshake must finish within this.
+    pub handshake_timeout: Duration,
+    /// A peer that sends nothing for this long (idle, or stalled within a frame) is
+    /// disconnected. Agents ping when idle.
+    pub peer_timeout: Duration,
+    /// A session waits this long for an earlier session of its disk to end.
+    pub claim_timeout: Duration,
+    /// The upload stage waits up to this long to gather a bigger segment...
+    pub batch_delay: Duration,
+    /// ...unless this many bytes are already waiting.
+    pub batch_bytes: usize,
+}
+
+impl Options {
+    pub fn new(listen: SocketAddr, cache_dir: PathBuf) -> Options {
+        Options {
+            listen,
+            cache_dir,
+            cache_bytes: 8 << 30,
+            cache_file_bytes: 64 << 20,
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pin: false,
+            metrics_listen: None,
+            limits: Limits::default(),
+            handshake_timeout: Duration::from_secs(10),
+            peer_timeout: Duration::from_secs(30),
+            claim_timeout: Duration::from_secs(30),
+            batch_delay: Duration::from_millis(200),
+            batch_bytes: 16 << 20,
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Starting a process server: recover every shard's cache, then start the shards, their
+//! upload stages, the acceptor that balances connections, and the metrics endpoint.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ferry_replica::{Store, VaultKey};
+use tokio::sync::mpsc;
+
+use crate::cache::CacheLog;
+use crate::metrics::ShardMetrics;
+use crate::protocol::{decode, Decoded, Frame};
+
+use super::http::View;
+use super::options::Options;
+use super::registry::Registry;
+use super::shard::{Shard, ShardShared};
+use super::uploader::UploadStatus;
+
+/// A started server. Dropping it leaves the threads running; `stop` ends them.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub view: Arc<View>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+    uploaders: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Blocks for as long as the server runs.
+    pub fn wait(mut self) {
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+    }
+
+    /// Stops accepting and uploading. Shard threads keep their sockets until the
+    /// process exits: a stop is for tests and shutdown, where the process ends next.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        for u in self.uploaders.drain(..) {
+            let _ = u.join();
+        }
+    }
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+pub fn start(
+    opts: Options,
+    tls: rustls::ServerConfig,
+    store: Store,
+    vault: VaultKey,
+) -> Result<Running, String> {
+    if opts.shards == 0 {
+        return Err("--shards must be at least 1".into());
+    }
+    std::fs::create_dir_all(&opts.cache_dir)
+        .map_err(|e| err(&format!("cache dir {}", opts.cache_dir.display()), e))?;
+    refuse_stray_shards(&opts)?;
+    let opts = Arc::new(opts);
+    let tls = Arc::new(tls);
+    let registry = Arc::new(Registry::new(store, vault));
+    let per_shard = opts.cache_bytes / opts.shards as u64;
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let mut logs = Vec::new();
+    let mut shareds = Vec::new();
+    // Highest cached sequence number per disk, and which shard holds it.
+    let mut newest: HashMap<String, (u64, usize)> = HashMap::new();
+    for i in 0..opts.shards {
+        let dir = opts.cache_dir.join(format!("shard-{i}"));
+        let (log, recovered) = CacheLog::open(&dir, opts.cache_file_bytes, per_shard)
+            .map_err(|e| err("recovering the cache", e))?;
+        let mut frames = 0u64;
+        for e in &recovered.entries {
+            let Ok(Decoded::Frame(f, _)) = decode(&e.payload, u32::MAX) else {
+                return Err(format!(
+                    "cache {}: a record at file {} offset {} is not a frame",
+                    dir.display(),
+                    e.at.file,
+                    e.at.offset
+                ));
+            };
+            let seq = match f {
+                Frame::Write { seq, .. } | Frame::Zero { seq, .. } => seq,
+                Frame::Bookmark(b) => b.seq,
+                _ => continue,
+            };
+            frames += 1;
+            let n = newest.entry(e.disk.clone()).or_insert((seq, i));
+            if seq >= n.0 {
+                *n = (seq, i);
+            }
+        }
+        if frames > 0 || recovered.torn_bytes > 0 {
+            tracing::info!(
+                shard = i,
+                frames,
+                torn_bytes = recovered.torn_bytes,
+                "recovered the cache"
+            );
+        }
+        let shared = Arc::new(ShardShared {
+            id: i,
+            dir,
+            durable: Mutex::new(log.end_position()),
+            released: Mutex::new(log.first_position()),
+            first: log.first_position(),
+            connections: AtomicUsize::new(0),
+            cache_used: AtomicU64::new(log.used_bytes()),
+            cache_max: per_shard,
+            metrics: Mutex::new(ShardMetrics::default()),
+            failed: AtomicBool::new(false),
+            backlog: AtomicU64::new(log.used_bytes()),
+        });
+        logs.push(log);
+        shareds.push(shared);
+    }
+    // Cached frames of a disk run without a gap up to its newest one (the cache is
+    // freed only behind uploads), so everything up to it is durable.
+    for (key, (seq, shard)) in newest {
+        let entry = registry.entry(&key);
+        entry.durable.fetch_max(seq + 1, Ordering::SeqCst);
+        entry.set_home(shard);
+    }
+
+    let listener = TcpListener::bind(opts.listen)
+        .map_err(|e| err(&format!("listen on {}", opts.listen), e))?;
+    let addr = listener.local_addr().map_err(|e| err("listen", e))?;
+    let metrics = match opts.metrics_listen {
+        Some(a) => {
+            Some(TcpListener::bind(a).map_err(|e| err(&format!("metrics listen on {a}"), e))?)
+        }
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+
+    let mut senders = Vec::new();
+    let mut uploaders = Vec::new();
+    let mut statuses = Vec::new();
+    for (i, log) in logs.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel::<std::net::TcpStream>(256);
+        senders.push(tx);
+        let shared = shareds[i].clone();
+        let (registry2, opts2, tls2) = (registry.clone(), opts.clone(), tls.clone());
+        let pin = opts.pin;
+        std::thread::Builder::new()
+            .name(format!("ferry-shard-{i}"))
+            .spawn(move || {
+                let mut b = compio::runtime::RuntimeBuilder::new();
+                if pin {
+                    b.thread_affinity([i].into_iter().collect());
+                }
+                let rt = match b.build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(shard = i, error = %e, "cannot start the shard's io_uring runtime");
+                        return;
+                    }
+                };
+                let shard = Rc::new(Shard::new(shared, log, registry2, opts2, tls2));
+                rt.block_on(shard.run(rx));
+            })
+            .map_err(|e| err("starting a shard thread", e))?;
+        let status = Arc::new(UploadStatus::default());
+        statuses.push(status.clone());
+        let (shared, registry2, opts2, stop2) = (
+            shareds[i].clone(),
+            registry.clone(),
+            opts.clone(),
+            stop.clone(),
+        );
+        uploaders.push(
+            std::thread::Builder::new()
+                .name(format!("ferry-upload-{i}"))
+                .spawn(move || super::uploader::run(shared, registry2, opts2, status, stop2))
+                .map_err(|e| err("starting an upload thread", e))?,
+        );
+    }
+    let view = Arc::new(View {
+        shards: shareds.clone(),
+        uploads: statuses,
+    });
+    if let Some(l) = metrics {
+        let (v, s) = (
+            View {
+                shards: view.shards.clone(),
+                uploads: view.uploads.clone(),
+            },
+            stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name("ferry-metrics".into())
+            .spawn(move || super::http::serve(l, v, s))
+            .map_err(|e| err("starting the metrics thread", e))?;
+    }
+    let stop2 = stop.clone();
+    let acceptor = std::thread::Builder::new()
+        .name("ferry-accept".into())
+        .spawn(move || accept_loop(listener, senders, shareds, stop2))
+        .map_err(|e| err("starting the acceptor", e))?;
+    Ok(Running {
+        addr,
+        metrics_addr,
+        view,
+        stop,
+        acceptor: Some(acceptor),
+        uploaders,
+    })
+}
+
+/// Hands each new connection to the shard with the fewest: even spread by count,
+/// which SO_REUSEPORT's hashing does not give.
+fn accept_loop(
+    listener: TcpListener,
+    senders: Vec<mpsc::Sender<std::net::TcpStream>>,
+    shards: Vec<Arc<ShardShared>>,
+    stop: Arc<AtomicBool>,
+) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let tcp = match conn {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let (i, shard) = shards
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| s.connections.load(Ordering::Relaxed))
+            .expect("at least one shard");
+        shard.connections.fetch_add(1, Ordering::Relaxed);
+        if senders[i].try_send(tcp).is_err() {
+            shard.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(shard = i, "shard backlog full; connection dropped");
+        }
+    }
+}
+
+/// A cache written with more shards than now would leave writes nobody uploads.
+fn refuse_stray_shards(opts: &Options) -> Result<(), String> {
+    let rd = std::fs::read_dir(&opts.cache_dir).map_err(|e| err("cache dir", e))?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(n) = name
+            .strip_prefix("shard-")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let holds = std::fs::read_dir(e.path())
+            .map(|d| d.flatten().any(|f| f.metadata().is_ok_and(|m| m.len() > 0)))
+            .unwrap_or(false);
+        if n >= opts.shards && holds {
+            return Err(format!(
+                "the cache in {} holds data of shard {n}, but --shards is {}: start with --shards {} until it has drained",
+                opts.cache_dir.display(),
+                opts.shards,
+                n + 1
+            ));
+        }
+    }
+    Ok(())
+}

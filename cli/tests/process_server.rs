@@ -1,0 +1,199 @@
+//! `ferry process-server` as a real process, killed with SIGKILL at random moments
+//! while agents replicate, then restarted on the same port with the same cache: the
+//! agents reconnect and resend from the durable watermark, and afterwards every
+//! acknowledged write is in the rebuilt disk and every point rebuilds identical.
+//! Seeded: FERRY_SEED=N replays the workload and the kill times.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_dataplane::client::Target;
+use ferry_dataplane::sim::{verify, SimDisk};
+use ferry_dataplane::tls::certs::{client_config, server_name};
+use ferry_replica::{Store, VaultKey};
+use rand::{Rng, SeedableRng};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const SIZE: usize = 4 << 20;
+
+fn run(args: &[&str]) {
+    let out = Command::new(FERRY).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts the server and waits for its "listening" line.
+fn start(dir: &Path, port: u16) -> Child {
+    let s = |p: &str| dir.join(p).display().to_string();
+    let mut child = Command::new(FERRY)
+        .args(["process-server", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--cache-dir",
+            &s("cache"),
+            "--store",
+            &format!("file://{}", s("store")),
+        ])
+        .args([
+            "--key-file",
+            &s("vault.key"),
+            "--tls-cert",
+            &s("pki/server.pem"),
+        ])
+        .args([
+            "--tls-key",
+            &s("pki/server.key"),
+            "--client-ca",
+            &s("pki/ca.pem"),
+        ])
+        .args(["--shards", "2", "--batch-ms", "20", "--cache-gib", "0.25"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on"), "{line}");
+    child
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn sigkill_of_the_process_server_loses_no_acknowledged_write() {
+    let seed: u64 = std::env::var("FERRY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("FERRY_SEED={seed}");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    run(&[
+        "certs",
+        "--out",
+        &d.join("pki").display().to_string(),
+        "--agents",
+        "2",
+    ]);
+    run(&[
+        "keygen",
+        "--out",
+        &d.join("vault.key").display().to_string(),
+    ]);
+    let port = free_port();
+    let server = Arc::new(Mutex::new(start(d, port)));
+    let done = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(AtomicU64::new(0));
+    let killer = {
+        let (server, done, kills, dir) =
+            (server.clone(), done.clone(), kills.clone(), d.to_path_buf());
+        std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+            while kills.load(Ordering::SeqCst) < 4 && !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(rng.gen_range(200..1200)));
+                let mut s = server.lock().unwrap();
+                s.kill().unwrap();
+                s.wait().unwrap();
+                kills.fetch_add(1, Ordering::SeqCst);
+                // Down for a moment: agents see refused connections and retry.
+                std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+                *s = start(&dir, port);
+            }
+        })
+    };
+
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let target = |who: &str| Target {
+        addr,
+        server_name: server_name("127.0.0.1").unwrap(),
+        tls: Arc::new(
+            client_config(
+                &d.join(format!("pki/agent-{who}.pem")),
+                &d.join(format!("pki/agent-{who}.key")),
+                &d.join("pki/ca.pem"),
+            )
+            .unwrap(),
+        ),
+        timeout: Duration::from_secs(5),
+    };
+    let rt = compio::runtime::Runtime::new().unwrap();
+    let sims = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..2 {
+            let t = target(&i.to_string());
+            let kills = kills.clone();
+            tasks.push(compio::runtime::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed + i);
+                let mut sim = SimDisk::new(&format!("agent-{i}"), "disk", SIZE, true);
+                let mut rounds = 0;
+                // Keep writing until the server has been killed four times.
+                while kills.load(Ordering::SeqCst) < 4 || rounds < 5 {
+                    for _ in 0..100 {
+                        let len = rng.gen_range(1..=64) * 512;
+                        let off = rng.gen_range(0..(SIZE - len) / 512) as u64 * 512;
+                        let data: Vec<u8> = if rng.gen_bool(0.5) {
+                            (0..len).map(|_| rng.gen()).collect()
+                        } else {
+                            vec![rng.gen(); len]
+                        };
+                        sim.write(off, &data);
+                    }
+                    sim.bookmark(rounds);
+                    sim.pump(&t, Duration::from_secs(60)).await.unwrap();
+                    rounds += 1;
+                    assert!(rounds < 2000, "the killer never finished");
+                }
+                sim
+            }));
+        }
+        let mut sims = Vec::new();
+        for t in tasks {
+            sims.push(t.await.unwrap());
+        }
+        sims
+    });
+    done.store(true, Ordering::SeqCst);
+    killer.join().unwrap();
+    // Let the last server upload everything, then stop it for good.
+    let mut sims = rt.block_on(async move {
+        let mut out = Vec::new();
+        for (i, mut sim) in sims.into_iter().enumerate() {
+            sim.finish(&target(&i.to_string()), Duration::from_secs(60))
+                .await
+                .unwrap();
+            out.push(sim);
+        }
+        out
+    });
+    {
+        let mut s = server.lock().unwrap();
+        s.kill().unwrap();
+        s.wait().unwrap();
+    }
+    let store = Store::open(&format!("file://{}", d.join("store").display())).unwrap();
+    let vault = VaultKey::load(&d.join("vault.key")).unwrap();
+    for sim in &mut sims {
+        let points = verify(&store, &vault, sim).unwrap();
+        eprintln!(
+            "{}: {} points identical, {} connections, {} bytes written",
+            sim.machine, points, sim.connects, sim.bytes
+        );
+        assert!(sim.connects > 1, "the agent had to reconnect");
+    }
+    assert_eq!(kills.load(Ordering::SeqCst), 4);
+}

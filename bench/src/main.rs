@@ -2,6 +2,8 @@
 //! next to a ceiling or a peer timed in the same run on the same machine, because the
 //! machines are shared and noisy and only ratios carry over.
 
+mod ceilings;
+mod ingest;
 mod machine;
 mod peers;
 mod rebuild;
@@ -45,6 +47,29 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         change_percent: f64,
     },
+    /// The process server under load on loopback: full load, half load, many
+    /// connections; every disk verified against its model afterwards
+    Ingest {
+        #[arg(long)]
+        image: PathBuf,
+        /// The ferry binary (its process-server is measured)
+        #[arg(long)]
+        ferry: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        /// Seconds of load per run
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Server shards; default: one per core
+        #[arg(long)]
+        shards: Option<usize>,
+        /// Agents (connections) in the full- and half-load runs
+        #[arg(long, default_value_t = 8)]
+        agents: usize,
+        /// Connections in the many-connections run
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+    },
     /// All of the above, ending with the one-line summary
     All {
         #[command(flatten)]
@@ -81,6 +106,27 @@ fn main() -> Result<()> {
         } => {
             machine::print();
             peers::run(&peer.image, &peer.ferry, &peer.work, change_percent)?;
+        }
+        Command::Ingest {
+            image,
+            ferry,
+            work,
+            seconds,
+            shards,
+            agents,
+            connections,
+        } => {
+            machine::print();
+            ingest::run(&ingest::IngestOptions {
+                image,
+                ferry,
+                work,
+                seconds,
+                shards: shards
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                agents,
+                connections,
+            })?;
         }
         Command::All {
             peer: PeerArgs { image, ferry, work },

@@ -9,7 +9,6 @@ use ferry_replica::keys::DataKey;
 use ferry_replica::object::{ObjectKind, SealContext, Sealer};
 use ferry_replica::record::ObjectBuilder;
 use ferry_replica::scan::{scan_region, Run, ZERO_SUM};
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::sample::{load, rate, CHUNK};
 
@@ -33,24 +32,8 @@ pub fn run(image: &Path, mib: usize) -> Result<SealFigures> {
     for c in &sample {
         compressed += z.compress_to_buffer(c, &mut out)?;
     }
-    let zstd = rate(&sample, 2.0, |c| {
-        let _ = z.compress_to_buffer(c, &mut out);
-    });
-
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).expect("key"));
-    let mut buf = vec![0u8; CHUNK];
-    let mut n = 0u64;
-    let aes = rate(&sample, 2.0, |c| {
-        buf[..c.len()].copy_from_slice(c);
-        n += 1;
-        let mut nonce = [0u8; 12];
-        nonce[4..].copy_from_slice(&n.to_be_bytes());
-        let _ = key.seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(b"x"),
-            &mut buf[..c.len()],
-        );
-    });
+    let zstd = crate::ceilings::zstd(&sample)?;
+    let aes = crate::ceilings::aes(&sample);
     let ceiling = 1.0 / (1.0 / zstd + 1.0 / aes);
 
     // Ferry's sealer: 16 chunks to an object, as an extent of the base would be.

@@ -79,6 +79,12 @@ pub fn process_server(a: ProcessServerArgs) -> Result<()> {
     };
     o.peer_timeout = secs(a.peer_timeout_s, "--peer-timeout-s")?;
     o.batch_delay = Duration::from_millis(a.batch_ms);
+    if a.credit_bytes < (1 << 20) + 4096 {
+        bail!(
+            "--credit-bytes must be at least 1052672 (one largest frame), got {}",
+            a.credit_bytes
+        );
+    }
     let shards = o.shards;
     let running = start(o, tls, store, vault).map_err(|e| anyhow!(e))?;
     // One line a supervisor or script can wait for.

@@ -35,6 +35,12 @@ pub struct SimDisk {
     pub connects: u64,
     /// Payload bytes of writes pushed.
     pub bytes: u64,
+    /// Encoded bytes in the journal.
+    journal_bytes: usize,
+    /// (last sequence of a sent batch, when it was sent), for ack latency.
+    in_flight: VecDeque<(u64, Instant)>,
+    /// Microseconds from sending a batch to its durable acknowledgement, if wanted.
+    pub latency: Option<hdrhistogram::Histogram<u64>>,
 }
 
 impl SimDisk {
@@ -52,12 +58,16 @@ impl SimDisk {
             link: None,
             connects: 0,
             bytes: 0,
+            journal_bytes: 0,
+            in_flight: VecDeque::new(),
+            latency: None,
         }
     }
 
     fn push(&mut self, f: &Frame<'_>) {
         let mut buf = Vec::new();
         encode(f, &mut buf);
+        self.journal_bytes += buf.len();
         self.journal.push_back((self.next_seq, buf, credit_cost(f)));
         self.next_seq += 1;
     }
@@ -98,13 +108,21 @@ impl SimDisk {
 
     /// Bytes of frames waiting for an acknowledgement.
     pub fn journal_bytes(&self) -> usize {
-        self.journal.iter().map(|j| j.1.len()).sum()
+        self.journal_bytes
     }
 
     fn trim(&mut self, durable: u64) {
         while self.journal.front().is_some_and(|j| j.0 < durable) {
-            self.journal.pop_front();
+            if let Some(j) = self.journal.pop_front() {
+                self.journal_bytes -= j.1.len();
+            }
             self.sent = self.sent.saturating_sub(1);
+        }
+        while self.in_flight.front().is_some_and(|f| f.0 < durable) {
+            let (_, at) = self.in_flight.pop_front().expect("checked");
+            if let Some(h) = &mut self.latency {
+                let _ = h.record((at.elapsed().as_micros() as u64).max(1));
+            }
         }
     }
 
@@ -122,6 +140,7 @@ impl SimDisk {
         let link = connect(target, &hello).await?;
         self.connects += 1;
         self.trim(link.welcome.durable);
+        self.in_flight.clear();
         self.sent = 0;
         self.link = Some(link);
         Ok(())
@@ -130,9 +149,20 @@ impl SimDisk {
     /// Sends the journal until every frame in it is durable, reconnecting as needed
     /// for up to `patience` without progress.
     pub async fn pump(&mut self, target: &Target, patience: Duration) -> Result<(), String> {
+        self.pump_until(target, patience, 0).await
+    }
+
+    /// Like `pump`, but returns once no more than `keep` bytes await acknowledgement:
+    /// a load generator keeps the pipe full this way.
+    pub async fn pump_until(
+        &mut self,
+        target: &Target,
+        patience: Duration,
+        keep: usize,
+    ) -> Result<(), String> {
         let mut last_progress = Instant::now();
         let mut last_err = String::new();
-        while !self.journal.is_empty() {
+        while !self.journal.is_empty() && self.journal_bytes > keep {
             if last_progress.elapsed() > patience {
                 return Err(format!(
                     "{}/{}: no progress for {patience:?}: {last_err}",
@@ -154,11 +184,12 @@ impl SimDisk {
             }
             let before = self.journal.len();
             let link = self.link.as_ref().expect("connected above");
-            let _ = compio::time::timeout(
-                Duration::from_millis(20),
-                link.wait_durable(self.journal.back().map_or(0, |j| j.0 + 1)),
-            )
-            .await;
+            // Wake on the first acknowledgement that frees enough of the journal.
+            let want = match keep {
+                0 => self.journal.back().map_or(0, |j| j.0 + 1),
+                _ => self.journal.front().map_or(0, |j| j.0 + 1),
+            };
+            let _ = compio::time::timeout(Duration::from_millis(20), link.wait_durable(want)).await;
             let durable = link.durable();
             self.trim(durable);
             if self.journal.len() != before {
@@ -184,6 +215,9 @@ impl SimDisk {
                 self.sent += 1;
             }
             link.send(&batch, cost).await?;
+            if let Some(&(seq, _, _)) = self.journal.get(self.sent - 1) {
+                self.in_flight.push_back((seq, Instant::now()));
+            }
         }
         Ok(())
     }

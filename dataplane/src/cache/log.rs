@@ -84,6 +84,8 @@ pub struct CacheLog {
     total_bytes_max: u64,
     /// Appended since the last sync.
     dirty: bool,
+    /// Files rolled over since the last sync, still to be synced with the next one.
+    rolled: Vec<File>,
     /// After a failed sync nothing may be acknowledged from this log again.
     poisoned: bool,
 }
@@ -184,6 +186,12 @@ impl CacheLog {
                 f.sync_all().map_err(|e| io_err("sync", &path, e))?;
                 tracing::warn!(file = %path.display(), torn_bytes, reason, "cut a torn record from the cache");
             }
+            // A killed process leaves its unsynced appends in the page cache, where
+            // they read back fine: sync them before calling them durable, or a power
+            // cut after this restart could lose writes acknowledged from here on.
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_err("sync", &path, e))?;
             entries.extend(found);
             files.push((n, valid as u64));
         }
@@ -196,6 +204,7 @@ impl CacheLog {
             file_bytes_max,
             total_bytes_max,
             dirty: false,
+            rolled: Vec::new(),
             poisoned: false,
         };
         Ok((
@@ -255,10 +264,11 @@ impl CacheLog {
             .last()
             .is_some_and(|(_, b)| *b > 0 && b + size > self.file_bytes_max)
         {
-            self.sync()?;
+            // The full file is synced with the next group, not here: a sync on the
+            // append path would stall every connection of the shard.
             let n = self.files.last().map_or(0, |(n, _)| n + 1);
             let (f, files) = Self::new_file(&self.dir, n, std::mem::take(&mut self.files))?;
-            self.current = f;
+            self.rolled.push(std::mem::replace(&mut self.current, f));
             self.files = files;
         }
         let (n, offset) = *self.files.last().expect("a current file always exists");
@@ -295,9 +305,14 @@ impl CacheLog {
         if !self.dirty {
             return Ok(());
         }
-        if let Err(e) = self.current.sync_data() {
-            self.poisoned = true;
-            return Err(io_err("sync", &path, e));
+        for f in std::mem::take(&mut self.rolled)
+            .iter()
+            .chain(std::iter::once(&self.current))
+        {
+            if let Err(e) = f.sync_data() {
+                self.poisoned = true;
+                return Err(io_err("sync", &path, e));
+            }
         }
         self.dirty = false;
         Ok(())
@@ -317,10 +332,10 @@ impl CacheLog {
         Position { file, offset }
     }
 
-    /// For a sync run off the event loop: a handle on the current file when there are
-    /// appends to make durable (records in earlier files were synced when they rolled).
-    /// Call `sync_failed` if syncing it fails.
-    pub fn take_sync(&mut self) -> Result<Option<File>, CacheError> {
+    /// For a sync run off the event loop: handles on the files with appends to make
+    /// durable (any rolled over since the last sync, and the current one), in order.
+    /// Call `sync_failed` if syncing any fails.
+    pub fn take_sync(&mut self) -> Result<Vec<File>, CacheError> {
         let path = file_name(&self.dir, self.files.last().map_or(0, |f| f.0));
         if self.poisoned {
             return Err(io_err(
@@ -330,14 +345,16 @@ impl CacheLog {
             ));
         }
         if !self.dirty {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let f = self
+        let current = self
             .current
             .try_clone()
             .map_err(|e| io_err("sync", &path, e))?;
+        let mut files = std::mem::take(&mut self.rolled);
+        files.push(current);
         self.dirty = false;
-        Ok(Some(f))
+        Ok(files)
     }
 
     /// A sync handed out by `take_sync` failed: nothing may be acknowledged again.

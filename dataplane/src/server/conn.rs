@@ -92,25 +92,6 @@ async fn serve_inner(
     let Ok(Decoded::Frame(Frame::Hello(hello), _)) = decode(&hello_bytes, u32::MAX) else {
         return Err("hello vanished".into());
     };
-    // An agent writes only its own machine's disks: the machine must be a name in
-    // its certificate.
-    let named = reader
-        .peer_certificate()
-        .is_some_and(|der| cert_names(&der, &entry.machine));
-    if !named {
-        return refuse(
-            shard,
-            writer,
-            Reject {
-                code: ErrorCode::NotOwned,
-                reason: format!(
-                    "the client certificate does not name machine {}: it may not write {}",
-                    entry.machine, entry.key
-                ),
-            },
-        )
-        .await;
-    }
     // Judge the hello before taking the disk from another session.
     if let Err(r) = Session::start(&hello, progress, shard.opts.limits, |m, d| {
         entry.machine == m && entry.disk == d
@@ -145,7 +126,11 @@ async fn serve_inner(
         }
     };
     // The Hello goes into the cache too: it carries the disk size for the points.
-    let appended = shard.log.borrow_mut().append(&entry.key, &hello_bytes);
+    let appended = if shard.durable.borrow().failed {
+        Err(CacheError::Full { used: 0, max: 0 })
+    } else {
+        shard.log.borrow_mut().append(&entry.key, &hello_bytes)
+    };
     if let Err(e) = appended {
         entry.release(claim);
         return refuse(shard, writer, unavailable(format!("cache: {e}"))).await;
@@ -242,6 +227,20 @@ async fn read_first(
                         code: ErrorCode::Malformed,
                         reason: format!(
                             "machine and disk names take letters, digits, '-', '_' and '.': got {key:?}"
+                        ),
+                    }));
+                }
+                // An agent writes only its own machine's disks: the machine must be a
+                // name in its certificate. Checked before the store is touched.
+                if !reader
+                    .peer_certificate()
+                    .is_some_and(|der| cert_names(&der, h.machine))
+                {
+                    return Err(End::Reject(Reject {
+                        code: ErrorCode::NotOwned,
+                        reason: format!(
+                            "the client certificate does not name machine {}: it may not write {key}",
+                            h.machine
                         ),
                     }));
                 }

@@ -74,6 +74,9 @@ pub fn start(
     let tls = Arc::new(tls);
     let registry = Arc::new(Registry::new(store, vault));
     let per_shard = opts.cache_bytes / opts.shards as u64;
+    // Files are freed whole once uploaded: keep several per shard, or a small cache
+    // would throttle before its first file could roll over and be freed.
+    let file_bytes = opts.cache_file_bytes.min(per_shard / 8).max(1 << 20);
     let stop = Arc::new(AtomicBool::new(false));
 
     let mut logs = Vec::new();
@@ -82,7 +85,7 @@ pub fn start(
     let mut newest: HashMap<String, (u64, usize)> = HashMap::new();
     for i in 0..opts.shards {
         let dir = opts.cache_dir.join(format!("shard-{i}"));
-        let (log, recovered) = CacheLog::open(&dir, opts.cache_file_bytes, per_shard)
+        let (log, recovered) = CacheLog::open(&dir, file_bytes, per_shard)
             .map_err(|e| err("recovering the cache", e))?;
         let mut frames = 0u64;
         for e in &recovered.entries {
@@ -137,8 +140,16 @@ pub fn start(
         entry.set_home(shard);
     }
 
+    raise_fd_limit();
     let listener = TcpListener::bind(opts.listen)
         .map_err(|e| err(&format!("listen on {}", opts.listen), e))?;
+    // std listens with a backlog of 128; a fleet of agents reconnecting after a
+    // restart would overflow it and wait out SYN retries.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: listen(2) on a socket we own; it only changes the backlog length.
+        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    }
     let addr = listener.local_addr().map_err(|e| err("listen", e))?;
     let metrics = match opts.metrics_listen {
         Some(a) => {
@@ -242,15 +253,36 @@ fn accept_loop(
                 continue;
             }
         };
-        let (i, shard) = shards
+        // A shard whose cache failed takes no new connections.
+        let Some((i, shard)) = shards
             .iter()
             .enumerate()
+            .filter(|(_, s)| !s.failed.load(Ordering::Relaxed))
             .min_by_key(|(_, s)| s.connections.load(Ordering::Relaxed))
-            .expect("at least one shard");
+        else {
+            tracing::error!("every shard's cache has failed; refusing connections until restarted");
+            continue;
+        };
         shard.connections.fetch_add(1, Ordering::Relaxed);
         if senders[i].try_send(tcp).is_err() {
             shard.connections.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!(shard = i, "shard backlog full; connection dropped");
+        }
+    }
+}
+
+/// Each agent connection is a descriptor: take the hard limit, not the soft default
+/// of 1024.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

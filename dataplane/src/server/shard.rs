@@ -136,8 +136,11 @@ async fn commit_loop(shard: Rc<Shard>) {
         );
         let mut failed = shard.shared.failed.load(Ordering::Relaxed);
         match handle {
-            Ok(Some(file)) => {
-                let r = compio::runtime::spawn_blocking(move || file.sync_data()).await;
+            Ok(files) if !files.is_empty() => {
+                let r = compio::runtime::spawn_blocking(move || {
+                    files.iter().try_for_each(|f| f.sync_data())
+                })
+                .await;
                 let err = match r {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e.to_string()),
@@ -150,7 +153,7 @@ async fn commit_loop(shard: Rc<Shard>) {
                     failed = true;
                 }
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => {
                 if !failed {
                     tracing::error!(shard = shard.shared.id, error = %e, "cache unusable");

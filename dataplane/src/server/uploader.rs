@@ -89,6 +89,8 @@ pub fn run(
             }
         }
         *shard.released.lock().expect("released lock") = tail.position();
+        // Lag is the age of the oldest write still waiting: this batch is in.
+        *status.behind_since.lock().expect("status lock") = None;
         let _ = shard
             .backlog
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {

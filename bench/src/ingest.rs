@@ -1,0 +1,455 @@
+//! The process server under load on loopback: a real `ferry process-server` process,
+//! simulated agents in this process sending blocks of a real file-system image, zero
+//! blocks and incompressible blocks, sequential and random mixes, over mutual TLS.
+//! Three runs, each with a fresh server and store: full load, half of that load (for
+//! ack latency), and many connections (for memory). Server CPU comes from
+//! /proc/PID/stat, peak RSS from VmHWM. Each run ends with every disk rebuilt from the
+//! store and compared with its agent's model.
+
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_dataplane::client::Target;
+use ferry_dataplane::sim::{verify, SimDisk};
+use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_replica::{Store, VaultKey};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+
+use crate::sample::CHUNK;
+
+pub struct Load {
+    pub agents: usize,
+    pub disk_bytes: usize,
+    pub block: usize,
+    /// Total MB/s to offer; None: as fast as the server takes it.
+    pub rate: Option<f64>,
+    pub seconds: f64,
+    pub shards: usize,
+}
+
+pub struct RunFigures {
+    pub mbps: f64,
+    pub per_core_s: f64,
+    pub cpu_s_per_gb: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub rss_mib: f64,
+    pub disks: usize,
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+struct Server {
+    child: Child,
+    addr: std::net::SocketAddr,
+    metrics: Option<String>,
+}
+
+/// The server's own ack-latency quantile (arrival to ack), in ms, from /metrics.
+fn server_quantile(metrics: &str, q: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(metrics).ok()?;
+    write!(c, "GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    let key = format!("ferry_ack_latency_seconds{{quantile=\"{q}\"}} ");
+    let line = text.lines().find(|l| l.starts_with(&key))?;
+    line[key.len()..]
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .map(|s| s * 1000.0)
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(ferry: &Path, dir: &Path, shards: usize) -> Result<Server> {
+    let s = |p: &str| dir.join(p).display().to_string();
+    let mut child = Command::new(ferry)
+        .args(["process-server", "--listen", "127.0.0.1:0"])
+        .args(["--cache-dir", &s("cache")])
+        .args(["--store", &format!("file://{}", s("store"))])
+        .args([
+            "--key-file",
+            &s("vault.key"),
+            "--tls-cert",
+            &s("pki/server.pem"),
+        ])
+        .args([
+            "--tls-key",
+            &s("pki/server.key"),
+            "--client-ca",
+            &s("pki/ca.pem"),
+        ])
+        .args(["--shards", &shards.to_string(), "--cache-gib", "4"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("start {}", ferry.display()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
+    let addr = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("server said: {line}"))?;
+    let metrics = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .map(str::to_string);
+    Ok(Server {
+        child,
+        addr,
+        metrics,
+    })
+}
+
+/// One agent: its mix, its pace, its model.
+#[allow(clippy::too_many_arguments)]
+async fn agent(
+    i: usize,
+    target: Target,
+    sample: Rc<Vec<Vec<u8>>>,
+    noise: Rc<Vec<u8>>,
+    load: Rc<Load>,
+    start: Instant,
+    hist: Rc<RefCell<Histogram<u64>>>,
+) -> Result<SimDisk, String> {
+    // Spread connection set-up over the first moments, as a fleet would.
+    compio::time::sleep(Duration::from_micros(2000 * i as u64 % 2_000_000)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+    let mut sim = SimDisk::new("agent-0", &format!("d{i}"), load.disk_bytes, false);
+    sim.latency = Some(Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"));
+    let blocks = load.disk_bytes / load.block;
+    let sequential = i.is_multiple_of(2);
+    let mut next = 0usize;
+    let keep = (4 << 20).min(load.block * 16);
+    let per_agent = load.rate.map(|r| r * 1e6 / load.agents as f64);
+    let deadline = start + Duration::from_secs_f64(load.seconds);
+    let mut last_point = Instant::now();
+    let mut sent = 0f64;
+    while Instant::now() < deadline {
+        for _ in 0..16 {
+            let b = if sequential {
+                next = (next + 1) % blocks;
+                next
+            } else {
+                rng.gen_range(0..blocks)
+            };
+            let off = b * load.block;
+            match rng.gen_range(0..10) {
+                0 => sim.write(off as u64, &vec![0; load.block]),
+                1 => {
+                    let at = rng.gen_range(0..noise.len() - load.block);
+                    sim.write(off as u64, &noise[at..at + load.block]);
+                }
+                _ => {
+                    let c = &sample[(off / CHUNK + i) % sample.len()];
+                    let at = off % CHUNK;
+                    let at = at.min(CHUNK - load.block);
+                    sim.write(off as u64, &c[at..at + load.block]);
+                }
+            }
+            sent += load.block as f64;
+        }
+        if last_point.elapsed() >= Duration::from_secs(1) {
+            sim.bookmark(chrono_ms());
+            last_point = Instant::now();
+        }
+        sim.pump_until(&target, Duration::from_secs(60), keep)
+            .await?;
+        if let Some(r) = per_agent {
+            let due = Duration::from_secs_f64(sent / r);
+            let el = start.elapsed();
+            if due > el {
+                compio::time::sleep(due - el).await;
+            }
+        }
+    }
+    sim.bookmark(chrono_ms());
+    sim.pump(&target, Duration::from_secs(60)).await?;
+    if let Some(h) = sim.latency.take() {
+        let _ = hist.borrow_mut().add(&h);
+    }
+    Ok(sim)
+}
+
+fn chrono_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Certificates, a vault key and an empty store under `dir`.
+fn prepare(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir.join("store"))?;
+    generate_loopback(&dir.join("pki"), 1)?;
+    VaultKey::generate().save_new(&dir.join("vault.key"))?;
+    Ok(())
+}
+
+fn target(dir: &Path, addr: std::net::SocketAddr) -> Result<Target> {
+    Ok(Target {
+        addr,
+        server_name: server_name("127.0.0.1")?,
+        tls: Arc::new(client_config(
+            &dir.join("pki/agent-0.pem"),
+            &dir.join("pki/agent-0.key"),
+            &dir.join("pki/ca.pem"),
+        )?),
+        timeout: Duration::from_secs(10),
+    })
+}
+
+pub fn run_load(
+    name: &str,
+    ferry: &Path,
+    work: &Path,
+    sample: &[Vec<u8>],
+    load: Load,
+) -> Result<RunFigures> {
+    let dir = work.join(name);
+    prepare(&dir)?;
+    let server = start_server(ferry, &dir, load.shards)?;
+    let pid = server.child.id();
+    let target = target(&dir, server.addr)?;
+    let mut noise = vec![0u8; 8 << 20];
+    rand::thread_rng().fill(&mut noise[..]);
+    let (agents, seconds) = (load.agents, load.seconds);
+    let sample = Rc::new(sample.to_vec());
+    let noise = Rc::new(noise);
+    let load = Rc::new(load);
+    let hist = Rc::new(RefCell::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+    ));
+    let rt = compio::runtime::Runtime::new()?;
+    let cpu0 = cpu_s(pid);
+    let start = Instant::now();
+    let sims = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..agents {
+            tasks.push(compio::runtime::spawn(agent(
+                i,
+                target.clone(),
+                sample.clone(),
+                noise.clone(),
+                load.clone(),
+                start,
+                hist.clone(),
+            )));
+        }
+        let mut sims = Vec::new();
+        for t in tasks {
+            match t.await {
+                Ok(Ok(s)) => sims.push(s),
+                Ok(Err(e)) => return Err(anyhow::anyhow!(e)),
+                Err(_) => bail!("an agent task panicked"),
+            }
+        }
+        Ok(sims)
+    })?;
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_s(pid) - cpu0;
+    let server_ms: Vec<f64> = ["0.5", "0.99", "0.999"]
+        .iter()
+        .map(|q| {
+            server
+                .metrics
+                .as_deref()
+                .and_then(|m| server_quantile(m, q))
+                .unwrap_or(f64::NAN)
+        })
+        .collect();
+    let bytes: u64 = sims.iter().map(|s| s.bytes).sum();
+    // Uploads drain, then everything is checked against the models.
+    let up = Instant::now();
+    let mut sims = rt.block_on(async {
+        let mut out = Vec::new();
+        for mut s in sims {
+            s.finish(&target, Duration::from_secs(300))
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            out.push(s);
+        }
+        Ok::<_, anyhow::Error>(out)
+    })?;
+    let upload_s = up.elapsed().as_secs_f64();
+    let rss_mib = proc_field(pid, "status", "VmHWM:").unwrap_or(0.0) / 1024.0;
+    drop(server);
+    let store = Store::open(&format!("file://{}", dir.join("store").display()))?;
+    let vault = VaultKey::load(&dir.join("vault.key"))?;
+    for s in &mut sims {
+        verify(&store, &vault, s).map_err(|e| anyhow::anyhow!("verify: {e}"))?;
+    }
+    let h = hist.borrow();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let f = RunFigures {
+        mbps: bytes as f64 / wall / 1e6,
+        per_core_s: bytes as f64 / cpu.max(1e-9) / 1e6,
+        cpu_s_per_gb: cpu / (bytes as f64 / 1e9).max(1e-9),
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        rss_mib,
+        disks: sims.len(),
+    };
+    println!(
+        "ingest {name}: {agents} agents, {} MB in {wall:.1} s: {:.0} MB/s; server {cpu:.1} CPU-s ({:.2} CPU-s per GB, {:.0} MB/s per core-second); ack at the agent p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms (in the server, arrival to ack: {:.2} / {:.2} / {:.2} ms); server peak RSS {:.0} MiB; uploads drained {upload_s:.1} s after; {} disks verified",
+        bytes / 1_000_000,
+        f.mbps,
+        f.cpu_s_per_gb,
+        f.per_core_s,
+        f.p50_ms,
+        f.p99_ms,
+        f.p999_ms,
+        server_ms[0],
+        server_ms[1],
+        server_ms[2],
+        f.rss_mib,
+        f.disks
+    );
+    let _ = seconds;
+    Ok(f)
+}
+
+/// The TLS-receive, zstd and AES ceilings on this sample, each on one core.
+pub fn ceiling(work: &Path, sample: &[Vec<u8>]) -> Result<f64> {
+    let dir = work.join("ceiling-pki");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    generate_loopback(&dir, 1)?;
+    let server = Arc::new(server_config(
+        &dir.join("server.pem"),
+        &dir.join("server.key"),
+        &dir.join("ca.pem"),
+    )?);
+    let client = Arc::new(client_config(
+        &dir.join("agent-0.pem"),
+        &dir.join("agent-0.key"),
+        &dir.join("ca.pem"),
+    )?);
+    let tls = crate::ceilings::tls_receive(sample, server, client)?;
+    let zstd = crate::ceilings::zstd(sample)?;
+    let aes = crate::ceilings::aes(sample);
+    let c = 1.0 / (1.0 / tls + 1.0 / zstd + 1.0 / aes);
+    println!(
+        "ingest ceiling on one core: TLS receive {tls:.0} MB/s, zstd-1 {zstd:.0} MB/s, AES-256-GCM {aes:.0} MB/s: composed {c:.0} MB/s"
+    );
+    Ok(c)
+}
+
+pub struct IngestOptions {
+    pub image: PathBuf,
+    pub ferry: PathBuf,
+    pub work: PathBuf,
+    pub seconds: f64,
+    pub shards: usize,
+    pub agents: usize,
+    pub connections: usize,
+}
+
+pub fn run(o: &IngestOptions) -> Result<()> {
+    ferry_dataplane::server::run::raise_fd_limit();
+    let sample = crate::sample::load(&o.image, 64)?;
+    let ceiling = ceiling(&o.work, &sample)?;
+    let full = run_load(
+        "full",
+        &o.ferry,
+        &o.work,
+        &sample,
+        Load {
+            agents: o.agents,
+            disk_bytes: 64 << 20,
+            block: 64 << 10,
+            rate: None,
+            seconds: o.seconds,
+            shards: o.shards,
+        },
+    )?;
+    let half = run_load(
+        "half",
+        &o.ferry,
+        &o.work,
+        &sample,
+        Load {
+            agents: o.agents,
+            disk_bytes: 64 << 20,
+            block: 64 << 10,
+            rate: Some(full.mbps / 2.0),
+            seconds: o.seconds,
+            shards: o.shards,
+        },
+    )?;
+    let many = run_load(
+        "connections",
+        &o.ferry,
+        &o.work,
+        &sample,
+        Load {
+            agents: o.connections,
+            disk_bytes: 256 << 10,
+            block: 4 << 10,
+            rate: Some((full.mbps / 4.0).min(50.0)),
+            seconds: o.seconds.max(10.0),
+            shards: o.shards,
+        },
+    )?;
+    println!(
+        "{} connections: server peak RSS {:.0} MiB ({} 1 GiB)",
+        many.disks,
+        many.rss_mib,
+        if many.rss_mib <= 1024.0 {
+            "within"
+        } else {
+            "ABOVE"
+        }
+    );
+    println!(
+        "ingest: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}, p99 ack {:.1} ms, verify ok",
+        full.mbps,
+        full.per_core_s,
+        ceiling,
+        full.per_core_s / ceiling,
+        half.p99_ms
+    );
+    Ok(())
+}

@@ -301,15 +301,26 @@ pub fn run_load(
     let bytes: u64 = sims.iter().map(|s| s.bytes).sum();
     // Uploads drain, then everything is checked against the models.
     let up = Instant::now();
+    // All at once: an agent left waiting its turn would sit idle past the timeout.
     let mut sims = rt.block_on(async {
+        let tasks: Vec<_> = sims
+            .into_iter()
+            .map(|mut s| {
+                let t = target.clone();
+                compio::runtime::spawn(async move {
+                    s.finish(&t, Duration::from_secs(300)).await.map(|_| s)
+                })
+            })
+            .collect();
         let mut out = Vec::new();
-        for mut s in sims {
-            s.finish(&target, Duration::from_secs(300))
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?;
-            out.push(s);
+        for t in tasks {
+            match t.await {
+                Ok(Ok(s)) => out.push(s),
+                Ok(Err(e)) => bail!("{e}"),
+                Err(_) => bail!("an agent task panicked"),
+            }
         }
-        Ok::<_, anyhow::Error>(out)
+        Ok(out)
     })?;
     let upload_s = up.elapsed().as_secs_f64();
     let rss_mib = proc_field(pid, "status", "VmHWM:").unwrap_or(0.0) / 1024.0;

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The process server under load on loopback: generates certificates, starts a real
+# `ferry process-server` per run, drives simulated agents over mutual TLS (blocks of a
+# real ext4 image, zero and incompressible blocks, sequential and random mixes), and
+# rebuilds every disk from the store afterwards to compare it with its model. Runs:
+# full load, half load (ack latency), and 1,000 connections (memory). The ceiling is
+# TLS receive, zstd-1 and AES-256-GCM each timed alone on one core in the same run.
+#
+#   scripts/bench-ingest.sh [SECONDS] [WORK_DIR]     (SECONDS of load per run, default 20)
+# Ends with:
+#   ingest: X MB/s, Y MB/s per server core-second, ceiling Z MB/s, ratio R, p99 ack N ms, verify ok
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PATH="$PATH:/usr/sbin:/sbin"
+seconds=${1:-20}
+work=${2:-target/bench}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+image=$work/ext4-4g.img
+
+cargo build --release -q -p ferry -p ferry-bench
+
+if [[ ! -f $image ]]; then
+    # Same image as scripts/bench-seal.sh; a smaller one is enough here.
+    image=$work/ext4-1g.img
+    if [[ ! -f $image ]]; then
+        echo "making $image (1 GiB ext4 with about 600 MiB of files)" >&2
+        stage=$work/stage-ingest
+        rm -rf "$stage" && mkdir -p "$stage"
+        for src in /usr/share /usr/lib/x86_64-linux-gnu "${CARGO_HOME:-$HOME/.cargo}/registry/src"; do
+            [[ -d $src ]] || continue
+            (( $(du -sm "$stage" | cut -f1) < 600 )) || break
+            cp -a --no-preserve=ownership "$src" "$stage/$(echo "$src" | tr / _)" 2>/dev/null || true
+        done
+        truncate -s 1G "$image.tmp"
+        mkfs.ext4 -q -F -d "$stage" "$image.tmp"
+        mv "$image.tmp" "$image"
+        rm -rf "$stage"
+    fi
+fi
+
+# Each connection is a descriptor on both ends.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+exec target/release/ferry-bench ingest --image "$image" --ferry target/release/ferry \
+    --work "$work/ingest" --seconds "$seconds"

@@ -199,6 +199,21 @@ impl SimDisk {
         Ok(())
     }
 
+    /// Sends what is not yet sent and takes in acknowledgements so far, without
+    /// waiting for them: a paced agent sends each write as it happens this way.
+    pub async fn send_pending(&mut self, target: &Target) -> Result<(), String> {
+        if self.link.as_ref().is_none_or(|l| l.closed().is_some()) {
+            self.reconnect(target).await?;
+        }
+        if let Err(e) = self.send_some().await {
+            self.link = None;
+            return Err(e);
+        }
+        let durable = self.link.as_ref().map_or(0, |l| l.durable());
+        self.trim(durable);
+        Ok(())
+    }
+
     /// Sends unsent journal frames in batches as credit allows.
     async fn send_some(&mut self) -> Result<(), String> {
         let link = self.link.as_mut().expect("connected");

@@ -13,6 +13,8 @@ pub struct Tailer {
     dir: PathBuf,
     pos: Position,
     open: Option<(u64, File)>,
+    /// Reused between reads: zero-filled once, not per batch.
+    buf: Vec<u8>,
 }
 
 impl Tailer {
@@ -21,6 +23,7 @@ impl Tailer {
             dir: dir.to_path_buf(),
             pos: start,
             open: None,
+            buf: Vec::new(),
         }
     }
 
@@ -60,10 +63,13 @@ impl Tailer {
             let want = (end - self.pos.offset)
                 .min((max_bytes - taken + RECORD_PAYLOAD_MAX + 512) as u64)
                 as usize;
-            let mut buf = vec![0u8; want];
-            f.read_exact_at(&mut buf, self.pos.offset)
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            let buf = &mut self.buf[..want];
+            f.read_exact_at(buf, self.pos.offset)
                 .map_err(|e| io_err("read", &path, e))?;
-            let (mut found, valid, problem) = parse(self.pos.file, &buf);
+            let (mut found, valid, problem) = parse(self.pos.file, buf);
             if valid == 0 {
                 return Err(CacheError::Corrupt {
                     path: path.display().to_string(),

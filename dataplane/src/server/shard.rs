@@ -136,11 +136,8 @@ async fn commit_loop(shard: Rc<Shard>) {
         );
         let mut failed = shard.shared.failed.load(Ordering::Relaxed);
         match handle {
-            Ok(files) if !files.is_empty() => {
-                let r = compio::runtime::spawn_blocking(move || {
-                    files.iter().try_for_each(|f| f.sync_data())
-                })
-                .await;
+            Ok(job) if !job.is_empty() => {
+                let r = compio::runtime::spawn_blocking(move || job.run()).await;
                 let err = match r {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e.to_string()),

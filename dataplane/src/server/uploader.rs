@@ -42,6 +42,12 @@ pub fn run(
     status: Arc<UploadStatus>,
     stop: Arc<AtomicBool>,
 ) {
+    // Sealing is bulk work that may wait; acknowledgements may not. Below the shards
+    // in priority, a batch being compressed never delays a shard's next ack.
+    // SAFETY: setpriority on this thread's own id; failure only leaves the default.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+    }
     let mut tail = Tailer::new(&shard.dir, shard.first);
     let mut noticed: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {

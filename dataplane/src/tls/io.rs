@@ -164,20 +164,20 @@ impl TlsReader {
     /// An end without TLS close_notify is an `UnexpectedEof` error.
     pub async fn read(&mut self, out: &mut Vec<u8>) -> io::Result<usize> {
         loop {
+            // read_to_end appends everything rustls holds without zero-filling the
+            // spare capacity on every call; rustls answers WouldBlock once drained.
             let start = out.len();
-            out.resize(start + READ_BYTES, 0);
-            let got = self
-                .shared
-                .conn
-                .borrow_mut()
-                .reader()
-                .read(&mut out[start..]);
+            out.reserve(READ_BYTES);
+            let got = self.shared.conn.borrow_mut().reader().read_to_end(out);
+            let n = out.len() - start;
             match got {
-                Ok(n) => {
-                    out.truncate(start + n);
-                    return Ok(n);
+                // A clean close_notify; hand over what came before it first.
+                Ok(_) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if n > 0 {
+                        return Ok(n);
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.truncate(start),
                 Err(e) => {
                     out.truncate(start);
                     return Err(e);

@@ -1,0 +1,8 @@
+//! The NBD export of protected disks: what applications' writes come through.
+
+pub mod device;
+pub mod server;
+pub mod wire;
+
+pub use device::FileDevice;
+pub use server::{serve, Device, Exports};

@@ -1,0 +1,263 @@
+//! An NBD server (fixed newstyle handshake, simple replies) exporting `Device`s by
+//! name, so QEMU, qemu-img, qemu-io and qemu-nbd attach to a protected disk as to any
+//! NBD server. One thread per connection: the agent serves a handful of disks, and a
+//! write must be applied and captured before its reply anyway.
+//!
+//! A client's mistakes get an NBD error reply where the protocol allows one and close
+//! the connection where it does not (an oversized request whose payload we will not
+//! read); they never take the server down.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::wire::*;
+
+/// A disk behind an export. TRIM is served as zeroing, so what the replica records
+/// is exactly what a reader of the disk sees.
+pub trait Device: Send + Sync {
+    fn size(&self) -> u64;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Applies a write; with `fua` it is durable before this returns.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+    fn zero(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+#[derive(Default)]
+pub struct Exports {
+    map: HashMap<String, Arc<dyn Device>>,
+}
+
+impl Exports {
+    pub fn add(&mut self, name: &str, dev: Arc<dyn Device>) {
+        self.map.insert(name.to_string(), dev);
+    }
+
+    fn get(&self, name: &str) -> Option<&Arc<dyn Device>> {
+        self.map.get(name)
+    }
+}
+
+/// Accepts NBD clients until `stop` is set (then one more connection wakes it).
+pub fn serve(listener: TcpListener, exports: Arc<Exports>, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(conn) = conn else { continue };
+        let exports = exports.clone();
+        let peer = conn
+            .peer_addr()
+            .map_or_else(|_| "unknown".into(), |a| a.to_string());
+        let spawned = std::thread::Builder::new()
+            .name("ferry-nbd".into())
+            .spawn(move || {
+                if let Err(e) = handle(conn, &exports) {
+                    tracing::warn!(%peer, reason = %e, "NBD connection closed");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start an NBD connection thread");
+        }
+    }
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn export_info(size: u64) -> Vec<u8> {
+    let mut d = Vec::with_capacity(12);
+    d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    d.extend_from_slice(&size.to_be_bytes());
+    d.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+    d
+}
+
+fn handle(conn: TcpStream, exports: &Exports) -> Result<(), String> {
+    conn.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut r = BufReader::with_capacity(256 << 10, conn.try_clone().map_err(|e| e.to_string())?);
+    let mut w = BufWriter::with_capacity(256 << 10, conn);
+    let io = |what: &str, e: io::Error| format!("{what}: {e}");
+    w.write_all(&NBDMAGIC.to_be_bytes())
+        .and_then(|_| w.write_all(&IHAVEOPT.to_be_bytes()))
+        .and_then(|_| w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()))
+        .and_then(|_| w.flush())
+        .map_err(|e| io("greeting", e))?;
+    let client = read_u32(&mut r).map_err(|e| io("client flags", e))?;
+    let no_zeroes = client & CLIENT_NO_ZEROES != 0;
+    let dev = loop {
+        let magic = read_u64(&mut r).map_err(|e| io("option", e))?;
+        if magic != IHAVEOPT {
+            return Err(format!("bad option magic {magic:#x}"));
+        }
+        let opt = read_u32(&mut r).map_err(|e| io("option", e))?;
+        let len = read_u32(&mut r).map_err(|e| io("option", e))?;
+        if len > 4096 {
+            return Err(format!("option {opt} of {len} bytes is too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data).map_err(|e| io("option data", e))?;
+        let mut reply = |kind: u32, d: &[u8]| -> Result<(), String> {
+            w.write_all(&option_reply(opt, kind, d))
+                .and_then(|_| w.flush())
+                .map_err(|e| io("option reply", e))
+        };
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).to_string();
+                // No error reply exists for this option: an unknown name closes.
+                let dev = exports
+                    .get(&name)
+                    .ok_or_else(|| format!("no export named {name:?}"))?
+                    .clone();
+                w.write_all(&dev.size().to_be_bytes())
+                    .and_then(|_| w.write_all(&TRANSMISSION_FLAGS.to_be_bytes()))
+                    .and_then(|_| {
+                        if no_zeroes {
+                            Ok(())
+                        } else {
+                            w.write_all(&[0u8; 124])
+                        }
+                    })
+                    .and_then(|_| w.flush())
+                    .map_err(|e| io("export reply", e))?;
+                break dev;
+            }
+            OPT_GO | OPT_INFO => {
+                if data.len() < 6 {
+                    reply(REP_ERR_INVALID, b"")?;
+                    continue;
+                }
+                let n = u32::from_be_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
+                if data.len() < 4 + n + 2 {
+                    reply(REP_ERR_INVALID, b"")?;
+                    continue;
+                }
+                let name = String::from_utf8_lossy(&data[4..4 + n]).to_string();
+                let Some(dev) = exports.get(&name).cloned() else {
+                    reply(
+                        REP_ERR_UNKNOWN,
+                        format!("no export named {name:?}").as_bytes(),
+                    )?;
+                    continue;
+                };
+                reply(REP_INFO, &export_info(dev.size()))?;
+                let mut bs = Vec::with_capacity(14);
+                bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+                for v in [1u32, 4096, MAX_REQUEST_BYTES] {
+                    bs.extend_from_slice(&v.to_be_bytes());
+                }
+                reply(REP_INFO, &bs)?;
+                reply(REP_ACK, b"")?;
+                if opt == OPT_GO {
+                    break dev;
+                }
+            }
+            OPT_LIST => {
+                for name in exports.map.keys() {
+                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    reply(REP_SERVER, &d)?;
+                }
+                reply(REP_ACK, b"")?;
+            }
+            OPT_ABORT => {
+                let _ = reply(REP_ACK, b"");
+                return Ok(());
+            }
+            _ => reply(REP_ERR_UNSUP, b"")?,
+        }
+    };
+    transmit(&mut r, &mut w, dev.as_ref())
+}
+
+fn errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(n) if n == ENOSPC as i32 => ENOSPC,
+        Some(n) if n == ENOMEM as i32 => ENOMEM,
+        _ => EIO,
+    }
+}
+
+fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(), String> {
+    let size = dev.size();
+    let mut data = Vec::new();
+    loop {
+        let mut h = [0u8; 28];
+        match r.read_exact(&mut h) {
+            Ok(()) => {}
+            // A client that goes away without NBD_CMD_DISC.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(format!("request: {e}")),
+        }
+        let req = Request::parse(&h)?;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let in_range = req
+            .offset
+            .checked_add(req.length as u64)
+            .is_some_and(|end| end <= size);
+        let carries_data = req.kind == CMD_WRITE;
+        if carries_data || req.kind == CMD_READ {
+            if req.length > MAX_REQUEST_BYTES {
+                // Its payload would not be read: reply, then close.
+                let _ = w.write_all(&simple_reply(EOVERFLOW, req.handle));
+                let _ = w.flush();
+                return Err(format!(
+                    "a request of {} bytes exceeds {MAX_REQUEST_BYTES}",
+                    req.length
+                ));
+            }
+            data.resize(req.length as usize, 0);
+        }
+        if carries_data {
+            r.read_exact(&mut data)
+                .map_err(|e| format!("write payload: {e}"))?;
+        }
+        let result: io::Result<()> = if !in_range && req.kind != CMD_FLUSH && req.kind != CMD_DISC {
+            Err(io::Error::from_raw_os_error(EINVAL as i32))
+        } else {
+            match req.kind {
+                CMD_READ => dev.read(req.offset, &mut data),
+                CMD_WRITE => dev.write(req.offset, &data, fua),
+                CMD_TRIM | CMD_WRITE_ZEROES => dev.zero(req.offset, req.length as u64, fua),
+                CMD_FLUSH => dev.flush(),
+                CMD_DISC => {
+                    let _ = w.flush();
+                    return Ok(());
+                }
+                _ => Err(io::Error::from_raw_os_error(EINVAL as i32)),
+            }
+        };
+        let err = match &result {
+            Ok(()) => 0,
+            Err(e) if e.raw_os_error() == Some(EINVAL as i32) => EINVAL,
+            Err(e) => {
+                tracing::error!(error = %e, offset = req.offset, len = req.length, "NBD request failed");
+                errno(e)
+            }
+        };
+        w.write_all(&simple_reply(err, req.handle))
+            .and_then(|_| {
+                if req.kind == CMD_READ && err == 0 {
+                    w.write_all(&data)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|_| w.flush())
+            .map_err(|e| format!("reply: {e}"))?;
+    }
+}

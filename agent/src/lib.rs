@@ -6,6 +6,7 @@
 //! NBD, the journal and recovery-point cuts build on these.
 
 pub mod image;
+pub mod live;
 pub mod nbd;
 pub mod seed;
 

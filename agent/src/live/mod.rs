@@ -1,0 +1,262 @@
+//! The live agent: NBD export of each protected disk, write capture into an ordered
+//! journal, one sender per disk draining it to the process server, crash-consistent
+//! points on a timer, app-consistent points through a freeze hook, the initial copy
+//! of each disk alongside live writes, and the admin socket.
+
+pub mod admin;
+pub mod capture;
+pub mod sender;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_dataplane::client::Target;
+use ferry_dataplane::protocol::PointKindWire;
+
+use crate::nbd::{Device, Exports};
+use capture::Capture;
+use sender::{SendStatus, Sender};
+
+pub struct DiskSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+pub struct Options {
+    pub machine: String,
+    pub disks: Vec<DiskSpec>,
+    pub target: Target,
+    pub nbd_listen: SocketAddr,
+    pub journal_dir: PathBuf,
+    pub journal_bytes: u64,
+    pub crash_point_interval: Option<Duration>,
+    pub freeze_hook: Option<String>,
+    pub admin_socket: Option<PathBuf>,
+    /// Copy every disk in full into the journal at start (the first replication).
+    pub initial_copy: bool,
+}
+
+struct Disk {
+    capture: Arc<Capture>,
+    status: Arc<Mutex<SendStatus>>,
+    copy: Arc<Mutex<(u64, u64)>>,
+}
+
+pub struct Agent {
+    disks: Vec<Disk>,
+    freeze_hook: Option<String>,
+    pub nbd_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Serialises points, so one id covers every disk.
+    points: Mutex<()>,
+}
+
+fn hook(cmd: &str, phase: &str) -> Result<(), String> {
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{cmd} {phase}"))
+        .status()
+        .map_err(|e| format!("freeze hook: {e}"))?;
+    if !st.success() {
+        return Err(format!("freeze hook `{cmd} {phase}` exited with {st}"));
+    }
+    Ok(())
+}
+
+impl Agent {
+    pub fn start(o: Options) -> Result<Arc<Agent>, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut disks = Vec::new();
+        let mut exports = Exports::default();
+        for d in &o.disks {
+            let jdir = o.journal_dir.join(&d.name);
+            let cap = Arc::new(
+                Capture::open(&d.name, &d.path, &jdir, o.journal_bytes, 0)
+                    .map_err(|e| format!("disk {} ({}): {e}", d.name, d.path.display()))?,
+            );
+            exports.add(&d.name, cap.clone());
+            let status = Arc::new(Mutex::new(SendStatus::default()));
+            let sender = Sender {
+                capture: cap.clone(),
+                journal_dir: jdir,
+                target: o.target.clone(),
+                machine: o.machine.clone(),
+                session: rand::random(),
+                status: status.clone(),
+                stop: stop.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("ferry-send-{}", d.name))
+                .spawn(move || sender.run())
+                .map_err(|e| e.to_string())?;
+            disks.push(Disk {
+                capture: cap,
+                status,
+                copy: Arc::new(Mutex::new((0, 0))),
+            });
+        }
+        let listener = std::net::TcpListener::bind(o.nbd_listen)
+            .map_err(|e| format!("NBD listen on {}: {e}", o.nbd_listen))?;
+        let nbd_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (ex, st) = (Arc::new(exports), stop.clone());
+        std::thread::Builder::new()
+            .name("ferry-nbd-accept".into())
+            .spawn(move || crate::nbd::serve(listener, ex, st))
+            .map_err(|e| e.to_string())?;
+        let agent = Arc::new(Agent {
+            disks,
+            freeze_hook: o.freeze_hook.clone(),
+            nbd_addr,
+            stop: stop.clone(),
+            points: Mutex::new(()),
+        });
+        if o.initial_copy {
+            for d in &agent.disks {
+                *d.copy.lock().expect("copy lock") = (0, d.capture.size());
+                let (cap, copy) = (d.capture.clone(), d.copy.clone());
+                std::thread::Builder::new()
+                    .name(format!("ferry-copy-{}", cap.disk))
+                    .spawn(move || initial_copy(&cap, &copy))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        if let Some(every) = o.crash_point_interval {
+            let a = agent.clone();
+            std::thread::Builder::new()
+                .name("ferry-points".into())
+                .spawn(move || {
+                    while !a.stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(every);
+                        if let Err(e) = a.point(PointKindWire::Crash, None) {
+                            tracing::warn!(error = %e, "crash-consistent point skipped");
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(p) = &o.admin_socket {
+            admin::serve(p, agent.clone())
+                .map_err(|e| format!("admin socket {}: {e}", p.display()))?;
+        }
+        Ok(agent)
+    }
+
+    fn point(&self, kind: PointKindWire, label: Option<&str>) -> Result<String, String> {
+        let _one = self.points.lock().expect("points lock");
+        // A point during the initial copy would rebuild a half-copied disk: never
+        // emit one that the replica cannot honour.
+        for d in &self.disks {
+            let (done, total) = *d.copy.lock().expect("copy lock");
+            if done < total {
+                return Err(format!(
+                    "disk {} is still in its initial copy ({:.1} %): no point yet",
+                    d.capture.disk,
+                    100.0 * done as f64 / total as f64
+                ));
+            }
+        }
+        let id = format!(
+            "{}-{:08x}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+            rand::random::<u32>()
+        );
+        for d in &self.disks {
+            d.capture
+                .bookmark(kind, label.unwrap_or(""), "", Some(&id))
+                .map_err(|e| format!("disk {}: {e}", d.capture.disk))?;
+        }
+        Ok(id)
+    }
+
+    /// Takes a point now; app-consistent ones run the freeze hook around it.
+    pub fn bookmark(&self, app: bool, label: Option<&str>) -> Result<String, String> {
+        if !app {
+            return self.point(PointKindWire::Crash, label);
+        }
+        let hook_cmd = self
+            .freeze_hook
+            .as_deref()
+            .ok_or("an app-consistent point needs --freeze-hook")?;
+        hook(hook_cmd, "freeze")?;
+        let r = self.point(PointKindWire::App, label);
+        // Thaw whatever happened: applications must not stay frozen.
+        let thawed = hook(hook_cmd, "thaw");
+        let id = r?;
+        thawed?;
+        Ok(id)
+    }
+
+    /// Per disk: mode, journal, watermarks, lag, last point, copy progress.
+    pub fn status(&self) -> Vec<serde_json::Value> {
+        self.disks
+            .iter()
+            .map(|d| {
+                let s = d.status.lock().expect("status lock").clone();
+                let (next_seq, journal, last) = {
+                    let st = d.capture.state();
+                    (st.next_seq, st.journal.used_bytes(), st.last_point.clone())
+                };
+                let (done, total) = *d.copy.lock().expect("copy lock");
+                serde_json::json!({
+                    "disk": d.capture.disk,
+                    "mode": if total > 0 && done < total { "initial-copy" } else { "data" },
+                    "journal_bytes": journal,
+                    "next_seq": next_seq,
+                    "durable": s.durable,
+                    "uploaded": s.uploaded,
+                    "lag_s": s.oldest_unacked.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                    "last_point": last.map(|p| p.0),
+                    "connected": s.connected,
+                    "copy_done_bytes": done,
+                    "copy_total_bytes": total,
+                    "last_error": s.last_error,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether every disk's journal, up to now, is uploaded.
+    pub fn uploaded_all(&self) -> bool {
+        self.disks.iter().all(|d| {
+            let next = d.capture.state().next_seq;
+            d.status.lock().expect("status lock").uploaded >= next
+        })
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Journals every non-zero MiB of the disk, each under the capture lock, logging
+/// progress (percent, MB/s, time left).
+fn initial_copy(cap: &Capture, progress: &Mutex<(u64, u64)>) {
+    let size = cap.size();
+    *progress.lock().expect("copy lock") = (0, size);
+    let start = Instant::now();
+    let mut last_log = Instant::now();
+    let mut buf = Vec::new();
+    let mut off = 0;
+    while off < size {
+        // Leave half the journal to live writes: wait for the sender to drain it.
+        while cap.journal_bytes() > cap.journal_max() / 2 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let len = (size - off).min(1 << 20) as usize;
+        if let Err(e) = cap.copy_region(off, len, &mut buf) {
+            tracing::error!(disk = %cap.disk, error = %e, offset = off, "initial copy stopped");
+            return;
+        }
+        off += len as u64;
+        *progress.lock().expect("copy lock") = (off, size);
+        if last_log.elapsed() > Duration::from_secs(5) {
+            last_log = Instant::now();
+            let rate = off as f64 / start.elapsed().as_secs_f64().max(1e-3);
+            tracing::info!(disk = %cap.disk, percent = format!("{:.1}", 100.0 * off as f64 / size as f64), mb_per_s = format!("{:.0}", rate / 1e6), left_s = format!("{:.0}", (size - off) as f64 / rate), "initial copy");
+        }
+    }
+    tracing::info!(disk = %cap.disk, seconds = start.elapsed().as_secs_f64(), "initial copy done");
+}

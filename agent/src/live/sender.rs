@@ -1,0 +1,201 @@
+//! Drains a disk's journal to the process server, in order, over one TLS session at a
+//! time. Unacknowledged frames are remembered by journal position only; after a
+//! reconnect the journal is read again from the first frame the server does not hold
+//! (the Welcome's durable watermark), so nothing is lost and nothing applied twice.
+//! The journal is trimmed as the server acknowledges frames durable.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_dataplane::cache::{Position, Tailer};
+use ferry_dataplane::client::{connect, credit_cost, Link, Target};
+use ferry_dataplane::protocol::{decode, Decoded, Frame, Hello, VERSION};
+
+use super::capture::{journal_end, seq_of, Capture};
+
+/// What the sender reports for `status`.
+#[derive(Debug, Default, Clone)]
+pub struct SendStatus {
+    pub connected: bool,
+    pub durable: u64,
+    pub uploaded: u64,
+    pub sent: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    /// Since when the oldest unacknowledged frame has waited.
+    pub oldest_unacked: Option<Instant>,
+}
+
+pub struct Sender {
+    pub capture: Arc<Capture>,
+    pub journal_dir: PathBuf,
+    pub target: Target,
+    pub machine: String,
+    pub session: [u8; 16],
+    pub status: Arc<Mutex<SendStatus>>,
+    pub stop: Arc<AtomicBool>,
+}
+
+const BATCH_BYTES: usize = 256 << 10;
+
+impl Sender {
+    pub fn run(self) {
+        let rt = match compio::runtime::Runtime::new() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the sender's runtime");
+                return;
+            }
+        };
+        rt.block_on(self.drive());
+    }
+
+    fn set(&self, f: impl FnOnce(&mut SendStatus)) {
+        f(&mut self.status.lock().expect("status lock"));
+    }
+
+    async fn drive(&self) {
+        let first = self.capture.state().journal.first_position();
+        let mut tail = Tailer::new(&self.journal_dir, first);
+        // Sent, not yet durable upstream: (sequence, where it starts in the journal).
+        let mut unacked: VecDeque<(u64, Position)> = VecDeque::new();
+        let mut link: Option<Link> = None;
+        let mut backoff = Duration::from_millis(50);
+        let mut last_send = Instant::now();
+        let mut journal_from = self.capture.state().first_seq;
+        while !self.stop.load(Ordering::Relaxed) {
+            if link.as_ref().is_none_or(|l| l.closed().is_some()) {
+                if let Some(l) = link.take() {
+                    let why = l.closed().unwrap_or_default();
+                    tracing::warn!(disk = %self.capture.disk, reason = %why, "lost the process server; reconnecting");
+                    self.set(|s| {
+                        s.connected = false;
+                        s.last_error = Some(why);
+                    });
+                }
+                let next_seq = self.capture.state().next_seq;
+                let from = unacked
+                    .front()
+                    .map(|u| u.0)
+                    .or(journal_from)
+                    .unwrap_or(next_seq);
+                let hello = Hello {
+                    version: VERSION,
+                    machine: &self.machine,
+                    disk: &self.capture.disk,
+                    session: self.session,
+                    journal_from: from,
+                    next_seq,
+                    disk_bytes: ferry_dataplane_size(&self.capture),
+                };
+                match connect(&self.target, &hello).await {
+                    Ok(l) => {
+                        backoff = Duration::from_millis(50);
+                        let durable = l.welcome.durable;
+                        // Read again from the first frame not yet sent and acked.
+                        if let Some(&(_, at)) = unacked.front() {
+                            tail = Tailer::new(&self.journal_dir, at);
+                            unacked.clear();
+                        }
+                        journal_from = None;
+                        self.set(|s| {
+                            s.connected = true;
+                            s.durable = durable;
+                            s.uploaded = l.welcome.uploaded;
+                            s.reconnects += 1;
+                        });
+                        link = Some(l);
+                    }
+                    Err(e) => {
+                        self.set(|s| s.last_error = Some(e.clone()));
+                        tracing::debug!(disk = %self.capture.disk, error = %e, "connect failed");
+                        compio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+            let l = link.as_mut().expect("connected above");
+            let durable = l.durable();
+            // Trim what the server holds.
+            while unacked.front().is_some_and(|u| u.0 < durable) {
+                unacked.pop_front();
+            }
+            self.capture
+                .trim(unacked.front().map_or(tail.position(), |u| u.1));
+            self.set(|s| {
+                s.durable = durable;
+                s.uploaded = l.uploaded();
+                if unacked.is_empty() {
+                    s.oldest_unacked = None;
+                }
+            });
+            let end = journal_end(&self.capture);
+            let entries = match tail.read(end, BATCH_BYTES) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(disk = %self.capture.disk, error = %e, "cannot read the journal");
+                    compio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if entries.is_empty() {
+                let uploaded = l.uploaded();
+                if uploaded < durable && last_send.elapsed() > Duration::from_millis(200) {
+                    // Everything sent is durable; ask how much is uploaded (the Ack
+                    // to a Flush carries it), for status and for points' visibility.
+                    if l.send_frame(&Frame::Flush { seq: durable }).await.is_err() {
+                        link = None;
+                        continue;
+                    }
+                    last_send = Instant::now();
+                } else if last_send.elapsed() > Duration::from_secs(5) {
+                    // Keep the session alive through quiet periods.
+                    if l.send_frame(&Frame::Ping { token: 0 }).await.is_err() {
+                        link = None;
+                        continue;
+                    }
+                    last_send = Instant::now();
+                }
+                compio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            let mut batch = Vec::with_capacity(BATCH_BYTES);
+            let mut cost = 0;
+            let mut sent = 0;
+            for e in &entries {
+                let Ok(Decoded::Frame(f, _)) = decode(&e.payload, u32::MAX) else {
+                    continue;
+                };
+                let Some(seq) = seq_of(&f) else { continue };
+                if seq < durable {
+                    continue;
+                }
+                batch.extend_from_slice(&e.payload);
+                cost += credit_cost(&f);
+                unacked.push_back((seq, e.at));
+                sent += 1;
+            }
+            if !batch.is_empty() {
+                if let Err(e) = l.send(&batch, cost).await {
+                    tracing::warn!(disk = %self.capture.disk, error = %e, "send failed");
+                    link = None;
+                    continue;
+                }
+                last_send = Instant::now();
+                self.set(|s| {
+                    s.sent += sent;
+                    s.oldest_unacked.get_or_insert_with(Instant::now);
+                });
+            }
+        }
+    }
+}
+
+fn ferry_dataplane_size(c: &Capture) -> u64 {
+    use crate::nbd::Device;
+    c.size()
+}

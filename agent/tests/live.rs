@@ -1,0 +1,198 @@
+//! The live agent end to end with real clients: a process server (in-process, over
+//! mutual TLS) and an agent exporting a disk over NBD. The agent copies the disk's
+//! existing content while qemu-io writes random patterns through the export, with
+//! points taken between batches (through the API and the admin socket, one through
+//! a freeze hook); a copy of the disk file is kept at each point. Afterwards every
+//! point rebuilt from the store equals its copy.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_agent::live::{admin, Agent, DiskSpec, Options};
+use ferry_dataplane::client::Target;
+use ferry_dataplane::server::{start, Options as ServerOptions};
+use ferry_dataplane::sim::MemSink;
+use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_replica::rebuild::rebuild_point;
+use ferry_replica::{Disk, Store, VaultKey};
+use rand::{Rng, SeedableRng};
+
+const SIZE: u64 = 16 << 20;
+
+fn qemu_io(url: &str, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", "-t", "writeback"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(url).output().expect("qemu-io");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
+    let seed: u64 = std::env::var("FERRY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("FERRY_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    generate_loopback(&pki, 1).unwrap();
+    let store_dir = d.join("store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let url = format!("file://{}", store_dir.display());
+    VaultKey::generate().save_new(&d.join("vault.key")).unwrap();
+    let mut so = ServerOptions::new("127.0.0.1:0".parse().unwrap(), d.join("cache"));
+    so.shards = 2;
+    so.cache_bytes = 512 << 20;
+    so.batch_delay = Duration::from_millis(20);
+    let server = start(
+        so,
+        server_config(
+            &pki.join("server.pem"),
+            &pki.join("server.key"),
+            &pki.join("ca.pem"),
+        )
+        .unwrap(),
+        Store::open(&url).unwrap(),
+        VaultKey::load(&d.join("vault.key")).unwrap(),
+    )
+    .unwrap();
+
+    // A disk with content before protection starts.
+    let disk = d.join("disk.img");
+    let mut content = vec![0u8; SIZE as usize];
+    rng.fill(&mut content[..4 << 20]);
+    std::fs::write(&disk, &content).unwrap();
+    let hook_log = d.join("hook.log");
+    let hook = d.join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", hook_log.display()),
+    )
+    .unwrap();
+    let admin_path = d.join("admin.sock");
+    let agent = Agent::start(Options {
+        machine: "agent-0".into(),
+        disks: vec![DiskSpec {
+            name: "sda".into(),
+            path: disk.clone(),
+        }],
+        target: Target {
+            addr: server.addr,
+            server_name: server_name("127.0.0.1").unwrap(),
+            tls: Arc::new(
+                client_config(
+                    &pki.join("agent-0.pem"),
+                    &pki.join("agent-0.key"),
+                    &pki.join("ca.pem"),
+                )
+                .unwrap(),
+            ),
+            timeout: Duration::from_secs(5),
+        },
+        nbd_listen: "127.0.0.1:0".parse().unwrap(),
+        journal_dir: d.join("journal"),
+        journal_bytes: 64 << 20,
+        crash_point_interval: None,
+        freeze_hook: Some(format!("sh {}", hook.display())),
+        admin_socket: Some(admin_path.clone()),
+        initial_copy: true,
+    })
+    .unwrap();
+    let nbd = format!("nbd://{}/sda", agent.nbd_addr);
+    // No point until the initial copy is complete: it would not rebuild the disk.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = agent.bookmark(false, Some("first")) {
+        assert!(e.contains("initial copy"), "{e}");
+        assert!(Instant::now() < deadline, "the initial copy did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let expected_first = std::fs::read(&disk).unwrap();
+
+    let expected = Mutex::new(BTreeMap::<String, Vec<u8>>::new());
+    let first_id = agent.status()[0]["last_point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    expected.lock().unwrap().insert(first_id, expected_first);
+    let snapshot = |id: String| {
+        expected
+            .lock()
+            .unwrap()
+            .insert(id, std::fs::read(&disk).unwrap());
+    };
+    for round in 0..4 {
+        let cmds: Vec<String> = (0..20)
+            .map(|_| {
+                let len = rng.gen_range(1..=32) * 4096u64;
+                let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
+                match rng.gen_range(0..6) {
+                    0 => format!("write -z {off} {len}"),
+                    1 => format!("discard {off} {len}"),
+                    _ => format!("write -P {} {off} {len}", rng.gen::<u8>()),
+                }
+            })
+            .collect();
+        qemu_io(&nbd, &cmds);
+        let id = match round {
+            0 => agent.bookmark(false, Some("api")).unwrap(),
+            1 => {
+                let lines = admin::request(&admin_path, "bookmark --label admin").unwrap();
+                lines[0].trim_start_matches("ok ").to_string()
+            }
+            2 => agent.bookmark(true, Some("app")).unwrap(),
+            _ => agent.bookmark(false, None).unwrap(),
+        };
+        snapshot(id);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&hook_log).unwrap(),
+        "freeze\nthaw\n"
+    );
+    let status = admin::request(&admin_path, "status").unwrap();
+    assert!(status[1].contains("sda:"), "{status:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.uploaded_all() {
+        assert!(
+            Instant::now() < deadline,
+            "not uploaded: {:?}",
+            agent.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.stop();
+
+    let store = Store::open(&url).unwrap();
+    let vault = VaultKey::load(&d.join("vault.key")).unwrap();
+    let replica = store
+        .block(Disk::open(&store, "agent-0", "sda", Some(&vault)))
+        .unwrap();
+    let state = store.block(replica.load_state()).unwrap();
+    let expected = expected.into_inner().unwrap();
+    assert_eq!(state.points.len(), expected.len());
+    for p in &state.points {
+        let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
+        rebuild_point(&replica, &state, p, &sink, &|_| {}).unwrap();
+        assert!(
+            *sink.0.lock().unwrap() == expected[&p.id],
+            "point {} ({:?}) differs from the disk at that moment",
+            p.id,
+            p.label
+        );
+        if p.label.as_deref() == Some("app") {
+            assert_eq!(p.kind, ferry_replica::PointKind::App);
+        }
+    }
+    server.stop();
+}

@@ -83,6 +83,9 @@ enum Command {
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
     ProcessServer(crate::server_cmd::ProcessServerArgs),
+    /// Run the agent (mobility service): protect disks served over NBD, replicate
+    /// every write to a process server; `ferry agent ctl` talks to a running one
+    Agent(crate::agent_cmd::AgentArgs),
     /// Write a CA, a server certificate for 127.0.0.1 and agent certificates (loopback
     /// and tests; production brings its own PKI)
     Certs {
@@ -220,6 +223,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::ProcessServer(a) => crate::server_cmd::process_server(a)?,
+        Command::Agent(a) => crate::agent_cmd::agent(a)?,
         Command::Certs { out, agents } => crate::server_cmd::certs(&out, agents)?,
         Command::Compact {
             store,

@@ -1,6 +1,7 @@
 //! `ferry`: the one user-facing binary. Each subcommand is a thin shell over a library
 //! crate; errors are printed as one line naming what was wrong, with a non-zero exit.
 
+mod agent_cmd;
 mod commands;
 mod progress;
 mod server_cmd;

@@ -65,6 +65,19 @@ fn start(dir: &Path, port: u16) -> Child {
     child
 }
 
+/// Kills the current server when the test ends, passing or failing: a server left
+/// behind holds the test's stderr and would hang the run.
+struct KillOnDrop(Arc<Mutex<Child>>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.0.lock() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -97,6 +110,7 @@ fn sigkill_of_the_process_server_loses_no_acknowledged_write() {
     ]);
     let port = free_port();
     let server = Arc::new(Mutex::new(start(d, port)));
+    let _guard = KillOnDrop(server.clone());
     let done = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicU64::new(0));
     let killer = {

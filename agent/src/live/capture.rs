@@ -26,13 +26,17 @@ pub struct Capture {
 }
 
 pub struct State {
+    /// The newest write the journal held when opened: after a kill it may be
+    /// journaled but not applied to the disk (see `reconcile`).
+    pub last_write: Option<(u64, u64)>,
     pub next_seq: u64,
     pub journal: CacheLog,
     /// The newest point: (id, sequence).
     pub last_point: Option<(String, u64)>,
     buf: Vec<u8>,
-    /// The oldest frame the journal held when opened (None: it was empty).
-    pub first_seq: Option<u64>,
+    /// The sequence number of the first frame in the journal as opened: the oldest
+    /// it held, or (empty) the next to be assigned.
+    pub first_seq: u64,
 }
 
 fn journal_err(e: ferry_dataplane::cache::CacheError) -> io::Error {
@@ -58,6 +62,7 @@ impl Capture {
         .map_err(journal_err)?;
         let mut next_seq = seq_floor;
         let mut first_seq = None;
+        let mut last_write = None;
         for e in &rec.entries {
             if let Ok(Decoded::Frame(f, _)) =
                 ferry_dataplane::protocol::decode(&e.payload, u32::MAX)
@@ -65,6 +70,13 @@ impl Capture {
                 if let Some(s) = seq_of(&f) {
                     next_seq = next_seq.max(s + 1);
                     first_seq.get_or_insert(s);
+                }
+                match f {
+                    Frame::Write { offset, data, .. } => {
+                        last_write = Some((offset, data.len() as u64))
+                    }
+                    Frame::Zero { offset, len, .. } => last_write = Some((offset, len)),
+                    _ => {}
                 }
             }
         }
@@ -76,7 +88,8 @@ impl Capture {
                 journal,
                 last_point: None,
                 buf: Vec::new(),
-                first_seq,
+                first_seq: first_seq.unwrap_or(next_seq),
+                last_write,
             }),
             grew: Condvar::new(),
         })
@@ -159,8 +172,42 @@ impl Capture {
         Ok(true)
     }
 
+    /// Makes the journal durable.
+    pub fn sync_journal(&self) -> io::Result<()> {
+        self.state().journal.sync().map_err(journal_err)
+    }
+
     pub fn journal_max(&self) -> u64 {
         self.state().journal.max_bytes()
+    }
+
+    /// After an unclean stop the journal's newest write may never have reached the
+    /// disk (the agent journals first, then applies). Journal that region again as the
+    /// disk holds it now, so the replica ends up equal to the disk. Returns the bytes.
+    pub fn reconcile(&self) -> io::Result<u64> {
+        let Some((offset, len)) = self.state().last_write.take() else {
+            return Ok(0);
+        };
+        let mut st = self.state();
+        let mut buf = vec![0u8; len as usize];
+        self.dev.read(offset, &mut buf)?;
+        if ferry_replica::scan::is_zero(&buf) {
+            self.journal(&mut st, |seq, out| {
+                encode(&Frame::Zero { seq, offset, len }, out)
+            })?;
+        } else {
+            self.journal(&mut st, |seq, out| {
+                encode(
+                    &Frame::Write {
+                        seq,
+                        offset,
+                        data: &buf,
+                    },
+                    out,
+                )
+            })?;
+        }
+        Ok(len)
     }
 
     /// Bytes held in the journal.

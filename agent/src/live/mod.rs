@@ -77,6 +77,12 @@ impl Agent {
                 Capture::open(&d.name, &d.path, &jdir, o.journal_bytes, 0)
                     .map_err(|e| format!("disk {} ({}): {e}", d.name, d.path.display()))?,
             );
+            let redone = cap
+                .reconcile()
+                .map_err(|e| format!("disk {}: reconciling the journal: {e}", d.name))?;
+            if redone > 0 {
+                tracing::info!(disk = %d.name, bytes = redone, "journaled the newest write's region again, as the disk holds it");
+            }
             exports.add(&d.name, cap.clone());
             let status = Arc::new(Mutex::new(SendStatus::default()));
             let sender = Sender {
@@ -115,11 +121,23 @@ impl Agent {
         });
         if o.initial_copy {
             for d in &agent.disks {
+                // Once copied into the journal, a disk is never copied again: its
+                // journal and the process server carry everything since.
+                let marker = o.journal_dir.join(format!("{}.copied", d.capture.disk));
+                if marker.exists() {
+                    continue;
+                }
                 *d.copy.lock().expect("copy lock") = (0, d.capture.size());
                 let (cap, copy) = (d.capture.clone(), d.copy.clone());
                 std::thread::Builder::new()
                     .name(format!("ferry-copy-{}", cap.disk))
-                    .spawn(move || initial_copy(&cap, &copy))
+                    .spawn(move || {
+                        if initial_copy(&cap, &copy) {
+                            if let Err(e) = cap.sync_journal().and_then(|_| std::fs::write(&marker, b"")) {
+                                tracing::error!(disk = %cap.disk, error = %e, "cannot record the initial copy as done");
+                            }
+                        }
+                    })
                     .map_err(|e| e.to_string())?;
             }
         }
@@ -233,7 +251,7 @@ impl Agent {
 
 /// Journals every non-zero MiB of the disk, each under the capture lock, logging
 /// progress (percent, MB/s, time left).
-fn initial_copy(cap: &Capture, progress: &Mutex<(u64, u64)>) {
+fn initial_copy(cap: &Capture, progress: &Mutex<(u64, u64)>) -> bool {
     let size = cap.size();
     *progress.lock().expect("copy lock") = (0, size);
     let start = Instant::now();
@@ -248,7 +266,7 @@ fn initial_copy(cap: &Capture, progress: &Mutex<(u64, u64)>) {
         let len = (size - off).min(1 << 20) as usize;
         if let Err(e) = cap.copy_region(off, len, &mut buf) {
             tracing::error!(disk = %cap.disk, error = %e, offset = off, "initial copy stopped");
-            return;
+            return false;
         }
         off += len as u64;
         *progress.lock().expect("copy lock") = (off, size);
@@ -259,4 +277,5 @@ fn initial_copy(cap: &Capture, progress: &Mutex<(u64, u64)>) {
         }
     }
     tracing::info!(disk = %cap.disk, seconds = start.elapsed().as_secs_f64(), "initial copy done");
+    true
 }

@@ -65,7 +65,9 @@ impl Sender {
         let mut link: Option<Link> = None;
         let mut backoff = Duration::from_millis(50);
         let mut last_send = Instant::now();
-        let mut journal_from = self.capture.state().first_seq;
+        // The sequence number of the next frame the tail will read: what the agent
+        // holds from, when nothing is waiting for an acknowledgement.
+        let mut tail_next = self.capture.state().first_seq;
         while !self.stop.load(Ordering::Relaxed) {
             if link.as_ref().is_none_or(|l| l.closed().is_some()) {
                 if let Some(l) = link.take() {
@@ -77,11 +79,7 @@ impl Sender {
                     });
                 }
                 let next_seq = self.capture.state().next_seq;
-                let from = unacked
-                    .front()
-                    .map(|u| u.0)
-                    .or(journal_from)
-                    .unwrap_or(next_seq);
+                let from = unacked.front().map_or(tail_next, |u| u.0);
                 let hello = Hello {
                     version: VERSION,
                     machine: &self.machine,
@@ -96,11 +94,11 @@ impl Sender {
                         backoff = Duration::from_millis(50);
                         let durable = l.welcome.durable;
                         // Read again from the first frame not yet sent and acked.
-                        if let Some(&(_, at)) = unacked.front() {
+                        if let Some(&(seq, at)) = unacked.front() {
                             tail = Tailer::new(&self.journal_dir, at);
+                            tail_next = seq;
                             unacked.clear();
                         }
-                        journal_from = None;
                         self.set(|s| {
                             s.connected = true;
                             s.durable = durable;
@@ -171,6 +169,7 @@ impl Sender {
                     continue;
                 };
                 let Some(seq) = seq_of(&f) else { continue };
+                tail_next = seq + 1;
                 if seq < durable {
                     continue;
                 }

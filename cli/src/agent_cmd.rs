@@ -1,0 +1,166 @@
+//! `ferry agent` (the mobility service) and `ferry agent ctl`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_agent::live::{admin, Agent, DiskSpec, Options};
+use ferry_dataplane::client::Target;
+use ferry_dataplane::tls::certs::{client_config, server_name};
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    ctl: Option<Ctl>,
+    #[command(flatten)]
+    run: Option<RunArgs>,
+}
+
+#[derive(clap::Subcommand)]
+enum Ctl {
+    /// Talk to a running agent through its admin socket
+    Ctl {
+        #[arg(long, value_name = "PATH")]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        request: Request,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum Request {
+    /// Take a recovery point now; prints its id on the last line
+    Bookmark {
+        /// App-consistent: run the freeze hook around the point
+        #[arg(long)]
+        app: bool,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Mode, journal bytes, replication lag, last point, copy progress
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The process server, HOST:PORT
+    #[arg(long, value_name = "HOST:PORT")]
+    process_server: String,
+    /// This machine's name (its certificate must name it)
+    #[arg(long)]
+    machine: String,
+    /// A protected disk: NAME=PATH (the NBD export NAME serves PATH)
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+    disks: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd_listen: SocketAddr,
+    #[arg(long, value_name = "DIR")]
+    journal_dir: PathBuf,
+    #[arg(long, value_name = "PEM")]
+    tls_cert: PathBuf,
+    #[arg(long, value_name = "PEM")]
+    tls_key: PathBuf,
+    /// CA the process server's certificate chains to
+    #[arg(long, value_name = "PEM")]
+    ca: PathBuf,
+    #[arg(long, default_value_t = 5.0)]
+    crash_point_interval_s: f64,
+    /// Run as `CMD freeze` and `CMD thaw` around app-consistent points
+    #[arg(long, value_name = "CMD")]
+    freeze_hook: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    /// Journal bound per disk, MiB
+    #[arg(long, default_value_t = 1024)]
+    journal_mib: u64,
+    /// Skip the initial full copy (the replica already holds the disk)
+    #[arg(long)]
+    no_initial_copy: bool,
+}
+
+pub fn agent(a: AgentArgs) -> Result<()> {
+    if let Some(Ctl::Ctl {
+        admin_socket,
+        request,
+    }) = a.ctl
+    {
+        let req = match request {
+            Request::Bookmark { app, label } => {
+                let mut r = "bookmark".to_string();
+                if app {
+                    r.push_str(" --app");
+                }
+                if let Some(l) = label {
+                    if l.contains(char::is_whitespace) {
+                        bail!("--label takes one word");
+                    }
+                    r.push_str(&format!(" --label {l}"));
+                }
+                r
+            }
+            Request::Status { json } => if json { "status --json" } else { "status" }.to_string(),
+        };
+        let lines = admin::request(&admin_socket, &req).map_err(|e| anyhow!(e))?;
+        let first = lines[0].trim_start_matches("ok").trim();
+        if !first.is_empty() {
+            println!("{first}");
+        }
+        for l in &lines[1..] {
+            println!("{l}");
+        }
+        return Ok(());
+    }
+    let r = a
+        .run
+        .context("missing agent options; see ferry agent --help")?;
+    let mut disks = Vec::new();
+    for d in &r.disks {
+        let (name, path) = d
+            .split_once('=')
+            .with_context(|| format!("--disk {d:?}: expected NAME=PATH"))?;
+        disks.push(DiskSpec {
+            name: name.to_string(),
+            path: PathBuf::from(path),
+        });
+    }
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&r.process_server)
+        .with_context(|| format!("--process-server {}", r.process_server))?
+        .next()
+        .with_context(|| format!("--process-server {}: no address", r.process_server))?;
+    let host = r
+        .process_server
+        .rsplit_once(':')
+        .map_or(r.process_server.as_str(), |(h, _)| h);
+    if !(r.crash_point_interval_s.is_finite() && r.crash_point_interval_s >= 0.0) {
+        bail!("--crash-point-interval-s must be a number of seconds (0: none)");
+    }
+    let agent = Agent::start(Options {
+        machine: r.machine.clone(),
+        disks,
+        target: Target {
+            addr,
+            server_name: server_name(host)?,
+            tls: Arc::new(client_config(&r.tls_cert, &r.tls_key, &r.ca)?),
+            timeout: Duration::from_secs(10),
+        },
+        nbd_listen: r.nbd_listen,
+        journal_dir: r.journal_dir,
+        journal_bytes: r.journal_mib << 20,
+        crash_point_interval: (r.crash_point_interval_s > 0.0)
+            .then(|| Duration::from_secs_f64(r.crash_point_interval_s)),
+        freeze_hook: r.freeze_hook,
+        admin_socket: r.admin_socket,
+        initial_copy: !r.no_initial_copy,
+    })
+    .map_err(|e| anyhow!(e))?;
+    println!("agent for {} serving NBD on {}", r.machine, agent.nbd_addr);
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,275 @@
+//! `ferry agent` and `ferry process-server` as real processes, with qemu-io writing
+//! through the agent's NBD export. The agent is killed with SIGKILL in the middle of a
+//! batch and restarted: it does not copy the disk again, sends only what its journal
+//! had not delivered (counted at the process server), and every point, before and
+//! after the kill, fails over to exactly the disk as it was when the point was taken.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const SIZE: u64 = 16 << 20;
+
+fn ferry(args: &[&str]) -> String {
+    let out = Command::new(FERRY).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A child killed when dropped, so a failing test leaves no process behind (one
+/// holding the test's stderr would hang the run).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns ferry and returns it with the first line it prints.
+fn spawn(args: &[String]) -> (Killed, String) {
+    let mut child = Command::new(FERRY)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Killed(child), line)
+}
+
+fn bytes_in(metrics: &str) -> u64 {
+    let mut c = std::net::TcpStream::connect(metrics).unwrap();
+    write!(c, "GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ferry_bytes_in_total "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn status(sock: &Path) -> serde_json::Value {
+    let out = ferry(&[
+        "agent",
+        "ctl",
+        "--admin-socket",
+        &sock.display().to_string(),
+        "status",
+        "--json",
+    ]);
+    serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()[0].clone()
+}
+
+fn qemu_io(url: &str, rng: &mut impl Rng, n: usize) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", "-t", "writeback"]);
+    for _ in 0..n {
+        let len = rng.gen_range(1..=32) * 4096u64;
+        let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
+        c.args(["-c", &format!("write -P {} {off} {len}", rng.gen::<u8>())]);
+    }
+    let out = c.arg(url).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn wait_uploaded(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(sock);
+        if s["mode"] == "data"
+            && s["uploaded"].as_u64() >= s["next_seq"].as_u64()
+            && s["connected"] == true
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not uploaded: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
+    let seed: u64 = std::env::var("FERRY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("FERRY_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
+    ferry(&["keygen", "--out", &p("vault.key")]);
+    let store = format!("file://{}", p("store"));
+    let server_args: Vec<String> = [
+        "process-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        &p("cache"),
+        "--store",
+        &store,
+        "--key-file",
+        &p("vault.key"),
+        "--tls-cert",
+        &p("pki/server.pem"),
+        "--tls-key",
+        &p("pki/server.key"),
+        "--client-ca",
+        &p("pki/ca.pem"),
+        "--shards",
+        "2",
+        "--batch-ms",
+        "20",
+        "--cache-gib",
+        "0.5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (server, line) = spawn(&server_args);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let addr = words[4].to_string();
+    let metrics = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+
+    let disk = d.join("disk.img");
+    let mut content = vec![0u8; SIZE as usize];
+    rng.fill(&mut content[..4 << 20]);
+    std::fs::write(&disk, &content).unwrap();
+    let nbd_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sock = d.join("admin.sock");
+    let agent_args: Vec<String> = [
+        "agent",
+        "--process-server",
+        &addr,
+        "--machine",
+        "agent-0",
+        "--disk",
+        &format!("sda={}", disk.display()),
+        "--nbd-listen",
+        &format!("127.0.0.1:{nbd_port}"),
+        "--journal-dir",
+        &p("journal"),
+        "--tls-cert",
+        &p("pki/agent-0.pem"),
+        "--tls-key",
+        &p("pki/agent-0.key"),
+        "--ca",
+        &p("pki/ca.pem"),
+        "--crash-point-interval-s",
+        "0",
+        "--admin-socket",
+        &sock.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut agent, line) = spawn(&agent_args);
+    assert!(line.contains("serving NBD"), "{line}");
+    let url = format!("nbd://127.0.0.1:{nbd_port}/sda");
+
+    wait_uploaded(&sock);
+    let copied = bytes_in(&metrics);
+    assert!(
+        copied >= 4 << 20,
+        "the initial copy sent the disk's data: {copied}"
+    );
+    qemu_io(&url, &mut rng, 30);
+    let bm = |label: &str| {
+        let out = ferry(&[
+            "agent",
+            "ctl",
+            "--admin-socket",
+            &sock.display().to_string(),
+            "bookmark",
+            "--label",
+            label,
+        ]);
+        out.lines().last().unwrap().trim().to_string()
+    };
+    let id1 = bm("before");
+    let disk1 = std::fs::read(&disk).unwrap();
+    wait_uploaded(&sock);
+    let before_kill = bytes_in(&metrics);
+
+    // Writes, then SIGKILL while the journal may still hold some of them.
+    qemu_io(&url, &mut rng, 30);
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    drop(agent);
+    let (agent, line) = spawn(&agent_args);
+    assert!(line.contains("serving NBD"), "{line}");
+    let s = status(&sock);
+    assert_eq!(s["copy_total_bytes"], 0, "no second initial copy: {s}");
+    qemu_io(&url, &mut rng, 30);
+    let id2 = bm("after");
+    let disk2 = std::fs::read(&disk).unwrap();
+    wait_uploaded(&sock);
+    let after = bytes_in(&metrics);
+    // Two batches of at most 30 x 128 KiB, plus frame headers and the reconciled region.
+    let resent = after - before_kill;
+    eprintln!(
+        "initial copy {copied} bytes; after the kill {resent} bytes for two batches of writes"
+    );
+    assert!(
+        resent <= 2 * 30 * (128 << 10) + (1 << 20),
+        "resent {resent} bytes: more than the dirty part"
+    );
+
+    for (id, want) in [(&id1, &disk1), (&id2, &disk2)] {
+        let out = d.join(format!("out-{id}"));
+        ferry(&[
+            "failover",
+            "--store",
+            &store,
+            "--key-file",
+            &p("vault.key"),
+            "--machine",
+            "agent-0",
+            "--point",
+            id,
+            "--out",
+            &out.display().to_string(),
+        ]);
+        let got = std::fs::read(out.join("sda.raw")).unwrap();
+        assert!(
+            got == *want,
+            "point {id} does not rebuild the disk as it was"
+        );
+    }
+    drop(agent);
+    drop(server);
+}

@@ -196,3 +196,137 @@ fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
     }
     server.stop();
 }
+
+/// The journal overflows while the process server is down: writes go on (the agent
+/// tracks dirty regions), points are refused rather than emitted with a gap, and once
+/// the server is up the dirty regions are resynced and the next point rebuilds the
+/// disk exactly.
+#[test]
+fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
+    let seed: u64 = std::env::var("FERRY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("FERRY_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    generate_loopback(&pki, 1).unwrap();
+    let store_dir = d.join("store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let url = format!("file://{}", store_dir.display());
+    VaultKey::generate().save_new(&d.join("vault.key")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+    let agent = Agent::start(Options {
+        machine: "agent-0".into(),
+        disks: vec![DiskSpec {
+            name: "sda".into(),
+            path: disk.clone(),
+        }],
+        target: Target {
+            addr,
+            server_name: server_name("127.0.0.1").unwrap(),
+            tls: Arc::new(
+                client_config(
+                    &pki.join("agent-0.pem"),
+                    &pki.join("agent-0.key"),
+                    &pki.join("ca.pem"),
+                )
+                .unwrap(),
+            ),
+            timeout: Duration::from_secs(5),
+        },
+        nbd_listen: "127.0.0.1:0".parse().unwrap(),
+        journal_dir: d.join("journal"),
+        journal_bytes: 2 << 20,
+        crash_point_interval: None,
+        freeze_hook: None,
+        admin_socket: None,
+        initial_copy: false,
+    })
+    .unwrap();
+    let nbd = format!("nbd://{}/sda", agent.nbd_addr);
+    // About 6 MiB of writes against a 2 MiB journal, with nobody to drain it.
+    let cmds: Vec<String> = (0..60)
+        .map(|_| {
+            let len = rng.gen_range(16..=32) * 4096u64;
+            let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
+            format!("write -P {} {off} {len}", rng.gen::<u8>())
+        })
+        .collect();
+    qemu_io(&nbd, &cmds);
+    assert_eq!(agent.status()[0]["mode"], "bitmap", "{:?}", agent.status());
+    let e = agent.bookmark(false, None).unwrap_err();
+    assert!(e.contains("overflowed"), "{e}");
+
+    let mut so = ServerOptions::new(addr, d.join("cache"));
+    so.shards = 1;
+    so.cache_bytes = 256 << 20;
+    so.batch_delay = Duration::from_millis(20);
+    let server = start(
+        so,
+        server_config(
+            &pki.join("server.pem"),
+            &pki.join("server.key"),
+            &pki.join("ca.pem"),
+        )
+        .unwrap(),
+        Store::open(&url).unwrap(),
+        VaultKey::load(&d.join("vault.key")).unwrap(),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        match agent.bookmark(false, Some("after")) {
+            Ok(id) => break id,
+            Err(e) => {
+                assert!(e.contains("overflowed"), "{e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "never resynced: {:?}",
+                    agent.status()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let want = std::fs::read(&disk).unwrap();
+    while !agent.uploaded_all() {
+        assert!(
+            Instant::now() < deadline,
+            "not uploaded: {:?}",
+            agent.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.stop();
+    let store = Store::open(&url).unwrap();
+    let vault = VaultKey::load(&d.join("vault.key")).unwrap();
+    let replica = store
+        .block(Disk::open(&store, "agent-0", "sda", Some(&vault)))
+        .unwrap();
+    let state = store.block(replica.load_state()).unwrap();
+    assert_eq!(
+        state.points.len(),
+        1,
+        "no point was emitted while resyncing"
+    );
+    let p = &state.points[0];
+    assert_eq!(p.id, id);
+    let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
+    rebuild_point(&replica, &state, p, &sink, &|_| {}).unwrap();
+    assert!(
+        *sink.0.lock().unwrap() == want,
+        "the point after the overflow differs from the disk"
+    );
+    server.stop();
+}

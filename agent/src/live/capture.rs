@@ -19,13 +19,21 @@ use crate::nbd::{Device, FileDevice};
 
 pub struct Capture {
     pub disk: String,
+    dir: std::path::PathBuf,
     dev: FileDevice,
     state: Mutex<State>,
     /// Signalled whenever the journal grows.
     pub grew: Condvar,
 }
 
+/// Granularity of the dirty bitmap used after the journal overflows.
+pub const REGION_BYTES: u64 = 1 << 20;
+
 pub struct State {
+    /// The journal overflowed: writes only mark their regions here, and the resync
+    /// journals those regions again from the disk before any point is allowed.
+    pub dirty: std::collections::BTreeSet<u64>,
+    pub overflowed: bool,
     /// The newest write the journal held when opened: after a kill it may be
     /// journaled but not applied to the disk (see `reconcile`).
     pub last_write: Option<(u64, u64)>,
@@ -56,11 +64,11 @@ impl Capture {
         let dev = FileDevice::open(path)?;
         let (journal, rec) = CacheLog::open(
             journal_dir,
-            (journal_bytes / 8).clamp(1 << 20, 64 << 20),
+            (journal_bytes / 8).clamp(64 << 10, 64 << 20),
             journal_bytes,
         )
         .map_err(journal_err)?;
-        let mut next_seq = seq_floor;
+        let mut next_seq = seq_floor.max(read_seq(journal_dir));
         let mut first_seq = None;
         let mut last_write = None;
         for e in &rec.entries {
@@ -82,8 +90,11 @@ impl Capture {
         }
         Ok(Capture {
             disk: disk.to_string(),
+            dir: journal_dir.to_path_buf(),
             dev,
             state: Mutex::new(State {
+                dirty: std::collections::BTreeSet::new(),
+                overflowed: false,
                 next_seq,
                 journal,
                 last_point: None,
@@ -111,6 +122,67 @@ impl Capture {
         st.next_seq += 1;
         self.grew.notify_all();
         Ok(seq)
+    }
+
+    /// Journals a write, or once the journal is full, marks its regions dirty instead
+    /// (bitmap mode): the application's write never fails for want of journal.
+    fn capture(
+        &self,
+        st: &mut State,
+        offset: u64,
+        len: u64,
+        make: impl FnOnce(u64, &mut Vec<u8>),
+    ) -> io::Result<()> {
+        if !st.overflowed {
+            match self.journal(st, make) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.to_string().contains("cache full") => {
+                    tracing::warn!(disk = %self.disk, "journal full: tracking dirty regions until it drains, then resyncing them");
+                    st.overflowed = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let first = offset / REGION_BYTES;
+        let last = (offset + len.max(1) - 1) / REGION_BYTES;
+        st.dirty.extend(first..=last);
+        Ok(())
+    }
+
+    /// Bitmap mode: journals one dirty region again from the disk (zeroes as a Zero
+    /// frame: the replica may hold data there). Returns false when none is left, and
+    /// then the capture is back to journaling every write.
+    pub fn resync_one(&self, buf: &mut Vec<u8>) -> io::Result<bool> {
+        let mut st = self.state();
+        let Some(&region) = st.dirty.iter().next() else {
+            if st.overflowed {
+                st.overflowed = false;
+                tracing::info!(disk = %self.disk, "dirty regions resynced: journaling every write again");
+            }
+            return Ok(false);
+        };
+        let offset = region * REGION_BYTES;
+        let len = REGION_BYTES.min(self.dev.size() - offset);
+        buf.resize(len as usize, 0);
+        self.dev.read(offset, buf)?;
+        if ferry_replica::scan::is_zero(buf) {
+            self.journal(&mut st, |seq, out| {
+                encode(&Frame::Zero { seq, offset, len }, out)
+            })?;
+        } else {
+            self.journal(&mut st, |seq, out| {
+                encode(
+                    &Frame::Write {
+                        seq,
+                        offset,
+                        data: buf,
+                    },
+                    out,
+                )
+            })?;
+        }
+        st.dirty.remove(&region);
+        Ok(true)
     }
 
     /// Takes a recovery point now; returns its id.
@@ -215,12 +287,37 @@ impl Capture {
         self.state().journal.used_bytes()
     }
 
-    /// Drops journal files wholly before `upto` (acknowledged durable upstream).
+    /// Drops journal files wholly before `upto` (acknowledged durable upstream). A
+    /// journal drained empty keeps the next sequence number in `next_seq`, so a
+    /// restart continues the numbering the process server knows.
     pub fn trim(&self, upto: Position) {
-        if let Err(e) = self.state().journal.release_before(upto) {
+        let mut st = self.state();
+        if upto < st.journal.first_position() || st.journal.used_bytes() == 0 {
+            return;
+        }
+        if let Err(e) = st.journal.release_before(upto) {
             tracing::warn!(disk = %self.disk, error = %e, "could not trim the journal");
         }
+        if st.journal.used_bytes() == 0 {
+            if let Err(e) = write_seq(&self.dir, st.next_seq) {
+                tracing::warn!(disk = %self.disk, error = %e, "could not record the next sequence number");
+            }
+        }
     }
+}
+
+fn write_seq(dir: &Path, seq: u64) -> io::Result<()> {
+    let tmp = dir.join("next_seq.tmp");
+    std::fs::write(&tmp, seq.to_string())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join("next_seq"))
+}
+
+fn read_seq(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("next_seq"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn seq_of(f: &Frame<'_>) -> Option<u64> {
@@ -242,9 +339,8 @@ impl Device for Capture {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let mut st = self.state();
-        // Journal first: a full journal fails the write before the disk changes, so
-        // the disk and its replica never disagree about a write the application saw fail.
-        self.journal(&mut st, |seq, buf| {
+        // Journal first: the journal, not the disk, is what must never miss a write.
+        self.capture(&mut st, offset, data.len() as u64, |seq, buf| {
             encode(&Frame::Write { seq, offset, data }, buf)
         })?;
         self.dev.write(offset, data, false)?;
@@ -257,7 +353,7 @@ impl Device for Capture {
 
     fn zero(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let mut st = self.state();
-        self.journal(&mut st, |seq, buf| {
+        self.capture(&mut st, offset, len, |seq, buf| {
             encode(&Frame::Zero { seq, offset, len }, buf)
         })?;
         self.dev.zero(offset, len, false)?;

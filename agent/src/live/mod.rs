@@ -84,6 +84,11 @@ impl Agent {
                 tracing::info!(disk = %d.name, bytes = redone, "journaled the newest write's region again, as the disk holds it");
             }
             exports.add(&d.name, cap.clone());
+            let (c2, st2) = (cap.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("ferry-resync-{}", d.name))
+                .spawn(move || resync_loop(&c2, &st2))
+                .map_err(|e| e.to_string())?;
             let status = Arc::new(Mutex::new(SendStatus::default()));
             let sender = Sender {
                 capture: cap.clone(),
@@ -167,6 +172,12 @@ impl Agent {
         // A point during the initial copy would rebuild a half-copied disk: never
         // emit one that the replica cannot honour.
         for d in &self.disks {
+            if d.capture.state().overflowed {
+                return Err(format!(
+                    "disk {} overflowed its journal and is resyncing its dirty regions: no point until done",
+                    d.capture.disk
+                ));
+            }
             let (done, total) = *d.copy.lock().expect("copy lock");
             if done < total {
                 return Err(format!(
@@ -213,14 +224,15 @@ impl Agent {
             .iter()
             .map(|d| {
                 let s = d.status.lock().expect("status lock").clone();
-                let (next_seq, journal, last) = {
+                let (next_seq, journal, last, overflowed, dirty) = {
                     let st = d.capture.state();
-                    (st.next_seq, st.journal.used_bytes(), st.last_point.clone())
+                    (st.next_seq, st.journal.used_bytes(), st.last_point.clone(), st.overflowed, st.dirty.len())
                 };
                 let (done, total) = *d.copy.lock().expect("copy lock");
                 serde_json::json!({
                     "disk": d.capture.disk,
-                    "mode": if total > 0 && done < total { "initial-copy" } else { "data" },
+                    "mode": if overflowed { "bitmap" } else if total > 0 && done < total { "initial-copy" } else { "data" },
+                    "dirty_regions": dirty,
                     "journal_bytes": journal,
                     "next_seq": next_seq,
                     "durable": s.durable,
@@ -246,6 +258,22 @@ impl Agent {
 
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// After an overflow, journals the dirty regions again as the journal drains.
+fn resync_loop(cap: &Capture, stop: &AtomicBool) {
+    let mut buf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let busy = cap.state().overflowed;
+        if !busy || cap.journal_bytes() > cap.journal_max() / 2 {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        if let Err(e) = cap.resync_one(&mut buf) {
+            tracing::error!(disk = %cap.disk, error = %e, "resync of a dirty region failed");
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 }
 

@@ -441,6 +441,26 @@ impl CacheLog {
             fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
             freed += bytes;
         }
+        // Everything released, the current file included: start a fresh one, so a
+        // drained log holds nothing (a small log would otherwise stay full of its
+        // last, already released file).
+        let end = self.end_position();
+        if upto >= end && end.offset > 0 {
+            let (f, files) = Self::new_file(
+                &self.dir,
+                end.file + 1,
+                std::mem::take(&mut self.files),
+                false,
+            )?;
+            self.files = files;
+            self.dir_unsynced = true;
+            self.dirty = true;
+            drop(std::mem::replace(&mut self.current, f));
+            let (n, bytes) = self.files.remove(0);
+            let path = file_name(&self.dir, n);
+            fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+            freed += bytes;
+        }
         Ok(freed)
     }
 }

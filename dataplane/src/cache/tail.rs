@@ -40,7 +40,22 @@ impl Tailer {
         while self.pos < upto && taken < max_bytes {
             let path = file_name(&self.dir, self.pos.file);
             if self.open.as_ref().map(|(n, _)| *n) != Some(self.pos.file) {
-                let f = File::open(&path).map_err(|e| io_err("open", &path, e))?;
+                let f = match File::open(&path) {
+                    Ok(f) => f,
+                    // A file read to its end and then released as a whole (the log
+                    // rolls a drained current file): go on with the next one.
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound
+                            && self.pos.file < upto.file =>
+                    {
+                        self.pos = Position {
+                            file: self.pos.file + 1,
+                            offset: 0,
+                        };
+                        continue;
+                    }
+                    Err(e) => return Err(io_err("open", &path, e)),
+                };
                 self.open = Some((self.pos.file, f));
             }
             let (_, f) = self.open.as_ref().expect("opened above");

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The main job, on a fresh machine, with nothing but this repository and a Rust
-# toolchain: build ferry, seed a sample disk image holding a real ext4 file system into
+# toolchain: build ferry, then
+# 1. `ferry quickstart`: a process server and an agent on loopback with generated
+#    certificates and a local store; writes through the agent's NBD export, recovery
+#    points, failover to each, and a byte comparison with the disk at each point;
+# 2. offline seeding: seed a sample disk image holding a real ext4 file system into
 # a local blob store, change 5 % of its blocks, seed again (a checksum resync that sends
 # only the changed blocks), then fail over to both recovery points as raw and fixed-VHD
 # images and show that each rebuilt disk matches the image it was taken from.
@@ -18,6 +22,10 @@ ferry=$PWD/target/release/ferry
 store="file://$work/store"
 key=$work/vault.key
 image=$work/disk.img
+
+say "quickstart: process server + agent on loopback, writes through NBD, points, failover"
+rm -rf "$work/quickstart"
+"$ferry" quickstart --dir "$work/quickstart"
 
 say "a vault key and a 256 MiB sample disk"
 rm -rf "$work/store" "$key" "$work"/out-*

@@ -83,6 +83,13 @@ enum Command {
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
     ProcessServer(crate::server_cmd::ProcessServerArgs),
+    /// Everything on loopback with nothing else installed: a process server, an
+    /// agent, writes through NBD, recovery points, failover, and a byte comparison
+    Quickstart {
+        /// An empty or new directory for the run (default: a new one in the temp dir)
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Run the agent (mobility service): protect disks served over NBD, replicate
     /// every write to a process server; `ferry agent ctl` talks to a running one
     Agent(crate::agent_cmd::AgentArgs),
@@ -223,6 +230,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::ProcessServer(a) => crate::server_cmd::process_server(a)?,
+        Command::Quickstart { dir } => crate::quickstart::run(dir)?,
         Command::Agent(a) => crate::agent_cmd::agent(a)?,
         Command::Certs { out, agents } => crate::server_cmd::certs(&out, agents)?,
         Command::Compact {

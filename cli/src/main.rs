@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod commands;
 mod progress;
+mod quickstart;
 mod server_cmd;
 
 use std::process::ExitCode;

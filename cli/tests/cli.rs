@@ -460,3 +460,23 @@ fn a_killed_seed_loses_no_committed_point() {
     ]);
     assert!(std::fs::read(out.join("d.raw")).unwrap() == std::fs::read(&image).unwrap());
 }
+
+#[test]
+fn quickstart_runs_the_whole_path_and_checks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(&[
+        "quickstart",
+        "--dir",
+        &dir.path().join("qs").display().to_string(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("quickstart: OK, 3 points rebuilt byte-identical"),
+        "{text}"
+    );
+}

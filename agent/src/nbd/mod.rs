@@ -1,5 +1,6 @@
 //! The NBD export of protected disks: what applications' writes come through.
 
+pub mod client;
 pub mod device;
 pub mod server;
 pub mod wire;

@@ -107,6 +107,9 @@ fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
         freeze_hook: Some(format!("sh {}", hook.display())),
         admin_socket: Some(admin_path.clone()),
         initial_copy: true,
+        group: None,
+        group_listen: None,
+        group_peers: Vec::new(),
     })
     .unwrap();
     let nbd = format!("nbd://{}/sda", agent.nbd_addr);
@@ -252,6 +255,9 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
         freeze_hook: None,
         admin_socket: None,
         initial_copy: false,
+        group: None,
+        group_listen: None,
+        group_peers: Vec::new(),
     })
     .unwrap();
     let nbd = format!("nbd://{}/sda", agent.nbd_addr);
@@ -328,5 +334,155 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
         *sink.0.lock().unwrap() == want,
         "the point after the overflow differs from the disk"
     );
+    server.stop();
+}
+
+/// Two agents in a group: the coordinator cuts group points with the member, the
+/// failover of the group picks the newest point both hold, and each machine rebuilds
+/// exactly as its disk was at the cut. A member that never answers makes the cut
+/// skip, leaving no point at all.
+#[test]
+fn two_agents_in_a_group_fail_over_consistently() {
+    let seed: u64 = std::env::var("FERRY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("FERRY_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    generate_loopback(&pki, 2).unwrap();
+    let store_dir = d.join("store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let url = format!("file://{}", store_dir.display());
+    VaultKey::generate().save_new(&d.join("vault.key")).unwrap();
+    let mut so = ServerOptions::new("127.0.0.1:0".parse().unwrap(), d.join("cache"));
+    so.shards = 2;
+    so.cache_bytes = 256 << 20;
+    so.batch_delay = Duration::from_millis(20);
+    let server = start(
+        so,
+        server_config(
+            &pki.join("server.pem"),
+            &pki.join("server.key"),
+            &pki.join("ca.pem"),
+        )
+        .unwrap(),
+        Store::open(&url).unwrap(),
+        VaultKey::load(&d.join("vault.key")).unwrap(),
+    )
+    .unwrap();
+    let member_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let member_addr: std::net::SocketAddr = format!("127.0.0.1:{member_port}").parse().unwrap();
+    let make =
+        |i: usize, listen: Option<std::net::SocketAddr>, peers: Vec<std::net::SocketAddr>| {
+            let disk = d.join(format!("disk{i}.img"));
+            std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+            let agent = Agent::start(Options {
+                machine: format!("agent-{i}"),
+                disks: vec![DiskSpec {
+                    name: "sda".into(),
+                    path: disk.clone(),
+                }],
+                target: Target {
+                    addr: server.addr,
+                    server_name: server_name("127.0.0.1").unwrap(),
+                    tls: Arc::new(
+                        client_config(
+                            &pki.join(format!("agent-{i}.pem")),
+                            &pki.join(format!("agent-{i}.key")),
+                            &pki.join("ca.pem"),
+                        )
+                        .unwrap(),
+                    ),
+                    timeout: Duration::from_secs(5),
+                },
+                nbd_listen: "127.0.0.1:0".parse().unwrap(),
+                journal_dir: d.join(format!("journal{i}")),
+                journal_bytes: 64 << 20,
+                crash_point_interval: None,
+                freeze_hook: None,
+                admin_socket: None,
+                initial_copy: false,
+                group: Some("g1".into()),
+                group_listen: listen,
+                group_peers: peers,
+            })
+            .unwrap();
+            (agent, disk)
+        };
+    let (member, member_disk) = make(1, Some(member_addr), vec![]);
+    let (coord, coord_disk) = make(0, None, vec![member_addr]);
+    let mut want = BTreeMap::new();
+    let mut pauses = Vec::new();
+    for _ in 0..3 {
+        for a in [&coord, &member] {
+            let cmds: Vec<String> = (0..10)
+                .map(|_| {
+                    let len = rng.gen_range(1..=16) * 4096u64;
+                    let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
+                    format!("write -P {} {off} {len}", rng.gen::<u8>())
+                })
+                .collect();
+            qemu_io(&format!("nbd://{}/sda", a.nbd_addr), &cmds);
+        }
+        let (id, pause) = coord.group_point().unwrap();
+        pauses.push(pause);
+        want.insert(
+            id,
+            (
+                std::fs::read(&coord_disk).unwrap(),
+                std::fs::read(&member_disk).unwrap(),
+            ),
+        );
+    }
+    eprintln!("group cut pauses: {pauses:?}");
+
+    // A member that never answers: the cut is skipped, no point is journaled.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let before = coord.status()[0]["last_point"].clone();
+    let mut c = ferry_agent::live::group::Coordinator::new("g1".into(), vec![silent_addr]);
+    let e = c.cut(&coord).unwrap_err();
+    assert!(e.contains("skipped"), "{e}");
+    assert_eq!(
+        coord.status()[0]["last_point"],
+        before,
+        "no point from a skipped cut"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(coord.uploaded_all() && member.uploaded_all()) {
+        assert!(Instant::now() < deadline, "not uploaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    coord.stop();
+    member.stop();
+    let store = Store::open(&url).unwrap();
+    let vault = VaultKey::load(&d.join("vault.key")).unwrap();
+    let (machines, id) = ferry_controlplane::group::latest_group_point(&store, "g1").unwrap();
+    assert_eq!(machines, vec!["agent-0".to_string(), "agent-1".to_string()]);
+    assert_eq!(&id, want.keys().max_by_key(|k| k.to_string()).unwrap());
+    for (i, m) in machines.iter().enumerate() {
+        let replica = store
+            .block(Disk::open(&store, m, "sda", Some(&vault)))
+            .unwrap();
+        let state = store.block(replica.load_state()).unwrap();
+        for (pid, (c0, c1)) in &want {
+            let p = state
+                .point(pid)
+                .expect("every member holds every group point");
+            assert_eq!(p.kind, ferry_replica::PointKind::Group);
+            let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
+            rebuild_point(&replica, &state, p, &sink, &|_| {}).unwrap();
+            let expect = if i == 0 { c0 } else { c1 };
+            assert!(*sink.0.lock().unwrap() == *expect, "{m} at {pid} differs");
+        }
+    }
     server.stop();
 }

@@ -82,6 +82,15 @@ struct RunArgs {
     /// Skip the initial full copy (the replica already holds the disk)
     #[arg(long)]
     no_initial_copy: bool,
+    /// Replication group for multi-machine consistent points
+    #[arg(long)]
+    group: Option<String>,
+    /// Where this member listens for the group coordinator (port 20004 by convention)
+    #[arg(long, value_name = "ADDR", requires = "group")]
+    group_listen: Option<SocketAddr>,
+    /// A member's address: given, this agent coordinates the group's cuts
+    #[arg(long = "group-peer", value_name = "ADDR", requires = "group")]
+    group_peers: Vec<SocketAddr>,
 }
 
 pub fn agent(a: AgentArgs) -> Result<()> {
@@ -157,6 +166,9 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         freeze_hook: r.freeze_hook,
         admin_socket: r.admin_socket,
         initial_copy: !r.no_initial_copy,
+        group: r.group,
+        group_listen: r.group_listen,
+        group_peers: r.group_peers,
     })
     .map_err(|e| anyhow!(e))?;
     println!("agent for {} serving NBD on {}", r.machine, agent.nbd_addr);

@@ -69,9 +69,14 @@ enum Command {
         store: StoreArgs,
         #[arg(long, value_name = "FILE")]
         key_file: PathBuf,
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        machine: Option<String>,
+        /// Every machine of a replication group, each into OUT/{machine}, at the newest
+        /// group point all of them hold (`--point latest-group`)
         #[arg(long)]
-        machine: String,
-        /// latest, latest-app, a point id, or an RFC 3339 time (the newest point at or before it)
+        group: Option<String>,
+        /// latest, latest-app, latest-group (with --group), a point id, or an RFC 3339
+        /// time (the newest point at or before it)
         #[arg(long, default_value = "latest")]
         point: PointSpec,
         /// raw, or vhd (fixed VHD, as Azure takes for a managed disk)
@@ -195,38 +200,65 @@ pub fn run(cli: Cli) -> Result<()> {
             store,
             key_file,
             machine,
+            group,
             point,
             format,
             out,
         } => {
             let vault = key(&key_file)?;
             let store = Store::open(&store.store)?;
-            let plan = failover::plan(&store, &vault, &machine, &point)?;
-            if let Some(note) = &plan.note {
-                eprintln!("note: {note}");
-            }
-            let pb = bar(plan.stored_bytes(), "failover");
-            let done = failover::run(plan, format, &out, &|n| pb.inc(n))?;
-            pb.finish_and_clear();
-            for d in done {
-                let padded = ferry_dataplane::export::Output::vhd_data_bytes(d.point.disk_bytes);
-                if format == Format::Vhd && padded != d.point.disk_bytes {
-                    eprintln!(
+            let targets: Vec<(String, PointSpec, PathBuf)> = match (machine, group) {
+                (Some(m), _) => {
+                    if point == PointSpec::Id("latest-group".into()) {
+                        bail!("--point latest-group needs --group");
+                    }
+                    vec![(m, point, out)]
+                }
+                (None, Some(g)) => {
+                    if !matches!(&point, PointSpec::Id(id) if id == "latest-group") {
+                        bail!("with --group, --point must be latest-group");
+                    }
+                    let (members, id) = ferry_controlplane::group::latest_group_point(&store, &g)?;
+                    eprintln!("group {g}: machines {} at point {id}", members.join(", "));
+                    members
+                        .into_iter()
+                        .map(|m| {
+                            let dir = out.join(&m);
+                            (m, PointSpec::Id(id.clone()), dir)
+                        })
+                        .collect()
+                }
+                (None, None) => bail!("--machine or --group is required"),
+            };
+            for (machine, point, out) in targets {
+                let plan = failover::plan(&store, &vault, &machine, &point)?;
+                if let Some(note) = &plan.note {
+                    eprintln!("note: {note}");
+                }
+                let pb = bar(plan.stored_bytes(), "failover");
+                let done = failover::run(plan, format, &out, &|n| pb.inc(n))?;
+                pb.finish_and_clear();
+                for d in done {
+                    let padded =
+                        ferry_dataplane::export::Output::vhd_data_bytes(d.point.disk_bytes);
+                    if format == Format::Vhd && padded != d.point.disk_bytes {
+                        eprintln!(
                         "note: {} is padded with zeroes from {} to {padded} bytes: Azure takes only whole MiB",
                         d.path.display(),
                         d.point.disk_bytes
                     );
+                    }
+                    println!(
+                        "{} {} at point {} ({}, {} bytes)",
+                        d.path.display(),
+                        d.disk,
+                        d.point.id,
+                        d.point
+                            .time
+                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        d.point.disk_bytes
+                    );
                 }
-                println!(
-                    "{} {} at point {} ({}, {} bytes)",
-                    d.path.display(),
-                    d.disk,
-                    d.point.id,
-                    d.point
-                        .time
-                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    d.point.disk_bytes
-                );
             }
         }
         Command::ProcessServer(a) => crate::server_cmd::process_server(a)?,

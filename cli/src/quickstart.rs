@@ -107,6 +107,9 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         freeze_hook: None,
         admin_socket: None,
         initial_copy: true,
+        group: None,
+        group_listen: None,
+        group_peers: Vec::new(),
     })
     .map_err(|e| anyhow!(e))?;
     println!(

@@ -4,5 +4,6 @@
 //! `retention` (compaction by age). The HTTP configuration server grows around these.
 
 pub mod failover;
+pub mod group;
 pub mod points;
 pub mod retention;

@@ -194,7 +194,6 @@ impl Capture {
         id: Option<&str>,
     ) -> io::Result<String> {
         let mut st = self.state();
-        let time_ms = chrono::Utc::now().timestamp_millis();
         let id = id.map_or_else(
             || {
                 format!(
@@ -205,21 +204,36 @@ impl Capture {
             },
             str::to_string,
         );
-        let seq = self.journal(&mut st, |seq, buf| {
+        self.bookmark_locked(&mut st, kind, label, group, &id)?;
+        Ok(id)
+    }
+
+    /// Journals a point while the caller holds the capture lock (a group cut holds
+    /// every disk's lock across the two phases).
+    pub fn bookmark_locked(
+        &self,
+        st: &mut State,
+        kind: PointKindWire,
+        label: &str,
+        group: &str,
+        id: &str,
+    ) -> io::Result<()> {
+        let time_ms = chrono::Utc::now().timestamp_millis();
+        let seq = self.journal(st, |seq, buf| {
             encode(
                 &Frame::Bookmark(Bookmark {
                     seq,
                     kind,
                     time_ms,
-                    id: &id,
+                    id,
                     group,
                     label,
                 }),
                 buf,
             )
         })?;
-        st.last_point = Some((id.clone(), seq));
-        Ok(id)
+        st.last_point = Some((id.to_string(), seq));
+        Ok(())
     }
 
     /// Copies `len` bytes at `offset` from the disk into the journal as one write

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod group;
 pub mod sender;
 
 use std::net::SocketAddr;
@@ -37,6 +38,11 @@ pub struct Options {
     pub admin_socket: Option<PathBuf>,
     /// Copy every disk in full into the journal at start (the first replication).
     pub initial_copy: bool,
+    /// Replication group: members listen for the coordinator's cuts; the agent
+    /// given peers coordinates and cuts a group point every crash-point interval.
+    pub group: Option<String>,
+    pub group_listen: Option<SocketAddr>,
+    pub group_peers: Vec<SocketAddr>,
 }
 
 struct Disk {
@@ -52,6 +58,9 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     /// Serialises points, so one id covers every disk.
     points: Mutex<()>,
+    coordinator: Option<Mutex<group::Coordinator>>,
+    /// Longest and last pause of writes for a group cut.
+    pauses: Mutex<(Duration, Duration)>,
 }
 
 fn hook(cmd: &str, phase: &str) -> Result<(), String> {
@@ -123,7 +132,24 @@ impl Agent {
             nbd_addr,
             stop: stop.clone(),
             points: Mutex::new(()),
+            coordinator: match (&o.group, o.group_peers.is_empty()) {
+                (Some(g), false) => Some(Mutex::new(group::Coordinator::new(
+                    g.clone(),
+                    o.group_peers.clone(),
+                ))),
+                _ => None,
+            },
+            pauses: Mutex::new((Duration::ZERO, Duration::ZERO)),
         });
+        if let (Some(g), Some(addr)) = (&o.group, o.group_listen) {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("group listen on {addr}: {e}"))?;
+            let (a, g) = (agent.clone(), g.clone());
+            std::thread::Builder::new()
+                .name("ferry-group-accept".into())
+                .spawn(move || group::serve(l, a, g))
+                .map_err(|e| e.to_string())?;
+        }
         if o.initial_copy {
             for d in &agent.disks {
                 // Once copied into the journal, a disk is never copied again: its
@@ -156,6 +182,16 @@ impl Agent {
                         if let Err(e) = a.point(PointKindWire::Crash, None) {
                             tracing::warn!(error = %e, "crash-consistent point skipped");
                         }
+                        if a.coordinator.is_some() {
+                            match a.group_point() {
+                                Ok((id, pause)) => tracing::info!(
+                                    id,
+                                    pause_us = pause.as_micros() as u64,
+                                    "group point"
+                                ),
+                                Err(e) => tracing::warn!(error = %e, "group point skipped"),
+                            }
+                        }
                     }
                 })
                 .map_err(|e| e.to_string())?;
@@ -167,10 +203,8 @@ impl Agent {
         Ok(agent)
     }
 
-    fn point(&self, kind: PointKindWire, label: Option<&str>) -> Result<String, String> {
-        let _one = self.points.lock().expect("points lock");
-        // A point during the initial copy would rebuild a half-copied disk: never
-        // emit one that the replica cannot honour.
+    /// Whether a point now would rebuild: not during the initial copy or a resync.
+    pub fn can_point(&self) -> Result<(), String> {
         for d in &self.disks {
             if d.capture.state().overflowed {
                 return Err(format!(
@@ -187,6 +221,36 @@ impl Agent {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Cuts a group point with every member (this agent must be the coordinator);
+    /// returns its id and the longest time any member held writes.
+    pub fn group_point(&self) -> Result<(String, Duration), String> {
+        let c = self
+            .coordinator
+            .as_ref()
+            .ok_or("this agent does not coordinate a group (no --group-peer)")?;
+        let _one = self.points.lock().expect("points lock");
+        c.lock().expect("coordinator lock").cut(self)
+    }
+
+    fn record_pause(&self, d: Duration) {
+        let mut p = self.pauses.lock().expect("pauses lock");
+        p.0 = p.0.max(d);
+        p.1 = d;
+    }
+
+    /// (longest, last) pause of writes for a group cut on this agent.
+    pub fn pauses(&self) -> (Duration, Duration) {
+        *self.pauses.lock().expect("pauses lock")
+    }
+
+    fn point(&self, kind: PointKindWire, label: Option<&str>) -> Result<String, String> {
+        let _one = self.points.lock().expect("points lock");
+        // A point during the initial copy or a resync would not rebuild the disk:
+        // never emit one the replica cannot honour.
+        self.can_point()?;
         let id = format!(
             "{}-{:08x}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),

@@ -50,7 +50,10 @@ fn spawn(args: &[String]) -> (Killed, String) {
     (Killed(child), line)
 }
 
+/// The server's received-bytes counter. Shards publish their counters every 250 ms:
+/// wait past that first.
 fn bytes_in(metrics: &str) -> u64 {
+    std::thread::sleep(Duration::from_millis(600));
     let mut c = std::net::TcpStream::connect(metrics).unwrap();
     write!(c, "GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
     let mut text = String::new();

@@ -35,83 +35,138 @@ fn qemu_io(url: &str, cmds: &[String]) {
     );
 }
 
-#[test]
-fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
+/// A loopback site: certificates for `agents` agents, a vault key, an empty store.
+struct Site {
+    dir: tempfile::TempDir,
+    url: String,
+    rng: rand::rngs::StdRng,
+}
+
+fn site(agents: usize) -> Site {
     let seed: u64 = std::env::var("FERRY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     eprintln!("FERRY_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let pki = d.join("pki");
-    generate_loopback(&pki, 1).unwrap();
-    let store_dir = d.join("store");
+    generate_loopback(&dir.path().join("pki"), agents).unwrap();
+    let store_dir = dir.path().join("store");
     std::fs::create_dir_all(&store_dir).unwrap();
-    let url = format!("file://{}", store_dir.display());
-    VaultKey::generate().save_new(&d.join("vault.key")).unwrap();
-    let mut so = ServerOptions::new("127.0.0.1:0".parse().unwrap(), d.join("cache"));
-    so.shards = 2;
-    so.cache_bytes = 512 << 20;
-    so.batch_delay = Duration::from_millis(20);
-    let server = start(
-        so,
-        server_config(
-            &pki.join("server.pem"),
-            &pki.join("server.key"),
-            &pki.join("ca.pem"),
-        )
-        .unwrap(),
-        Store::open(&url).unwrap(),
-        VaultKey::load(&d.join("vault.key")).unwrap(),
-    )
-    .unwrap();
+    VaultKey::generate()
+        .save_new(&dir.path().join("vault.key"))
+        .unwrap();
+    Site {
+        url: format!("file://{}", store_dir.display()),
+        dir,
+        rng: rand::rngs::StdRng::seed_from_u64(seed),
+    }
+}
 
+impl Site {
+    fn path(&self, p: &str) -> std::path::PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn vault(&self) -> VaultKey {
+        VaultKey::load(&self.path("vault.key")).unwrap()
+    }
+
+    fn server(&self, listen: std::net::SocketAddr) -> ferry_dataplane::server::Running {
+        let mut so = ServerOptions::new(listen, self.path("cache"));
+        so.shards = 2;
+        so.cache_bytes = 256 << 20;
+        so.batch_delay = Duration::from_millis(20);
+        let pki = self.path("pki");
+        start(
+            so,
+            server_config(
+                &pki.join("server.pem"),
+                &pki.join("server.key"),
+                &pki.join("ca.pem"),
+            )
+            .unwrap(),
+            Store::open(&self.url).unwrap(),
+            self.vault(),
+        )
+        .unwrap()
+    }
+
+    /// Agent `i` (machine agent-i) protecting `disk` as sda; nothing optional on.
+    fn options(&self, i: usize, disk: &std::path::Path, server: std::net::SocketAddr) -> Options {
+        let pki = self.path("pki");
+        Options {
+            machine: format!("agent-{i}"),
+            disks: vec![DiskSpec {
+                name: "sda".into(),
+                path: disk.to_path_buf(),
+            }],
+            target: Target {
+                addr: server,
+                server_name: server_name("127.0.0.1").unwrap(),
+                tls: Arc::new(
+                    client_config(
+                        &pki.join(format!("agent-{i}.pem")),
+                        &pki.join(format!("agent-{i}.key")),
+                        &pki.join("ca.pem"),
+                    )
+                    .unwrap(),
+                ),
+                timeout: Duration::from_secs(5),
+            },
+            nbd_listen: "127.0.0.1:0".parse().unwrap(),
+            journal_dir: self.path(&format!("journal{i}")),
+            journal_bytes: 64 << 20,
+            crash_point_interval: None,
+            freeze_hook: None,
+            admin_socket: None,
+            initial_copy: false,
+            group: None,
+            group_listen: None,
+            group_peers: Vec::new(),
+        }
+    }
+
+    /// The replica of machine's sda and its state.
+    fn replica(&self, machine: &str) -> (Store, Disk, ferry_replica::DiskState) {
+        let store = Store::open(&self.url).unwrap();
+        let disk = store
+            .block(Disk::open(&store, machine, "sda", Some(&self.vault())))
+            .unwrap();
+        let state = store.block(disk.load_state()).unwrap();
+        (store, disk, state)
+    }
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let server = w.server("127.0.0.1:0".parse().unwrap());
     // A disk with content before protection starts.
-    let disk = d.join("disk.img");
+    let disk = w.path("disk.img");
     let mut content = vec![0u8; SIZE as usize];
     rng.fill(&mut content[..4 << 20]);
     std::fs::write(&disk, &content).unwrap();
-    let hook_log = d.join("hook.log");
-    let hook = d.join("hook.sh");
+    let hook_log = w.path("hook.log");
+    let hook = w.path("hook.sh");
     std::fs::write(
         &hook,
         format!("#!/bin/sh\necho \"$1\" >> {}\n", hook_log.display()),
     )
     .unwrap();
-    let admin_path = d.join("admin.sock");
-    let agent = Agent::start(Options {
-        machine: "agent-0".into(),
-        disks: vec![DiskSpec {
-            name: "sda".into(),
-            path: disk.clone(),
-        }],
-        target: Target {
-            addr: server.addr,
-            server_name: server_name("127.0.0.1").unwrap(),
-            tls: Arc::new(
-                client_config(
-                    &pki.join("agent-0.pem"),
-                    &pki.join("agent-0.key"),
-                    &pki.join("ca.pem"),
-                )
-                .unwrap(),
-            ),
-            timeout: Duration::from_secs(5),
-        },
-        nbd_listen: "127.0.0.1:0".parse().unwrap(),
-        journal_dir: d.join("journal"),
-        journal_bytes: 64 << 20,
-        crash_point_interval: None,
-        freeze_hook: Some(format!("sh {}", hook.display())),
-        admin_socket: Some(admin_path.clone()),
-        initial_copy: true,
-        group: None,
-        group_listen: None,
-        group_peers: Vec::new(),
-    })
-    .unwrap();
+    let admin_path = w.path("admin.sock");
+    let mut o = w.options(0, &disk, server.addr);
+    o.freeze_hook = Some(format!("sh {}", hook.display()));
+    o.admin_socket = Some(admin_path.clone());
+    o.initial_copy = true;
+    let agent = Agent::start(o).unwrap();
     let nbd = format!("nbd://{}/sda", agent.nbd_addr);
     // No point until the initial copy is complete: it would not rebuild the disk.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -176,12 +231,7 @@ fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
     }
     agent.stop();
 
-    let store = Store::open(&url).unwrap();
-    let vault = VaultKey::load(&d.join("vault.key")).unwrap();
-    let replica = store
-        .block(Disk::open(&store, "agent-0", "sda", Some(&vault)))
-        .unwrap();
-    let state = store.block(replica.load_state()).unwrap();
+    let (_store, replica, state) = w.replica("agent-0");
     let expected = expected.into_inner().unwrap();
     assert_eq!(state.points.len(), expected.len());
     for p in &state.points {
@@ -206,60 +256,14 @@ fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
 /// disk exactly.
 #[test]
 fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
-    let seed: u64 = std::env::var("FERRY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("FERRY_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let pki = d.join("pki");
-    generate_loopback(&pki, 1).unwrap();
-    let store_dir = d.join("store");
-    std::fs::create_dir_all(&store_dir).unwrap();
-    let url = format!("file://{}", store_dir.display());
-    VaultKey::generate().save_new(&d.join("vault.key")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-
-    let disk = d.join("disk.img");
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let addr = free_addr();
+    let disk = w.path("disk.img");
     std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
-    let agent = Agent::start(Options {
-        machine: "agent-0".into(),
-        disks: vec![DiskSpec {
-            name: "sda".into(),
-            path: disk.clone(),
-        }],
-        target: Target {
-            addr,
-            server_name: server_name("127.0.0.1").unwrap(),
-            tls: Arc::new(
-                client_config(
-                    &pki.join("agent-0.pem"),
-                    &pki.join("agent-0.key"),
-                    &pki.join("ca.pem"),
-                )
-                .unwrap(),
-            ),
-            timeout: Duration::from_secs(5),
-        },
-        nbd_listen: "127.0.0.1:0".parse().unwrap(),
-        journal_dir: d.join("journal"),
-        journal_bytes: 2 << 20,
-        crash_point_interval: None,
-        freeze_hook: None,
-        admin_socket: None,
-        initial_copy: false,
-        group: None,
-        group_listen: None,
-        group_peers: Vec::new(),
-    })
-    .unwrap();
+    let mut o = w.options(0, &disk, addr);
+    o.journal_bytes = 2 << 20;
+    let agent = Agent::start(o).unwrap();
     let nbd = format!("nbd://{}/sda", agent.nbd_addr);
     // About 6 MiB of writes against a 2 MiB journal, with nobody to drain it.
     let cmds: Vec<String> = (0..60)
@@ -274,22 +278,7 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
     let e = agent.bookmark(false, None).unwrap_err();
     assert!(e.contains("overflowed"), "{e}");
 
-    let mut so = ServerOptions::new(addr, d.join("cache"));
-    so.shards = 1;
-    so.cache_bytes = 256 << 20;
-    so.batch_delay = Duration::from_millis(20);
-    let server = start(
-        so,
-        server_config(
-            &pki.join("server.pem"),
-            &pki.join("server.key"),
-            &pki.join("ca.pem"),
-        )
-        .unwrap(),
-        Store::open(&url).unwrap(),
-        VaultKey::load(&d.join("vault.key")).unwrap(),
-    )
-    .unwrap();
+    let server = w.server(addr);
     let deadline = Instant::now() + Duration::from_secs(60);
     let id = loop {
         match agent.bookmark(false, Some("after")) {
@@ -315,12 +304,7 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
         std::thread::sleep(Duration::from_millis(50));
     }
     agent.stop();
-    let store = Store::open(&url).unwrap();
-    let vault = VaultKey::load(&d.join("vault.key")).unwrap();
-    let replica = store
-        .block(Disk::open(&store, "agent-0", "sda", Some(&vault)))
-        .unwrap();
-    let state = store.block(replica.load_state()).unwrap();
+    let (_store, replica, state) = w.replica("agent-0");
     assert_eq!(
         state.points.len(),
         1,
@@ -343,78 +327,19 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
 /// skip, leaving no point at all.
 #[test]
 fn two_agents_in_a_group_fail_over_consistently() {
-    let seed: u64 = std::env::var("FERRY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("FERRY_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let pki = d.join("pki");
-    generate_loopback(&pki, 2).unwrap();
-    let store_dir = d.join("store");
-    std::fs::create_dir_all(&store_dir).unwrap();
-    let url = format!("file://{}", store_dir.display());
-    VaultKey::generate().save_new(&d.join("vault.key")).unwrap();
-    let mut so = ServerOptions::new("127.0.0.1:0".parse().unwrap(), d.join("cache"));
-    so.shards = 2;
-    so.cache_bytes = 256 << 20;
-    so.batch_delay = Duration::from_millis(20);
-    let server = start(
-        so,
-        server_config(
-            &pki.join("server.pem"),
-            &pki.join("server.key"),
-            &pki.join("ca.pem"),
-        )
-        .unwrap(),
-        Store::open(&url).unwrap(),
-        VaultKey::load(&d.join("vault.key")).unwrap(),
-    )
-    .unwrap();
-    let member_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let member_addr: std::net::SocketAddr = format!("127.0.0.1:{member_port}").parse().unwrap();
+    let w = site(2);
+    let mut rng = w.rng.clone();
+    let server = w.server("127.0.0.1:0".parse().unwrap());
+    let member_addr = free_addr();
     let make =
         |i: usize, listen: Option<std::net::SocketAddr>, peers: Vec<std::net::SocketAddr>| {
-            let disk = d.join(format!("disk{i}.img"));
+            let disk = w.path(&format!("disk{i}.img"));
             std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
-            let agent = Agent::start(Options {
-                machine: format!("agent-{i}"),
-                disks: vec![DiskSpec {
-                    name: "sda".into(),
-                    path: disk.clone(),
-                }],
-                target: Target {
-                    addr: server.addr,
-                    server_name: server_name("127.0.0.1").unwrap(),
-                    tls: Arc::new(
-                        client_config(
-                            &pki.join(format!("agent-{i}.pem")),
-                            &pki.join(format!("agent-{i}.key")),
-                            &pki.join("ca.pem"),
-                        )
-                        .unwrap(),
-                    ),
-                    timeout: Duration::from_secs(5),
-                },
-                nbd_listen: "127.0.0.1:0".parse().unwrap(),
-                journal_dir: d.join(format!("journal{i}")),
-                journal_bytes: 64 << 20,
-                crash_point_interval: None,
-                freeze_hook: None,
-                admin_socket: None,
-                initial_copy: false,
-                group: Some("g1".into()),
-                group_listen: listen,
-                group_peers: peers,
-            })
-            .unwrap();
-            (agent, disk)
+            let mut o = w.options(i, &disk, server.addr);
+            o.group = Some("g1".into());
+            o.group_listen = listen;
+            o.group_peers = peers;
+            (Agent::start(o).unwrap(), disk)
         };
     let (member, member_disk) = make(1, Some(member_addr), vec![]);
     let (coord, coord_disk) = make(0, None, vec![member_addr]);
@@ -463,16 +388,12 @@ fn two_agents_in_a_group_fail_over_consistently() {
     }
     coord.stop();
     member.stop();
-    let store = Store::open(&url).unwrap();
-    let vault = VaultKey::load(&d.join("vault.key")).unwrap();
+    let store = Store::open(&w.url).unwrap();
     let (machines, id) = ferry_controlplane::group::latest_group_point(&store, "g1").unwrap();
     assert_eq!(machines, vec!["agent-0".to_string(), "agent-1".to_string()]);
     assert_eq!(&id, want.keys().max_by_key(|k| k.to_string()).unwrap());
     for (i, m) in machines.iter().enumerate() {
-        let replica = store
-            .block(Disk::open(&store, m, "sda", Some(&vault)))
-            .unwrap();
-        let state = store.block(replica.load_state()).unwrap();
+        let (_, replica, state) = w.replica(m);
         for (pid, (c0, c1)) in &want {
             let p = state
                 .point(pid)

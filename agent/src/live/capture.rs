@@ -163,24 +163,7 @@ impl Capture {
         };
         let offset = region * REGION_BYTES;
         let len = REGION_BYTES.min(self.dev.size() - offset);
-        buf.resize(len as usize, 0);
-        self.dev.read(offset, buf)?;
-        if ferry_replica::scan::is_zero(buf) {
-            self.journal(&mut st, |seq, out| {
-                encode(&Frame::Zero { seq, offset, len }, out)
-            })?;
-        } else {
-            self.journal(&mut st, |seq, out| {
-                encode(
-                    &Frame::Write {
-                        seq,
-                        offset,
-                        data: buf,
-                    },
-                    out,
-                )
-            })?;
-        }
+        self.journal_from_disk(&mut st, offset, len, buf, true)?;
         st.dirty.remove(&region);
         Ok(true)
     }
@@ -240,12 +223,30 @@ impl Capture {
     /// (skipped when all zero: a fresh replica reads zero there already).
     pub fn copy_region(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<bool> {
         let mut st = self.state();
-        buf.resize(len, 0);
+        self.journal_from_disk(&mut st, offset, len as u64, buf, false)
+    }
+
+    /// Reads a region from the disk and journals it as it is: a Write, or for an
+    /// all-zero region a Zero frame (`zeroes`) or nothing. Returns whether it journaled.
+    fn journal_from_disk(
+        &self,
+        st: &mut State,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+        zeroes: bool,
+    ) -> io::Result<bool> {
+        buf.resize(len as usize, 0);
         self.dev.read(offset, buf)?;
         if ferry_replica::scan::is_zero(buf) {
-            return Ok(false);
+            if zeroes {
+                self.journal(st, |seq, out| {
+                    encode(&Frame::Zero { seq, offset, len }, out)
+                })?;
+            }
+            return Ok(zeroes);
         }
-        self.journal(&mut st, |seq, out| {
+        self.journal(st, |seq, out| {
             encode(
                 &Frame::Write {
                     seq,
@@ -275,24 +276,7 @@ impl Capture {
             return Ok(0);
         };
         let mut st = self.state();
-        let mut buf = vec![0u8; len as usize];
-        self.dev.read(offset, &mut buf)?;
-        if ferry_replica::scan::is_zero(&buf) {
-            self.journal(&mut st, |seq, out| {
-                encode(&Frame::Zero { seq, offset, len }, out)
-            })?;
-        } else {
-            self.journal(&mut st, |seq, out| {
-                encode(
-                    &Frame::Write {
-                        seq,
-                        offset,
-                        data: &buf,
-                    },
-                    out,
-                )
-            })?;
-        }
+        self.journal_from_disk(&mut st, offset, len, &mut Vec::new(), true)?;
         Ok(len)
     }
 

@@ -233,6 +233,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
         out.lines().last().unwrap().trim().to_string()
     };
     let id1 = bm("before");
+    eprintln!("point before the agent's kill: {id1}");
     let disk1 = std::fs::read(&disk).unwrap();
     wait_uploaded(&sock);
     let before_kill = bytes_in(&metrics);
@@ -248,6 +249,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     assert_eq!(s["copy_total_bytes"], 0, "no second initial copy: {s}");
     qemu_io(&url, &mut rng, 30);
     let id2 = bm("after");
+    eprintln!("point after the agent's restart: {id2}");
     let disk2 = std::fs::read(&disk).unwrap();
     wait_uploaded(&sock);
     let after = bytes_in(&metrics);
@@ -269,6 +271,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     let (server, line) = spawn(&server_args);
     assert!(line.contains("listening"), "{line}");
     let id3 = bm("server-restarted");
+    eprintln!("point after the server's restart: {id3}");
     let disk3 = std::fs::read(&disk).unwrap();
     wait_uploaded(&sock);
 
@@ -288,9 +291,11 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
             &out.display().to_string(),
         ]);
         let got = std::fs::read(out.join("sda.raw")).unwrap();
+        let first = got.iter().zip(want.iter()).position(|(a, b)| a != b);
         assert!(
             got == *want,
-            "point {id} does not rebuild the disk as it was"
+            "point {id} does not rebuild the disk as it was: first difference at {first:?} of {}",
+            want.len()
         );
     }
     drop(agent);

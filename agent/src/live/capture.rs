@@ -293,13 +293,20 @@ impl Capture {
         if upto < st.journal.first_position() || st.journal.used_bytes() == 0 {
             return;
         }
+        // Record the next sequence number before deleting anything: a kill between the
+        // two must never leave a journal that lacks frames and a stale number, or a
+        // restarted agent would reuse numbers the process server already holds.
+        let end = st.journal.end_position();
+        let deletes =
+            upto.file > st.journal.first_position().file || (upto >= end && end.offset > 0);
+        if deletes {
+            if let Err(e) = write_seq(&self.dir, st.next_seq) {
+                tracing::warn!(disk = %self.disk, error = %e, "could not record the next sequence number; keeping the journal");
+                return;
+            }
+        }
         if let Err(e) = st.journal.release_before(upto) {
             tracing::warn!(disk = %self.disk, error = %e, "could not trim the journal");
-        }
-        if st.journal.used_bytes() == 0 {
-            if let Err(e) = write_seq(&self.dir, st.next_seq) {
-                tracing::warn!(disk = %self.disk, error = %e, "could not record the next sequence number");
-            }
         }
     }
 }

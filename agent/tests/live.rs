@@ -407,3 +407,68 @@ fn two_agents_in_a_group_fail_over_consistently() {
     }
     server.stop();
 }
+
+/// An agent whose journal and sequence record are lost (a new journal directory)
+/// restarts below what the process server holds: it must not reuse those numbers for
+/// new data. It resyncs the whole disk instead, and the next point is exact.
+#[test]
+fn an_agent_that_lost_its_numbering_resyncs_instead_of_reusing_numbers() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let server = w.server("127.0.0.1:0".parse().unwrap());
+    let disk = w.path("disk.img");
+    std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+    let first = Agent::start(w.options(0, &disk, server.addr)).unwrap();
+    let write = |a: &Agent, rng: &mut rand::rngs::StdRng| {
+        let cmds: Vec<String> = (0..20)
+            .map(|_| {
+                let len = rng.gen_range(1..=16) * 4096u64;
+                let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
+                format!("write -P {} {off} {len}", rng.gen::<u8>())
+            })
+            .collect();
+        qemu_io(&format!("nbd://{}/sda", a.nbd_addr), &cmds);
+    };
+    write(&first, &mut rng);
+    first.bookmark(false, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !first.uploaded_all() {
+        assert!(Instant::now() < deadline, "not uploaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.stop();
+    std::thread::sleep(Duration::from_millis(100));
+
+    let mut o = w.options(0, &disk, server.addr);
+    o.journal_dir = w.path("journal-lost");
+    let second = Agent::start(o).unwrap();
+    write(&second, &mut rng);
+    let id = loop {
+        match second.bookmark(false, Some("after")) {
+            Ok(id) => break id,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never resynced: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let want = std::fs::read(&disk).unwrap();
+    while !second.uploaded_all() {
+        assert!(
+            Instant::now() < deadline,
+            "not uploaded: {:?}",
+            second.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    second.stop();
+    let (_store, replica, state) = w.replica("agent-0");
+    let p = state.point(&id).expect("the point after the resync");
+    let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
+    rebuild_point(&replica, &state, p, &sink, &|_| {}).unwrap();
+    assert!(
+        *sink.0.lock().unwrap() == want,
+        "the point after the resync differs from the disk"
+    );
+    server.stop();
+}

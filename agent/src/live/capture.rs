@@ -168,6 +168,18 @@ impl Capture {
         Ok(true)
     }
 
+    /// The process server holds sequence numbers this agent was about to reuse (its
+    /// own record of them was lost): continue numbering above `floor` and resync the
+    /// whole disk from itself, as after a journal overflow. No point until done.
+    pub fn resync_all(&self, floor: u64) {
+        let mut st = self.state();
+        st.next_seq = st.next_seq.max(floor);
+        st.overflowed = true;
+        let regions = self.dev.size().div_ceil(REGION_BYTES);
+        st.dirty.extend(0..regions);
+        tracing::error!(disk = %self.disk, floor, "sequence numbers were lost: resyncing the whole disk");
+    }
+
     /// Takes a recovery point now; returns its id.
     pub fn bookmark(
         &self,

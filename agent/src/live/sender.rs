@@ -108,6 +108,11 @@ impl Sender {
                         link = Some(l);
                     }
                     Err(e) => {
+                        // The server already holds numbers this agent would reuse:
+                        // never send different data under them.
+                        if let Some(floor) = durable_above(&e) {
+                            self.capture.resync_all(floor);
+                        }
                         self.set(|s| s.last_error = Some(e.clone()));
                         tracing::debug!(disk = %self.capture.disk, error = %e, "connect failed");
                         compio::time::sleep(backoff).await;
@@ -192,6 +197,12 @@ impl Sender {
             }
         }
     }
+}
+
+/// From a refusal "next sequence N is below what is durable here (D)", D.
+fn durable_above(reason: &str) -> Option<u64> {
+    let rest = reason.split("is below what is durable here (").nth(1)?;
+    rest.split(')').next()?.parse().ok()
 }
 
 fn ferry_dataplane_size(c: &Capture) -> u64 {

@@ -349,37 +349,12 @@ impl CacheLog {
     /// failed sync the log refuses to sync again (the kernel may have dropped the dirty
     /// pages and cleared the error; acknowledging after that could lose writes).
     pub fn sync(&mut self) -> Result<(), CacheError> {
-        let path = file_name(&self.dir, self.files.last().map_or(0, |f| f.0));
-        if self.poisoned {
-            return Err(io_err(
-                "sync",
-                &path,
-                io::Error::other("an earlier sync failed; the cache must be reopened"),
-            ));
-        }
-        if !self.dirty {
-            return Ok(());
-        }
-        let job = SyncJob {
-            files: std::mem::take(&mut self.rolled),
-            dir: self
-                .dir_unsynced
-                .then(|| File::open(&self.dir))
-                .transpose()
-                .map_err(|e| io_err("open", &self.dir, e))?,
-        };
-        let current = self
-            .current
-            .try_clone()
-            .map_err(|e| io_err("sync", &path, e))?;
-        let mut job = job;
-        job.files.push(current);
+        let job = self.take_sync()?;
         if let Err(e) = job.run() {
-            self.poisoned = true;
+            self.sync_failed();
+            let path = file_name(&self.dir, self.files.last().map_or(0, |f| f.0));
             return Err(io_err("sync", &path, e));
         }
-        self.dir_unsynced = false;
-        self.dirty = false;
         Ok(())
     }
 

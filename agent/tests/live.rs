@@ -35,6 +35,44 @@ fn qemu_io(url: &str, cmds: &[String]) {
     );
 }
 
+/// `n` qemu-io writes of random patterns, each `blocks` x 4 KiB, through `agent`'s export.
+fn pattern_writes(
+    agent: &Agent,
+    rng: &mut rand::rngs::StdRng,
+    n: usize,
+    blocks: std::ops::RangeInclusive<u64>,
+) {
+    let cmds: Vec<String> = (0..n)
+        .map(|_| {
+            let len = rng.gen_range(blocks.clone()) * 4096;
+            let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
+            format!("write -P {} {off} {len}", rng.gen::<u8>())
+        })
+        .collect();
+    qemu_io(&format!("nbd://{}/sda", agent.nbd_addr), &cmds);
+}
+
+/// Waits (up to a minute) until every write of every agent is in the store.
+fn wait_uploaded(agents: &[&Agent]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agents.iter().all(|a| a.uploaded_all()) {
+        let status: Vec<_> = agents.iter().map(|a| a.status()).collect();
+        assert!(Instant::now() < deadline, "not uploaded: {status:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The disk as point `p` rebuilds it.
+fn rebuilt(
+    replica: &Disk,
+    state: &ferry_replica::DiskState,
+    p: &ferry_replica::meta::Point,
+) -> Vec<u8> {
+    let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
+    rebuild_point(replica, state, p, &sink, &|_| {}).unwrap();
+    sink.0.into_inner().unwrap()
+}
+
 /// A loopback site: certificates for `agents` agents, a vault key, an empty store.
 struct Site {
     dir: tempfile::TempDir,
@@ -220,25 +258,15 @@ fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
     let status = admin::request(&admin_path, "status").unwrap();
     assert!(status[1].contains("sda:"), "{status:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.uploaded_all() {
-        assert!(
-            Instant::now() < deadline,
-            "not uploaded: {:?}",
-            agent.status()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_uploaded(&[&agent]);
     agent.stop();
 
     let (_store, replica, state) = w.replica("agent-0");
     let expected = expected.into_inner().unwrap();
     assert_eq!(state.points.len(), expected.len());
     for p in &state.points {
-        let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
-        rebuild_point(&replica, &state, p, &sink, &|_| {}).unwrap();
         assert!(
-            *sink.0.lock().unwrap() == expected[&p.id],
+            rebuilt(&replica, &state, p) == expected[&p.id],
             "point {} ({:?}) differs from the disk at that moment",
             p.id,
             p.label
@@ -264,16 +292,8 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
     let mut o = w.options(0, &disk, addr);
     o.journal_bytes = 2 << 20;
     let agent = Agent::start(o).unwrap();
-    let nbd = format!("nbd://{}/sda", agent.nbd_addr);
     // About 6 MiB of writes against a 2 MiB journal, with nobody to drain it.
-    let cmds: Vec<String> = (0..60)
-        .map(|_| {
-            let len = rng.gen_range(16..=32) * 4096u64;
-            let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
-            format!("write -P {} {off} {len}", rng.gen::<u8>())
-        })
-        .collect();
-    qemu_io(&nbd, &cmds);
+    pattern_writes(&agent, &mut rng, 60, 16..=32);
     assert_eq!(agent.status()[0]["mode"], "bitmap", "{:?}", agent.status());
     let e = agent.bookmark(false, None).unwrap_err();
     assert!(e.contains("overflowed"), "{e}");
@@ -295,14 +315,7 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
         }
     };
     let want = std::fs::read(&disk).unwrap();
-    while !agent.uploaded_all() {
-        assert!(
-            Instant::now() < deadline,
-            "not uploaded: {:?}",
-            agent.status()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_uploaded(&[&agent]);
     agent.stop();
     let (_store, replica, state) = w.replica("agent-0");
     assert_eq!(
@@ -312,10 +325,8 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
     );
     let p = &state.points[0];
     assert_eq!(p.id, id);
-    let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
-    rebuild_point(&replica, &state, p, &sink, &|_| {}).unwrap();
     assert!(
-        *sink.0.lock().unwrap() == want,
+        rebuilt(&replica, &state, p) == want,
         "the point after the overflow differs from the disk"
     );
     server.stop();
@@ -347,14 +358,7 @@ fn two_agents_in_a_group_fail_over_consistently() {
     let mut pauses = Vec::new();
     for _ in 0..3 {
         for a in [&coord, &member] {
-            let cmds: Vec<String> = (0..10)
-                .map(|_| {
-                    let len = rng.gen_range(1..=16) * 4096u64;
-                    let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
-                    format!("write -P {} {off} {len}", rng.gen::<u8>())
-                })
-                .collect();
-            qemu_io(&format!("nbd://{}/sda", a.nbd_addr), &cmds);
+            pattern_writes(a, &mut rng, 10, 1..=16);
         }
         let (id, pause) = coord.group_point().unwrap();
         pauses.push(pause);
@@ -381,11 +385,7 @@ fn two_agents_in_a_group_fail_over_consistently() {
         "no point from a skipped cut"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(coord.uploaded_all() && member.uploaded_all()) {
-        assert!(Instant::now() < deadline, "not uploaded");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_uploaded(&[&coord, &member]);
     coord.stop();
     member.stop();
     let store = Store::open(&w.url).unwrap();
@@ -399,10 +399,11 @@ fn two_agents_in_a_group_fail_over_consistently() {
                 .point(pid)
                 .expect("every member holds every group point");
             assert_eq!(p.kind, ferry_replica::PointKind::Group);
-            let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
-            rebuild_point(&replica, &state, p, &sink, &|_| {}).unwrap();
             let expect = if i == 0 { c0 } else { c1 };
-            assert!(*sink.0.lock().unwrap() == *expect, "{m} at {pid} differs");
+            assert!(
+                rebuilt(&replica, &state, p) == *expect,
+                "{m} at {pid} differs"
+            );
         }
     }
     server.stop();
@@ -419,30 +420,17 @@ fn an_agent_that_lost_its_numbering_resyncs_instead_of_reusing_numbers() {
     let disk = w.path("disk.img");
     std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
     let first = Agent::start(w.options(0, &disk, server.addr)).unwrap();
-    let write = |a: &Agent, rng: &mut rand::rngs::StdRng| {
-        let cmds: Vec<String> = (0..20)
-            .map(|_| {
-                let len = rng.gen_range(1..=16) * 4096u64;
-                let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
-                format!("write -P {} {off} {len}", rng.gen::<u8>())
-            })
-            .collect();
-        qemu_io(&format!("nbd://{}/sda", a.nbd_addr), &cmds);
-    };
-    write(&first, &mut rng);
+    pattern_writes(&first, &mut rng, 20, 1..=16);
     first.bookmark(false, None).unwrap();
+    wait_uploaded(&[&first]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !first.uploaded_all() {
-        assert!(Instant::now() < deadline, "not uploaded");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     first.stop();
     std::thread::sleep(Duration::from_millis(100));
 
     let mut o = w.options(0, &disk, server.addr);
     o.journal_dir = w.path("journal-lost");
     let second = Agent::start(o).unwrap();
-    write(&second, &mut rng);
+    pattern_writes(&second, &mut rng, 20, 1..=16);
     let id = loop {
         match second.bookmark(false, Some("after")) {
             Ok(id) => break id,
@@ -453,21 +441,12 @@ fn an_agent_that_lost_its_numbering_resyncs_instead_of_reusing_numbers() {
         }
     };
     let want = std::fs::read(&disk).unwrap();
-    while !second.uploaded_all() {
-        assert!(
-            Instant::now() < deadline,
-            "not uploaded: {:?}",
-            second.status()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_uploaded(&[&second]);
     second.stop();
     let (_store, replica, state) = w.replica("agent-0");
     let p = state.point(&id).expect("the point after the resync");
-    let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
-    rebuild_point(&replica, &state, p, &sink, &|_| {}).unwrap();
     assert!(
-        *sink.0.lock().unwrap() == want,
+        rebuilt(&replica, &state, p) == want,
         "the point after the resync differs from the disk"
     );
     server.stop();

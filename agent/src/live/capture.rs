@@ -10,7 +10,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use ferry_dataplane::cache::{CacheLog, Position};
 use ferry_dataplane::protocol::{encode, Bookmark, Decoded, Frame, PointKindWire};
@@ -22,8 +22,6 @@ pub struct Capture {
     dir: std::path::PathBuf,
     dev: FileDevice,
     state: Mutex<State>,
-    /// Signalled whenever the journal grows.
-    pub grew: Condvar,
 }
 
 /// Granularity of the dirty bitmap used after the journal overflows.
@@ -102,7 +100,6 @@ impl Capture {
                 first_seq: first_seq.unwrap_or(next_seq),
                 last_write,
             }),
-            grew: Condvar::new(),
         })
     }
 
@@ -111,17 +108,24 @@ impl Capture {
     }
 
     /// Journals one frame built by `make` from the next sequence number.
-    fn journal(&self, st: &mut State, make: impl FnOnce(u64, &mut Vec<u8>)) -> io::Result<u64> {
+    fn try_journal(
+        &self,
+        st: &mut State,
+        make: impl FnOnce(u64, &mut Vec<u8>),
+    ) -> Result<u64, ferry_dataplane::cache::CacheError> {
         let seq = st.next_seq;
         let mut buf = std::mem::take(&mut st.buf);
         buf.clear();
         make(seq, &mut buf);
         let r = st.journal.append(&self.disk, &buf);
         st.buf = buf;
-        r.map_err(journal_err)?;
+        r?;
         st.next_seq += 1;
-        self.grew.notify_all();
         Ok(seq)
+    }
+
+    fn journal(&self, st: &mut State, make: impl FnOnce(u64, &mut Vec<u8>)) -> io::Result<u64> {
+        self.try_journal(st, make).map_err(journal_err)
     }
 
     /// Journals a write, or once the journal is full, marks its regions dirty instead
@@ -134,13 +138,13 @@ impl Capture {
         make: impl FnOnce(u64, &mut Vec<u8>),
     ) -> io::Result<()> {
         if !st.overflowed {
-            match self.journal(st, make) {
+            match self.try_journal(st, make) {
                 Ok(_) => return Ok(()),
-                Err(e) if e.to_string().contains("cache full") => {
+                Err(ferry_dataplane::cache::CacheError::Full { .. }) => {
                     tracing::warn!(disk = %self.disk, "journal full: tracking dirty regions until it drains, then resyncing them");
                     st.overflowed = true;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(journal_err(e)),
             }
         }
         let first = offset / REGION_BYTES;

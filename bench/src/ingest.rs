@@ -24,6 +24,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::sample::CHUNK;
 
+#[derive(Clone, Copy)]
 pub struct Load {
     pub agents: usize,
     pub disk_bytes: usize,
@@ -416,34 +417,20 @@ pub fn run(o: &IngestOptions) -> Result<()> {
     ferry_dataplane::server::run::raise_fd_limit();
     let sample = crate::sample::load(&o.image, 64)?;
     let ceiling = ceiling(&o.work, &sample)?;
-    let full = run_load(
-        "full",
-        &o.ferry,
-        &o.work,
-        &sample,
-        Load {
-            agents: o.agents,
-            disk_bytes: 64 << 20,
-            block: 64 << 10,
-            rate: None,
-            seconds: o.seconds,
-            shards: o.shards,
-        },
-    )?;
-    let half = run_load(
-        "half",
-        &o.ferry,
-        &o.work,
-        &sample,
-        Load {
-            agents: o.agents,
-            disk_bytes: 64 << 20,
-            block: 64 << 10,
-            rate: Some(full.mbps / 2.0),
-            seconds: o.seconds,
-            shards: o.shards,
-        },
-    )?;
+    let full_load = Load {
+        agents: o.agents,
+        disk_bytes: 64 << 20,
+        block: 64 << 10,
+        rate: None,
+        seconds: o.seconds,
+        shards: o.shards,
+    };
+    let full = run_load("full", &o.ferry, &o.work, &sample, full_load)?;
+    let half_load = Load {
+        rate: Some(full.mbps / 2.0),
+        ..full_load
+    };
+    let half = run_load("half", &o.ferry, &o.work, &sample, half_load)?;
     let many = run_load(
         "connections",
         &o.ferry,

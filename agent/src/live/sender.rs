@@ -15,6 +15,7 @@ use ferry_dataplane::client::{connect, credit_cost, Link, Target};
 use ferry_dataplane::protocol::{decode, Decoded, Frame, Hello, VERSION};
 
 use super::capture::{journal_end, seq_of, Capture};
+use crate::nbd::Device;
 
 /// What the sender reports for `status`.
 #[derive(Debug, Default, Clone)]
@@ -87,7 +88,7 @@ impl Sender {
                     session: self.session,
                     journal_from: from,
                     next_seq,
-                    disk_bytes: ferry_dataplane_size(&self.capture),
+                    disk_bytes: self.capture.size(),
                 };
                 match connect(&self.target, &hello).await {
                     Ok(l) => {
@@ -203,9 +204,4 @@ impl Sender {
 fn durable_above(reason: &str) -> Option<u64> {
     let rest = reason.split("is below what is durable here (").nth(1)?;
     rest.split(')').next()?.parse().ok()
-}
-
-fn ferry_dataplane_size(c: &Capture) -> u64 {
-    use crate::nbd::Device;
-    c.size()
 }

@@ -19,9 +19,8 @@ use ferry_replica::disk::new_point_id;
 use ferry_replica::keys::random_hex;
 use ferry_replica::meta::{Base, CommitKind, ExtentRef, SegmentRef};
 use ferry_replica::object::{ObjectKind, SealContext, CHUNK_TARGET};
-use ferry_replica::rebuild::{rebuild, FileSink};
 use ferry_replica::record::ObjectBuilder;
-use ferry_replica::scan::{block_sum, scan_region, Run, Sum, ZERO_SUM};
+use ferry_replica::scan::{scan_region, Run, Sum, ZERO_SUM};
 use ferry_replica::sums::BlockSums;
 use ferry_replica::{Disk, DiskState, Error, Point, PointKind, Result, Store, VaultKey};
 
@@ -170,48 +169,16 @@ impl Plan<'_> {
     }
 }
 
-/// Checksums of the replica at its latest point: its checksum map when it has one,
-/// else computed from a rebuild into a scratch file.
+/// Checksums of the replica at its latest point (its checksum map when it has one).
 fn replica_sums(disk: &Disk, state: &DiskState) -> Result<BlockSums> {
-    let bs = disk.info.block_bytes;
     let (seq, size) = match state.latest_point() {
-        Some(p) => {
-            if let Some(object) = &p.sums {
-                let map = disk.store.block(BlockSums::load(disk, object))?;
-                if map.block_bytes == bs && map.disk_bytes == p.disk_bytes {
-                    return Ok(map);
-                }
-            }
-            (p.seq, p.disk_bytes)
-        }
+        Some(p) => (p.seq, p.disk_bytes),
         None => (
             state.next_seq.saturating_sub(1),
             state.base.as_ref().map_or(0, |b| b.disk_bytes),
         ),
     };
-    let tmp = tempfile::tempfile().map_err(|e| Error::io("create", "resync scratch file", e))?;
-    tmp.set_len(size)
-        .map_err(|e| Error::io("size", "resync scratch file", e))?;
-    let sink = FileSink {
-        file: &tmp,
-        path: "resync scratch file".into(),
-    };
-    rebuild(disk, state, seq, size, &sink, &|_| {})?;
-    let mut sums = Vec::with_capacity(BlockSums::blocks_for(size, bs));
-    let mut buf = vec![0u8; bs as usize];
-    let mut at = 0;
-    while at < size {
-        let n = bs.min(size - at) as usize;
-        std::os::unix::fs::FileExt::read_exact_at(&tmp, &mut buf[..n], at)
-            .map_err(|e| Error::io("read", "resync scratch file", e))?;
-        sums.push(block_sum(&buf[..n]));
-        at += n as u64;
-    }
-    Ok(BlockSums {
-        block_bytes: bs,
-        disk_bytes: size,
-        sums,
-    })
+    BlockSums::of_replica(disk, state, seq, size, &std::env::temp_dir())
 }
 
 /// Seeds (first time) or resyncs (afterwards) one disk from an image, then commits a

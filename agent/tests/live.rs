@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_agent::live::group::{Coordinator, GroupTls};
 use ferry_agent::live::{admin, Agent, DiskSpec, Options};
 use ferry_dataplane::client::Target;
 use ferry_dataplane::server::{start, Options as ServerOptions};
@@ -161,7 +162,19 @@ impl Site {
             group: None,
             group_listen: None,
             group_peers: Vec::new(),
+            group_tls: None,
         }
+    }
+
+    /// Agent `i`'s TLS for the group channel.
+    fn group_tls(&self, i: usize) -> GroupTls {
+        let pki = self.path("pki");
+        GroupTls::load(
+            &pki.join(format!("agent-{i}.pem")),
+            &pki.join(format!("agent-{i}.key")),
+            &pki.join("ca.pem"),
+        )
+        .unwrap()
     }
 
     /// The replica of machine's sda and its state.
@@ -350,6 +363,7 @@ fn two_agents_in_a_group_fail_over_consistently() {
             o.group = Some("g1".into());
             o.group_listen = listen;
             o.group_peers = peers;
+            o.group_tls = Some(w.group_tls(i));
             (Agent::start(o).unwrap(), disk)
         };
     let (member, member_disk) = make(1, Some(member_addr), vec![]);
@@ -376,13 +390,47 @@ fn two_agents_in_a_group_fail_over_consistently() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let before = coord.status()[0]["last_point"].clone();
-    let mut c = ferry_agent::live::group::Coordinator::new("g1".into(), vec![silent_addr]);
+    let mut c = Coordinator::new("g1".into(), vec![silent_addr], w.group_tls(0).coordinator);
     let e = c.cut(&coord).unwrap_err();
     assert!(e.contains("skipped"), "{e}");
     assert_eq!(
         coord.status()[0]["last_point"],
         before,
         "no point from a skipped cut"
+    );
+
+    // Only agents of the deployment's CA may hold a member's writes: plain TCP and
+    // a certificate of another CA are refused before any request is read.
+    let member_before = member.status()[0]["last_point"].clone();
+    {
+        use std::io::{Read, Write};
+        let mut plain = std::net::TcpStream::connect(member_addr).unwrap();
+        plain
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = plain.write_all(b"prepare g1 intruder\n");
+        let mut answer = Vec::new();
+        let _ = plain.read_to_end(&mut answer);
+        assert!(
+            !String::from_utf8_lossy(&answer).contains("ready"),
+            "a plain TCP peer was answered"
+        );
+    }
+    let other = w.path("other-pki");
+    generate_loopback(&other, 1).unwrap();
+    let stranger = ferry_dataplane::tls::certs::peer_client_config(
+        &other.join("agent-0.pem"),
+        &other.join("agent-0.key"),
+        &w.path("pki").join("ca.pem"),
+    )
+    .unwrap();
+    let mut c = Coordinator::new("g1".into(), vec![member_addr], Arc::new(stranger));
+    let e = c.cut(&coord).unwrap_err();
+    assert!(e.contains("skipped"), "{e}");
+    assert_eq!(
+        member.status()[0]["last_point"],
+        member_before,
+        "a stranger cut a point"
     );
 
     wait_uploaded(&[&coord, &member]);
@@ -449,5 +497,95 @@ fn an_agent_that_lost_its_numbering_resyncs_instead_of_reusing_numbers() {
         rebuilt(&replica, &state, p) == want,
         "the point after the resync differs from the disk"
     );
+    server.stop();
+}
+
+/// Takes a point as soon as the agent allows one (after a copy or resync).
+fn point_when_ready(agent: &Agent, label: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match agent.bookmark(false, Some(label)) {
+            Ok(id) => return id,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no point allowed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Overwrites one 4 KiB piece in each of `blocks` (replica blocks) of the disk file
+/// behind the agent's back, as writes a lost journal carried or a capture gap would.
+fn change_behind(disk: &std::path::Path, blocks: &[u64], rng: &mut rand::rngs::StdRng) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    for b in blocks {
+        let mut piece = [0u8; 4096];
+        rng.fill(&mut piece[..]);
+        let at = b * ferry_replica::DEFAULT_BLOCK_BYTES + rng.gen_range(0..16) * 4096;
+        f.write_all_at(&piece, at).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// Checksum resync, twice: an agent that lost its journal directory (and so its
+/// initial-copy record) finds the replica already holds the disk and sends only the
+/// blocks that changed while it was down, not the whole disk; then, asked through
+/// its admin socket, it finds a block changed behind its back and sends just that.
+/// After each, the next point rebuilds exactly the disk.
+#[test]
+fn a_checksum_resync_sends_only_the_blocks_that_differ() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let server = w.server("127.0.0.1:0".parse().unwrap());
+    let disk = w.path("disk.img");
+    let mut content = vec![0u8; SIZE as usize];
+    rng.fill(&mut content[..10 << 20]);
+    std::fs::write(&disk, &content).unwrap();
+    let mut o = w.options(0, &disk, server.addr);
+    o.initial_copy = true;
+    let first = Agent::start(o).unwrap();
+    point_when_ready(&first, "copied");
+    pattern_writes(&first, &mut rng, 20, 1..=16);
+    wait_uploaded(&[&first]);
+    first.stop();
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Three blocks change while no agent runs, and the journal directory is lost.
+    let bs = ferry_replica::DEFAULT_BLOCK_BYTES;
+    change_behind(&disk, &[3, 77, 200], &mut rng);
+    let admin_path = w.path("admin.sock");
+    let mut o = w.options(0, &disk, server.addr);
+    o.journal_dir = w.path("journal-lost");
+    o.initial_copy = true;
+    o.admin_socket = Some(admin_path.clone());
+    let second = Agent::start(o).unwrap();
+    let id = point_when_ready(&second, "resynced");
+    let want = std::fs::read(&disk).unwrap();
+    let s = &second.status()[0];
+    let last = &s["last_resync"];
+    assert_eq!(last["compared_bytes"], SIZE, "{s}");
+    assert_eq!(last["sent_bytes"], 3 * bs, "only the changed blocks: {s}");
+    assert_eq!(s["copy_total_bytes"], 0, "no full copy: {s}");
+
+    // On request: one block changed behind the agent's back.
+    change_behind(&disk, &[150], &mut rng);
+    let answer = admin::request(&admin_path, "resync").unwrap();
+    assert!(answer[0].contains("sda"), "{answer:?}");
+    let id2 = point_when_ready(&second, "asked");
+    let want2 = std::fs::read(&disk).unwrap();
+    let s = &second.status()[0];
+    assert_eq!(s["last_resync"]["sent_bytes"], bs, "{s}");
+    wait_uploaded(&[&second]);
+    second.stop();
+
+    let (_store, replica, state) = w.replica("agent-0");
+    for (id, want) in [(&id, &want), (&id2, &want2)] {
+        let p = state.point(id).expect("the point after the resync");
+        assert!(
+            rebuilt(&replica, &state, p) == *want,
+            "point {id} after the resync differs from the disk"
+        );
+    }
     server.stop();
 }

@@ -40,7 +40,14 @@ enum Request {
         #[arg(long)]
         label: Option<String>,
     },
-    /// Mode, journal bytes, replication lag, last point, copy progress
+    /// Compare the disks with the replica's block checksums and send only what
+    /// differs (progress in `status`)
+    Resync {
+        /// Only this disk (default: every disk)
+        #[arg(long)]
+        disk: Option<String>,
+    },
+    /// Mode, journal bytes, replication lag, last point, copy and resync progress
     Status {
         #[arg(long)]
         json: bool,
@@ -113,6 +120,11 @@ pub fn agent(a: AgentArgs) -> Result<()> {
                 }
                 r
             }
+            Request::Resync { disk } => match disk {
+                Some(d) if d.contains(char::is_whitespace) => bail!("--disk takes one name"),
+                Some(d) => format!("resync --disk {d}"),
+                None => "resync".to_string(),
+            },
             Request::Status { json } => if json { "status --json" } else { "status" }.to_string(),
         };
         let lines = admin::request(&admin_socket, &req).map_err(|e| anyhow!(e))?;
@@ -149,6 +161,13 @@ pub fn agent(a: AgentArgs) -> Result<()> {
     if !(r.crash_point_interval_s.is_finite() && r.crash_point_interval_s >= 0.0) {
         bail!("--crash-point-interval-s must be a number of seconds (0: none)");
     }
+    let group_tls = match &r.group {
+        Some(_) => Some(
+            ferry_agent::live::group::GroupTls::load(&r.tls_cert, &r.tls_key, &r.ca)
+                .map_err(|e| anyhow!("group channel TLS: {e}"))?,
+        ),
+        None => None,
+    };
     let agent = Agent::start(Options {
         machine: r.machine.clone(),
         disks,
@@ -169,6 +188,7 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         group: r.group,
         group_listen: r.group_listen,
         group_peers: r.group_peers,
+        group_tls,
     })
     .map_err(|e| anyhow!(e))?;
     println!("agent for {} serving NBD on {}", r.machine, agent.nbd_addr);

@@ -110,6 +110,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         group: None,
         group_listen: None,
         group_peers: Vec::new(),
+        group_tls: None,
     })
     .map_err(|e| anyhow!(e))?;
     println!(

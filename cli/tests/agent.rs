@@ -275,6 +275,27 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     let disk3 = std::fs::read(&disk).unwrap();
     wait_uploaded(&sock);
 
+    // Asked for, a checksum resync of a disk the replica matches sends nothing.
+    let out = ferry(&[
+        "agent",
+        "ctl",
+        "--admin-socket",
+        &sock.display().to_string(),
+        "resync",
+    ]);
+    assert!(out.contains("checksum resync started: sda"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = status(&sock);
+        if s["mode"] != "checksum-resync" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the resync did not finish: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(s["last_resync"]["compared_bytes"], SIZE, "{s}");
+    assert_eq!(s["last_resync"]["sent_bytes"], 0, "{s}");
+
     for (id, want) in [(&id1, &disk1), (&id2, &disk2), (&id3, &disk3)] {
         let out = d.join(format!("out-{id}"));
         ferry(&[

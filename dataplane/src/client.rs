@@ -13,7 +13,9 @@ use std::time::Duration;
 use compio::runtime::JoinHandle;
 use tokio::sync::Notify;
 
-use crate::protocol::{decode, encode, Decoded, Frame, Hello, Welcome};
+use ferry_replica::sums::BlockSums;
+
+use crate::protocol::{decode, encode, Decoded, Frame, Hello, Welcome, SUM_BYTES};
 use crate::tls::{handshake, TlsReader, TlsWriter};
 
 /// Credit a frame costs; only writes, zeroes and bookmarks spend it.
@@ -42,6 +44,9 @@ struct Shared {
     uploaded: u64,
     /// Why the link ended, once it has.
     closed: Option<String>,
+    /// A checksum map arriving (SumsRequest): its sequence and what came so far.
+    sums: Option<(u64, BlockSums)>,
+    sums_done: bool,
 }
 
 pub struct Link {
@@ -99,6 +104,8 @@ pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, String>
         durable: welcome.durable,
         uploaded: welcome.uploaded,
         closed: None,
+        sums: None,
+        sums_done: false,
     }));
     let changed = Rc::new(Notify::new());
     let recv = compio::runtime::spawn(receive(reader, inbuf, shared.clone(), changed.clone()));
@@ -132,6 +139,19 @@ async fn receive(
                             s.uploaded = s.uploaded.max(uploaded);
                         }
                         Frame::Credit { bytes } => s.credit += bytes,
+                        Frame::Sums {
+                            seq,
+                            block_bytes,
+                            disk_bytes,
+                            first,
+                            sums,
+                        } => {
+                            if let Err(why) =
+                                s.sums_chunk(seq, block_bytes, disk_bytes, first, sums)
+                            {
+                                stop = Some(why);
+                            }
+                        }
                         Frame::Error { code, reason } => {
                             stop = Some(format!(
                                 "the process server closed the session: {reason} ({code:?})"
@@ -162,7 +182,57 @@ async fn receive(
     changed.notify_waiters();
 }
 
+impl Shared {
+    /// Adds one chunk of a checksum map; chunks must come in order.
+    fn sums_chunk(
+        &mut self,
+        seq: u64,
+        block_bytes: u32,
+        disk_bytes: u64,
+        first: u64,
+        sums: &[u8],
+    ) -> Result<(), String> {
+        if first == 0 {
+            self.sums_done = false;
+            self.sums = Some((
+                seq,
+                BlockSums {
+                    block_bytes: block_bytes as u64,
+                    disk_bytes,
+                    sums: Vec::new(),
+                },
+            ));
+        }
+        let Some((s, map)) = self.sums.as_mut() else {
+            return Err("a checksum map chunk without its start".into());
+        };
+        if *s != seq
+            || map.block_bytes != block_bytes as u64
+            || map.disk_bytes != disk_bytes
+            || map.sums.len() as u64 != first
+        {
+            return Err("checksum map chunks out of order".into());
+        }
+        map.sums.extend(
+            sums.chunks_exact(SUM_BYTES)
+                .map(|c| <[u8; 16]>::try_from(c).unwrap_or_default()),
+        );
+        self.sums_done = map.sums.len() == BlockSums::blocks_for(disk_bytes, block_bytes as u64);
+        Ok(())
+    }
+}
+
 impl Link {
+    /// A checksum map asked for with SumsRequest, once whole: (its sequence, the map).
+    pub fn take_sums(&self) -> Option<(u64, BlockSums)> {
+        let mut s = self.shared.borrow_mut();
+        if !s.sums_done {
+            return None;
+        }
+        s.sums_done = false;
+        s.sums.take()
+    }
+
     /// Every write below this is durable at the process server.
     pub fn durable(&self) -> u64 {
         self.shared.borrow().durable

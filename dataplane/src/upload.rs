@@ -55,6 +55,11 @@ impl DiskUploader {
         self.state.next_seq
     }
 
+    /// The replica's state as this uploader has committed it.
+    pub fn state(&self) -> &DiskState {
+        &self.state
+    }
+
     pub fn set_disk_bytes(&mut self, bytes: u64) {
         self.disk_bytes = bytes;
     }

@@ -6,12 +6,16 @@
 //! Plaintext: block_bytes u64 LE | disk_bytes u64 LE | ceil(disk_bytes / block_bytes)
 //! checksums of 16 bytes (xxh3-128 LE, all zero for a zero block).
 
+use std::path::Path;
+
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::keys::random_hex;
 use crate::object::{open_object, Expect, ObjectKind, OpenContext, SealContext};
+use crate::rebuild::{rebuild, FileSink};
 use crate::record::ObjectBuilder;
-use crate::scan::Sum;
+use crate::scan::{block_sum, Sum};
+use crate::state::DiskState;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockSums {
@@ -67,6 +71,62 @@ impl BlockSums {
             .collect();
         Ok(BlockSums {
             block_bytes,
+            disk_bytes,
+            sums,
+        })
+    }
+}
+
+impl BlockSums {
+    /// The checksums of the replica holding every write below `seq`, `disk_bytes`
+    /// long: a point's checksum map when one describes exactly that state (no write
+    /// between the point and `seq`), else hashed from a rebuild into a sparse scratch
+    /// file in `scratch_dir` (deleted on return).
+    pub fn of_replica(
+        disk: &Disk,
+        state: &DiskState,
+        seq: u64,
+        disk_bytes: u64,
+        scratch_dir: &Path,
+    ) -> Result<BlockSums> {
+        let bs = disk.info.block_bytes;
+        for p in state.points.iter().rev() {
+            let Some(object) = &p.sums else { continue };
+            let unchanged = p.seq <= seq
+                && p.disk_bytes == disk_bytes
+                && state.base.as_ref().is_none_or(|b| b.seq <= p.seq)
+                && state
+                    .segments
+                    .iter()
+                    .all(|s| s.last_seq < p.seq || s.first_seq >= seq);
+            if unchanged {
+                let map = disk.store.block(BlockSums::load(disk, object))?;
+                if map.block_bytes == bs && map.disk_bytes == disk_bytes {
+                    return Ok(map);
+                }
+            }
+        }
+        let name = "checksum scratch file";
+        let tmp = tempfile::tempfile_in(scratch_dir).map_err(|e| Error::io("create", name, e))?;
+        tmp.set_len(disk_bytes)
+            .map_err(|e| Error::io("size", name, e))?;
+        let sink = FileSink {
+            file: &tmp,
+            path: name.into(),
+        };
+        rebuild(disk, state, seq, disk_bytes, &sink, &|_| {})?;
+        let mut sums = Vec::with_capacity(Self::blocks_for(disk_bytes, bs));
+        let mut buf = vec![0u8; bs as usize];
+        let mut at = 0;
+        while at < disk_bytes {
+            let n = bs.min(disk_bytes - at) as usize;
+            std::os::unix::fs::FileExt::read_exact_at(&tmp, &mut buf[..n], at)
+                .map_err(|e| Error::io("read", name, e))?;
+            sums.push(block_sum(&buf[..n]));
+            at += n as u64;
+        }
+        Ok(BlockSums {
+            block_bytes: bs,
             disk_bytes,
             sums,
         })

@@ -1,4 +1,5 @@
-//! The admin socket: `bookmark [--app] [--label L]` and `status [--json]`, one request
+//! The admin socket: `bookmark [--app] [--label L]`, `resync [--disk D]` and
+//! `status [--json]`, one request
 //! per connection, one answer; `ferry agent ctl` is its client.
 
 use std::io::{BufRead, BufReader, Write};
@@ -42,6 +43,10 @@ fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
             Ok(id) => writeln!(w, "ok {id}"),
             Err(e) => writeln!(w, "error {e}"),
         },
+        Some("resync") => match agent.resync(value("--disk").as_deref()) {
+            Ok(disks) => writeln!(w, "ok checksum resync started: {}", disks.join(" ")),
+            Err(e) => writeln!(w, "error {e}"),
+        },
         Some("status") => {
             let s = agent.status();
             if flag("--json") {
@@ -68,7 +73,7 @@ fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
         }
         _ => writeln!(
             w,
-            "error unknown request {:?}: try bookmark or status",
+            "error unknown request {:?}: try bookmark, resync or status",
             line.trim()
         ),
     }

@@ -10,11 +10,16 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
+
+use ferry_replica::scan::{scan_region, Run, ZERO_SUM};
+use ferry_replica::sums::BlockSums;
 
 use ferry_dataplane::cache::{CacheLog, Position};
 use ferry_dataplane::protocol::{encode, Bookmark, Decoded, Frame, PointKindWire};
 
+use super::checksum::Resync;
 use crate::nbd::{Device, FileDevice};
 
 pub struct Capture {
@@ -22,7 +27,14 @@ pub struct Capture {
     dir: std::path::PathBuf,
     dev: FileDevice,
     state: Mutex<State>,
+    /// Checksum resync against the replica (see `checksum`).
+    pub resync: Resync,
+    /// The durable watermark the process server first answered with (NO_CONTACT
+    /// until then): zero means it holds nothing of this disk yet.
+    pub contact: AtomicU64,
 }
+
+pub const NO_CONTACT: u64 = u64::MAX;
 
 /// Granularity of the dirty bitmap used after the journal overflows.
 pub const REGION_BYTES: u64 = 1 << 20;
@@ -100,6 +112,8 @@ impl Capture {
                 first_seq: first_seq.unwrap_or(next_seq),
                 last_write,
             }),
+            resync: Resync::default(),
+            contact: AtomicU64::new(NO_CONTACT),
         })
     }
 
@@ -173,15 +187,63 @@ impl Capture {
     }
 
     /// The process server holds sequence numbers this agent was about to reuse (its
-    /// own record of them was lost): continue numbering above `floor` and resync the
-    /// whole disk from itself, as after a journal overflow. No point until done.
-    pub fn resync_all(&self, floor: u64) {
+    /// own record of them was lost): continue numbering above `floor`, and compare the
+    /// disk with the replica, since what those numbers carried is unknown here.
+    pub fn renumber(&self, floor: u64) {
         let mut st = self.state();
         st.next_seq = st.next_seq.max(floor);
-        st.overflowed = true;
-        let regions = self.dev.size().div_ceil(REGION_BYTES);
-        st.dirty.extend(0..regions);
-        tracing::error!(disk = %self.disk, floor, "sequence numbers were lost: resyncing the whole disk");
+        drop(st);
+        self.resync
+            .want("the agent's journal and sequence numbers were lost");
+        tracing::error!(disk = %self.disk, floor, "sequence numbers were lost: numbering on from the process server's and resyncing by checksum");
+    }
+
+    /// Checksum resync: compares `len` bytes at `offset` (whole blocks of the map)
+    /// with the replica's checksums and journals the blocks that differ, all under
+    /// the capture lock. Returns the bytes journaled.
+    pub fn compare_range(
+        &self,
+        map: &BlockSums,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<u64> {
+        let mut st = self.state();
+        buf.resize(len as usize, 0);
+        self.dev.read(offset, buf)?;
+        let bs = map.block_bytes as usize;
+        let first = (offset / map.block_bytes) as usize;
+        let blocks = buf.len().div_ceil(bs);
+        let old = &map.sums[first.min(map.sums.len())..(first + blocks).min(map.sums.len())];
+        let mut sums = vec![ZERO_SUM; blocks];
+        let mut sent = 0;
+        let mut failed = None;
+        scan_region(buf, offset, bs, Some(old), &mut sums, 1 << 20, |run| {
+            if failed.is_some() {
+                return;
+            }
+            let r = match run {
+                Run::Data { offset, data } => {
+                    sent += data.len() as u64;
+                    self.journal(&mut st, |seq, out| {
+                        encode(&Frame::Write { seq, offset, data }, out)
+                    })
+                }
+                Run::Zero { offset, len } => {
+                    sent += len;
+                    self.journal(&mut st, |seq, out| {
+                        encode(&Frame::Zero { seq, offset, len }, out)
+                    })
+                }
+            };
+            if let Err(e) = r {
+                failed = Some(e);
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(sent),
+        }
     }
 
     /// Takes a recovery point now; returns its id.

@@ -1,6 +1,7 @@
 //! Multi-machine consistency: the agents of a group cut points together. One agent,
-//! the coordinator (it has --group-peer addresses), runs a two-phase cut over plain
-//! lines on TCP (port 20004 by default):
+//! the coordinator (it has --group-peer addresses), runs a two-phase cut over lines
+//! on mutual TLS (port 20004 by default; both ends present their agent certificates,
+//! checked against the CA, so only agents of the deployment can hold writes):
 //!
 //! ```text
 //! coordinator -> member   prepare GROUP ID
@@ -17,22 +18,65 @@
 //! hold limit releases on its own. A point some member lacks is never used: failover
 //! takes the newest group point that every member of the group holds.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_dataplane::protocol::PointKindWire;
+use ferry_dataplane::tls::certs::{peer_client_config, server_config};
+use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
 use super::Agent;
+
+/// TLS for the group channel, from the agent's own certificate and the CA.
+#[derive(Clone)]
+pub struct GroupTls {
+    pub member: Arc<rustls::ServerConfig>,
+    pub coordinator: Arc<rustls::ClientConfig>,
+}
+
+impl GroupTls {
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<GroupTls, String> {
+        Ok(GroupTls {
+            member: Arc::new(server_config(cert, key, ca).map_err(|e| e.to_string())?),
+            coordinator: Arc::new(peer_client_config(cert, key, ca).map_err(|e| e.to_string())?),
+        })
+    }
+}
+
+/// A TLS stream whose socket timeouts can be set.
+pub trait Line: Read + Write {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Line for StreamOwned<ServerConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+impl Line for StreamOwned<ClientConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+fn send<S: Line>(r: &mut BufReader<S>, line: &str) -> std::io::Result<()> {
+    let s = r.get_mut();
+    s.write_all(line.as_bytes())?;
+    s.write_all(b"\n")?;
+    s.flush()
+}
 
 /// How long the coordinator waits for every member to be ready.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_millis(200);
 /// The longest a member holds writes waiting for commit.
 pub const HOLD_LIMIT: Duration = Duration::from_millis(500);
 
-fn read_line(r: &mut BufReader<TcpStream>, limit: Duration) -> std::io::Result<String> {
-    r.get_ref().set_read_timeout(Some(limit))?;
+fn read_line<S: Line>(r: &mut BufReader<S>, limit: Duration) -> std::io::Result<String> {
+    r.get_ref().tcp().set_read_timeout(Some(limit))?;
     let mut line = String::new();
     let n = r.read_line(&mut line)?;
     if n == 0 {
@@ -45,45 +89,69 @@ fn read_line(r: &mut BufReader<TcpStream>, limit: Duration) -> std::io::Result<S
 }
 
 /// A member: answers the coordinator's cuts.
-pub fn serve(listener: TcpListener, agent: Arc<Agent>, group: String) {
+pub fn serve(listener: TcpListener, agent: Arc<Agent>, group: String, tls: GroupTls) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let (agent, group) = (agent.clone(), group.clone());
+        let (agent, group, tls) = (agent.clone(), group.clone(), tls.member.clone());
         let _ = std::thread::Builder::new()
             .name("ferry-group".into())
             .spawn(move || {
-                if let Err(e) = member(conn, &agent, &group) {
-                    tracing::debug!(error = %e, "group coordinator connection ended");
+                let peer = conn
+                    .peer_addr()
+                    .map_or_else(|_| "unknown".into(), |a| a.to_string());
+                if let Err(e) = member(conn, &agent, &group, tls) {
+                    tracing::warn!(%peer, error = %e, "group coordinator connection ended");
                 }
             });
     }
 }
 
-fn member(conn: TcpStream, agent: &Agent, group: &str) -> std::io::Result<()> {
+/// Writes a line to the coordinator.
+macro_rules! say {
+    ($r:expr, $($arg:tt)*) => {
+        send($r, &format!($($arg)*))
+    };
+}
+
+fn member(
+    conn: TcpStream,
+    agent: &Agent,
+    group: &str,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
-    let mut w = conn.try_clone()?;
-    let mut r = BufReader::new(conn);
+    // The handshake (a coordinator must present an agent certificate of the CA)
+    // must finish promptly; cuts then wait as long as they like.
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = ServerConnection::new(tls).map_err(std::io::Error::other)?;
+    let mut sock = conn;
+    while tls.is_handshaking() {
+        tls.complete_io(&mut sock)
+            .map_err(|e| std::io::Error::other(format!("refused: TLS handshake failed: {e}")))?;
+    }
+    let mut r = BufReader::new(StreamOwned::new(tls, sock));
+    let w = &mut r;
     loop {
-        let line = read_line(&mut r, Duration::from_secs(3600))?;
+        let line = read_line(w, Duration::from_secs(3600))?;
         let words: Vec<&str> = line.split_whitespace().collect();
         let (Some(&"prepare"), Some(&g), Some(&id)) = (words.first(), words.get(1), words.get(2))
         else {
-            writeln!(w, "no unexpected request {line:?}")?;
+            say!(w, "no unexpected request {line:?}")?;
             continue;
         };
         if g != group {
-            writeln!(w, "no this agent is in group {group:?}, not {g:?}")?;
+            say!(w, "no this agent is in group {group:?}, not {g:?}")?;
             continue;
         }
         if let Err(why) = agent.can_point() {
-            writeln!(w, "no {why}")?;
+            say!(w, "no {why}")?;
             continue;
         }
         // Phase one: hold every disk's writes.
         let held = Instant::now();
         let mut guards: Vec<_> = agent.disks.iter().map(|d| (d, d.capture.state())).collect();
-        writeln!(w, "ready")?;
-        let answer = read_line(&mut r, HOLD_LIMIT);
+        say!(w, "ready")?;
+        let answer = read_line(w, HOLD_LIMIT);
         match answer.as_deref() {
             Ok(a) if a == format!("commit {id}") => {
                 let mut result = Ok(());
@@ -100,8 +168,8 @@ fn member(conn: TcpStream, agent: &Agent, group: &str) -> std::io::Result<()> {
                 let pause = held.elapsed();
                 agent.record_pause(pause);
                 match result {
-                    Ok(()) => writeln!(w, "done {}", pause.as_micros())?,
-                    Err(e) => writeln!(w, "no {e}")?,
+                    Ok(()) => say!(w, "done {}", pause.as_micros())?,
+                    Err(e) => say!(w, "no {e}")?,
                 }
             }
             _ => {
@@ -113,28 +181,50 @@ fn member(conn: TcpStream, agent: &Agent, group: &str) -> std::io::Result<()> {
 }
 
 /// The coordinator's side: connections to the members, kept open between cuts.
+type ToMember = BufReader<StreamOwned<ClientConnection, TcpStream>>;
+
 pub struct Coordinator {
     pub group: String,
     pub peers: Vec<SocketAddr>,
-    conns: Vec<Option<(TcpStream, BufReader<TcpStream>)>>,
+    tls: Arc<rustls::ClientConfig>,
+    conns: Vec<Option<ToMember>>,
 }
 
 impl Coordinator {
-    pub fn new(group: String, peers: Vec<SocketAddr>) -> Coordinator {
+    pub fn new(
+        group: String,
+        peers: Vec<SocketAddr>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Coordinator {
         let conns = peers.iter().map(|_| None).collect();
         Coordinator {
             group,
             peers,
+            tls,
             conns,
         }
     }
 
-    fn conn(&mut self, i: usize) -> std::io::Result<&mut (TcpStream, BufReader<TcpStream>)> {
+    /// The connection to member `i`, made (TCP and TLS handshake) if needed.
+    fn conn(&mut self, i: usize) -> std::io::Result<&mut ToMember> {
         if self.conns[i].is_none() {
-            let c = TcpStream::connect_timeout(&self.peers[i], PREPARE_TIMEOUT)?;
-            c.set_nodelay(true)?;
-            let r = BufReader::new(c.try_clone()?);
-            self.conns[i] = Some((c, r));
+            let addr = self.peers[i];
+            let mut sock = TcpStream::connect_timeout(&addr, PREPARE_TIMEOUT)?;
+            sock.set_nodelay(true)?;
+            // A member that does not finish the handshake in time misses this cut.
+            sock.set_read_timeout(Some(PREPARE_TIMEOUT))?;
+            sock.set_write_timeout(Some(Duration::from_secs(2)))?;
+            // Members are known by address; the verifier checks that the peer is an
+            // agent of the CA, not a name.
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            let mut tls =
+                ClientConnection::new(self.tls.clone(), name).map_err(std::io::Error::other)?;
+            while tls.is_handshaking() {
+                tls.complete_io(&mut sock).map_err(|e| {
+                    std::io::Error::other(format!("TLS handshake with member {addr}: {e}"))
+                })?;
+            }
+            self.conns[i] = Some(BufReader::new(StreamOwned::new(tls, sock)));
         }
         Ok(self.conns[i].as_mut().expect("connected above"))
     }
@@ -157,7 +247,7 @@ impl Coordinator {
             let group = self.group.clone();
             let sent = self
                 .conn(i)
-                .and_then(|(w, _)| writeln!(w, "prepare {group} {id}"));
+                .and_then(|r| send(r, &format!("prepare {group} {id}")));
             if let Err(e) = sent {
                 self.conns[i] = None;
                 failure.get_or_insert(format!("member {}: {e}", self.peers[i]));
@@ -171,7 +261,7 @@ impl Coordinator {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
-            let Some((_, r)) = self.conns[i].as_mut() else {
+            let Some(r) = self.conns[i].as_mut() else {
                 continue;
             };
             match read_line(r, left) {
@@ -191,8 +281,8 @@ impl Coordinator {
         }
         if let Some(why) = failure {
             for i in (0..n).filter(|&i| ready[i]) {
-                if let Some((w, _)) = self.conns[i].as_mut() {
-                    let _ = writeln!(w, "abort");
+                if let Some(r) = self.conns[i].as_mut() {
+                    let _ = send(r, "abort");
                 }
             }
             return Err(format!("group point skipped: {why}"));
@@ -207,14 +297,14 @@ impl Coordinator {
                     .map_err(|e| format!("disk {}: {e}", d.capture.disk))?;
             }
             for i in 0..n {
-                if let Some((w, _)) = self.conns[i].as_mut() {
-                    let _ = writeln!(w, "commit {id}");
+                if let Some(r) = self.conns[i].as_mut() {
+                    let _ = send(r, &format!("commit {id}"));
                 }
             }
         }
         let mut pause = held.elapsed();
         for i in 0..n {
-            let Some((_, r)) = self.conns[i].as_mut() else {
+            let Some(r) = self.conns[i].as_mut() else {
                 continue;
             };
             match read_line(r, Duration::from_secs(2)) {

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod checksum;
 pub mod group;
 pub mod sender;
 
@@ -43,6 +44,8 @@ pub struct Options {
     pub group: Option<String>,
     pub group_listen: Option<SocketAddr>,
     pub group_peers: Vec<SocketAddr>,
+    /// Mutual TLS of the group channel (required with a group).
+    pub group_tls: Option<group::GroupTls>,
 }
 
 struct Disk {
@@ -77,6 +80,15 @@ fn hook(cmd: &str, phase: &str) -> Result<(), String> {
 
 impl Agent {
     pub fn start(o: Options) -> Result<Arc<Agent>, String> {
+        let group_tls = match (&o.group, &o.group_tls) {
+            (None, _) => None,
+            (Some(_), Some(t)) => Some(t.clone()),
+            (Some(g), None) => {
+                return Err(format!(
+                    "group {g}: the group channel needs the agent's certificate and CA"
+                ))
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let mut disks = Vec::new();
         let mut exports = Exports::default();
@@ -132,22 +144,23 @@ impl Agent {
             nbd_addr,
             stop: stop.clone(),
             points: Mutex::new(()),
-            coordinator: match (&o.group, o.group_peers.is_empty()) {
-                (Some(g), false) => Some(Mutex::new(group::Coordinator::new(
+            coordinator: match (&o.group, &group_tls, o.group_peers.is_empty()) {
+                (Some(g), Some(t), false) => Some(Mutex::new(group::Coordinator::new(
                     g.clone(),
                     o.group_peers.clone(),
+                    t.coordinator.clone(),
                 ))),
                 _ => None,
             },
             pauses: Mutex::new((Duration::ZERO, Duration::ZERO)),
         });
-        if let (Some(g), Some(addr)) = (&o.group, o.group_listen) {
+        if let (Some(g), Some(addr), Some(t)) = (&o.group, o.group_listen, &group_tls) {
             let l = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("group listen on {addr}: {e}"))?;
-            let (a, g) = (agent.clone(), g.clone());
+            let (a, g, t) = (agent.clone(), g.clone(), t.clone());
             std::thread::Builder::new()
                 .name("ferry-group-accept".into())
-                .spawn(move || group::serve(l, a, g))
+                .spawn(move || group::serve(l, a, g, t))
                 .map_err(|e| e.to_string())?;
         }
         if o.initial_copy {
@@ -159,11 +172,11 @@ impl Agent {
                     continue;
                 }
                 *d.copy.lock().expect("copy lock") = (0, d.capture.size());
-                let (cap, copy) = (d.capture.clone(), d.copy.clone());
+                let (cap, copy, stop) = (d.capture.clone(), d.copy.clone(), stop.clone());
                 std::thread::Builder::new()
                     .name(format!("ferry-copy-{}", cap.disk))
                     .spawn(move || {
-                        if initial_copy(&cap, &copy) {
+                        if first_sync(&cap, &copy, &stop) {
                             if let Err(e) = cap.sync_journal().and_then(|_| std::fs::write(&marker, b"")) {
                                 tracing::error!(disk = %cap.disk, error = %e, "cannot record the initial copy as done");
                             }
@@ -206,6 +219,13 @@ impl Agent {
     /// Whether a point now would rebuild: not during the initial copy or a resync.
     pub fn can_point(&self) -> Result<(), String> {
         for d in &self.disks {
+            if d.capture.resync.busy() {
+                let (phase, f, _) = d.capture.resync.figures();
+                return Err(format!(
+                    "disk {} is in a checksum resync ({phase:?}, {} of {} bytes compared): no point until done",
+                    d.capture.disk, f.compared, f.total
+                ));
+            }
             if d.capture.state().overflowed {
                 return Err(format!(
                     "disk {} overflowed its journal and is resyncing its dirty regions: no point until done",
@@ -282,6 +302,37 @@ impl Agent {
         Ok(id)
     }
 
+    /// Starts a checksum resync of one disk, or of every disk: the replica's block
+    /// checksums are compared with the disk and only differing blocks are sent.
+    pub fn resync(&self, disk: Option<&str>) -> Result<Vec<String>, String> {
+        let chosen: Vec<&Disk> = self
+            .disks
+            .iter()
+            .filter(|d| disk.is_none_or(|n| n == d.capture.disk))
+            .collect();
+        if chosen.is_empty() {
+            return Err(format!("no disk {}", disk.unwrap_or("")));
+        }
+        let mut started = Vec::new();
+        for d in chosen {
+            let (done, total) = *d.copy.lock().expect("copy lock");
+            if done < total {
+                return Err(format!(
+                    "disk {} is still in its initial copy",
+                    d.capture.disk
+                ));
+            }
+            if !d.capture.resync.want("asked for") {
+                return Err(format!(
+                    "disk {} is already in a checksum resync",
+                    d.capture.disk
+                ));
+            }
+            started.push(d.capture.disk.clone());
+        }
+        Ok(started)
+    }
+
     /// Per disk: mode, journal, watermarks, lag, last point, copy progress.
     pub fn status(&self) -> Vec<serde_json::Value> {
         self.disks
@@ -293,9 +344,13 @@ impl Agent {
                     (st.next_seq, st.journal.used_bytes(), st.last_point.clone(), st.overflowed, st.dirty.len())
                 };
                 let (done, total) = *d.copy.lock().expect("copy lock");
+                let (phase, now, last_rs) = d.capture.resync.figures();
+                let resyncing = phase != checksum::Phase::Idle;
                 serde_json::json!({
                     "disk": d.capture.disk,
-                    "mode": if overflowed { "bitmap" } else if total > 0 && done < total { "initial-copy" } else { "data" },
+                    "mode": if overflowed { "bitmap" } else if resyncing { "checksum-resync" } else if total > 0 && done < total { "initial-copy" } else { "data" },
+                    "resync": resyncing.then(|| checksum::figures_json(&now)),
+                    "last_resync": last_rs.as_ref().map(checksum::figures_json),
                     "dirty_regions": dirty,
                     "journal_bytes": journal,
                     "next_seq": next_seq,
@@ -325,20 +380,77 @@ impl Agent {
     }
 }
 
-/// After an overflow, journals the dirty regions again as the journal drains.
+/// Journals the dirty regions again after an overflow, and compares the disk with
+/// the replica's checksums during a checksum resync, each as the journal drains.
 fn resync_loop(cap: &Capture, stop: &AtomicBool) {
     let mut buf = Vec::new();
+    let mut last_log = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let busy = cap.state().overflowed;
-        if !busy || cap.journal_bytes() > cap.journal_max() / 2 {
+        if cap.journal_bytes() > cap.journal_max() / 2 {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        if let Err(e) = cap.resync_one(&mut buf) {
-            tracing::error!(disk = %cap.disk, error = %e, "resync of a dirty region failed");
-            std::thread::sleep(Duration::from_secs(1));
+        if cap.state().overflowed {
+            if let Err(e) = cap.resync_one(&mut buf) {
+                tracing::error!(disk = %cap.disk, error = %e, "resync of a dirty region failed");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            continue;
+        }
+        let Some((map, offset, len)) = cap.resync.next_range(capture::REGION_BYTES) else {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        match cap.compare_range(&map, offset, len, &mut buf) {
+            Ok(sent) => {
+                if let Some(f) = cap.resync.advance(len, sent) {
+                    tracing::info!(disk = %cap.disk, compared_bytes = f.total, sent_bytes = f.sent, seconds = f.seconds, "checksum resync done");
+                } else if last_log.elapsed() > Duration::from_secs(5) {
+                    last_log = Instant::now();
+                    let (_, f, _) = cap.resync.figures();
+                    let j = checksum::figures_json(&f);
+                    tracing::info!(disk = %cap.disk, percent = format!("{:.1}", j["percent"].as_f64().unwrap_or(0.0)), mb_per_s = format!("{:.0}", j["mb_per_s"].as_f64().unwrap_or(0.0)), left_s = format!("{:.0}", j["left_s"].as_f64().unwrap_or(0.0)), sent_bytes = f.sent, "checksum resync");
+                }
+            }
+            Err(e) => {
+                tracing::error!(disk = %cap.disk, error = %e, offset, "checksum resync of a range failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
     }
+}
+
+/// The first synchronisation of a disk this agent has not copied: once the process
+/// server first answers, a full copy if the replica holds nothing of the disk, else
+/// a checksum resync (the replica exists: the journal was lost, or the disk was
+/// seeded). Returns whether it finished.
+fn first_sync(cap: &Capture, copy: &Mutex<(u64, u64)>, stop: &AtomicBool) -> bool {
+    let durable = loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let c = cap.contact.load(Ordering::SeqCst);
+        if c != capture::NO_CONTACT {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if durable == 0 {
+        return initial_copy(cap, copy);
+    }
+    // Points stay refused throughout: the resync is wanted before the copy's
+    // progress is cleared.
+    cap.resync
+        .want("the replica already holds this disk: sending only what differs");
+    *copy.lock().expect("copy lock") = (0, 0);
+    tracing::info!(disk = %cap.disk, durable, "the replica already holds this disk: checksum resync instead of a full copy");
+    while cap.resync.busy() {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 /// Journals every non-zero MiB of the disk, each under the capture lock, logging

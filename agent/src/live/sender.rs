@@ -14,7 +14,7 @@ use ferry_dataplane::cache::{Position, Tailer};
 use ferry_dataplane::client::{connect, credit_cost, Link, Target};
 use ferry_dataplane::protocol::{decode, Decoded, Frame, Hello, VERSION};
 
-use super::capture::{journal_end, seq_of, Capture};
+use super::capture::{journal_end, seq_of, Capture, NO_CONTACT};
 use crate::nbd::Device;
 
 /// What the sender reports for `status`.
@@ -71,6 +71,7 @@ impl Sender {
         let mut tail_next = self.capture.state().first_seq;
         while !self.stop.load(Ordering::Relaxed) {
             if link.as_ref().is_none_or(|l| l.closed().is_some()) {
+                self.capture.resync.lost_link();
                 if let Some(l) = link.take() {
                     let why = l.closed().unwrap_or_default();
                     tracing::warn!(disk = %self.capture.disk, reason = %why, "lost the process server; reconnecting");
@@ -100,6 +101,14 @@ impl Sender {
                             tail_next = seq;
                             unacked.clear();
                         }
+                        // The first answer tells whether the replica holds anything
+                        // of this disk (a full copy or a checksum resync).
+                        let _ = self.capture.contact.compare_exchange(
+                            NO_CONTACT,
+                            durable,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
                         self.set(|s| {
                             s.connected = true;
                             s.durable = durable;
@@ -112,7 +121,13 @@ impl Sender {
                         // The server already holds numbers this agent would reuse:
                         // never send different data under them.
                         if let Some(floor) = durable_above(&e) {
-                            self.capture.resync_all(floor);
+                            self.capture.renumber(floor);
+                            let _ = self.capture.contact.compare_exchange(
+                                NO_CONTACT,
+                                floor,
+                                Ordering::SeqCst,
+                                Ordering::SeqCst,
+                            );
                         }
                         self.set(|s| s.last_error = Some(e.clone()));
                         tracing::debug!(disk = %self.capture.disk, error = %e, "connect failed");
@@ -124,6 +139,19 @@ impl Sender {
             }
             let l = link.as_mut().expect("connected above");
             let durable = l.durable();
+            if self.capture.resync.take_wanted() {
+                // Every frame below `tail_next` is sent (or was durable already), so
+                // the replica at this sequence is what the server will hold.
+                let seq = tail_next.max(durable);
+                if l.send_frame(&Frame::SumsRequest { seq }).await.is_err() {
+                    link = None;
+                    continue;
+                }
+                tracing::info!(disk = %self.capture.disk, seq, "asked the process server for the replica's checksums");
+            }
+            if let Some((_, map)) = l.take_sums() {
+                self.capture.resync.got_map(map, self.capture.size());
+            }
             // Trim what the server holds.
             while unacked.front().is_some_and(|u| u.0 < durable) {
                 unacked.pop_front();

@@ -7,6 +7,10 @@ use super::{HEADER_BYTES, MAX_PAYLOAD_BYTES};
 const NAME_MAX: usize = 64;
 /// Longest label or error reason.
 const TEXT_MAX: usize = 1024;
+/// Bytes of one block checksum in a Sums frame.
+pub const SUM_BYTES: usize = 16;
+/// Bytes of a Sums frame's fields before its checksums.
+pub const SUMS_HEADER_BYTES: usize = 28;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -107,6 +111,8 @@ fn name_of(t: u8) -> &'static str {
         ZERO => "zero",
         BOOKMARK => "bookmark",
         FLUSH => "flush",
+        SUMS_REQUEST => "sums request",
+        SUMS => "sums",
         ACK => "ack",
         CREDIT => "credit",
         ERROR => "error",
@@ -225,6 +231,28 @@ pub fn decode(buf: &[u8], max_payload: u32) -> Result<Decoded<'_>, DecodeError> 
             })
         }
         FLUSH => Frame::Flush { seq: r.u64()? },
+        SUMS_REQUEST => Frame::SumsRequest { seq: r.u64()? },
+        SUMS => {
+            let (seq, block_bytes, disk_bytes, first) = (r.u64()?, r.u32()?, r.u64()?, r.u64()?);
+            let sums = r.take(r.buf.len())?;
+            if block_bytes == 0 || sums.len() % SUM_BYTES != 0 {
+                return Err(r.bad("zero block size or a partial checksum"));
+            }
+            let blocks = disk_bytes.div_ceil(block_bytes as u64);
+            if first
+                .checked_add((sums.len() / SUM_BYTES) as u64)
+                .is_none_or(|end| end > blocks)
+            {
+                return Err(r.bad("checksums beyond the disk's last block"));
+            }
+            Frame::Sums {
+                seq,
+                block_bytes,
+                disk_bytes,
+                first,
+                sums,
+            }
+        }
         ACK => Frame::Ack {
             durable: r.u64()?,
             uploaded: r.u64()?,
@@ -337,6 +365,24 @@ pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
             PONG
         }
         Frame::Bye => BYE,
+        Frame::SumsRequest { seq } => {
+            p.extend_from_slice(&seq.to_le_bytes());
+            SUMS_REQUEST
+        }
+        Frame::Sums {
+            seq,
+            block_bytes,
+            disk_bytes,
+            first,
+            sums,
+        } => {
+            p.extend_from_slice(&seq.to_le_bytes());
+            p.extend_from_slice(&block_bytes.to_le_bytes());
+            p.extend_from_slice(&disk_bytes.to_le_bytes());
+            p.extend_from_slice(&first.to_le_bytes());
+            p.extend_from_slice(sums);
+            SUMS
+        }
     };
     header(out, t, p.len());
     out.extend_from_slice(&p);
@@ -395,6 +441,14 @@ mod tests {
             Frame::Ping { token: 1 },
             Frame::Pong { token: 1 },
             Frame::Bye,
+            Frame::SumsRequest { seq: 12 },
+            Frame::Sums {
+                seq: 12,
+                block_bytes: 65536,
+                disk_bytes: 3 << 16,
+                first: 1,
+                sums: &[7u8; 32],
+            },
         ]
     }
 
@@ -462,6 +516,24 @@ mod tests {
             decode(&e, 1024),
             Err(DecodeError::Malformed { .. })
         ));
+        // Checksums past the disk's end, or a partial one.
+        for (first, sums) in [(2u64, &[1u8; 32][..]), (0, &[1u8; 15][..])] {
+            let mut s = Vec::new();
+            encode(
+                &Frame::Sums {
+                    seq: 1,
+                    block_bytes: 4096,
+                    disk_bytes: 3 * 4096,
+                    first,
+                    sums,
+                },
+                &mut s,
+            );
+            assert!(matches!(
+                decode(&s, 1024),
+                Err(DecodeError::Malformed { .. })
+            ));
+        }
     }
 
     #[test]
@@ -477,7 +549,8 @@ mod tests {
                 buf.push(x as u8);
             }
             if let Some(t) = buf.first_mut() {
-                *t = [0x01, 0x02, 0x10, 0x11, 0x12, 0x13, 0x20, 0x30][(x % 8) as usize];
+                *t =
+                    [0x01, 0x02, 0x10, 0x11, 0x12, 0x13, 0x14, 0x20, 0x22, 0x30][(x % 10) as usize];
             }
             let _ = decode(&buf, 1 << 16);
         }

@@ -134,6 +134,22 @@ pub enum Frame<'a> {
     },
     /// Orderly end of the session.
     Bye,
+    /// Asks for the block checksums of the replica holding every write below `seq`
+    /// (at most the next sequence number the server expects): a checksum resync.
+    SumsRequest {
+        seq: u64,
+    },
+    /// One chunk of the answer to SumsRequest: the checksums of blocks `first`,
+    /// `first + 1`, ... (16 bytes each, xxh3-128 LE, all zero for a zero block) of the
+    /// replica at `seq`, `disk_bytes` long in blocks of `block_bytes`. Chunks come in
+    /// order; the last ends at the disk's last block.
+    Sums {
+        seq: u64,
+        block_bytes: u32,
+        disk_bytes: u64,
+        first: u64,
+        sums: &'a [u8],
+    },
 }
 
 pub(crate) mod types {
@@ -143,8 +159,10 @@ pub(crate) mod types {
     pub const ZERO: u8 = 0x11;
     pub const BOOKMARK: u8 = 0x12;
     pub const FLUSH: u8 = 0x13;
+    pub const SUMS_REQUEST: u8 = 0x14;
     pub const ACK: u8 = 0x20;
     pub const CREDIT: u8 = 0x21;
+    pub const SUMS: u8 = 0x22;
     pub const ERROR: u8 = 0x30;
     pub const PING: u8 = 0x31;
     pub const PONG: u8 = 0x32;

@@ -6,7 +6,9 @@
 mod codec;
 mod frame;
 
-pub use codec::{decode, encode, encode_write_header, DecodeError, Decoded};
+pub use codec::{
+    decode, encode, encode_write_header, DecodeError, Decoded, SUMS_HEADER_BYTES, SUM_BYTES,
+};
 pub use frame::{Bookmark, ErrorCode, Frame, Hello, PointKindWire, Welcome};
 
 /// Protocol version this build speaks.

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,12 +17,15 @@ use futures::future::{select, Either};
 use tokio::sync::Notify;
 
 use crate::cache::{CacheError, Position};
-use crate::protocol::{decode, encode, Decoded, ErrorCode, Frame, HEADER_BYTES};
+use crate::protocol::{
+    decode, encode, Decoded, ErrorCode, Frame, HEADER_BYTES, SUMS_HEADER_BYTES, SUM_BYTES,
+};
 use crate::tls::{handshake, TlsReader, TlsWriter};
 
 use super::registry::DiskEntry;
 use super::session::{Action, Reject, Session};
 use super::shard::Shard;
+use super::sums::{prepare, Outgoing};
 
 /// Why a connection ended, for the log.
 enum End {
@@ -44,6 +47,11 @@ struct State {
     outbox: Vec<u8>,
     end: Option<End>,
     throttled: bool,
+    /// The disk's size as the Hello gave it.
+    disk_bytes: u64,
+    /// A checksum map being made, then sent (one per session at a time).
+    sums_task: Option<compio::runtime::JoinHandle<()>>,
+    sums: Option<Outgoing>,
 }
 
 fn unavailable(reason: impl Into<String>) -> Reject {
@@ -150,6 +158,9 @@ async fn serve_inner(
         outbox: Vec::new(),
         end: None,
         throttled: false,
+        disk_bytes: hello.disk_bytes,
+        sums_task: None,
+        sums: None,
     }));
     let wake_writer = Rc::new(Notify::new());
     let write_task = compio::runtime::spawn(write_loop(
@@ -308,9 +319,9 @@ fn valid_name(s: &str) -> bool {
 #[allow(clippy::too_many_arguments)]
 async fn read_loop(
     shard: &Rc<Shard>,
-    entry: &DiskEntry,
-    state: &RefCell<State>,
-    wake_writer: &Notify,
+    entry: &Arc<DiskEntry>,
+    state: &Rc<RefCell<State>>,
+    wake_writer: &Rc<Notify>,
     reader: &mut TlsReader,
     inbuf: &mut Vec<u8>,
     stop: &Notify,
@@ -372,6 +383,23 @@ async fn read_loop(
                     encode(&Frame::Pong { token }, &mut st.outbox);
                     wake_writer.notify_one();
                 }
+                Ok(Action::Sums { seq }) => {
+                    if st.sums_task.is_some() {
+                        return End::Reject(Reject {
+                            code: ErrorCode::Malformed,
+                            reason: "a checksum map is already on its way to this session".into(),
+                        });
+                    }
+                    let task = make_sums(
+                        shard.clone(),
+                        entry.clone(),
+                        Rc::downgrade(state),
+                        wake_writer.clone(),
+                        seq,
+                        st.disk_bytes,
+                    );
+                    st.sums_task = Some(compio::runtime::spawn(task));
+                }
                 Ok(Action::Close) => return End::Bye,
                 Err(r) => return End::Reject(r),
             }
@@ -423,6 +451,74 @@ async fn read_loop(
     }
 }
 
+/// Makes the replica's checksum map at `seq` and queues it for the writer; a failure
+/// ends the session with the reason (the agent asks again after reconnecting).
+async fn make_sums(
+    shard: Rc<Shard>,
+    entry: Arc<DiskEntry>,
+    state: Weak<RefCell<State>>,
+    wake: Rc<Notify>,
+    seq: u64,
+    disk_bytes: u64,
+) {
+    let alive = {
+        let s = state.clone();
+        move || s.upgrade().is_some_and(|st| st.borrow().end.is_none())
+    };
+    let made = prepare(
+        entry,
+        shard.registry.clone(),
+        shard.opts.cache_dir.clone(),
+        seq,
+        disk_bytes,
+        alive,
+    )
+    .await;
+    let Some(st) = state.upgrade() else { return };
+    let mut st = st.borrow_mut();
+    match made {
+        Ok(map) => st.sums = Some(Outgoing { seq, map, next: 0 }),
+        Err(e) => {
+            shard.metrics.borrow_mut().error("store");
+            if st.end.is_none() {
+                st.end = Some(End::Reject(Reject {
+                    code: ErrorCode::Internal,
+                    reason: format!("cannot make the checksum map: {e}"),
+                }));
+            }
+        }
+    }
+    wake.notify_one();
+}
+
+/// Encodes the next chunk of a checksum map, if one is being sent; returns whether
+/// more chunks follow.
+fn next_sums_chunk(st: &mut State, out: &mut Vec<u8>) -> bool {
+    let per = (st.session.max_payload() as usize - SUMS_HEADER_BYTES) / SUM_BYTES;
+    let Some(o) = st.sums.as_mut() else {
+        return false;
+    };
+    let total = o.map.sums.len();
+    let end = (o.next + per).min(total);
+    encode(
+        &Frame::Sums {
+            seq: o.seq,
+            block_bytes: o.map.block_bytes as u32,
+            disk_bytes: o.map.disk_bytes,
+            first: o.next as u64,
+            sums: o.map.sums[o.next..end].as_flattened(),
+        },
+        out,
+    );
+    o.next = end;
+    if end < total {
+        return true;
+    }
+    st.sums = None;
+    st.sums_task = None;
+    false
+}
+
 async fn write_loop(
     shard: Rc<Shard>,
     entry: Arc<DiskEntry>,
@@ -436,6 +532,7 @@ async fn write_loop(
     loop {
         let d = *durable.borrow_and_update();
         let mut finished = false;
+        let more;
         {
             let mut st = state.borrow_mut();
             let st = &mut *st;
@@ -478,6 +575,7 @@ async fn write_loop(
                 }
             }
             out.append(&mut st.outbox);
+            more = st.end.is_none() && next_sums_chunk(st, &mut out);
             if st.end.is_some() {
                 // Acknowledge what is already cached before leaving, briefly.
                 let since = *ending_since.get_or_insert_with(Instant::now);
@@ -503,6 +601,10 @@ async fn write_loop(
         if finished {
             let _ = writer.close().await;
             return Ok(());
+        }
+        if more {
+            // The rest of a checksum map: keep sending between acks.
+            continue;
         }
         let tls_wants = {
             let changed = pin!(durable.changed());

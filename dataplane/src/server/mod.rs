@@ -9,6 +9,7 @@ pub mod registry;
 pub mod run;
 pub mod session;
 pub mod shard;
+pub mod sums;
 pub mod uploader;
 
 pub use options::Options;

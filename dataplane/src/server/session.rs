@@ -71,11 +71,13 @@ pub enum Action {
     Flush { seq: u64 },
     /// Answer with this frame now.
     Pong { token: u64 },
+    /// Send the block checksums of the replica holding every write below `seq`.
+    Sums { seq: u64 },
     /// The agent ended the session in order.
     Close,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Session {
     pub machine: String,
     pub disk: String,
@@ -208,6 +210,18 @@ impl Session {
                 }
                 return Ok(Action::Flush { seq: *seq });
             }
+            Frame::SumsRequest { seq } => {
+                if *seq > self.next {
+                    return Err(Reject::new(
+                        ErrorCode::Sequence,
+                        format!(
+                            "checksums asked at {seq}, beyond the last write {}",
+                            self.next
+                        ),
+                    ));
+                }
+                return Ok(Action::Sums { seq: *seq });
+            }
             Frame::Ping { token } => return Ok(Action::Pong { token: *token }),
             Frame::Bye => return Ok(Action::Close),
             Frame::Pong { .. } => return Ok(Action::Duplicate),
@@ -304,6 +318,7 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
         Frame::Ack { .. } => "ack",
         Frame::Credit { .. } => "credit",
         Frame::Error { .. } => "error",
+        Frame::Sums { .. } => "sums",
         _ => "this frame",
     }
 }
@@ -374,6 +389,17 @@ mod tests {
         assert_eq!(
             s.on_frame(&Frame::Flush { seq: 7 }),
             Ok(Action::Flush { seq: 7 })
+        );
+        assert_eq!(
+            s.on_frame(&Frame::SumsRequest { seq: 7 }),
+            Ok(Action::Sums { seq: 7 })
+        );
+        assert_eq!(
+            s.clone()
+                .on_frame(&Frame::SumsRequest { seq: 8 })
+                .unwrap_err()
+                .code,
+            ErrorCode::Sequence
         );
         let e = s
             .on_frame(&Frame::Write {

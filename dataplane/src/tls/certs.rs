@@ -223,3 +223,65 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, CertError> {
     ServerName::try_from(host.to_string())
         .map_err(|e| CertError::Config(format!("server name {host}: {e}")))
 }
+
+/// Agent to agent (a replication group's cuts): both ends are agents with
+/// certificates of the same CA. The member's side is `server_config` with its own
+/// agent certificate; the coordinator's side, this, presents its certificate and
+/// accepts a peer whose certificate is an agent's (client use) chained to `ca`. Peers
+/// are configured by address, so no name is matched; a certificate for another use
+/// (the process server's) is refused.
+pub fn peer_client_config(cert: &Path, key: &Path, ca: &Path) -> Result<ClientConfig, CertError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .build()
+        .map_err(|e| CertError::Config(format!("CA {}: {e}", ca.display())))?;
+    ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CertError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PeerVerifier { inner }))
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| file_err(cert, e))
+}
+
+/// Checks a peer agent's certificate as the process server checks an agent's.
+#[derive(Debug)]
+struct PeerVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

@@ -1,0 +1,177 @@
+//! Checksum resync of a live disk: the process server sends the block checksums of
+//! the replica (holding every write the agent sent before asking), the agent compares
+//! them with its disk region by region under the capture lock and journals only the
+//! blocks that differ. Used when the agent cannot trust its journal — it was lost, or
+//! the replica exists but this agent never copied the disk — and on request.
+//!
+//! Why it is exact: a region is read, compared and its differing blocks journaled in
+//! one step under the capture lock, so every live write to it comes before (and is
+//! in the disk as read) or after (a later sequence number). A block equal to the
+//! replica's state at the asked sequence stays equal once the writes journaled since
+//! are applied, since the disk already holds them. No point is cut until the
+//! comparison is done.
+//!
+//! Phases: idle -> wanted (a reason to resync) -> asked (the sender sent SumsRequest)
+//! -> comparing (the map arrived) -> idle. A lost connection while asked goes back
+//! to wanted; the map is asked for again.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_replica::sums::BlockSums;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Wanted,
+    Asked,
+    Comparing,
+}
+
+/// Figures of a resync, running or done.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub why: String,
+    /// Bytes of the disk compared so far, of `total`.
+    pub compared: u64,
+    pub total: u64,
+    /// Bytes journaled because they differed (data and zeroed ranges).
+    pub sent: u64,
+    pub seconds: f64,
+}
+
+struct Inner {
+    phase: Phase,
+    map: Option<Arc<BlockSums>>,
+    started: Option<Instant>,
+    now: Figures,
+    last: Option<Figures>,
+}
+
+pub struct Resync {
+    inner: Mutex<Inner>,
+}
+
+impl Default for Resync {
+    fn default() -> Self {
+        Resync {
+            inner: Mutex::new(Inner {
+                phase: Phase::Idle,
+                map: None,
+                started: None,
+                now: Figures::default(),
+                last: None,
+            }),
+        }
+    }
+}
+
+impl Resync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.lock().phase
+    }
+
+    pub fn busy(&self) -> bool {
+        self.phase() != Phase::Idle
+    }
+
+    /// Asks for a resync; false when one is already under way.
+    pub fn want(&self, why: &str) -> bool {
+        let mut i = self.lock();
+        if i.phase != Phase::Idle {
+            return false;
+        }
+        i.phase = Phase::Wanted;
+        i.started = Some(Instant::now());
+        i.now = Figures {
+            why: why.to_string(),
+            ..Figures::default()
+        };
+        true
+    }
+
+    /// For the sender: true once when the map should be asked for now.
+    pub fn take_wanted(&self) -> bool {
+        let mut i = self.lock();
+        if i.phase != Phase::Wanted {
+            return false;
+        }
+        i.phase = Phase::Asked;
+        true
+    }
+
+    /// The connection dropped: a map asked for will not come; ask again.
+    pub fn lost_link(&self) {
+        let mut i = self.lock();
+        if i.phase == Phase::Asked {
+            i.phase = Phase::Wanted;
+        }
+    }
+
+    /// The map arrived: compare `disk_bytes` of the disk against it.
+    pub fn got_map(&self, map: BlockSums, disk_bytes: u64) {
+        let mut i = self.lock();
+        if i.phase != Phase::Asked {
+            return;
+        }
+        i.phase = Phase::Comparing;
+        i.now.total = disk_bytes;
+        i.map = Some(Arc::new(map));
+    }
+
+    /// The next range to compare: (map, offset, length), at most `region` bytes and
+    /// whole blocks; None when not comparing.
+    pub fn next_range(&self, region: u64) -> Option<(Arc<BlockSums>, u64, u64)> {
+        let i = self.lock();
+        let map = i.map.clone()?;
+        if i.phase != Phase::Comparing || i.now.compared >= i.now.total {
+            return None;
+        }
+        let step = map.block_bytes * (region / map.block_bytes).max(1);
+        let len = step.min(i.now.total - i.now.compared);
+        Some((map, i.now.compared, len))
+    }
+
+    /// Records a compared range; returns the figures once the whole disk is done.
+    pub fn advance(&self, len: u64, sent: u64) -> Option<Figures> {
+        let mut i = self.lock();
+        i.now.compared += len;
+        i.now.sent += sent;
+        i.now.seconds = i.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        if i.now.compared < i.now.total {
+            return None;
+        }
+        i.phase = Phase::Idle;
+        i.map = None;
+        let done = std::mem::take(&mut i.now);
+        i.last = Some(done.clone());
+        Some(done)
+    }
+
+    /// (phase, the running resync's figures, the last finished one's).
+    pub fn figures(&self) -> (Phase, Figures, Option<Figures>) {
+        let i = self.lock();
+        let mut now = i.now.clone();
+        now.seconds = i.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        (i.phase, now, i.last.clone())
+    }
+}
+
+/// Figures as the status shows them: percent, MB/s and time left.
+pub fn figures_json(f: &Figures) -> serde_json::Value {
+    let rate = f.compared as f64 / f.seconds.max(1e-3);
+    serde_json::json!({
+        "why": f.why,
+        "compared_bytes": f.compared,
+        "total_bytes": f.total,
+        "percent": if f.total == 0 { 0.0 } else { 100.0 * f.compared as f64 / f.total as f64 },
+        "sent_bytes": f.sent,
+        "seconds": f.seconds,
+        "mb_per_s": rate / 1e6,
+        "left_s": if f.compared == 0 { serde_json::Value::Null } else { ((f.total - f.compared) as f64 / rate).into() },
+    })
+}

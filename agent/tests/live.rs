@@ -589,3 +589,52 @@ fn a_checksum_resync_sends_only_the_blocks_that_differ() {
     }
     server.stop();
 }
+
+/// A disk seeded offline (`ferry seed`) and then protected by an agent: the agent
+/// finds the replica holds the disk and resyncs by checksum against the seed's
+/// checksum map, sending only the blocks changed since the seed.
+#[test]
+fn an_agent_on_a_seeded_disk_sends_only_what_changed_since_the_seed() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let disk = w.path("disk.img");
+    let mut content = vec![0u8; SIZE as usize];
+    rng.fill(&mut content[2 << 20..12 << 20]);
+    std::fs::write(&disk, &content).unwrap();
+    let store = Store::open(&w.url).unwrap();
+    let report = ferry_agent::seed(
+        &store,
+        &w.vault(),
+        &ferry_agent::SeedOptions {
+            machine: "agent-0",
+            disk: "sda",
+            image: &disk,
+            label: None,
+            time: chrono::Utc::now(),
+            workers: 2,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    assert!(report.full_copy);
+    change_behind(&disk, &[40, 41], &mut rng);
+
+    let server = w.server("127.0.0.1:0".parse().unwrap());
+    let mut o = w.options(0, &disk, server.addr);
+    o.initial_copy = true;
+    let agent = Agent::start(o).unwrap();
+    let id = point_when_ready(&agent, "attached");
+    let want = std::fs::read(&disk).unwrap();
+    let s = &agent.status()[0];
+    assert_eq!(
+        s["last_resync"]["sent_bytes"],
+        2 * ferry_replica::DEFAULT_BLOCK_BYTES,
+        "{s}"
+    );
+    wait_uploaded(&[&agent]);
+    agent.stop();
+    let (_store, replica, state) = w.replica("agent-0");
+    let p = state.point(&id).unwrap();
+    assert!(rebuilt(&replica, &state, p) == want, "the point differs");
+    server.stop();
+}

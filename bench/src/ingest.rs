@@ -411,6 +411,7 @@ pub struct IngestOptions {
     pub shards: usize,
     pub agents: usize,
     pub connections: usize,
+    pub full_only: bool,
 }
 
 pub fn run(o: &IngestOptions) -> Result<()> {
@@ -426,6 +427,16 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         shards: o.shards,
     };
     let full = run_load("full", &o.ferry, &o.work, &sample, full_load)?;
+    if o.full_only {
+        println!(
+            "ingest, full load only: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}",
+            full.mbps,
+            full.per_core_s,
+            ceiling,
+            full.per_core_s / ceiling
+        );
+        return Ok(());
+    }
     let half_load = Load {
         rate: Some(full.mbps / 2.0),
         ..full_load

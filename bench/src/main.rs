@@ -69,6 +69,9 @@ enum Command {
         /// Connections in the many-connections run
         #[arg(long, default_value_t = 1000)]
         connections: usize,
+        /// Only the full-load run (for profiling the server)
+        #[arg(long)]
+        full_only: bool,
     },
     /// All of the above, ending with the one-line summary
     All {
@@ -115,6 +118,7 @@ fn main() -> Result<()> {
             shards,
             agents,
             connections,
+            full_only,
         } => {
             machine::print();
             ingest::run(&ingest::IngestOptions {
@@ -126,6 +130,7 @@ fn main() -> Result<()> {
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
                 agents,
                 connections,
+                full_only,
             })?;
         }
         Command::All {

@@ -57,9 +57,9 @@ pub fn run(image: &Path, mib: usize) -> Result<SealFigures> {
     // The seed's whole per-byte work: zero test, block checksums, records, sealing.
     let mut sums = vec![ZERO_SUM; CHUNK / 65536];
     let mut ctx2 = SealContext::default();
-    let start = std::time::Instant::now();
+    let start = crate::sample::thread_cpu_s();
     let mut done = 0usize;
-    while start.elapsed().as_secs_f64() < crate::sample::seconds() {
+    while crate::sample::thread_cpu_s() - start < crate::sample::seconds() {
         for group in sample.chunks(16) {
             let mut b =
                 ObjectBuilder::new(&mut ctx2, &dk, &disk, ObjectKind::Extent, "bench/extent");
@@ -74,7 +74,7 @@ pub fn run(image: &Path, mib: usize) -> Result<SealFigures> {
             let _ = b.finish();
         }
     }
-    let seed_path = done as f64 / start.elapsed().as_secs_f64() / 1e6;
+    let seed_path = done as f64 / (crate::sample::thread_cpu_s() - start) / 1e6;
 
     println!(
         "  zstd level 1 alone      {zstd:>8.0} MB/s  (ratio {:.2})",

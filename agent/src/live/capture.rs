@@ -72,32 +72,32 @@ impl Capture {
         seq_floor: u64,
     ) -> io::Result<Capture> {
         let dev = FileDevice::open(path)?;
-        let (journal, rec) = CacheLog::open(
-            journal_dir,
-            (journal_bytes / 8).clamp(64 << 10, 64 << 20),
-            journal_bytes,
-        )
-        .map_err(journal_err)?;
         let mut next_seq = seq_floor.max(read_seq(journal_dir));
         let mut first_seq = None;
         let mut last_write = None;
-        for e in &rec.entries {
-            if let Ok(Decoded::Frame(f, _)) =
-                ferry_dataplane::protocol::decode(&e.payload, u32::MAX)
-            {
-                if let Some(s) = seq_of(&f) {
-                    next_seq = next_seq.max(s + 1);
-                    first_seq.get_or_insert(s);
-                }
-                match f {
-                    Frame::Write { offset, data, .. } => {
-                        last_write = Some((offset, data.len() as u64))
+        let (journal, _) = CacheLog::open_each(
+            journal_dir,
+            (journal_bytes / 8).clamp(64 << 10, 64 << 20),
+            journal_bytes,
+            |e| {
+                if let Ok(Decoded::Frame(f, _)) =
+                    ferry_dataplane::protocol::decode(e.payload, u32::MAX)
+                {
+                    if let Some(s) = seq_of(&f) {
+                        next_seq = next_seq.max(s + 1);
+                        first_seq.get_or_insert(s);
                     }
-                    Frame::Zero { offset, len, .. } => last_write = Some((offset, len)),
-                    _ => {}
+                    match f {
+                        Frame::Write { offset, data, .. } => {
+                            last_write = Some((offset, data.len() as u64))
+                        }
+                        Frame::Zero { offset, len, .. } => last_write = Some((offset, len)),
+                        _ => {}
+                    }
                 }
-            }
-        }
+            },
+        )
+        .map_err(journal_err)?;
         Ok(Capture {
             disk: disk.to_string(),
             dir: journal_dir.to_path_buf(),

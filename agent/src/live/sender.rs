@@ -198,8 +198,8 @@ impl Sender {
             let mut batch = Vec::with_capacity(BATCH_BYTES);
             let mut cost = 0;
             let mut sent = 0;
-            for e in &entries {
-                let Ok(Decoded::Frame(f, _)) = decode(&e.payload, u32::MAX) else {
+            for e in entries.iter() {
+                let Ok(Decoded::Frame(f, _)) = decode(e.payload, u32::MAX) else {
                     continue;
                 };
                 let Some(seq) = seq_of(&f) else { continue };
@@ -207,7 +207,7 @@ impl Sender {
                 if seq < durable {
                     continue;
                 }
-                batch.extend_from_slice(&e.payload);
+                batch.extend_from_slice(e.payload);
                 cost += credit_cost(&f);
                 unacked.push_back((seq, e.at));
                 sent += 1;

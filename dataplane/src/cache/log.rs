@@ -148,58 +148,115 @@ fn checksum(disk: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(disk), payload)
 }
 
-/// Parses records from `buf`; returns them and the length of the valid prefix.
-pub(crate) fn parse(file: u64, buf: &[u8]) -> (Vec<Entry>, usize, Option<&'static str>) {
-    let mut out = Vec::new();
+/// One record where it lies in a buffer: its offset, its disk name and payload ranges.
+pub(crate) struct Span {
+    pub offset: usize,
+    pub disk: std::ops::Range<usize>,
+    pub payload: std::ops::Range<usize>,
+}
+
+/// One record read back, borrowing the buffer it was read into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub at: Position,
+    pub disk: &'a str,
+    pub payload: &'a [u8],
+}
+
+impl RecordRef<'_> {
+    pub fn to_entry(&self) -> Entry {
+        Entry {
+            at: self.at,
+            disk: self.disk.to_string(),
+            payload: self.payload.to_vec(),
+        }
+    }
+}
+
+/// Parses the records at the start of `buf`, calling `f` for each, without copying
+/// them; returns the length of the valid prefix and, if it ends early, why.
+pub(crate) fn parse_spans(buf: &[u8], mut f: impl FnMut(Span)) -> (usize, Option<&'static str>) {
     let mut at = 0usize;
     loop {
         let rest = &buf[at..];
         if rest.is_empty() {
-            return (out, at, None);
+            return (at, None);
         }
         if rest.len() < HEADER_BYTES {
-            return (out, at, Some("incomplete record header"));
+            return (at, Some("incomplete record header"));
         }
         if u16::from_le_bytes([rest[0], rest[1]]) != MAGIC {
-            return (out, at, Some("bad record magic"));
+            return (at, Some("bad record magic"));
         }
         let len = u32::from_le_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
         let crc = u32::from_le_bytes([rest[6], rest[7], rest[8], rest[9]]);
         let disk_len = rest[10] as usize;
         if len > RECORD_PAYLOAD_MAX {
-            return (out, at, Some("record length beyond the limit"));
+            return (at, Some("record length beyond the limit"));
         }
         let total = HEADER_BYTES + disk_len + len;
         if rest.len() < total {
-            return (out, at, Some("incomplete record"));
+            return (at, Some("incomplete record"));
         }
         let disk = &rest[HEADER_BYTES..HEADER_BYTES + disk_len];
         let payload = &rest[HEADER_BYTES + disk_len..total];
         if checksum(disk, payload) != crc {
-            return (out, at, Some("checksum mismatch"));
+            return (at, Some("checksum mismatch"));
         }
-        let Ok(disk) = std::str::from_utf8(disk) else {
-            return (out, at, Some("disk name is not UTF-8"));
-        };
-        out.push(Entry {
-            at: Position {
-                file,
-                offset: at as u64,
-            },
-            disk: disk.to_string(),
-            payload: payload.to_vec(),
+        if std::str::from_utf8(disk).is_err() {
+            return (at, Some("disk name is not UTF-8"));
+        }
+        f(Span {
+            offset: at,
+            disk: at + HEADER_BYTES..at + HEADER_BYTES + disk_len,
+            payload: at + HEADER_BYTES + disk_len..at + total,
         });
         at += total;
     }
 }
 
+/// The record a span of `buf` (read from `file` at `base`) holds.
+pub(crate) fn record_at<'a>(buf: &'a [u8], file: u64, base: u64, s: &Span) -> RecordRef<'a> {
+    RecordRef {
+        at: Position {
+            file,
+            offset: base + s.offset as u64,
+        },
+        // Checked by `parse_spans`.
+        disk: std::str::from_utf8(&buf[s.disk.clone()]).unwrap_or_default(),
+        payload: &buf[s.payload.clone()],
+    }
+}
+
 impl CacheLog {
-    /// Opens the cache in `dir`, reading back every record.
+    /// Opens the cache in `dir`, reading back every record into memory (small logs and
+    /// tests; a server's cache uses `open_each`).
     pub fn open(
         dir: &Path,
         file_bytes_max: u64,
         total_bytes_max: u64,
     ) -> Result<(CacheLog, Recovered), CacheError> {
+        let mut entries = Vec::new();
+        let (log, torn_bytes) = Self::open_each(dir, file_bytes_max, total_bytes_max, |r| {
+            entries.push(r.to_entry())
+        })?;
+        Ok((
+            log,
+            Recovered {
+                entries,
+                torn_bytes,
+            },
+        ))
+    }
+
+    /// Opens the cache in `dir`, showing every record to `visit` in order, one file in
+    /// memory at a time; returns the log and the bytes cut from a torn tail.
+    pub fn open_each(
+        dir: &Path,
+        file_bytes_max: u64,
+        total_bytes_max: u64,
+        mut visit: impl FnMut(RecordRef<'_>),
+    ) -> Result<(CacheLog, u64), CacheError> {
         fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
         let mut numbers: Vec<u64> = fs::read_dir(dir)
             .map_err(|e| io_err("list", dir, e))?
@@ -207,16 +264,17 @@ impl CacheLog {
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
             .collect();
         numbers.sort_unstable();
-        let mut entries = Vec::new();
         let mut files = Vec::new();
         let mut torn_bytes = 0;
+        let mut buf = Vec::new();
         for (i, &n) in numbers.iter().enumerate() {
             let path = file_name(dir, n);
-            let mut buf = Vec::new();
+            buf.clear();
             File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut buf))
                 .map_err(|e| io_err("read", &path, e))?;
-            let (found, valid, problem) = parse(n, &buf);
+            let mut spans = Vec::new();
+            let (valid, problem) = parse_spans(&buf, |s| spans.push(s));
             if let Some(reason) = problem {
                 if i + 1 != numbers.len() {
                     return Err(CacheError::Corrupt {
@@ -242,7 +300,9 @@ impl CacheLog {
             File::open(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_err("sync", &path, e))?;
-            entries.extend(found);
+            for s in &spans {
+                visit(record_at(&buf, n, 0, s));
+            }
             files.push((n, valid as u64));
         }
         let next = files.last().map_or(0, |(n, _)| n + 1);
@@ -258,13 +318,7 @@ impl CacheLog {
             dir_unsynced: false,
             poisoned: false,
         };
-        Ok((
-            log,
-            Recovered {
-                entries,
-                torn_bytes,
-            },
-        ))
+        Ok((log, torn_bytes))
     }
 
     /// Creates file `n`. Its name is durable only once the directory is synced: at

@@ -5,5 +5,5 @@
 pub mod log;
 pub mod tail;
 
-pub use log::{CacheError, CacheLog, Entry, Position, Recovered};
-pub use tail::Tailer;
+pub use log::{CacheError, CacheLog, Entry, Position, RecordRef, Recovered};
+pub use tail::{Batch, Tailer};

@@ -7,14 +7,43 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::log::{file_name, io_err, parse, CacheError, Entry, Position, RECORD_PAYLOAD_MAX};
+use super::log::{
+    file_name, io_err, parse_spans, record_at, CacheError, Position, RecordRef, Span,
+    RECORD_PAYLOAD_MAX,
+};
 
 pub struct Tailer {
     dir: PathBuf,
     pos: Position,
     open: Option<(u64, File)>,
-    /// Reused between reads: zero-filled once, not per batch.
+    /// Reused between reads (zero-filled once, not per batch); a batch borrows it.
     buf: Vec<u8>,
+    /// The records of the last batch: file, where its read began in `buf` and the
+    /// file offset of that, and the record's span.
+    spans: Vec<(u64, usize, u64, Span)>,
+}
+
+/// Records read by one `Tailer::read`, borrowing the tailer's buffer: no copy of the
+/// payloads is made.
+pub struct Batch<'a> {
+    buf: &'a [u8],
+    spans: &'a [(u64, usize, u64, Span)],
+}
+
+impl<'a> Batch<'a> {
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = RecordRef<'a>> + '_ {
+        self.spans
+            .iter()
+            .map(|(file, start, base, s)| record_at(&self.buf[*start..], *file, *base, s))
+    }
 }
 
 impl Tailer {
@@ -24,6 +53,7 @@ impl Tailer {
             pos: start,
             open: None,
             buf: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -34,8 +64,9 @@ impl Tailer {
 
     /// Returns the records between the current position and `upto` (a record boundary
     /// the shard made durable), about `max_bytes` of them at most.
-    pub fn read(&mut self, upto: Position, max_bytes: usize) -> Result<Vec<Entry>, CacheError> {
-        let mut out = Vec::new();
+    pub fn read(&mut self, upto: Position, max_bytes: usize) -> Result<Batch<'_>, CacheError> {
+        self.spans.clear();
+        let mut used = 0usize;
         let mut taken = 0usize;
         while self.pos < upto && taken < max_bytes {
             let path = file_name(&self.dir, self.pos.file);
@@ -78,13 +109,18 @@ impl Tailer {
             let want = (end - self.pos.offset)
                 .min((max_bytes - taken + RECORD_PAYLOAD_MAX + 512) as u64)
                 as usize;
-            if self.buf.len() < want {
-                self.buf.resize(want, 0);
+            if self.buf.len() < used + want {
+                self.buf.resize(used + want, 0);
             }
-            let buf = &mut self.buf[..want];
+            let buf = &mut self.buf[used..used + want];
             f.read_exact_at(buf, self.pos.offset)
                 .map_err(|e| io_err("read", &path, e))?;
-            let (mut found, valid, problem) = parse(self.pos.file, buf);
+            let (file, base) = (self.pos.file, self.pos.offset);
+            let spans = &mut self.spans;
+            let (valid, problem) = parse_spans(buf, |s| {
+                taken += s.payload.len();
+                spans.push((file, used, base, s));
+            });
             if valid == 0 {
                 return Err(CacheError::Corrupt {
                     path: path.display().to_string(),
@@ -92,14 +128,13 @@ impl Tailer {
                     reason: problem.unwrap_or("no whole record where one was durable"),
                 });
             }
-            for e in &mut found {
-                e.at.offset += self.pos.offset;
-                taken += e.payload.len();
-            }
-            out.extend(found);
+            used += valid;
             self.pos.offset += valid as u64;
         }
-        Ok(out)
+        Ok(Batch {
+            buf: &self.buf[..used],
+            spans: &self.spans,
+        })
     }
 }
 
@@ -128,15 +163,18 @@ mod tests {
             if batch.is_empty() {
                 break;
             }
-            got.extend(batch.into_iter().map(|e| e.payload));
+            got.extend(batch.iter().map(|e| e.payload.to_vec()));
         }
         assert_eq!(got, want);
         assert_eq!(t.position(), end);
         // More appends are picked up from where it stopped.
         log.append("m/d", b"late").unwrap();
         log.sync().unwrap();
-        let batch = t.read(log.end_position(), 1 << 20).unwrap();
+        let end = log.end_position();
+        let batch = t.read(end, 1 << 20).unwrap();
         assert_eq!(batch.len(), 1);
-        assert_eq!(batch[0].payload, b"late");
+        let late = batch.iter().next().unwrap();
+        assert_eq!(late.payload, b"late");
+        assert_eq!(late.disk, "m/d");
     }
 }

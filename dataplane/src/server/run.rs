@@ -85,36 +85,40 @@ pub fn start(
     let mut newest: HashMap<String, (u64, usize)> = HashMap::new();
     for i in 0..opts.shards {
         let dir = opts.cache_dir.join(format!("shard-{i}"));
-        let (log, recovered) = CacheLog::open(&dir, file_bytes, per_shard)
-            .map_err(|e| err("recovering the cache", e))?;
+        // Records are visited one file at a time: recovering a full cache needs no
+        // more memory than its largest file.
         let mut frames = 0u64;
-        for e in &recovered.entries {
-            let Ok(Decoded::Frame(f, _)) = decode(&e.payload, u32::MAX) else {
-                return Err(format!(
-                    "cache {}: a record at file {} offset {} is not a frame",
-                    dir.display(),
-                    e.at.file,
-                    e.at.offset
-                ));
+        let mut bad = None;
+        let (log, torn_bytes) = CacheLog::open_each(&dir, file_bytes, per_shard, |e| {
+            let Ok(Decoded::Frame(f, _)) = decode(e.payload, u32::MAX) else {
+                bad.get_or_insert(e.at);
+                return;
             };
             let seq = match f {
                 Frame::Write { seq, .. } | Frame::Zero { seq, .. } => seq,
                 Frame::Bookmark(b) => b.seq,
-                _ => continue,
+                _ => return,
             };
             frames += 1;
-            let n = newest.entry(e.disk.clone()).or_insert((seq, i));
-            if seq >= n.0 {
-                *n = (seq, i);
+            if let Some(n) = newest.get_mut(e.disk) {
+                if seq >= n.0 {
+                    *n = (seq, i);
+                }
+            } else {
+                newest.insert(e.disk.to_string(), (seq, i));
             }
+        })
+        .map_err(|e| err("recovering the cache", e))?;
+        if let Some(at) = bad {
+            return Err(format!(
+                "cache {}: a record at file {} offset {} is not a frame",
+                dir.display(),
+                at.file,
+                at.offset
+            ));
         }
-        if frames > 0 || recovered.torn_bytes > 0 {
-            tracing::info!(
-                shard = i,
-                frames,
-                torn_bytes = recovered.torn_bytes,
-                "recovered the cache"
-            );
+        if frames > 0 || torn_bytes > 0 {
+            tracing::info!(shard = i, frames, torn_bytes, "recovered the cache");
         }
         let shared = Arc::new(ShardShared {
             id: i,

@@ -69,8 +69,8 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        let entries = match tail.read(durable, opts.batch_bytes.max(1 << 20)) {
-            Ok(e) => e,
+        let batch = match tail.read(durable, opts.batch_bytes.max(1 << 20)) {
+            Ok(b) => b,
             Err(e) => {
                 status.failing.store(true, Ordering::Relaxed);
                 tracing::error!(shard = shard.id, error = %e, "cannot read the cache for upload");
@@ -78,19 +78,23 @@ pub fn run(
                 continue;
             }
         };
-        let read: u64 = entries.iter().map(|e| e.payload.len() as u64).sum();
-        // Group by disk, keeping each disk's frames in log order.
-        let mut order: Vec<String> = Vec::new();
-        let mut groups: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
-        for e in entries {
-            if !groups.contains_key(&e.disk) {
-                order.push(e.disk.clone());
-            }
-            groups.entry(e.disk).or_default().push(e.payload);
+        let mut read = 0u64;
+        // Group by disk, keeping each disk's frames in log order; the payloads stay
+        // where the tail read them.
+        let mut order: Vec<&str> = Vec::new();
+        let mut groups: HashMap<&str, Vec<&[u8]>> = HashMap::new();
+        for e in batch.iter() {
+            read += e.payload.len() as u64;
+            groups
+                .entry(e.disk)
+                .or_insert_with(|| {
+                    order.push(e.disk);
+                    Vec::new()
+                })
+                .push(e.payload);
         }
         for key in order {
-            let payloads = &groups[&key];
-            if !upload_disk(&shard, &registry, &status, &stop, &key, payloads) {
+            if !upload_disk(&shard, &registry, &status, &stop, key, &groups[key]) {
                 return;
             }
         }
@@ -114,7 +118,7 @@ fn upload_disk(
     status: &UploadStatus,
     stop: &AtomicBool,
     key: &str,
-    payloads: &[Vec<u8>],
+    payloads: &[&[u8]],
 ) -> bool {
     let frames: Vec<Frame<'_>> = payloads
         .iter()

@@ -414,10 +414,32 @@ pub struct IngestOptions {
     pub full_only: bool,
 }
 
+/// The sample as the load sends it, for timing the ceiling on the same bytes: in
+/// every ten 64 KiB blocks one zero block, one random block and eight of the image.
+fn as_sent(sample: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let block = 64 << 10;
+    let mut k = 0usize;
+    sample
+        .iter()
+        .map(|c| {
+            let mut out = c.clone();
+            for b in out.chunks_mut(block) {
+                match k % 10 {
+                    0 => b.fill(0),
+                    1 => rand::thread_rng().fill(b),
+                    _ => {}
+                }
+                k += 1;
+            }
+            out
+        })
+        .collect()
+}
+
 pub fn run(o: &IngestOptions) -> Result<()> {
     ferry_dataplane::server::run::raise_fd_limit();
     let sample = crate::sample::load(&o.image, 64)?;
-    let ceiling = ceiling(&o.work, &sample)?;
+    let ceiling = ceiling(&o.work, &as_sent(&sample))?;
     let full_load = Load {
         agents: o.agents,
         disk_bytes: 64 << 20,

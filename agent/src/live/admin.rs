@@ -56,7 +56,7 @@ fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
                 for d in &s {
                     writeln!(
                         w,
-                        "{}: {} mode, journal {} bytes, next {} durable {} uploaded {}, lag {:.1} s, last point {}, {}",
+                        "{}: {} mode, journal {} bytes, next {} durable {} uploaded {}, lag {:.1} s, last point {}, {}{}{}",
                         d["disk"].as_str().unwrap_or(""),
                         d["mode"].as_str().unwrap_or(""),
                         d["journal_bytes"],
@@ -65,7 +65,9 @@ fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
                         d["uploaded"],
                         d["lag_s"].as_f64().unwrap_or(0.0),
                         d["last_point"].as_str().unwrap_or("none"),
-                        if d["connected"].as_bool().unwrap_or(false) { "connected" } else { "disconnected" }
+                        if d["connected"].as_bool().unwrap_or(false) { "connected" } else { "disconnected" },
+                        progress("initial copy", &d["copy"]),
+                        progress("checksum resync", &d["resync"]),
                     )?;
                 }
                 Ok(())
@@ -77,6 +79,26 @@ fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
             line.trim()
         ),
     }
+}
+
+/// ", initial copy 42.0 % at 120 MB/s, 8 s left" for a running copy or resync.
+fn progress(what: &str, p: &serde_json::Value) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    let left = p["left_s"]
+        .as_f64()
+        .map_or("time left unknown".to_string(), |s| {
+            format!("{s:.0} s left")
+        });
+    let sent = p["sent_bytes"]
+        .as_u64()
+        .map_or(String::new(), |b| format!(", {b} bytes sent"));
+    format!(
+        ", {what} {:.1} % at {:.0} MB/s, {left}{sent}",
+        p["percent"].as_f64().unwrap_or(0.0),
+        p["mb_per_s"].as_f64().unwrap_or(0.0)
+    )
 }
 
 /// Sends one request to an agent's admin socket; returns the answer's lines.

@@ -161,17 +161,65 @@ impl Resync {
     }
 }
 
-/// Figures as the status shows them: percent, MB/s and time left.
-pub fn figures_json(f: &Figures) -> serde_json::Value {
-    let rate = f.compared as f64 / f.seconds.max(1e-3);
+/// Progress as the status shows it: percent, MB/s and time left.
+pub fn progress_json(done: u64, total: u64, seconds: f64) -> serde_json::Value {
+    let rate = done as f64 / seconds.max(1e-3);
     serde_json::json!({
-        "why": f.why,
-        "compared_bytes": f.compared,
-        "total_bytes": f.total,
-        "percent": if f.total == 0 { 0.0 } else { 100.0 * f.compared as f64 / f.total as f64 },
-        "sent_bytes": f.sent,
-        "seconds": f.seconds,
+        "done_bytes": done,
+        "total_bytes": total,
+        "percent": if total == 0 { 0.0 } else { 100.0 * done as f64 / total as f64 },
+        "seconds": seconds,
         "mb_per_s": rate / 1e6,
-        "left_s": if f.compared == 0 { serde_json::Value::Null } else { ((f.total - f.compared) as f64 / rate).into() },
+        "left_s": if done == 0 { serde_json::Value::Null } else { (total.saturating_sub(done) as f64 / rate).into() },
     })
+}
+
+/// A resync's figures as the status shows them: its progress, why, and bytes sent.
+pub fn figures_json(f: &Figures) -> serde_json::Value {
+    let mut j = progress_json(f.compared, f.total, f.seconds);
+    j["why"] = f.why.clone().into();
+    j["compared_bytes"] = f.compared.into();
+    j["sent_bytes"] = f.sent.into();
+    j
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_has_percent_rate_and_time_left() {
+        let p = progress_json(25 << 20, 100 << 20, 2.0);
+        assert_eq!(p["percent"], 25.0);
+        let rate = p["mb_per_s"].as_f64().unwrap();
+        assert!((rate - 13.107).abs() < 0.01, "{p}");
+        assert!((p["left_s"].as_f64().unwrap() - 6.0).abs() < 1e-9, "{p}");
+        assert!(progress_json(0, 100, 1.0)["left_s"].is_null());
+    }
+
+    #[test]
+    fn a_resync_goes_through_its_phases_and_keeps_its_figures() {
+        let r = Resync::default();
+        assert!(r.want("test"));
+        assert!(!r.want("again"), "one resync at a time");
+        assert!(r.take_wanted());
+        r.lost_link();
+        assert_eq!(r.phase(), Phase::Wanted, "asked again after a lost link");
+        assert!(r.take_wanted());
+        let map = BlockSums {
+            block_bytes: 4,
+            disk_bytes: 10,
+            sums: vec![[0; 16]; 3],
+        };
+        r.got_map(map, 10);
+        let (_, at, len) = r.next_range(8).unwrap();
+        assert_eq!((at, len), (0, 8));
+        assert!(r.advance(len, 4).is_none());
+        let (_, at, len) = r.next_range(8).unwrap();
+        assert_eq!((at, len), (8, 2));
+        let done = r.advance(len, 0).unwrap();
+        assert_eq!((done.compared, done.sent, done.total), (10, 4, 10));
+        assert!(!r.busy());
+        assert_eq!(r.figures().2.unwrap().sent, 4);
+    }
 }

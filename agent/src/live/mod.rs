@@ -51,7 +51,25 @@ pub struct Options {
 struct Disk {
     capture: Arc<Capture>,
     status: Arc<Mutex<SendStatus>>,
-    copy: Arc<Mutex<(u64, u64)>>,
+    copy: Arc<Mutex<CopyProgress>>,
+}
+
+/// The initial copy's progress: bytes done of the disk's, since when.
+#[derive(Debug, Clone, Copy)]
+struct CopyProgress {
+    done: u64,
+    total: u64,
+    started: Instant,
+}
+
+impl CopyProgress {
+    fn new(done: u64, total: u64) -> CopyProgress {
+        CopyProgress {
+            done,
+            total,
+            started: Instant::now(),
+        }
+    }
 }
 
 pub struct Agent {
@@ -127,7 +145,7 @@ impl Agent {
             disks.push(Disk {
                 capture: cap,
                 status,
-                copy: Arc::new(Mutex::new((0, 0))),
+                copy: Arc::new(Mutex::new(CopyProgress::new(0, 0))),
             });
         }
         let listener = std::net::TcpListener::bind(o.nbd_listen)
@@ -171,7 +189,7 @@ impl Agent {
                 if marker.exists() {
                     continue;
                 }
-                *d.copy.lock().expect("copy lock") = (0, d.capture.size());
+                *d.copy.lock().expect("copy lock") = CopyProgress::new(0, d.capture.size());
                 let (cap, copy, stop) = (d.capture.clone(), d.copy.clone(), stop.clone());
                 std::thread::Builder::new()
                     .name(format!("ferry-copy-{}", cap.disk))
@@ -232,7 +250,7 @@ impl Agent {
                     d.capture.disk
                 ));
             }
-            let (done, total) = *d.copy.lock().expect("copy lock");
+            let CopyProgress { done, total, .. } = *d.copy.lock().expect("copy lock");
             if done < total {
                 return Err(format!(
                     "disk {} is still in its initial copy ({:.1} %): no point yet",
@@ -315,7 +333,7 @@ impl Agent {
         }
         let mut started = Vec::new();
         for d in chosen {
-            let (done, total) = *d.copy.lock().expect("copy lock");
+            let CopyProgress { done, total, .. } = *d.copy.lock().expect("copy lock");
             if done < total {
                 return Err(format!(
                     "disk {} is still in its initial copy",
@@ -343,7 +361,8 @@ impl Agent {
                     let st = d.capture.state();
                     (st.next_seq, st.journal.used_bytes(), st.last_point.clone(), st.overflowed, st.dirty.len())
                 };
-                let (done, total) = *d.copy.lock().expect("copy lock");
+                let copy = *d.copy.lock().expect("copy lock");
+                let (done, total) = (copy.done, copy.total);
                 let (phase, now, last_rs) = d.capture.resync.figures();
                 let resyncing = phase != checksum::Phase::Idle;
                 serde_json::json!({
@@ -361,6 +380,7 @@ impl Agent {
                     "connected": s.connected,
                     "copy_done_bytes": done,
                     "copy_total_bytes": total,
+                    "copy": (total > 0 && done < total).then(|| checksum::progress_json(done, total, copy.started.elapsed().as_secs_f64())),
                     "last_error": s.last_error,
                 })
             })
@@ -424,7 +444,7 @@ fn resync_loop(cap: &Capture, stop: &AtomicBool) {
 /// server first answers, a full copy if the replica holds nothing of the disk, else
 /// a checksum resync (the replica exists: the journal was lost, or the disk was
 /// seeded). Returns whether it finished.
-fn first_sync(cap: &Capture, copy: &Mutex<(u64, u64)>, stop: &AtomicBool) -> bool {
+fn first_sync(cap: &Capture, copy: &Mutex<CopyProgress>, stop: &AtomicBool) -> bool {
     let durable = loop {
         if stop.load(Ordering::Relaxed) {
             return false;
@@ -442,7 +462,7 @@ fn first_sync(cap: &Capture, copy: &Mutex<(u64, u64)>, stop: &AtomicBool) -> boo
     // progress is cleared.
     cap.resync
         .want("the replica already holds this disk: sending only what differs");
-    *copy.lock().expect("copy lock") = (0, 0);
+    *copy.lock().expect("copy lock") = CopyProgress::new(0, 0);
     tracing::info!(disk = %cap.disk, durable, "the replica already holds this disk: checksum resync instead of a full copy");
     while cap.resync.busy() {
         if stop.load(Ordering::Relaxed) {
@@ -455,9 +475,9 @@ fn first_sync(cap: &Capture, copy: &Mutex<(u64, u64)>, stop: &AtomicBool) -> boo
 
 /// Journals every non-zero MiB of the disk, each under the capture lock, logging
 /// progress (percent, MB/s, time left).
-fn initial_copy(cap: &Capture, progress: &Mutex<(u64, u64)>) -> bool {
+fn initial_copy(cap: &Capture, progress: &Mutex<CopyProgress>) -> bool {
     let size = cap.size();
-    *progress.lock().expect("copy lock") = (0, size);
+    *progress.lock().expect("copy lock") = CopyProgress::new(0, size);
     let start = Instant::now();
     let mut last_log = Instant::now();
     let mut buf = Vec::new();
@@ -473,7 +493,7 @@ fn initial_copy(cap: &Capture, progress: &Mutex<(u64, u64)>) -> bool {
             return false;
         }
         off += len as u64;
-        *progress.lock().expect("copy lock") = (off, size);
+        progress.lock().expect("copy lock").done = off;
         if last_log.elapsed() > Duration::from_secs(5) {
             last_log = Instant::now();
             let rate = off as f64 / start.elapsed().as_secs_f64().max(1e-3);

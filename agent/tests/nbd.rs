@@ -1,4 +1,5 @@
-//! The NBD export against real clients: qemu-io writes, zeroes, discards and reads
+//! The NBD export against real clients: qemu-nbd lists it, qemu-io writes, zeroes,
+//! discards and reads
 //! patterns through it (with and without FUA), qemu-img reads its size and compares
 //! its content with a reference built here, and a recording device sees every write in
 //! the order the client issued them. Bad requests get error replies, not a crash.
@@ -106,6 +107,22 @@ fn qemu_clients_read_and_write_through_the_export() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(info.contains("8 MiB"), "{info}");
+
+    // qemu-nbd lists the exports (NBD_OPT_LIST, then NBD_OPT_INFO for each).
+    let out = Command::new("qemu-nbd")
+        .args(["--list", "--bind", "127.0.0.1", "--port", &port.to_string()])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{list} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        list.contains("export: 'disk0'") && list.contains(&format!("size:  {SIZE}")),
+        "{list}"
+    );
 
     qemu_io(
         &url,

@@ -1,8 +1,7 @@
 //! The NBD export against real clients: qemu-nbd lists it, qemu-io writes, zeroes,
-//! discards and reads
-//! patterns through it (with and without FUA), qemu-img reads its size and compares
-//! its content with a reference built here, and a recording device sees every write in
-//! the order the client issued them. Bad requests get error replies, not a crash.
+//! discards and reads patterns through it (with and without FUA), qemu-img reads its
+//! size and compares its content with a reference built here, and a recording device
+//! sees every write in the order the client issued them. Bad requests get error replies, not a crash.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

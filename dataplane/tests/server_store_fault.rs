@@ -100,3 +100,79 @@ fn a_store_outage_grows_the_cache_raises_the_alert_and_loses_nothing() {
     let points = verify(&store, &vault, &sim).unwrap();
     assert_eq!(points, 7);
 }
+
+/// A cache too small for what an agent has in flight fills up while blob storage is
+/// down: the server holds the agent (no more reading, no disconnect) until uploads
+/// free room, then everything flows on the same connection and every point rebuilds.
+#[test]
+fn a_full_cache_holds_the_agent_instead_of_dropping_the_session() {
+    let seed = net::seed();
+    eprintln!("FERRY_SEED={seed}");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = net::pki(&dir.path().join("pki"));
+    let (_, vault) = net::vault(dir.path());
+    let inner: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let fault = FaultStore::new(inner.clone());
+    let mut opts = net::options(&dir.path().join("cache"), 1);
+    // Smaller than the agent's credit (8 MiB): the agent can fill it.
+    opts.cache_bytes = 3 << 20;
+    let max = opts.cache_bytes;
+    let server = net::serve(
+        &pki,
+        opts,
+        Store::with_object_store(fault.clone(), "fault"),
+        net::vault(dir.path()).1,
+    );
+    let target = pki.target(server.addr, "agent-0");
+    let rt = compio::runtime::Runtime::new().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut sim = SimDisk::new("agent-0", "d", 2 << 20, true);
+    // The session opens the disk while storage works, then storage goes down.
+    rt.block_on(async {
+        round(&mut sim, &mut rng);
+        sim.finish(&target, Duration::from_secs(20)).await.unwrap();
+    });
+    // `finish` ended that session with Bye: the next pump opens one more, and only one.
+    let connects = sim.connects + 1;
+    fault.outage.store(true, Ordering::SeqCst);
+    // Storage comes back once the cache has been full for a while.
+    let view = server.view.clone();
+    let f2 = fault.clone();
+    let watcher = std::thread::spawn(move || {
+        let mut full_since = None;
+        for _ in 0..600 {
+            let (_, g, _) = view.snapshot();
+            if g.cache_bytes + (512 << 10) >= max {
+                let t = *full_since.get_or_insert_with(std::time::Instant::now);
+                if t.elapsed() > Duration::from_millis(500) {
+                    f2.outage.store(false, Ordering::SeqCst);
+                    return g.cache_bytes;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f2.outage.store(false, Ordering::SeqCst);
+        0
+    });
+    rt.block_on(async {
+        // About 7 MiB of writes, more than twice the cache.
+        for _ in 0..8 {
+            round(&mut sim, &mut rng);
+        }
+        sim.pump(&target, Duration::from_secs(60)).await.unwrap();
+        sim.finish(&target, Duration::from_secs(30)).await.unwrap();
+    });
+    let peak = watcher.join().unwrap();
+    assert!(peak > 0, "the cache never filled");
+    assert_eq!(sim.connects, connects, "the session was dropped, not held");
+    let (m, _, _) = server.view.snapshot();
+    let cache_errors = ferry_dataplane::metrics::ERROR_KINDS
+        .iter()
+        .position(|k| *k == "cache")
+        .map(|i| m.errors[i]);
+    assert_eq!(cache_errors, Some(0), "no session ended for want of cache");
+    server.stop();
+    let store = Store::with_object_store(inner, "memory");
+    let points = verify(&store, &vault, &sim).unwrap();
+    assert_eq!(points, 9);
+}

@@ -332,6 +332,8 @@ async fn read_loop(
         // Judge every whole frame in the buffer.
         let mut start = 0;
         let mut need = HEADER_BYTES;
+        // A judged frame the full cache could not take: (sequence, length).
+        let mut blocked = None;
         while start < inbuf.len() {
             let (f, used) = match decode(&inbuf[start..], max_payload) {
                 Ok(Decoded::Frame(f, used)) => (f, used),
@@ -349,30 +351,14 @@ async fn read_loop(
             let mut st = state.borrow_mut();
             match st.session.on_frame(&f) {
                 Ok(Action::Cache { seq }) => {
-                    if shard.durable.borrow().failed {
-                        return End::Reject(unavailable("this shard's cache failed; reconnect"));
-                    }
-                    let appended = shard
-                        .log
-                        .borrow_mut()
-                        .append(&entry.key, &inbuf[start..start + used]);
-                    let end = match appended {
-                        // Durable once the synced prefix reaches the record's end.
-                        Ok(_) => shard.log.borrow().end_position(),
-                        Err(CacheError::Full { used, max }) => {
-                            return End::Reject(unavailable(format!(
-                                "the cache is full ({used} of {max} bytes); retry later"
-                            )))
+                    match append_frame(shard, entry, &mut st, seq, &inbuf[start..start + used]) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            blocked = Some((seq, used));
+                            break;
                         }
-                        Err(e) => return End::Reject(unavailable(format!("cache: {e}"))),
-                    };
-                    st.pending.push_back((seq, end, Instant::now()));
-                    shard.metrics.borrow_mut().bytes_in += used as u64;
-                    shard
-                        .shared
-                        .backlog
-                        .fetch_add(used as u64, Ordering::Relaxed);
-                    shard.commit.notify_one();
+                        Err(end) => return end,
+                    }
                 }
                 Ok(Action::Duplicate) => {}
                 Ok(Action::Flush { seq }) => {
@@ -406,6 +392,29 @@ async fn read_loop(
             start += used;
         }
         inbuf.drain(..start);
+        if let Some((seq, used)) = blocked {
+            // Backpressure, not a disconnect: hold the frame (and stop reading, so
+            // TCP pushes back on the agent) until uploads free room in the cache.
+            tracing::warn!(shard = shard.shared.id, disk = %entry.key, "the cache is full: holding the agent until uploads free room");
+            loop {
+                let stopped = {
+                    let nap = pin!(compio::time::sleep(Duration::from_millis(20)));
+                    let stopped = pin!(stop.notified());
+                    matches!(select(nap, stopped).await, Either::Right(_))
+                };
+                if stopped {
+                    return End::Reject(unavailable("a newer session took over this disk"));
+                }
+                let mut st = state.borrow_mut();
+                match append_frame(shard, entry, &mut st, seq, &inbuf[..used]) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(end) => return end,
+                }
+            }
+            inbuf.drain(..used);
+            continue;
+        }
         if inbuf.capacity() > (256 << 10) && inbuf.len() < (64 << 10) && need < (64 << 10) {
             // A big frame passed; do not keep its buffer for an idle connection.
             inbuf.shrink_to(128 << 10);
@@ -449,6 +458,43 @@ async fn read_loop(
             }
         }
     }
+}
+
+/// Appends a judged frame (sequence `seq`) to the shard's cache log, to be
+/// acknowledged once synced. Ok(false): the cache is full, try again later.
+fn append_frame(
+    shard: &Shard,
+    entry: &DiskEntry,
+    st: &mut State,
+    seq: u64,
+    frame: &[u8],
+) -> Result<bool, End> {
+    if shard.durable.borrow().failed {
+        return Err(End::Reject(unavailable(
+            "this shard's cache failed; reconnect",
+        )));
+    }
+    let appended = shard.log.borrow_mut().append(&entry.key, frame);
+    let end = match appended {
+        // Durable once the synced prefix reaches the record's end.
+        Ok(_) => shard.log.borrow().end_position(),
+        Err(CacheError::Full { used: 0, max }) => {
+            return Err(End::Reject(unavailable(format!(
+                "a record of {} bytes can never fit a cache of {max} bytes",
+                frame.len()
+            ))))
+        }
+        Err(CacheError::Full { .. }) => return Ok(false),
+        Err(e) => return Err(End::Reject(unavailable(format!("cache: {e}")))),
+    };
+    st.pending.push_back((seq, end, Instant::now()));
+    shard.metrics.borrow_mut().bytes_in += frame.len() as u64;
+    shard
+        .shared
+        .backlog
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+    shard.commit.notify_one();
+    Ok(true)
 }
 
 /// Makes the replica's checksum map at `seq` and queues it for the writer; a failure

@@ -111,10 +111,20 @@ impl Site {
     }
 
     fn server(&self, listen: std::net::SocketAddr) -> ferry_dataplane::server::Running {
+        self.server_with(listen, |_| {})
+    }
+
+    /// A process server with the test's options, then `tune`'s.
+    fn server_with(
+        &self,
+        listen: std::net::SocketAddr,
+        tune: impl FnOnce(&mut ServerOptions),
+    ) -> ferry_dataplane::server::Running {
         let mut so = ServerOptions::new(listen, self.path("cache"));
         so.shards = 2;
         so.cache_bytes = 256 << 20;
         so.batch_delay = Duration::from_millis(20);
+        tune(&mut so);
         let pki = self.path("pki");
         start(
             so,
@@ -626,6 +636,60 @@ fn an_agent_on_a_seeded_disk_sends_only_what_changed_since_the_seed() {
     wait_uploaded(&[&agent]);
     agent.stop();
     let (_store, replica, state) = w.replica("agent-0");
+    let p = state.point(&id).unwrap();
+    assert!(rebuilt(&replica, &state, p) == want, "the point differs");
+    server.stop();
+}
+
+/// The process server loses its cache (a replaced disk) while it holds writes the
+/// agent has already trimmed from its journal: the new server's watermark is below
+/// what the agent holds. The agent gives up its journal, numbers on from the server's
+/// watermark and resyncs by checksum; the next point rebuilds exactly the disk.
+#[test]
+fn an_agent_starts_over_when_the_process_server_lost_its_cache() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let addr = free_addr();
+    // Uploads wait a minute: acknowledged writes stay only in the cache.
+    let server = w.server_with(addr, |o| o.batch_delay = Duration::from_secs(60));
+    let disk = w.path("disk.img");
+    std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+    let agent = Agent::start(w.options(0, &disk, addr)).unwrap();
+    pattern_writes(&agent, &mut rng, 30, 1..=16);
+    let lost = agent.bookmark(false, Some("lost")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = &agent.status()[0];
+        if s["durable"] == s["next_seq"] && s["journal_bytes"] == 0 {
+            assert_eq!(s["uploaded"], 0, "nothing uploaded yet: {s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not trimmed: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.stop();
+    std::fs::remove_dir_all(w.path("cache")).unwrap();
+    let server = w.server(addr);
+    // A point before the agent notices would be given up with its journal: wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.status()[0]["last_resync"].is_null() && agent.status()[0]["resync"].is_null() {
+        assert!(Instant::now() < deadline, "the loss was never noticed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let id = point_when_ready(&agent, "after");
+    let want = std::fs::read(&disk).unwrap();
+    let s = &agent.status()[0];
+    assert!(
+        s["last_resync"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("lost writes"),
+        "{s}"
+    );
+    wait_uploaded(&[&agent]);
+    agent.stop();
+    let (_store, replica, state) = w.replica("agent-0");
+    assert!(state.point(&lost).is_none(), "a point the server lost");
     let p = state.point(&id).unwrap();
     assert!(rebuilt(&replica, &state, p) == want, "the point differs");
     server.stop();

@@ -58,8 +58,43 @@ pub struct Link {
     out: Vec<u8>,
 }
 
+/// Why `connect` failed; `durable` is the server's watermark when it refused the
+/// agent's sequence numbers (an Ack precedes that refusal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectError {
+    pub reason: String,
+    pub durable: Option<u64>,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl From<String> for ConnectError {
+    fn from(reason: String) -> Self {
+        ConnectError {
+            reason,
+            durable: None,
+        }
+    }
+}
+
+impl From<&str> for ConnectError {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
+    }
+}
+
+impl From<ConnectError> for String {
+    fn from(e: ConnectError) -> Self {
+        e.reason
+    }
+}
+
 /// Connects, handshakes and exchanges Hello and Welcome.
-pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, String> {
+pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, ConnectError> {
     let tcp = compio::time::timeout(target.timeout, compio::net::TcpStream::connect(target.addr))
         .await
         .map_err(|_| format!("connect to {}: timed out", target.addr))?
@@ -77,25 +112,33 @@ pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, String>
         .await
         .map_err(|e| format!("send hello: {e}"))?;
     let mut inbuf = Vec::new();
+    let mut durable = None;
     let welcome = loop {
         match decode(&inbuf, u32::MAX) {
             Ok(Decoded::Frame(Frame::Welcome(w), used)) => {
                 inbuf.drain(..used);
                 break w;
             }
-            Ok(Decoded::Frame(Frame::Error { code, reason }, _)) => {
-                return Err(format!(
-                    "refused by the process server: {reason} ({code:?})"
-                ))
+            Ok(Decoded::Frame(Frame::Ack { durable: d, .. }, used)) => {
+                // The watermarks ahead of a refusal of our sequence numbers.
+                durable = Some(d);
+                inbuf.drain(..used);
+                continue;
             }
-            Ok(Decoded::Frame(f, _)) => return Err(format!("expected welcome, got {f:?}")),
+            Ok(Decoded::Frame(Frame::Error { code, reason }, _)) => {
+                return Err(ConnectError {
+                    reason: format!("refused by the process server: {reason} ({code:?})"),
+                    durable,
+                })
+            }
+            Ok(Decoded::Frame(f, _)) => return Err(format!("expected welcome, got {f:?}").into()),
             Ok(Decoded::Incomplete(_)) => {}
-            Err(e) => return Err(format!("bad answer to hello: {e}")),
+            Err(e) => return Err(format!("bad answer to hello: {e}").into()),
         }
         match compio::time::timeout(target.timeout, reader.read(&mut inbuf)).await {
             Ok(Ok(0)) => return Err("the process server closed the connection".into()),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("waiting for welcome: {e}")),
+            Ok(Err(e)) => return Err(format!("waiting for welcome: {e}").into()),
             Err(_) => return Err("no welcome in time".into()),
         }
     };

@@ -75,7 +75,7 @@ async fn error_frame(r: &mut TlsReader) -> (ErrorCode, String) {
 async fn refused(target: &Target, machine: &str) -> String {
     match connect(target, &hello(machine, "d")).await {
         Ok(_) => panic!("a connection for {machine} was accepted"),
-        Err(e) => e,
+        Err(e) => e.reason,
     }
 }
 

@@ -198,6 +198,30 @@ impl Capture {
         tracing::error!(disk = %self.disk, floor, "sequence numbers were lost: numbering on from the process server's and resyncing by checksum");
     }
 
+    /// The process server holds less than this agent's journal starts from (it lost
+    /// its cache): nothing can fill the gap, so the journal is given up, numbering
+    /// continues at `seq` (what the server expects next) and the disk is compared
+    /// with the replica. Returns where the sender reads from now.
+    pub fn restart_at(&self, seq: u64) -> Position {
+        let mut st = self.state();
+        // The number first, as in `trim`: a kill must not leave an empty journal with
+        // a stale number.
+        if let Err(e) = write_seq(&self.dir, seq) {
+            tracing::warn!(disk = %self.disk, error = %e, "could not record the next sequence number");
+        }
+        let end = st.journal.end_position();
+        if let Err(e) = st.journal.release_before(end) {
+            tracing::warn!(disk = %self.disk, error = %e, "could not drop the journal");
+        }
+        st.next_seq = seq;
+        let at = st.journal.end_position();
+        drop(st);
+        self.resync
+            .want("the process server lost writes this agent no longer holds");
+        tracing::error!(disk = %self.disk, seq, "the process server lost writes: dropping the journal and resyncing by checksum");
+        at
+    }
+
     /// Checksum resync: compares `len` bytes at `offset` (whole blocks of the map)
     /// with the replica's checksums and journals the blocks that differ, all under
     /// the capture lock. Returns the bytes journaled.

@@ -118,17 +118,29 @@ impl Sender {
                         link = Some(l);
                     }
                     Err(e) => {
-                        // The server already holds numbers this agent would reuse:
-                        // never send different data under them.
-                        if let Some(floor) = durable_above(&e) {
-                            self.capture.renumber(floor);
+                        match e.durable {
+                            // The server already holds numbers this agent would
+                            // reuse: never send different data under them.
+                            Some(d) if d > next_seq => self.capture.renumber(d),
+                            // The server lost writes this agent no longer holds (its
+                            // cache was lost): start over from what it holds.
+                            Some(d) if d < from => {
+                                let at = self.capture.restart_at(d);
+                                tail = Tailer::new(&self.journal_dir, at);
+                                tail_next = d;
+                                unacked.clear();
+                            }
+                            _ => {}
+                        }
+                        if let Some(d) = e.durable {
                             let _ = self.capture.contact.compare_exchange(
                                 NO_CONTACT,
-                                floor,
+                                d,
                                 Ordering::SeqCst,
                                 Ordering::SeqCst,
                             );
                         }
+                        let e = e.reason;
                         self.set(|s| s.last_error = Some(e.clone()));
                         tracing::debug!(disk = %self.capture.disk, error = %e, "connect failed");
                         compio::time::sleep(backoff).await;
@@ -226,10 +238,4 @@ impl Sender {
             }
         }
     }
-}
-
-/// From a refusal "next sequence N is below what is durable here (D)", D.
-fn durable_above(reason: &str) -> Option<u64> {
-    let rest = reason.split("is below what is durable here (").nth(1)?;
-    rest.split(')').next()?.parse().ok()
 }

@@ -104,7 +104,7 @@ async fn serve_inner(
     if let Err(r) = Session::start(&hello, progress, shard.opts.limits, |m, d| {
         entry.machine == m && entry.disk == d
     }) {
-        return refuse(shard, writer, r).await;
+        return refuse_behind(shard, writer, r, progress).await;
     }
     let stop = Arc::new(Notify::new());
     let claim = match entry
@@ -130,7 +130,7 @@ async fn serve_inner(
         Ok(v) => v,
         Err(r) => {
             entry.release(claim);
-            return refuse(shard, writer, r).await;
+            return refuse_behind(shard, writer, r, progress).await;
         }
     };
     // The Hello goes into the cache too: it carries the disk size for the points.
@@ -219,6 +219,32 @@ async fn refuse(shard: &Shard, mut writer: TlsWriter, r: Reject) -> Result<(), S
     let _ = writer.send(&out).await;
     let _ = writer.close().await;
     Err(format!("refused: {} ({:?})", r.reason, r.code))
+}
+
+/// A refusal of the agent's sequence numbers is preceded by an Ack with the disk's
+/// watermarks (docs/protocol.md, Session 2), so the agent learns, typed, where the
+/// server stands: above its numbering (it lost its own) or below its journal (the
+/// server lost writes).
+async fn refuse_behind(
+    shard: &Shard,
+    mut writer: TlsWriter,
+    r: Reject,
+    progress: super::session::Progress,
+) -> Result<(), String> {
+    if r.code == ErrorCode::Sequence {
+        let mut out = Vec::new();
+        encode(
+            &Frame::Ack {
+                durable: progress.durable,
+                uploaded: progress.uploaded,
+            },
+            &mut out,
+        );
+        if let Err(e) = writer.send(&out).await {
+            return Err(format!("refusing: {e}"));
+        }
+    }
+    refuse(shard, writer, r).await
 }
 
 /// Reads until the first frame is whole; it must be a Hello naming a valid disk.

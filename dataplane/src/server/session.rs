@@ -10,6 +10,10 @@ use std::collections::VecDeque;
 
 use crate::protocol::{ErrorCode, Frame, Hello, Welcome, MAX_PAYLOAD_BYTES, VERSION};
 
+/// The largest disk a session may announce (the VHDX limit): what rebuilds,
+/// checksum maps and points are sized by.
+pub const MAX_DISK_BYTES: u64 = 64 << 40;
+
 /// What the server knows of a disk when a session starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
@@ -121,6 +125,15 @@ impl Session {
                 format!(
                     "protocol version {} is not supported; this server speaks {VERSION}",
                     hello.version
+                ),
+            ));
+        }
+        if hello.disk_bytes > MAX_DISK_BYTES {
+            return Err(Reject::new(
+                ErrorCode::Malformed,
+                format!(
+                    "a disk of {} bytes exceeds the limit of {MAX_DISK_BYTES} (64 TiB)",
+                    hello.disk_bytes
                 ),
             ));
         }
@@ -424,6 +437,11 @@ mod tests {
         let e = Session::start(&hello(0, 9), p, limits(), |_, d| d == "other").unwrap_err();
         assert_eq!(e.code, ErrorCode::NotOwned);
         assert!(e.reason.contains("disk d of machine m"));
+        let mut h = hello(0, 9);
+        h.disk_bytes = MAX_DISK_BYTES + 1;
+        let e = Session::start(&h, p, limits(), |_, _| true).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Malformed);
+        assert!(e.reason.contains("64 TiB"), "{}", e.reason);
         let mut h = hello(0, 9);
         h.version = 9;
         assert_eq!(

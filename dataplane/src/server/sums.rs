@@ -17,6 +17,10 @@ use ferry_replica::sums::BlockSums;
 use ferry_replica::{Disk, Store, VaultKey};
 
 use super::registry::{DiskEntry, Registry};
+use crate::protocol::SUM_BYTES;
+
+/// The largest map made (and held while it is sent): 16 bytes per block.
+pub const MAX_MAP_BYTES: u64 = 1 << 30;
 
 /// Serialises map making across the server.
 pub static GATE: Mutex<()> = Mutex::new(());
@@ -82,6 +86,12 @@ fn make(
     let disk = store
         .block(Disk::open(store, &entry.machine, &entry.disk, Some(vault)))
         .map_err(|e| e.to_string())?;
+    let blocks = BlockSums::blocks_for(disk_bytes, disk.info.block_bytes) as u64;
+    if blocks * SUM_BYTES as u64 > MAX_MAP_BYTES {
+        return Err(format!(
+            "a checksum map of {blocks} blocks exceeds the {MAX_MAP_BYTES}-byte limit (disks up to 4 TiB at 64 KiB blocks)"
+        ));
+    }
     let started = std::time::Instant::now();
     let map = BlockSums::of_replica(&disk, &state, seq, disk_bytes, scratch)
         .map_err(|e| e.to_string())?;

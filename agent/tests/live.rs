@@ -694,3 +694,39 @@ fn an_agent_starts_over_when_the_process_server_lost_its_cache() {
     assert!(rebuilt(&replica, &state, p) == want, "the point differs");
     server.stop();
 }
+
+/// Writes keep coming through NBD while checksum resyncs compare the disk (a 64 MiB
+/// disk, five resyncs asked for in a row, each with a batch of writes alongside):
+/// the resync never sends a block older than a write that followed it, so the point
+/// after all of it rebuilds exactly the disk.
+#[test]
+fn writes_during_a_checksum_resync_are_never_overwritten_by_it() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let server = w.server("127.0.0.1:0".parse().unwrap());
+    let disk = w.path("disk.img");
+    let mut content = vec![0u8; 4 * SIZE as usize];
+    rng.fill(&mut content[..]);
+    std::fs::write(&disk, &content).unwrap();
+    let mut o = w.options(0, &disk, server.addr);
+    o.initial_copy = true;
+    let agent = Arc::new(Agent::start(o).unwrap());
+    point_when_ready(&agent, "copied");
+    for round in 0..5 {
+        // Some blocks differ from the replica, so the resync has work to send.
+        change_behind(&disk, &[round * 7 + 1, round * 11 + 300], &mut rng);
+        agent.resync(None).unwrap();
+        let (a, mut r) = (agent.clone(), rand::rngs::StdRng::seed_from_u64(rng.gen()));
+        let writer = std::thread::spawn(move || pattern_writes(&a, &mut r, 40, 1..=16));
+        writer.join().unwrap();
+        point_when_ready(&agent, "round");
+    }
+    let id = point_when_ready(&agent, "end");
+    let want = std::fs::read(&disk).unwrap();
+    wait_uploaded(&[&agent]);
+    agent.stop();
+    let (_store, replica, state) = w.replica("agent-0");
+    let p = state.point(&id).unwrap();
+    assert!(rebuilt(&replica, &state, p) == want, "the point differs");
+    server.stop();
+}

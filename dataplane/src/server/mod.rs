@@ -3,6 +3,7 @@
 //! runtime and cache log, TLS connections, the upload stage, and the metrics endpoint.
 
 pub mod conn;
+mod hello;
 pub mod http;
 pub mod options;
 pub mod registry;

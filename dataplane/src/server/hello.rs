@@ -1,0 +1,108 @@
+//! The first frame of a connection: it must be a Hello naming a valid disk of a
+//! machine the client certificate names. Checked before the store is touched.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::protocol::{decode, Decoded, ErrorCode, Frame};
+use crate::tls::TlsReader;
+
+use super::conn::{unavailable, End};
+use super::registry::DiskEntry;
+use super::session::Reject;
+use super::shard::Shard;
+
+/// Reads until the first frame is whole; it must be a Hello naming a valid disk.
+/// Returns its length in `inbuf`, the disk and its watermarks.
+pub(super) async fn read_first(
+    shard: &Shard,
+    reader: &mut TlsReader,
+    inbuf: &mut Vec<u8>,
+) -> Result<(usize, Arc<DiskEntry>, super::session::Progress), End> {
+    let timeout = shard.opts.peer_timeout;
+    loop {
+        match decode(inbuf, shard.opts.limits.max_payload) {
+            Ok(Decoded::Frame(Frame::Hello(h), used)) => {
+                let key = format!("{}/{}", h.machine, h.disk);
+                if !valid_name(h.machine) || !valid_name(h.disk) {
+                    return Err(End::Reject(Reject {
+                        code: ErrorCode::Malformed,
+                        reason: format!(
+                            "machine and disk names take letters, digits, '-', '_' and '.': got {key:?}"
+                        ),
+                    }));
+                }
+                // An agent writes only its own machine's disks: the machine must be a
+                // name in its certificate. Checked before the store is touched.
+                if !reader
+                    .peer_certificate()
+                    .is_some_and(|der| cert_names(&der, h.machine))
+                {
+                    return Err(End::Reject(Reject {
+                        code: ErrorCode::NotOwned,
+                        reason: format!(
+                            "the client certificate does not name machine {}: it may not write {key}",
+                            h.machine
+                        ),
+                    }));
+                }
+                let entry = shard.registry.entry(&key);
+                let registry = shard.registry.clone();
+                let e2 = entry.clone();
+                let opened = compio::runtime::spawn_blocking(move || {
+                    e2.open(&registry.store, &registry.vault)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|_| Err("opening the disk panicked".into()));
+                if let Err(e) = opened {
+                    shard.metrics.borrow_mut().error("store");
+                    return Err(End::Reject(unavailable(format!("disk {key}: {e}"))));
+                }
+                let progress = super::session::Progress {
+                    durable: entry.durable.load(Ordering::SeqCst),
+                    uploaded: entry.uploaded.load(Ordering::SeqCst),
+                };
+                return Ok((used, entry, progress));
+            }
+            Ok(Decoded::Frame(_, _)) => {
+                return Err(End::Reject(Reject {
+                    code: ErrorCode::Malformed,
+                    reason: "the first frame must be a hello".into(),
+                }))
+            }
+            Ok(Decoded::Incomplete(_)) => {}
+            Err(e) => {
+                return Err(End::Reject(Reject {
+                    code: e.code(),
+                    reason: e.to_string(),
+                }))
+            }
+        }
+        match compio::time::timeout(timeout, reader.read(inbuf)).await {
+            Ok(Ok(0)) => return Err(End::Gone("closed before its hello".into())),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(End::Gone(format!("reading hello: {e}"))),
+            Err(_) => return Err(End::Gone(format!("no hello within {timeout:?}"))),
+        }
+    }
+}
+
+fn cert_names(der: &[u8], machine: &str) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(machine) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}

@@ -2,6 +2,7 @@
 //! next to a ceiling or a peer timed in the same run on the same machine, because the
 //! machines are shared and noisy and only ratios carry over.
 
+mod cache_io;
 mod ceilings;
 mod ingest;
 mod machine;
@@ -34,6 +35,14 @@ enum Command {
         /// MiB of non-zero image data to measure on
         #[arg(long, default_value_t = 256)]
         sample_mib: usize,
+    },
+    /// The cache's CPU per GB through the page cache against O_DIRECT, same disk
+    CacheIo {
+        /// A directory on the disk to measure (the cache disk)
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        gib: usize,
     },
     /// Seed an image into a local store, then time a failover rebuild of it
     Rebuild {
@@ -98,6 +107,10 @@ fn main() -> Result<()> {
         Command::Seal { image, sample_mib } => {
             machine::print();
             seal::run(&image, sample_mib)?;
+        }
+        Command::CacheIo { dir, gib } => {
+            machine::print();
+            cache_io::cache_io(&dir, gib)?;
         }
         Command::Rebuild { image } => {
             machine::print();
@@ -174,5 +187,19 @@ mod smoke {
         let s = crate::seal::run(&image, 4).unwrap();
         assert!(s.seal > 0.0 && s.ceiling > 0.0);
         crate::rebuild::run(&image).unwrap();
+    }
+
+    #[test]
+    fn cache_io_runs_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        for direct in [false, true] {
+            let (cpu, mbps) = crate::cache_io::run(dir.path(), 64 << 20, direct).unwrap();
+            assert!(cpu > 0.0 && mbps > 0.0);
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "files deleted"
+        );
     }
 }

@@ -42,6 +42,10 @@ pub struct Figures {
 
 struct Inner {
     phase: Phase,
+    /// Asking again after a lost map waits until then (doubling, up to a minute), so
+    /// a server that cannot make the map is not asked in a tight loop.
+    retry_at: Option<Instant>,
+    retries: u32,
     map: Option<Arc<BlockSums>>,
     started: Option<Instant>,
     now: Figures,
@@ -57,6 +61,8 @@ impl Default for Resync {
         Resync {
             inner: Mutex::new(Inner {
                 phase: Phase::Idle,
+                retry_at: None,
+                retries: 0,
                 map: None,
                 started: None,
                 now: Figures::default(),
@@ -97,7 +103,7 @@ impl Resync {
     /// For the sender: true once when the map should be asked for now.
     pub fn take_wanted(&self) -> bool {
         let mut i = self.lock();
-        if i.phase != Phase::Wanted {
+        if i.phase != Phase::Wanted || i.retry_at.is_some_and(|t| Instant::now() < t) {
             return false;
         }
         i.phase = Phase::Asked;
@@ -109,6 +115,9 @@ impl Resync {
         let mut i = self.lock();
         if i.phase == Phase::Asked {
             i.phase = Phase::Wanted;
+            let wait = std::time::Duration::from_millis(250) * 2u32.pow(i.retries.min(8));
+            i.retry_at = Some(Instant::now() + wait.min(std::time::Duration::from_secs(60)));
+            i.retries += 1;
         }
     }
 
@@ -119,6 +128,8 @@ impl Resync {
             return;
         }
         i.phase = Phase::Comparing;
+        i.retry_at = None;
+        i.retries = 0;
         i.now.total = disk_bytes;
         i.map = Some(Arc::new(map));
     }
@@ -205,6 +216,8 @@ mod tests {
         assert!(r.take_wanted());
         r.lost_link();
         assert_eq!(r.phase(), Phase::Wanted, "asked again after a lost link");
+        assert!(!r.take_wanted(), "not at once");
+        std::thread::sleep(std::time::Duration::from_millis(260));
         assert!(r.take_wanted());
         let map = BlockSums {
             block_bytes: 4,

@@ -187,6 +187,20 @@ impl Site {
         .unwrap()
     }
 
+    /// Asserts that each point (id, expected disk) of agent-0 rebuilds exactly.
+    fn assert_points(&self, points: &[(&str, &[u8])]) {
+        let (_store, replica, state) = self.replica("agent-0");
+        for (id, want) in points {
+            let p = state
+                .point(id)
+                .unwrap_or_else(|| panic!("point {id} is not in the replica"));
+            assert!(
+                rebuilt(&replica, &state, p) == *want,
+                "point {id} does not rebuild the disk as it was"
+            );
+        }
+    }
+
     /// The replica of machine's sda and its state.
     fn replica(&self, machine: &str) -> (Store, Disk, ferry_replica::DiskState) {
         let store = Store::open(&self.url).unwrap();
@@ -493,12 +507,7 @@ fn an_agent_that_lost_its_numbering_resyncs_instead_of_reusing_numbers() {
     let want = std::fs::read(&disk).unwrap();
     wait_uploaded(&[&second]);
     second.stop();
-    let (_store, replica, state) = w.replica("agent-0");
-    let p = state.point(&id).expect("the point after the resync");
-    assert!(
-        rebuilt(&replica, &state, p) == want,
-        "the point after the resync differs from the disk"
-    );
+    w.assert_points(&[(&id, &want)]);
     server.stop();
 }
 
@@ -581,14 +590,7 @@ fn a_checksum_resync_sends_only_the_blocks_that_differ() {
     wait_uploaded(&[&second]);
     second.stop();
 
-    let (_store, replica, state) = w.replica("agent-0");
-    for (id, want) in [(&id, &want), (&id2, &want2)] {
-        let p = state.point(id).expect("the point after the resync");
-        assert!(
-            rebuilt(&replica, &state, p) == *want,
-            "point {id} after the resync differs from the disk"
-        );
-    }
+    w.assert_points(&[(&id, &want), (&id2, &want2)]);
     server.stop();
 }
 
@@ -635,9 +637,7 @@ fn an_agent_on_a_seeded_disk_sends_only_what_changed_since_the_seed() {
     );
     wait_uploaded(&[&agent]);
     agent.stop();
-    let (_store, replica, state) = w.replica("agent-0");
-    let p = state.point(&id).unwrap();
-    assert!(rebuilt(&replica, &state, p) == want, "the point differs");
+    w.assert_points(&[(&id, &want)]);
     server.stop();
 }
 
@@ -688,10 +688,9 @@ fn an_agent_starts_over_when_the_process_server_lost_its_cache() {
     );
     wait_uploaded(&[&agent]);
     agent.stop();
-    let (_store, replica, state) = w.replica("agent-0");
+    let (_, _, state) = w.replica("agent-0");
     assert!(state.point(&lost).is_none(), "a point the server lost");
-    let p = state.point(&id).unwrap();
-    assert!(rebuilt(&replica, &state, p) == want, "the point differs");
+    w.assert_points(&[(&id, &want)]);
     server.stop();
 }
 
@@ -725,8 +724,6 @@ fn writes_during_a_checksum_resync_are_never_overwritten_by_it() {
     let want = std::fs::read(&disk).unwrap();
     wait_uploaded(&[&agent]);
     agent.stop();
-    let (_store, replica, state) = w.replica("agent-0");
-    let p = state.point(&id).unwrap();
-    assert!(rebuilt(&replica, &state, p) == want, "the point differs");
+    w.assert_points(&[(&id, &want)]);
     server.stop();
 }

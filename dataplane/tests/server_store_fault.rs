@@ -25,8 +25,19 @@ fn round(sim: &mut SimDisk, rng: &mut impl Rng) {
     sim.bookmark(0);
 }
 
-#[test]
-fn a_store_outage_grows_the_cache_raises_the_alert_and_loses_nothing() {
+/// A process server whose blob storage can be made to fail, and an agent's target.
+struct Site {
+    _dir: tempfile::TempDir,
+    vault: ferry_replica::VaultKey,
+    /// The storage behind the fault wrapper, for verifying afterwards.
+    inner: Arc<dyn object_store::ObjectStore>,
+    fault: Arc<FaultStore>,
+    server: ferry_dataplane::server::Running,
+    target: ferry_dataplane::client::Target,
+    rng: rand::rngs::StdRng,
+}
+
+fn site(shards: usize, tune: impl FnOnce(&mut ferry_dataplane::server::Options)) -> Site {
     let seed = net::seed();
     eprintln!("FERRY_SEED={seed}");
     let dir = tempfile::tempdir().unwrap();
@@ -34,15 +45,38 @@ fn a_store_outage_grows_the_cache_raises_the_alert_and_loses_nothing() {
     let (_, vault) = net::vault(dir.path());
     let inner: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
     let fault = FaultStore::new(inner.clone());
+    let mut opts = net::options(&dir.path().join("cache"), shards);
+    tune(&mut opts);
     let server = net::serve(
         &pki,
-        net::options(&dir.path().join("cache"), 2),
+        opts,
         Store::with_object_store(fault.clone(), "fault"),
         net::vault(dir.path()).1,
     );
     let target = pki.target(server.addr, "agent-0");
+    Site {
+        _dir: dir,
+        vault,
+        inner,
+        fault,
+        server,
+        target,
+        rng: rand::rngs::StdRng::seed_from_u64(seed),
+    }
+}
+
+#[test]
+fn a_store_outage_grows_the_cache_raises_the_alert_and_loses_nothing() {
+    let Site {
+        _dir,
+        vault,
+        inner,
+        fault,
+        server,
+        target,
+        mut rng,
+    } = site(2, |_| {});
     let rt = compio::runtime::Runtime::new().unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut sim = SimDisk::new("agent-0", "d", 2 << 20, true);
     rt.block_on(async {
         round(&mut sim, &mut rng);
@@ -106,26 +140,18 @@ fn a_store_outage_grows_the_cache_raises_the_alert_and_loses_nothing() {
 /// free room, then everything flows on the same connection and every point rebuilds.
 #[test]
 fn a_full_cache_holds_the_agent_instead_of_dropping_the_session() {
-    let seed = net::seed();
-    eprintln!("FERRY_SEED={seed}");
-    let dir = tempfile::tempdir().unwrap();
-    let pki = net::pki(&dir.path().join("pki"));
-    let (_, vault) = net::vault(dir.path());
-    let inner: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-    let fault = FaultStore::new(inner.clone());
-    let mut opts = net::options(&dir.path().join("cache"), 1);
     // Smaller than the agent's credit (8 MiB): the agent can fill it.
-    opts.cache_bytes = 3 << 20;
-    let max = opts.cache_bytes;
-    let server = net::serve(
-        &pki,
-        opts,
-        Store::with_object_store(fault.clone(), "fault"),
-        net::vault(dir.path()).1,
-    );
-    let target = pki.target(server.addr, "agent-0");
+    let max = 3 << 20;
+    let Site {
+        _dir,
+        vault,
+        inner,
+        fault,
+        server,
+        target,
+        mut rng,
+    } = site(1, |o| o.cache_bytes = max);
     let rt = compio::runtime::Runtime::new().unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut sim = SimDisk::new("agent-0", "d", 2 << 20, true);
     // The session opens the disk while storage works, then storage goes down.
     rt.block_on(async {

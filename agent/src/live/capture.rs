@@ -193,8 +193,10 @@ impl Capture {
         let mut st = self.state();
         st.next_seq = st.next_seq.max(floor);
         drop(st);
+        // From the start even if a resync was under way: its frames below `floor`
+        // would be ignored as resends.
         self.resync
-            .want("the agent's journal and sequence numbers were lost");
+            .restart("the agent's journal and sequence numbers were lost");
         tracing::error!(disk = %self.disk, floor, "sequence numbers were lost: numbering on from the process server's and resyncing by checksum");
     }
 
@@ -216,8 +218,9 @@ impl Capture {
         st.next_seq = seq;
         let at = st.journal.end_position();
         drop(st);
+        // From the start even if a resync was under way: what it journaled is gone.
         self.resync
-            .want("the process server lost writes this agent no longer holds");
+            .restart("the process server lost writes this agent no longer holds");
         tracing::error!(disk = %self.disk, seq, "the process server lost writes: dropping the journal and resyncing by checksum");
         at
     }

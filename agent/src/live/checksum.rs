@@ -100,6 +100,20 @@ impl Resync {
         true
     }
 
+    /// Asks for a resync from the start, even if one is under way: what it journaled
+    /// so far may never reach the replica (the journal was dropped, or its numbers
+    /// are below the server's and will be ignored).
+    pub fn restart(&self, why: &str) {
+        let mut i = self.lock();
+        i.phase = Phase::Wanted;
+        i.map = None;
+        i.started = Some(Instant::now());
+        i.now = Figures {
+            why: why.to_string(),
+            ..Figures::default()
+        };
+    }
+
     /// For the sender: true once when the map should be asked for now.
     pub fn take_wanted(&self) -> bool {
         let mut i = self.lock();
@@ -234,5 +248,21 @@ mod tests {
         assert_eq!((done.compared, done.sent, done.total), (10, 4, 10));
         assert!(!r.busy());
         assert_eq!(r.figures().2.unwrap().sent, 4);
+        // A restart during a comparison starts over and drops the map.
+        assert!(r.want("again"));
+        assert!(r.take_wanted());
+        r.got_map(
+            BlockSums {
+                block_bytes: 4,
+                disk_bytes: 10,
+                sums: vec![[0; 16]; 3],
+            },
+            10,
+        );
+        r.advance(4, 0);
+        r.restart("lost");
+        assert_eq!(r.phase(), Phase::Wanted);
+        assert!(r.next_range(8).is_none());
+        assert_eq!(r.figures().1.compared, 0);
     }
 }

@@ -484,3 +484,75 @@ impl Device for Capture {
 pub fn journal_end(c: &Capture) -> Position {
     c.state().journal.end_position()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::checksum::Phase;
+    use ferry_replica::scan::block_sum;
+
+    fn capture(dir: &Path) -> Capture {
+        let disk = dir.join("disk.img");
+        let mut content = vec![0u8; 4 << 20];
+        for (i, b) in content.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        std::fs::write(&disk, &content).unwrap();
+        Capture::open("sda", &disk, &dir.join("journal"), 64 << 20, 0).unwrap()
+    }
+
+    /// A map saying the replica is all zero: every block differs.
+    fn zero_map() -> BlockSums {
+        BlockSums {
+            block_bytes: 64 << 10,
+            disk_bytes: 4 << 20,
+            sums: vec![ZERO_SUM; 64],
+        }
+    }
+
+    #[test]
+    fn a_comparison_journals_only_differing_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = capture(dir.path());
+        let mut buf = Vec::new();
+        // The replica matches block 1 and no other of the first MiB.
+        let mut map = zero_map();
+        let mut block = vec![0u8; 64 << 10];
+        c.read(64 << 10, &mut block).unwrap();
+        map.sums[1] = block_sum(&block);
+        let sent = c.compare_range(&map, 0, 1 << 20, &mut buf).unwrap();
+        assert_eq!(sent, 15 * (64 << 10));
+        assert_eq!(c.state().next_seq, 2, "two runs around the equal block");
+    }
+
+    #[test]
+    fn losing_the_journal_mid_resync_starts_the_resync_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = capture(dir.path());
+        let mut buf = Vec::new();
+        assert!(c.resync.want("test"));
+        assert!(c.resync.take_wanted());
+        c.resync.got_map(zero_map(), 4 << 20);
+        let (map, at, len) = c.resync.next_range(1 << 20).unwrap();
+        let sent = c.compare_range(&map, at, len, &mut buf).unwrap();
+        c.resync.advance(len, sent);
+        assert!(c.journal_bytes() > 0);
+        // The process server lost what it had: the journal goes, and the first MiB
+        // (journaled only there) must be compared again.
+        c.restart_at(0);
+        assert_eq!(c.journal_bytes(), 0);
+        assert_eq!(c.state().next_seq, 0);
+        assert_eq!(c.resync.phase(), Phase::Wanted);
+        assert_eq!(c.resync.figures().1.compared, 0);
+        // Likewise when the numbering was lost.
+        assert!(c.resync.take_wanted());
+        c.resync.got_map(zero_map(), 4 << 20);
+        let (map, at, len) = c.resync.next_range(1 << 20).unwrap();
+        c.compare_range(&map, at, len, &mut buf).unwrap();
+        c.resync.advance(len, 0);
+        c.renumber(100);
+        assert_eq!(c.state().next_seq, 100);
+        assert_eq!(c.resync.phase(), Phase::Wanted);
+        assert_eq!(c.resync.figures().1.compared, 0);
+    }
+}

@@ -54,26 +54,32 @@ impl DiskSink for FileSink<'_> {
     }
 
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
-        // Punching a hole keeps the output sparse; file systems without it get zeroes.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let mut at = 0u64;
-        while at < len {
-            let n = (len - at).min(ZEROES.len() as u64) as usize;
-            self.file.write_all_at(&ZEROES[..n], offset + at)?;
-            at += n as u64;
-        }
-        Ok(())
+        zero_range(self.file, offset, len)
     }
+}
+
+/// Makes `len` bytes at `offset` of `file` read as zero: a punched hole keeps the file
+/// sparse; file systems without hole punching get zeroes written.
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a descriptor the caller owns; it only changes that range.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(ZEROES.len() as u64) as usize;
+        file.write_all_at(&ZEROES[..n], offset + at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

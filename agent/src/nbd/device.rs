@@ -39,26 +39,7 @@ impl Device for FileDevice {
     }
 
     fn zero(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fallocate on our own descriptor with a range inside the file.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r != 0 {
-            // A file system without hole punching: write the zeroes.
-            let zeros = vec![0u8; (len as usize).min(1 << 20)];
-            let mut at = 0;
-            while at < len {
-                let n = (len - at).min(zeros.len() as u64) as usize;
-                self.file.write_all_at(&zeros[..n], offset + at)?;
-                at += n as u64;
-            }
-        }
+        ferry_replica::rebuild::zero_range(&self.file, offset, len)?;
         if fua {
             self.file.sync_data()?;
         }

@@ -59,13 +59,10 @@ enum Command {
     /// The process server under load on loopback: full load, half load, many
     /// connections; every disk verified against its model afterwards
     Ingest {
-        #[arg(long)]
-        image: PathBuf,
-        /// The ferry binary (its process-server is measured)
-        #[arg(long)]
-        ferry: PathBuf,
-        #[arg(long)]
-        work: PathBuf,
+        // The image whose blocks the agents send, the ferry binary whose process
+        // server is measured, and a work directory.
+        #[command(flatten)]
+        peer: PeerArgs,
         /// Seconds of load per run
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
@@ -124,9 +121,7 @@ fn main() -> Result<()> {
             peers::run(&peer.image, &peer.ferry, &peer.work, change_percent)?;
         }
         Command::Ingest {
-            image,
-            ferry,
-            work,
+            peer: PeerArgs { image, ferry, work },
             seconds,
             shards,
             agents,

@@ -46,7 +46,6 @@ struct Shared {
     closed: Option<String>,
     /// A checksum map arriving (SumsRequest): its sequence and what came so far.
     sums: Option<(u64, BlockSums)>,
-    sums_done: bool,
 }
 
 pub struct Link {
@@ -148,7 +147,6 @@ pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, Connect
         uploaded: welcome.uploaded,
         closed: None,
         sums: None,
-        sums_done: false,
     }));
     let changed = Rc::new(Notify::new());
     let recv = compio::runtime::spawn(receive(reader, inbuf, shared.clone(), changed.clone()));
@@ -236,7 +234,6 @@ impl Shared {
         sums: &[u8],
     ) -> Result<(), String> {
         if first == 0 {
-            self.sums_done = false;
             self.sums = Some((
                 seq,
                 BlockSums {
@@ -260,7 +257,6 @@ impl Shared {
             sums.chunks_exact(SUM_BYTES)
                 .map(|c| <[u8; 16]>::try_from(c).unwrap_or_default()),
         );
-        self.sums_done = map.sums.len() == BlockSums::blocks_for(disk_bytes, block_bytes as u64);
         Ok(())
     }
 }
@@ -269,11 +265,14 @@ impl Link {
     /// A checksum map asked for with SumsRequest, once whole: (its sequence, the map).
     pub fn take_sums(&self) -> Option<(u64, BlockSums)> {
         let mut s = self.shared.borrow_mut();
-        if !s.sums_done {
-            return None;
+        let whole = s.sums.as_ref().is_some_and(|(_, m)| {
+            m.sums.len() == BlockSums::blocks_for(m.disk_bytes, m.block_bytes)
+        });
+        if whole {
+            s.sums.take()
+        } else {
+            None
         }
-        s.sums_done = false;
-        s.sums.take()
     }
 
     /// Every write below this is durable at the process server.

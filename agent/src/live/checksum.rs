@@ -199,6 +199,19 @@ pub fn progress_json(done: u64, total: u64, seconds: f64) -> serde_json::Value {
     })
 }
 
+/// Logs a running copy's or resync's progress (a `progress_json` value).
+pub fn log_progress(disk: &str, what: &str, p: &serde_json::Value) {
+    let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+    tracing::info!(
+        disk,
+        percent = format!("{:.1}", f("percent")),
+        mb_per_s = format!("{:.0}", f("mb_per_s")),
+        left_s = format!("{:.0}", f("left_s")),
+        sent_bytes = p["sent_bytes"].as_u64(),
+        "{what}"
+    );
+}
+
 /// A resync's figures as the status shows them: its progress, why, and bytes sent.
 pub fn figures_json(f: &Figures) -> serde_json::Value {
     let mut j = progress_json(f.compared, f.total, f.seconds);

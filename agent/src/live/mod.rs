@@ -428,8 +428,11 @@ fn resync_loop(cap: &Capture, stop: &AtomicBool) {
                 } else if last_log.elapsed() > Duration::from_secs(5) {
                     last_log = Instant::now();
                     let (_, f, _) = cap.resync.figures();
-                    let j = checksum::figures_json(&f);
-                    tracing::info!(disk = %cap.disk, percent = format!("{:.1}", j["percent"].as_f64().unwrap_or(0.0)), mb_per_s = format!("{:.0}", j["mb_per_s"].as_f64().unwrap_or(0.0)), left_s = format!("{:.0}", j["left_s"].as_f64().unwrap_or(0.0)), sent_bytes = f.sent, "checksum resync");
+                    checksum::log_progress(
+                        &cap.disk,
+                        "checksum resync",
+                        &checksum::figures_json(&f),
+                    );
                 }
             }
             Err(e) => {
@@ -496,8 +499,8 @@ fn initial_copy(cap: &Capture, progress: &Mutex<CopyProgress>) -> bool {
         progress.lock().expect("copy lock").done = off;
         if last_log.elapsed() > Duration::from_secs(5) {
             last_log = Instant::now();
-            let rate = off as f64 / start.elapsed().as_secs_f64().max(1e-3);
-            tracing::info!(disk = %cap.disk, percent = format!("{:.1}", 100.0 * off as f64 / size as f64), mb_per_s = format!("{:.0}", rate / 1e6), left_s = format!("{:.0}", (size - off) as f64 / rate), "initial copy");
+            let p = checksum::progress_json(off, size, start.elapsed().as_secs_f64());
+            checksum::log_progress(&cap.disk, "initial copy", &p);
         }
     }
     tracing::info!(disk = %cap.disk, seconds = start.elapsed().as_secs_f64(), "initial copy done");

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need beyond the Rust toolchain, and only what is
 # missing, so it is cheap to run before every test run:
-#   Debian: qemu-utils (qemu-img), e2fsprogs (mkfs.ext4), restic (benchmarks), curl
+#   Debian: qemu-utils (qemu-img, qemu-io, qemu-nbd), e2fsprogs (mkfs.ext4), restic
+#           (benchmarks), curl
 #   npm:    azurite 3.37.0 (Azure Blob emulator)
 #   cargo:  s3s-fs 0.14.1 (S3 emulator; building it takes a few minutes), cargo-fuzz
 # Quiet on success; a failing step prints its full output.

@@ -97,12 +97,12 @@ impl Drop for Server {
     }
 }
 
-fn start_server(ferry: &Path, dir: &Path, shards: usize) -> Result<Server> {
+fn start_server(ferry: &Path, dir: &Path, store: &Path, shards: usize) -> Result<Server> {
     let s = |p: &str| dir.join(p).display().to_string();
     let mut child = Command::new(ferry)
         .args(["process-server", "--listen", "127.0.0.1:0"])
         .args(["--cache-dir", &s("cache")])
-        .args(["--store", &format!("file://{}", s("store"))])
+        .args(["--store", &format!("file://{}", store.display())])
         .args([
             "--key-file",
             &s("vault.key"),
@@ -226,12 +226,14 @@ fn chrono_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Certificates, a vault key and an empty store under `dir`.
-fn prepare(dir: &Path) -> Result<()> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
+/// Certificates and a vault key under `dir`, and an empty store.
+fn prepare(dir: &Path, store: &Path) -> Result<()> {
+    for d in [dir, store] {
+        if d.exists() {
+            std::fs::remove_dir_all(d)?;
+        }
     }
-    std::fs::create_dir_all(dir.join("store"))?;
+    std::fs::create_dir_all(store)?;
     generate_loopback(&dir.join("pki"), 1)?;
     VaultKey::generate().save_new(&dir.join("vault.key"))?;
     Ok(())
@@ -256,10 +258,12 @@ pub fn run_load(
     work: &Path,
     sample: &[Vec<u8>],
     load: Load,
+    store_root: Option<&Path>,
 ) -> Result<RunFigures> {
     let dir = work.join(name);
-    prepare(&dir)?;
-    let server = start_server(ferry, &dir, load.shards)?;
+    let store = store_root.map_or_else(|| dir.join("store"), |r| r.join(name));
+    prepare(&dir, &store)?;
+    let server = start_server(ferry, &dir, &store, load.shards)?;
     let pid = server.child.id();
     let target = target(&dir, server.addr)?;
     let mut noise = vec![0u8; 8 << 20];
@@ -339,10 +343,14 @@ pub fn run_load(
     let cpu = cpu_s(pid) - cpu0;
     let rss_mib = proc_field(pid, "status", "VmHWM:").unwrap_or(0.0) / 1024.0;
     drop(server);
-    let store = Store::open(&format!("file://{}", dir.join("store").display()))?;
+    let opened = Store::open(&format!("file://{}", store.display()))?;
     let vault = VaultKey::load(&dir.join("vault.key"))?;
     for s in &mut sims {
-        verify(&store, &vault, s).map_err(|e| anyhow::anyhow!("verify: {e}"))?;
+        verify(&opened, &vault, s).map_err(|e| anyhow::anyhow!("verify: {e}"))?;
+    }
+    if store_root.is_some() {
+        // Elsewhere is often tmpfs: give its memory back before the next run.
+        std::fs::remove_dir_all(&store)?;
     }
     let h = hist.borrow();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -411,7 +419,16 @@ pub struct IngestOptions {
     pub shards: usize,
     pub agents: usize,
     pub connections: usize,
-    pub full_only: bool,
+    pub runs: Vec<RunKind>,
+    pub half_mbps: Option<f64>,
+    pub store_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunKind {
+    Full,
+    Half,
+    Connections,
 }
 
 /// The sample as the load sends it, for timing the ceiling on the same bytes: in
@@ -440,6 +457,11 @@ pub fn run(o: &IngestOptions) -> Result<()> {
     ferry_dataplane::server::run::raise_fd_limit();
     let sample = crate::sample::load(&o.image, 64)?;
     let ceiling = ceiling(&o.work, &as_sent(&sample))?;
+    let store = o.store_dir.as_deref();
+    if let Some(d) = store {
+        println!("ingest: the blob store is in {}", d.display());
+    }
+    let wants = |k| o.runs.contains(&k);
     let full_load = Load {
         agents: o.agents,
         disk_bytes: 64 << 20,
@@ -448,53 +470,72 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         seconds: o.seconds,
         shards: o.shards,
     };
-    let full = run_load("full", &o.ferry, &o.work, &sample, full_load)?;
-    if o.full_only {
+    let full = match wants(RunKind::Full) {
+        true => Some(run_load(
+            "full", &o.ferry, &o.work, &sample, full_load, store,
+        )?),
+        false => None,
+    };
+    if let Some(f) = &full {
         println!(
-            "ingest, full load only: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}",
+            "ingest full: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}",
+            f.mbps,
+            f.per_core_s,
+            ceiling,
+            f.per_core_s / ceiling
+        );
+    }
+    let half_rate = match (o.half_mbps, &full) {
+        (Some(r), _) => Some(r),
+        (None, Some(f)) => Some(f.mbps / 2.0),
+        (None, None) => None,
+    };
+    let half = match (wants(RunKind::Half), half_rate) {
+        (true, Some(rate)) => {
+            let load = Load {
+                rate: Some(rate),
+                ..full_load
+            };
+            Some(run_load("half", &o.ferry, &o.work, &sample, load, store)?)
+        }
+        (true, None) => bail!("the half-load run needs the full-load run or --half-mbps"),
+        (false, _) => None,
+    };
+    let many = match wants(RunKind::Connections) {
+        true => {
+            let rate = half_rate.map_or(50.0, |h| (h / 2.0).min(50.0));
+            let load = Load {
+                agents: o.connections,
+                disk_bytes: 256 << 10,
+                block: 4 << 10,
+                rate: Some(rate),
+                seconds: o.seconds.max(10.0),
+                shards: o.shards,
+            };
+            let many = run_load("connections", &o.ferry, &o.work, &sample, load, store)?;
+            println!(
+                "{} connections: server peak RSS {:.0} MiB ({} 1 GiB)",
+                many.disks,
+                many.rss_mib,
+                if many.rss_mib <= 1024.0 {
+                    "within"
+                } else {
+                    "ABOVE"
+                }
+            );
+            Some(many)
+        }
+        false => None,
+    };
+    if let (Some(full), Some(half), Some(_)) = (full, half, many) {
+        println!(
+            "ingest: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}, p99 ack {:.1} ms, verify ok",
             full.mbps,
             full.per_core_s,
             ceiling,
-            full.per_core_s / ceiling
+            full.per_core_s / ceiling,
+            half.p99_ms
         );
-        return Ok(());
     }
-    let half_load = Load {
-        rate: Some(full.mbps / 2.0),
-        ..full_load
-    };
-    let half = run_load("half", &o.ferry, &o.work, &sample, half_load)?;
-    let many = run_load(
-        "connections",
-        &o.ferry,
-        &o.work,
-        &sample,
-        Load {
-            agents: o.connections,
-            disk_bytes: 256 << 10,
-            block: 4 << 10,
-            rate: Some((full.mbps / 4.0).min(50.0)),
-            seconds: o.seconds.max(10.0),
-            shards: o.shards,
-        },
-    )?;
-    println!(
-        "{} connections: server peak RSS {:.0} MiB ({} 1 GiB)",
-        many.disks,
-        many.rss_mib,
-        if many.rss_mib <= 1024.0 {
-            "within"
-        } else {
-            "ABOVE"
-        }
-    );
-    println!(
-        "ingest: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}, p99 ack {:.1} ms, verify ok",
-        full.mbps,
-        full.per_core_s,
-        ceiling,
-        full.per_core_s / ceiling,
-        half.p99_ms
-    );
     Ok(())
 }

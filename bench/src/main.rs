@@ -75,9 +75,17 @@ enum Command {
         /// Connections in the many-connections run
         #[arg(long, default_value_t = 1000)]
         connections: usize,
-        /// Only the full-load run (for profiling the server)
+        /// Which runs, comma-separated: full, half, connections (profiling, latency
+        /// studies); the summary line needs all three
+        #[arg(long, value_delimiter = ',', default_values = ["full", "half", "connections"])]
+        runs: Vec<ingest::RunKind>,
+        /// Offered MB/s of the half-load run when the full-load run is left out
         #[arg(long)]
-        full_only: bool,
+        half_mbps: Option<f64>,
+        /// Put the blob store here instead of beside the cache (another disk, or
+        /// tmpfs standing for the remote site)
+        #[arg(long)]
+        store_dir: Option<PathBuf>,
     },
     /// All of the above, ending with the one-line summary
     All {
@@ -126,7 +134,9 @@ fn main() -> Result<()> {
             shards,
             agents,
             connections,
-            full_only,
+            runs,
+            half_mbps,
+            store_dir,
         } => {
             machine::print();
             ingest::run(&ingest::IngestOptions {
@@ -138,7 +148,9 @@ fn main() -> Result<()> {
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
                 agents,
                 connections,
-                full_only,
+                runs,
+                half_mbps,
+                store_dir,
             })?;
         }
         Command::All {

@@ -74,13 +74,14 @@ impl Tailer {
                 let f = match File::open(&path) {
                     Ok(f) => f,
                     // A file read to its end and then released as a whole (the log
-                    // rolls a drained current file): go on with the next one.
+                    // rolls a drained current file), or a number skipped at a restart:
+                    // go on with the next file there is.
                     Err(e)
                         if e.kind() == std::io::ErrorKind::NotFound
                             && self.pos.file < upto.file =>
                     {
                         self.pos = Position {
-                            file: self.pos.file + 1,
+                            file: next_file(&self.dir, self.pos.file)?.unwrap_or(upto.file),
                             offset: 0,
                         };
                         continue;
@@ -97,7 +98,8 @@ impl Tailer {
             };
             if self.pos.offset >= end {
                 if self.pos.file < upto.file {
-                    // Files are numbered without gaps; a rolled file is complete.
+                    // A rolled file is complete; the next number is the next file
+                    // (but after a restart, which skips numbers: see above).
                     self.pos = Position {
                         file: self.pos.file + 1,
                         offset: 0,
@@ -117,7 +119,7 @@ impl Tailer {
                 .map_err(|e| io_err("read", &path, e))?;
             let (file, base) = (self.pos.file, self.pos.offset);
             let spans = &mut self.spans;
-            let (valid, problem) = parse_spans(buf, |s| {
+            let (valid, problem) = parse_spans(buf, file, |s| {
                 taken += s.payload.len();
                 spans.push((file, used, base, s));
             });
@@ -136,6 +138,21 @@ impl Tailer {
             spans: &self.spans,
         })
     }
+}
+
+/// The lowest file number above `n` in `dir`.
+fn next_file(dir: &Path, n: u64) -> Result<Option<u64>, CacheError> {
+    let mut next = None;
+    for e in std::fs::read_dir(dir).map_err(|e| io_err("list", dir, e))? {
+        let name = e.map_err(|e| io_err("list", dir, e))?.file_name();
+        let m = name
+            .to_str()
+            .and_then(|s| s.strip_suffix(".log")?.parse::<u64>().ok());
+        if let Some(m) = m.filter(|m| *m > n) {
+            next = Some(next.map_or(m, |x: u64| x.min(m)));
+        }
+    }
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -176,5 +193,28 @@ mod tests {
         let late = batch.iter().next().unwrap();
         assert_eq!(late.payload, b"late");
         assert_eq!(late.disk, "m/d");
+    }
+
+    #[test]
+    fn crosses_the_numbers_a_restart_skips() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        let first = log.first_position();
+        log.append("m/d", b"before").unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        log.append("m/d", b"after").unwrap();
+        log.sync().unwrap();
+        let mut t = Tailer::new(dir.path(), first);
+        let end = log.end_position();
+        let got: Vec<Vec<u8>> = t
+            .read(end, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|r| r.payload.to_vec())
+            .collect();
+        assert_eq!(got, [b"before".to_vec(), b"after".to_vec()]);
+        assert_eq!(t.position(), end);
     }
 }

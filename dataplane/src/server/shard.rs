@@ -139,7 +139,10 @@ async fn commit_loop(shard: Rc<Shard>) {
             Ok(job) if !job.is_empty() => {
                 let r = compio::runtime::spawn_blocking(move || job.run()).await;
                 let err = match r {
-                    Ok(Ok(())) => None,
+                    Ok(Ok(())) => {
+                        shard.log.borrow_mut().sync_done();
+                        None
+                    }
                     Ok(Err(e)) => Some(e.to_string()),
                     Err(_) => Some("the sync thread panicked".to_string()),
                 };

@@ -197,11 +197,8 @@ async fn agent(
                 sim.pump_until(&target, Duration::from_secs(60), keep)
                     .await?;
             }
-            let due = Duration::from_secs_f64(sent / r);
-            let el = start.elapsed();
-            if due > el {
-                compio::time::sleep(due - el).await;
-            }
+            sim.take_acks_until(start + Duration::from_secs_f64(sent / r))
+                .await;
         }
         if last_point.elapsed() >= Duration::from_secs(1) {
             sim.bookmark(chrono_ms());

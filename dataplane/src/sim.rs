@@ -214,6 +214,31 @@ impl SimDisk {
         Ok(())
     }
 
+    /// Takes in acknowledgements as they arrive until `until`: a paced agent between
+    /// two writes. Latency is recorded when an ack arrives, not when the agent next
+    /// looks, as a real sender's reader task would see it.
+    pub async fn take_acks_until(&mut self, until: Instant) {
+        loop {
+            let now = Instant::now();
+            let Some(&(seq, _)) = self.in_flight.front() else {
+                break;
+            };
+            let Some(link) = self.link.as_ref().filter(|l| l.closed().is_none()) else {
+                break;
+            };
+            if now >= until {
+                return;
+            }
+            let _ = compio::time::timeout(until - now, link.wait_durable(seq + 1)).await;
+            let durable = link.durable();
+            self.trim(durable);
+        }
+        let now = Instant::now();
+        if until > now {
+            compio::time::sleep(until - now).await;
+        }
+    }
+
     /// Sends unsent journal frames in batches as credit allows.
     async fn send_some(&mut self) -> Result<(), String> {
         let link = self.link.as_mut().expect("connected");

@@ -106,7 +106,7 @@ fn seq_of(f: &Frame<'_>) -> Option<u64> {
 impl Server {
     /// Starts (or restarts) from the cache directory and the store.
     fn start(dir: &std::path::Path, store: &Store, vault: &VaultKey) -> Server {
-        let (log, recovered) = CacheLog::open(dir, 64 << 10, 64 << 20).unwrap();
+        let (log, recovered) = CacheLog::open(dir, 64 << 10, 64 << 20, true).unwrap();
         let mut uploader = DiskUploader::open(store, vault, "m", "d").unwrap();
         uploader.set_disk_bytes(SIZE);
         let mut cached = Vec::new();

@@ -79,6 +79,9 @@ impl Capture {
             journal_dir,
             (journal_bytes / 8).clamp(64 << 10, 64 << 20),
             journal_bytes,
+            // The sender reads appends before they are synced: every file must be
+            // under its own name from the start.
+            false,
             |e| {
                 if let Ok(Decoded::Frame(f, _)) =
                     ferry_dataplane::protocol::decode(e.payload, u32::MAX)

@@ -158,6 +158,8 @@ pub struct CacheLog {
     spares: Vec<u64>,
     spares_unsynced: Vec<u64>,
     spares_syncing: Vec<u64>,
+    /// Keep released files as spares (else delete them).
+    recycle: bool,
 }
 
 /// Writes `a` then `b` at `offset` with as few system calls as the kernel allows.
@@ -311,11 +313,13 @@ impl CacheLog {
         dir: &Path,
         file_bytes_max: u64,
         total_bytes_max: u64,
+        recycle: bool,
     ) -> Result<(CacheLog, Recovered), CacheError> {
         let mut entries = Vec::new();
-        let (log, torn_bytes) = Self::open_each(dir, file_bytes_max, total_bytes_max, |r| {
-            entries.push(r.to_entry())
-        })?;
+        let (log, torn_bytes) =
+            Self::open_each(dir, file_bytes_max, total_bytes_max, recycle, |r| {
+                entries.push(r.to_entry())
+            })?;
         Ok((
             log,
             Recovered {
@@ -327,11 +331,15 @@ impl CacheLog {
 
     /// Opens the cache in `dir`, showing every record to `visit` in order, one file in
     /// memory at a time; returns the log and the bytes cut from the end of the newest
-    /// file (a torn append, or a recycled file's old records).
+    /// file (a torn append, or a recycled file's old records). With `recycle`,
+    /// released files are kept as spares and reused; without, they are deleted and
+    /// every file is created under its own name (a reader may then follow appends
+    /// before they are synced, as the agent's sender does).
     pub fn open_each(
         dir: &Path,
         file_bytes_max: u64,
         total_bytes_max: u64,
+        recycle: bool,
         mut visit: impl FnMut(RecordRef<'_>),
     ) -> Result<(CacheLog, u64), CacheError> {
         fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
@@ -403,14 +411,28 @@ impl CacheLog {
             spares,
             spares_unsynced: Vec::new(),
             spares_syncing: Vec::new(),
+            recycle,
         };
+
         // Records are stamped with their file's number, so a number must never be used
         // twice: files started before a crash, but never named, may hold records
         // stamped with the numbers just above the newest named one (at most one per
         // file the bound allows). Skip past them.
         let newest = log.files.last().map(|f| f.0).into_iter();
         let seen = newest.chain(log.spares.iter().copied()).max();
-        let next = seen.map_or(0, |n| n + 1 + (log.files_max() as u64).max(1 << 20));
+        let gap = if log.recycle || !log.spares.is_empty() {
+            (log.files_max() as u64).max(1 << 20)
+        } else {
+            0
+        };
+        let next = seen.map_or(0, |n| n + 1 + gap);
+        if !recycle {
+            // Spares left by a recycling run: not used here.
+            for n in std::mem::take(&mut log.spares) {
+                let path = spare_name(dir, n);
+                fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+            }
+        }
         log.start_file(next)?;
         for (from, to) in std::mem::take(&mut log.renames) {
             fs::rename(&from, &to).map_err(|e| io_err("rename", &from, e))?;
@@ -435,7 +457,7 @@ impl CacheLog {
                 .open(&spare)
                 .map_err(|e| io_err("open", &spare, e))?;
             (spare, f)
-        } else {
+        } else if self.recycle {
             let spare = spare_name(&self.dir, n);
             let f = OpenOptions::new()
                 .create_new(true)
@@ -443,7 +465,25 @@ impl CacheLog {
                 .open(&spare)
                 .map_err(|e| io_err("create", &spare, e))?;
             (spare, f)
+        } else {
+            // Never anything stale in it to be confused with: its name at once.
+            let path = file_name(&self.dir, n);
+            let f = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err("create", &path, e))?;
+            (path, f)
         };
+        if !self.recycle {
+            self.dir_unsynced = true;
+            if let Some(old) = self.current.replace(f) {
+                let end = self.files.last().map_or(0, |f| f.1);
+                self.rolled.push((old, end));
+            }
+            self.files.push((n, 0));
+            return Ok(());
+        }
         self.renames.push((spare, file_name(&self.dir, n)));
         self.dir_unsynced = true;
         if let Some(old) = self.current.replace(f) {
@@ -606,7 +646,7 @@ impl CacheLog {
         while self.files.len() > 1 && self.files[0].0 < upto.file {
             let (n, bytes) = self.files.remove(0);
             let path = file_name(&self.dir, n);
-            if self.files.len() + self.spares_count() < self.files_max() {
+            if self.recycle && self.files.len() + self.spares_count() < self.files_max() {
                 let spare = spare_name(&self.dir, n);
                 fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
                 self.spares_unsynced.push(n);
@@ -660,7 +700,7 @@ mod tests {
     #[test]
     fn appends_survive_reopen_and_files_roll_and_release() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, rec) = CacheLog::open(dir.path(), 4096, 1 << 20).unwrap();
+        let (mut log, rec) = CacheLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
         assert!(rec.entries.is_empty());
         let data = frames(100);
         let mut positions = Vec::new();
@@ -670,7 +710,7 @@ mod tests {
         log.sync().unwrap();
         assert!(log.files.len() > 3, "rolled into several files");
         drop(log);
-        let (mut log, rec) = CacheLog::open(dir.path(), 4096, 1 << 20).unwrap();
+        let (mut log, rec) = CacheLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
         assert_eq!(rec.torn_bytes, 0);
         let got: Vec<(String, Vec<u8>)> = rec
             .entries
@@ -682,7 +722,7 @@ mod tests {
         let freed = log.release_before(positions[60]).unwrap();
         assert!(freed > 0 && log.used_bytes() == before - freed);
         drop(log);
-        let (_, rec) = CacheLog::open(dir.path(), 4096, 1 << 20).unwrap();
+        let (_, rec) = CacheLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
         assert!(rec.entries.first().unwrap().at.file <= positions[60].file);
         assert_eq!(rec.entries.last().unwrap().payload, data[99].1);
     }
@@ -690,7 +730,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_and_corruption_elsewhere_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap();
         let data = frames(20);
         for (d, p) in &data {
             log.append(d, p).unwrap();
@@ -724,7 +764,7 @@ mod tests {
             .unwrap()
             .set_len(len - 7)
             .unwrap();
-        let (log, rec) = CacheLog::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let (log, rec) = CacheLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap();
         drop(log);
         assert_eq!(rec.entries.len(), 19);
         assert!(rec.torn_bytes > 0);
@@ -733,14 +773,14 @@ mod tests {
         let mut bytes = fs::read(&files[0]).unwrap();
         bytes[40] ^= 1;
         fs::write(&files[0], bytes).unwrap();
-        let e = CacheLog::open(dir.path(), 1 << 20, 1 << 20).unwrap_err();
+        let e = CacheLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap_err();
         assert!(e.to_string().contains("is corrupt at byte"), "{e}");
     }
 
     #[test]
     fn the_bound_is_enforced() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1 << 20, 1000).unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1 << 20, 1000, true).unwrap();
         log.append("m/d", &[1u8; 600]).unwrap();
         assert!(matches!(
             log.append("m/d", &[1u8; 600]),
@@ -768,7 +808,7 @@ mod tests {
         // Records of one size, so a reused file's old records lie exactly where the
         // next new record would: only the number stamped in the checksum tells them
         // apart.
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 4000).unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 4000, true).unwrap();
         let record = |i: u32| vec![i as u8; 189];
         let mut i = 0u32;
         for _round in 0..5 {
@@ -809,7 +849,7 @@ mod tests {
         );
         let held: Vec<u64> = log.files.iter().map(|f| f.0).collect();
         drop(log);
-        let (_, rec) = CacheLog::open(dir.path(), 1000, 4000).unwrap();
+        let (_, rec) = CacheLog::open(dir.path(), 1000, 4000, true).unwrap();
         assert_eq!(
             rec.torn_bytes,
             2 * 203,
@@ -830,7 +870,7 @@ mod tests {
     #[test]
     fn a_started_file_gets_its_name_only_once_the_files_before_it_are_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         for i in 0..6u8 {
             log.append("m/d", &[i; 300]).unwrap();
         }
@@ -848,13 +888,32 @@ mod tests {
     #[test]
     fn numbers_are_never_reused_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         log.append("m/d", &[1; 100]).unwrap();
         log.sync().unwrap();
         let before = log.end_position().file;
         drop(log);
-        let (log, rec) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        let (log, rec) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         assert_eq!(rec.entries.len(), 1);
         assert!(log.end_position().file > before + log.files_max() as u64);
+    }
+
+    #[test]
+    fn without_recycling_files_are_named_at_once_and_deleted_when_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, false).unwrap();
+        for i in 0..6u8 {
+            log.append("m/d", &[i; 300]).unwrap();
+        }
+        assert_eq!(names(dir.path(), ".log").len(), 2, "named before any sync");
+        log.sync().unwrap();
+        log.release_before(log.end_position()).unwrap();
+        log.sync().unwrap();
+        assert!(names(dir.path(), ".spare").is_empty());
+        assert_eq!(names(dir.path(), ".log").len(), 1);
+        let end = log.end_position().file;
+        drop(log);
+        let (log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, false).unwrap();
+        assert_eq!(log.end_position().file, end + 1, "numbers go on without a gap");
     }
 }

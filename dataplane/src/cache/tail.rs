@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn follows_the_durable_position_across_files() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         let mut t = Tailer::new(dir.path(), log.first_position());
         let mut want = Vec::new();
         for i in 0..50u32 {
@@ -198,12 +198,12 @@ mod tests {
     #[test]
     fn crosses_the_numbers_a_restart_skips() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         let first = log.first_position();
         log.append("m/d", b"before").unwrap();
         log.sync().unwrap();
         drop(log);
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20).unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         log.append("m/d", b"after").unwrap();
         log.sync().unwrap();
         let mut t = Tailer::new(dir.path(), first);

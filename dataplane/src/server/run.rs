@@ -89,7 +89,7 @@ pub fn start(
         // more memory than its largest file.
         let mut frames = 0u64;
         let mut bad = None;
-        let (log, torn_bytes) = CacheLog::open_each(&dir, file_bytes, per_shard, |e| {
+        let (log, torn_bytes) = CacheLog::open_each(&dir, file_bytes, per_shard, true, |e| {
             let Ok(Decoded::Frame(f, _)) = decode(e.payload, u32::MAX) else {
                 bad.get_or_insert(e.at);
                 return;

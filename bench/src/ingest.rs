@@ -74,14 +74,15 @@ struct Server {
     metrics: Option<String>,
 }
 
-/// The server's own ack-latency quantile (arrival to ack), in ms, from /metrics.
-fn server_quantile(metrics: &str, q: &str) -> Option<f64> {
+/// A quantile of one of the server's latency summaries (`ack_latency`: arrival to
+/// ack; `cache_sync`: a group commit's sync), in ms, from /metrics.
+fn server_quantile(metrics: &str, name: &str, q: &str) -> Option<f64> {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(metrics).ok()?;
     write!(c, "GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
     let mut text = String::new();
     c.read_to_string(&mut text).ok()?;
-    let key = format!("ferry_ack_latency_seconds{{quantile=\"{q}\"}} ");
+    let key = format!("ferry_{name}_seconds{{quantile=\"{q}\"}} ");
     let line = text.lines().find(|l| l.starts_with(&key))?;
     line[key.len()..]
         .trim()
@@ -299,16 +300,20 @@ pub fn run_load(
         Ok(sims)
     })?;
     let acked_wall = start.elapsed().as_secs_f64();
-    let server_ms: Vec<f64> = ["0.5", "0.99", "0.999"]
-        .iter()
-        .map(|q| {
-            server
-                .metrics
-                .as_deref()
-                .and_then(|m| server_quantile(m, q))
-                .unwrap_or(f64::NAN)
-        })
-        .collect();
+    let quantiles = |name: &str| -> Vec<f64> {
+        ["0.5", "0.99", "0.999"]
+            .iter()
+            .map(|q| {
+                server
+                    .metrics
+                    .as_deref()
+                    .and_then(|m| server_quantile(m, name, q))
+                    .unwrap_or(f64::NAN)
+            })
+            .collect()
+    };
+    let server_ms = quantiles("ack_latency");
+    let sync_ms = quantiles("cache_sync");
     let bytes: u64 = sims.iter().map(|s| s.bytes).sum();
     // Uploads drain, then everything is checked against the models.
     let up = Instant::now();
@@ -362,7 +367,7 @@ pub fn run_load(
         disks: sims.len(),
     };
     println!(
-        "ingest {name}: {agents} agents, {} MB acknowledged in {acked_wall:.1} s ({:.0} MB/s), uploaded by {wall:.1} s: {:.0} MB/s sustained; server {cpu:.1} CPU-s ({:.2} CPU-s per GB, {:.0} MB/s per core-second); ack at the agent p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms (in the server, arrival to ack: {:.2} / {:.2} / {:.2} ms); server peak RSS {:.0} MiB; uploads drained {upload_s:.1} s after the last ack; {} disks verified",
+        "ingest {name}: {agents} agents, {} MB acknowledged in {acked_wall:.1} s ({:.0} MB/s), uploaded by {wall:.1} s: {:.0} MB/s sustained; server {cpu:.1} CPU-s ({:.2} CPU-s per GB, {:.0} MB/s per core-second); ack at the agent p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms (in the server, arrival to ack: {:.2} / {:.2} / {:.2} ms; cache sync {:.2} / {:.2} / {:.2} ms); server peak RSS {:.0} MiB; uploads drained {upload_s:.1} s after the last ack; {} disks verified",
         bytes / 1_000_000,
         bytes as f64 / acked_wall / 1e6,
         f.mbps,
@@ -374,6 +379,9 @@ pub fn run_load(
         server_ms[0],
         server_ms[1],
         server_ms[2],
+        sync_ms[0],
+        sync_ms[1],
+        sync_ms[2],
         f.rss_mib,
         f.disks
     );

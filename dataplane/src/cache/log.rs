@@ -914,6 +914,10 @@ mod tests {
         let end = log.end_position().file;
         drop(log);
         let (log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, false).unwrap();
-        assert_eq!(log.end_position().file, end + 1, "numbers go on without a gap");
+        assert_eq!(
+            log.end_position().file,
+            end + 1,
+            "numbers go on without a gap"
+        );
     }
 }

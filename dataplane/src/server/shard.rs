@@ -137,10 +137,18 @@ async fn commit_loop(shard: Rc<Shard>) {
         let mut failed = shard.shared.failed.load(Ordering::Relaxed);
         match handle {
             Ok(job) if !job.is_empty() => {
-                let r = compio::runtime::spawn_blocking(move || job.run()).await;
+                let r = compio::runtime::spawn_blocking(move || {
+                    let t = Instant::now();
+                    job.run().map(|()| t.elapsed())
+                })
+                .await;
                 let err = match r {
-                    Ok(Ok(())) => {
+                    Ok(Ok(took)) => {
                         shard.log.borrow_mut().sync_done();
+                        shard
+                            .metrics
+                            .borrow_mut()
+                            .cache_sync(took.as_micros() as u64);
                         None
                     }
                     Ok(Err(e)) => Some(e.to_string()),

@@ -920,4 +920,29 @@ mod tests {
             "numbers go on without a gap"
         );
     }
+
+    #[test]
+    fn a_file_started_but_never_synced_is_a_spare_after_a_crash_and_its_numbers_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        for i in 0..3u8 {
+            log.append("m/d", &[i; 300]).unwrap();
+        }
+        log.sync().unwrap();
+        // Roll over into a new file and write into it, then "crash": no sync, so the
+        // new file still has its spare name, with records stamped with its number.
+        for i in 3..6u8 {
+            log.append("m/d", &[i; 300]).unwrap();
+        }
+        let stamped = log.end_position().file;
+        assert_eq!(names(dir.path(), ".spare").len(), 1);
+        std::mem::forget(log);
+        let (log, rec) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        let got: Vec<u8> = rec.entries.iter().map(|e| e.payload[0]).collect();
+        assert_eq!(got, [0, 1, 2], "only what was synced before the crash");
+        assert!(
+            log.end_position().file > stamped,
+            "the number stamped in the spare is never used again"
+        );
+    }
 }

@@ -450,41 +450,33 @@ impl CacheLog {
     /// spare name until the next sync has synced the files before it; its number's
     /// name is durable once the directory is synced with that sync.
     fn start_file(&mut self, n: u64) -> Result<(), CacheError> {
-        let (spare, f) = if let Some(old) = self.spares.pop() {
-            let spare = spare_name(&self.dir, old);
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&spare)
-                .map_err(|e| io_err("open", &spare, e))?;
-            (spare, f)
-        } else if self.recycle {
-            let spare = spare_name(&self.dir, n);
-            let f = OpenOptions::new()
-                .create_new(true)
-                .write(true)
-                .open(&spare)
-                .map_err(|e| io_err("create", &spare, e))?;
-            (spare, f)
-        } else {
-            // Never anything stale in it to be confused with: its name at once.
-            let path = file_name(&self.dir, n);
-            let f = OpenOptions::new()
-                .create_new(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| io_err("create", &path, e))?;
-            (path, f)
-        };
-        if !self.recycle {
-            self.dir_unsynced = true;
-            if let Some(old) = self.current.replace(f) {
-                let end = self.files.last().map_or(0, |f| f.1);
-                self.rolled.push((old, end));
+        let (path, f) = match self.spares.pop() {
+            Some(old) => {
+                let spare = spare_name(&self.dir, old);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&spare)
+                    .map_err(|e| io_err("open", &spare, e))?;
+                (spare, f)
             }
-            self.files.push((n, 0));
-            return Ok(());
+            None => {
+                // Without recycling, nothing stale can be in it to be confused with:
+                // its own name at once.
+                let path = match self.recycle {
+                    true => spare_name(&self.dir, n),
+                    false => file_name(&self.dir, n),
+                };
+                let f = OpenOptions::new()
+                    .create_new(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| io_err("create", &path, e))?;
+                (path, f)
+            }
+        };
+        if self.recycle {
+            self.renames.push((path, file_name(&self.dir, n)));
         }
-        self.renames.push((spare, file_name(&self.dir, n)));
         self.dir_unsynced = true;
         if let Some(old) = self.current.replace(f) {
             let end = self.files.last().map_or(0, |f| f.1);
@@ -867,13 +859,20 @@ mod tests {
         );
     }
 
+    /// A log of 1000-byte files in `dir` with records of 300 bytes appended: three
+    /// fit a file.
+    fn appended(dir: &Path, recycle: bool, records: std::ops::Range<u8>) -> CacheLog {
+        let (mut log, _) = CacheLog::open(dir, 1000, 1 << 20, recycle).unwrap();
+        for i in records {
+            log.append("m/d", &[i; 300]).unwrap();
+        }
+        log
+    }
+
     #[test]
     fn a_started_file_gets_its_name_only_once_the_files_before_it_are_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
-        for i in 0..6u8 {
-            log.append("m/d", &[i; 300]).unwrap();
-        }
+        let mut log = appended(dir.path(), true, 0..6);
         let logs_before = names(dir.path(), ".log");
         assert_eq!(logs_before.len(), 1, "the new file is not named yet");
         assert_eq!(names(dir.path(), ".spare").len(), 1);
@@ -901,10 +900,7 @@ mod tests {
     #[test]
     fn without_recycling_files_are_named_at_once_and_deleted_when_released() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, false).unwrap();
-        for i in 0..6u8 {
-            log.append("m/d", &[i; 300]).unwrap();
-        }
+        let mut log = appended(dir.path(), false, 0..6);
         assert_eq!(names(dir.path(), ".log").len(), 2, "named before any sync");
         log.sync().unwrap();
         log.release_before(log.end_position()).unwrap();
@@ -924,10 +920,7 @@ mod tests {
     #[test]
     fn a_file_started_but_never_synced_is_a_spare_after_a_crash_and_its_numbers_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
-        for i in 0..3u8 {
-            log.append("m/d", &[i; 300]).unwrap();
-        }
+        let mut log = appended(dir.path(), true, 0..3);
         log.sync().unwrap();
         // Roll over into a new file and write into it, then "crash": no sync, so the
         // new file still has its spare name, with records stamped with its number.

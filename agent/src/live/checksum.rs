@@ -91,12 +91,7 @@ impl Resync {
         if i.phase != Phase::Idle {
             return false;
         }
-        i.phase = Phase::Wanted;
-        i.started = Some(Instant::now());
-        i.now = Figures {
-            why: why.to_string(),
-            ..Figures::default()
-        };
+        Self::start(&mut i, why);
         true
     }
 
@@ -104,9 +99,15 @@ impl Resync {
     /// so far may never reach the replica (the journal was dropped, or its numbers
     /// are below the server's and will be ignored).
     pub fn restart(&self, why: &str) {
-        let mut i = self.lock();
+        Self::start(&mut self.lock(), why);
+    }
+
+    /// A new resync, wanted now: no map, no backoff left from an earlier one.
+    fn start(i: &mut Inner, why: &str) {
         i.phase = Phase::Wanted;
         i.map = None;
+        i.retry_at = None;
+        i.retries = 0;
         i.started = Some(Instant::now());
         i.now = Figures {
             why: why.to_string(),

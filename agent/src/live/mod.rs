@@ -331,8 +331,8 @@ impl Agent {
         if chosen.is_empty() {
             return Err(format!("no disk {}", disk.unwrap_or("")));
         }
-        let mut started = Vec::new();
-        for d in chosen {
+        // Every disk is checked before any starts: an error means none started.
+        for d in &chosen {
             let CopyProgress { done, total, .. } = *d.copy.lock().expect("copy lock");
             if done < total {
                 return Err(format!(
@@ -340,12 +340,17 @@ impl Agent {
                     d.capture.disk
                 ));
             }
-            if !d.capture.resync.want("asked for") {
+            if d.capture.resync.busy() {
                 return Err(format!(
                     "disk {} is already in a checksum resync",
                     d.capture.disk
                 ));
             }
+        }
+        let mut started = Vec::new();
+        for d in chosen {
+            // One that began since the check (after a lost numbering) runs anyway.
+            d.capture.resync.want("asked for");
             started.push(d.capture.disk.clone());
         }
         Ok(started)
@@ -406,11 +411,24 @@ fn resync_loop(cap: &Capture, stop: &AtomicBool) {
     let mut buf = Vec::new();
     let mut last_log = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        if cap.journal_bytes() > cap.journal_max() / 2 {
+        // One look at the capture state (every write takes its lock), and none while
+        // there is nothing to do.
+        if !cap.resync.busy() && !cap.state().overflowed {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        if cap.state().overflowed {
+        let (full, overflowed) = {
+            let st = cap.state();
+            (
+                st.journal.used_bytes() > st.journal.max_bytes() / 2,
+                st.overflowed,
+            )
+        };
+        if full {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        if overflowed {
             if let Err(e) = cap.resync_one(&mut buf) {
                 tracing::error!(disk = %cap.disk, error = %e, "resync of a dirty region failed");
                 std::thread::sleep(Duration::from_secs(1));

@@ -74,14 +74,19 @@ struct Server {
     metrics: Option<String>,
 }
 
-/// A quantile of one of the server's latency summaries (`ack_latency`: arrival to
-/// ack; `cache_sync`: a group commit's sync), in ms, from /metrics.
-fn server_quantile(metrics: &str, name: &str, q: &str) -> Option<f64> {
+/// The server's /metrics page.
+fn fetch_metrics(addr: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(metrics).ok()?;
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
     write!(c, "GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
     let mut text = String::new();
     c.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// A quantile of one of the server's latency summaries (`ack_latency`: arrival to
+/// ack; `cache_sync`: a group commit's sync), in ms, from the metrics page.
+fn server_quantile(text: &str, name: &str, q: &str) -> Option<f64> {
     let key = format!("ferry_{name}_seconds{{quantile=\"{q}\"}} ");
     let line = text.lines().find(|l| l.starts_with(&key))?;
     line[key.len()..]
@@ -300,14 +305,13 @@ pub fn run_load(
         Ok(sims)
     })?;
     let acked_wall = start.elapsed().as_secs_f64();
+    let page = server.metrics.as_deref().and_then(fetch_metrics);
     let quantiles = |name: &str| -> Vec<f64> {
         ["0.5", "0.99", "0.999"]
             .iter()
             .map(|q| {
-                server
-                    .metrics
-                    .as_deref()
-                    .and_then(|m| server_quantile(m, name, q))
+                page.as_deref()
+                    .and_then(|t| server_quantile(t, name, q))
                     .unwrap_or(f64::NAN)
             })
             .collect()

@@ -214,6 +214,15 @@ fn spare_name(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:016}.spare"))
 }
 
+/// A cache file's number from its name, and whether it is a spare.
+pub(crate) fn parse_name(name: &std::ffi::OsStr) -> Option<(u64, bool)> {
+    let name = name.to_str()?;
+    if let Some(n) = name.strip_suffix(".log") {
+        return Some((n.parse().ok()?, false));
+    }
+    Some((name.strip_suffix(".spare")?.parse().ok()?, true))
+}
+
 /// The record's checksum, stamped with its file's number: a recycled file's old
 /// records fail it.
 fn checksum(file: u64, disk: &[u8], payload: &[u8]) -> u32 {
@@ -347,11 +356,10 @@ impl CacheLog {
         let mut spares = Vec::new();
         for e in fs::read_dir(dir).map_err(|e| io_err("list", dir, e))? {
             let name = e.map_err(|e| io_err("list", dir, e))?.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(n) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
-                numbers.push(n);
-            } else if let Some(n) = name.strip_suffix(".spare").and_then(|n| n.parse().ok()) {
-                spares.push(n);
+            match parse_name(&name) {
+                Some((n, false)) => numbers.push(n),
+                Some((n, true)) => spares.push(n),
+                None => {}
             }
         }
         numbers.sort_unstable();
@@ -590,8 +598,8 @@ impl CacheLog {
                 io::Error::other("an earlier sync failed; the cache must be reopened"),
             ));
         }
-        let spares_renamed = !self.spares_unsynced.is_empty();
-        if !self.dirty && !spares_renamed && !self.dir_unsynced && self.rolled.is_empty() {
+        // Starting a file and keeping a spare both set `dir_unsynced`.
+        if !self.dirty && !self.dir_unsynced {
             return Ok(SyncJob::default());
         }
         let current = match self.dirty {
@@ -604,7 +612,7 @@ impl CacheLog {
             ),
             false => None,
         };
-        let dir = if std::mem::take(&mut self.dir_unsynced) || spares_renamed {
+        let dir = if std::mem::take(&mut self.dir_unsynced) {
             Some(File::open(&self.dir).map_err(|e| io_err("open", &self.dir, e))?)
         } else {
             None
@@ -642,6 +650,7 @@ impl CacheLog {
                 let spare = spare_name(&self.dir, n);
                 fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
                 self.spares_unsynced.push(n);
+                self.dir_unsynced = true;
             } else {
                 fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
             }

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::log::{
-    file_name, io_err, parse_spans, record_at, CacheError, Position, RecordRef, Span,
+    file_name, io_err, parse_name, parse_spans, record_at, CacheError, Position, RecordRef, Span,
     RECORD_PAYLOAD_MAX,
 };
 
@@ -145,10 +145,7 @@ fn next_file(dir: &Path, n: u64) -> Result<Option<u64>, CacheError> {
     let mut next = None;
     for e in std::fs::read_dir(dir).map_err(|e| io_err("list", dir, e))? {
         let name = e.map_err(|e| io_err("list", dir, e))?.file_name();
-        let m = name
-            .to_str()
-            .and_then(|s| s.strip_suffix(".log")?.parse::<u64>().ok());
-        if let Some(m) = m.filter(|m| *m > n) {
+        if let Some((m, false)) = parse_name(&name).filter(|(m, _)| *m > n) {
             next = Some(next.map_or(m, |x: u64| x.min(m)));
         }
     }

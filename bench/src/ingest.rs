@@ -1,39 +1,26 @@
 //! The process server under load on loopback: a real `ferry process-server` process,
 //! simulated agents in this process sending blocks of a real file-system image, zero
 //! blocks and incompressible blocks, sequential and random mixes, over mutual TLS.
-//! Three runs, each with a fresh server and store: full load, half of that load (for
-//! ack latency), and many connections (for memory). Server CPU comes from
+//! Four runs, each with a fresh server and store: full load, half of that load (for
+//! ack latency), many connections (for memory), and full load on 1, 2, 4, ... shards
+//! with the server and the load on CPUs of their own (scaling). Server CPU comes from
 //! /proc/PID/stat, peak RSS from VmHWM. Each run ends with every disk rebuilt from the
 //! store and compared with its agent's model.
 
-use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ferry_dataplane::client::Target;
-use ferry_dataplane::sim::{verify, SimDisk};
 use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
 use ferry_replica::{Store, VaultKey};
-use hdrhistogram::Histogram;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
-use crate::sample::CHUNK;
-
-#[derive(Clone, Copy)]
-pub struct Load {
-    pub agents: usize,
-    pub disk_bytes: usize,
-    pub block: usize,
-    /// Total MB/s to offer; None: as fast as the server takes it.
-    pub rate: Option<f64>,
-    pub seconds: f64,
-    pub shards: usize,
-}
+use crate::load::{bind, Drive, Load, Loaded, Pin};
 
 pub struct RunFigures {
     pub mbps: f64,
@@ -103,9 +90,26 @@ impl Drop for Server {
     }
 }
 
-fn start_server(ferry: &Path, dir: &Path, store: &Path, shards: usize) -> Result<Server> {
+fn start_server(
+    ferry: &Path,
+    dir: &Path,
+    store: &Path,
+    shards: usize,
+    cpus: Option<&[usize]>,
+) -> Result<Server> {
     let s = |p: &str| dir.join(p).display().to_string();
-    let mut child = Command::new(ferry)
+    let mut cmd = Command::new(ferry);
+    if let Some(cpus) = cpus {
+        let cpus = cpus.to_vec();
+        // SAFETY: between fork and exec the closure only calls sched_setaffinity
+        // (async-signal-safe) on a set built from data copied before the fork.
+        // The server's own `--pin` is left off: it names CPUs from 0, and the set
+        // here need not start there.
+        unsafe {
+            cmd.pre_exec(move || bind(&cpus));
+        }
+    }
+    let mut child = cmd
         .args(["process-server", "--listen", "127.0.0.1:0"])
         .args(["--cache-dir", &s("cache")])
         .args(["--store", &format!("file://{}", store.display())])
@@ -146,89 +150,6 @@ fn start_server(ferry: &Path, dir: &Path, store: &Path, shards: usize) -> Result
     })
 }
 
-/// One agent: its mix, its pace, its model.
-#[allow(clippy::too_many_arguments)]
-async fn agent(
-    i: usize,
-    target: Target,
-    sample: Rc<Vec<Vec<u8>>>,
-    noise: Rc<Vec<u8>>,
-    load: Rc<Load>,
-    start: Instant,
-    hist: Rc<RefCell<Histogram<u64>>>,
-) -> Result<SimDisk, String> {
-    // Spread connection set-up over the first moments, as a fleet would.
-    compio::time::sleep(Duration::from_micros(2000 * i as u64 % 2_000_000)).await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
-    let mut sim = SimDisk::new("agent-0", &format!("d{i}"), load.disk_bytes, false);
-    sim.latency = Some(Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"));
-    let blocks = load.disk_bytes / load.block;
-    let sequential = i.is_multiple_of(2);
-    let mut next = 0usize;
-    let keep = (4 << 20).min(load.block * 16);
-    let per_agent = load.rate.map(|r| r * 1e6 / load.agents as f64);
-    let deadline = start + Duration::from_secs_f64(load.seconds);
-    let mut last_point = Instant::now();
-    let mut sent = 0f64;
-    while Instant::now() < deadline {
-        // At full load, writes go out in groups as fast as credit allows; paced, each
-        // write goes out when it is due, as an application's would.
-        let group = if per_agent.is_some() { 1 } else { 16 };
-        for _ in 0..group {
-            let b = if sequential {
-                next = (next + 1) % blocks;
-                next
-            } else {
-                rng.gen_range(0..blocks)
-            };
-            let off = b * load.block;
-            match rng.gen_range(0..10) {
-                0 => sim.write(off as u64, &vec![0; load.block]),
-                1 => {
-                    let at = rng.gen_range(0..noise.len() - load.block);
-                    sim.write(off as u64, &noise[at..at + load.block]);
-                }
-                _ => {
-                    let c = &sample[(off / CHUNK + i) % sample.len()];
-                    let at = off % CHUNK;
-                    let at = at.min(CHUNK - load.block);
-                    sim.write(off as u64, &c[at..at + load.block]);
-                }
-            }
-            sent += load.block as f64;
-        }
-        if let Some(r) = per_agent {
-            sim.send_pending(&target).await?;
-            if sim.journal_bytes() > keep {
-                sim.pump_until(&target, Duration::from_secs(60), keep)
-                    .await?;
-            }
-            sim.take_acks_until(start + Duration::from_secs_f64(sent / r))
-                .await;
-        }
-        if last_point.elapsed() >= Duration::from_secs(1) {
-            sim.bookmark(chrono_ms());
-            last_point = Instant::now();
-        }
-        if per_agent.is_none() {
-            sim.pump_until(&target, Duration::from_secs(60), keep)
-                .await?;
-        }
-    }
-    sim.bookmark(chrono_ms());
-    sim.pump(&target, Duration::from_secs(60)).await?;
-    if let Some(h) = sim.latency.take() {
-        let _ = hist.borrow_mut().add(&h);
-    }
-    Ok(sim)
-}
-
-fn chrono_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Certificates and a vault key under `dir`, and an empty store.
 fn prepare(dir: &Path, store: &Path) -> Result<()> {
     for d in [dir, store] {
@@ -259,51 +180,30 @@ pub fn run_load(
     name: &str,
     ferry: &Path,
     work: &Path,
-    sample: &[Vec<u8>],
+    sample: &Arc<Vec<Vec<u8>>>,
     load: Load,
+    pin: Option<&Pin>,
     store_root: Option<&Path>,
 ) -> Result<RunFigures> {
     let dir = work.join(name);
     let store = store_root.map_or_else(|| dir.join("store"), |r| r.join(name));
     prepare(&dir, &store)?;
-    let server = start_server(ferry, &dir, &store, load.shards)?;
+    let server = start_server(ferry, &dir, &store, load.shards, pin.map(|p| &p.server[..]))?;
     let pid = server.child.id();
     let target = target(&dir, server.addr)?;
-    let mut noise = vec![0u8; 8 << 20];
-    rand::thread_rng().fill(&mut noise[..]);
-    let (agents, seconds) = (load.agents, load.seconds);
-    let sample = Rc::new(sample.to_vec());
-    let noise = Rc::new(noise);
-    let load = Rc::new(load);
-    let hist = Rc::new(RefCell::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-    ));
-    let rt = compio::runtime::Runtime::new()?;
+    let opened = Arc::new(Store::open(&format!("file://{}", store.display()))?);
+    let vault = Arc::new(VaultKey::load(&dir.join("vault.key"))?);
     let cpu0 = cpu_s(pid);
-    let start = Instant::now();
-    let sims = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for i in 0..agents {
-            tasks.push(compio::runtime::spawn(agent(
-                i,
-                target.clone(),
-                sample.clone(),
-                noise.clone(),
-                load.clone(),
-                start,
-                hist.clone(),
-            )));
-        }
-        let mut sims = Vec::new();
-        for t in tasks {
-            match t.await {
-                Ok(Ok(s)) => sims.push(s),
-                Ok(Err(e)) => return Err(anyhow::anyhow!(e)),
-                Err(_) => bail!("an agent task panicked"),
-            }
-        }
-        Ok(sims)
-    })?;
+    let drive = Drive::start(
+        load,
+        &target,
+        sample.clone(),
+        pin.map(|p| &p.load[..]),
+        opened,
+        vault,
+    )?;
+    let start = drive.start;
+    let Loaded { bytes, hist } = drive.loaded()?;
     let acked_wall = start.elapsed().as_secs_f64();
     let page = server.metrics.as_deref().and_then(fetch_metrics);
     let quantiles = |name: &str| -> Vec<f64> {
@@ -318,48 +218,21 @@ pub fn run_load(
     };
     let server_ms = quantiles("ack_latency");
     let sync_ms = quantiles("cache_sync");
-    let bytes: u64 = sims.iter().map(|s| s.bytes).sum();
     // Uploads drain, then everything is checked against the models.
-    let up = Instant::now();
-    // All at once: an agent left waiting its turn would sit idle past the timeout.
-    let mut sims = rt.block_on(async {
-        let tasks: Vec<_> = sims
-            .into_iter()
-            .map(|mut s| {
-                let t = target.clone();
-                compio::runtime::spawn(async move {
-                    s.finish(&t, Duration::from_secs(300)).await.map(|_| s)
-                })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            match t.await {
-                Ok(Ok(s)) => out.push(s),
-                Ok(Err(e)) => bail!("{e}"),
-                Err(_) => bail!("an agent task panicked"),
-            }
-        }
-        Ok(out)
-    })?;
-    let upload_s = up.elapsed().as_secs_f64();
+    drive.drained()?;
     // Sealing may lag the acks: charge the server all its CPU up to the last upload,
     // and count the rate it sustained until then.
     let wall = start.elapsed().as_secs_f64();
+    let upload_s = wall - acked_wall;
     let cpu = cpu_s(pid) - cpu0;
     let rss_mib = proc_field(pid, "status", "VmHWM:").unwrap_or(0.0) / 1024.0;
+    let disks = drive.verify()?;
     drop(server);
-    let opened = Store::open(&format!("file://{}", store.display()))?;
-    let vault = VaultKey::load(&dir.join("vault.key"))?;
-    for s in &mut sims {
-        verify(&opened, &vault, s).map_err(|e| anyhow::anyhow!("verify: {e}"))?;
-    }
     if store_root.is_some() {
         // Elsewhere is often tmpfs: give its memory back before the next run.
         std::fs::remove_dir_all(&store)?;
     }
-    let h = hist.borrow();
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let f = RunFigures {
         mbps: bytes as f64 / wall / 1e6,
         per_core_s: bytes as f64 / cpu.max(1e-9) / 1e6,
@@ -368,10 +241,12 @@ pub fn run_load(
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         rss_mib,
-        disks: sims.len(),
+        disks,
     };
     println!(
-        "ingest {name}: {agents} agents, {} MB acknowledged in {acked_wall:.1} s ({:.0} MB/s), uploaded by {wall:.1} s: {:.0} MB/s sustained; server {cpu:.1} CPU-s ({:.2} CPU-s per GB, {:.0} MB/s per core-second); ack at the agent p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms (in the server, arrival to ack: {:.2} / {:.2} / {:.2} ms; cache sync {:.2} / {:.2} / {:.2} ms); server peak RSS {:.0} MiB; uploads drained {upload_s:.1} s after the last ack; {} disks verified",
+        "ingest {name}: {} agents on {} shard(s), {} MB acknowledged in {acked_wall:.1} s ({:.0} MB/s), uploaded by {wall:.1} s: {:.0} MB/s sustained; server {cpu:.1} CPU-s ({:.2} CPU-s per GB, {:.0} MB/s per core-second); ack at the agent p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms (in the server, arrival to ack: {:.2} / {:.2} / {:.2} ms; cache sync {:.2} / {:.2} / {:.2} ms); server peak RSS {:.0} MiB; uploads drained {upload_s:.1} s after the last ack; {} disks verified",
+        load.agents,
+        load.shards,
         bytes / 1_000_000,
         bytes as f64 / acked_wall / 1e6,
         f.mbps,
@@ -389,7 +264,6 @@ pub fn run_load(
         f.rss_mib,
         f.disks
     );
-    let _ = seconds;
     Ok(f)
 }
 
@@ -431,6 +305,7 @@ pub struct IngestOptions {
     pub runs: Vec<RunKind>,
     pub half_mbps: Option<f64>,
     pub store_dir: Option<PathBuf>,
+    pub load_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -438,6 +313,9 @@ pub enum RunKind {
     Full,
     Half,
     Connections,
+    /// Full load on 1, 2, 4, ... shards, the server and the load each on CPUs of
+    /// their own, as far as the host's CPUs go.
+    Scaling,
 }
 
 /// The sample as the load sends it, for timing the ceiling on the same bytes: in
@@ -464,7 +342,7 @@ fn as_sent(sample: &[Vec<u8>]) -> Vec<Vec<u8>> {
 
 pub fn run(o: &IngestOptions) -> Result<()> {
     ferry_dataplane::server::run::raise_fd_limit();
-    let sample = crate::sample::load(&o.image, 64)?;
+    let sample = Arc::new(crate::sample::load(&o.image, 64)?);
     let ceiling = ceiling(&o.work, &as_sent(&sample))?;
     let store = o.store_dir.as_deref();
     if let Some(d) = store {
@@ -478,10 +356,11 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         rate: None,
         seconds: o.seconds,
         shards: o.shards,
+        threads: o.load_threads,
     };
     let full = match wants(RunKind::Full) {
         true => Some(run_load(
-            "full", &o.ferry, &o.work, &sample, full_load, store,
+            "full", &o.ferry, &o.work, &sample, full_load, None, store,
         )?),
         false => None,
     };
@@ -505,7 +384,9 @@ pub fn run(o: &IngestOptions) -> Result<()> {
                 rate: Some(rate),
                 ..full_load
             };
-            Some(run_load("half", &o.ferry, &o.work, &sample, load, store)?)
+            Some(run_load(
+                "half", &o.ferry, &o.work, &sample, load, None, store,
+            )?)
         }
         (true, None) => bail!("the half-load run needs the full-load run or --half-mbps"),
         (false, _) => None,
@@ -519,9 +400,9 @@ pub fn run(o: &IngestOptions) -> Result<()> {
                 block: 4 << 10,
                 rate: Some(rate),
                 seconds: o.seconds.max(10.0),
-                shards: o.shards,
+                ..full_load
             };
-            let many = run_load("connections", &o.ferry, &o.work, &sample, load, store)?;
+            let many = run_load("connections", &o.ferry, &o.work, &sample, load, None, store)?;
             println!(
                 "{} connections: server peak RSS {:.0} MiB ({} 1 GiB)",
                 many.disks,
@@ -536,6 +417,9 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         }
         false => None,
     };
+    if wants(RunKind::Scaling) {
+        scaling(o, &sample, full_load, ceiling)?;
+    }
     if let (Some(full), Some(half), Some(_)) = (full, half, many) {
         println!(
             "ingest: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}, p99 ack {:.1} ms, verify ok",
@@ -547,4 +431,76 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Full load on 1, 2, 4, ... shards while the host has twice as many CPUs: the server
+/// on the first n of the CPUs this process may use, the load generator's n threads on
+/// the next n, so neither takes time from the other and each step adds both.
+fn scaling(o: &IngestOptions, sample: &Arc<Vec<Vec<u8>>>, base: Load, ceiling: f64) -> Result<()> {
+    let cpus = allowed_cpus()?;
+    if cpus.len() < 2 {
+        println!(
+            "ingest scaling: needs two CPUs, this process may use {}",
+            cpus.len()
+        );
+        return Ok(());
+    }
+    let mut steps: Vec<(usize, RunFigures)> = Vec::new();
+    let mut n = 1;
+    while 2 * n <= cpus.len() {
+        let pin = Pin {
+            server: cpus[..n].to_vec(),
+            load: cpus[n..2 * n].to_vec(),
+        };
+        let load = Load {
+            agents: 4 * n,
+            shards: n,
+            threads: n,
+            ..base
+        };
+        let f = run_load(
+            &format!("scaling-{n}"),
+            &o.ferry,
+            &o.work,
+            sample,
+            load,
+            Some(&pin),
+            o.store_dir.as_deref(),
+        )?;
+        steps.push((n, f));
+        n *= 2;
+    }
+    let one = steps[0].1.mbps;
+    let line: Vec<String> = steps
+        .iter()
+        .map(|(n, f)| {
+            format!(
+                "{n} shard(s) on {n} CPU(s) {:.0} MB/s (x{:.2}, {:.0} MB/s per core-second, ratio {:.2})",
+                f.mbps,
+                f.mbps / one,
+                f.per_core_s,
+                f.per_core_s / ceiling
+            )
+        })
+        .collect();
+    println!(
+        "ingest scaling, server and load on CPUs of their own: {}",
+        line.join("; ")
+    );
+    Ok(())
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it; CPU_ISSET reads
+    // within it for indices below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
+    }
 }

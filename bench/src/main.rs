@@ -5,6 +5,7 @@
 mod cache_io;
 mod ceilings;
 mod ingest;
+mod load;
 mod machine;
 mod peers;
 mod rebuild;
@@ -75,9 +76,9 @@ enum Command {
         /// Connections in the many-connections run
         #[arg(long, default_value_t = 1000)]
         connections: usize,
-        /// Which runs, comma-separated: full, half, connections (profiling, latency
-        /// studies); the summary line needs all three
-        #[arg(long, value_delimiter = ',', default_values = ["full", "half", "connections"])]
+        /// Which runs, comma-separated: full, half, connections, scaling (profiling,
+        /// latency studies); the summary line needs the first three
+        #[arg(long, value_delimiter = ',', default_values = ["full", "half", "connections", "scaling"])]
         runs: Vec<ingest::RunKind>,
         /// Offered MB/s of the half-load run when the full-load run is left out
         #[arg(long)]
@@ -86,6 +87,10 @@ enum Command {
         /// tmpfs standing for the remote site)
         #[arg(long)]
         store_dir: Option<PathBuf>,
+        /// Threads of the load generator in the full, half and connections runs;
+        /// default: one per four cores, at least one
+        #[arg(long)]
+        load_threads: Option<usize>,
     },
     /// All of the above, ending with the one-line summary
     All {
@@ -137,20 +142,22 @@ fn main() -> Result<()> {
             runs,
             half_mbps,
             store_dir,
+            load_threads,
         } => {
             machine::print();
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             ingest::run(&ingest::IngestOptions {
                 image,
                 ferry,
                 work,
                 seconds,
-                shards: shards
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                shards: shards.unwrap_or(cores),
                 agents,
                 connections,
                 runs,
                 half_mbps,
                 store_dir,
+                load_threads: load_threads.unwrap_or((cores / 4).max(1)),
             })?;
         }
         Command::All {
@@ -177,12 +184,12 @@ fn main() -> Result<()> {
 mod smoke {
     //! The benchmarks run small inside the test suite so they cannot rot.
     use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
 
-    #[test]
-    fn seal_and_rebuild_run_on_a_small_image() {
+    /// 24 MiB: text, noise and zeros.
+    fn small_image(dir: &Path) -> PathBuf {
         std::env::set_var("FERRY_BENCH_SECONDS", "0.05");
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("small.img");
+        let image = dir.join("small.img");
         let f = std::fs::File::create(&image).unwrap();
         f.set_len(24 << 20).unwrap();
         let text = b"a small image for the benchmark smoke test\n".repeat(30_000);
@@ -191,9 +198,49 @@ mod smoke {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         f.write_all_at(&noise, 9 << 20).unwrap();
+        image
+    }
+
+    #[test]
+    fn seal_and_rebuild_run_on_a_small_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = small_image(dir.path());
         let s = crate::seal::run(&image, 4).unwrap();
         assert!(s.seal > 0.0 && s.ceiling > 0.0);
         crate::rebuild::run(&image).unwrap();
+    }
+
+    #[test]
+    fn ingest_runs_small_against_a_real_server_and_verifies() {
+        // `cargo test --workspace` builds the ferry binary beside this test's own.
+        let exe = std::env::current_exe().unwrap();
+        let ferry = exe.parent().unwrap().parent().unwrap().join("ferry");
+        assert!(
+            ferry.exists(),
+            "{} is missing: run the tests with --workspace",
+            ferry.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let image = small_image(dir.path());
+        // Half load at a fixed rate over two load threads, and the scaling sweep
+        // (one step on two CPUs): each run ends with every disk checked.
+        crate::ingest::run(&crate::ingest::IngestOptions {
+            image,
+            ferry,
+            work: dir.path().join("work"),
+            seconds: 1.0,
+            shards: 2,
+            agents: 4,
+            connections: 0,
+            runs: vec![
+                crate::ingest::RunKind::Half,
+                crate::ingest::RunKind::Scaling,
+            ],
+            half_mbps: Some(20.0),
+            store_dir: None,
+            load_threads: 2,
+        })
+        .unwrap();
     }
 
     #[test]

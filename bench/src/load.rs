@@ -1,0 +1,354 @@
+//! The ingest benchmark's load: simulated agents spread over threads, each thread with
+//! its own compio runtime and, when asked, its own CPUs, so that the load generator is
+//! not what limits a server with many shards. Each thread drives its agents through
+//! three phases the bench's main thread paces: load (writes at the asked rate), drain
+//! (every write uploaded), and, once the server's figures are taken, verification of
+//! each disk against its model.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_dataplane::client::Target;
+use ferry_dataplane::sim::{verify, SimDisk};
+use ferry_replica::{Store, VaultKey};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+
+use crate::sample::CHUNK;
+
+#[derive(Clone, Copy)]
+pub struct Load {
+    pub agents: usize,
+    pub disk_bytes: usize,
+    pub block: usize,
+    /// Total MB/s to offer; None: as fast as the server takes it.
+    pub rate: Option<f64>,
+    pub seconds: f64,
+    pub shards: usize,
+    /// Threads of the load generator, agents dealt round-robin.
+    pub threads: usize,
+}
+
+/// CPUs for the server and for the load generator's threads (thread t on
+/// `load[t % len]`), so that they do not take time from each other.
+#[derive(Clone, Debug)]
+pub struct Pin {
+    pub server: Vec<usize>,
+    pub load: Vec<usize>,
+}
+
+/// Binds the calling thread, or a child between fork and exec, to `cpus`.
+pub fn bind(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data, zeroed is its empty set; CPU_SET stays inside
+    // it for any CPU below CPU_SETSIZE (checked); sched_setaffinity reads it only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            if c >= libc::CPU_SETSIZE as usize {
+                return Err(std::io::Error::other(format!("no CPU {c}")));
+            }
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
+}
+
+enum Report {
+    Loaded { bytes: u64, hist: Histogram<u64> },
+    Drained,
+    Failed(String),
+}
+
+/// The load threads, between phases.
+pub struct Drive {
+    /// When the load began.
+    pub start: Instant,
+    reports: mpsc::Receiver<Report>,
+    /// Set once the main thread has its figures: true to verify, false to give up.
+    go: Arc<(Mutex<Option<bool>>, Condvar)>,
+    threads: Vec<JoinHandle<Result<usize, String>>>,
+}
+
+/// What the agents sent, and the ack latency they saw.
+pub struct Loaded {
+    pub bytes: u64,
+    pub hist: Histogram<u64>,
+}
+
+impl Drive {
+    /// Starts `load.threads` threads (at least one, at most one per agent), each with
+    /// its share of the agents. Their load starts at once, at `Drive::start`.
+    pub fn start(
+        load: Load,
+        target: &Target,
+        sample: Arc<Vec<Vec<u8>>>,
+        cpus: Option<&[usize]>,
+        store: Arc<Store>,
+        vault: Arc<VaultKey>,
+    ) -> Result<Drive> {
+        let mut noise = vec![0u8; 8 << 20];
+        rand::thread_rng().fill(&mut noise[..]);
+        let noise = Arc::new(noise);
+        let start = Instant::now();
+        let (tx, reports) = mpsc::channel();
+        let go = Arc::new((Mutex::new(None), Condvar::new()));
+        let n = load.threads.clamp(1, load.agents.max(1));
+        let mut threads = Vec::new();
+        for t in 0..n {
+            let mine: Vec<usize> = (t..load.agents).step_by(n).collect();
+            let cpu = cpus.filter(|c| !c.is_empty()).map(|c| c[t % c.len()]);
+            let (target, sample, noise) = (target.clone(), sample.clone(), noise.clone());
+            let (tx, go, store, vault) = (tx.clone(), go.clone(), store.clone(), vault.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("load-{t}"))
+                .spawn(move || {
+                    if let Some(c) = cpu {
+                        bind(&[c]).map_err(|e| format!("bind a load thread to CPU {c}: {e}"))?;
+                    }
+                    let rt = compio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                    let run = rt.block_on(agents(&mine, &target, sample, noise, load, start, &tx));
+                    let sims = match run {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Report::Failed(e.clone()));
+                            return Err(e);
+                        }
+                    };
+                    let (lock, cv) = &*go;
+                    let mut verdict = lock.lock().expect("go lock");
+                    while verdict.is_none() {
+                        verdict = cv.wait(verdict).expect("go lock");
+                    }
+                    if *verdict != Some(true) {
+                        return Ok(0);
+                    }
+                    drop(verdict);
+                    for s in &sims {
+                        verify(&store, &vault, s).map_err(|e| format!("verify: {e}"))?;
+                    }
+                    Ok(sims.len())
+                })
+                .context("start a load thread")?;
+            threads.push(h);
+        }
+        Ok(Drive {
+            start,
+            reports,
+            go,
+            threads,
+        })
+    }
+
+    fn next(&self) -> Result<Report> {
+        match self.reports.recv() {
+            Ok(Report::Failed(e)) => bail!("{e}"),
+            Ok(r) => Ok(r),
+            Err(_) => bail!("a load thread ended without a report"),
+        }
+    }
+
+    /// Waits until every agent has sent its share and seen it acknowledged.
+    pub fn loaded(&self) -> Result<Loaded> {
+        let mut all = Loaded {
+            bytes: 0,
+            hist: histogram(),
+        };
+        for _ in 0..self.threads.len() {
+            match self.next()? {
+                Report::Loaded { bytes, hist } => {
+                    all.bytes += bytes;
+                    all.hist.add(&hist).context("merge latency histograms")?;
+                }
+                _ => bail!("a load thread reported out of order"),
+            }
+        }
+        Ok(all)
+    }
+
+    /// Waits until every write of every agent is uploaded.
+    pub fn drained(&self) -> Result<()> {
+        for _ in 0..self.threads.len() {
+            if !matches!(self.next()?, Report::Drained) {
+                bail!("a load thread reported out of order");
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the threads check their disks against the store; the number checked.
+    pub fn verify(mut self) -> Result<usize> {
+        self.release(true);
+        let mut disks = 0;
+        for h in std::mem::take(&mut self.threads) {
+            match h.join() {
+                Ok(Ok(n)) => disks += n,
+                Ok(Err(e)) => bail!("{e}"),
+                Err(_) => bail!("a load thread panicked"),
+            }
+        }
+        Ok(disks)
+    }
+
+    fn release(&self, verify: bool) {
+        let (lock, cv) = &*self.go;
+        lock.lock().expect("go lock").get_or_insert(verify);
+        cv.notify_all();
+    }
+}
+
+impl Drop for Drive {
+    fn drop(&mut self) {
+        // Given up (an error): threads still waiting end without verifying.
+        self.release(false);
+    }
+}
+
+/// One thread's agents: load, report, drain (all at once: an agent left waiting its
+/// turn would sit idle past the timeout), report.
+async fn agents(
+    mine: &[usize],
+    target: &Target,
+    sample: Arc<Vec<Vec<u8>>>,
+    noise: Arc<Vec<u8>>,
+    load: Load,
+    start: Instant,
+    tx: &mpsc::Sender<Report>,
+) -> Result<Vec<SimDisk>, String> {
+    let hist = Rc::new(RefCell::new(histogram()));
+    let tasks: Vec<_> = mine
+        .iter()
+        .map(|&i| {
+            compio::runtime::spawn(agent(
+                i,
+                target.clone(),
+                sample.clone(),
+                noise.clone(),
+                load,
+                start,
+                hist.clone(),
+            ))
+        })
+        .collect();
+    let mut sims = Vec::new();
+    for t in tasks {
+        sims.push(
+            t.await
+                .map_err(|_| "an agent task panicked".to_string())??,
+        );
+    }
+    let bytes = sims.iter().map(|s| s.bytes).sum();
+    let hist = hist.replace(histogram());
+    let _ = tx.send(Report::Loaded { bytes, hist });
+    let tasks: Vec<_> = sims
+        .into_iter()
+        .map(|mut s| {
+            let t = target.clone();
+            compio::runtime::spawn(async move {
+                s.finish(&t, Duration::from_secs(300)).await.map(|_| s)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(
+            t.await
+                .map_err(|_| "an agent task panicked".to_string())??,
+        );
+    }
+    let _ = tx.send(Report::Drained);
+    Ok(out)
+}
+
+/// One agent: its mix, its pace, its model.
+#[allow(clippy::too_many_arguments)]
+async fn agent(
+    i: usize,
+    target: Target,
+    sample: Arc<Vec<Vec<u8>>>,
+    noise: Arc<Vec<u8>>,
+    load: Load,
+    start: Instant,
+    hist: Rc<RefCell<Histogram<u64>>>,
+) -> Result<SimDisk, String> {
+    // Spread connection set-up over the first moments, as a fleet would.
+    compio::time::sleep(Duration::from_micros(2000 * i as u64 % 2_000_000)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+    let mut sim = SimDisk::new("agent-0", &format!("d{i}"), load.disk_bytes, false);
+    sim.latency = Some(Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"));
+    let blocks = load.disk_bytes / load.block;
+    let sequential = i.is_multiple_of(2);
+    let mut next = 0usize;
+    let keep = (4 << 20).min(load.block * 16);
+    let per_agent = load.rate.map(|r| r * 1e6 / load.agents as f64);
+    let deadline = start + Duration::from_secs_f64(load.seconds);
+    let mut last_point = Instant::now();
+    let mut sent = 0f64;
+    while Instant::now() < deadline {
+        // At full load, writes go out in groups as fast as credit allows; paced, each
+        // write goes out when it is due, as an application's would.
+        let group = if per_agent.is_some() { 1 } else { 16 };
+        for _ in 0..group {
+            let b = if sequential {
+                next = (next + 1) % blocks;
+                next
+            } else {
+                rng.gen_range(0..blocks)
+            };
+            let off = b * load.block;
+            match rng.gen_range(0..10) {
+                0 => sim.write(off as u64, &vec![0; load.block]),
+                1 => {
+                    let at = rng.gen_range(0..noise.len() - load.block);
+                    sim.write(off as u64, &noise[at..at + load.block]);
+                }
+                _ => {
+                    let c = &sample[(off / CHUNK + i) % sample.len()];
+                    let at = off % CHUNK;
+                    let at = at.min(CHUNK - load.block);
+                    sim.write(off as u64, &c[at..at + load.block]);
+                }
+            }
+            sent += load.block as f64;
+        }
+        if let Some(r) = per_agent {
+            sim.send_pending(&target).await?;
+            if sim.journal_bytes() > keep {
+                sim.pump_until(&target, Duration::from_secs(60), keep)
+                    .await?;
+            }
+            sim.take_acks_until(start + Duration::from_secs_f64(sent / r))
+                .await;
+        }
+        if last_point.elapsed() >= Duration::from_secs(1) {
+            sim.bookmark(chrono_ms());
+            last_point = Instant::now();
+        }
+        if per_agent.is_none() {
+            sim.pump_until(&target, Duration::from_secs(60), keep)
+                .await?;
+        }
+    }
+    sim.bookmark(chrono_ms());
+    sim.pump(&target, Duration::from_secs(60)).await?;
+    if let Some(h) = sim.latency.take() {
+        let _ = hist.borrow_mut().add(&h);
+    }
+    Ok(sim)
+}
+
+fn chrono_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

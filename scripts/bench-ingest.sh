@@ -4,8 +4,9 @@
 # real ext4 image, zero and incompressible blocks, sequential and random mixes), and
 # rebuilds every disk from the store afterwards to compare it with its model. Runs:
 # full load, half load (ack latency), 1,000 connections (memory), and scaling: full load
-# on 1, 2, 4, ... shards, the server on n CPUs and the load generator's n threads on n
-# others, as far as the host's CPUs go (one step on two CPUs, four on sixteen). The
+# and then half of it on 1, 2, 4, ... shards, the server on n CPUs and the load
+# generator's n threads on n others, as far as the host's CPUs go (one step on two
+# CPUs, four on sixteen). The
 # ceiling is TLS receive, zstd-1 and AES-256-GCM each timed alone on one core in the
 # same run.
 #

@@ -29,6 +29,8 @@ pub struct RunFigures {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    /// Arrival to ack in the server, from its metrics.
+    pub server_p99_ms: f64,
     pub rss_mib: f64,
     pub disks: usize,
 }
@@ -240,6 +242,7 @@ pub fn run_load(
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
+        server_p99_ms: server_ms[1],
         rss_mib,
         disks,
     };
@@ -433,9 +436,10 @@ pub fn run(o: &IngestOptions) -> Result<()> {
     Ok(())
 }
 
-/// Full load on 1, 2, 4, ... shards while the host has twice as many CPUs: the server
-/// on the first n of the CPUs this process may use, the load generator's n threads on
-/// the next n, so neither takes time from the other and each step adds both.
+/// Full load on 1, 2, 4, ... shards while the host has twice as many CPUs, then half of
+/// the rate each step sustained: the server on the first n of the CPUs this process may
+/// use, the load generator's n threads on the next n, so neither takes time from the
+/// other and each step adds both.
 fn scaling(o: &IngestOptions, sample: &Arc<Vec<Vec<u8>>>, base: Load, ceiling: f64) -> Result<()> {
     let cpus = allowed_cpus()?;
     if cpus.len() < 2 {
@@ -445,47 +449,43 @@ fn scaling(o: &IngestOptions, sample: &Arc<Vec<Vec<u8>>>, base: Load, ceiling: f
         );
         return Ok(());
     }
-    let mut steps: Vec<(usize, RunFigures)> = Vec::new();
+    let mut steps = Vec::new();
+    let mut one = None;
     let mut n = 1;
     while 2 * n <= cpus.len() {
         let pin = Pin {
             server: cpus[..n].to_vec(),
             load: cpus[n..2 * n].to_vec(),
         };
-        let load = Load {
+        let full = Load {
             agents: 4 * n,
             shards: n,
             threads: n,
             ..base
         };
-        let f = run_load(
-            &format!("scaling-{n}"),
-            &o.ferry,
-            &o.work,
-            sample,
-            load,
-            Some(&pin),
-            o.store_dir.as_deref(),
-        )?;
-        steps.push((n, f));
+        let run = |name: &str, load| {
+            let name = format!("scaling-{n}-{name}");
+            let store = o.store_dir.as_deref();
+            run_load(&name, &o.ferry, &o.work, sample, load, Some(&pin), store)
+        };
+        let f = run("full", full)?;
+        let one = *one.get_or_insert(f.mbps);
+        let rate = Some(f.mbps / 2.0);
+        let h = run("half", Load { rate, ..full })?;
+        steps.push(format!(
+            "{n} shard(s) on {n} CPU(s) {:.0} MB/s (x{:.2}, {:.0} MB/s per core-second, ratio {:.2}), at half of that p99 ack {:.2} ms (in the server {:.2} ms)",
+            f.mbps,
+            f.mbps / one,
+            f.per_core_s,
+            f.per_core_s / ceiling,
+            h.p99_ms,
+            h.server_p99_ms,
+        ));
         n *= 2;
     }
-    let one = steps[0].1.mbps;
-    let line: Vec<String> = steps
-        .iter()
-        .map(|(n, f)| {
-            format!(
-                "{n} shard(s) on {n} CPU(s) {:.0} MB/s (x{:.2}, {:.0} MB/s per core-second, ratio {:.2})",
-                f.mbps,
-                f.mbps / one,
-                f.per_core_s,
-                f.per_core_s / ceiling
-            )
-        })
-        .collect();
     println!(
         "ingest scaling, server and load on CPUs of their own: {}",
-        line.join("; ")
+        steps.join("; ")
     );
     Ok(())
 }

@@ -85,8 +85,36 @@ fn build_aad(aad: &mut Vec<u8>, header: &[u8], name: &str, index: u64, frame: &[
 pub struct SealContext {
     compressor: zstd::bulk::Compressor<'static>,
     aad: Vec<u8>,
-    /// zstd's bulk API writes from the start of a Vec, so it compresses here first.
-    scratch: Vec<u8>,
+}
+
+/// The capacity of a Vec past `at`, for zstd to write a chunk's body where it belongs
+/// (its bulk API on a plain Vec writes from the start).
+struct Spare<'a> {
+    vec: &'a mut Vec<u8>,
+    at: usize,
+}
+
+// SAFETY: the pointer and capacity describe the Vec's allocation past `at`, which the
+// Vec owns; `filled_until(n)` is called by zstd only for bytes it wrote, so the new
+// length covers initialized memory only.
+unsafe impl zstd::zstd_safe::WriteBuf for Spare<'_> {
+    fn as_slice(&self) -> &[u8] {
+        &self.vec[self.at..]
+    }
+
+    fn capacity(&self) -> usize {
+        self.vec.capacity() - self.at
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: `at` is at most the length, so within the allocation or one past it.
+        unsafe { self.vec.as_mut_ptr().add(self.at) }
+    }
+
+    unsafe fn filled_until(&mut self, n: usize) {
+        // SAFETY: the caller wrote n bytes from `at` (the trait's contract).
+        unsafe { self.vec.set_len(self.at + n) }
+    }
 }
 
 impl SealContext {
@@ -95,7 +123,6 @@ impl SealContext {
             compressor: zstd::bulk::Compressor::new(level)
                 .expect("a zstd compression context for a built-in level"),
             aad: Vec::with_capacity(256),
-            scratch: Vec::new(),
         }
     }
 }
@@ -154,24 +181,26 @@ impl Sealer {
         let frame_at = self.out.len();
         self.out.extend_from_slice(&[0u8; FRAME_BYTES]);
         let body_at = self.out.len();
-        let bound = zstd::zstd_safe::compress_bound(plain.len());
-        ctx.scratch.clear();
-        ctx.scratch.reserve(bound);
         let mut codec = CODEC_RAW;
         if !plain.is_empty() {
-            if let Ok(n) = ctx.compressor.compress_to_buffer(plain, &mut ctx.scratch) {
+            // Straight into the object, where the body goes: no copy of the output.
+            let bound = zstd::zstd_safe::compress_bound(plain.len());
+            self.out.reserve(bound + TAG_BYTES);
+            let mut room = Spare {
+                vec: &mut self.out,
+                at: body_at,
+            };
+            if let Ok(n) = ctx.compressor.compress_to_buffer(plain, &mut room) {
                 if n < plain.len() - (plain.len() >> MIN_SAVING_SHIFT) {
                     codec = CODEC_ZSTD;
                 }
             }
         }
-        let body = if codec == CODEC_ZSTD {
-            &ctx.scratch[..]
-        } else {
-            plain
-        };
-        self.out.reserve(body.len() + TAG_BYTES);
-        self.out.extend_from_slice(body);
+        if codec == CODEC_RAW {
+            self.out.truncate(body_at);
+            self.out.reserve(plain.len() + TAG_BYTES);
+            self.out.extend_from_slice(plain);
+        }
         let sealed_len = (self.out.len() - body_at + TAG_BYTES) as u32;
         let mut frame = [0u8; FRAME_BYTES];
         frame[0..4].copy_from_slice(&sealed_len.to_le_bytes());

@@ -202,3 +202,66 @@ fn a_full_cache_holds_the_agent_instead_of_dropping_the_session() {
     let points = verify(&store, &vault, &sim).unwrap();
     assert_eq!(points, 9);
 }
+
+/// Storage refuses one disk's objects (its prefix): that disk holds back only itself.
+/// Another disk on the same shard goes on uploading, the alert is set, the failing
+/// disk's writes are still acknowledged from the cache, and once its storage works
+/// again it catches up; every point of both rebuilds.
+#[test]
+fn a_disk_whose_uploads_fail_holds_back_only_itself() {
+    let Site {
+        _dir,
+        vault,
+        inner,
+        fault,
+        server,
+        target,
+        mut rng,
+    } = site(1, |_| {});
+    let rt = compio::runtime::Runtime::new().unwrap();
+    let mut bad = SimDisk::new("agent-0", "bad", 2 << 20, true);
+    let mut good = SimDisk::new("agent-0", "good", 2 << 20, true);
+    rt.block_on(async {
+        for sim in [&mut bad, &mut good] {
+            round(sim, &mut rng);
+            sim.finish(&target, Duration::from_secs(20)).await.unwrap();
+        }
+    });
+    *fault.outage_under.lock().unwrap() = Some("machines/agent-0/disks/bad/".into());
+    rt.block_on(async {
+        for _ in 0..3 {
+            for sim in [&mut bad, &mut good] {
+                round(sim, &mut rng);
+                // Acknowledged durable, storage or not.
+                sim.pump(&target, Duration::from_secs(20)).await.unwrap();
+            }
+        }
+        // Every write of the good disk reaches storage while the bad one's cannot.
+        good.finish(&target, Duration::from_secs(20)).await.unwrap();
+    });
+    let (_, g, _) = server.view.snapshot();
+    assert!(
+        g.store_failing,
+        "the alert is set while a disk cannot upload"
+    );
+    assert!(g.upload_lag_s > 0.0, "the bad disk's writes are waiting");
+
+    *fault.outage_under.lock().unwrap() = None;
+    rt.block_on(async {
+        round(&mut bad, &mut rng);
+        bad.finish(&target, Duration::from_secs(30)).await.unwrap();
+    });
+    let mut cleared = false;
+    for _ in 0..100 {
+        if !server.view.snapshot().1.store_failing {
+            cleared = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(cleared, "the alert clears once the disk caught up");
+    server.stop();
+    let store = Store::with_object_store(inner, "memory");
+    assert_eq!(verify(&store, &vault, &good).unwrap(), 4);
+    assert_eq!(verify(&store, &vault, &bad).unwrap(), 5);
+}

@@ -48,6 +48,8 @@ pub struct FaultStore {
     plans: Mutex<Vec<Plan>>,
     /// Every operation fails while this is set (an outage), without counting as a crash.
     pub outage: AtomicBool,
+    /// Every operation on a path under this prefix fails (one disk's objects, say).
+    pub outage_under: Mutex<Option<String>>,
     /// Paths of operations that failed, in order.
     pub log: Mutex<Vec<String>>,
 }
@@ -85,6 +87,7 @@ impl FaultStore {
             crashed: AtomicBool::new(false),
             plans: Mutex::new(Vec::new()),
             outage: AtomicBool::new(false),
+            outage_under: Mutex::new(None),
             log: Mutex::new(Vec::new()),
         })
     }
@@ -107,6 +110,11 @@ impl FaultStore {
         if self.crashed() || self.outage.load(Ordering::SeqCst) {
             return (Decision::Before, Duration::ZERO);
         }
+        let under = self.outage_under.lock().unwrap_or_else(|e| e.into_inner());
+        if under.as_deref().is_some_and(|p| path.starts_with(p)) {
+            return (Decision::Before, Duration::ZERO);
+        }
+        drop(under);
         let plan = {
             let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
             plans.iter().find(|p| p.at == n).cloned()

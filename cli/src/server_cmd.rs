@@ -61,7 +61,7 @@ fn secs(s: f64, what: &str) -> Result<Duration> {
 
 pub fn process_server(a: ProcessServerArgs) -> Result<()> {
     let vault = VaultKey::load(&a.key_file)?;
-    let store = Store::open(&a.store)?;
+    let store = Store::open_idle(&a.store)?;
     let tls = server_config(&a.tls_cert, &a.tls_key, &a.client_ca)?;
     if !(a.cache_gib.is_finite() && a.cache_gib > 0.0) {
         bail!("--cache-gib must be positive");

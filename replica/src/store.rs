@@ -181,11 +181,32 @@ impl Store {
         Ok(Self::with_object_store(build(url)?, url))
     }
 
+    /// Like `open`, with the store's threads at SCHED_IDLE: for a process whose store
+    /// traffic is bulk work that must never take CPU from latency-bound threads (the
+    /// process server's uploads, whose sealing threads are SCHED_IDLE too).
+    pub fn open_idle(url: &str) -> Result<Store> {
+        Ok(Self::build_with(build(url)?, url, true))
+    }
+
     /// Wraps any object_store (tests wrap one that injects faults).
     pub fn with_object_store(inner: Arc<dyn ObjectStore>, name: &str) -> Store {
+        Self::build_with(inner, name, false)
+    }
+
+    fn build_with(inner: Arc<dyn ObjectStore>, name: &str, idle: bool) -> Store {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("ferry-store")
+            .on_thread_start(move || {
+                if idle {
+                    // SAFETY: sched_setscheduler on this thread (0) with a valid
+                    // parameter; failure only leaves the default policy.
+                    unsafe {
+                        let p = libc::sched_param { sched_priority: 0 };
+                        libc::sched_setscheduler(0, libc::SCHED_IDLE, &p);
+                    }
+                }
+            })
             .enable_all()
             .build()
             .expect("a one-thread tokio runtime for the store");

@@ -353,8 +353,9 @@ pub fn run(o: &IngestOptions) -> Result<()> {
     let sample = Arc::new(crate::sample::load(&o.image, 64)?);
     let ceiling = ceiling(&o.work, &as_sent(&sample))?;
     let store = o.store_dir.as_deref();
-    if let Some(d) = store {
-        println!("ingest: the blob store is in {}", d.display());
+    match store {
+        Some(d) => println!("ingest: the blob store is in {}", d.display()),
+        None => println!("ingest: the blob store is beside the cache, on the same disk"),
     }
     let wants = |k| o.runs.contains(&k);
     let full_load = Load {

@@ -240,13 +240,7 @@ async fn agents(
             ))
         })
         .collect();
-    let mut sims = Vec::new();
-    for t in tasks {
-        sims.push(
-            t.await
-                .map_err(|_| "an agent task panicked".to_string())??,
-        );
-    }
+    let sims = joined(tasks).await?;
     let bytes = sims.iter().map(|s| s.bytes).sum();
     let hist = hist.replace(histogram());
     let _ = tx.send(Report::Loaded { bytes, hist });
@@ -259,6 +253,15 @@ async fn agents(
             })
         })
         .collect();
+    let out = joined(tasks).await?;
+    let _ = tx.send(Report::Drained);
+    Ok(out)
+}
+
+/// Every agent task's result, in order; the first error ends it.
+async fn joined<T, E>(
+    tasks: Vec<impl std::future::Future<Output = Result<Result<T, String>, E>>>,
+) -> Result<Vec<T>, String> {
     let mut out = Vec::new();
     for t in tasks {
         out.push(
@@ -266,7 +269,6 @@ async fn agents(
                 .map_err(|_| "an agent task panicked".to_string())??,
         );
     }
-    let _ = tx.send(Report::Drained);
     Ok(out)
 }
 

@@ -209,21 +209,14 @@ fn a_full_cache_holds_the_agent_instead_of_dropping_the_session() {
 /// again it catches up; every point of both rebuilds.
 #[test]
 fn a_disk_whose_uploads_fail_holds_back_only_itself() {
-    let Site {
-        _dir,
-        vault,
-        inner,
-        fault,
-        server,
-        target,
-        mut rng,
-    } = site(1, |_| {});
+    let mut s = site(1, |_| {});
+    let (target, fault, server) = (s.target.clone(), s.fault.clone(), s.server);
     let rt = compio::runtime::Runtime::new().unwrap();
     let mut bad = SimDisk::new("agent-0", "bad", 2 << 20, true);
     let mut good = SimDisk::new("agent-0", "good", 2 << 20, true);
     rt.block_on(async {
         for sim in [&mut bad, &mut good] {
-            round(sim, &mut rng);
+            round(sim, &mut s.rng);
             sim.finish(&target, Duration::from_secs(20)).await.unwrap();
         }
     });
@@ -231,7 +224,7 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
     rt.block_on(async {
         for _ in 0..3 {
             for sim in [&mut bad, &mut good] {
-                round(sim, &mut rng);
+                round(sim, &mut s.rng);
                 // Acknowledged durable, storage or not.
                 sim.pump(&target, Duration::from_secs(20)).await.unwrap();
             }
@@ -248,7 +241,7 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
 
     *fault.outage_under.lock().unwrap() = None;
     rt.block_on(async {
-        round(&mut bad, &mut rng);
+        round(&mut bad, &mut s.rng);
         bad.finish(&target, Duration::from_secs(30)).await.unwrap();
     });
     let mut cleared = false;
@@ -261,7 +254,7 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
     }
     assert!(cleared, "the alert clears once the disk caught up");
     server.stop();
-    let store = Store::with_object_store(inner, "memory");
-    assert_eq!(verify(&store, &vault, &good).unwrap(), 4);
-    assert_eq!(verify(&store, &vault, &bad).unwrap(), 5);
+    let store = Store::with_object_store(s.inner.clone(), "memory");
+    assert_eq!(verify(&store, &s.vault, &good).unwrap(), 4);
+    assert_eq!(verify(&store, &s.vault, &bad).unwrap(), 5);
 }

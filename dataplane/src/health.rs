@@ -53,6 +53,8 @@ pub struct Inputs {
     pub upload_lag_s: f64,
     /// The last request to blob storage failed; uploads are being retried.
     pub store_failing: bool,
+    /// Of which this many disks are held back, each retried on its own.
+    pub failing_disks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,7 +115,10 @@ pub fn assess(p: &Policy, i: &Inputs) -> Health {
     if i.store_failing {
         raise(
             Level::Warning,
-            "blob storage is failing; uploads are retried with backoff and the cache holds the data".into(),
+            format!(
+                "blob storage is failing for {} disk(s); their uploads are retried with backoff, the cache holds their data and other disks go on",
+                i.failing_disks
+            ),
         );
     }
     let throttle = free_pct < p.cache_throttle_free_pct;
@@ -141,7 +146,7 @@ mod tests {
                 cache_used_bytes: used_pct,
                 cache_max_bytes: 100,
                 upload_lag_s: lag,
-                store_failing: false,
+                ..Default::default()
             },
         )
     }

@@ -82,6 +82,8 @@ pub struct Gauges {
     pub cache_max_bytes: u64,
     pub upload_lag_s: f64,
     pub store_failing: bool,
+    /// Disks whose uploads fail, each retried while the others go on.
+    pub failing_disks: u64,
 }
 
 /// A microsecond histogram as a Prometheus summary in seconds.
@@ -182,6 +184,12 @@ pub fn render(m: &ShardMetrics, g: &Gauges, health: &Health) -> String {
         "1 while requests to blob storage fail (alert).",
         &one((g.store_failing as u8).to_string()),
     );
+    metric(
+        "upload_failing_disks",
+        "gauge",
+        "Disks whose uploads fail: retried with backoff, their writes kept in the cache, other disks going on.",
+        &one(g.failing_disks.to_string()),
+    );
     let level = health.level as u8;
     metric(
         "health",
@@ -230,6 +238,7 @@ mod tests {
             cache_max_bytes: 100,
             upload_lag_s: 2.5,
             store_failing: true,
+            failing_disks: 2,
         };
         let h = assess(
             &Policy::default(),
@@ -238,6 +247,7 @@ mod tests {
                 cache_max_bytes: 100,
                 upload_lag_s: 2.5,
                 store_failing: true,
+                failing_disks: 2,
             },
         );
         let text = render(&a, &g, &h);
@@ -253,6 +263,7 @@ mod tests {
             "ferry_health 2",
             "ferry_throttling 1",
             "ferry_store_failing 1",
+            "ferry_upload_failing_disks 2",
             "# TYPE ferry_ack_latency_seconds summary",
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");

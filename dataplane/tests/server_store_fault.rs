@@ -232,12 +232,20 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
         // Every write of the good disk reaches storage while the bad one's cannot.
         good.finish(&target, Duration::from_secs(20)).await.unwrap();
     });
-    let (_, g, _) = server.view.snapshot();
+    let (_, g, h) = server.view.snapshot();
     assert!(
         g.store_failing,
         "the alert is set while a disk cannot upload"
     );
+    assert_eq!(g.failing_disks, 1, "one disk is held back");
     assert!(g.upload_lag_s > 0.0, "the bad disk's writes are waiting");
+    assert!(
+        h.reasons
+            .iter()
+            .any(|r| r.contains("blob storage is failing for 1 disk(s)")),
+        "{:?}",
+        h.reasons
+    );
 
     *fault.outage_under.lock().unwrap() = None;
     rt.block_on(async {
@@ -253,6 +261,7 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(cleared, "the alert clears once the disk caught up");
+    assert_eq!(server.view.snapshot().1.failing_disks, 0);
     server.stop();
     let store = Store::with_object_store(s.inner.clone(), "memory");
     assert_eq!(verify(&store, &s.vault, &good).unwrap(), 4);

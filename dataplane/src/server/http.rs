@@ -51,6 +51,11 @@ impl View {
                 .uploads
                 .iter()
                 .any(|u| u.failing.load(Ordering::Relaxed)),
+            failing_disks: self
+                .uploads
+                .iter()
+                .map(|u| u.failing_disks.load(Ordering::Relaxed))
+                .sum(),
         };
         let h = assess(
             &Policy::default(),
@@ -59,6 +64,7 @@ impl View {
                 cache_max_bytes: g.cache_max_bytes,
                 upload_lag_s: g.upload_lag_s,
                 store_failing: g.store_failing,
+                failing_disks: g.failing_disks,
             },
         );
         (m, g, h)

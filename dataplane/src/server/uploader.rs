@@ -27,6 +27,8 @@ pub struct UploadStatus {
     /// Since when durable data has been waiting for blob storage.
     pub behind_since: Mutex<Option<Instant>>,
     pub failing: AtomicBool,
+    /// Disks held back by failing uploads.
+    pub failing_disks: AtomicU64,
     pub plain_bytes: AtomicU64,
     pub sealed_bytes: AtomicU64,
 }
@@ -186,6 +188,9 @@ fn publish(
     *shard.released.lock().expect("released lock") = released;
     let oldest = stuck.values().map(|s| s.since).chain(waiting).min();
     *status.behind_since.lock().expect("status lock") = oldest;
+    status
+        .failing_disks
+        .store(stuck.len() as u64, Ordering::Relaxed);
 }
 
 /// Retries every stuck disk whose time has come: reads the cache from where the disk

@@ -83,13 +83,9 @@ pub fn run(
     let mut flowing = true;
     let mut noticed: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        let upto = tail.position();
         if catch_up(
-            &shard,
-            &registry,
-            &status,
-            &mut stuck,
-            tail.position(),
-            read_max,
+            &shard, &registry, &status, &mut stuck, upto, read_max, &stop,
         ) {
             flowing = true;
         }
@@ -203,7 +199,14 @@ fn catch_up(
     stuck: &mut BTreeMap<String, Stuck>,
     upto: Position,
     read_max: usize,
+    stop: &AtomicBool,
 ) -> bool {
+    /// Why a retry stopped short.
+    enum Short {
+        Stopped,
+        Cache(String),
+        Upload(String),
+    }
     let now = Instant::now();
     let due: Vec<String> = stuck
         .iter()
@@ -218,9 +221,13 @@ fn catch_up(
             if side.position() >= upto {
                 break Ok(());
             }
+            // Far behind, this reads for a while: a stopping server does not wait.
+            if stop.load(Ordering::Relaxed) {
+                break Err(Short::Stopped);
+            }
             let batch = match side.read(upto, read_max) {
                 Ok(b) => b,
-                Err(e) => break Err(e.to_string()),
+                Err(e) => break Err(Short::Cache(e.to_string())),
             };
             let mine: Vec<&[u8]> = batch
                 .iter()
@@ -229,13 +236,13 @@ fn catch_up(
                 .collect();
             if !mine.is_empty() {
                 if let Err(e) = upload_once(shard, registry, status, &key, &mine) {
-                    break Err(e);
+                    break Err(Short::Upload(e));
                 }
                 progressed = true;
             }
             s.from = side.position();
         };
-        match result {
+        let error = match result {
             Ok(()) => {
                 stuck.remove(&key);
                 progressed = true;
@@ -247,16 +254,21 @@ fn catch_up(
                     disk = key,
                     "uploads work again for this disk"
                 );
+                continue;
             }
-            Err(e) => {
-                s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
-                s.next_try = Instant::now() + s.backoff;
-                status.failing.store(true, Ordering::Relaxed);
-                // Warned when it first failed; an outage of many disks would
-                // otherwise log each of them every few seconds.
-                tracing::debug!(shard = shard.id, disk = key, error = %e, retry_in = ?s.backoff, "upload failed again; the cache keeps the data");
+            Err(Short::Stopped) => return progressed,
+            Err(Short::Cache(e)) => {
+                tracing::error!(shard = shard.id, disk = key, error = %e, "cannot read the cache to retry a disk's uploads");
+                e
             }
-        }
+            // Warned when it first failed; an outage of many disks would otherwise
+            // log each of them every few seconds.
+            Err(Short::Upload(e)) => e,
+        };
+        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+        s.next_try = Instant::now() + s.backoff;
+        status.failing.store(true, Ordering::Relaxed);
+        tracing::debug!(shard = shard.id, disk = key, error = %error, retry_in = ?s.backoff, "upload failed again; the cache keeps the data");
     }
     progressed
 }

@@ -63,10 +63,31 @@ impl Tailer {
     }
 
     /// Returns the records between the current position and `upto` (a record boundary
-    /// the shard made durable), about `max_bytes` of them at most.
+    /// the shard made durable), about `max_bytes` of them at most. An error after some
+    /// records were read returns those (the position is just past them), and the next
+    /// call meets the error again: records read are never dropped with the error.
     pub fn read(&mut self, upto: Position, max_bytes: usize) -> Result<Batch<'_>, CacheError> {
         self.spans.clear();
         let mut used = 0usize;
+        if let Err(e) = self.read_into(upto, max_bytes, &mut used) {
+            if self.spans.is_empty() {
+                return Err(e);
+            }
+        }
+        Ok(Batch {
+            buf: &self.buf[..used],
+            spans: &self.spans,
+        })
+    }
+
+    /// Reads records into `buf` from `*used` on and their spans into `spans`,
+    /// advancing the position past each whole one.
+    fn read_into(
+        &mut self,
+        upto: Position,
+        max_bytes: usize,
+        used: &mut usize,
+    ) -> Result<(), CacheError> {
         let mut taken = 0usize;
         while self.pos < upto && taken < max_bytes {
             let path = file_name(&self.dir, self.pos.file);
@@ -111,17 +132,18 @@ impl Tailer {
             let want = (end - self.pos.offset)
                 .min((max_bytes - taken + RECORD_PAYLOAD_MAX + 512) as u64)
                 as usize;
-            if self.buf.len() < used + want {
-                self.buf.resize(used + want, 0);
+            let at = *used;
+            if self.buf.len() < at + want {
+                self.buf.resize(at + want, 0);
             }
-            let buf = &mut self.buf[used..used + want];
+            let buf = &mut self.buf[at..at + want];
             f.read_exact_at(buf, self.pos.offset)
                 .map_err(|e| io_err("read", &path, e))?;
             let (file, base) = (self.pos.file, self.pos.offset);
             let spans = &mut self.spans;
             let (valid, problem) = parse_spans(buf, file, |s| {
                 taken += s.payload.len();
-                spans.push((file, used, base, s));
+                spans.push((file, at, base, s));
             });
             if valid == 0 {
                 return Err(CacheError::Corrupt {
@@ -130,13 +152,10 @@ impl Tailer {
                     reason: problem.unwrap_or("no whole record where one was durable"),
                 });
             }
-            used += valid;
+            *used += valid;
             self.pos.offset += valid as u64;
         }
-        Ok(Batch {
-            buf: &self.buf[..used],
-            spans: &self.spans,
-        })
+        Ok(())
     }
 }
 
@@ -213,5 +232,40 @@ mod tests {
             .collect();
         assert_eq!(got, [b"before".to_vec(), b"after".to_vec()]);
         assert_eq!(t.position(), end);
+    }
+
+    #[test]
+    fn records_read_before_an_error_are_returned_and_the_error_comes_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        let mut t = Tailer::new(dir.path(), log.first_position());
+        for i in 0..5u8 {
+            log.append("m/d", &[i; 300]).unwrap();
+        }
+        log.sync().unwrap();
+        let end = log.end_position();
+        // The second file's first record goes bad on disk.
+        let second = log.first_position().file + 1;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(file_name(dir.path(), second))
+            .unwrap()
+            .write_all_at(&[0xFF; 16], 0)
+            .unwrap();
+        let got: Vec<u8> = t
+            .read(end, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|r| r.payload[0])
+            .collect();
+        assert_eq!(
+            got,
+            [0, 1, 2],
+            "the first file's records, not lost with the error"
+        );
+        assert!(matches!(
+            t.read(end, 1 << 20),
+            Err(CacheError::Corrupt { .. })
+        ));
     }
 }

@@ -115,10 +115,10 @@ pub fn assess(p: &Policy, i: &Inputs) -> Health {
     if i.store_failing {
         raise(
             Level::Warning,
-            format!(
-                "blob storage is failing for {} disk(s); their uploads are retried with backoff, the cache holds their data and other disks go on",
-                i.failing_disks
-            ),
+            match i.failing_disks {
+                0 => "uploads are failing; they are retried with backoff and the cache holds the data".into(),
+                n => format!("blob storage is failing for {n} disk(s); their uploads are retried with backoff, the cache holds their data and other disks go on"),
+            },
         );
     }
     let throttle = free_pct < p.cache_throttle_free_pct;

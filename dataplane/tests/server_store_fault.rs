@@ -227,6 +227,9 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
                 round(sim, &mut s.rng);
                 // Acknowledged durable, storage or not.
                 sim.pump(&target, Duration::from_secs(20)).await.unwrap();
+                // Past the batching delay: the bad disk's writes are a batch of their
+                // own, whose every upload fails, and yet the others go on.
+                compio::time::sleep(Duration::from_millis(300)).await;
             }
         }
         // Every write of the good disk reaches storage while the bad one's cannot.
@@ -266,4 +269,54 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
     let store = Store::with_object_store(s.inner.clone(), "memory");
     assert_eq!(verify(&store, &s.vault, &good).unwrap(), 4);
     assert_eq!(verify(&store, &s.vault, &bad).unwrap(), 5);
+}
+
+/// Storage down for all of several disks on one shard, then back: the stuck disks are
+/// retried together and every point of every disk rebuilds.
+#[test]
+fn an_outage_of_several_disks_is_caught_up_in_full() {
+    let mut s = site(1, |_| {});
+    let (target, fault, server) = (s.target.clone(), s.fault.clone(), s.server);
+    let rt = compio::runtime::Runtime::new().unwrap();
+    let mut sims: Vec<SimDisk> = (0..3)
+        .map(|i| SimDisk::new("agent-0", &format!("d{i}"), 2 << 20, true))
+        .collect();
+    // A disk's first session reads its state from the store: before the outage.
+    rt.block_on(async {
+        for sim in sims.iter_mut() {
+            round(sim, &mut s.rng);
+            sim.finish(&target, Duration::from_secs(20)).await.unwrap();
+        }
+    });
+    fault.outage.store(true, Ordering::SeqCst);
+    rt.block_on(async {
+        for _ in 0..3 {
+            for sim in sims.iter_mut() {
+                round(sim, &mut s.rng);
+                sim.pump(&target, Duration::from_secs(20)).await.unwrap();
+                compio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let mut held = 0;
+    for _ in 0..100 {
+        held = server.view.snapshot().1.failing_disks;
+        if held == 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(held, 3, "every disk is held back");
+    fault.outage.store(false, Ordering::SeqCst);
+    rt.block_on(async {
+        for sim in sims.iter_mut() {
+            sim.finish(&target, Duration::from_secs(30)).await.unwrap();
+        }
+    });
+    assert_eq!(server.view.snapshot().1.failing_disks, 0);
+    server.stop();
+    let store = Store::with_object_store(s.inner.clone(), "memory");
+    for sim in &sims {
+        assert_eq!(verify(&store, &s.vault, sim).unwrap(), 4);
+    }
 }

@@ -28,11 +28,17 @@ pub struct Tailer {
 pub struct Batch<'a> {
     buf: &'a [u8],
     spans: &'a [(u64, usize, u64, Span)],
+    end: Position,
 }
 
 impl<'a> Batch<'a> {
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
+    }
+
+    /// The tailer's position after this batch.
+    pub fn end(&self) -> Position {
+        self.end
     }
 
     pub fn len(&self) -> usize {
@@ -77,6 +83,7 @@ impl Tailer {
         Ok(Batch {
             buf: &self.buf[..used],
             spans: &self.spans,
+            end: self.pos,
         })
     }
 

@@ -9,7 +9,7 @@
 //! from there on. When every upload of a batch fails, storage is down for all: the
 //! stage stops reading on and only retries, so an outage costs no re-reading.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,14 +43,19 @@ impl UploadStatus {
 }
 
 /// A disk whose upload failed. The others go on; its frames from `from` on are retried
-/// by reading the cache again from there, with backoff, and the cache is not freed
-/// past `from` until they are in.
+/// by reading the cache again from there, and the cache is not freed past `from` until
+/// they are in.
 struct Stuck {
     /// Every frame of the disk before this position is uploaded.
     from: Position,
     /// Since when its oldest waiting write has waited (for the upload lag).
     since: Instant,
-    next_try: Instant,
+}
+
+/// When the stuck disks are retried next: all of them in one pass over the cache, so
+/// an outage of many disks costs one pass per retry, not one per disk.
+struct Retry {
+    next: Instant,
     backoff: Duration,
 }
 
@@ -78,22 +83,23 @@ pub fn run(
     let read_max = opts.batch_bytes.max(1 << 20);
     let mut tail = Tailer::new(&shard.dir, shard.first);
     let mut stuck: BTreeMap<String, Stuck> = BTreeMap::new();
-    // False after a batch in which every upload tried failed: storage is down for all,
-    // and reading on would only pile up disks to retry one by one.
-    let mut flowing = true;
+    let mut retry = Retry {
+        next: Instant::now(),
+        backoff: FIRST_BACKOFF,
+    };
     let mut noticed: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         let upto = tail.position();
-        if catch_up(
-            &shard, &registry, &status, &mut stuck, upto, read_max, &stop,
-        ) {
-            flowing = true;
-        }
+        let pass = Pass {
+            shard: &shard,
+            registry: &registry,
+            status: &status,
+            upto,
+            read_max,
+            stop: &stop,
+        };
+        pass.catch_up(&mut stuck, &mut retry);
         publish(&shard, &status, &stuck, tail.position(), None);
-        if !flowing && !stuck.is_empty() {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
         let durable = *shard.durable.lock().expect("durable lock");
         if tail.position() >= durable {
             noticed = None;
@@ -117,45 +123,25 @@ pub fn run(
                 continue;
             }
         };
-        let mut read = 0u64;
-        // Group by disk, keeping each disk's frames in log order; the payloads stay
-        // where the tail read them.
-        let mut order: Vec<&str> = Vec::new();
-        let mut groups: HashMap<&str, Vec<&[u8]>> = HashMap::new();
-        for e in batch.iter() {
-            read += e.payload.len() as u64;
-            groups
-                .entry(e.disk)
-                .or_insert_with(|| {
-                    order.push(e.disk);
-                    Vec::new()
-                })
-                .push(e.payload);
-        }
-        let (mut ok, mut failed) = (0, 0);
-        for key in order {
+        let read: u64 = batch.iter().map(|e| e.payload.len() as u64).sum();
+        let mut failed = 0;
+        for (key, frames) in by_disk(&batch) {
             // A stuck disk's frames here are read again when it is retried.
             if stuck.contains_key(key) {
                 continue;
             }
-            match upload_once(&shard, &registry, &status, key, &groups[key]) {
-                Ok(()) => ok += 1,
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(shard = shard.id, disk = key, error = %e, retry_in = ?FIRST_BACKOFF, "upload failed; the cache keeps the data, the disk's other writes wait, other disks go on");
-                    stuck.insert(
-                        key.to_string(),
-                        Stuck {
-                            from: at,
-                            since,
-                            next_try: Instant::now() + FIRST_BACKOFF,
-                            backoff: FIRST_BACKOFF,
-                        },
-                    );
+            if let Err(e) = upload_once(&shard, &registry, &status, key, &frames) {
+                failed += 1;
+                if stuck.is_empty() {
+                    retry = Retry {
+                        next: Instant::now() + FIRST_BACKOFF,
+                        backoff: FIRST_BACKOFF,
+                    };
                 }
+                tracing::warn!(shard = shard.id, disk = key, error = %e, "upload failed; the cache keeps the data, the disk's other writes wait, other disks go on");
+                stuck.insert(key.to_string(), Stuck { from: at, since });
             }
         }
-        flowing = failed == 0 || ok > 0;
         if failed == 0 && stuck.is_empty() {
             status.failing.store(false, Ordering::Relaxed);
         }
@@ -169,6 +155,21 @@ pub fn run(
         noticed = None;
         publish(&shard, &status, &stuck, tail.position(), None);
     }
+}
+
+/// A batch's frames by disk, each disk's in log order, disks in order of first
+/// appearance; the payloads stay where the tail read them.
+fn by_disk<'a>(batch: &crate::cache::Batch<'a>) -> Vec<(&'a str, Vec<&'a [u8]>)> {
+    let mut out: Vec<(&'a str, Vec<&'a [u8]>)> = Vec::new();
+    let mut index: HashMap<&'a str, usize> = HashMap::new();
+    for e in batch.iter() {
+        let i = *index.entry(e.disk).or_insert_with(|| {
+            out.push((e.disk, Vec::new()));
+            out.len() - 1
+        });
+        out[i].1.push(e.payload);
+    }
+    out
 }
 
 /// Frees the cache up to what every disk has uploaded, and publishes the lag (the
@@ -189,88 +190,91 @@ fn publish(
         .store(stuck.len() as u64, Ordering::Relaxed);
 }
 
-/// Retries every stuck disk whose time has come: reads the cache from where the disk
-/// stopped up to `upto` (where the main read is; later frames come through it) and
-/// uploads that disk's frames only. Returns whether a disk got further.
-fn catch_up(
-    shard: &ShardShared,
-    registry: &Registry,
-    status: &UploadStatus,
-    stuck: &mut BTreeMap<String, Stuck>,
+/// One retry of the stuck disks.
+struct Pass<'a> {
+    shard: &'a ShardShared,
+    registry: &'a Registry,
+    status: &'a UploadStatus,
+    /// Where the main reader is: later frames come through it.
     upto: Position,
     read_max: usize,
-    stop: &AtomicBool,
-) -> bool {
-    /// Why a retry stopped short.
-    enum Short {
-        Stopped,
-        Cache(String),
-        Upload(String),
-    }
-    let now = Instant::now();
-    let due: Vec<String> = stuck
-        .iter()
-        .filter(|(_, s)| s.next_try <= now)
-        .map(|(k, _)| k.clone())
-        .collect();
-    let mut progressed = false;
-    for key in due {
-        let s = stuck.get_mut(&key).expect("listed above");
-        let mut side = Tailer::new(&shard.dir, s.from);
-        let result = loop {
-            if side.position() >= upto {
-                break Ok(());
-            }
+    stop: &'a AtomicBool,
+}
+
+impl Pass<'_> {
+    /// If it is time: reads the cache once from the oldest stuck position up to
+    /// `upto`, offering each stuck disk its frames. A disk that fails is not offered
+    /// more in this pass; the pass ends early once every stuck disk has failed (an
+    /// outage: one batch read). Disks that reach `upto` are stuck no more.
+    fn catch_up(&self, stuck: &mut BTreeMap<String, Stuck>, retry: &mut Retry) {
+        if stuck.is_empty() || Instant::now() < retry.next {
+            return;
+        }
+        let start = stuck.values().map(|s| s.from).min().expect("not empty");
+        let mut side = Tailer::new(&self.shard.dir, start);
+        let mut failed: HashSet<String> = HashSet::new();
+        let mut whole = true;
+        while side.position() < self.upto && failed.len() < stuck.len() {
             // Far behind, this reads for a while: a stopping server does not wait.
-            if stop.load(Ordering::Relaxed) {
-                break Err(Short::Stopped);
+            if self.stop.load(Ordering::Relaxed) {
+                return;
             }
-            let batch = match side.read(upto, read_max) {
+            let batch = match side.read(self.upto, self.read_max) {
                 Ok(b) => b,
-                Err(e) => break Err(Short::Cache(e.to_string())),
+                Err(e) => {
+                    tracing::error!(shard = self.shard.id, error = %e, "cannot read the cache to retry stuck disks");
+                    whole = false;
+                    break;
+                }
             };
-            let mine: Vec<&[u8]> = batch
-                .iter()
-                .filter(|e| e.disk == key)
-                .map(|e| e.payload)
-                .collect();
-            if !mine.is_empty() {
-                if let Err(e) = upload_once(shard, registry, status, &key, &mine) {
-                    break Err(Short::Upload(e));
+            let end = batch.end();
+            for (key, frames) in by_disk(&batch) {
+                let Some(s) = stuck.get(key) else { continue };
+                if s.from >= end || failed.contains(key) {
+                    continue;
                 }
-                progressed = true;
-            }
-            s.from = side.position();
-        };
-        let error = match result {
-            Ok(()) => {
-                stuck.remove(&key);
-                progressed = true;
-                if stuck.is_empty() {
-                    status.failing.store(false, Ordering::Relaxed);
+                // Frames before `from` are offered too; the replica skips them.
+                if let Err(e) = upload_once(self.shard, self.registry, self.status, key, &frames) {
+                    tracing::debug!(shard = self.shard.id, disk = key, error = %e, "upload failed again; the cache keeps the data");
+                    failed.insert(key.to_string());
                 }
-                tracing::info!(
-                    shard = shard.id,
-                    disk = key,
-                    "uploads work again for this disk"
-                );
-                continue;
             }
-            Err(Short::Stopped) => return progressed,
-            Err(Short::Cache(e)) => {
-                tracing::error!(shard = shard.id, disk = key, error = %e, "cannot read the cache to retry a disk's uploads");
-                e
+            // Whatever did not fail here has everything before `end` in.
+            for (key, s) in stuck.iter_mut() {
+                if !failed.contains(key) && s.from < end {
+                    s.from = end;
+                }
             }
-            // Warned when it first failed; an outage of many disks would otherwise
-            // log each of them every few seconds.
-            Err(Short::Upload(e)) => e,
-        };
-        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
-        s.next_try = Instant::now() + s.backoff;
-        status.failing.store(true, Ordering::Relaxed);
-        tracing::debug!(shard = shard.id, disk = key, error = %error, retry_in = ?s.backoff, "upload failed again; the cache keeps the data");
+        }
+        if whole && side.position() >= self.upto {
+            stuck.retain(|key, _| {
+                let back = !failed.contains(key);
+                if back {
+                    tracing::info!(
+                        shard = self.shard.id,
+                        disk = key,
+                        "uploads work again for this disk"
+                    );
+                }
+                !back
+            });
+        }
+        if stuck.is_empty() {
+            self.status.failing.store(false, Ordering::Relaxed);
+            *retry = Retry {
+                next: Instant::now(),
+                backoff: FIRST_BACKOFF,
+            };
+        } else {
+            // Progress for all that was tried: soon again; a failure: back off.
+            retry.backoff = match failed.is_empty() && whole {
+                true => FIRST_BACKOFF,
+                false => (retry.backoff * 2).min(MAX_BACKOFF),
+            };
+            retry.next = Instant::now() + retry.backoff;
+            self.status.failing.store(true, Ordering::Relaxed);
+        }
     }
-    progressed
 }
 
 /// Uploads one disk's frames, once.

@@ -25,6 +25,15 @@ fn round(sim: &mut SimDisk, rng: &mut impl Rng) {
     sim.bookmark(0);
 }
 
+/// Asserts that one of the health verdict's reasons says `what`.
+fn says(h: &ferry_dataplane::health::Health, what: &str) {
+    assert!(
+        h.reasons.iter().any(|r| r.contains(what)),
+        "{what:?} not in {:?}",
+        h.reasons
+    );
+}
+
 /// A process server whose blob storage can be made to fail, and an agent's target.
 struct Site {
     _dir: tempfile::TempDir,
@@ -104,13 +113,7 @@ fn a_store_outage_grows_the_cache_raises_the_alert_and_loses_nothing() {
     }
     let (g, h) = seen.expect("the store failure shows in metrics");
     assert!(h.level >= Level::Warning, "{:?}", h);
-    assert!(
-        h.reasons
-            .iter()
-            .any(|r| r.contains("blob storage is failing")),
-        "{:?}",
-        h.reasons
-    );
+    says(&h, "blob storage is failing");
     assert!(
         g.cache_bytes > cache_before,
         "the cache holds the writes: {} <= {cache_before}",
@@ -242,13 +245,7 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
     );
     assert_eq!(g.failing_disks, 1, "one disk is held back");
     assert!(g.upload_lag_s > 0.0, "the bad disk's writes are waiting");
-    assert!(
-        h.reasons
-            .iter()
-            .any(|r| r.contains("blob storage is failing for 1 disk(s)")),
-        "{:?}",
-        h.reasons
-    );
+    says(&h, "blob storage is failing for 1 disk(s)");
 
     *fault.outage_under.lock().unwrap() = None;
     rt.block_on(async {

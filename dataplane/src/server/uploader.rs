@@ -245,6 +245,8 @@ impl Pass<'_> {
                     s.from = end;
                 }
             }
+            // A long catch-up frees the cache as it goes.
+            publish(self.shard, self.status, stuck, self.upto, None);
         }
         if whole && side.position() >= self.upto {
             stuck.retain(|key, _| {

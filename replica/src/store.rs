@@ -175,6 +175,17 @@ fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Puts the calling thread at SCHED_IDLE, for good: it runs only on CPU time nothing
+/// else wants. For bulk work (sealing, uploading) beside latency-bound threads; failure
+/// only leaves the default policy.
+pub fn idle_thread() {
+    // SAFETY: sched_setscheduler on this thread (0) with a valid parameter.
+    unsafe {
+        let p = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &p);
+    }
+}
+
 impl Store {
     /// Opens the store a `--store` URL names.
     pub fn open(url: &str) -> Result<Store> {
@@ -199,12 +210,7 @@ impl Store {
             .thread_name("ferry-store")
             .on_thread_start(move || {
                 if idle {
-                    // SAFETY: sched_setscheduler on this thread (0) with a valid
-                    // parameter; failure only leaves the default policy.
-                    unsafe {
-                        let p = libc::sched_param { sched_priority: 0 };
-                        libc::sched_setscheduler(0, libc::SCHED_IDLE, &p);
-                    }
+                    idle_thread();
                 }
             })
             .enable_all()

@@ -4,10 +4,9 @@
 //! its recovery points. Once a batch is committed, the cache files before it are freed.
 //!
 //! A failed upload holds back its own disk only: the others go on, and the failing
-//! disk is retried with backoff by reading the cache again from where it stopped (the
-//! replica's watermark skips what is already in), while the cache keeps everything
-//! from there on. When every upload of a batch fails, storage is down for all: the
-//! stage stops reading on and only retries, so an outage costs no re-reading.
+//! disks are retried together with backoff, in one pass that reads the cache again
+//! from the oldest place one of them stopped (the replica's watermark skips what is
+//! already in), while the cache keeps everything from there on (decision 0011).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,12 +73,7 @@ pub fn run(
     // never delays a shard or a cache sync (at half load on two cores, nice +10 still
     // left the server's ack p99 at 7 ms, SCHED_IDLE 3.9 ms). A saturated host starves
     // it, the cache fills and agents are throttled: the backpressure that is wanted.
-    // SAFETY: sched_setscheduler on this thread (0) with a valid parameter; failure
-    // only leaves the default policy.
-    unsafe {
-        let p = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &p);
-    }
+    ferry_replica::store::idle_thread();
     let read_max = opts.batch_bytes.max(1 << 20);
     let mut tail = Tailer::new(&shard.dir, shard.first);
     let mut stuck: BTreeMap<String, Stuck> = BTreeMap::new();
@@ -99,7 +93,6 @@ pub fn run(
             stop: &stop,
         };
         pass.catch_up(&mut stuck, &mut retry);
-        publish(&shard, &status, &stuck, tail.position(), None);
         let durable = *shard.durable.lock().expect("durable lock");
         if tail.position() >= durable {
             noticed = None;
@@ -124,14 +117,14 @@ pub fn run(
             }
         };
         let read: u64 = batch.iter().map(|e| e.payload.len() as u64).sum();
-        let mut failed = 0;
+        let mut all_in = true;
         for (key, frames) in by_disk(&batch) {
             // A stuck disk's frames here are read again when it is retried.
             if stuck.contains_key(key) {
                 continue;
             }
             if let Err(e) = upload_once(&shard, &registry, &status, key, &frames) {
-                failed += 1;
+                all_in = false;
                 if stuck.is_empty() {
                     retry = Retry {
                         next: Instant::now() + FIRST_BACKOFF,
@@ -142,7 +135,7 @@ pub fn run(
                 stuck.insert(key.to_string(), Stuck { from: at, since });
             }
         }
-        if failed == 0 && stuck.is_empty() {
+        if all_in && stuck.is_empty() {
             status.failing.store(false, Ordering::Relaxed);
         }
         let _ = shard
@@ -276,6 +269,7 @@ impl Pass<'_> {
             retry.next = Instant::now() + retry.backoff;
             self.status.failing.store(true, Ordering::Relaxed);
         }
+        publish(self.shard, self.status, stuck, self.upto, None);
     }
 }
 

@@ -37,13 +37,18 @@ impl Default for ShardMetrics {
             bytes_uploaded: 0,
             connections: 0,
             errors: [0; ERROR_KINDS.len()],
-            // 1 µs .. 60 s at 3 significant digits: about 30 KiB per shard.
-            ack_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds"),
-            cache_sync_us: Histogram::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds"),
+            ack_latency_us: micros_histogram(),
+            cache_sync_us: micros_histogram(),
         }
     }
+}
+
+/// Largest latency recorded, in µs; beyond it a value saturates instead of failing.
+const MICROS_MAX: u64 = 60_000_000;
+
+/// 1 µs .. 60 s at 3 significant digits: about 30 KiB per shard.
+fn micros_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MICROS_MAX, 3).expect("valid histogram bounds")
 }
 
 impl ShardMetrics {
@@ -54,12 +59,11 @@ impl ShardMetrics {
     }
 
     pub fn ack(&mut self, micros: u64) {
-        // Saturate rather than fail on an outlier beyond the bounds.
-        let _ = self.ack_latency_us.record(micros.clamp(1, 60_000_000));
+        let _ = self.ack_latency_us.record(micros.clamp(1, MICROS_MAX));
     }
 
     pub fn cache_sync(&mut self, micros: u64) {
-        let _ = self.cache_sync_us.record(micros.clamp(1, 60_000_000));
+        let _ = self.cache_sync_us.record(micros.clamp(1, MICROS_MAX));
     }
 
     pub fn merge(&mut self, other: &ShardMetrics) {

@@ -20,7 +20,7 @@ use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_confi
 use ferry_replica::{Store, VaultKey};
 use rand::Rng;
 
-use crate::load::{bind, Drive, Load, Loaded, Pin};
+use crate::load::{allowed_cpus, bind, Drive, Load, Loaded, Pin};
 
 pub struct RunFigures {
     pub mbps: f64,
@@ -447,7 +447,7 @@ pub fn run(o: &IngestOptions) -> Result<()> {
 /// use, the load generator's n threads on the next n, so neither takes time from the
 /// other and each step adds both.
 fn scaling(o: &IngestOptions, sample: &Arc<Vec<Vec<u8>>>, base: Load, ceiling: f64) -> Result<()> {
-    let cpus = allowed_cpus()?;
+    let cpus = allowed_cpus().context("sched_getaffinity")?;
     if cpus.len() < 2 {
         println!(
             "ingest scaling: needs two CPUs, this process may use {}",
@@ -494,19 +494,4 @@ fn scaling(o: &IngestOptions, sample: &Arc<Vec<Vec<u8>>>, base: Load, ceiling: f
         steps.join("; ")
     );
     Ok(())
-}
-
-/// The CPUs this process may run on, in order.
-fn allowed_cpus() -> Result<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it; CPU_ISSET reads
-    // within it for indices below CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
-        }
-        Ok((0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect())
-    }
 }

@@ -41,7 +41,8 @@ pub struct Pin {
     pub load: Vec<usize>,
 }
 
-/// Binds the calling thread, or a child between fork and exec, to `cpus`.
+/// Binds the calling thread, or a child between fork and exec, to `cpus`. Allocates
+/// nothing, so it is safe between fork and exec.
 pub fn bind(cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: cpu_set_t is plain data, zeroed is its empty set; CPU_SET stays inside
     // it for any CPU below CPU_SETSIZE (checked); sched_setaffinity reads it only.
@@ -49,7 +50,7 @@ pub fn bind(cpus: &[usize]) -> std::io::Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for &c in cpus {
             if c >= libc::CPU_SETSIZE as usize {
-                return Err(std::io::Error::other(format!("no CPU {c}")));
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
             }
             libc::CPU_SET(c, &mut set);
         }
@@ -58,6 +59,21 @@ pub fn bind(cpus: &[usize]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it; CPU_ISSET reads
+    // within it for indices below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
+    }
 }
 
 fn histogram() -> Histogram<u64> {

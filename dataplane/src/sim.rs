@@ -86,6 +86,13 @@ impl SimDisk {
         self.push(&Frame::Zero { seq, offset, len });
     }
 
+    /// The disk grows (or shrinks) to `bytes`, as across an agent restart: the next
+    /// session's Hello announces the new size.
+    pub fn resize(&mut self, bytes: usize) {
+        self.model.resize(bytes, 0);
+        self.link = None;
+    }
+
     /// Takes a crash-consistent point; returns its id.
     pub fn bookmark(&mut self, time_ms: i64) -> String {
         let seq = self.next_seq;
@@ -102,6 +109,7 @@ impl SimDisk {
             id: &id,
             group: "",
             label: "",
+            disk_bytes: Some(self.model.len() as u64),
         }));
         id
     }
@@ -264,6 +272,15 @@ impl SimDisk {
 
     /// Waits until everything sent is in blob storage, then says bye.
     pub async fn finish(&mut self, target: &Target, patience: Duration) -> Result<(), String> {
+        self.settle(target, patience).await?;
+        if let Some(l) = self.link.take() {
+            let _ = l.bye().await;
+        }
+        Ok(())
+    }
+
+    /// Waits until everything sent is in blob storage; the session stays open.
+    pub async fn settle(&mut self, target: &Target, patience: Duration) -> Result<(), String> {
         self.pump(target, patience).await?;
         let deadline = Instant::now() + patience;
         loop {
@@ -288,9 +305,6 @@ impl SimDisk {
                 Ok(Err(_)) => self.link = None,
                 Err(_) => {}
             }
-        }
-        if let Some(l) = self.link.take() {
-            let _ = l.bye().await;
         }
         Ok(())
     }

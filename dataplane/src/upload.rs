@@ -115,7 +115,9 @@ impl DiskUploader {
                         .unwrap_or_else(Utc::now),
                     // The bookmark's own number: every write below it, none after.
                     seq,
-                    disk_bytes: self.disk_bytes,
+                    // Protocol 2 names the size with the point; a protocol-1 point
+                    // takes the size of its session's Hello.
+                    disk_bytes: b.disk_bytes.unwrap_or(self.disk_bytes),
                     label: (!b.label.is_empty()).then(|| b.label.to_string()),
                     group: (!b.group.is_empty()).then(|| b.group.to_string()),
                     sums: None,

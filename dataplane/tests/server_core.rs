@@ -77,6 +77,7 @@ impl Agent {
                     id: &id,
                     group: "",
                     label: "",
+                    disk_bytes: Some(self.model.len() as u64),
                 };
                 encode(&Frame::Bookmark(b), &mut buf);
             }
@@ -275,6 +276,7 @@ fn run(seed: u64) {
                 id: &format!("p{seq}"),
                 group: "",
                 label: "",
+                disk_bytes: Some(agent.model.len() as u64),
             }),
             &mut buf,
         );

@@ -317,3 +317,47 @@ fn an_outage_of_several_disks_is_caught_up_in_full() {
         assert_eq!(verify(&store, &s.vault, sim).unwrap(), 4);
     }
 }
+
+/// A disk grows between sessions; the first point after that is cached while storage
+/// fails, so the disk's uploader is reopened from the store before the point lands.
+/// The point still records the new size (its bookmark names it, not the Hello the
+/// reopened uploader never saw) and rebuilds whole.
+#[test]
+fn a_point_keeps_its_disk_size_when_the_upload_is_retried() {
+    let mut s = site(1, |_| {});
+    let (target, fault, server) = (s.target.clone(), s.fault.clone(), s.server);
+    let rt = compio::runtime::Runtime::new().unwrap();
+    let mut sim = SimDisk::new("agent-0", "d", 2 << 20, true);
+    rt.block_on(async {
+        round(&mut sim, &mut s.rng);
+        sim.finish(&target, Duration::from_secs(20)).await.unwrap();
+        // The next session announces 3 MiB; its writes beyond the old end upload
+        // (and the Hello with them) before any point is taken, the session open.
+        sim.resize(3 << 20);
+        sim.write((2 << 20) + 4096, &[7; 8192]);
+        sim.settle(&target, Duration::from_secs(20)).await.unwrap();
+    });
+    fault.outage.store(true, Ordering::SeqCst);
+    rt.block_on(async {
+        sim.write((3 << 20) - 512, &[9; 512]);
+        sim.bookmark(0);
+        sim.pump(&target, Duration::from_secs(20)).await.unwrap();
+    });
+    for _ in 0..100 {
+        if server.view.snapshot().1.store_failing {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        server.view.snapshot().1.store_failing,
+        "the point's upload failed"
+    );
+    fault.outage.store(false, Ordering::SeqCst);
+    rt.block_on(async {
+        sim.finish(&target, Duration::from_secs(30)).await.unwrap();
+    });
+    server.stop();
+    let store = Store::with_object_store(s.inner.clone(), "memory");
+    assert_eq!(verify(&store, &s.vault, &sim).unwrap(), 2);
+}

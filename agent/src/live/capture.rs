@@ -319,6 +319,7 @@ impl Capture {
                     id,
                     group,
                     label,
+                    disk_bytes: Some(self.dev.size()),
                 }),
                 buf,
             )

@@ -221,6 +221,12 @@ pub fn decode(buf: &[u8], max_payload: u32) -> Result<Decoded<'_>, DecodeError> 
             }
             let group = r.str(NAME_MAX)?;
             let label = r.str(TEXT_MAX)?;
+            // Protocol 2 adds the disk's size; a protocol-1 bookmark ends at its label.
+            let disk_bytes = if r.buf.is_empty() {
+                None
+            } else {
+                Some(r.u64()?)
+            };
             Frame::Bookmark(Bookmark {
                 seq,
                 kind,
@@ -228,6 +234,7 @@ pub fn decode(buf: &[u8], max_payload: u32) -> Result<Decoded<'_>, DecodeError> 
                 id,
                 group,
                 label,
+                disk_bytes,
             })
         }
         FLUSH => Frame::Flush { seq: r.u64()? },
@@ -336,6 +343,9 @@ pub fn encode(f: &Frame<'_>, out: &mut Vec<u8>) {
             put_str(&mut p, b.id, NAME_MAX);
             put_str(&mut p, b.group, NAME_MAX);
             put_str(&mut p, b.label, TEXT_MAX);
+            if let Some(n) = b.disk_bytes {
+                p.extend_from_slice(&n.to_le_bytes());
+            }
             BOOKMARK
         }
         Frame::Flush { seq } => {
@@ -427,6 +437,17 @@ mod tests {
                 id: "p1",
                 group: "g",
                 label: "before upgrade",
+                disk_bytes: Some(1 << 30),
+            }),
+            // As protocol 1 sent it, and caches and journals of then still hold it.
+            Frame::Bookmark(Bookmark {
+                seq: 10,
+                kind: PointKindWire::Crash,
+                time_ms: 1_700_000_000_001,
+                id: "p2",
+                group: "",
+                label: "",
+                disk_bytes: None,
             }),
             Frame::Flush { seq: 9 },
             Frame::Ack {

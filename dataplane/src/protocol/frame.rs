@@ -50,6 +50,10 @@ pub struct Bookmark<'a> {
     /// Replication group tag; empty when none.
     pub group: &'a str,
     pub label: &'a str,
+    /// The disk's size when the point was taken (protocol 2). None in frames of
+    /// protocol 1, still found in caches and journals written before an upgrade: their
+    /// points take the size of the session's Hello.
+    pub disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! The agent <-> process-server wire protocol, version 1 (docs/protocol.md): frame
+//! The agent <-> process-server wire protocol, version 2 (docs/protocol.md): frame
 //! types and a codec that never trusts its input. Decoding borrows from the receive
 //! buffer, so write data is handed on without a copy; every length is checked against
 //! what remains and against the negotiated frame limit before anything is allocated.
@@ -11,8 +11,11 @@ pub use codec::{
 };
 pub use frame::{Bookmark, ErrorCode, Frame, Hello, PointKindWire, Welcome};
 
-/// Protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// Protocol version this build speaks. 2 added the disk's size to Bookmark.
+pub const VERSION: u16 = 2;
+/// The oldest version a server still accepts from an agent (agents are upgraded
+/// after their process servers).
+pub const OLDEST_VERSION: u16 = 1;
 /// Bytes of every frame header: type u8, flags u8, reserved u16, payload length u32.
 pub const HEADER_BYTES: usize = 8;
 /// The largest payload either side may ever send; a session may negotiate less.

@@ -8,7 +8,9 @@
 
 use std::collections::VecDeque;
 
-use crate::protocol::{ErrorCode, Frame, Hello, Welcome, MAX_PAYLOAD_BYTES, VERSION};
+use crate::protocol::{
+    ErrorCode, Frame, Hello, Welcome, MAX_PAYLOAD_BYTES, OLDEST_VERSION, VERSION,
+};
 
 /// The largest disk a session may announce (the VHDX limit): what rebuilds,
 /// checksum maps and points are sized by.
@@ -119,11 +121,11 @@ impl Session {
         limits: Limits,
         owns: impl FnOnce(&str, &str) -> bool,
     ) -> Result<(Session, Welcome), Reject> {
-        if hello.version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&hello.version) {
             return Err(Reject::new(
                 ErrorCode::Version,
                 format!(
-                    "protocol version {} is not supported; this server speaks {VERSION}",
+                    "protocol version {} is not supported; this server speaks {OLDEST_VERSION} to {VERSION}",
                     hello.version
                 ),
             ));
@@ -181,7 +183,8 @@ impl Session {
             throttled: false,
         };
         let welcome = Welcome {
-            version: VERSION,
+            // The session speaks the agent's version.
+            version: hello.version,
             durable: progress.durable,
             uploaded: progress.uploaded,
             credit: limits.credit_bytes,
@@ -213,7 +216,19 @@ impl Session {
     pub fn on_frame(&mut self, f: &Frame<'_>) -> Result<Action, Reject> {
         let seq = match f {
             Frame::Write { seq, .. } | Frame::Zero { seq, .. } => *seq,
-            Frame::Bookmark(b) => b.seq,
+            Frame::Bookmark(b) => {
+                if b.disk_bytes.is_some_and(|n| n == 0 || n > MAX_DISK_BYTES) {
+                    return Err(Reject::new(
+                        ErrorCode::Malformed,
+                        format!(
+                            "point {} names a disk of {} bytes: not between 1 and {MAX_DISK_BYTES} (64 TiB)",
+                            b.id,
+                            b.disk_bytes.unwrap_or(0)
+                        ),
+                    ));
+                }
+                b.seq
+            }
             Frame::Flush { seq } => {
                 if *seq > self.next {
                     return Err(Reject::new(
@@ -397,7 +412,19 @@ mod tests {
             id: "p",
             group: "",
             label: "",
+            disk_bytes: Some(1 << 30),
         });
+        let Frame::Bookmark(mut bad) = bm.clone() else {
+            unreachable!()
+        };
+        bad.disk_bytes = Some(0);
+        let e = s.clone().on_frame(&Frame::Bookmark(bad)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Malformed);
+        assert!(
+            e.reason.contains("point p names a disk of 0 bytes"),
+            "{}",
+            e.reason
+        );
         assert_eq!(s.on_frame(&bm), Ok(Action::Cache { seq: 6 }));
         assert_eq!(
             s.on_frame(&Frame::Flush { seq: 7 }),
@@ -444,12 +471,13 @@ mod tests {
         assert!(e.reason.contains("64 TiB"), "{}", e.reason);
         let mut h = hello(0, 9);
         h.version = 9;
-        assert_eq!(
-            Session::start(&h, p, limits(), |_, _| true)
-                .unwrap_err()
-                .code,
-            ErrorCode::Version
-        );
+        let e = Session::start(&h, p, limits(), |_, _| true).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Version);
+        assert!(e.reason.contains("speaks 1 to 2"), "{}", e.reason);
+        // An agent not yet upgraded is served in its own version.
+        h.version = 1;
+        let (_, w) = Session::start(&h, p, limits(), |_, _| true).unwrap();
+        assert_eq!(w.version, 1);
         let (mut s, _) = Session::start(&hello(0, 9), p, limits(), |_, _| true).unwrap();
         let w = Frame::Welcome(Welcome {
             version: 1,

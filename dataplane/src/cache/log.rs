@@ -22,7 +22,9 @@
 //! they can never be read as new ones. A spare is reused only once its rename is
 //! durable: a crash can never show a reused file under its old, live name. A rolled
 //! file is cut to its records' end and fsynced, so every file but the newest ends
-//! exactly at its last record. The total size is bounded: an append that would pass the
+//! exactly at its last record. Without recycling (the agent's journal) a file is synced
+//! before the next is created. `powercut.rs` tests all this against a model of what a
+//! power cut may leave. The total size is bounded: an append that would pass the
 //! bound is refused, which the server turns into withheld credit (backpressure), never
 //! into lost data.
 
@@ -30,6 +32,19 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+#[cfg(test)]
+use super::powercut::Op;
+
+/// Tells a test's model of the file system what was just done to it, so the test can
+/// work out every state a power cut could leave (`powercut.rs`). Nothing in a build
+/// that is not a test.
+macro_rules! note {
+    ($op:expr) => {
+        #[cfg(test)]
+        super::powercut::note($op);
+    };
+}
 
 const MAGIC: u16 = 0xFC02;
 const HEADER_BYTES: usize = 2 + 4 + 4 + 1;
@@ -117,16 +132,21 @@ impl SyncJob {
     pub fn run(&self) -> io::Result<()> {
         for (f, len) in &self.rolled {
             f.set_len(*len)?;
+            note!(Op::SetLen(f, *len));
             f.sync_all()?;
+            note!(Op::Sync(f));
         }
         for (from, to) in &self.renames {
             fs::rename(from, to)?;
+            note!(Op::Rename(from, to));
         }
         if let Some(f) = &self.current {
             f.sync_data()?;
+            note!(Op::Sync(f));
         }
         if let Some(d) = &self.dir {
             d.sync_all()?;
+            note!(Op::SyncDir);
         }
         Ok(())
     }
@@ -391,14 +411,15 @@ impl CacheLog {
                     .map_err(|e| io_err("open", &path, e))?;
                 f.set_len(valid as u64)
                     .map_err(|e| io_err("truncate", &path, e))?;
+                note!(Op::SetLen(&f, valid as u64));
                 tracing::info!(file = %path.display(), bytes = torn_bytes, reason, "cut the cache's newest file after its last whole record");
             }
             // A killed process leaves its unsynced appends in the page cache, where
             // they read back fine: sync them before calling them durable, or a power
             // cut after this restart could lose writes acknowledged from here on.
-            File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| io_err("sync", &path, e))?;
+            let f = File::open(&path).map_err(|e| io_err("open", &path, e))?;
+            f.sync_all().map_err(|e| io_err("sync", &path, e))?;
+            note!(Op::Sync(&f));
             for s in &spans {
                 visit(record_at(&buf, n, 0, s));
             }
@@ -439,16 +460,19 @@ impl CacheLog {
             for n in std::mem::take(&mut log.spares) {
                 let path = spare_name(dir, n);
                 fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+                note!(Op::Remove(&path));
             }
         }
         log.start_file(next)?;
         for (from, to) in std::mem::take(&mut log.renames) {
             fs::rename(&from, &to).map_err(|e| io_err("rename", &from, e))?;
+            note!(Op::Rename(&from, &to));
         }
         // The new file's name, and every spare's, durable before anything is appended.
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("sync", dir, e))?;
+        note!(Op::SyncDir);
         log.dir_unsynced = false;
         log.trim_spares()?;
         Ok((log, torn_bytes))
@@ -479,6 +503,7 @@ impl CacheLog {
                     .write(true)
                     .open(&path)
                     .map_err(|e| io_err("create", &path, e))?;
+                note!(Op::Create(&path));
                 (path, f)
             }
         };
@@ -505,6 +530,7 @@ impl CacheLog {
             let n = self.spares.remove(0);
             let path = spare_name(&self.dir, n);
             fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+            note!(Op::Remove(&path));
         }
         Ok(())
     }
@@ -535,8 +561,22 @@ impl CacheLog {
         }
         let (n, offset) = *self.files.last().expect("a current file always exists");
         if offset > 0 && offset + size > self.file_bytes_max {
-            // The full file is cut and synced with the next group, not here: a sync on
-            // the append path would stall every connection of the shard.
+            if !self.recycle {
+                // Without recycling the next file is named at once, and the file
+                // system may make that name durable before this file's last appends:
+                // a power cut would then leave a torn file before a newer one, which
+                // recovery must call corruption. Sync this one first (the agent's
+                // journal: one sync per file).
+                let f = self.current.as_ref().expect("a current file always exists");
+                if let Err(e) = f.sync_data() {
+                    self.sync_failed();
+                    return Err(io_err("sync", &file_name(&self.dir, n), e));
+                }
+                note!(Op::Sync(f));
+            }
+            // With recycling the full file is cut and synced with the next group, not
+            // here (a sync on the append path would stall every connection of the
+            // shard): the next file keeps its spare name until then.
             self.start_file(n + 1)?;
         }
         let (n, offset) = *self.files.last().expect("a current file always exists");
@@ -551,6 +591,7 @@ impl CacheLog {
         let path = file_name(&self.dir, n);
         let f = self.current.as_ref().expect("a current file always exists");
         pwrite_both(f, offset, &head, payload).map_err(|e| io_err("append", &path, e))?;
+        note!(Op::Write(f, offset, &head, payload));
         if let Some(last) = self.files.last_mut() {
             last.1 += size;
         }
@@ -649,10 +690,12 @@ impl CacheLog {
             if self.recycle && self.files.len() + self.spares_count() < self.files_max() {
                 let spare = spare_name(&self.dir, n);
                 fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
+                note!(Op::Rename(&path, &spare));
                 self.spares_unsynced.push(n);
                 self.dir_unsynced = true;
             } else {
                 fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+                note!(Op::Remove(&path));
             }
             freed += bytes;
         }
@@ -662,18 +705,29 @@ impl CacheLog {
         // stage may still hold it open, reading to its end.
         let end = self.end_position();
         if upto >= end && end.offset > 0 {
-            self.start_file(end.file + 1)?;
-            // Nothing in it is needed any more: no sync. But it is cut now: the
-            // upload stage, holding it open, reads a rolled file to its size.
-            if let Some((old, len)) = self.rolled.pop() {
-                let path = file_name(&self.dir, end.file);
-                old.set_len(len).map_err(|e| io_err("truncate", &path, e))?;
-            }
-            self.dirty = true;
-            let (n, bytes) = self.files.remove(0);
-            let path = file_name(&self.dir, n);
+            // Nothing in it is needed any more: no sync. But it is cut (the upload
+            // stage, holding it open, reads a deleted file to its size) and deleted
+            // before the next file is made: the agent releases journal records the
+            // process server acknowledged before they were synced here, and a newer
+            // name durable beside this file's torn, unsynced end would make recovery
+            // call it corruption.
+            let path = file_name(&self.dir, end.file);
+            let old = self.current.as_ref().expect("a current file always exists");
+            old.set_len(end.offset)
+                .map_err(|e| io_err("truncate", &path, e))?;
+            note!(Op::SetLen(old, end.offset));
             fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+            note!(Op::Remove(&path));
+            if let Err(e) = self.start_file(end.file + 1) {
+                // Appends would go to a deleted file: nothing may be acknowledged.
+                self.sync_failed();
+                return Err(e);
+            }
+            // start_file took the old file as rolled: it is gone, nothing to sync.
+            self.rolled.pop();
+            let (_, bytes) = self.files.remove(0);
             freed += bytes;
+            self.dirty = true;
         }
         Ok(freed)
     }

@@ -3,6 +3,8 @@
 //! synced; on restart, the cache is read back and what was not yet uploaded is uploaded.
 
 pub mod log;
+#[cfg(test)]
+mod powercut;
 pub mod tail;
 
 pub use log::{CacheError, CacheLog, Entry, Position, RecordRef, Recovered};

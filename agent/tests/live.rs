@@ -594,6 +594,78 @@ fn a_checksum_resync_sends_only_the_blocks_that_differ() {
     server.stop();
 }
 
+/// The host goes down under a running agent (a power cut): a write the guest never
+/// flushed may be on the disk while its journal record is lost. The agent finds its run
+/// marker from another boot, compares the disk with the replica by checksum and sends
+/// the blocks that differ; the next point rebuilds exactly the disk. Restarted in the
+/// same boot (the agent was killed) it compares nothing; stopped in order, it leaves
+/// no marker, and the next start compares nothing either.
+#[test]
+fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let server = w.server("127.0.0.1:0".parse().unwrap());
+    let disk = w.path("disk.img");
+    let mut content = vec![0u8; SIZE as usize];
+    rng.fill(&mut content[..4 << 20]);
+    std::fs::write(&disk, &content).unwrap();
+    let options = || {
+        let mut o = w.options(0, &disk, server.addr);
+        o.initial_copy = true;
+        o
+    };
+    let marker = w.path("journal0").join("running");
+    let first = Agent::start(options()).unwrap();
+    point_when_ready(&first, "copied");
+    pattern_writes(&first, &mut rng, 20, 1..=16);
+    wait_uploaded(&[&first]);
+    first.stop();
+    std::thread::sleep(Duration::from_millis(100));
+
+    // As a power cut may leave it: two blocks the guest wrote are on the disk, their
+    // journal records are not, and the marker names the boot that ended.
+    change_behind(&disk, &[9, 120], &mut rng);
+    std::fs::write(&marker, "a-boot-that-ended").unwrap();
+    let second = Agent::start(options()).unwrap();
+    let id = point_when_ready(&second, "after the power cut");
+    let want = std::fs::read(&disk).unwrap();
+    let s = &second.status()[0];
+    assert_eq!(s["last_resync"]["compared_bytes"], SIZE, "{s}");
+    assert_eq!(
+        s["last_resync"]["sent_bytes"],
+        2 * ferry_replica::DEFAULT_BLOCK_BYTES,
+        "only the blocks the journal lost: {s}"
+    );
+    assert_eq!(s["copy_total_bytes"], 0, "no second copy: {s}");
+    wait_uploaded(&[&second]);
+    second.stop();
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Killed in this boot: nothing to compare.
+    let third = Agent::start(options()).unwrap();
+    point_when_ready(&third, "after a kill");
+    assert!(
+        third.status()[0]["last_resync"].is_null(),
+        "{}",
+        third.status()[0]
+    );
+    third.shutdown().unwrap();
+    assert!(!marker.exists(), "an ordered stop leaves no marker");
+    std::thread::sleep(Duration::from_millis(100));
+    let fourth = Agent::start(options()).unwrap();
+    point_when_ready(&fourth, "after an ordered stop");
+    assert!(
+        fourth.status()[0]["last_resync"].is_null(),
+        "{}",
+        fourth.status()[0]
+    );
+    wait_uploaded(&[&fourth]);
+    fourth.stop();
+
+    w.assert_points(&[(&id, &want)]);
+    server.stop();
+}
+
 /// A disk seeded offline (`ferry seed`) and then protected by an agent: the agent
 /// finds the replica holds the disk and resyncs by checksum against the seed's
 /// checksum map, sending only the blocks changed since the seed.

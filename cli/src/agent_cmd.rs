@@ -168,6 +168,9 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         ),
         None => None,
     };
+    // Before any thread starts, so that all inherit it: SIGTERM and SIGINT are taken
+    // by this thread with sigwait, for an ordered stop, not by a handler.
+    let stop_signals = block_stop_signals();
     let agent = Agent::start(Options {
         machine: r.machine.clone(),
         disks,
@@ -192,7 +195,32 @@ pub fn agent(a: AgentArgs) -> Result<()> {
     })
     .map_err(|e| anyhow!(e))?;
     println!("agent for {} serving NBD on {}", r.machine, agent.nbd_addr);
-    loop {
-        std::thread::park();
+    let signal = wait_for(&stop_signals);
+    tracing::info!(signal, "stopping in order: flushing every disk");
+    agent.shutdown().map_err(|e| anyhow!(e))?;
+    // On stderr: whoever read the first line of stdout may have closed it.
+    tracing::info!(machine = %r.machine, "the agent stopped in order");
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and in every thread it starts after).
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: the set is initialised by sigemptyset before use; pthread_sigmask only
+    // reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
     }
+}
+
+/// Waits for one of the blocked stop signals; returns its number.
+fn wait_for(set: &libc::sigset_t) -> i32 {
+    let mut signal = 0;
+    // SAFETY: `set` is a valid signal set and `signal` a valid place for the answer.
+    while unsafe { libc::sigwait(set, &mut signal) } != 0 {}
+    signal
 }

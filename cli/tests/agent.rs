@@ -319,6 +319,27 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
             want.len()
         );
     }
-    drop(agent);
+    // SIGTERM stops the agent in order: every disk flushed and its run marker removed,
+    // so its next start need not compare the disk with the replica.
+    assert!(
+        d.join("journal/running").exists(),
+        "a running agent keeps its marker"
+    );
+    let pid = agent.0.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut agent = agent;
+    let exit = agent.0.wait().unwrap();
+    assert!(
+        exit.success(),
+        "the agent stops in order on SIGTERM: {exit}"
+    );
+    assert!(
+        !d.join("journal/running").exists(),
+        "an ordered stop leaves no marker"
+    );
     drop(server);
 }

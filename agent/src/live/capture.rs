@@ -424,7 +424,10 @@ fn write_seq(dir: &Path, seq: u64) -> io::Result<()> {
     let tmp = dir.join("next_seq.tmp");
     std::fs::write(&tmp, seq.to_string())?;
     std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join("next_seq"))
+    std::fs::rename(&tmp, dir.join("next_seq"))?;
+    // The journal files deleted next must not outlive, in a power cut, the number
+    // that replaces them.
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn read_seq(dir: &Path) -> u64 {

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod capture;
 pub mod checksum;
 pub mod group;
+pub mod last_stop;
 pub mod sender;
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use ferry_dataplane::protocol::PointKindWire;
 
 use crate::nbd::{Device, Exports};
 use capture::Capture;
+use last_stop::LastStop;
 use sender::{SendStatus, Sender};
 
 pub struct DiskSpec {
@@ -74,6 +76,7 @@ impl CopyProgress {
 
 pub struct Agent {
     disks: Vec<Disk>,
+    journal_dir: PathBuf,
     freeze_hook: Option<String>,
     pub nbd_addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -110,6 +113,11 @@ impl Agent {
         let stop = Arc::new(AtomicBool::new(false));
         let mut disks = Vec::new();
         let mut exports = Exports::default();
+        let last = last_stop::begin(&o.journal_dir, &last_stop::boot_id())
+            .map_err(|e| format!("journal dir {}: {e}", o.journal_dir.display()))?;
+        if let LastStop::HostDown { boot } = &last {
+            tracing::warn!(last_boot = %boot, "the host went down while the agent ran: every copied disk is compared with its replica");
+        }
         for d in &o.disks {
             let jdir = o.journal_dir.join(&d.name);
             let cap = Arc::new(
@@ -121,6 +129,11 @@ impl Agent {
                 .map_err(|e| format!("disk {}: reconciling the journal: {e}", d.name))?;
             if redone > 0 {
                 tracing::info!(disk = %d.name, bytes = redone, "journaled the newest write's region again, as the disk holds it");
+            }
+            // A disk not yet copied is copied or compared by its first sync anyway.
+            let copied = !o.initial_copy || copied_marker(&o.journal_dir, &d.name).exists();
+            if matches!(last, LastStop::HostDown { .. }) && copied {
+                cap.resync.want("the host went down while the agent ran: the disk may hold writes the journal lost");
             }
             exports.add(&d.name, cap.clone());
             let (c2, st2) = (cap.clone(), stop.clone());
@@ -158,6 +171,7 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         let agent = Arc::new(Agent {
             disks,
+            journal_dir: o.journal_dir.clone(),
             freeze_hook: o.freeze_hook.clone(),
             nbd_addr,
             stop: stop.clone(),
@@ -185,7 +199,7 @@ impl Agent {
             for d in &agent.disks {
                 // Once copied into the journal, a disk is never copied again: its
                 // journal and the process server carry everything since.
-                let marker = o.journal_dir.join(format!("{}.copied", d.capture.disk));
+                let marker = copied_marker(&o.journal_dir, &d.capture.disk);
                 if marker.exists() {
                     continue;
                 }
@@ -403,6 +417,26 @@ impl Agent {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
     }
+
+    /// Stops in order: every disk flushed and its journal synced, then the run marker
+    /// removed, so the next start knows the host did not go down under this run and
+    /// need not compare the disks. Writes still arriving are journaled as ever; only
+    /// a power cut in the moment before the process exits could miss them.
+    pub fn shutdown(&self) -> Result<(), String> {
+        self.stop();
+        for d in &self.disks {
+            d.capture
+                .flush()
+                .map_err(|e| format!("disk {}: flushing: {e}", d.capture.disk))?;
+        }
+        last_stop::end(&self.journal_dir)
+            .map_err(|e| format!("journal dir {}: {e}", self.journal_dir.display()))
+    }
+}
+
+/// Marks that a disk's initial copy is in its journal: it is never copied again.
+fn copied_marker(journal_dir: &std::path::Path, disk: &str) -> PathBuf {
+    journal_dir.join(format!("{disk}.copied"))
 }
 
 /// Journals the dirty regions again after an overflow, and compares the disk with

@@ -1,0 +1,90 @@
+//! How the agent's last run ended, told by a marker it keeps in the journal directory
+//! while it runs: the boot it runs in.
+//!
+//! The agent journals each write, then applies it to the disk; both stay in the page
+//! cache until the guest flushes. A killed agent loses neither: the kernel still
+//! writes them out, and `Capture::reconcile` covers a write journaled but not yet
+//! applied. A host that goes down (power cut, kernel crash) may keep any part of
+//! either: a write the guest never flushed can be on the disk while its journal record
+//! is lost, and the replica would then never learn of it. So a marker from another
+//! boot means every disk is compared with its replica by checksum (reading the disk,
+//! sending only blocks that differ); a marker from this boot means the agent was
+//! killed; none means it stopped in order (`Agent::shutdown`) or never ran.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::Path;
+
+const NAME: &str = "running";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LastStop {
+    /// Stopped in order, every disk flushed, or never ran here.
+    Clean,
+    /// Killed in this boot: the page cache kept everything.
+    Killed,
+    /// The host went down under it (the marker names another boot).
+    HostDown { boot: String },
+}
+
+/// This boot's id; empty where the system does not tell (then any marker left over
+/// counts as a host that went down: the safe reading).
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Reads how the last run in `dir` ended and marks this one as running in `boot`.
+pub fn begin(dir: &Path, boot: &str) -> io::Result<LastStop> {
+    fs::create_dir_all(dir)?;
+    let path = dir.join(NAME);
+    let last = match fs::read_to_string(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => LastStop::Clean,
+        Err(e) => return Err(e),
+        Ok(b) if !boot.is_empty() && b.trim() == boot => LastStop::Killed,
+        Ok(b) => LastStop::HostDown {
+            boot: b.trim().to_string(),
+        },
+    };
+    // Durable before the first write is accepted: a power cut from here on must find
+    // it.
+    let tmp = dir.join(format!("{NAME}.tmp"));
+    fs::write(&tmp, boot)?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(last)
+}
+
+/// Marks the run as ended in order: call only once every disk is flushed.
+pub fn end(dir: &Path) -> io::Result<()> {
+    match fs::remove_file(dir.join(NAME)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_an_ordered_stop_a_kill_and_a_host_that_went_down_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("journal");
+        assert_eq!(begin(&d, "boot-1").unwrap(), LastStop::Clean);
+        assert_eq!(begin(&d, "boot-1").unwrap(), LastStop::Killed);
+        assert_eq!(
+            begin(&d, "boot-2").unwrap(),
+            LastStop::HostDown {
+                boot: "boot-1".into()
+            }
+        );
+        end(&d).unwrap();
+        assert_eq!(begin(&d, "boot-3").unwrap(), LastStop::Clean);
+        // Without a boot id, a marker left over is read the safe way.
+        assert!(matches!(begin(&d, "").unwrap(), LastStop::HostDown { .. }));
+    }
+}

@@ -125,9 +125,14 @@ pub fn build(url: &str) -> Result<Arc<dyn ObjectStore>> {
             std::fs::create_dir_all(path).map_err(|e| {
                 store_url_error(url, format!("cannot create {}: {e}", path.display()))
             })?;
+            // A put that returns is durable, as in a cloud store: the process server
+            // frees its cache and the agent its journal on the strength of it. Without
+            // fsync a power cut could leave a commit naming a segment that never
+            // reached the disk.
             let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
                 .map_err(|e| store_url_error(url, e.to_string()))?
-                .with_automatic_cleanup(true);
+                .with_automatic_cleanup(true)
+                .with_fsync(true);
             Ok(Arc::new(fs))
         }
         "az" | "azure" => {

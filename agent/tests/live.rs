@@ -511,6 +511,36 @@ fn an_agent_that_lost_its_numbering_resyncs_instead_of_reusing_numbers() {
     server.stop();
 }
 
+/// An agent upgraded before its process server: the server, standing in for the
+/// release before (protocol 1), refuses version 2. The agent steps down to version 1
+/// and sends its journal's bookmarks without the size that version lacks (a server of
+/// that release calls the field malformed); every point rebuilds. Then the server is
+/// upgraded: the next connection speaks version 2 again.
+#[test]
+fn an_agent_upgraded_before_its_process_server_steps_down_to_its_protocol() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let addr = free_addr();
+    let old = w.server_with(addr, |o| o.limits.newest_version = 1);
+    let disk = w.path("disk.img");
+    std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+    let agent = Agent::start(w.options(0, &disk, addr)).unwrap();
+    pattern_writes(&agent, &mut rng, 20, 1..=16);
+    let id1 = agent.bookmark(false, Some("old server")).unwrap();
+    let want1 = std::fs::read(&disk).unwrap();
+    wait_uploaded(&[&agent]);
+    old.stop();
+
+    let new = w.server(addr);
+    pattern_writes(&agent, &mut rng, 20, 1..=16);
+    let id2 = agent.bookmark(false, Some("upgraded server")).unwrap();
+    let want2 = std::fs::read(&disk).unwrap();
+    wait_uploaded(&[&agent]);
+    agent.stop();
+    new.stop();
+    w.assert_points(&[(&id1, &want1), (&id2, &want2)]);
+}
+
 /// Takes a point as soon as the agent allows one (after a copy or resync).
 fn point_when_ready(agent: &Agent, label: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use ferry_replica::sums::BlockSums;
 
-use crate::protocol::{decode, encode, Decoded, Frame, Hello, Welcome, SUM_BYTES};
+use crate::protocol::{decode, encode, Decoded, ErrorCode, Frame, Hello, Welcome, SUM_BYTES};
 use crate::tls::{handshake, TlsReader, TlsWriter};
 
 /// Credit a frame costs; only writes, zeroes and bookmarks spend it.
@@ -63,6 +63,8 @@ pub struct Link {
 pub struct ConnectError {
     pub reason: String,
     pub durable: Option<u64>,
+    /// The code of the server's Error frame, when it refused the Hello.
+    pub code: Option<ErrorCode>,
 }
 
 impl std::fmt::Display for ConnectError {
@@ -76,6 +78,7 @@ impl From<String> for ConnectError {
         ConnectError {
             reason,
             durable: None,
+            code: None,
         }
     }
 }
@@ -128,6 +131,7 @@ pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, Connect
                 return Err(ConnectError {
                     reason: format!("refused by the process server: {reason} ({code:?})"),
                     durable,
+                    code: Some(code),
                 })
             }
             Ok(Decoded::Frame(f, _)) => return Err(format!("expected welcome, got {f:?}").into()),

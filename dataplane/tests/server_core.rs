@@ -199,6 +199,7 @@ fn run(seed: u64) {
                 Limits {
                     credit_bytes: 1 << 30,
                     max_payload: 1 << 20,
+                    ..Limits::default()
                 },
                 |_, _| true,
             )

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use ferry_dataplane::cache::{Position, Tailer};
 use ferry_dataplane::client::{connect, credit_cost, Link, Target};
-use ferry_dataplane::protocol::{decode, Decoded, Frame, Hello, VERSION};
+use ferry_dataplane::protocol::{
+    decode, encode, Decoded, ErrorCode, Frame, Hello, OLDEST_VERSION, VERSION,
+};
 
 use super::capture::{journal_end, seq_of, Capture, NO_CONTACT};
 use crate::nbd::Device;
@@ -69,6 +71,9 @@ impl Sender {
         // The sequence number of the next frame the tail will read: what the agent
         // holds from, when nothing is waiting for an acknowledgement.
         let mut tail_next = self.capture.state().first_seq;
+        // Each connection offers the newest version first and steps down when the
+        // server is of an older release: agents may be upgraded before their servers.
+        let mut version = VERSION;
         while !self.stop.load(Ordering::Relaxed) {
             if link.as_ref().is_none_or(|l| l.closed().is_some()) {
                 self.capture.resync.lost_link();
@@ -83,7 +88,7 @@ impl Sender {
                 let next_seq = self.capture.state().next_seq;
                 let from = unacked.front().map_or(tail_next, |u| u.0);
                 let hello = Hello {
-                    version: VERSION,
+                    version,
                     machine: &self.machine,
                     disk: &self.capture.disk,
                     session: self.session,
@@ -115,7 +120,13 @@ impl Sender {
                             s.uploaded = l.welcome.uploaded;
                             s.reconnects += 1;
                         });
+                        version = VERSION;
                         link = Some(l);
+                    }
+                    Err(e) if e.code == Some(ErrorCode::Version) && version > OLDEST_VERSION => {
+                        version -= 1;
+                        tracing::info!(disk = %self.capture.disk, version, reason = %e, "the process server is of an older release: offering an older protocol version");
+                        continue;
                     }
                     Err(e) => {
                         match e.durable {
@@ -210,6 +221,8 @@ impl Sender {
             let mut batch = Vec::with_capacity(BATCH_BYTES);
             let mut cost = 0;
             let mut sent = 0;
+            // Version 1 knew no disk size in a bookmark: the journal's are cut down.
+            let v1 = l.welcome.version < 2;
             for e in entries.iter() {
                 let Ok(Decoded::Frame(f, _)) = decode(e.payload, u32::MAX) else {
                     continue;
@@ -219,8 +232,14 @@ impl Sender {
                 if seq < durable {
                     continue;
                 }
-                batch.extend_from_slice(e.payload);
                 cost += credit_cost(&f);
+                match f {
+                    Frame::Bookmark(mut b) if v1 && b.disk_bytes.is_some() => {
+                        b.disk_bytes = None;
+                        encode(&Frame::Bookmark(b), &mut batch);
+                    }
+                    _ => batch.extend_from_slice(e.payload),
+                }
                 unacked.push_back((seq, e.at));
                 sent += 1;
             }

@@ -32,6 +32,9 @@ pub struct Limits {
     pub credit_bytes: u64,
     /// Largest payload of one frame.
     pub max_payload: u32,
+    /// Newest protocol version served (`VERSION`); lowered only where a server stands
+    /// in for an older release, as tests of agents meeting one do.
+    pub newest_version: u16,
 }
 
 impl Default for Limits {
@@ -39,6 +42,7 @@ impl Default for Limits {
         Limits {
             credit_bytes: 8 << 20,
             max_payload: 1 << 20,
+            newest_version: VERSION,
         }
     }
 }
@@ -88,6 +92,8 @@ pub struct Session {
     pub machine: String,
     pub disk: String,
     limits: Limits,
+    /// The protocol version of this session: the agent's.
+    version: u16,
     /// Next sequence number expected on the wire.
     next: u64,
     /// Durable watermark last told to the agent.
@@ -121,11 +127,12 @@ impl Session {
         limits: Limits,
         owns: impl FnOnce(&str, &str) -> bool,
     ) -> Result<(Session, Welcome), Reject> {
-        if !(OLDEST_VERSION..=VERSION).contains(&hello.version) {
+        let newest = limits.newest_version.min(VERSION);
+        if !(OLDEST_VERSION..=newest).contains(&hello.version) {
             return Err(Reject::new(
                 ErrorCode::Version,
                 format!(
-                    "protocol version {} is not supported; this server speaks {OLDEST_VERSION} to {VERSION}",
+                    "protocol version {} is not supported; this server speaks {OLDEST_VERSION} to {newest}",
                     hello.version
                 ),
             ));
@@ -174,6 +181,7 @@ impl Session {
                 max_payload,
                 ..limits
             },
+            version: hello.version,
             next: progress.durable,
             acked: progress.durable,
             pending: VecDeque::new(),
@@ -217,6 +225,13 @@ impl Session {
         let seq = match f {
             Frame::Write { seq, .. } | Frame::Zero { seq, .. } => *seq,
             Frame::Bookmark(b) => {
+                // As a server of that release would: it knew no such field.
+                if self.version < 2 && b.disk_bytes.is_some() {
+                    return Err(Reject::new(
+                        ErrorCode::Malformed,
+                        format!("point {}: a version-1 bookmark names no disk size", b.id),
+                    ));
+                }
                 if b.disk_bytes.is_some_and(|n| n == 0 || n > MAX_DISK_BYTES) {
                     return Err(Reject::new(
                         ErrorCode::Malformed,
@@ -372,6 +387,7 @@ mod tests {
         Limits {
             credit_bytes: 1000,
             max_payload: 512,
+            newest_version: VERSION,
         }
     }
 
@@ -474,10 +490,37 @@ mod tests {
         let e = Session::start(&h, p, limits(), |_, _| true).unwrap_err();
         assert_eq!(e.code, ErrorCode::Version);
         assert!(e.reason.contains("speaks 1 to 2"), "{}", e.reason);
-        // An agent not yet upgraded is served in its own version.
+        // An agent not yet upgraded is served in its own version, and held to it.
         h.version = 1;
-        let (_, w) = Session::start(&h, p, limits(), |_, _| true).unwrap();
+        let (mut s1, w) = Session::start(&h, p, limits(), |_, _| true).unwrap();
         assert_eq!(w.version, 1);
+        let sized = Frame::Bookmark(Bookmark {
+            seq: 5,
+            kind: PointKindWire::Crash,
+            time_ms: 0,
+            id: "p",
+            group: "",
+            label: "",
+            disk_bytes: Some(1 << 30),
+        });
+        let e = s1.clone().on_frame(&sized).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Malformed, "{}", e.reason);
+        let Frame::Bookmark(mut b) = sized else {
+            unreachable!()
+        };
+        b.disk_bytes = None;
+        assert_eq!(
+            s1.on_frame(&Frame::Bookmark(b)),
+            Ok(Action::Cache { seq: 5 })
+        );
+        // A server standing in for the release before: version 2 is refused.
+        let old = Limits {
+            newest_version: 1,
+            ..limits()
+        };
+        let e = Session::start(&hello(0, 9), p, old, |_, _| true).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Version);
+        assert!(e.reason.contains("speaks 1 to 1"), "{}", e.reason);
         let (mut s, _) = Session::start(&hello(0, 9), p, limits(), |_, _| true).unwrap();
         let w = Frame::Welcome(Welcome {
             version: 1,

@@ -55,6 +55,8 @@ pub struct Inputs {
     pub store_failing: bool,
     /// Of which this many disks are held back, each retried on its own.
     pub failing_disks: u64,
+    /// Bytes free on the cache's file system, where known.
+    pub cache_fs_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +94,20 @@ pub fn assess(p: &Policy, i: &Inputs) -> Health {
             format!(
                 "cache {free_pct:.1} % free (warning below {} %)",
                 p.cache_warning_free_pct
+            ),
+        );
+    }
+    // Room promised by the bound that the file system no longer has (something else
+    // filled it): appends would fail before the cache throttles anyone.
+    let room = i.cache_max_bytes.saturating_sub(i.cache_used_bytes);
+    if let Some(free) = i.cache_fs_free_bytes.filter(|f| *f < room) {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        raise(
+            Level::Warning,
+            format!(
+                "the cache's file system has {:.2} GiB free, less than the {:.2} GiB the cache may still grow: appends will fail before agents are throttled",
+                gib(free),
+                gib(room)
             ),
         );
     }
@@ -171,6 +187,29 @@ mod tests {
         assert_eq!(h.level, Level::Critical);
         assert!(
             h.reasons[0].contains("2701 s of data waiting"),
+            "{:?}",
+            h.reasons
+        );
+    }
+
+    #[test]
+    fn a_file_system_with_less_room_than_the_bound_promises_is_a_warning() {
+        let judge = |free: u64| {
+            assess(
+                &Policy::default(),
+                &Inputs {
+                    cache_used_bytes: 2 << 30,
+                    cache_max_bytes: 10 << 30,
+                    cache_fs_free_bytes: Some(free),
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(judge(9 << 30).level, Level::Ok);
+        let h = judge(1 << 30);
+        assert_eq!(h.level, Level::Warning);
+        assert!(
+            h.reasons[0].contains("1.00 GiB free, less than the 8.00 GiB"),
             "{:?}",
             h.reasons
         );

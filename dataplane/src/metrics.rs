@@ -88,6 +88,8 @@ pub struct Gauges {
     pub store_failing: bool,
     /// Disks whose uploads fail, each retried while the others go on.
     pub failing_disks: u64,
+    /// Bytes free on the cache's file system (None where it cannot be read).
+    pub cache_fs_free_bytes: Option<u64>,
 }
 
 /// A microsecond histogram as a Prometheus summary in seconds.
@@ -152,6 +154,14 @@ pub fn render(m: &ShardMetrics, g: &Gauges, health: &Health) -> String {
         "Bound of the durable cache.",
         &one(g.cache_max_bytes.to_string()),
     );
+    if let Some(free) = g.cache_fs_free_bytes {
+        metric(
+            "cache_fs_free_bytes",
+            "gauge",
+            "Bytes free on the cache's file system: below what the cache may still grow, appends fail before it throttles.",
+            &one(free.to_string()),
+        );
+    }
     metric(
         "upload_lag_seconds",
         "gauge",
@@ -243,6 +253,7 @@ mod tests {
             upload_lag_s: 2.5,
             store_failing: true,
             failing_disks: 2,
+            cache_fs_free_bytes: Some(5),
         };
         let h = assess(
             &Policy::default(),
@@ -252,6 +263,7 @@ mod tests {
                 upload_lag_s: 2.5,
                 store_failing: true,
                 failing_disks: 2,
+                cache_fs_free_bytes: Some(5),
             },
         );
         let text = render(&a, &g, &h);
@@ -268,6 +280,7 @@ mod tests {
             "ferry_throttling 1",
             "ferry_store_failing 1",
             "ferry_upload_failing_disks 2",
+            "ferry_cache_fs_free_bytes 5",
             "# TYPE ferry_ack_latency_seconds summary",
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");

@@ -216,3 +216,23 @@ fn bad_certificates_and_bad_frames_close_only_their_connection() {
     verify(&store, &vault, &sim).unwrap();
     assert_eq!(sim.connects, 1, "the good agent was never disconnected");
 }
+
+/// A cache bound its file system cannot hold is refused at start, with the numbers:
+/// not found later by an append that fails when the cache fills.
+#[test]
+fn a_cache_bound_beyond_its_file_system_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = net::pki(&dir.path().join("pki"));
+    let (_, vault) = net::vault(dir.path());
+    let mut opts = net::options(&dir.path().join("cache"), 1);
+    opts.cache_bytes = 1 << 60;
+    let store = Store::with_object_store(Arc::new(object_store::memory::InMemory::new()), "memory");
+    let Err(e) = ferry_dataplane::server::start(opts, pki.server_tls(), store, vault) else {
+        panic!("a 1 EiB cache was accepted");
+    };
+    assert!(
+        e.contains("the cache may grow to 1073741824.00 GiB")
+            && e.contains("lower --cache-gib or free space"),
+        "{e}"
+    );
+}

@@ -16,6 +16,7 @@ use super::uploader::UploadStatus;
 pub struct View {
     pub shards: Vec<Arc<ShardShared>>,
     pub uploads: Vec<Arc<UploadStatus>>,
+    pub cache_dir: std::path::PathBuf,
 }
 
 impl View {
@@ -56,6 +57,7 @@ impl View {
                 .iter()
                 .map(|u| u.failing_disks.load(Ordering::Relaxed))
                 .sum(),
+            cache_fs_free_bytes: super::room::free_bytes(&self.cache_dir).ok(),
         };
         let h = assess(
             &Policy::default(),
@@ -65,6 +67,7 @@ impl View {
                 upload_lag_s: g.upload_lag_s,
                 store_failing: g.store_failing,
                 failing_disks: g.failing_disks,
+                cache_fs_free_bytes: g.cache_fs_free_bytes,
             },
         );
         (m, g, h)

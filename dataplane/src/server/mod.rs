@@ -7,6 +7,7 @@ mod hello;
 pub mod http;
 pub mod options;
 pub mod registry;
+pub mod room;
 pub mod run;
 pub mod session;
 pub mod shard;

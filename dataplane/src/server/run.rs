@@ -70,6 +70,7 @@ pub fn start(
     std::fs::create_dir_all(&opts.cache_dir)
         .map_err(|e| err(&format!("cache dir {}", opts.cache_dir.display()), e))?;
     refuse_stray_shards(&opts)?;
+    super::room::check(&opts.cache_dir, opts.cache_bytes)?;
     let opts = Arc::new(opts);
     let tls = Arc::new(tls);
     let registry = Arc::new(Registry::new(store, vault));
@@ -208,12 +209,14 @@ pub fn start(
     let view = Arc::new(View {
         shards: shareds.clone(),
         uploads: statuses,
+        cache_dir: opts.cache_dir.clone(),
     });
     if let Some(l) = metrics {
         let (v, s) = (
             View {
                 shards: view.shards.clone(),
                 uploads: view.uploads.clone(),
+                cache_dir: view.cache_dir.clone(),
             },
             stop.clone(),
         );

@@ -1,0 +1,81 @@
+//! Room on the cache's file system. The cache's bound (`--cache-gib`) is a promise
+//! that agents' writes up to it can be made durable; a file system with less room would
+//! break it with a failed append when the cache fills, long after the start. So the
+//! start checks it and refuses, naming the numbers.
+
+use std::path::Path;
+
+/// Bytes the file system holding `path` has free for an unprivileged writer.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("a path with a NUL byte"))?;
+    // SAFETY: statvfs fills `st`, a plain C struct, from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Bytes of the files under `dir` (one level of shard directories deep).
+pub fn held_bytes(dir: &Path) -> u64 {
+    let files = |d: &Path| -> u64 {
+        std::fs::read_dir(d)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| files(&e.path()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Refuses a bound the file system cannot hold: what the cache holds already plus
+/// what is free must reach it.
+pub fn check(dir: &Path, bound: u64) -> Result<(), String> {
+    let free = free_bytes(dir).map_err(|e| format!("cache dir {}: statvfs: {e}", dir.display()))?;
+    let held = held_bytes(dir);
+    if bound > free.saturating_add(held) {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(format!(
+            "cache dir {}: the cache may grow to {:.2} GiB (--cache-gib), but its file system has {:.2} GiB free and the cache holds {:.2} GiB: lower --cache-gib or free space",
+            dir.display(),
+            gib(bound),
+            gib(free),
+            gib(held)
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bound_beyond_the_file_system_is_refused_with_the_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join("shard-0");
+        std::fs::create_dir_all(&shard).unwrap();
+        std::fs::write(shard.join("0000000000000000.log"), vec![1u8; 5000]).unwrap();
+        assert_eq!(held_bytes(dir.path()), 5000);
+        // Other tests write meanwhile: bounds far from the edge either way.
+        let free = free_bytes(dir.path()).unwrap();
+        assert!(check(dir.path(), 1 << 20).is_ok());
+        assert!(check(dir.path(), free / 2).is_ok());
+        let e = check(dir.path(), free.saturating_mul(2) + (1 << 40)).unwrap_err();
+        assert!(e.contains("lower --cache-gib or free space"), "{e}");
+        assert!(e.contains("the cache holds 0.00 GiB"), "{e}");
+    }
+}

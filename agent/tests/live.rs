@@ -140,6 +140,19 @@ impl Site {
         .unwrap()
     }
 
+    /// `disk.img` of SIZE bytes, random in `random`, zero elsewhere.
+    fn disk(
+        &self,
+        rng: &mut rand::rngs::StdRng,
+        random: std::ops::Range<usize>,
+    ) -> std::path::PathBuf {
+        let disk = self.path("disk.img");
+        let mut content = vec![0u8; SIZE as usize];
+        rng.fill(&mut content[random]);
+        std::fs::write(&disk, &content).unwrap();
+        disk
+    }
+
     /// Agent `i` (machine agent-i) protecting `disk` as sda; nothing optional on.
     fn options(&self, i: usize, disk: &std::path::Path, server: std::net::SocketAddr) -> Options {
         let pki = self.path("pki");
@@ -225,10 +238,7 @@ fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
     let mut rng = w.rng.clone();
     let server = w.server("127.0.0.1:0".parse().unwrap());
     // A disk with content before protection starts.
-    let disk = w.path("disk.img");
-    let mut content = vec![0u8; SIZE as usize];
-    rng.fill(&mut content[..4 << 20]);
-    std::fs::write(&disk, &content).unwrap();
+    let disk = w.disk(&mut rng, 0..4 << 20);
     let hook_log = w.path("hook.log");
     let hook = w.path("hook.sh");
     std::fs::write(
@@ -579,10 +589,7 @@ fn a_checksum_resync_sends_only_the_blocks_that_differ() {
     let w = site(1);
     let mut rng = w.rng.clone();
     let server = w.server("127.0.0.1:0".parse().unwrap());
-    let disk = w.path("disk.img");
-    let mut content = vec![0u8; SIZE as usize];
-    rng.fill(&mut content[..10 << 20]);
-    std::fs::write(&disk, &content).unwrap();
+    let disk = w.disk(&mut rng, 0..10 << 20);
     let mut o = w.options(0, &disk, server.addr);
     o.initial_copy = true;
     let first = Agent::start(o).unwrap();
@@ -635,10 +642,7 @@ fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
     let w = site(1);
     let mut rng = w.rng.clone();
     let server = w.server("127.0.0.1:0".parse().unwrap());
-    let disk = w.path("disk.img");
-    let mut content = vec![0u8; SIZE as usize];
-    rng.fill(&mut content[..4 << 20]);
-    std::fs::write(&disk, &content).unwrap();
+    let disk = w.disk(&mut rng, 0..4 << 20);
     let options = || {
         let mut o = w.options(0, &disk, server.addr);
         o.initial_copy = true;
@@ -703,10 +707,7 @@ fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
 fn an_agent_on_a_seeded_disk_sends_only_what_changed_since_the_seed() {
     let w = site(1);
     let mut rng = w.rng.clone();
-    let disk = w.path("disk.img");
-    let mut content = vec![0u8; SIZE as usize];
-    rng.fill(&mut content[2 << 20..12 << 20]);
-    std::fs::write(&disk, &content).unwrap();
+    let disk = w.disk(&mut rng, 2 << 20..12 << 20);
     let store = Store::open(&w.url).unwrap();
     let report = ferry_agent::seed(
         &store,

@@ -383,6 +383,18 @@ mod tests {
         }
     }
 
+    fn bookmark(seq: u64, disk_bytes: Option<u64>) -> Frame<'static> {
+        Frame::Bookmark(Bookmark {
+            seq,
+            kind: PointKindWire::Crash,
+            time_ms: 0,
+            id: "p",
+            group: "",
+            label: "",
+            disk_bytes,
+        })
+    }
+
     fn limits() -> Limits {
         Limits {
             credit_bytes: 1000,
@@ -421,20 +433,8 @@ mod tests {
             }),
             Ok(Action::Cache { seq: 5 })
         );
-        let bm = Frame::Bookmark(Bookmark {
-            seq: 6,
-            kind: PointKindWire::Crash,
-            time_ms: 0,
-            id: "p",
-            group: "",
-            label: "",
-            disk_bytes: Some(1 << 30),
-        });
-        let Frame::Bookmark(mut bad) = bm.clone() else {
-            unreachable!()
-        };
-        bad.disk_bytes = Some(0);
-        let e = s.clone().on_frame(&Frame::Bookmark(bad)).unwrap_err();
+        let bm = bookmark(6, Some(1 << 30));
+        let e = s.clone().on_frame(&bookmark(6, Some(0))).unwrap_err();
         assert_eq!(e.code, ErrorCode::Malformed);
         assert!(
             e.reason.contains("point p names a disk of 0 bytes"),
@@ -494,23 +494,13 @@ mod tests {
         h.version = 1;
         let (mut s1, w) = Session::start(&h, p, limits(), |_, _| true).unwrap();
         assert_eq!(w.version, 1);
-        let sized = Frame::Bookmark(Bookmark {
-            seq: 5,
-            kind: PointKindWire::Crash,
-            time_ms: 0,
-            id: "p",
-            group: "",
-            label: "",
-            disk_bytes: Some(1 << 30),
-        });
-        let e = s1.clone().on_frame(&sized).unwrap_err();
+        let e = s1
+            .clone()
+            .on_frame(&bookmark(5, Some(1 << 30)))
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::Malformed, "{}", e.reason);
-        let Frame::Bookmark(mut b) = sized else {
-            unreachable!()
-        };
-        b.disk_bytes = None;
         assert_eq!(
-            s1.on_frame(&Frame::Bookmark(b)),
+            s1.on_frame(&bookmark(5, None)),
             Ok(Action::Cache { seq: 5 })
         );
         // A server standing in for the release before: version 2 is refused.

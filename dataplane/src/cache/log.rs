@@ -701,29 +701,33 @@ impl CacheLog {
         }
         // Everything released, the current file included: start a fresh one, so a
         // drained log holds nothing (a small log would otherwise stay full of its
-        // last, already released file). The old one is deleted, not kept: the upload
-        // stage may still hold it open, reading to its end.
+        // last, already released file).
         let end = self.end_position();
         if upto >= end && end.offset > 0 {
-            // Nothing in it is needed any more: no sync. But it is cut (the upload
-            // stage, holding it open, reads a deleted file to its size) and deleted
-            // before the next file is made: the agent releases journal records the
-            // process server acknowledged before they were synced here, and a newer
-            // name durable beside this file's torn, unsynced end would make recovery
-            // call it corruption.
+            // Every record in it is uploaded: nothing to sync. With recycling it is
+            // kept as a spare like any released file (the tailer sizes a rolled file
+            // by name, so it never reads a reused one as this number); without, it is
+            // deleted. Either before the next file is made: the agent releases
+            // journal records the process server acknowledged before they were synced
+            // here, and a newer name durable beside this file's torn, unsynced end
+            // would make recovery call it corruption.
             let path = file_name(&self.dir, end.file);
-            let old = self.current.as_ref().expect("a current file always exists");
-            old.set_len(end.offset)
-                .map_err(|e| io_err("truncate", &path, e))?;
-            note!(Op::SetLen(old, end.offset));
-            fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
-            note!(Op::Remove(&path));
+            if self.recycle && self.files.len() + self.spares_count() < self.files_max() {
+                let spare = spare_name(&self.dir, end.file);
+                fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
+                note!(Op::Rename(&path, &spare));
+                self.spares_unsynced.push(end.file);
+                self.dir_unsynced = true;
+            } else {
+                fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+                note!(Op::Remove(&path));
+            }
             if let Err(e) = self.start_file(end.file + 1) {
-                // Appends would go to a deleted file: nothing may be acknowledged.
+                // Appends would go to a released file: nothing may be acknowledged.
                 self.sync_failed();
                 return Err(e);
             }
-            // start_file took the old file as rolled: it is gone, nothing to sync.
+            // start_file took the old file as rolled: it needs no cut and no sync.
             self.rolled.pop();
             let (_, bytes) = self.files.remove(0);
             freed += bytes;
@@ -889,6 +893,7 @@ mod tests {
         // Everything released, then two records into a reused file: the rest of it
         // holds old records of the same size, stamped with another number.
         let spares_before = names(dir.path(), ".spare").len();
+        let drained = log.end_position().file;
         log.release_before(log.end_position()).unwrap();
         log.sync().unwrap();
         let first_new = i;
@@ -897,10 +902,12 @@ mod tests {
             i += 1;
         }
         log.sync().unwrap();
-        assert_eq!(
-            names(dir.path(), ".spare").len(),
-            spares_before - 1,
-            "the new file is a spare reused"
+        // The drained file became a spare, and a spare was reused for the new one.
+        let spares = names(dir.path(), ".spare");
+        assert_eq!(spares.len(), spares_before, "{spares:?}");
+        assert!(
+            spares.contains(&format!("{drained:016}.spare")),
+            "the drained file is kept: {spares:?}"
         );
         let held: Vec<u64> = log.files.iter().map(|f| f.0).collect();
         drop(log);

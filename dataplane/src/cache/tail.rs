@@ -118,12 +118,27 @@ impl Tailer {
                 };
                 self.open = Some((self.pos.file, f));
             }
-            let (_, f) = self.open.as_ref().expect("opened above");
             let end = if self.pos.file < upto.file {
-                f.metadata().map_err(|e| io_err("stat", &path, e))?.len()
+                // A rolled file ends at its last record. Its size by name, not by the
+                // handle: a file released whole (the log keeps a drained current file
+                // as a spare, to reuse) is no longer this number's, and the size of
+                // the handle's inode may then be another file's.
+                match std::fs::metadata(&path) {
+                    Ok(m) => m.len(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        self.open = None;
+                        self.pos = Position {
+                            file: next_file(&self.dir, self.pos.file)?.unwrap_or(upto.file),
+                            offset: 0,
+                        };
+                        continue;
+                    }
+                    Err(e) => return Err(io_err("stat", &path, e)),
+                }
             } else {
                 upto.offset
             };
+            let (_, f) = self.open.as_ref().expect("opened above");
             if self.pos.offset >= end {
                 if self.pos.file < upto.file {
                     // A rolled file is complete; the next number is the next file
@@ -274,5 +289,41 @@ mod tests {
             t.read(end, 1 << 20),
             Err(CacheError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_drained_file_kept_and_reused_is_never_read_under_its_old_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        let mut t = Tailer::new(dir.path(), log.first_position());
+        for i in 0..3u8 {
+            log.append("m/d", &[i; 50]).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(t.read(log.end_position(), 1 << 20).unwrap().len(), 3);
+        // All uploaded: the drained file becomes a spare, durable with the next sync.
+        let drained = log.end_position().file;
+        log.release_before(log.end_position()).unwrap();
+        log.sync().unwrap();
+        // The next file fills and rolls, and the one after reuses the spare: its inode
+        // (which the tailer still holds) now holds new records, past the old size.
+        let mut want = Vec::new();
+        for i in 0..10u8 {
+            let payload = vec![100 + i; 300];
+            log.append("m/d", &payload).unwrap();
+            want.push(payload);
+        }
+        log.sync().unwrap();
+        let end = log.end_position();
+        assert_eq!(end.file, drained + 4, "three files rolled past it");
+        let mut got = Vec::new();
+        loop {
+            let batch = t.read(end, 1 << 20).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch.iter().map(|r| r.payload.to_vec()));
+        }
+        assert_eq!(got, want);
     }
 }

@@ -455,7 +455,14 @@ async fn make_sums(
     let Some(st) = state.upgrade() else { return };
     let mut st = st.borrow_mut();
     match made {
-        Ok(map) => st.sums = Some(Outgoing { seq, map, next: 0 }),
+        Ok((map, permit)) => {
+            st.sums = Some(Outgoing {
+                seq,
+                map,
+                next: 0,
+                permit,
+            })
+        }
         Err(e) => {
             shard.metrics.borrow_mut().error("store");
             if st.end.is_none() {

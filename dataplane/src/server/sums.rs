@@ -5,12 +5,14 @@
 //! The map is made off the shard: once the upload stage has committed everything
 //! below the sequence asked for, a thread of its own rebuilds that state into a sparse
 //! scratch file in the cache directory and hashes it (or reads a seed's checksum map
-//! when one describes that state). One map is made at a time per server, so memory
-//! (16 bytes per block) and scratch space are bounded by the largest disk.
+//! when one describes that state). One map is made at a time per server, so scratch
+//! space is bounded by the largest disk; and the maps held at once, made or being
+//! sent (16 bytes per block each), by a budget of 1 GiB: after a site-wide power cut
+//! every agent asks for one, and each stays in memory until its agent has it all.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use ferry_replica::sums::BlockSums;
@@ -25,12 +27,65 @@ pub const MAX_MAP_BYTES: u64 = 1 << 30;
 /// Serialises map making across the server.
 pub static GATE: Mutex<()> = Mutex::new(());
 
-/// A finished map, being sent in chunks.
+/// Bounds the bytes of all maps held at once.
+pub static BUDGET: Budget = Budget::new(MAX_MAP_BYTES);
+
+/// A counting bound on bytes, waited for on a thread of its own (never a shard's).
+pub struct Budget {
+    held: Mutex<u64>,
+    freed: Condvar,
+    max: u64,
+}
+
+/// Bytes taken from a budget, given back when dropped.
+pub struct Permit {
+    budget: &'static Budget,
+    bytes: u64,
+}
+
+impl Budget {
+    pub const fn new(max: u64) -> Budget {
+        Budget {
+            held: Mutex::new(0),
+            freed: Condvar::new(),
+            max,
+        }
+    }
+
+    /// Waits until `bytes` (at most the whole budget) fit, and holds them.
+    pub fn take(&'static self, bytes: u64) -> Permit {
+        let bytes = bytes.min(self.max);
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        while *held + bytes > self.max {
+            held = self.freed.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        *held += bytes;
+        Permit {
+            budget: self,
+            bytes,
+        }
+    }
+
+    pub fn held(&self) -> u64 {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        *self.budget.held.lock().unwrap_or_else(|p| p.into_inner()) -= self.bytes;
+        self.budget.freed.notify_all();
+    }
+}
+
+/// A finished map, being sent in chunks; its bytes count against `BUDGET` until the
+/// last chunk is sent or the session ends.
 pub struct Outgoing {
     pub seq: u64,
     pub map: BlockSums,
     /// Index of the next block to send.
     pub next: usize,
+    pub permit: Permit,
 }
 
 /// Waits (polling) until every write below `seq` is uploaded, then makes the map.
@@ -42,7 +97,7 @@ pub async fn prepare(
     seq: u64,
     disk_bytes: u64,
     alive: impl Fn() -> bool,
-) -> Result<BlockSums, String> {
+) -> Result<(BlockSums, Permit), String> {
     while entry.uploaded.load(Ordering::SeqCst) < seq {
         if !alive() {
             return Err("the session ended".into());
@@ -75,7 +130,7 @@ fn make(
     scratch: &std::path::Path,
     seq: u64,
     disk_bytes: u64,
-) -> Result<BlockSums, String> {
+) -> Result<(BlockSums, Permit), String> {
     let state = entry
         .uploader
         .lock()
@@ -92,9 +147,46 @@ fn make(
             "a checksum map of {blocks} blocks exceeds the {MAX_MAP_BYTES}-byte limit (disks up to 4 TiB at 64 KiB blocks)"
         ));
     }
+    // Waits, holding the gate, while other sessions still send theirs: they need no
+    // gate to finish, so the wait ends.
+    let permit = BUDGET.take(blocks * SUM_BYTES as u64);
     let started = std::time::Instant::now();
     let map = BlockSums::of_replica(&disk, &state, seq, disk_bytes, scratch)
         .map_err(|e| e.to_string())?;
     tracing::info!(disk = %entry.key, seq, blocks = map.sums.len(), seconds = started.elapsed().as_secs_f64(), "checksum map made for a resync");
-    Ok(map)
+    Ok((map, permit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_wait_for_the_budget_and_free_it_when_dropped() {
+        static B: Budget = Budget::new(1000);
+        let first = B.take(600);
+        assert_eq!(B.held(), 600);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let p = B.take(600);
+            tx.send(()).unwrap();
+            p
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "600 more do not fit beside 600 in 1000"
+        );
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("taken once the first is given back");
+        let second = waiter.join().unwrap();
+        assert_eq!(B.held(), 600);
+        drop(second);
+        assert_eq!(B.held(), 0);
+        // One larger than the whole budget takes all of it, not forever.
+        let all = B.take(5000);
+        assert_eq!(B.held(), 1000);
+        drop(all);
+    }
 }

@@ -8,7 +8,7 @@
 //! from the oldest place one of them stopped (the replica's watermark skips what is
 //! already in), while the cache keeps everything from there on (decision 0011).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,6 +58,39 @@ struct Retry {
     backoff: Duration,
 }
 
+/// Where each batch of the main reader began and since when its data had waited:
+/// what a stuck disk's lag is reckoned from once a catch-up has moved it on.
+#[derive(Default)]
+struct Marks(VecDeque<(Position, Instant)>);
+
+impl Marks {
+    fn push(&mut self, at: Position, since: Instant) {
+        self.0.push_back((at, since));
+    }
+
+    /// Since when the data at `pos` has waited, at the latest: the wait of the batch
+    /// holding it (its data became durable no earlier than its batch's first).
+    fn since_at(&self, pos: Position) -> Option<Instant> {
+        self.0
+            .iter()
+            .take_while(|(at, _)| *at <= pos)
+            .last()
+            .map(|(_, since)| *since)
+    }
+
+    /// Keeps only what the stuck disks may still need.
+    fn trim(&mut self, stuck: &BTreeMap<String, Stuck>) {
+        match stuck.values().map(|s| s.from).min() {
+            None => self.0.clear(),
+            Some(oldest) => {
+                while self.0.get(1).is_some_and(|(at, _)| *at <= oldest) {
+                    self.0.pop_front();
+                }
+            }
+        }
+    }
+}
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -82,6 +115,7 @@ pub fn run(
         backoff: FIRST_BACKOFF,
     };
     let mut noticed: Option<Instant> = None;
+    let mut marks = Marks::default();
     while !stop.load(Ordering::Relaxed) {
         let upto = tail.position();
         let pass = Pass {
@@ -92,7 +126,8 @@ pub fn run(
             read_max,
             stop: &stop,
         };
-        pass.catch_up(&mut stuck, &mut retry);
+        pass.catch_up(&mut stuck, &mut retry, &marks);
+        marks.trim(&stuck);
         let durable = *shard.durable.lock().expect("durable lock");
         if tail.position() >= durable {
             noticed = None;
@@ -117,6 +152,7 @@ pub fn run(
             }
         };
         let read: u64 = batch.iter().map(|e| e.payload.len() as u64).sum();
+        marks.push(at, since);
         let mut all_in = true;
         for (key, frames) in by_disk(&batch) {
             // A stuck disk's frames here are read again when it is retried.
@@ -199,7 +235,7 @@ impl Pass<'_> {
     /// `upto`, offering each stuck disk its frames. A disk that fails is not offered
     /// more in this pass; the pass ends early once every stuck disk has failed (an
     /// outage: one batch read). Disks that reach `upto` are stuck no more.
-    fn catch_up(&self, stuck: &mut BTreeMap<String, Stuck>, retry: &mut Retry) {
+    fn catch_up(&self, stuck: &mut BTreeMap<String, Stuck>, retry: &mut Retry, marks: &Marks) {
         if stuck.is_empty() || Instant::now() < retry.next {
             return;
         }
@@ -232,10 +268,14 @@ impl Pass<'_> {
                     failed.insert(key.to_string());
                 }
             }
-            // Whatever did not fail here has everything before `end` in.
+            // Whatever did not fail here has everything before `end` in; what it
+            // still waits for is younger.
             for (key, s) in stuck.iter_mut() {
                 if !failed.contains(key) && s.from < end {
                     s.from = end;
+                    if let Some(t) = marks.since_at(end) {
+                        s.since = s.since.max(t);
+                    }
                 }
             }
             // A long catch-up frees the cache as it goes.
@@ -321,5 +361,42 @@ fn upload_once(
             status.failing.store(true, Ordering::Relaxed);
             Err(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(file: u64, offset: u64) -> Position {
+        Position { file, offset }
+    }
+
+    #[test]
+    fn a_stuck_disk_moved_on_waits_since_its_batch_not_since_it_stuck() {
+        let t0 = Instant::now();
+        let t = |ms| t0 + Duration::from_millis(ms);
+        let mut m = Marks::default();
+        m.push(pos(1, 0), t(0));
+        m.push(pos(1, 500), t(100));
+        m.push(pos(2, 0), t(200));
+        assert_eq!(m.since_at(pos(0, 9)), None);
+        assert_eq!(m.since_at(pos(1, 499)), Some(t(0)));
+        assert_eq!(m.since_at(pos(1, 500)), Some(t(100)));
+        assert_eq!(m.since_at(pos(3, 0)), Some(t(200)));
+        // Only what the oldest stuck position may still need is kept.
+        let mut stuck = BTreeMap::new();
+        stuck.insert(
+            "m/d".to_string(),
+            Stuck {
+                from: pos(1, 700),
+                since: t(0),
+            },
+        );
+        m.trim(&stuck);
+        assert_eq!(m.since_at(pos(1, 700)), Some(t(100)));
+        assert_eq!(m.0.len(), 2);
+        m.trim(&BTreeMap::new());
+        assert_eq!(m.since_at(pos(9, 0)), None);
     }
 }

@@ -633,10 +633,11 @@ fn a_checksum_resync_sends_only_the_blocks_that_differ() {
 
 /// The host goes down under a running agent (a power cut): a write the guest never
 /// flushed may be on the disk while its journal record is lost. The agent finds its run
-/// marker from another boot, compares the disk with the replica by checksum and sends
-/// the blocks that differ; the next point rebuilds exactly the disk. Restarted in the
-/// same boot (the agent was killed) it compares nothing; stopped in order, it leaves
-/// no marker, and the next start compares nothing either.
+/// marker from another boot, compares the disk with the replica by checksum (even
+/// when the first start after the cut could not and was killed) and sends the blocks
+/// that differ; the next point rebuilds exactly the disk. Restarted in the same boot
+/// (killed) once that is done, it compares nothing; stopped in order, it leaves no
+/// marker, and the next start compares nothing either.
 #[test]
 fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
     let w = site(1);
@@ -660,6 +661,14 @@ fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
     // journal records are not, and the marker names the boot that ended.
     change_behind(&disk, &[9, 120], &mut rng);
     std::fs::write(&marker, "a-boot-that-ended").unwrap();
+    // The first start after it cannot reach its process server, and is killed: the
+    // comparison it owed is still owed by the next start, in the same boot.
+    let mut o = options();
+    o.target.addr = free_addr();
+    let unreachable = Agent::start(o).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    unreachable.stop();
+    std::thread::sleep(Duration::from_millis(100));
     let second = Agent::start(options()).unwrap();
     let id = point_when_ready(&second, "after the power cut");
     let want = std::fs::read(&disk).unwrap();

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use ferry_replica::scan::{scan_region, Run, ZERO_SUM};
@@ -32,6 +32,9 @@ pub struct Capture {
     /// The durable watermark the process server first answered with (NO_CONTACT
     /// until then): zero means it holds nothing of this disk yet.
     pub contact: AtomicU64,
+    /// Set by an ordered stop, after the last flush: later writes are refused, or one
+    /// could reach the disk without a journal record that a power cut keeps.
+    closed: AtomicBool,
 }
 
 pub const NO_CONTACT: u64 = u64::MAX;
@@ -117,6 +120,7 @@ impl Capture {
             }),
             resync: Resync::default(),
             contact: AtomicU64::new(NO_CONTACT),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -368,6 +372,24 @@ impl Capture {
         Ok(true)
     }
 
+    /// The last flush of an ordered stop: the disk and the journal made durable, and,
+    /// under the same lock, every later write refused.
+    pub fn close(&self) -> io::Result<()> {
+        let mut st = self.state();
+        self.dev.flush()?;
+        st.journal.sync().map_err(journal_err)?;
+        self.closed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Checked under the capture lock, as `close` sets it.
+    fn refuse_if_closed(&self) -> io::Result<()> {
+        match self.closed.load(Ordering::SeqCst) {
+            true => Err(io::Error::other("the agent is stopping")),
+            false => Ok(()),
+        }
+    }
+
     /// Makes the journal durable.
     pub fn sync_journal(&self) -> io::Result<()> {
         self.state().journal.sync().map_err(journal_err)
@@ -456,6 +478,7 @@ impl Device for Capture {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let mut st = self.state();
+        self.refuse_if_closed()?;
         // Journal first: the journal, not the disk, is what must never miss a write.
         self.capture(&mut st, offset, data.len() as u64, |seq, buf| {
             encode(&Frame::Write { seq, offset, data }, buf)
@@ -470,6 +493,7 @@ impl Device for Capture {
 
     fn zero(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let mut st = self.state();
+        self.refuse_if_closed()?;
         self.capture(&mut st, offset, len, |seq, buf| {
             encode(&Frame::Zero { seq, offset, len }, buf)
         })?;
@@ -506,6 +530,22 @@ mod tests {
         }
         std::fs::write(&disk, &content).unwrap();
         Capture::open("sda", &disk, &dir.join("journal"), 64 << 20, 0).unwrap()
+    }
+
+    #[test]
+    fn an_ordered_stop_refuses_writes_after_its_last_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = capture(dir.path());
+        c.write(0, &[1; 512], false).unwrap();
+        c.close().unwrap();
+        let next = c.state().next_seq;
+        assert!(c.write(512, &[2; 512], false).is_err());
+        assert!(c.zero(0, 4096, true).is_err());
+        assert_eq!(
+            c.state().next_seq,
+            next,
+            "nothing journaled after the close"
+        );
     }
 
     /// A map saying the replica is all zero: every block differs.

@@ -10,6 +10,11 @@
 //! boot means every disk is compared with its replica by checksum (reading the disk,
 //! sending only blocks that differ); a marker from this boot means the agent was
 //! killed; none means it stopped in order (`Agent::shutdown`) or never ran.
+//!
+//! The comparison owed is recorded per disk (`compare-owed` in its journal directory)
+//! before the marker is replaced, and cleared only once a whole comparison is done and
+//! journaled: an agent restarted before then, or one that could not reach its process
+//! server, still owes it.
 
 use std::fs::{self, File};
 use std::io;
@@ -35,26 +40,52 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Reads how the last run in `dir` ended and marks this one as running in `boot`.
-pub fn begin(dir: &Path, boot: &str) -> io::Result<LastStop> {
+/// How the last run in `dir` ended, seen from boot `boot`.
+pub fn last(dir: &Path, boot: &str) -> io::Result<LastStop> {
     fs::create_dir_all(dir)?;
-    let path = dir.join(NAME);
-    let last = match fs::read_to_string(&path) {
+    Ok(match fs::read_to_string(dir.join(NAME)) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => LastStop::Clean,
         Err(e) => return Err(e),
         Ok(b) if !boot.is_empty() && b.trim() == boot => LastStop::Killed,
         Ok(b) => LastStop::HostDown {
             boot: b.trim().to_string(),
         },
-    };
-    // Durable before the first write is accepted: a power cut from here on must find
-    // it.
+    })
+}
+
+/// Marks this run as running in `boot`: durable before the first write is accepted,
+/// so that a power cut from here on finds it. Record the comparisons a host that went
+/// down owes first (`owe_compare`).
+pub fn mark(dir: &Path, boot: &str) -> io::Result<()> {
+    let path = dir.join(NAME);
     let tmp = dir.join(format!("{NAME}.tmp"));
     fs::write(&tmp, boot)?;
     File::open(&tmp)?.sync_all()?;
     fs::rename(&tmp, &path)?;
-    File::open(dir)?.sync_all()?;
-    Ok(last)
+    File::open(dir)?.sync_all()
+}
+
+const OWED: &str = "compare-owed";
+
+/// Records, durably, that the disk whose journal is `journal` must be compared with
+/// its replica.
+pub fn owe_compare(journal: &Path) -> io::Result<()> {
+    fs::write(journal.join(OWED), b"")?;
+    File::open(journal.join(OWED))?.sync_all()?;
+    File::open(journal)?.sync_all()
+}
+
+pub fn owes_compare(journal: &Path) -> bool {
+    journal.join(OWED).exists()
+}
+
+/// A whole comparison is done and journaled (the journal synced): nothing is owed.
+pub fn compared(journal: &Path) -> io::Result<()> {
+    match fs::remove_file(journal.join(OWED)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    File::open(journal)?.sync_all()
 }
 
 /// Marks the run as ended in order: call only once every disk is flushed.
@@ -74,17 +105,33 @@ mod tests {
     fn tells_an_ordered_stop_a_kill_and_a_host_that_went_down_apart() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("journal");
-        assert_eq!(begin(&d, "boot-1").unwrap(), LastStop::Clean);
-        assert_eq!(begin(&d, "boot-1").unwrap(), LastStop::Killed);
+        let begin = |boot: &str| {
+            let l = last(&d, boot).unwrap();
+            mark(&d, boot).unwrap();
+            l
+        };
+        assert_eq!(begin("boot-1"), LastStop::Clean);
+        assert_eq!(begin("boot-1"), LastStop::Killed);
         assert_eq!(
-            begin(&d, "boot-2").unwrap(),
+            begin("boot-2"),
             LastStop::HostDown {
                 boot: "boot-1".into()
             }
         );
         end(&d).unwrap();
-        assert_eq!(begin(&d, "boot-3").unwrap(), LastStop::Clean);
+        assert_eq!(begin("boot-3"), LastStop::Clean);
         // Without a boot id, a marker left over is read the safe way.
-        assert!(matches!(begin(&d, "").unwrap(), LastStop::HostDown { .. }));
+        assert!(matches!(begin(""), LastStop::HostDown { .. }));
+    }
+
+    #[test]
+    fn a_comparison_owed_stays_owed_until_done() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!owes_compare(dir.path()));
+        owe_compare(dir.path()).unwrap();
+        assert!(owes_compare(dir.path()));
+        compared(dir.path()).unwrap();
+        assert!(!owes_compare(dir.path()));
+        compared(dir.path()).unwrap();
     }
 }

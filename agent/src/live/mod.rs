@@ -113,8 +113,10 @@ impl Agent {
         let stop = Arc::new(AtomicBool::new(false));
         let mut disks = Vec::new();
         let mut exports = Exports::default();
-        let last = last_stop::begin(&o.journal_dir, &last_stop::boot_id())
-            .map_err(|e| format!("journal dir {}: {e}", o.journal_dir.display()))?;
+        let boot = last_stop::boot_id();
+        let journal_err =
+            |e: std::io::Error| format!("journal dir {}: {e}", o.journal_dir.display());
+        let last = last_stop::last(&o.journal_dir, &boot).map_err(journal_err)?;
         if let LastStop::HostDown { boot } = &last {
             tracing::warn!(last_boot = %boot, "the host went down while the agent ran: every copied disk is compared with its replica");
         }
@@ -133,13 +135,18 @@ impl Agent {
             // A disk not yet copied is copied or compared by its first sync anyway.
             let copied = !o.initial_copy || copied_marker(&o.journal_dir, &d.name).exists();
             if matches!(last, LastStop::HostDown { .. }) && copied {
+                last_stop::owe_compare(&jdir).map_err(|e| format!("disk {}: {e}", d.name))?;
+            }
+            // Owed until a whole comparison is done: an agent restarted before that,
+            // or one that has not reached its process server yet, still owes it.
+            if last_stop::owes_compare(&jdir) {
                 cap.resync.want("the host went down while the agent ran: the disk may hold writes the journal lost");
             }
             exports.add(&d.name, cap.clone());
-            let (c2, st2) = (cap.clone(), stop.clone());
+            let (c2, st2, j2) = (cap.clone(), stop.clone(), jdir.clone());
             std::thread::Builder::new()
                 .name(format!("ferry-resync-{}", d.name))
-                .spawn(move || resync_loop(&c2, &st2))
+                .spawn(move || resync_loop(&c2, &st2, &j2))
                 .map_err(|e| e.to_string())?;
             let status = Arc::new(Mutex::new(SendStatus::default()));
             let sender = Sender {
@@ -161,6 +168,9 @@ impl Agent {
                 copy: Arc::new(Mutex::new(CopyProgress::new(0, 0))),
             });
         }
+        // Replaced only now that the comparisons owed are recorded, and before any
+        // write can arrive.
+        last_stop::mark(&o.journal_dir, &boot).map_err(journal_err)?;
         let listener = std::net::TcpListener::bind(o.nbd_listen)
             .map_err(|e| format!("NBD listen on {}: {e}", o.nbd_listen))?;
         let nbd_addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -420,13 +430,13 @@ impl Agent {
 
     /// Stops in order: every disk flushed and its journal synced, then the run marker
     /// removed, so the next start knows the host did not go down under this run and
-    /// need not compare the disks. Writes still arriving are journaled as ever; only
-    /// a power cut in the moment before the process exits could miss them.
+    /// need not compare the disks. Writes arriving after a disk's last flush are
+    /// refused (the guest sees an I/O error, as from a disk that went away).
     pub fn shutdown(&self) -> Result<(), String> {
         self.stop();
         for d in &self.disks {
             d.capture
-                .flush()
+                .close()
                 .map_err(|e| format!("disk {}: flushing: {e}", d.capture.disk))?;
         }
         last_stop::end(&self.journal_dir)
@@ -441,7 +451,7 @@ fn copied_marker(journal_dir: &std::path::Path, disk: &str) -> PathBuf {
 
 /// Journals the dirty regions again after an overflow, and compares the disk with
 /// the replica's checksums during a checksum resync, each as the journal drains.
-fn resync_loop(cap: &Capture, stop: &AtomicBool) {
+fn resync_loop(cap: &Capture, stop: &AtomicBool, journal: &std::path::Path) {
     let mut buf = Vec::new();
     let mut last_log = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -477,6 +487,13 @@ fn resync_loop(cap: &Capture, stop: &AtomicBool) {
             Ok(sent) => {
                 if let Some(f) = cap.resync.advance(len, sent) {
                     tracing::info!(disk = %cap.disk, compared_bytes = f.total, sent_bytes = f.sent, seconds = f.seconds, "checksum resync done");
+                    // What it found is journaled: once durable, no comparison is owed.
+                    if let Err(e) = cap
+                        .sync_journal()
+                        .and_then(|()| last_stop::compared(journal))
+                    {
+                        tracing::warn!(disk = %cap.disk, error = %e, "could not record the comparison as done; it runs again at the next start");
+                    }
                 } else if last_log.elapsed() > Duration::from_secs(5) {
                     last_log = Instant::now();
                     let (_, f, _) = cap.resync.figures();

@@ -485,11 +485,14 @@ impl CacheLog {
         let (path, f) = match self.spares.pop() {
             Some(old) => {
                 let spare = spare_name(&self.dir, old);
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&spare)
-                    .map_err(|e| io_err("open", &spare, e))?;
-                (spare, f)
+                match OpenOptions::new().write(true).open(&spare) {
+                    Ok(f) => (spare, f),
+                    Err(e) => {
+                        // Still a spare: kept for the next try.
+                        self.spares.push(old);
+                        return Err(io_err("open", &spare, e));
+                    }
+                }
             }
             None => {
                 // Without recycling, nothing stale can be in it to be confused with:
@@ -704,26 +707,39 @@ impl CacheLog {
         // last, already released file).
         let end = self.end_position();
         if upto >= end && end.offset > 0 {
-            // Every record in it is uploaded: nothing to sync. With recycling it is
-            // kept as a spare like any released file (the tailer sizes a rolled file
-            // by name, so it never reads a reused one as this number); without, it is
-            // deleted. Either before the next file is made: the agent releases
-            // journal records the process server acknowledged before they were synced
-            // here, and a newer name durable beside this file's torn, unsynced end
-            // would make recovery call it corruption.
+            // Every record in it is uploaded: nothing to sync.
             let path = file_name(&self.dir, end.file);
-            if self.recycle && self.files.len() + self.spares_count() < self.files_max() {
-                let spare = spare_name(&self.dir, end.file);
-                fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
-                note!(Op::Rename(&path, &spare));
-                self.spares_unsynced.push(end.file);
-                self.dir_unsynced = true;
-            } else {
-                fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
-                note!(Op::Remove(&path));
+            if self.recycle {
+                // The next file keeps its spare name until the next sync, so it may
+                // be made first: a failure here changes nothing. The drained one is
+                // then kept as a spare like any released file (the tailer sizes a
+                // rolled file by name, so it never reads a reused one as this number).
+                self.start_file(end.file + 1)?;
+                self.rolled.pop();
+                let (_, bytes) = self.files.remove(0);
+                freed += bytes;
+                self.dirty = true;
+                if self.files.len() + self.spares_count() < self.files_max() {
+                    let spare = spare_name(&self.dir, end.file);
+                    fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
+                    note!(Op::Rename(&path, &spare));
+                    self.spares_unsynced.push(end.file);
+                    self.dir_unsynced = true;
+                } else {
+                    fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+                    note!(Op::Remove(&path));
+                }
+                return Ok(freed);
             }
+            // Without recycling the next file is named at once: the drained one goes
+            // first. The agent releases journal records the process server
+            // acknowledged before they were synced here, and a newer name durable
+            // beside this file's torn, unsynced end would make recovery call it
+            // corruption.
+            fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+            note!(Op::Remove(&path));
             if let Err(e) = self.start_file(end.file + 1) {
-                // Appends would go to a released file: nothing may be acknowledged.
+                // Appends would go to a deleted file: nothing may be acknowledged.
                 self.sync_failed();
                 return Err(e);
             }

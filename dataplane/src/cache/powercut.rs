@@ -99,7 +99,11 @@ impl Inode {
 #[derive(Default)]
 struct Model {
     dir: PathBuf,
+    /// Files by the model's own number: a file system may give a new file the inode
+    /// number of one removed whose name a cut could still bring back.
     inodes: HashMap<u64, Inode>,
+    /// The inode number a live file has now -> the model's number for it.
+    ids: HashMap<u64, u64>,
     live: BTreeMap<String, u64>,
     durable: BTreeMap<String, u64>,
     pending: Vec<Meta>,
@@ -109,34 +113,25 @@ impl Model {
     fn apply(&mut self, op: &Op<'_>) {
         match op {
             Op::Create(p) => {
-                let i = fs::metadata(p).unwrap().ino();
-                // An inode number is reused only once nothing holds the old file.
+                let i = self.inodes.len() as u64;
+                self.ids.insert(fs::metadata(p).unwrap().ino(), i);
                 self.inodes.insert(i, Inode::default());
                 self.live.insert(name(p), i);
                 self.pending.push(Meta::Link(name(p), i));
             }
             Op::Write(f, off, a, b) => {
                 let bytes = [*a, *b].concat();
-                let node = self
-                    .inodes
-                    .get_mut(&ino(f))
-                    .expect("a file the model knows");
+                let node = self.node(f);
                 write_at(&mut node.live, *off, &bytes);
                 node.pending.push(Change::Write(*off, bytes));
             }
             Op::SetLen(f, len) => {
-                let node = self
-                    .inodes
-                    .get_mut(&ino(f))
-                    .expect("a file the model knows");
+                let node = self.node(f);
                 node.live.resize(*len as usize, 0);
                 node.pending.push(Change::SetLen(*len));
             }
             Op::Sync(f) => {
-                let node = self
-                    .inodes
-                    .get_mut(&ino(f))
-                    .expect("a file the model knows");
+                let node = self.node(f);
                 node.durable = node.live.clone();
                 node.pending.clear();
             }
@@ -159,9 +154,14 @@ impl Model {
         }
     }
 
+    fn node(&mut self, f: &File) -> &mut Inode {
+        let i = self.ids[&ino(f)];
+        self.inodes.get_mut(&i).expect("a file the model knows")
+    }
+
     fn describe(&self, op: &Op<'_>) -> String {
         let of = |f: &File| {
-            let i = ino(f);
+            let i = self.ids.get(&ino(f)).copied().unwrap_or(u64::MAX);
             let n: Vec<&String> = self
                 .live
                 .iter()

@@ -109,14 +109,16 @@ pub async fn prepare(
         .name("ferry-sums".into())
         .spawn(move || {
             let _one = GATE.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = tx.send(make(
+            let made = make(
                 &entry,
                 &registry.store,
                 &registry.vault,
                 &scratch,
                 seq,
                 disk_bytes,
-            ));
+                &|| tx.is_canceled(),
+            );
+            let _ = tx.send(made);
         })
         .map_err(|e| format!("starting the checksum thread: {e}"))?;
     rx.await
@@ -130,14 +132,8 @@ fn make(
     scratch: &std::path::Path,
     seq: u64,
     disk_bytes: u64,
+    gone: &dyn Fn() -> bool,
 ) -> Result<(BlockSums, Permit), String> {
-    let state = entry
-        .uploader
-        .lock()
-        .map_err(|_| "the disk's uploader failed".to_string())?
-        .as_ref()
-        .map(|u| u.state().clone())
-        .ok_or("the disk is not open")?;
     let disk = store
         .block(Disk::open(store, &entry.machine, &entry.disk, Some(vault)))
         .map_err(|e| e.to_string())?;
@@ -150,6 +146,18 @@ fn make(
     // Waits, holding the gate, while other sessions still send theirs: they need no
     // gate to finish, so the wait ends.
     let permit = BUDGET.take(blocks * SUM_BYTES as u64);
+    // The session may have ended meanwhile; and the replica's state is read only now,
+    // fresh, after what may have been a long wait.
+    if gone() {
+        return Err("the session ended".into());
+    }
+    let state = entry
+        .uploader
+        .lock()
+        .map_err(|_| "the disk's uploader failed".to_string())?
+        .as_ref()
+        .map(|u| u.state().clone())
+        .ok_or("the disk is not open")?;
     let started = std::time::Instant::now();
     let map = BlockSums::of_replica(&disk, &state, seq, disk_bytes, scratch)
         .map_err(|e| e.to_string())?;

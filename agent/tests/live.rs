@@ -539,6 +539,7 @@ fn an_agent_upgraded_before_its_process_server_steps_down_to_its_protocol() {
     let id1 = agent.bookmark(false, Some("old server")).unwrap();
     let want1 = std::fs::read(&disk).unwrap();
     wait_uploaded(&[&agent]);
+    assert_eq!(agent.status()[0]["protocol"], 1, "{}", agent.status()[0]);
     old.stop();
 
     let new = w.server(addr);
@@ -546,6 +547,7 @@ fn an_agent_upgraded_before_its_process_server_steps_down_to_its_protocol() {
     let id2 = agent.bookmark(false, Some("upgraded server")).unwrap();
     let want2 = std::fs::read(&disk).unwrap();
     wait_uploaded(&[&agent]);
+    assert_eq!(agent.status()[0]["protocol"], 2, "{}", agent.status()[0]);
     agent.stop();
     new.stop();
     w.assert_points(&[(&id1, &want1), (&id2, &want2)]);

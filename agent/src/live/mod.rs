@@ -407,6 +407,7 @@ impl Agent {
                     "lag_s": s.oldest_unacked.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                     "last_point": last.map(|p| p.0),
                     "connected": s.connected,
+                    "protocol": s.protocol,
                     "copy_done_bytes": done,
                     "copy_total_bytes": total,
                     "copy": (total > 0 && done < total).then(|| checksum::progress_json(done, total, copy.started.elapsed().as_secs_f64())),

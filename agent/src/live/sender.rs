@@ -23,6 +23,8 @@ use crate::nbd::Device;
 #[derive(Debug, Default, Clone)]
 pub struct SendStatus {
     pub connected: bool,
+    /// The protocol version of the session (0 before the first).
+    pub protocol: u16,
     pub durable: u64,
     pub uploaded: u64,
     pub sent: u64,
@@ -116,6 +118,7 @@ impl Sender {
                         );
                         self.set(|s| {
                             s.connected = true;
+                            s.protocol = l.welcome.version;
                             s.durable = durable;
                             s.uploaded = l.welcome.uploaded;
                             s.reconnects += 1;

@@ -49,7 +49,7 @@ pub fn check(dir: &Path, bound: u64) -> Result<(), String> {
     if bound > free.saturating_add(held) {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(format!(
-            "cache dir {}: the cache may grow to {:.2} GiB (--cache-gib), but its file system has {:.2} GiB free and the cache holds {:.2} GiB: lower --cache-gib or free space",
+            "cache dir {}: the cache may grow to {:.2} GiB (--cache-gib and a spare file per shard), but its file system has {:.2} GiB free and the cache holds {:.2} GiB: lower --cache-gib or free space",
             dir.display(),
             gib(bound),
             gib(free),

@@ -70,7 +70,6 @@ pub fn start(
     std::fs::create_dir_all(&opts.cache_dir)
         .map_err(|e| err(&format!("cache dir {}", opts.cache_dir.display()), e))?;
     refuse_stray_shards(&opts)?;
-    super::room::check(&opts.cache_dir, opts.cache_bytes)?;
     let opts = Arc::new(opts);
     let tls = Arc::new(tls);
     let registry = Arc::new(Registry::new(store, vault));
@@ -78,6 +77,11 @@ pub fn start(
     // Files are freed whole once uploaded: keep several per shard, or a small cache
     // would throttle before its first file could roll over and be freed.
     let file_bytes = opts.cache_file_bytes.min(per_shard / 8).max(1 << 20);
+    // Each shard's log may hold one file past its bound (a spare kept for reuse).
+    super::room::check(
+        &opts.cache_dir,
+        opts.cache_bytes + opts.shards as u64 * file_bytes,
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
 
     let mut logs = Vec::new();

@@ -20,6 +20,7 @@ use ferry_dataplane::cache::{CacheLog, Position};
 use ferry_dataplane::protocol::{encode, Bookmark, Decoded, Frame, PointKindWire};
 
 use super::checksum::Resync;
+use super::last_stop;
 use crate::nbd::{Device, FileDevice};
 
 pub struct Capture {
@@ -42,11 +43,24 @@ pub const NO_CONTACT: u64 = u64::MAX;
 /// Granularity of the dirty bitmap used after the journal overflows.
 pub const REGION_BYTES: u64 = 1 << 20;
 
+/// Why the disk owes a comparison with its replica, recorded durably
+/// (`last_stop::owe_compare`) so that a restart cannot forget it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owed {
+    None,
+    /// The journal overflowed: its dirty regions, in memory only, are owed; once they
+    /// are journaled again nothing is. A restart before that compares in full.
+    Overflow,
+    /// A whole comparison: the host went down, or numbers or the journal were lost.
+    Full,
+}
+
 pub struct State {
     /// The journal overflowed: writes only mark their regions here, and the resync
     /// journals those regions again from the disk before any point is allowed.
     pub dirty: std::collections::BTreeSet<u64>,
     pub overflowed: bool,
+    pub owed: Owed,
     /// The newest write the journal held when opened: after a kill it may be
     /// journaled but not applied to the disk (see `reconcile`).
     pub last_write: Option<(u64, u64)>,
@@ -111,6 +125,10 @@ impl Capture {
             state: Mutex::new(State {
                 dirty: std::collections::BTreeSet::new(),
                 overflowed: false,
+                owed: match last_stop::owes_compare(journal_dir) {
+                    true => Owed::Full,
+                    false => Owed::None,
+                },
                 next_seq,
                 journal,
                 last_point: None,
@@ -164,6 +182,9 @@ impl Capture {
                 Err(ferry_dataplane::cache::CacheError::Full { .. }) => {
                     tracing::warn!(disk = %self.disk, "journal full: tracking dirty regions until it drains, then resyncing them");
                     st.overflowed = true;
+                    if let Err(e) = self.owe(st, Owed::Overflow) {
+                        tracing::error!(disk = %self.disk, error = %e, "could not record the dirty regions as owed: a restart before they are resynced would not compare the disk");
+                    }
                 }
                 Err(e) => return Err(journal_err(e)),
             }
@@ -183,6 +204,12 @@ impl Capture {
             if st.overflowed {
                 st.overflowed = false;
                 tracing::info!(disk = %self.disk, "dirty regions resynced: journaling every write again");
+                if st.owed == Owed::Overflow {
+                    // What they held is journaled; durable, nothing is owed.
+                    st.journal.sync().map_err(journal_err)?;
+                    last_stop::compared(&self.dir)?;
+                    st.owed = Owed::None;
+                }
             }
             return Ok(false);
         };
@@ -199,6 +226,9 @@ impl Capture {
     pub fn renumber(&self, floor: u64) {
         let mut st = self.state();
         st.next_seq = st.next_seq.max(floor);
+        if let Err(e) = self.owe(&mut st, Owed::Full) {
+            tracing::error!(disk = %self.disk, error = %e, "could not record the comparison as owed");
+        }
         drop(st);
         // From the start even if a resync was under way: its frames below `floor`
         // would be ignored as resends.
@@ -224,6 +254,9 @@ impl Capture {
         }
         st.next_seq = seq;
         let at = st.journal.end_position();
+        if let Err(e) = self.owe(&mut st, Owed::Full) {
+            tracing::error!(disk = %self.disk, error = %e, "could not record the comparison as owed");
+        }
         drop(st);
         // From the start even if a resync was under way: what it journaled is gone.
         self.resync
@@ -370,6 +403,39 @@ impl Capture {
             )
         })?;
         Ok(true)
+    }
+
+    /// Records, durably, that the disk must be compared with its replica in full.
+    pub fn owe_compare(&self) -> io::Result<()> {
+        self.owe(&mut self.state(), Owed::Full)
+    }
+
+    fn owe(&self, st: &mut State, why: Owed) -> io::Result<()> {
+        if st.owed == Owed::None {
+            last_stop::owe_compare(&self.dir)?;
+        }
+        if st.owed != Owed::Full {
+            st.owed = why;
+        }
+        Ok(())
+    }
+
+    pub fn owes_compare(&self) -> bool {
+        self.state().owed != Owed::None
+    }
+
+    /// A whole comparison is done: what it journaled is made durable, and nothing is
+    /// owed but an overflow's dirty regions, if the journal overflowed meanwhile.
+    pub fn compared(&self) -> io::Result<()> {
+        let mut st = self.state();
+        st.journal.sync().map_err(journal_err)?;
+        if st.overflowed {
+            st.owed = Owed::Overflow;
+            return Ok(());
+        }
+        last_stop::compared(&self.dir)?;
+        st.owed = Owed::None;
+        Ok(())
     }
 
     /// The last flush of an ordered stop: the disk and the journal made durable, and,
@@ -546,6 +612,45 @@ mod tests {
             next,
             "nothing journaled after the close"
         );
+    }
+
+    #[test]
+    fn an_overflow_is_owed_durably_until_its_regions_are_journaled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, vec![5u8; 4 << 20]).unwrap();
+        let journal = dir.path().join("journal");
+        let c = Capture::open("sda", &disk, &journal, 4 << 20, 0).unwrap();
+        let mut n = 0;
+        while !c.state().overflowed {
+            c.write((n % 64) * (64 << 10), &[n as u8; 64 << 10], false)
+                .unwrap();
+            n += 1;
+            assert!(n < 1000, "the journal never overflowed");
+        }
+        assert!(c.owes_compare());
+        assert!(
+            last_stop::owes_compare(&journal),
+            "durably: a restart compares"
+        );
+        // The process server acknowledges everything; the dirty regions are journaled
+        // again from the disk, and then nothing is owed.
+        let mut buf = Vec::new();
+        loop {
+            let end = c.state().journal.end_position();
+            c.trim(end);
+            if !c.resync_one(&mut buf).unwrap() {
+                break;
+            }
+        }
+        assert!(!c.state().overflowed);
+        assert!(!c.owes_compare());
+        assert!(!last_stop::owes_compare(&journal));
+        // A whole comparison owed outlives an overflow's end.
+        c.owe_compare().unwrap();
+        assert!(last_stop::owes_compare(&journal));
+        c.compared().unwrap();
+        assert!(!last_stop::owes_compare(&journal));
     }
 
     /// A map saying the replica is all zero: every block differs.

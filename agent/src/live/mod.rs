@@ -135,18 +135,21 @@ impl Agent {
             // A disk not yet copied is copied or compared by its first sync anyway.
             let copied = !o.initial_copy || copied_marker(&o.journal_dir, &d.name).exists();
             if matches!(last, LastStop::HostDown { .. }) && copied {
-                last_stop::owe_compare(&jdir).map_err(|e| format!("disk {}: {e}", d.name))?;
+                cap.owe_compare()
+                    .map_err(|e| format!("disk {}: {e}", d.name))?;
             }
             // Owed until a whole comparison is done: an agent restarted before that,
-            // or one that has not reached its process server yet, still owes it.
-            if last_stop::owes_compare(&jdir) {
-                cap.resync.want("the host went down while the agent ran: the disk may hold writes the journal lost");
+            // or one that has not reached its process server yet, still owes it (as
+            // one restarted while its journal had overflowed, or after it lost its
+            // numbers or its journal).
+            if copied && cap.owes_compare() {
+                cap.resync.want("a comparison with the replica is owed: the host went down, or the journal overflowed or was lost, before the last one finished");
             }
             exports.add(&d.name, cap.clone());
-            let (c2, st2, j2) = (cap.clone(), stop.clone(), jdir.clone());
+            let (c2, st2) = (cap.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("ferry-resync-{}", d.name))
-                .spawn(move || resync_loop(&c2, &st2, &j2))
+                .spawn(move || resync_loop(&c2, &st2))
                 .map_err(|e| e.to_string())?;
             let status = Arc::new(Mutex::new(SendStatus::default()));
             let sender = Sender {
@@ -452,7 +455,7 @@ fn copied_marker(journal_dir: &std::path::Path, disk: &str) -> PathBuf {
 
 /// Journals the dirty regions again after an overflow, and compares the disk with
 /// the replica's checksums during a checksum resync, each as the journal drains.
-fn resync_loop(cap: &Capture, stop: &AtomicBool, journal: &std::path::Path) {
+fn resync_loop(cap: &Capture, stop: &AtomicBool) {
     let mut buf = Vec::new();
     let mut last_log = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -489,10 +492,7 @@ fn resync_loop(cap: &Capture, stop: &AtomicBool, journal: &std::path::Path) {
                 if let Some(f) = cap.resync.advance(len, sent) {
                     tracing::info!(disk = %cap.disk, compared_bytes = f.total, sent_bytes = f.sent, seconds = f.seconds, "checksum resync done");
                     // What it found is journaled: once durable, no comparison is owed.
-                    if let Err(e) = cap
-                        .sync_journal()
-                        .and_then(|()| last_stop::compared(journal))
-                    {
+                    if let Err(e) = cap.compared() {
                         tracing::warn!(disk = %cap.disk, error = %e, "could not record the comparison as done; it runs again at the next start");
                     }
                 } else if last_log.elapsed() > Duration::from_secs(5) {

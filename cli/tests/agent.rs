@@ -325,12 +325,10 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
         d.join("journal/running").exists(),
         "a running agent keeps its marker"
     );
-    let pid = agent.0.id().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    // Not the `kill` program: a fresh machine need not have procps.
+    // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+    let sent = unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0, "{}", std::io::Error::last_os_error());
     let mut agent = agent;
     let exit = agent.0.wait().unwrap();
     assert!(

@@ -689,58 +689,30 @@ impl CacheLog {
         let mut freed = 0;
         while self.files.len() > 1 && self.files[0].0 < upto.file {
             let (n, bytes) = self.files.remove(0);
-            let path = file_name(&self.dir, n);
-            if self.recycle && self.files.len() + self.spares_count() < self.files_max() {
-                let spare = spare_name(&self.dir, n);
-                fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
-                note!(Op::Rename(&path, &spare));
-                self.spares_unsynced.push(n);
-                self.dir_unsynced = true;
-            } else {
-                fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
-                note!(Op::Remove(&path));
-            }
+            self.retire(n)?;
             freed += bytes;
         }
         // Everything released, the current file included: start a fresh one, so a
         // drained log holds nothing (a small log would otherwise stay full of its
-        // last, already released file).
+        // last, already released file). Every record in it is uploaded: no sync.
         let end = self.end_position();
         if upto >= end && end.offset > 0 {
-            // Every record in it is uploaded: nothing to sync.
-            let path = file_name(&self.dir, end.file);
-            if self.recycle {
-                // The next file keeps its spare name until the next sync, so it may
-                // be made first: a failure here changes nothing. The drained one is
-                // then kept as a spare like any released file (the tailer sizes a
-                // rolled file by name, so it never reads a reused one as this number).
-                self.start_file(end.file + 1)?;
-                self.rolled.pop();
-                let (_, bytes) = self.files.remove(0);
-                freed += bytes;
-                self.dirty = true;
-                if self.files.len() + self.spares_count() < self.files_max() {
-                    let spare = spare_name(&self.dir, end.file);
-                    fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
-                    note!(Op::Rename(&path, &spare));
-                    self.spares_unsynced.push(end.file);
-                    self.dir_unsynced = true;
-                } else {
-                    fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
-                    note!(Op::Remove(&path));
-                }
-                return Ok(freed);
+            // With recycling the next file keeps its spare name until the next sync,
+            // so it is made first (a failure changes nothing) and the drained one
+            // retired after (the tailer sizes a rolled file by name, so it never reads
+            // a reused one as this number). Without, the next file is named at once,
+            // so the drained one goes first: the agent releases journal records the
+            // process server acknowledged before they were synced here, and a newer
+            // name durable beside this file's torn, unsynced end would make recovery
+            // call it corruption.
+            if !self.recycle {
+                self.retire(end.file)?;
             }
-            // Without recycling the next file is named at once: the drained one goes
-            // first. The agent releases journal records the process server
-            // acknowledged before they were synced here, and a newer name durable
-            // beside this file's torn, unsynced end would make recovery call it
-            // corruption.
-            fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
-            note!(Op::Remove(&path));
             if let Err(e) = self.start_file(end.file + 1) {
-                // Appends would go to a deleted file: nothing may be acknowledged.
-                self.sync_failed();
+                if !self.recycle {
+                    // Appends would go to a deleted file: nothing may be acknowledged.
+                    self.sync_failed();
+                }
                 return Err(e);
             }
             // start_file took the old file as rolled: it needs no cut and no sync.
@@ -748,8 +720,28 @@ impl CacheLog {
             let (_, bytes) = self.files.remove(0);
             freed += bytes;
             self.dirty = true;
+            if self.recycle {
+                self.retire(end.file)?;
+            }
         }
         Ok(freed)
+    }
+
+    /// A released file, no longer in `files`: kept as a spare while recycling leaves
+    /// room for one, else deleted.
+    fn retire(&mut self, n: u64) -> Result<(), CacheError> {
+        let path = file_name(&self.dir, n);
+        if self.recycle && self.files.len() + self.spares_count() < self.files_max() {
+            let spare = spare_name(&self.dir, n);
+            fs::rename(&path, &spare).map_err(|e| io_err("rename", &path, e))?;
+            note!(Op::Rename(&path, &spare));
+            self.spares_unsynced.push(n);
+            self.dir_unsynced = true;
+        } else {
+            fs::remove_file(&path).map_err(|e| io_err("delete", &path, e))?;
+            note!(Op::Remove(&path));
+        }
+        Ok(())
     }
 
     fn spares_count(&self) -> usize {

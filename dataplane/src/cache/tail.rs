@@ -198,6 +198,18 @@ mod tests {
     use super::*;
     use crate::cache::CacheLog;
 
+    /// Every payload up to `end`, read in batches of about `batch` bytes.
+    fn read_all(t: &mut Tailer, end: Position, batch: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        loop {
+            let b = t.read(end, batch).unwrap();
+            if b.is_empty() {
+                return got;
+            }
+            got.extend(b.iter().map(|r| r.payload.to_vec()));
+        }
+    }
+
     #[test]
     fn follows_the_durable_position_across_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -212,15 +224,7 @@ mod tests {
         log.sync().unwrap();
         let end = log.end_position();
         assert!(end.file > 2, "the log rolled over several files");
-        let mut got = Vec::new();
-        loop {
-            let batch = t.read(end, 700).unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            got.extend(batch.iter().map(|e| e.payload.to_vec()));
-        }
-        assert_eq!(got, want);
+        assert_eq!(read_all(&mut t, end, 700), want);
         assert_eq!(t.position(), end);
         // More appends are picked up from where it stopped.
         log.append("m/d", b"late").unwrap();
@@ -316,14 +320,6 @@ mod tests {
         log.sync().unwrap();
         let end = log.end_position();
         assert_eq!(end.file, drained + 4, "three files rolled past it");
-        let mut got = Vec::new();
-        loop {
-            let batch = t.read(end, 1 << 20).unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            got.extend(batch.iter().map(|r| r.payload.to_vec()));
-        }
-        assert_eq!(got, want);
+        assert_eq!(read_all(&mut t, end, 1 << 20), want);
     }
 }

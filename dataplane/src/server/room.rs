@@ -41,13 +41,17 @@ pub fn held_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes in GiB, for messages.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// Refuses a bound the file system cannot hold: what the cache holds already plus
 /// what is free must reach it.
 pub fn check(dir: &Path, bound: u64) -> Result<(), String> {
     let free = free_bytes(dir).map_err(|e| format!("cache dir {}: statvfs: {e}", dir.display()))?;
     let held = held_bytes(dir);
     if bound > free.saturating_add(held) {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(format!(
             "cache dir {}: the cache may grow to {:.2} GiB (--cache-gib and a spare file per shard), but its file system has {:.2} GiB free and the cache holds {:.2} GiB: lower --cache-gib or free space",
             dir.display(),

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::live::group::{Coordinator, GroupTls};
 use ferry_agent::live::{admin, Agent, DiskSpec, Options};
-use ferry_dataplane::client::Target;
 use ferry_dataplane::server::{start, Options as ServerOptions};
 use ferry_dataplane::sim::MemSink;
-use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, generate_loopback, server_config, server_name};
 use ferry_replica::rebuild::rebuild_point;
 use ferry_replica::{Disk, Store, VaultKey};
 use rand::{Rng, SeedableRng};
@@ -452,7 +452,7 @@ fn two_agents_in_a_group_fail_over_consistently() {
     }
     let other = w.path("other-pki");
     generate_loopback(&other, 1).unwrap();
-    let stranger = ferry_dataplane::tls::certs::peer_client_config(
+    let stranger = ferry_link::tls::certs::peer_client_config(
         &other.join("agent-0.pem"),
         &other.join("agent-0.key"),
         &w.path("pki").join("ca.pem"),
@@ -471,7 +471,8 @@ fn two_agents_in_a_group_fail_over_consistently() {
     coord.stop();
     member.stop();
     let store = Store::open(&w.url).unwrap();
-    let (machines, id) = ferry_controlplane::group::latest_group_point(&store, "g1").unwrap();
+    let (machines, id) =
+        ferry_controlplane::recovery::group::latest_group_point(&store, "g1").unwrap();
     assert_eq!(machines, vec!["agent-0".to_string(), "agent-1".to_string()]);
     assert_eq!(&id, want.keys().max_by_key(|k| k.to_string()).unwrap());
     for (i, m) in machines.iter().enumerate() {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ferry_dataplane::client::Target;
-use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, generate_loopback, server_config, server_name};
 use ferry_replica::{Store, VaultKey};
 use rand::Rng;
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_agent::live::{admin, Agent, DiskSpec, Options};
-use ferry_dataplane::client::Target;
-use ferry_dataplane::tls::certs::{client_config, server_name};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, server_name};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]

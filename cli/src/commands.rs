@@ -6,9 +6,9 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 use ferry_agent::{seed, SeedOptions};
-use ferry_controlplane::points::{list_points, open_machine, PointSpec};
-use ferry_controlplane::{failover, retention};
-use ferry_dataplane::export::Format;
+use ferry_controlplane::recovery::points::{list_points, open_machine, PointSpec};
+use ferry_controlplane::recovery::{failover, retention};
+use ferry_replica::export::Format;
 use ferry_replica::{Store, VaultKey};
 
 use crate::progress::bar;
@@ -218,7 +218,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     if !matches!(&point, PointSpec::Id(id) if id == "latest-group") {
                         bail!("with --group, --point must be latest-group");
                     }
-                    let (members, id) = ferry_controlplane::group::latest_group_point(&store, &g)?;
+                    let (members, id) =
+                        ferry_controlplane::recovery::group::latest_group_point(&store, &g)?;
                     eprintln!("group {g}: machines {} at point {id}", members.join(", "));
                     members
                         .into_iter()
@@ -239,8 +240,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let done = failover::run(plan, format, &out, &|n| pb.inc(n))?;
                 pb.finish_and_clear();
                 for d in done {
-                    let padded =
-                        ferry_dataplane::export::Output::vhd_data_bytes(d.point.disk_bytes);
+                    let padded = ferry_replica::export::Output::vhd_data_bytes(d.point.disk_bytes);
                     if format == Format::Vhd && padded != d.point.disk_bytes {
                         eprintln!(
                         "note: {} is padded with zeroes from {} to {padded} bytes: Azure takes only whole MiB",

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_agent::live::{Agent, DiskSpec, Options};
 use ferry_agent::nbd::client::Client;
-use ferry_controlplane::failover;
-use ferry_controlplane::points::PointSpec;
-use ferry_dataplane::client::Target;
-use ferry_dataplane::export::Format;
+use ferry_controlplane::recovery::failover;
+use ferry_controlplane::recovery::points::PointSpec;
 use ferry_dataplane::server::{start, Options as ServerOptions};
-use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_replica::export::Format;
 use ferry_replica::{Store, VaultKey};
 
 use crate::progress::bar;

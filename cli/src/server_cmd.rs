@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use ferry_dataplane::server::{start, Limits, Options};
-use ferry_dataplane::tls::certs::{generate_loopback, server_config};
+use ferry_link::tls::certs::{generate_loopback, server_config};
 use ferry_replica::{Store, VaultKey};
 
 #[derive(clap::Args)]

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_dataplane::client::Target;
 use ferry_dataplane::sim::{verify, SimDisk};
-use ferry_dataplane::tls::certs::{client_config, server_name};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, server_name};
 use ferry_replica::{Store, VaultKey};
 use rand::{Rng, SeedableRng};
 

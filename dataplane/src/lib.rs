@@ -1,17 +1,14 @@
-//! Ferry's data plane. Read in flow order, its modules draw the process server's
-//! pipeline: `protocol` (frames from agents) -> `server` (the session that judges them)
-//! -> `cache` (durable local log, group commit) -> `upload` (seal into segments and
-//! commit to the replica). `export` writes rebuilt disks for failover (raw, fixed VHD).
-//! These are plain logic over files and the store, testable without sockets; the
-//! thread-per-core io_uring shell that feeds them from TLS connections comes next.
+//! Ferry's data plane: the process server. Read in flow order, its modules draw its
+//! pipeline: `server` (the sessions that judge agents' frames, the shards that cache
+//! them in a `ferry_link::log::DurableLog` with group commit) -> `upload` (seal into
+//! segments and commit to the replica), with `health` and `metrics` beside them and
+//! `sim` (simulated agents and an in-memory sink) for tests and benchmarks. The
+//! protocol, TLS, the agent's client end and the durable log moved to `ferry-link`,
+//! which the agent shares without linking this crate; the failover output writers
+//! moved to `ferry_replica::export`.
 
-pub mod cache;
-pub mod client;
-pub mod export;
 pub mod health;
 pub mod metrics;
-pub mod protocol;
 pub mod server;
 pub mod sim;
-pub mod tls;
 pub mod upload;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use ferry_replica::rebuild::{rebuild, rebuild_point, DiskSink};
 use ferry_replica::{Disk, Store, VaultKey};
 
-use crate::client::{connect, credit_cost, Link, Target};
-use crate::protocol::{encode, Bookmark, Frame, Hello, PointKindWire, VERSION};
+use ferry_link::client::{connect, credit_cost, Link, Target};
+use ferry_link::protocol::{encode, Bookmark, Frame, Hello, PointKindWire, VERSION};
 
 /// Frames gathered into one send.
 const BATCH_BYTES: usize = 256 << 10;

@@ -10,7 +10,7 @@ use ferry_replica::object::SealContext;
 use ferry_replica::writer::{append, seal_segment, Payload, Write};
 use ferry_replica::{Disk, DiskState, PointKind, Result, Store, VaultKey};
 
-use crate::protocol::{Frame, PointKindWire};
+use ferry_link::protocol::{Frame, PointKindWire};
 
 pub struct DiskUploader {
     disk: Disk,

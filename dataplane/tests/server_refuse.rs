@@ -10,13 +10,13 @@ mod net;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::client::{connect, Target};
-use ferry_dataplane::protocol::{
+use ferry_dataplane::sim::{verify, SimDisk};
+use ferry_link::client::{connect, Target};
+use ferry_link::protocol::{
     decode, encode, encode_write_header, Decoded, ErrorCode, Frame, Hello, VERSION,
 };
-use ferry_dataplane::sim::{verify, SimDisk};
-use ferry_dataplane::tls::certs::anonymous_client_config;
-use ferry_dataplane::tls::{handshake, TlsReader, TlsWriter};
+use ferry_link::tls::certs::anonymous_client_config;
+use ferry_link::tls::{handshake, TlsReader, TlsWriter};
 use ferry_replica::Store;
 use rand::{Rng, SeedableRng};
 

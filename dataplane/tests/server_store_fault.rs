@@ -42,7 +42,7 @@ struct Site {
     inner: Arc<dyn object_store::ObjectStore>,
     fault: Arc<FaultStore>,
     server: ferry_dataplane::server::Running,
-    target: ferry_dataplane::client::Target,
+    target: ferry_link::client::Target,
     rng: rand::rngs::StdRng,
 }
 

@@ -24,8 +24,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::protocol::PointKindWire;
-use ferry_dataplane::tls::certs::{peer_client_config, server_config};
+use ferry_link::protocol::PointKindWire;
+use ferry_link::tls::certs::{peer_client_config, server_config};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
 use super::Agent;

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::client::Target;
-use ferry_dataplane::protocol::PointKindWire;
+use ferry_link::client::Target;
+use ferry_link::protocol::PointKindWire;
 
 use crate::nbd::{Device, Exports};
 use capture::Capture;

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::cache::{Position, Tailer};
-use ferry_dataplane::client::{connect, credit_cost, Link, Target};
-use ferry_dataplane::protocol::{
+use ferry_link::client::{connect, credit_cost, Link, Target};
+use ferry_link::log::{Position, Tailer};
+use ferry_link::protocol::{
     decode, encode, Decoded, ErrorCode, Frame, Hello, OLDEST_VERSION, VERSION,
 };
 

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use futures::future::{select, Either};
 use tokio::sync::Notify;
 
-use crate::cache::{CacheError, Position};
-use crate::protocol::{
+use ferry_link::log::{LogError, Position};
+use ferry_link::protocol::{
     decode, encode, Decoded, ErrorCode, Frame, HEADER_BYTES, SUMS_HEADER_BYTES, SUM_BYTES,
 };
-use crate::tls::{handshake, TlsReader, TlsWriter};
+use ferry_link::tls::{handshake, TlsReader, TlsWriter};
 
 use super::hello::read_first;
 use super::registry::DiskEntry;
@@ -136,7 +136,7 @@ async fn serve_inner(
     };
     // The Hello goes into the cache too: it carries the disk size for the points.
     let appended = if shard.durable.borrow().failed {
-        Err(CacheError::Full { used: 0, max: 0 })
+        Err(LogError::Full { used: 0, max: 0 })
     } else {
         shard.log.borrow_mut().append(&entry.key, &hello_bytes)
     };
@@ -410,13 +410,13 @@ fn append_frame(
     let end = match appended {
         // Durable once the synced prefix reaches the record's end.
         Ok(_) => shard.log.borrow().end_position(),
-        Err(CacheError::Full { used: 0, max }) => {
+        Err(LogError::Full { used: 0, max }) => {
             return Err(End::Reject(unavailable(format!(
                 "a record of {} bytes can never fit a cache of {max} bytes",
                 frame.len()
             ))))
         }
-        Err(CacheError::Full { .. }) => return Ok(false),
+        Err(LogError::Full { .. }) => return Ok(false),
         Err(e) => return Err(End::Reject(unavailable(format!("cache: {e}")))),
     };
     st.pending.push_back((seq, end, Instant::now()));

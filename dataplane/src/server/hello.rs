@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::protocol::{decode, Decoded, ErrorCode, Frame};
-use crate::tls::TlsReader;
+use ferry_link::protocol::{decode, Decoded, ErrorCode, Frame};
+use ferry_link::tls::TlsReader;
 
 use super::conn::{unavailable, End};
 use super::registry::DiskEntry;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use ferry_replica::{Store, VaultKey};
 use tokio::sync::Notify;
 
-use crate::protocol::ErrorCode;
 use crate::upload::DiskUploader;
+use ferry_link::protocol::ErrorCode;
 
 use super::session::Reject;
 

@@ -11,9 +11,9 @@ use std::thread::JoinHandle;
 use ferry_replica::{Store, VaultKey};
 use tokio::sync::mpsc;
 
-use crate::cache::CacheLog;
 use crate::metrics::ShardMetrics;
-use crate::protocol::{decode, Decoded, Frame};
+use ferry_link::log::DurableLog;
+use ferry_link::protocol::{decode, Decoded, Frame};
 
 use super::http::View;
 use super::options::Options;
@@ -94,7 +94,7 @@ pub fn start(
         // more memory than its largest file.
         let mut frames = 0u64;
         let mut bad = None;
-        let (log, torn_bytes) = CacheLog::open_each(&dir, file_bytes, per_shard, true, |e| {
+        let (log, torn_bytes) = DurableLog::open_each(&dir, file_bytes, per_shard, true, |e| {
             let Ok(Decoded::Frame(f, _)) = decode(e.payload, u32::MAX) else {
                 bad.get_or_insert(e.at);
                 return;

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::cache::{CacheLog, Position};
 use crate::health::{assess, Inputs, Policy};
 use crate::metrics::ShardMetrics;
+use ferry_link::log::{DurableLog, Position};
 
 use super::options::Options;
 use super::registry::Registry;
@@ -55,7 +55,7 @@ pub struct Durable {
 /// The shard's state on its own thread.
 pub struct Shard {
     pub shared: Arc<ShardShared>,
-    pub log: RefCell<CacheLog>,
+    pub log: RefCell<DurableLog>,
     pub durable: watch::Sender<Durable>,
     pub commit: Notify,
     pub metrics: RefCell<ShardMetrics>,
@@ -68,7 +68,7 @@ pub struct Shard {
 impl Shard {
     pub fn new(
         shared: Arc<ShardShared>,
-        log: CacheLog,
+        log: DurableLog,
         registry: Arc<Registry>,
         opts: Arc<Options>,
         tls: Arc<rustls::ServerConfig>,

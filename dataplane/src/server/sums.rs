@@ -19,7 +19,7 @@ use ferry_replica::sums::BlockSums;
 use ferry_replica::{Disk, Store, VaultKey};
 
 use super::registry::{DiskEntry, Registry};
-use crate::protocol::SUM_BYTES;
+use ferry_link::protocol::SUM_BYTES;
 
 /// The largest map made (and held while it is sent): 16 bytes per block.
 pub const MAX_MAP_BYTES: u64 = 1 << 30;

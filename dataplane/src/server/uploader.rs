@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cache::{Position, Tailer};
-use crate::protocol::{decode, Decoded, Frame};
+use ferry_link::log::{Position, Tailer};
+use ferry_link::protocol::{decode, Decoded, Frame};
 
 use super::options::Options;
 use super::registry::Registry;
@@ -188,7 +188,7 @@ pub fn run(
 
 /// A batch's frames by disk, each disk's in log order, disks in order of first
 /// appearance; the payloads stay where the tail read them.
-fn by_disk<'a>(batch: &crate::cache::Batch<'a>) -> Vec<(&'a str, Vec<&'a [u8]>)> {
+fn by_disk<'a>(batch: &ferry_link::log::Batch<'a>) -> Vec<(&'a str, Vec<&'a [u8]>)> {
     let mut out: Vec<(&'a str, Vec<&'a [u8]>)> = Vec::new();
     let mut index: HashMap<&'a str, usize> = HashMap::new();
     for e in batch.iter() {

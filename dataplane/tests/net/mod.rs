@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_dataplane::client::Target;
 use ferry_dataplane::server::{start, Options, Running};
-use ferry_dataplane::tls::certs::{client_config, server_config, server_name};
-use ferry_dataplane::tls::{Authority, Validity};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, server_config, server_name};
+use ferry_link::tls::{Authority, Validity};
 use ferry_replica::{Store, VaultKey};
 
 pub struct Pki {

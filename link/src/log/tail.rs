@@ -7,8 +7,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::log::{
-    file_name, io_err, parse_name, parse_spans, record_at, CacheError, Position, RecordRef, Span,
+use super::{
+    file_name, io_err, parse_name, parse_spans, record_at, LogError, Position, RecordRef, Span,
     RECORD_PAYLOAD_MAX,
 };
 
@@ -72,7 +72,7 @@ impl Tailer {
     /// the shard made durable), about `max_bytes` of them at most. An error after some
     /// records were read returns those (the position is just past them), and the next
     /// call meets the error again: records read are never dropped with the error.
-    pub fn read(&mut self, upto: Position, max_bytes: usize) -> Result<Batch<'_>, CacheError> {
+    pub fn read(&mut self, upto: Position, max_bytes: usize) -> Result<Batch<'_>, LogError> {
         self.spans.clear();
         let mut used = 0usize;
         if let Err(e) = self.read_into(upto, max_bytes, &mut used) {
@@ -94,7 +94,7 @@ impl Tailer {
         upto: Position,
         max_bytes: usize,
         used: &mut usize,
-    ) -> Result<(), CacheError> {
+    ) -> Result<(), LogError> {
         let mut taken = 0usize;
         while self.pos < upto && taken < max_bytes {
             let path = file_name(&self.dir, self.pos.file);
@@ -168,7 +168,7 @@ impl Tailer {
                 spans.push((file, at, base, s));
             });
             if valid == 0 {
-                return Err(CacheError::Corrupt {
+                return Err(LogError::Corrupt {
                     path: path.display().to_string(),
                     offset: self.pos.offset,
                     reason: problem.unwrap_or("no whole record where one was durable"),
@@ -182,7 +182,7 @@ impl Tailer {
 }
 
 /// The lowest file number above `n` in `dir`.
-fn next_file(dir: &Path, n: u64) -> Result<Option<u64>, CacheError> {
+fn next_file(dir: &Path, n: u64) -> Result<Option<u64>, LogError> {
     let mut next = None;
     for e in std::fs::read_dir(dir).map_err(|e| io_err("list", dir, e))? {
         let name = e.map_err(|e| io_err("list", dir, e))?.file_name();
@@ -196,7 +196,7 @@ fn next_file(dir: &Path, n: u64) -> Result<Option<u64>, CacheError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::CacheLog;
+    use crate::log::DurableLog;
 
     /// Every payload up to `end`, read in batches of about `batch` bytes.
     fn read_all(t: &mut Tailer, end: Position, batch: usize) -> Vec<Vec<u8>> {
@@ -213,7 +213,7 @@ mod tests {
     #[test]
     fn follows_the_durable_position_across_files() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        let (mut log, _) = DurableLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         let mut t = Tailer::new(dir.path(), log.first_position());
         let mut want = Vec::new();
         for i in 0..50u32 {
@@ -240,12 +240,12 @@ mod tests {
     #[test]
     fn crosses_the_numbers_a_restart_skips() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        let (mut log, _) = DurableLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         let first = log.first_position();
         log.append("m/d", b"before").unwrap();
         log.sync().unwrap();
         drop(log);
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        let (mut log, _) = DurableLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         log.append("m/d", b"after").unwrap();
         log.sync().unwrap();
         let mut t = Tailer::new(dir.path(), first);
@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn records_read_before_an_error_are_returned_and_the_error_comes_next() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        let (mut log, _) = DurableLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         let mut t = Tailer::new(dir.path(), log.first_position());
         for i in 0..5u8 {
             log.append("m/d", &[i; 300]).unwrap();
@@ -291,14 +291,14 @@ mod tests {
         );
         assert!(matches!(
             t.read(end, 1 << 20),
-            Err(CacheError::Corrupt { .. })
+            Err(LogError::Corrupt { .. })
         ));
     }
 
     #[test]
     fn a_drained_file_kept_and_reused_is_never_read_under_its_old_number() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+        let (mut log, _) = DurableLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
         let mut t = Tailer::new(dir.path(), log.first_position());
         for i in 0..3u8 {
             log.append("m/d", &[i; 50]).unwrap();

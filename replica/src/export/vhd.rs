@@ -7,8 +7,8 @@
 //! QEMU then take the disk size from the footer's current-size field rather than from
 //! the CHS geometry, which cannot express most sizes exactly.
 
+use crate::keys::random_bytes;
 use chrono::{DateTime, TimeZone, Utc};
-use ferry_replica::keys::random_bytes;
 
 pub const VHD_FOOTER_BYTES: usize = 512;
 

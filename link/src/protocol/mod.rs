@@ -22,3 +22,14 @@ pub const HEADER_BYTES: usize = 8;
 pub const MAX_PAYLOAD_BYTES: u32 = 4 << 20;
 /// Default TCP port of the data path.
 pub const DEFAULT_PORT: u16 = 9443;
+
+/// Credit a frame costs: its data, or a flat 64 bytes for the small ones. The server
+/// grants credit by it and the client spends it, so both ends count alike.
+pub fn payload_bytes(f: &Frame<'_>) -> u64 {
+    match f {
+        Frame::Write { data, .. } => data.len() as u64,
+        // Zero and bookmark frames are small but must still count, or an agent could
+        // flood the cache with them.
+        _ => 64,
+    }
+}

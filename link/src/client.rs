@@ -22,7 +22,7 @@ use crate::tls::{handshake, TlsReader, TlsWriter};
 pub fn credit_cost(f: &Frame<'_>) -> u64 {
     match f {
         Frame::Write { .. } | Frame::Zero { .. } | Frame::Bookmark(_) => {
-            crate::server::session::payload_bytes(f)
+            crate::protocol::payload_bytes(f)
         }
         _ => 0,
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use ferry_replica::{layout, Error, Result, Store};
 
-use crate::points::open_machine;
+use super::points::open_machine;
 
 /// The machines whose points carry `group`, and the newest point id they all hold.
 pub fn latest_group_point(store: &Store, group: &str) -> Result<(Vec<String>, String)> {

@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_dataplane::export::{Format, Output};
+use ferry_replica::export::{Format, Output};
 use ferry_replica::rebuild::{rebuild_point, FileSink, RebuildStats};
 use ferry_replica::{Error, Point, Result, Store, VaultKey};
 
-use crate::points::{choose, open_machine, PointSpec};
+use super::points::{choose, open_machine, PointSpec};
 
 /// Attempts per disk when objects vanish under the rebuild (a compaction committed).
 const ATTEMPTS: usize = 3;
@@ -21,7 +21,7 @@ pub struct FailedOverDisk {
 
 pub struct FailoverPlan {
     pub machine: String,
-    pub disks: Vec<(crate::points::MachineDisk, Point)>,
+    pub disks: Vec<(super::points::MachineDisk, Point)>,
     /// Said to the operator when disks are not at one common point.
     pub note: Option<String>,
 }

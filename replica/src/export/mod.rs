@@ -5,7 +5,7 @@ mod vhd;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use ferry_replica::{Error, Result};
+use crate::{Error, Result};
 
 pub use vhd::{footer, VHD_FOOTER_BYTES};
 

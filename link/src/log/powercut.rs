@@ -21,7 +21,7 @@ use std::rc::Rc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::log::{CacheError, CacheLog, Position};
+use super::{DurableLog, LogError, Position};
 
 /// A change the log made to its directory.
 pub(crate) enum Op<'a> {
@@ -328,9 +328,9 @@ pub(crate) fn note(op: Op<'_>) {
 type Records = Vec<(String, Vec<u8>)>;
 
 /// Opens a log in `dir`, returning what it read back.
-fn recover(dir: &Path, recycle: bool) -> Result<(CacheLog, Records), CacheError> {
+fn recover(dir: &Path, recycle: bool) -> Result<(DurableLog, Records), LogError> {
     let mut got = Vec::new();
-    let (log, _) = CacheLog::open_each(dir, FILE_BYTES, TOTAL_BYTES, recycle, |r| {
+    let (log, _) = DurableLog::open_each(dir, FILE_BYTES, TOTAL_BYTES, recycle, |r| {
         got.push((r.disk.to_string(), r.payload.to_vec()))
     })?;
     Ok((log, got))
@@ -423,7 +423,7 @@ fn run(seed: u64, recycle: bool, steps: usize) {
                 e.appending = None;
                 match done {
                     Ok(at) => e.records.push((disk, payload, at)),
-                    Err(CacheError::Full { .. }) => {}
+                    Err(LogError::Full { .. }) => {}
                     Err(err) => panic!("append: {err}"),
                 }
             }

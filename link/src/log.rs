@@ -1,4 +1,10 @@
-//! An append-only cache log in numbered files (`{n:016}.log`), each record checksummed
+//! The ordered durable log both ends keep: the agent's journal (writes not yet made
+//! durable by its process server) and the process server's cache (what agents sent,
+//! kept on local disk until it is committed in blob storage; an agent's write is
+//! acknowledged only once it is there and synced, and on restart what was not yet
+//! uploaded is uploaded).
+//!
+//! An ordered durable log, append-only in numbered files (`{n:016}.log`), each record checksummed
 //! together with the number of the file it belongs to:
 //!
 //! ```text
@@ -28,13 +34,19 @@
 //! bound is refused, which the server turns into withheld credit (backpressure), never
 //! into lost data.
 
+#[cfg(test)]
+mod powercut;
+mod tail;
+
+pub use tail::{Batch, Tailer};
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 #[cfg(test)]
-use super::powercut::Op;
+use self::powercut::Op;
 
 /// Tells a test's model of the file system what was just done to it, so the test can
 /// work out every state a power cut could leave (`powercut.rs`). Nothing in a build
@@ -42,7 +54,7 @@ use super::powercut::Op;
 macro_rules! note {
     ($op:expr) => {
         #[cfg(test)]
-        super::powercut::note($op);
+        self::powercut::note($op);
     };
 }
 
@@ -52,7 +64,7 @@ const HEADER_BYTES: usize = 2 + 4 + 4 + 1;
 pub const RECORD_PAYLOAD_MAX: usize = (4 << 20) + 4096;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CacheError {
+pub enum LogError {
     #[error("cache {op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -72,8 +84,8 @@ pub enum CacheError {
     TooLarge { disk: String, bytes: usize },
 }
 
-pub(crate) fn io_err(op: &'static str, path: &Path, source: io::Error) -> CacheError {
-    CacheError::Io {
+pub(crate) fn io_err(op: &'static str, path: &Path, source: io::Error) -> LogError {
+    LogError::Io {
         op,
         path: path.display().to_string(),
         source,
@@ -153,7 +165,7 @@ impl SyncJob {
 }
 
 #[derive(Debug)]
-pub struct CacheLog {
+pub struct DurableLog {
     dir: PathBuf,
     /// Files in order, with their sizes.
     files: Vec<(u64, u64)>,
@@ -335,7 +347,7 @@ pub(crate) fn record_at<'a>(buf: &'a [u8], file: u64, base: u64, s: &Span) -> Re
     }
 }
 
-impl CacheLog {
+impl DurableLog {
     /// Opens the cache in `dir`, reading back every record into memory (small logs and
     /// tests; a server's cache uses `open_each`).
     pub fn open(
@@ -343,7 +355,7 @@ impl CacheLog {
         file_bytes_max: u64,
         total_bytes_max: u64,
         recycle: bool,
-    ) -> Result<(CacheLog, Recovered), CacheError> {
+    ) -> Result<(DurableLog, Recovered), LogError> {
         let mut entries = Vec::new();
         let (log, torn_bytes) =
             Self::open_each(dir, file_bytes_max, total_bytes_max, recycle, |r| {
@@ -370,7 +382,7 @@ impl CacheLog {
         total_bytes_max: u64,
         recycle: bool,
         mut visit: impl FnMut(RecordRef<'_>),
-    ) -> Result<(CacheLog, u64), CacheError> {
+    ) -> Result<(DurableLog, u64), LogError> {
         fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
         let mut numbers = Vec::new();
         let mut spares = Vec::new();
@@ -396,7 +408,7 @@ impl CacheLog {
             let (valid, problem) = parse_spans(&buf, n, |s| spans.push(s));
             if let Some(reason) = problem {
                 if i + 1 != numbers.len() {
-                    return Err(CacheError::Corrupt {
+                    return Err(LogError::Corrupt {
                         path: path.display().to_string(),
                         offset: valid as u64,
                         reason,
@@ -426,7 +438,7 @@ impl CacheLog {
             files.push((n, valid as u64));
         }
         spares.sort_unstable();
-        let mut log = CacheLog {
+        let mut log = DurableLog {
             dir: dir.to_path_buf(),
             current: None,
             files,
@@ -481,7 +493,7 @@ impl CacheLog {
     /// Makes file `n` the one appended to: a spare reused, or a new file. It keeps its
     /// spare name until the next sync has synced the files before it; its number's
     /// name is durable once the directory is synced with that sync.
-    fn start_file(&mut self, n: u64) -> Result<(), CacheError> {
+    fn start_file(&mut self, n: u64) -> Result<(), LogError> {
         let (path, f) = match self.spares.pop() {
             Some(old) => {
                 let spare = spare_name(&self.dir, old);
@@ -528,7 +540,7 @@ impl CacheLog {
     }
 
     /// Deletes spares beyond what the bound leaves room for.
-    fn trim_spares(&mut self) -> Result<(), CacheError> {
+    fn trim_spares(&mut self) -> Result<(), LogError> {
         while self.files.len() + self.spares.len() > self.files_max() && !self.spares.is_empty() {
             let n = self.spares.remove(0);
             let path = spare_name(&self.dir, n);
@@ -548,16 +560,16 @@ impl CacheLog {
     }
 
     /// Appends one record; durable only after the next `sync`.
-    pub fn append(&mut self, disk: &str, payload: &[u8]) -> Result<Position, CacheError> {
+    pub fn append(&mut self, disk: &str, payload: &[u8]) -> Result<Position, LogError> {
         if disk.len() > u8::MAX as usize || payload.len() > RECORD_PAYLOAD_MAX {
-            return Err(CacheError::TooLarge {
+            return Err(LogError::TooLarge {
                 disk: disk.into(),
                 bytes: payload.len(),
             });
         }
         let size = (HEADER_BYTES + disk.len() + payload.len()) as u64;
         if self.used_bytes() + size > self.total_bytes_max {
-            return Err(CacheError::Full {
+            return Err(LogError::Full {
                 used: self.used_bytes(),
                 max: self.total_bytes_max,
             });
@@ -605,7 +617,7 @@ impl CacheLog {
     /// Makes every append so far durable: one fdatasync for the whole group. After a
     /// failed sync the log refuses to sync again (the kernel may have dropped the dirty
     /// pages and cleared the error; acknowledging after that could lose writes).
-    pub fn sync(&mut self) -> Result<(), CacheError> {
+    pub fn sync(&mut self) -> Result<(), LogError> {
         let job = self.take_sync()?;
         if let Err(e) = job.run() {
             self.sync_failed();
@@ -633,7 +645,7 @@ impl CacheLog {
     /// For a sync run off the event loop: handles on the files with appends to make
     /// durable (any rolled over since the last sync, and the current one), in order.
     /// Call `sync_done` when it succeeded, `sync_failed` if it failed.
-    pub fn take_sync(&mut self) -> Result<SyncJob, CacheError> {
+    pub fn take_sync(&mut self) -> Result<SyncJob, LogError> {
         let path = file_name(&self.dir, self.files.last().map_or(0, |f| f.0));
         if self.poisoned {
             return Err(io_err(
@@ -685,7 +697,7 @@ impl CacheLog {
 
     /// Frees every file wholly before `upto` (all of whose records are uploaded),
     /// keeping it as a spare where the bound leaves room.
-    pub fn release_before(&mut self, upto: Position) -> Result<u64, CacheError> {
+    pub fn release_before(&mut self, upto: Position) -> Result<u64, LogError> {
         let mut freed = 0;
         while self.files.len() > 1 && self.files[0].0 < upto.file {
             let (n, bytes) = self.files.remove(0);
@@ -729,7 +741,7 @@ impl CacheLog {
 
     /// A released file, no longer in `files`: kept as a spare while recycling leaves
     /// room for one, else deleted.
-    fn retire(&mut self, n: u64) -> Result<(), CacheError> {
+    fn retire(&mut self, n: u64) -> Result<(), LogError> {
         let path = file_name(&self.dir, n);
         if self.recycle && self.files.len() + self.spares_count() < self.files_max() {
             let spare = spare_name(&self.dir, n);

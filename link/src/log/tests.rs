@@ -16,7 +16,7 @@ fn frames(n: usize) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn appends_survive_reopen_and_files_roll_and_release() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut log, rec) = CacheLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
+    let (mut log, rec) = DurableLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
     assert!(rec.entries.is_empty());
     let data = frames(100);
     let mut positions = Vec::new();
@@ -26,7 +26,7 @@ fn appends_survive_reopen_and_files_roll_and_release() {
     log.sync().unwrap();
     assert!(log.files.len() > 3, "rolled into several files");
     drop(log);
-    let (mut log, rec) = CacheLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
+    let (mut log, rec) = DurableLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
     assert_eq!(rec.torn_bytes, 0);
     let got: Vec<(String, Vec<u8>)> = rec
         .entries
@@ -38,7 +38,7 @@ fn appends_survive_reopen_and_files_roll_and_release() {
     let freed = log.release_before(positions[60]).unwrap();
     assert!(freed > 0 && log.used_bytes() == before - freed);
     drop(log);
-    let (_, rec) = CacheLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
+    let (_, rec) = DurableLog::open(dir.path(), 4096, 1 << 20, true).unwrap();
     assert!(rec.entries.first().unwrap().at.file <= positions[60].file);
     assert_eq!(rec.entries.last().unwrap().payload, data[99].1);
 }
@@ -46,7 +46,7 @@ fn appends_survive_reopen_and_files_roll_and_release() {
 #[test]
 fn a_torn_tail_is_cut_and_corruption_elsewhere_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut log, _) = CacheLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap();
+    let (mut log, _) = DurableLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap();
     let data = frames(20);
     for (d, p) in &data {
         log.append(d, p).unwrap();
@@ -80,7 +80,7 @@ fn a_torn_tail_is_cut_and_corruption_elsewhere_is_an_error() {
         .unwrap()
         .set_len(len - 7)
         .unwrap();
-    let (log, rec) = CacheLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap();
+    let (log, rec) = DurableLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap();
     drop(log);
     assert_eq!(rec.entries.len(), 19);
     assert!(rec.torn_bytes > 0);
@@ -89,22 +89,22 @@ fn a_torn_tail_is_cut_and_corruption_elsewhere_is_an_error() {
     let mut bytes = fs::read(&files[0]).unwrap();
     bytes[40] ^= 1;
     fs::write(&files[0], bytes).unwrap();
-    let e = CacheLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap_err();
+    let e = DurableLog::open(dir.path(), 1 << 20, 1 << 20, true).unwrap_err();
     assert!(e.to_string().contains("is corrupt at byte"), "{e}");
 }
 
 #[test]
 fn the_bound_is_enforced() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut log, _) = CacheLog::open(dir.path(), 1 << 20, 1000, true).unwrap();
+    let (mut log, _) = DurableLog::open(dir.path(), 1 << 20, 1000, true).unwrap();
     log.append("m/d", &[1u8; 600]).unwrap();
     assert!(matches!(
         log.append("m/d", &[1u8; 600]),
-        Err(CacheError::Full { .. })
+        Err(LogError::Full { .. })
     ));
     assert!(matches!(
         log.append("m/d", &vec![0u8; RECORD_PAYLOAD_MAX + 1]),
-        Err(CacheError::TooLarge { .. })
+        Err(LogError::TooLarge { .. })
     ));
 }
 
@@ -124,7 +124,7 @@ fn released_files_are_reused_and_their_old_records_never_read_back() {
     // Records of one size, so a reused file's old records lie exactly where the
     // next new record would: only the number stamped in the checksum tells them
     // apart.
-    let (mut log, _) = CacheLog::open(dir.path(), 1000, 4000, true).unwrap();
+    let (mut log, _) = DurableLog::open(dir.path(), 1000, 4000, true).unwrap();
     let record = |i: u32| vec![i as u8; 189];
     let mut i = 0u32;
     for _round in 0..5 {
@@ -168,7 +168,7 @@ fn released_files_are_reused_and_their_old_records_never_read_back() {
     );
     let held: Vec<u64> = log.files.iter().map(|f| f.0).collect();
     drop(log);
-    let (_, rec) = CacheLog::open(dir.path(), 1000, 4000, true).unwrap();
+    let (_, rec) = DurableLog::open(dir.path(), 1000, 4000, true).unwrap();
     assert_eq!(
         rec.torn_bytes,
         2 * 203,
@@ -188,8 +188,8 @@ fn released_files_are_reused_and_their_old_records_never_read_back() {
 
 /// A log of 1000-byte files in `dir` with records of 300 bytes appended: three
 /// fit a file.
-fn appended(dir: &Path, recycle: bool, records: std::ops::Range<u8>) -> CacheLog {
-    let (mut log, _) = CacheLog::open(dir, 1000, 1 << 20, recycle).unwrap();
+fn appended(dir: &Path, recycle: bool, records: std::ops::Range<u8>) -> DurableLog {
+    let (mut log, _) = DurableLog::open(dir, 1000, 1 << 20, recycle).unwrap();
     for i in records {
         log.append("m/d", &[i; 300]).unwrap();
     }
@@ -214,12 +214,12 @@ fn a_started_file_gets_its_name_only_once_the_files_before_it_are_synced() {
 #[test]
 fn numbers_are_never_reused_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+    let (mut log, _) = DurableLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
     log.append("m/d", &[1; 100]).unwrap();
     log.sync().unwrap();
     let before = log.end_position().file;
     drop(log);
-    let (log, rec) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+    let (log, rec) = DurableLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
     assert_eq!(rec.entries.len(), 1);
     assert!(log.end_position().file > before + log.files_max() as u64);
 }
@@ -236,7 +236,7 @@ fn without_recycling_files_are_named_at_once_and_deleted_when_released() {
     assert_eq!(names(dir.path(), ".log").len(), 1);
     let end = log.end_position().file;
     drop(log);
-    let (log, _) = CacheLog::open(dir.path(), 1000, 1 << 20, false).unwrap();
+    let (log, _) = DurableLog::open(dir.path(), 1000, 1 << 20, false).unwrap();
     assert_eq!(
         log.end_position().file,
         end + 1,
@@ -257,7 +257,7 @@ fn a_file_started_but_never_synced_is_a_spare_after_a_crash_and_its_numbers_are_
     let stamped = log.end_position().file;
     assert_eq!(names(dir.path(), ".spare").len(), 1);
     std::mem::forget(log);
-    let (log, rec) = CacheLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
+    let (log, rec) = DurableLog::open(dir.path(), 1000, 1 << 20, true).unwrap();
     let got: Vec<u8> = rec.entries.iter().map(|e| e.payload[0]).collect();
     assert_eq!(got, [0, 1, 2], "only what was synced before the crash");
     assert!(

@@ -4,7 +4,7 @@ use chrono::{Duration, Utc};
 use ferry_replica::compact::{compact, CompactOptions, CompactReport};
 use ferry_replica::{Result, Store, VaultKey};
 
-use crate::points::open_machine;
+use super::points::open_machine;
 
 /// Unreferenced objects younger than this may be a writer's uncommitted upload.
 pub const ORPHAN_GRACE: Duration = Duration::hours(1);

@@ -9,7 +9,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_agent::live::group::{Coordinator, GroupPeer, GroupTls, LINE_MAX_BYTES};
+use ferry_agent::live::group::{
+    Coordinator, GroupPeer, GroupTls, LINE_MAX_BYTES, MEMBER_CONNECTIONS_MAX,
+};
 use ferry_agent::live::{Agent, DiskSpec, Options};
 use ferry_link::client::Target;
 use ferry_link::tls::certs::{client_config, generate_loopback, server_name};
@@ -191,6 +193,44 @@ fn a_member_cuts_off_a_line_past_the_bound() {
 
     // The member goes on serving its coordinator.
     let id = cut(&w, &coord, 0, "agent-1", member_addr).unwrap();
+    assert_eq!(member.status()[0]["last_point"], id.as_str());
+    coord.stop();
+    member.stop();
+}
+
+/// Strangers that connect and never finish their handshake hold at most
+/// MEMBER_CONNECTIONS_MAX of a member's threads: one more connection is closed at
+/// once, and when they go the coordinator cuts again.
+#[test]
+fn a_member_serves_a_bounded_number_of_connections() {
+    let w = Site::new();
+    let member_addr = free_addr();
+    let member = w.agent(1, Some(member_addr));
+    let coord = w.agent(0, None);
+    let idle: Vec<TcpStream> = (0..MEMBER_CONNECTIONS_MAX)
+        .map(|_| TcpStream::connect(member_addr).unwrap())
+        .collect();
+    let mut extra = TcpStream::connect(member_addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let asked = Instant::now();
+    let mut b = [0u8; 16];
+    match extra.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("one connection past the bound was kept: {other:?}"),
+    }
+    assert!(asked.elapsed() < Duration::from_secs(2));
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        match cut(&w, &coord, 0, "agent-1", member_addr) {
+            Ok(id) => break id,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(member.status()[0]["last_point"], id.as_str());
     coord.stop();
     member.stop();

@@ -135,3 +135,35 @@ fn slow_clients_cannot_stall_scrapes_and_are_closed_at_the_deadline() {
         );
     }
 }
+
+#[test]
+fn requests_in_progress_are_bounded() {
+    let (addr, _) = endpoint(Duration::from_secs(5));
+    let mut slow = Vec::new();
+    for _ in 0..super::REQUESTS_MAX {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /").unwrap();
+        slow.push(c);
+    }
+    // One past the bound is closed at once, unanswered, not queued behind them.
+    let start = Instant::now();
+    let t = closed_after(TcpStream::connect(addr).unwrap(), start);
+    assert!(t < Duration::from_secs(2), "closed after {t:?}");
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = c.read_to_string(&mut text);
+        if text.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scrape answered once they left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

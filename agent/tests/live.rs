@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_agent::live::group::{Coordinator, GroupTls};
+use ferry_agent::live::group::{Coordinator, GroupPeer, GroupTls};
 use ferry_agent::live::{admin, Agent, DiskSpec, Options};
 use ferry_dataplane::server::{start, Options as ServerOptions};
 use ferry_dataplane::sim::MemSink;
@@ -184,6 +184,7 @@ impl Site {
             initial_copy: false,
             group: None,
             group_listen: None,
+            group_coordinator: None,
             group_peers: Vec::new(),
             group_tls: None,
         }
@@ -389,19 +390,23 @@ fn two_agents_in_a_group_fail_over_consistently() {
     let mut rng = w.rng.clone();
     let server = w.server("127.0.0.1:0".parse().unwrap());
     let member_addr = free_addr();
-    let make =
-        |i: usize, listen: Option<std::net::SocketAddr>, peers: Vec<std::net::SocketAddr>| {
-            let disk = w.path(&format!("disk{i}.img"));
-            std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
-            let mut o = w.options(i, &disk, server.addr);
-            o.group = Some("g1".into());
-            o.group_listen = listen;
-            o.group_peers = peers;
-            o.group_tls = Some(w.group_tls(i));
-            (Agent::start(o).unwrap(), disk)
-        };
+    let make = |i: usize, listen: Option<std::net::SocketAddr>, peers: Vec<GroupPeer>| {
+        let disk = w.path(&format!("disk{i}.img"));
+        std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+        let mut o = w.options(i, &disk, server.addr);
+        o.group = Some("g1".into());
+        o.group_listen = listen;
+        o.group_coordinator = listen.map(|_| "agent-0".into());
+        o.group_peers = peers;
+        o.group_tls = Some(w.group_tls(i));
+        (Agent::start(o).unwrap(), disk)
+    };
+    let peer = |addr| GroupPeer {
+        name: "agent-1".into(),
+        addr,
+    };
     let (member, member_disk) = make(1, Some(member_addr), vec![]);
-    let (coord, coord_disk) = make(0, None, vec![member_addr]);
+    let (coord, coord_disk) = make(0, None, vec![peer(member_addr)]);
     let mut want = BTreeMap::new();
     let mut pauses = Vec::new();
     for _ in 0..3 {
@@ -424,7 +429,11 @@ fn two_agents_in_a_group_fail_over_consistently() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let before = coord.status()[0]["last_point"].clone();
-    let mut c = Coordinator::new("g1".into(), vec![silent_addr], w.group_tls(0).coordinator);
+    let mut c = Coordinator::new(
+        "g1".into(),
+        vec![peer(silent_addr)],
+        w.group_tls(0).coordinator,
+    );
     let e = c.cut(&coord).unwrap_err();
     assert!(e.contains("skipped"), "{e}");
     assert_eq!(
@@ -458,7 +467,7 @@ fn two_agents_in_a_group_fail_over_consistently() {
         &w.path("pki").join("ca.pem"),
     )
     .unwrap();
-    let mut c = Coordinator::new("g1".into(), vec![member_addr], Arc::new(stranger));
+    let mut c = Coordinator::new("g1".into(), vec![peer(member_addr)], Arc::new(stranger));
     let e = c.cut(&coord).unwrap_err();
     assert!(e.contains("skipped"), "{e}");
     assert_eq!(

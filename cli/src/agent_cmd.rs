@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_agent::live::group::GroupPeer;
 use ferry_agent::live::{admin, Agent, DiskSpec, Options};
 use ferry_link::client::Target;
 use ferry_link::tls::certs::{client_config, server_name};
@@ -93,11 +94,21 @@ struct RunArgs {
     #[arg(long)]
     group: Option<String>,
     /// Where this member listens for the group coordinator (port 20004 by convention)
-    #[arg(long, value_name = "ADDR", requires = "group")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "group",
+        requires = "group_coordinator"
+    )]
     group_listen: Option<SocketAddr>,
-    /// A member's address: given, this agent coordinates the group's cuts
-    #[arg(long = "group-peer", value_name = "ADDR", requires = "group")]
-    group_peers: Vec<SocketAddr>,
+    /// The coordinator's machine name: this member accepts cuts only from a
+    /// certificate that names it
+    #[arg(long, value_name = "NAME", requires = "group_listen")]
+    group_coordinator: Option<String>,
+    /// A member, by the machine name its certificate carries and its --group-listen
+    /// address: given, this agent coordinates the group's cuts
+    #[arg(long = "group-peer", value_name = "NAME@ADDR", requires = "group", value_parser = GroupPeer::parse)]
+    group_peers: Vec<GroupPeer>,
 }
 
 pub fn agent(a: AgentArgs) -> Result<()> {
@@ -190,6 +201,7 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         initial_copy: !r.no_initial_copy,
         group: r.group,
         group_listen: r.group_listen,
+        group_coordinator: r.group_coordinator,
         group_peers: r.group_peers,
         group_tls,
     })

@@ -109,6 +109,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         initial_copy: true,
         group: None,
         group_listen: None,
+        group_coordinator: None,
         group_peers: Vec::new(),
         group_tls: None,
     })

@@ -37,10 +37,15 @@ impl Drop for Killed {
 
 /// Spawns ferry and returns it with the first line it prints.
 fn spawn(args: &[String]) -> (Killed, String) {
+    spawn_logging(args, Stdio::inherit())
+}
+
+/// Spawns ferry with its log (stderr) to `log`; returns it with its first line.
+fn spawn_logging(args: &[String], log: Stdio) -> (Killed, String) {
     let mut child = Command::new(FERRY)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -109,6 +114,118 @@ fn wait_uploaded(sock: &Path) {
     }
 }
 
+/// A process server on loopback for the PKI, key and store under `d`; its arguments.
+fn server_args(d: &Path, listen: &str) -> Vec<String> {
+    let p = |s: &str| d.join(s).display().to_string();
+    [
+        "process-server",
+        "--listen",
+        listen,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        &p("cache"),
+        "--store",
+        &format!("file://{}", p("store")),
+        "--key-file",
+        &p("vault.key"),
+        "--tls-cert",
+        &p("pki/server.pem"),
+        "--tls-key",
+        &p("pki/server.key"),
+        "--client-ca",
+        &p("pki/ca.pem"),
+        "--shards",
+        "2",
+        "--batch-ms",
+        "20",
+        "--cache-gib",
+        "0.5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// An agent whose certificate does not name its machine is refused by the process
+/// server at every retry: the text status says why, and the log says it once.
+#[test]
+fn a_refused_agent_says_why_in_status_and_once_in_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
+    ferry(&["keygen", "--out", &p("vault.key")]);
+    let (_server, line) = spawn(&server_args(d, "127.0.0.1:0"));
+    let addr = line.split_whitespace().nth(4).unwrap().to_string();
+
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = d.join("admin.sock");
+    let log = d.join("agent.log");
+    let args: Vec<String> = [
+        "agent",
+        "--process-server",
+        &addr,
+        // agent-0's certificate names agent-0, not web1.
+        "--machine",
+        "web1",
+        "--disk",
+        &format!("sda={}", disk.display()),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--journal-dir",
+        &p("journal"),
+        "--tls-cert",
+        &p("pki/agent-0.pem"),
+        "--tls-key",
+        &p("pki/agent-0.key"),
+        "--ca",
+        &p("pki/ca.pem"),
+        "--admin-socket",
+        &sock.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let started = Instant::now();
+    let (agent, line) = spawn_logging(&args, std::fs::File::create(&log).unwrap().into());
+    assert!(line.contains("serving NBD"), "{line}");
+    let why = "refused by the process server: the client certificate does not name machine web1";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = ferry(&[
+            "agent",
+            "ctl",
+            "--admin-socket",
+            &sock.display().to_string(),
+            "status",
+        ]);
+        if text.contains(why) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "status does not say why: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Under the disk's line, which says "disconnected" and no more.
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains("disconnected") && lines[1].starts_with("  sda: refused"),
+        "{text}"
+    );
+    // Retries back off from 50 ms to 2 s: by 4 s the agent has been refused at least
+    // five times.
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(started.elapsed()));
+    let s = status(&sock);
+    assert_eq!(s["connected"], false, "{s}");
+    drop(agent);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let refusals: Vec<&str> = logged.lines().filter(|l| l.contains(why)).collect();
+    assert_eq!(refusals.len(), 1, "the refusal is logged once: {logged}");
+    assert!(refusals[0].contains("WARN"), "{logged}");
+}
+
 #[test]
 fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     let seed: u64 = std::env::var("FERRY_SEED")
@@ -133,34 +250,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
             .unwrap()
             .port()
     );
-    let server_args: Vec<String> = [
-        "process-server",
-        "--listen",
-        &listen,
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-        &p("cache"),
-        "--store",
-        &store,
-        "--key-file",
-        &p("vault.key"),
-        "--tls-cert",
-        &p("pki/server.pem"),
-        "--tls-key",
-        &p("pki/server.key"),
-        "--client-ca",
-        &p("pki/ca.pem"),
-        "--shards",
-        "2",
-        "--batch-ms",
-        "20",
-        "--cache-gib",
-        "0.5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let server_args = server_args(d, &listen);
     let (server, line) = spawn(&server_args);
     let words: Vec<&str> = line.split_whitespace().collect();
     let addr = words[4].to_string();

@@ -1,6 +1,7 @@
 //! The `ferry` binary as a user runs it: seed an ext4 image, change it, resync, fail
 //! over to each point as raw and as VHD, and check the results with qemu-img; errors
-//! are one line; a seed killed with SIGKILL leaves every committed point intact.
+//! are one line naming their cause; a seed killed with SIGKILL leaves every committed
+//! point intact.
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -386,6 +387,48 @@ fn errors_are_one_clear_line() {
         .output()
         .unwrap();
     one_line_error(&out, "no credentials");
+}
+
+/// The whole chain of causes, on one line: what was being done and why it failed.
+#[test]
+fn errors_name_their_cause() {
+    let env = Env::new();
+    let missing = env.path("missing.img");
+    let m = missing.to_str().unwrap();
+    let out = env.run(&["seed", "--machine", "m", "--disk", "d", "--image", m]);
+    one_line_error(&out, m);
+    one_line_error(&out, "No such file or directory");
+
+    // A group member must be told its coordinator; a coordinator its members' names.
+    let agent = |group: &[&str]| {
+        let mut args = vec![
+            "agent",
+            "--process-server",
+            "127.0.0.1:1",
+            "--machine",
+            "m",
+            "--disk",
+            "sda=/dev/null",
+            "--journal-dir",
+            "/nonexistent",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--ca",
+            "ca",
+            "--group",
+            "g",
+        ];
+        args.extend(group);
+        let out = ferry(&args);
+        assert!(!out.status.success());
+        text(&out.stderr)
+    };
+    let err = agent(&["--group-listen", "127.0.0.1:20004"]);
+    assert!(err.contains("--group-coordinator <NAME>"), "{err}");
+    let err = agent(&["--group-peer", "127.0.0.1:20004"]);
+    assert!(err.contains("expected NAME@ADDR"), "{err}");
 }
 
 #[test]

@@ -69,6 +69,14 @@ fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
                         progress("initial copy", &d["copy"]),
                         progress("checksum resync", &d["resync"]),
                     )?;
+                    // Why a disk is disconnected, where a person looks: a refusal by
+                    // the process server would otherwise show as "disconnected" only.
+                    if let (false, Some(e)) = (
+                        d["connected"].as_bool().unwrap_or(false),
+                        d["last_error"].as_str(),
+                    ) {
+                        writeln!(w, "  {}: {e}", d["disk"].as_str().unwrap_or(""))?;
+                    }
                 }
                 Ok(())
             }

@@ -45,7 +45,10 @@ pub struct Options {
     /// given peers coordinates and cuts a group point every crash-point interval.
     pub group: Option<String>,
     pub group_listen: Option<SocketAddr>,
-    pub group_peers: Vec<SocketAddr>,
+    /// A member's coordinator: the machine name its certificate must carry
+    /// (required with `group_listen`).
+    pub group_coordinator: Option<String>,
+    pub group_peers: Vec<group::GroupPeer>,
     /// Mutual TLS of the group channel (required with a group).
     pub group_tls: Option<group::GroupTls>,
 }
@@ -109,6 +112,20 @@ impl Agent {
                     "group {g}: the group channel needs the agent's certificate and CA"
                 ))
             }
+        };
+        // A member that accepted any agent of the CA would let any of them hold its
+        // writes: it must know whom to accept.
+        let member_of = match (&o.group, o.group_listen, &o.group_coordinator) {
+            (Some(g), Some(addr), Some(c)) => {
+                group::check_machine_name(c).map_err(|e| format!("group {g}: coordinator {e}"))?;
+                Some((g.clone(), addr, c.clone()))
+            }
+            (Some(g), Some(_), None) => {
+                return Err(format!(
+                    "group {g}: a member (--group-listen) must be told its coordinator's machine name (--group-coordinator NAME)"
+                ))
+            }
+            _ => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let mut disks = Vec::new();
@@ -199,13 +216,13 @@ impl Agent {
             },
             pauses: Mutex::new((Duration::ZERO, Duration::ZERO)),
         });
-        if let (Some(g), Some(addr), Some(t)) = (&o.group, o.group_listen, &group_tls) {
+        if let (Some((g, addr, c)), Some(t)) = (member_of, &group_tls) {
             let l = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("group listen on {addr}: {e}"))?;
-            let (a, g, t) = (agent.clone(), g.clone(), t.clone());
+            let (a, t) = (agent.clone(), t.clone());
             std::thread::Builder::new()
                 .name("ferry-group-accept".into())
-                .spawn(move || group::serve(l, a, g, t))
+                .spawn(move || group::serve(l, a, g, c, t))
                 .map_err(|e| e.to_string())?;
         }
         if o.initial_copy {

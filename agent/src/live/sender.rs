@@ -29,6 +29,8 @@ pub struct SendStatus {
     pub uploaded: u64,
     pub sent: u64,
     pub reconnects: u64,
+    /// Why the last session ended or the last connection attempt failed (a refusal
+    /// by the process server says so and why).
     pub last_error: Option<String>,
     /// Since when the oldest unacknowledged frame has waited.
     pub oldest_unacked: Option<Instant>,
@@ -76,6 +78,10 @@ impl Sender {
         // Each connection offers the newest version first and steps down when the
         // server is of an older release: agents may be upgraded before their servers.
         let mut version = VERSION;
+        // The last connect failure logged: a refusal (a certificate that does not name
+        // this machine) is retried every few seconds for as long as it lasts, and
+        // logged once, not at every retry.
+        let mut logged: Option<String> = None;
         while !self.stop.load(Ordering::Relaxed) {
             if link.as_ref().is_none_or(|l| l.closed().is_some()) {
                 self.capture.resync.lost_link();
@@ -101,6 +107,9 @@ impl Sender {
                 match connect(&self.target, &hello).await {
                     Ok(l) => {
                         backoff = Duration::from_millis(50);
+                        if logged.take().is_some() {
+                            tracing::info!(disk = %self.capture.disk, "connected to the process server");
+                        }
                         let durable = l.welcome.durable;
                         // Read again from the first frame not yet sent and acked.
                         if let Some(&(seq, at)) = unacked.front() {
@@ -156,7 +165,12 @@ impl Sender {
                         }
                         let e = e.reason;
                         self.set(|s| s.last_error = Some(e.clone()));
-                        tracing::debug!(disk = %self.capture.disk, error = %e, "connect failed");
+                        if logged.as_ref() != Some(&e) {
+                            tracing::warn!(disk = %self.capture.disk, error = %e, "cannot connect to the process server; retrying");
+                            logged = Some(e);
+                        } else {
+                            tracing::debug!(disk = %self.capture.disk, error = %e, "connect failed");
+                        }
                         compio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferry_link::protocol::{decode, Decoded, ErrorCode, Frame};
+use ferry_link::tls::certs::cert_names;
 use ferry_link::tls::TlsReader;
 
 use super::conn::{unavailable, End};
@@ -86,17 +87,6 @@ pub(super) async fn read_first(
             Err(_) => return Err(End::Gone(format!("no hello within {timeout:?}"))),
         }
     }
-}
-
-fn cert_names(der: &[u8], machine: &str) -> bool {
-    let der = rustls_pki_types::CertificateDer::from(der);
-    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
-        return false;
-    };
-    let Ok(name) = rustls_pki_types::ServerName::try_from(machine) else {
-        return false;
-    };
-    cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 fn valid_name(s: &str) -> bool {

@@ -224,12 +224,25 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, CertError> {
         .map_err(|e| CertError::Config(format!("server name {host}: {e}")))
 }
 
+/// Whether the certificate `der` names `name` (a machine name or address): the
+/// process server's check that an agent writes only its own machine's disks, and the
+/// group channel's that a peer is the member or coordinator it was told of.
+pub fn cert_names(der: &[u8], name: &str) -> bool {
+    ServerName::try_from(name).is_ok_and(|n| names(&CertificateDer::from(der), &n))
+}
+
+fn names(der: &CertificateDer<'_>, name: &ServerName<'_>) -> bool {
+    webpki::EndEntityCert::try_from(der)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok())
+}
+
 /// Agent to agent (a replication group's cuts): both ends are agents with
 /// certificates of the same CA. The member's side is `server_config` with its own
 /// agent certificate; the coordinator's side, this, presents its certificate and
-/// accepts a peer whose certificate is an agent's (client use) chained to `ca`. Peers
-/// are configured by address, so no name is matched; a certificate for another use
-/// (the process server's) is refused.
+/// accepts a peer whose certificate is an agent's (client use) chained to `ca` and
+/// names the server name the connection was opened for: the member's machine name,
+/// so another agent of the same CA listening at that address is refused. A
+/// certificate for another use (the process server's) is refused too.
 pub fn peer_client_config(cert: &Path, key: &Path, ca: &Path) -> Result<ClientConfig, CertError> {
     let inner = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
         .build()
@@ -243,7 +256,8 @@ pub fn peer_client_config(cert: &Path, key: &Path, ca: &Path) -> Result<ClientCo
         .map_err(|e| file_err(cert, e))
 }
 
-/// Checks a peer agent's certificate as the process server checks an agent's.
+/// Checks a peer agent's certificate as the process server checks an agent's, and
+/// that it names the machine the coordinator meant to reach.
 #[derive(Debug)]
 struct PeerVerifier {
     inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
@@ -254,13 +268,19 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _name: &ServerName<'_>,
+        name: &ServerName<'_>,
         _ocsp: &[u8],
         now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         self.inner
-            .verify_client_cert(end_entity, intermediates, now)
-            .map(|_| rustls::client::danger::ServerCertVerified::assertion())
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if !names(end_entity, name) {
+            return Err(rustls::Error::General(format!(
+                "the peer's certificate does not name {}",
+                name.to_str()
+            )));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

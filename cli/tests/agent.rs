@@ -4,59 +4,25 @@
 //! had not delivered (counted at the process server), and every point, before and
 //! after the kill, fails over to exactly the disk as it was when the point was taken.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ferry_testkit::process::{run_ok, spawn, spawn_logging};
+use ferry_testkit::qemu::random_writes;
+use ferry_testkit::wait_ok;
 use rand::{Rng, SeedableRng};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const SIZE: u64 = 16 << 20;
 
 fn ferry(args: &[&str]) -> String {
-    let out = Command::new(FERRY).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// A child killed when dropped, so a failing test leaves no process behind (one
-/// holding the test's stderr would hang the run).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns ferry and returns it with the first line it prints.
-fn spawn(args: &[String]) -> (Killed, String) {
-    spawn_logging(args, Stdio::inherit())
-}
-
-/// Spawns ferry with its log (stderr) to `log`; returns it with its first line.
-fn spawn_logging(args: &[String], log: Stdio) -> (Killed, String) {
-    let mut child = Command::new(FERRY)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (Killed(child), line)
+    run_ok(Path::new(FERRY), args)
 }
 
 /// The server's received-bytes counter. Shards publish their counters every 250 ms:
-/// wait past that first.
+/// wait past that first (the interval is the server's behaviour; no condition tells
+/// that the counter caught up).
 fn bytes_in(metrics: &str) -> u64 {
     std::thread::sleep(Duration::from_millis(600));
     let mut c = std::net::TcpStream::connect(metrics).unwrap();
@@ -83,38 +49,26 @@ fn status(sock: &Path) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()[0].clone()
 }
 
+/// `n` random pattern writes of 4 KiB to 128 KiB through qemu-io.
 fn qemu_io(url: &str, rng: &mut impl Rng, n: usize) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", "-t", "writeback"]);
-    for _ in 0..n {
-        let len = rng.gen_range(1..=32) * 4096u64;
-        let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
-        c.args(["-c", &format!("write -P {} {off} {len}", rng.gen::<u8>())]);
-    }
-    let out = c.arg(url).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ferry_testkit::qemu::qemu_io(url, &random_writes(rng, SIZE, n, 1..=32));
 }
 
 fn wait_uploaded(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_ok("every write uploaded", Duration::from_secs(60), || {
         let s = status(sock);
         if s["mode"] == "data"
             && s["uploaded"].as_u64() >= s["next_seq"].as_u64()
             && s["connected"] == true
         {
-            return;
+            Ok(())
+        } else {
+            Err(s)
         }
-        assert!(Instant::now() < deadline, "not uploaded: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
-/// A process server on loopback for the PKI, key and store under `d`; its arguments.
+/// A process server's arguments for the PKI, key and store under `d`.
 fn server_args(d: &Path, listen: &str) -> Vec<String> {
     let p = |s: &str| d.join(s).display().to_string();
     [
@@ -157,7 +111,7 @@ fn a_refused_agent_says_why_in_status_and_once_in_its_log() {
     std::fs::create_dir_all(d.join("store")).unwrap();
     ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
     ferry(&["keygen", "--out", &p("vault.key")]);
-    let (_server, line) = spawn(&server_args(d, "127.0.0.1:0"));
+    let (_server, line) = spawn(Path::new(FERRY), &server_args(d, "127.0.0.1:0"));
     let addr = line.split_whitespace().nth(4).unwrap().to_string();
 
     let disk = d.join("disk.img");
@@ -189,25 +143,23 @@ fn a_refused_agent_says_why_in_status_and_once_in_its_log() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let started = Instant::now();
-    let (agent, line) = spawn_logging(&args, std::fs::File::create(&log).unwrap().into());
+    let started = std::time::Instant::now();
+    let (agent, line) = spawn_logging(
+        Path::new(FERRY),
+        &args,
+        std::fs::File::create(&log).unwrap().into(),
+    );
     assert!(line.contains("serving NBD"), "{line}");
     let why = "refused by the process server: the client certificate does not name machine web1";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        let text = ferry(&[
-            "agent",
-            "ctl",
-            "--admin-socket",
-            &sock.display().to_string(),
-            "status",
-        ]);
+    let sock_arg = sock.display().to_string();
+    let text = wait_ok("status says why", Duration::from_secs(30), || {
+        let text = ferry(&["agent", "ctl", "--admin-socket", &sock_arg, "status"]);
         if text.contains(why) {
-            break text;
+            Ok(text)
+        } else {
+            Err(text)
         }
-        assert!(Instant::now() < deadline, "status does not say why: {text}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     // Under the disk's line, which says "disconnected" and no more.
     let lines: Vec<&str> = text.lines().collect();
     assert!(
@@ -215,7 +167,7 @@ fn a_refused_agent_says_why_in_status_and_once_in_its_log() {
         "{text}"
     );
     // Retries back off from 50 ms to 2 s: by 4 s the agent has been refused at least
-    // five times.
+    // five times (the passing of time is what is tested).
     std::thread::sleep(Duration::from_secs(4).saturating_sub(started.elapsed()));
     let s = status(&sock);
     assert_eq!(s["connected"], false, "{s}");
@@ -228,11 +180,7 @@ fn a_refused_agent_says_why_in_status_and_once_in_its_log() {
 
 #[test]
 fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
-    let seed: u64 = std::env::var("FERRY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("FERRY_SEED={seed}");
+    let seed = ferry_testkit::seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -242,16 +190,9 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     ferry(&["keygen", "--out", &p("vault.key")]);
     let store = format!("file://{}", p("store"));
     // A fixed port: the server is restarted on it later in the test.
-    let listen = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
+    let listen = ferry_testkit::net::free_addr().to_string();
     let server_args = server_args(d, &listen);
-    let (server, line) = spawn(&server_args);
+    let (server, line) = spawn(Path::new(FERRY), &server_args);
     let words: Vec<&str> = line.split_whitespace().collect();
     let addr = words[4].to_string();
     let metrics = line
@@ -267,11 +208,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     let mut content = vec![0u8; SIZE as usize];
     rng.fill(&mut content[..4 << 20]);
     std::fs::write(&disk, &content).unwrap();
-    let nbd_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let nbd_port = ferry_testkit::net::free_port();
     let sock = d.join("admin.sock");
     let agent_args: Vec<String> = [
         "agent",
@@ -299,7 +236,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (mut agent, line) = spawn(&agent_args);
+    let (mut agent, line) = spawn(Path::new(FERRY), &agent_args);
     assert!(line.contains("serving NBD"), "{line}");
     let url = format!("nbd://127.0.0.1:{nbd_port}/sda");
 
@@ -333,7 +270,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     agent.0.kill().unwrap();
     agent.0.wait().unwrap();
     drop(agent);
-    let (agent, line) = spawn(&agent_args);
+    let (agent, line) = spawn(Path::new(FERRY), &agent_args);
     assert!(line.contains("serving NBD"), "{line}");
     let s = status(&sock);
     assert_eq!(s["copy_total_bytes"], 0, "no second initial copy: {s}");
@@ -358,7 +295,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     qemu_io(&url, &mut rng, 20);
     drop(server);
     qemu_io(&url, &mut rng, 20);
-    let (server, line) = spawn(&server_args);
+    let (server, line) = spawn(Path::new(FERRY), &server_args);
     assert!(line.contains("listening"), "{line}");
     let id3 = bm("server-restarted");
     eprintln!("point after the server's restart: {id3}");
@@ -374,15 +311,14 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
         "resync",
     ]);
     assert!(out.contains("checksum resync started: sda"), "{out}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let s = loop {
+    let s = wait_ok("the resync to finish", Duration::from_secs(60), || {
         let s = status(&sock);
         if s["mode"] != "checksum-resync" {
-            break s;
+            Ok(s)
+        } else {
+            Err(s)
         }
-        assert!(Instant::now() < deadline, "the resync did not finish: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     assert_eq!(s["last_resync"]["compared_bytes"], SIZE, "{s}");
     assert_eq!(s["last_resync"]["sent_bytes"], 0, "{s}");
 

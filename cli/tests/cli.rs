@@ -470,6 +470,8 @@ fn a_killed_seed_loses_no_committed_point() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // Killed at several moments of its run: the delay is the behaviour under
+        // test, not a wait for a condition.
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();

@@ -5,12 +5,9 @@
 //! TLS got that far), while a well-behaved agent keeps replicating throughout and its
 //! disk rebuilds identical afterwards.
 
-mod net;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::sim::{verify, SimDisk};
 use ferry_link::client::{connect, Target};
 use ferry_link::protocol::{
     decode, encode, encode_write_header, Decoded, ErrorCode, Frame, Hello, VERSION,
@@ -18,6 +15,8 @@ use ferry_link::protocol::{
 use ferry_link::tls::certs::anonymous_client_config;
 use ferry_link::tls::{handshake, TlsReader, TlsWriter};
 use ferry_replica::Store;
+use ferry_testkit::sim::{verify, SimDisk};
+use ferry_testkit::{pki, server};
 use rand::{Rng, SeedableRng};
 
 fn hello<'a>(machine: &'a str, disk: &'a str) -> Hello<'a> {
@@ -81,22 +80,21 @@ async fn refused(target: &Target, machine: &str) -> String {
 
 #[test]
 fn bad_certificates_and_bad_frames_close_only_their_connection() {
-    let seed = net::seed();
-    eprintln!("FERRY_SEED={seed}");
+    let seed = ferry_testkit::seed();
     let dir = tempfile::tempdir().unwrap();
-    let pki = net::pki(&dir.path().join("pki"));
-    let (_, vault) = net::vault(dir.path());
+    let pki = pki::pki(&dir.path().join("pki"));
+    let (_, vault) = server::vault(dir.path());
     let store_dir = dir.path().join("store");
     std::fs::create_dir_all(&store_dir).unwrap();
     let url = format!("file://{}", store_dir.display());
-    let mut opts = net::options(&dir.path().join("cache"), 2);
+    let mut opts = server::options(&dir.path().join("cache"), 2);
     opts.peer_timeout = Duration::from_secs(1);
     opts.limits.max_payload = 256 << 10;
-    let server = net::serve(
+    let server = server::serve(
         &pki,
         opts,
         Store::open(&url).unwrap(),
-        net::vault(dir.path()).1,
+        server::vault(dir.path()).1,
     );
     let addr = server.addr;
     let good = pki.target(addr, "agent-0");
@@ -222,9 +220,9 @@ fn bad_certificates_and_bad_frames_close_only_their_connection() {
 #[test]
 fn a_cache_bound_beyond_its_file_system_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = net::pki(&dir.path().join("pki"));
-    let (_, vault) = net::vault(dir.path());
-    let mut opts = net::options(&dir.path().join("cache"), 1);
+    let pki = pki::pki(&dir.path().join("pki"));
+    let (_, vault) = server::vault(dir.path());
+    let mut opts = server::options(&dir.path().join("cache"), 1);
     opts.cache_bytes = 1 << 60;
     let store = Store::with_object_store(Arc::new(object_store::memory::InMemory::new()), "memory");
     let Err(e) = ferry_dataplane::server::start(opts, pki.server_tls(), store, vault) else {

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_link::client::Target;
@@ -88,7 +89,17 @@ pub struct Agent {
     coordinator: Option<Mutex<group::Coordinator>>,
     /// Longest and last pause of writes for a group cut.
     pauses: Mutex<(Duration, Duration)>,
+    /// The threads that use the disks and the journal (senders, resync loops,
+    /// initial copies, the NBD acceptor, the point timer): `stop` waits for them.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// How often `stop` looks whether a thread ended, and the point timer at the flag.
+const STOP_POLL: Duration = Duration::from_millis(5);
+
+/// How long `stop` waits for the agent's threads. A sender may be inside a
+/// connection attempt (its timeout is seconds), a resync loop inside one region.
+const STOP_WAIT: Duration = Duration::from_secs(15);
 
 fn hook(cmd: &str, phase: &str) -> Result<(), String> {
     let st = std::process::Command::new("sh")
@@ -128,6 +139,7 @@ impl Agent {
             _ => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
         let mut disks = Vec::new();
         let mut exports = Exports::default();
         let boot = last_stop::boot_id();
@@ -164,10 +176,12 @@ impl Agent {
             }
             exports.add(&d.name, cap.clone());
             let (c2, st2) = (cap.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name(format!("ferry-resync-{}", d.name))
-                .spawn(move || resync_loop(&c2, &st2))
-                .map_err(|e| e.to_string())?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ferry-resync-{}", d.name))
+                    .spawn(move || resync_loop(&c2, &st2))
+                    .map_err(|e| e.to_string())?,
+            );
             let status = Arc::new(Mutex::new(SendStatus::default()));
             let sender = Sender {
                 capture: cap.clone(),
@@ -178,10 +192,12 @@ impl Agent {
                 status: status.clone(),
                 stop: stop.clone(),
             };
-            std::thread::Builder::new()
-                .name(format!("ferry-send-{}", d.name))
-                .spawn(move || sender.run())
-                .map_err(|e| e.to_string())?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ferry-send-{}", d.name))
+                    .spawn(move || sender.run())
+                    .map_err(|e| e.to_string())?,
+            );
             disks.push(Disk {
                 capture: cap,
                 status,
@@ -195,10 +211,12 @@ impl Agent {
             .map_err(|e| format!("NBD listen on {}: {e}", o.nbd_listen))?;
         let nbd_addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (ex, st) = (Arc::new(exports), stop.clone());
-        std::thread::Builder::new()
-            .name("ferry-nbd-accept".into())
-            .spawn(move || crate::nbd::serve(listener, ex, st))
-            .map_err(|e| e.to_string())?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("ferry-nbd-accept".into())
+                .spawn(move || crate::nbd::serve(listener, ex, st))
+                .map_err(|e| e.to_string())?,
+        );
         let agent = Arc::new(Agent {
             disks,
             journal_dir: o.journal_dir.clone(),
@@ -215,6 +233,7 @@ impl Agent {
                 _ => None,
             },
             pauses: Mutex::new((Duration::ZERO, Duration::ZERO)),
+            threads: Mutex::new(threads),
         });
         if let (Some((g, addr, c)), Some(t)) = (member_of, &group_tls) {
             let l = std::net::TcpListener::bind(addr)
@@ -235,7 +254,7 @@ impl Agent {
                 }
                 *d.copy.lock().expect("copy lock") = CopyProgress::new(0, d.capture.size());
                 let (cap, copy, stop) = (d.capture.clone(), d.copy.clone(), stop.clone());
-                std::thread::Builder::new()
+                let t = std::thread::Builder::new()
                     .name(format!("ferry-copy-{}", cap.disk))
                     .spawn(move || {
                         if first_sync(&cap, &copy, &stop) {
@@ -245,15 +264,23 @@ impl Agent {
                         }
                     })
                     .map_err(|e| e.to_string())?;
+                agent.threads.lock().expect("threads lock").push(t);
             }
         }
         if let Some(every) = o.crash_point_interval {
             let a = agent.clone();
-            std::thread::Builder::new()
+            let t = std::thread::Builder::new()
                 .name("ferry-points".into())
                 .spawn(move || {
                     while !a.stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(every);
+                        // In slices, so that `stop` need not wait out an interval.
+                        let next = Instant::now() + every;
+                        while !a.stop.load(Ordering::Relaxed) && Instant::now() < next {
+                            std::thread::sleep((next - Instant::now()).min(STOP_POLL));
+                        }
+                        if a.stop.load(Ordering::Relaxed) {
+                            break;
+                        }
                         if let Err(e) = a.point(PointKindWire::Crash, None) {
                             tracing::warn!(error = %e, "crash-consistent point skipped");
                         }
@@ -270,6 +297,7 @@ impl Agent {
                     }
                 })
                 .map_err(|e| e.to_string())?;
+            agent.threads.lock().expect("threads lock").push(t);
         }
         if let Some(p) = &o.admin_socket {
             admin::serve(p, agent.clone())
@@ -445,8 +473,41 @@ impl Agent {
         })
     }
 
+    /// Stops the agent and waits (up to STOP_WAIT) for the threads that use its
+    /// disks, journal and process server sessions to end, so that another agent may
+    /// take over the same journal directory, NBD address and sessions right after.
+    /// Not waited for: NBD connections (each ends with its client), the admin
+    /// socket and the group listener, which block in accept() and do not touch the
+    /// journal unless asked to take a point.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        // The NBD acceptor blocks in accept(): a connection wakes it to see the flag.
+        let mut wake = self.nbd_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = std::net::TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        let deadline = Instant::now() + STOP_WAIT;
+        let me = std::thread::current().id();
+        for t in threads {
+            let name = t.thread().name().unwrap_or("unnamed").to_string();
+            // The point timer stopping the agent cannot wait for itself.
+            if t.thread().id() == me {
+                continue;
+            }
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(STOP_POLL);
+            }
+            if !t.is_finished() {
+                tracing::warn!(thread = %name, wait_s = STOP_WAIT.as_secs(), "an agent thread did not end in time; left running");
+            } else if t.join().is_err() {
+                tracing::error!(thread = %name, "an agent thread had panicked");
+            }
+        }
     }
 
     /// Stops in order: every disk flushed and its journal synced, then the run marker
@@ -546,7 +607,7 @@ fn first_sync(cap: &Capture, copy: &Mutex<CopyProgress>, stop: &AtomicBool) -> b
         std::thread::sleep(Duration::from_millis(10));
     };
     if durable == 0 {
-        return initial_copy(cap, copy);
+        return initial_copy(cap, copy, stop);
     }
     // Points stay refused throughout: the resync is wanted before the copy's
     // progress is cleared.
@@ -565,7 +626,7 @@ fn first_sync(cap: &Capture, copy: &Mutex<CopyProgress>, stop: &AtomicBool) -> b
 
 /// Journals every non-zero MiB of the disk, each under the capture lock, logging
 /// progress (percent, MB/s, time left).
-fn initial_copy(cap: &Capture, progress: &Mutex<CopyProgress>) -> bool {
+fn initial_copy(cap: &Capture, progress: &Mutex<CopyProgress>, stop: &AtomicBool) -> bool {
     let size = cap.size();
     *progress.lock().expect("copy lock") = CopyProgress::new(0, size);
     let start = Instant::now();
@@ -574,8 +635,16 @@ fn initial_copy(cap: &Capture, progress: &Mutex<CopyProgress>) -> bool {
     let mut off = 0;
     while off < size {
         // Leave half the journal to live writes: wait for the sender to drain it.
+        // Stopped, the sender drains nothing more, and the copy resumes at the next
+        // start (it is not recorded as done).
         while cap.journal_bytes() > cap.journal_max() / 2 {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return false;
         }
         let len = (size - off).min(1 << 20) as usize;
         if let Err(e) = cap.copy_region(off, len, &mut buf) {

@@ -1,23 +1,20 @@
-//! Shared set-up for the network tests: certificates, a server started in-process on
-//! a loopback port, and agent targets.
-#![allow(dead_code)]
+//! Certificates for the network tests, and the agents' targets built from them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_dataplane::server::{start, Options, Running};
 use ferry_link::client::Target;
 use ferry_link::tls::certs::{client_config, server_config, server_name};
 use ferry_link::tls::{Authority, Validity};
-use ferry_replica::{Store, VaultKey};
 
 pub struct Pki {
     pub dir: PathBuf,
 }
 
 /// A CA with a server certificate, agents `agent-0`, `agent-1`, an expired agent, and a
-/// stranger signed by another CA.
+/// stranger signed by another CA. Also sets up logging to the test's output
+/// (FERRY_LOG filters it, default warn).
 pub fn pki(dir: &Path) -> Pki {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -45,6 +42,8 @@ pub fn pki(dir: &Path) -> Pki {
 }
 
 impl Pki {
+    /// How `who` (a certificate of this PKI, or "stranger") reaches the server at
+    /// `addr`.
     pub fn target(&self, addr: std::net::SocketAddr, who: &str) -> Target {
         let (cert, key) = if who == "stranger" {
             (
@@ -57,49 +56,42 @@ impl Pki {
                 self.dir.join(format!("{who}.key")),
             )
         };
-        Target {
-            addr,
-            server_name: server_name("127.0.0.1").unwrap(),
-            tls: Arc::new(client_config(&cert, &key, &self.dir.join("ca.pem")).unwrap()),
-            timeout: Duration::from_secs(5),
-        }
+        target(&self.dir, &cert, &key, addr)
     }
 
     pub fn server_tls(&self) -> rustls::ServerConfig {
-        server_config(
-            &self.dir.join("server.pem"),
-            &self.dir.join("server.key"),
-            &self.dir.join("ca.pem"),
-        )
-        .unwrap()
+        server_tls(&self.dir)
     }
 }
 
-pub fn vault(dir: &Path) -> (PathBuf, VaultKey) {
-    let path = dir.join("vault.key");
-    if !path.exists() {
-        VaultKey::generate().save_new(&path).unwrap();
+/// The server's TLS from `dir`'s server.pem, server.key and ca.pem (the layout of
+/// both `pki` and `ferry certs`).
+pub fn server_tls(dir: &Path) -> rustls::ServerConfig {
+    server_config(
+        &dir.join("server.pem"),
+        &dir.join("server.key"),
+        &dir.join("ca.pem"),
+    )
+    .unwrap()
+}
+
+/// How the holder of `cert` reaches the server at `addr` (named 127.0.0.1), trusting
+/// `dir`'s ca.pem.
+pub fn target(dir: &Path, cert: &Path, key: &Path, addr: std::net::SocketAddr) -> Target {
+    Target {
+        addr,
+        server_name: server_name("127.0.0.1").unwrap(),
+        tls: Arc::new(client_config(cert, key, &dir.join("ca.pem")).unwrap()),
+        timeout: Duration::from_secs(5),
     }
-    (path.clone(), VaultKey::load(&path).unwrap())
 }
 
-pub fn options(cache: &Path, shards: usize) -> Options {
-    let mut o = Options::new("127.0.0.1:0".parse().unwrap(), cache.to_path_buf());
-    o.shards = shards;
-    o.cache_bytes = 256 << 20;
-    o.cache_file_bytes = 4 << 20;
-    o.batch_delay = Duration::from_millis(20);
-    o.peer_timeout = Duration::from_secs(10);
-    o
-}
-
-pub fn serve(pki: &Pki, opts: Options, store: Store, vault: VaultKey) -> Running {
-    start(opts, pki.server_tls(), store, vault).unwrap()
-}
-
-pub fn seed() -> u64 {
-    std::env::var("FERRY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random)
+/// Agent `i`'s target (agent-i.pem of `dir`, as `ferry certs` names them).
+pub fn agent_target(dir: &Path, i: usize, addr: std::net::SocketAddr) -> Target {
+    target(
+        dir,
+        &dir.join(format!("agent-{i}.pem")),
+        &dir.join(format!("agent-{i}.key")),
+        addr,
+    )
 }

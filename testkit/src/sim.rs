@@ -3,6 +3,9 @@
 //! at each. `pump` drives the journal through a `Link`, reconnecting and resending from
 //! the server's durable watermark after any failure, exactly as the agent must.
 //! `verify` rebuilds every point from the store and compares it with the model.
+//!
+//! Errors are text: a test prints them, and a failed link call maps through its
+//! Display whatever the link's error type.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -145,7 +148,7 @@ impl SimDisk {
             next_seq: self.next_seq,
             disk_bytes: self.model.len() as u64,
         };
-        let link = connect(target, &hello).await?;
+        let link = connect(target, &hello).await.map_err(|e| e.to_string())?;
         self.connects += 1;
         self.trim(link.welcome.durable);
         self.in_flight.clear();
@@ -262,7 +265,7 @@ impl SimDisk {
                 cost += c;
                 self.sent += 1;
             }
-            link.send(&batch, cost).await?;
+            link.send(&batch, cost).await.map_err(|e| e.to_string())?;
             if let Some(&(seq, _, _)) = self.journal.get(self.sent - 1) {
                 self.in_flight.push_back((seq, Instant::now()));
             }
@@ -295,7 +298,7 @@ impl SimDisk {
             .await
             {
                 Ok(Ok(())) => break,
-                Ok(Err(e)) if Instant::now() > deadline => return Err(e),
+                Ok(Err(e)) if Instant::now() > deadline => return Err(e.to_string()),
                 Err(_) if Instant::now() > deadline => {
                     return Err(format!(
                         "{}/{}: not uploaded in time",

@@ -13,6 +13,7 @@ pub mod error;
 pub mod fault;
 pub mod keys;
 pub mod layout;
+pub mod local;
 pub mod meta;
 pub mod object;
 pub mod rebuild;

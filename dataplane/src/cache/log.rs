@@ -371,7 +371,8 @@ impl CacheLog {
         recycle: bool,
         mut visit: impl FnMut(RecordRef<'_>),
     ) -> Result<(CacheLog, u64), CacheError> {
-        fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
+        // It holds disk data in the clear: only its owner may enter it.
+        ferry_replica::local::create_private_dir(dir).map_err(|e| io_err("create", dir, e))?;
         let mut numbers = Vec::new();
         let mut spares = Vec::new();
         for e in fs::read_dir(dir).map_err(|e| io_err("list", dir, e))? {
@@ -501,7 +502,7 @@ impl CacheLog {
                     true => spare_name(&self.dir, n),
                     false => file_name(&self.dir, n),
                 };
-                let f = OpenOptions::new()
+                let f = ferry_replica::local::private_options()
                     .create_new(true)
                     .write(true)
                     .open(&path)

@@ -257,6 +257,31 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
         "{err}"
     );
     status(&sock);
+    // A client that connects and says nothing holds the admin socket (answered one
+    // connection at a time) only until the read timeout, not for ever.
+    let silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let asked = Instant::now();
+    let mut ctl = Killed(
+        Command::new(FERRY)
+            .args(["agent", "ctl", "--admin-socket"])
+            .arg(&sock)
+            .arg("status")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let answered = loop {
+        if let Some(st) = ctl.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "a silent admin client stalls the admin socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(answered.success(), "{answered}");
+    drop(silent);
     let copied = bytes_in(&metrics);
     assert!(
         copied >= 4 << 20,

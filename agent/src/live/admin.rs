@@ -92,7 +92,23 @@ fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
     conn.set_read_timeout(Some(CONNECTION_TIMEOUT))?;
     conn.set_write_timeout(Some(CONNECTION_TIMEOUT))?;
     let mut line = String::new();
-    BufReader::new(conn.try_clone()?.take(REQUEST_BYTES_MAX)).read_line(&mut line)?;
+    match BufReader::new(conn.try_clone()?.take(REQUEST_BYTES_MAX)).read_line(&mut line) {
+        // Closed without a word: another agent's start probing whether this one runs.
+        Ok(0) => return Ok(()),
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("no request within {CONNECTION_TIMEOUT:?}; closed"),
+            ))
+        }
+        Err(e) => return Err(e),
+    }
     let words: Vec<&str> = line.split_whitespace().collect();
     let mut w = conn;
     let flag = |name: &str| words.contains(&name);

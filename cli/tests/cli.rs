@@ -383,6 +383,10 @@ fn errors_are_one_clear_line() {
         &env.run(&["failover", "--machine", "m", "--out", o]),
         &format!("corrupt object {rel}"),
     );
+    assert!(
+        !Path::new(o).join("d.raw").exists(),
+        "a failed failover leaves no half image behind"
+    );
 
     // An unreachable store (nothing listens on this loopback port).
     let start = Instant::now();

@@ -3,7 +3,7 @@
 //! per connection, one answer; `ferry agent ctl` is its client.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,7 +54,12 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     // nobody can connect in the moment between the bind and the chmod.
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     let staging = staging_dir(parent.unwrap_or(Path::new(".")), path);
-    ferry_replica::local::create_private_dir(&staging)?;
+    // Left by a process that had our pid and died here: ours to clear. Made anew, not
+    // reused, so that nobody else's directory can be the one we bind in.
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(ferry_replica::local::PRIVATE_DIR_MODE)
+        .create(&staging)?;
     let bound = (|| {
         let inner = staging.join("admin.sock");
         let l = UnixListener::bind(&inner)?;

@@ -441,8 +441,10 @@ fn failover_outputs_are_private_and_never_clobbered() {
         ),
     );
     assert_eq!(std::fs::read(&raw).unwrap(), b"keep me");
+    std::fs::set_permissions(&raw, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out_ok = failover(&out, &["--overwrite"]);
     assert!(out_ok.status.success(), "{}", text(&out_ok.stderr));
+    assert_eq!(mode(&raw), 0o600, "a replaced image is made private too");
     assert!(std::fs::read(&raw).unwrap() == std::fs::read(&image).unwrap());
 
     // A symbolic link at the output path is never followed, even with --overwrite,

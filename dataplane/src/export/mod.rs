@@ -91,6 +91,15 @@ impl Output {
             }
             Err(e) => return Err(Error::io("create", &shown, e)),
         };
+        if overwrite {
+            // A file that existed keeps its mode through O_CREAT: it is about to hold
+            // the disk in the clear, so it becomes its owner's only.
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(
+                ferry_replica::local::PRIVATE_FILE_MODE,
+            ))
+            .map_err(|e| Error::io("make private", &shown, e))?;
+        }
         let out = Output {
             file,
             path,

@@ -1,7 +1,6 @@
 //! Reading a disk image or block device by extent.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -18,11 +17,7 @@ impl Image {
     pub fn open(path: &Path) -> Result<Image> {
         let shown = path.display().to_string();
         let mut file = File::open(path).map_err(|e| Error::io("open image", &shown, e))?;
-        // A block device reports length 0 in its metadata; seeking to the end works for
-        // both kinds.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| Error::io("size image", &shown, e))?;
+        let size = ferry_replica::local::disk_size(&mut file, path)?;
         Ok(Image {
             file,
             path: shown,

@@ -151,11 +151,16 @@ pub fn agent(a: AgentArgs) -> Result<()> {
     let r = a
         .run
         .context("missing agent options; see ferry agent --help")?;
+    ferry_replica::layout::check_name("machine", &r.machine)
+        .map_err(|e| anyhow!("--machine: {e}"))?;
     let mut disks = Vec::new();
     for d in &r.disks {
         let (name, path) = d
             .split_once('=')
             .with_context(|| format!("--disk {d:?}: expected NAME=PATH"))?;
+        // The name becomes a directory under --journal-dir and a path in the store.
+        ferry_replica::layout::check_name("disk", name)
+            .map_err(|e| anyhow!("--disk {d:?}: {e}"))?;
         disks.push(DiskSpec {
             name: name.to_string(),
             path: PathBuf::from(path),

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 use ferry_agent::{seed, SeedOptions};
@@ -84,6 +84,10 @@ enum Command {
         format: Format,
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace output images that exist (without it, failover refuses to touch
+        /// them); a symbolic link at an output path is refused either way
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
@@ -141,9 +145,10 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let vault = key(&key_file)?;
             let store = Store::open(&store.store)?;
-            let size = std::fs::metadata(&image)
-                .with_context(|| format!("image {}", image.display()))?
-                .len();
+            // The seed sizes the image the same way; a block device's metadata says 0.
+            let size = std::fs::File::open(&image)
+                .map_err(|e| ferry_replica::Error::io("open image", image.display().to_string(), e))
+                .and_then(|mut f| ferry_replica::local::disk_size(&mut f, &image))?;
             let pb = bar(size, "seed");
             let opts = SeedOptions {
                 machine: &machine,
@@ -204,6 +209,7 @@ pub fn run(cli: Cli) -> Result<()> {
             point,
             format,
             out,
+            overwrite,
         } => {
             let vault = key(&key_file)?;
             let store = Store::open(&store.store)?;
@@ -232,7 +238,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("--machine or --group is required"),
             };
             for (machine, point, out) in targets {
-                let plan = failover::plan(&store, &vault, &machine, &point)?;
+                let mut plan = failover::plan(&store, &vault, &machine, &point)?;
+                plan.overwrite = overwrite;
                 if let Some(note) = &plan.note {
                     eprintln!("note: {note}");
                 }

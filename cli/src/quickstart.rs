@@ -54,7 +54,9 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
             dir.display()
         );
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // It will hold a disk, its journal, the cache and failover images in the clear.
+    ferry_replica::local::create_private_dir(&dir)
+        .with_context(|| format!("create {}", dir.display()))?;
     let p = |s: &str| dir.join(s);
     println!("quickstart in {}", dir.display());
 

@@ -6,9 +6,10 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use ferry_testkit::process::{run_ok, spawn, spawn_logging};
+use ferry_testkit::process::{run_ok, spawn, spawn_logging, Killed};
 use ferry_testkit::qemu::random_writes;
 use ferry_testkit::wait_ok;
 use rand::{Rng, SeedableRng};
@@ -66,6 +67,31 @@ fn wait_uploaded(sock: &Path) {
             Err(s)
         }
     })
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// `dir` and every directory under it are 0700, every log file (the journal's and the
+/// cache's, which hold disk data) 0600; it holds some.
+fn assert_private(dir: &Path) {
+    let mut files = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                assert_eq!(mode(&p), 0o600, "{}", p.display());
+                files += 1;
+            }
+        }
+    }
+    assert!(files > 0, "nothing in {}", dir.display());
 }
 
 /// A process server's arguments for the PKI, key and store under `d`.
@@ -241,6 +267,49 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     let url = format!("nbd://127.0.0.1:{nbd_port}/sda");
 
     wait_uploaded(&sock);
+    // What holds disk data in the clear is its owner's only: the journal and the
+    // cache, their directories, and the admin socket that takes points.
+    assert_private(&d.join("journal"));
+    assert_private(&d.join("cache"));
+    assert_eq!(mode(&sock), 0o600);
+    // A second agent on the same admin socket is refused before it opens a journal,
+    // and the first one's socket stays.
+    let second = Command::new(FERRY).args(&agent_args).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "admin socket {}: another agent is running",
+            sock.display()
+        )),
+        "{err}"
+    );
+    status(&sock);
+    // A client that connects and says nothing holds the admin socket (answered one
+    // connection at a time) only until the read timeout, not for ever.
+    let silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let asked = Instant::now();
+    let mut ctl = Killed(
+        Command::new(FERRY)
+            .args(["agent", "ctl", "--admin-socket"])
+            .arg(&sock)
+            .arg("status")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let answered = loop {
+        if let Some(st) = ctl.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "a silent admin client stalls the admin socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(answered.success(), "{answered}");
+    drop(silent);
     let copied = bytes_in(&metrics);
     assert!(
         copied >= 4 << 20,
@@ -337,6 +406,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
             "--out",
             &out.display().to_string(),
         ]);
+        assert_eq!(mode(&out.join("sda.raw")), 0o600);
         let got = std::fs::read(out.join("sda.raw")).unwrap();
         let first = got.iter().zip(want.iter()).position(|(a, b)| a != b);
         assert!(
@@ -366,4 +436,74 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
         "an ordered stop leaves no marker"
     );
     drop(server);
+}
+
+/// Refused at the command line, before anything is created: disk names against the
+/// store's rule (one would escape --journal-dir), and an admin socket path holding
+/// something that is not a stale socket.
+#[test]
+fn the_agent_refuses_bad_disk_names_and_foreign_files_at_its_admin_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let journal = d.join("work/journal");
+    let run = |disk_arg: &str, admin: Option<&Path>| {
+        let mut args: Vec<String> = [
+            "agent",
+            "--process-server",
+            "127.0.0.1:9",
+            "--machine",
+            "agent-0",
+            disk_arg,
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--journal-dir",
+            &journal.display().to_string(),
+            "--tls-cert",
+            &p("pki/agent-0.pem"),
+            "--tls-key",
+            &p("pki/agent-0.key"),
+            "--ca",
+            &p("pki/ca.pem"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(a) = admin {
+            args.extend(["--admin-socket".to_string(), a.display().to_string()]);
+        }
+        let out = Command::new(FERRY).args(&args).output().unwrap();
+        assert!(!out.status.success(), "ferry {args:?} started");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let rule =
+        "1 to 64 characters of letters, digits, '.', '_' and '-', not starting with '.' or '-'";
+    for name in ["../x", "-x", ".x", "a/b", ""] {
+        let err = run(&format!("--disk={name}={}", disk.display()), None);
+        assert!(
+            err.contains(&format!("invalid disk name {name:?}")),
+            "{err}"
+        );
+        assert!(err.contains(rule), "{err}");
+    }
+    assert!(
+        !d.join("work").exists(),
+        "nothing is created for a refused name"
+    );
+
+    let sock = d.join("admin.sock");
+    std::fs::write(&sock, b"someone's file").unwrap();
+    let err = run(&format!("--disk=sda={}", disk.display()), Some(&sock));
+    assert!(
+        err.contains(&format!(
+            "admin socket {}: a regular file is there, not a socket; refusing to remove it",
+            sock.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&sock).unwrap(), b"someone's file");
+    assert!(!journal.exists(), "refused before the journal is touched");
 }

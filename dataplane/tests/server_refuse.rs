@@ -1,6 +1,7 @@
 //! What the process server refuses, over real TLS: certificates that are missing,
 //! signed by another CA, expired, or naming another machine; malformed, truncated,
-//! oversized and out-of-order frames; a second hello; a peer stalled within a frame.
+//! oversized and out-of-order frames; a second hello; a Hello naming a disk against
+//! the name rule; a peer stalled within a frame.
 //! Each closes only its own connection with a logged reason (and an Error frame where
 //! TLS got that far), while a well-behaved agent keeps replicating throughout and its
 //! disk rebuilds identical afterwards.
@@ -49,6 +50,14 @@ async fn raw(target: &Target, disk: &str) -> (TlsReader, TlsWriter) {
         assert!(r.read(&mut inbuf).await.unwrap() > 0);
     }
     (r, w)
+}
+
+/// A TLS session that has said nothing yet.
+async fn hello_raw(target: &Target) -> (TlsReader, TlsWriter) {
+    let tcp = compio::net::TcpStream::connect(target.addr).await.unwrap();
+    let conn =
+        rustls::ClientConnection::new(target.tls.clone(), target.server_name.clone()).unwrap();
+    handshake(tcp, conn, Duration::from_secs(5)).await.unwrap()
 }
 
 /// Reads until the server's Error frame; returns its code and reason.
@@ -136,6 +145,30 @@ fn bad_certificates_and_bad_frames_close_only_their_connection() {
         assert!(e.contains("does not name machine agent-0"), "{e}");
         assert!(e.contains("NotOwned"), "{e}");
 
+        // Names against the store's rule: refused by the agent's own client before it
+        // connects, and by the server when a peer says such a Hello anyway.
+        for disk in ["-x", ".x", "..", "../x"] {
+            let e = match connect(&good, &hello("agent-0", disk)).await {
+                Ok(_) => panic!("the client said hello for disk {disk:?}"),
+                Err(e) => e.reason,
+            };
+            assert!(e.contains(ferry_replica::layout::NAME_RULE), "{e}");
+            let (mut r, mut w) = hello_raw(&good).await;
+            let mut bad = Vec::new();
+            encode(&Frame::Hello(hello("agent-0", disk)), &mut bad);
+            w.send(&bad).await.unwrap();
+            let (code, reason) = error_frame(&mut r).await;
+            assert_eq!(code, ErrorCode::Malformed, "{reason}");
+            assert!(
+                reason.contains(&format!("invalid disk name {disk:?}")),
+                "{reason}"
+            );
+            assert!(
+                reason.contains(ferry_replica::layout::NAME_RULE),
+                "{reason}"
+            );
+        }
+
         // Frames.
         let (mut r, mut w) = raw(&good, "bad1").await;
         w.send(&[0xee, 0, 0, 0, 0, 0, 0, 0]).await.unwrap();
@@ -208,7 +241,7 @@ fn bad_certificates_and_bad_frames_close_only_their_connection() {
     };
     assert!(err("tls") >= 3, "TLS refusals counted: {:?}", m.errors);
     assert!(err("not_owned") >= 1, "{:?}", m.errors);
-    assert!(err("malformed") >= 4, "{:?}", m.errors);
+    assert!(err("malformed") >= 8, "{:?}", m.errors);
     server.stop();
     let store = Store::open(&url).unwrap();
     verify(&store, &vault, &sim).unwrap();

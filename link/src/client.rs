@@ -97,6 +97,8 @@ impl From<ConnectError> for String {
 
 /// Connects, handshakes and exchanges Hello and Welcome.
 pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, ConnectError> {
+    // Refused here rather than by the server: the same rule, without a round trip.
+    hello.check_names().map_err(|e| e.to_string())?;
     let tcp = compio::time::timeout(target.timeout, compio::net::TcpStream::connect(target.addr))
         .await
         .map_err(|_| format!("connect to {}: timed out", target.addr))?

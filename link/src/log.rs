@@ -383,7 +383,8 @@ impl DurableLog {
         recycle: bool,
         mut visit: impl FnMut(RecordRef<'_>),
     ) -> Result<(DurableLog, u64), LogError> {
-        fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
+        // It holds disk data in the clear: only its owner may enter it.
+        ferry_replica::local::create_private_dir(dir).map_err(|e| io_err("create", dir, e))?;
         let mut numbers = Vec::new();
         let mut spares = Vec::new();
         for e in fs::read_dir(dir).map_err(|e| io_err("list", dir, e))? {
@@ -513,7 +514,7 @@ impl DurableLog {
                     true => spare_name(&self.dir, n),
                     false => file_name(&self.dir, n),
                 };
-                let f = OpenOptions::new()
+                let f = ferry_replica::local::private_options()
                     .create_new(true)
                     .write(true)
                     .open(&path)

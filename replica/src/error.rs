@@ -34,7 +34,7 @@ pub enum Error {
     #[error("store URL {url}: {reason}")]
     StoreUrl { url: String, reason: String },
     /// A name (machine, disk) is not allowed in a store path.
-    #[error("invalid {what} name {name:?}: {reason}")]
+    #[error("invalid {what} name {name:?}: {reason} (a name is {rule})", rule = crate::layout::NAME_RULE)]
     InvalidName {
         what: &'static str,
         name: String,

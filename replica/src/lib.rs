@@ -15,6 +15,7 @@ pub mod export;
 pub mod fault;
 pub mod keys;
 pub mod layout;
+pub mod local;
 pub mod meta;
 pub mod object;
 pub mod rebuild;

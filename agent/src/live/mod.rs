@@ -138,6 +138,20 @@ impl Agent {
             }
             _ => None,
         };
+        // Each name is a directory under the journal directory and a path in the
+        // store: one rule for both, checked before anything is created.
+        ferry_replica::layout::check_name("machine", &o.machine).map_err(|e| e.to_string())?;
+        for d in &o.disks {
+            ferry_replica::layout::check_name("disk", &d.name).map_err(|e| e.to_string())?;
+        }
+        // Before any journal is opened: a live socket here is another agent, which
+        // may be using these journals.
+        let admin_listener = match &o.admin_socket {
+            Some(p) => {
+                Some(admin::bind(p).map_err(|e| format!("admin socket {}: {e}", p.display()))?)
+            }
+            None => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let mut disks = Vec::new();
@@ -299,9 +313,8 @@ impl Agent {
                 .map_err(|e| e.to_string())?;
             agent.threads.lock().expect("threads lock").push(t);
         }
-        if let Some(p) = &o.admin_socket {
-            admin::serve(p, agent.clone())
-                .map_err(|e| format!("admin socket {}: {e}", p.display()))?;
+        if let Some(l) = admin_listener {
+            admin::serve(l, agent.clone()).map_err(|e| format!("admin socket: {e}"))?;
         }
         Ok(agent)
     }

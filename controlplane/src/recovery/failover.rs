@@ -24,6 +24,8 @@ pub struct FailoverPlan {
     pub disks: Vec<(super::points::MachineDisk, Point)>,
     /// Said to the operator when disks are not at one common point.
     pub note: Option<String>,
+    /// Replace output files that exist (`--overwrite`); without it they are refused.
+    pub overwrite: bool,
 }
 
 impl FailoverPlan {
@@ -47,6 +49,7 @@ pub fn plan(
         machine: machine.into(),
         disks: disks.into_iter().zip(points).collect(),
         note,
+        overwrite: false,
     })
 }
 
@@ -57,34 +60,51 @@ pub fn run(
     out: &Path,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<FailedOverDisk>> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io("create", out.display().to_string(), e))?;
+    // The images hold the disks in the clear: a directory we make is the owner's only.
+    ferry_replica::local::create_private_dir(out)
+        .map_err(|e| Error::io("create", out.display().to_string(), e))?;
     let mut done = Vec::new();
     for (mut md, point) in plan.disks {
         let mut attempt = 0;
-        let stats = loop {
+        // Created once: a retry starts over in the file this run made, which must not
+        // be refused as one that existed before.
+        let output = Output::create(out, &md.name, format, point.disk_bytes, plan.overwrite)?;
+        let path_of_failed = output.path.clone();
+        let rebuilt = loop {
             attempt += 1;
-            let output = Output::create(out, &md.name, format, point.disk_bytes)?;
+            if attempt > 1 {
+                output.reset()?;
+            }
             let sink = FileSink {
                 file: &output.file,
                 path: output.shown(),
             };
             match rebuild_point(&md.disk, &md.state, &point, &sink, progress) {
-                Ok(stats) => {
-                    let path = output.finish()?;
-                    break (stats, path);
-                }
+                Ok(stats) => break Ok(stats),
                 Err(e) if e.is_missing() && attempt < ATTEMPTS => {
                     // A compaction replaced objects since we read the state: read it
                     // again; the point is still there unless retention dropped it.
-                    md.state = md.disk.store.block(md.disk.load_state())?;
+                    match md.disk.store.block(md.disk.load_state()) {
+                        Ok(s) => md.state = s,
+                        Err(e) => break Err(e),
+                    }
                     if md.state.point(&point.id).is_none() {
-                        return Err(Error::NotFound(format!(
+                        break Err(Error::NotFound(format!(
                             "point {} of disk {} was removed by retention during the failover",
                             point.id, md.name
                         )));
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => break Err(e),
+            }
+        };
+        let stats = match rebuilt.and_then(|stats| Ok((stats, output.finish()?))) {
+            Ok(done) => done,
+            Err(e) => {
+                // Half an image is no image: leave no file that a rerun would have to
+                // be told to overwrite, or that someone might boot.
+                let _ = std::fs::remove_file(&path_of_failed);
+                return Err(e);
             }
         };
         done.push(FailedOverDisk {

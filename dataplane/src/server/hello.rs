@@ -25,12 +25,10 @@ pub(super) async fn read_first(
         match decode(inbuf, shard.opts.limits.max_payload) {
             Ok(Decoded::Frame(Frame::Hello(h), used)) => {
                 let key = format!("{}/{}", h.machine, h.disk);
-                if !valid_name(h.machine) || !valid_name(h.disk) {
+                if let Err(e) = h.check_names() {
                     return Err(End::Reject(Reject {
                         code: ErrorCode::Malformed,
-                        reason: format!(
-                            "machine and disk names take letters, digits, '-', '_' and '.': got {key:?}"
-                        ),
+                        reason: format!("hello for {key:?}: {e}"),
                     }));
                 }
                 // An agent writes only its own machine's disks: the machine must be a
@@ -87,12 +85,4 @@ pub(super) async fn read_first(
             Err(_) => return Err(End::Gone(format!("no hello within {timeout:?}"))),
         }
     }
-}
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }

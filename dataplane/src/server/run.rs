@@ -67,7 +67,7 @@ pub fn start(
     if opts.shards == 0 {
         return Err("--shards must be at least 1".into());
     }
-    std::fs::create_dir_all(&opts.cache_dir)
+    ferry_replica::local::create_private_dir(&opts.cache_dir)
         .map_err(|e| err(&format!("cache dir {}", opts.cache_dir.display()), e))?;
     refuse_stray_shards(&opts)?;
     let opts = Arc::new(opts);

@@ -16,6 +16,17 @@ pub struct Hello<'a> {
     pub disk_bytes: u64,
 }
 
+impl Hello<'_> {
+    /// Machine and disk names follow the store's one rule (`ferry_replica::layout::
+    /// check_name`): they become paths in the store, the agent's journal directory and
+    /// the process server's cache. Both ends check: the agent before it says Hello, the
+    /// server before it touches anything.
+    pub fn check_names(&self) -> Result<(), ferry_replica::Error> {
+        ferry_replica::layout::check_name("machine", self.machine)?;
+        ferry_replica::layout::check_name("disk", self.disk)
+    }
+}
+
 /// Process server -> agent, answer to Hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Welcome {

@@ -2,7 +2,9 @@
 
 mod vhd;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
@@ -47,25 +49,74 @@ pub struct Output {
 }
 
 impl Output {
-    /// Creates (or truncates) `dir/name.ext` as a hole of `disk_bytes`.
-    pub fn create(dir: &Path, name: &str, format: Format, disk_bytes: u64) -> Result<Output> {
+    /// Creates `dir/name.ext` as a hole of `disk_bytes`, mode 0600 (it holds the disk
+    /// in the clear). A symbolic link there is never followed: it could point anywhere
+    /// the operator may write. An existing file is replaced only with `overwrite`.
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        format: Format,
+        disk_bytes: u64,
+        overwrite: bool,
+    ) -> Result<Output> {
         let path = dir.join(format!("{name}.{}", format.extension()));
         let shown = path.display().to_string();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| Error::io("create", &shown, e))?;
-        file.set_len(disk_bytes)
-            .map_err(|e| Error::io("size", &shown, e))?;
-        Ok(Output {
+        let refuse = |kind, why: &str| Err(Error::io("create", &shown, io::Error::new(kind, why)));
+        // For the message only: the open below is what guards, whatever appears.
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return refuse(
+                io::ErrorKind::AlreadyExists,
+                "a symbolic link is there; a failover output never follows one",
+            );
+        }
+        let mut o = crate::local::private_options();
+        o.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
+        match overwrite {
+            true => o.create(true).truncate(true),
+            false => o.create_new(true),
+        };
+        let file = match o.open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return refuse(
+                    io::ErrorKind::AlreadyExists,
+                    "it exists; give --overwrite to replace it",
+                )
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return refuse(
+                    io::ErrorKind::AlreadyExists,
+                    "a symbolic link is there; a failover output never follows one",
+                )
+            }
+            Err(e) => return Err(Error::io("create", &shown, e)),
+        };
+        if overwrite {
+            // A file that existed keeps its mode through O_CREAT: it is about to hold
+            // the disk in the clear, so it becomes its owner's only.
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(
+                crate::local::PRIVATE_FILE_MODE,
+            ))
+            .map_err(|e| Error::io("make private", &shown, e))?;
+        }
+        let out = Output {
             file,
             path,
             format,
             disk_bytes,
-        })
+        };
+        out.reset()?;
+        Ok(out)
+    }
+
+    /// Makes the file a hole of `disk_bytes` again, for a rebuild that starts over.
+    pub fn reset(&self) -> Result<()> {
+        let shown = self.shown();
+        self.file
+            .set_len(0)
+            .and_then(|_| self.file.set_len(self.disk_bytes))
+            .map_err(|e| Error::io("size", &shown, e))
     }
 
     pub fn shown(&self) -> String {

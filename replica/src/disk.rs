@@ -268,7 +268,26 @@ impl Disk {
             .put_new(&object, Bytes::from(bytes.clone()))
             .await?
         {
-            Created::Created => {}
+            Created::Created => {
+                // A compaction deletes the commits below its checkpoint, after creating
+                // the checkpoint's hint. A writer whose view predates that checkpoint
+                // can then re-create a deleted number: the record lands, but below the
+                // checkpoint, where no reader looks. A hint above our number exposes
+                // that (the hint always exists before the deletes), so it is a conflict.
+                let newest = self
+                    .store
+                    .list(&self.paths.checkpoints_dir())
+                    .await?
+                    .iter()
+                    .filter_map(|l| number_of(&l.path))
+                    .max();
+                if newest.is_some_and(|h| h > c.commit) {
+                    return Err(Error::Conflict {
+                        disk: self.paths.label(),
+                        commit: format!("checkpoint {} (above {object})", newest.unwrap_or(0)),
+                    });
+                }
+            }
             Created::AlreadyExists => {
                 let existing = self.store.get(&object).await?;
                 if existing.as_ref() != bytes.as_slice() {

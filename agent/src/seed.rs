@@ -299,9 +299,14 @@ pub fn seed(
         if tail.is_some() || map_object.is_some() {
             passes += 1;
             if passes >= ferry_replica::writer::UPLOAD_ATTEMPTS {
+                // Give up: the error says how old the oldest object is.
                 let mut c = PutClock::new(opts.orphan_grace);
-                let oldest = results.iter().flatten().filter_map(|o| o.put);
-                oldest.for_each(|t| c.merge(t));
+                let jobs_put = results.iter().flatten().filter_map(|o| o.put);
+                let others = tail
+                    .iter()
+                    .map(|t| t.1)
+                    .chain(map_object.iter().map(|m| m.1));
+                jobs_put.chain(others).for_each(|t| c.merge(t));
                 return Err(c.check(&disk.paths.label()).err().unwrap_or_else(|| {
                     Error::Invalid(format!(
                         "disk {}: the store is too slow to commit the seed within the orphan grace",

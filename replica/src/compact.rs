@@ -64,6 +64,8 @@ pub fn compact(disk: &Disk, opts: &CompactOptions) -> Result<CompactReport> {
     let store = &disk.store;
     let state = store.block(disk.load_state())?;
     let mut report = CompactReport::default();
+    // A disk without a recovery point is never swept: a first seed, which may take
+    // longer than the grace, relies on this (see the seed's module note).
     let Some(latest) = state.latest_point().cloned() else {
         return Ok(report);
     };

@@ -221,9 +221,16 @@ pub fn decode_commit(object: &str, bytes: &[u8], key: Option<&RecordKey>) -> Res
     let c: Commit = decode(object, framed)?;
     if let Some(key) = key {
         let json = &framed[..framed.iter().position(|b| *b == b'\n').unwrap_or(0)];
-        let authentic = hex::decode(mac_hex)
-            .ok()
-            .is_some_and(|mac| key.verify(object, json, &mac));
+        // Lowercase only, as written: hex decoding would also take an upper-case
+        // digit, so a flipped case bit would otherwise pass unnoticed.
+        let canonical = mac_hex.len() == 2 * crate::keys::MAC_BYTES
+            && mac_hex
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+        let authentic = canonical
+            && hex::decode(mac_hex)
+                .ok()
+                .is_some_and(|mac| key.verify(object, json, &mac));
         if !authentic {
             return Err(Error::corrupt(
                 object,
@@ -295,9 +302,14 @@ mod tests {
         assert_eq!(decode_commit(name, &bytes, None).unwrap(), c);
         // Any flipped byte fails a reader with the key (digest, MAC or framing).
         for i in 0..bytes.len() {
-            let mut b = bytes.clone();
-            b[i] ^= 1;
-            assert!(decode_commit(name, &b, Some(&key)).is_err(), "flip at {i}");
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(
+                    decode_commit(name, &b, Some(&key)).is_err(),
+                    "flip of bit {bit} at {i}"
+                );
+            }
         }
         // Edited, digest recomputed, MAC kept: only a reader with the key can tell.
         let mut forged = c.clone();

@@ -507,6 +507,7 @@ fn an_agent_on_a_seeded_disk_sends_only_what_changed_since_the_seed() {
             label: None,
             time: chrono::Utc::now(),
             workers: 2,
+            orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
         },
         &|_| {},
     )

@@ -28,6 +28,7 @@ pub fn run(image: &Path) -> Result<()> {
         label: None,
         time: Utc::now(),
         workers: 0,
+        orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
     };
     let r = seed(&store, &vault, &opts, &|_| {})?;
     let plan = failover::plan(&store, &vault, "bench", &PointSpec::Latest)?;

@@ -157,6 +157,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 label,
                 time: Utc::now(),
                 workers: 0,
+                orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
             };
             let r = seed(&store, &vault, &opts, &|n| pb.inc(n))?;
             pb.finish_and_clear();

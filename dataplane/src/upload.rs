@@ -3,11 +3,18 @@
 //! append. The replica's `next_seq` is the uploaded watermark: every frame below it is
 //! in blob storage, so replaying a cache after a restart skips what already landed and
 //! each write lands exactly once.
+//!
+//! A segment whose commit would start after the orphan grace (less its margin) from
+//! its put is abandoned, never committed: compaction may already have collected it.
+//! The upload is sealed again under a fresh name and redone (`append_writes`).
+
+use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
+use ferry_replica::grace::ORPHAN_GRACE;
 use ferry_replica::meta::Point;
 use ferry_replica::object::SealContext;
-use ferry_replica::writer::{append, seal_segment, Payload, Write};
+use ferry_replica::writer::{append_writes, Payload, Write};
 use ferry_replica::{Disk, DiskState, PointKind, Result, Store, VaultKey};
 
 use ferry_link::protocol::{Frame, PointKindWire};
@@ -18,9 +25,13 @@ pub struct DiskUploader {
     ctx: SealContext,
     /// The disk's size as the agent last announced it.
     disk_bytes: u64,
+    /// The grace compaction gives unreferenced objects; uploads commit well within it.
+    orphan_grace: Duration,
     /// Payload bytes and sealed bytes of everything uploaded by this uploader.
     pub plain_bytes: u64,
     pub sealed_bytes: u64,
+    /// Uploads abandoned and redone because they outlived the commit deadline.
+    pub redone: u64,
 }
 
 impl DiskUploader {
@@ -45,9 +56,18 @@ impl DiskUploader {
             state,
             ctx: SealContext::default(),
             disk_bytes,
+            orphan_grace: ORPHAN_GRACE,
             plain_bytes: 0,
             sealed_bytes: 0,
+            redone: 0,
         })
+    }
+
+    /// Holds uploads to another orphan grace than `ORPHAN_GRACE` (it must be the one
+    /// compaction of this store uses; tests shorten both).
+    pub fn with_orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
+        self
     }
 
     /// Every frame below this sequence number is committed in blob storage.
@@ -129,11 +149,6 @@ impl DiskUploader {
         if next == self.state.next_seq {
             return Ok(next);
         }
-        let sealed = if writes.is_empty() {
-            vec![]
-        } else {
-            vec![seal_segment(&self.disk, &mut self.ctx, &writes)?]
-        };
         let plain: u64 = writes
             .iter()
             .map(|w| match w.payload {
@@ -141,11 +156,26 @@ impl DiskUploader {
                 Payload::Zero(_) => 0,
             })
             .sum();
-        let sealed_len: u64 = sealed.iter().map(|s| s.bytes.len() as u64).sum();
         let store = self.disk.store.clone();
-        store.block(append(&self.disk, &mut self.state, sealed, points, next))?;
+        let done = store.block(append_writes(
+            &self.disk,
+            &mut self.state,
+            &mut self.ctx,
+            &writes,
+            points,
+            next,
+            self.orphan_grace,
+        ))?;
+        if done.redone > 0 {
+            tracing::warn!(
+                disk = %self.disk.paths.label(),
+                redone = done.redone,
+                "the store answered too slowly: an upload outlived its commit deadline and was redone under fresh names"
+            );
+        }
         self.plain_bytes += plain;
-        self.sealed_bytes += sealed_len;
+        self.sealed_bytes += done.sealed_bytes;
+        self.redone += done.redone as u64;
         Ok(next)
     }
 }

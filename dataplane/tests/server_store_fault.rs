@@ -353,3 +353,53 @@ fn a_point_keeps_its_disk_size_when_the_upload_is_retried() {
     let store = Store::with_object_store(s.inner.clone(), "memory");
     assert_eq!(verify(&store, &s.vault, &sim).unwrap(), 2);
 }
+
+#[test]
+fn an_upload_whose_reply_outlives_the_grace_is_redone_not_committed() {
+    let grace = Duration::from_millis(200);
+    let mut s = site(1, |o| o.orphan_grace = grace);
+    let (target, fault, server) = (s.target.clone(), s.fault.clone(), s.server);
+    // The first segment lands at once but its reply comes twice the grace late: by
+    // then compaction may have swept it as an orphan.
+    *fault.slow_puts.lock().unwrap() = Some(ferry_replica::fault::SlowPuts {
+        under: "machines/agent-0/disks/d/log/".into(),
+        count: 1,
+        delay: grace * 2,
+    });
+    let rt = compio::runtime::Runtime::new().unwrap();
+    let mut sim = SimDisk::new("agent-0", "d", 2 << 20, true);
+    rt.block_on(async {
+        round(&mut sim, &mut s.rng);
+        round(&mut sim, &mut s.rng);
+        sim.finish(&target, Duration::from_secs(20)).await.unwrap();
+    });
+    server.stop();
+    let late = fault.slowed.lock().unwrap().clone();
+    assert_eq!(late.len(), 1, "one reply was slowed");
+    let store = Store::with_object_store(s.inner.clone(), "memory");
+    let disk = store
+        .block(ferry_replica::Disk::open(
+            &store,
+            "agent-0",
+            "d",
+            Some(&s.vault),
+        ))
+        .unwrap();
+    let state = store.block(disk.load_state()).unwrap();
+    assert!(
+        !state.referenced().contains(&late[0]),
+        "the late segment was committed"
+    );
+    assert_eq!(verify(&store, &s.vault, &sim).unwrap(), 2);
+    // Compaction with the same grace sweeps it; every point still rebuilds (the
+    // simulated bookmarks carry early times: keep them all).
+    std::thread::sleep(grace);
+    let opts = ferry_replica::compact::CompactOptions {
+        keep: chrono::Duration::days(365 * 200),
+        now: chrono::Utc::now(),
+        orphan_grace: chrono::Duration::from_std(grace).unwrap(),
+    };
+    ferry_replica::compact::compact(&disk, &opts).unwrap();
+    assert!(store.block(store.get_opt(&late[0])).unwrap().is_none());
+    assert_eq!(verify(&store, &s.vault, &sim).unwrap(), 2);
+}

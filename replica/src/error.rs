@@ -54,6 +54,19 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A writer's upload is too old to commit: compaction may already have collected
+    /// its objects as orphans. The caller redoes the upload under fresh names.
+    #[error(
+        "disk {disk}: the upload's first object was put {age_ms} ms ago, past the commit \
+         deadline (orphan grace {grace_ms} ms less a margin of {margin_ms} ms); compaction \
+         may have collected it, so the upload is abandoned and must be redone"
+    )]
+    UploadExpired {
+        disk: String,
+        age_ms: u64,
+        grace_ms: u64,
+        margin_ms: u64,
+    },
     /// A caller asked for something the format cannot express.
     #[error("{0}")]
     Invalid(String),

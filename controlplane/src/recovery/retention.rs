@@ -6,8 +6,9 @@ use ferry_replica::{Result, Store, VaultKey};
 
 use super::points::open_machine;
 
-/// Unreferenced objects younger than this may be a writer's uncommitted upload.
-pub const ORPHAN_GRACE: Duration = Duration::hours(1);
+/// Unreferenced objects younger than this may be a writer's uncommitted upload. The
+/// replica's constant, which the writers are held to as well.
+pub use ferry_replica::grace::ORPHAN_GRACE;
 
 pub fn compact_machine(
     store: &Store,
@@ -19,7 +20,8 @@ pub fn compact_machine(
     let opts = CompactOptions {
         keep,
         now: Utc::now(),
-        orphan_grace: ORPHAN_GRACE,
+        orphan_grace: Duration::from_std(ORPHAN_GRACE)
+            .map_err(|e| ferry_replica::Error::Invalid(format!("orphan grace: {e}")))?,
     };
     disks
         .into_iter()

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{select, Either};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use ferry_link::log::{LogError, Position};
 use ferry_link::protocol::{
@@ -22,21 +22,12 @@ use ferry_link::protocol::{
 };
 use ferry_link::tls::{handshake, TlsReader, TlsWriter};
 
+use super::end::{unavailable, End};
 use super::hello::read_first;
 use super::registry::DiskEntry;
 use super::session::{Action, Reject, Session};
 use super::shard::Shard;
 use super::sums::{prepare, Outgoing};
-
-/// Why a connection ended, for the log.
-pub(super) enum End {
-    /// The agent said Bye.
-    Bye,
-    /// We refuse to go on; the agent is told why.
-    Reject(Reject),
-    /// The peer went away or stalled; nothing can be told.
-    Gone(String),
-}
 
 struct State {
     session: Session,
@@ -55,10 +46,12 @@ struct State {
     sums: Option<Outgoing>,
 }
 
-pub(super) fn unavailable(reason: impl Into<String>) -> Reject {
-    Reject {
-        code: ErrorCode::Unavailable,
-        reason: reason.into(),
+/// Runs a shard until its connection channel closes: the committer, and a task for
+/// each connection the acceptor hands over.
+pub async fn run_shard(shard: Rc<Shard>, mut conns: mpsc::Receiver<std::net::TcpStream>) {
+    shard.start_committer();
+    while let Some(tcp) = conns.recv().await {
+        compio::runtime::spawn(serve(shard.clone(), tcp)).detach();
     }
 }
 

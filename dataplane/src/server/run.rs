@@ -19,7 +19,7 @@ use super::http::View;
 use super::options::Options;
 use super::registry::Registry;
 use super::shard::{Shard, ShardShared};
-use super::uploader::UploadStatus;
+use crate::upload::UploadStatus;
 
 /// A started server. Dropping it leaves the threads running; `stop` ends them.
 pub struct Running {
@@ -78,7 +78,7 @@ pub fn start(
     // would throttle before its first file could roll over and be freed.
     let file_bytes = opts.cache_file_bytes.min(per_shard / 8).max(1 << 20);
     // Each shard's log may hold one file past its bound (a spare kept for reuse).
-    super::room::check(
+    crate::cache::check(
         &opts.cache_dir,
         opts.cache_bytes + opts.shards as u64 * file_bytes,
     )?;
@@ -192,7 +192,7 @@ pub fn start(
                     }
                 };
                 let shard = Rc::new(Shard::new(shared, log, registry2, opts2, tls2));
-                rt.block_on(shard.run(rx));
+                rt.block_on(super::conn::run_shard(shard, rx));
             })
             .map_err(|e| err("starting a shard thread", e))?;
         let status = Arc::new(UploadStatus::default());
@@ -206,7 +206,7 @@ pub fn start(
         uploaders.push(
             std::thread::Builder::new()
                 .name(format!("ferry-upload-{i}"))
-                .spawn(move || super::uploader::run(shared, registry2, opts2, status, stop2))
+                .spawn(move || crate::upload::run(shared, registry2, opts2, status, stop2))
                 .map_err(|e| err("starting an upload thread", e))?,
         );
     }

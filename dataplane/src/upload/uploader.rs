@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use ferry_link::log::{Position, Tailer};
 use ferry_link::protocol::{decode, Decoded, Frame};
 
-use super::options::Options;
-use super::registry::Registry;
-use super::shard::ShardShared;
+use crate::server::options::Options;
+use crate::server::registry::Registry;
+use crate::server::shard::ShardShared;
 
 /// What the upload stage publishes for metrics and health.
 #[derive(Default)]

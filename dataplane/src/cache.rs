@@ -1,4 +1,8 @@
-//! Room on the cache's file system. The cache's bound (`--cache-gib`) is a promise
+//! The process server's cache: one `ferry_link::log::DurableLog` per shard, in
+//! `<cache-dir>/shard-<i>/`. This module holds what concerns the cache directory as a
+//! whole, used by the server's start and by health alike.
+//!
+//! Room on the cache's file system: the cache's bound (`--cache-gib`) is a promise
 //! that agents' writes up to it can be made durable; a file system with less room would
 //! break it with a failed append when the cache fills, long after the start. So the
 //! start checks it and refuses, naming the numbers.

@@ -5,9 +5,12 @@
 //! Room on the cache's file system: the cache's bound (`--cache-gib`) is a promise
 //! that agents' writes up to it can be made durable; a file system with less room would
 //! break it with a failed append when the cache fills, long after the start. So the
-//! start checks it and refuses, naming the numbers.
+//! start checks it and refuses, naming the numbers. It also refuses a cache that holds
+//! writes of more shards than it will run, since nobody would upload them.
 
 use std::path::Path;
+
+use crate::error::{Error, Result};
 
 /// Bytes the file system holding `path` has free for an unprivileged writer.
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
@@ -52,17 +55,49 @@ pub fn gib(bytes: u64) -> f64 {
 
 /// Refuses a bound the file system cannot hold: what the cache holds already plus
 /// what is free must reach it.
-pub fn check(dir: &Path, bound: u64) -> Result<(), String> {
-    let free = free_bytes(dir).map_err(|e| format!("cache dir {}: statvfs: {e}", dir.display()))?;
+pub fn check(dir: &Path, bound: u64) -> Result<()> {
+    let free = free_bytes(dir).map_err(|source| Error::Io {
+        op: "statvfs of cache dir",
+        path: dir.display().to_string(),
+        source,
+    })?;
     let held = held_bytes(dir);
     if bound > free.saturating_add(held) {
-        return Err(format!(
-            "cache dir {}: the cache may grow to {:.2} GiB (--cache-gib and a spare file per shard), but its file system has {:.2} GiB free and the cache holds {:.2} GiB: lower --cache-gib or free space",
-            dir.display(),
-            gib(bound),
-            gib(free),
-            gib(held)
-        ));
+        return Err(Error::NoRoom {
+            dir: dir.display().to_string(),
+            bound,
+            free,
+            held,
+        });
+    }
+    Ok(())
+}
+
+/// A cache written with more shards than now would leave writes nobody uploads.
+pub fn refuse_stray_shards(dir: &Path, shards: usize) -> Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        op: "cache dir",
+        path: dir.display().to_string(),
+        source,
+    })?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(n) = name
+            .strip_prefix("shard-")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let holds = std::fs::read_dir(e.path())
+            .map(|d| d.flatten().any(|f| f.metadata().is_ok_and(|m| m.len() > 0)))
+            .unwrap_or(false);
+        if n >= shards && holds {
+            return Err(Error::StrayShard {
+                dir: dir.display().to_string(),
+                shard: n,
+                shards,
+            });
+        }
     }
     Ok(())
 }
@@ -82,8 +117,45 @@ mod tests {
         let free = free_bytes(dir.path()).unwrap();
         assert!(check(dir.path(), 1 << 20).is_ok());
         assert!(check(dir.path(), free / 2).is_ok());
-        let e = check(dir.path(), free.saturating_mul(2) + (1 << 40)).unwrap_err();
+        let e = check(dir.path(), free.saturating_mul(2) + (1 << 40))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lower --cache-gib or free space"), "{e}");
         assert!(e.contains("the cache holds 0.00 GiB"), "{e}");
+    }
+
+    #[test]
+    fn a_cache_holding_a_shard_beyond_the_count_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join("shard-3");
+        std::fs::create_dir_all(&shard).unwrap();
+        // An empty shard directory holds nothing to upload.
+        assert!(refuse_stray_shards(dir.path(), 2).is_ok());
+        std::fs::write(shard.join("0000000000000000.log"), b"x").unwrap();
+        let e = refuse_stray_shards(dir.path(), 2).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::StrayShard {
+                    shard: 3,
+                    shards: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("start with --shards 4"), "{e}");
+        assert!(refuse_stray_shards(dir.path(), 4).is_ok());
+    }
+
+    #[test]
+    fn a_missing_cache_dir_keeps_the_cause() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        let e = refuse_stray_shards(&gone, 1).unwrap_err();
+        assert!(e.to_string().starts_with("cache dir "), "{e}");
+        let cause = e.source().and_then(|c| c.downcast_ref::<std::io::Error>());
+        assert_eq!(cause.map(|c| c.kind()), Some(std::io::ErrorKind::NotFound));
     }
 }

@@ -3,11 +3,11 @@
 //! agents' frames and the shards that append them, with group commit, to their cache
 //! log, a `ferry_link::log::DurableLog`) -> `cache` (the cache directory those logs
 //! live in: room on its file system, shards it may hold) -> `upload` (tail the cache,
-//! seal into segments and commit to the replica). Beside them: `health` and `metrics`.
-//! The simulated agent its tests drive lives in the dev-only `ferry-testkit`. The
-//! protocol, TLS, the agent's client end and the durable log live in `ferry-link`,
-//! which the agent shares without linking this crate; the failover output writers
-//! live in `ferry_replica::export`.
+//! seal into segments and commit to the replica). Beside them: `health` and `metrics`,
+//! and `error` (the server's error types). The simulated agent its tests drive lives
+//! in the dev-only `ferry-testkit`. The protocol, TLS, the agent's client end and the
+//! durable log live in `ferry-link`, which the agent shares without linking this crate;
+//! the failover output writers live in `ferry_replica::export`.
 
 // The pipeline, in flow order (each its own group, so that rustfmt keeps the order).
 pub mod server;
@@ -16,5 +16,6 @@ pub mod cache;
 
 pub mod upload;
 
+pub mod error;
 pub mod health;
 pub mod metrics;

@@ -320,7 +320,7 @@ fn upload_once(
     status: &UploadStatus,
     key: &str,
     payloads: &[&[u8]],
-) -> Result<(), String> {
+) -> ferry_replica::Result<()> {
     let frames: Vec<Frame<'_>> = payloads
         .iter()
         .filter_map(|p| match decode(p, u32::MAX) {
@@ -359,7 +359,7 @@ fn upload_once(
             // next time, so the retry starts from what is really there.
             *entry.uploader.lock().expect("uploader lock") = None;
             status.failing.store(true, Ordering::Relaxed);
-            Err(e.to_string())
+            Err(e)
         }
     }
 }

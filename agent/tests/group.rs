@@ -281,5 +281,5 @@ fn a_member_must_be_told_its_coordinator() {
         group_tls: Some(w.tls(1)),
     };
     let e = Agent::start(o).err().unwrap();
-    assert!(e.contains("--group-coordinator"), "{e}");
+    assert!(e.to_string().contains("--group-coordinator"), "{e}");
 }

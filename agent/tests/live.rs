@@ -58,7 +58,7 @@ fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
         Duration::from_secs(30),
         || {
             agent.bookmark(false, Some("first")).map_err(|e| {
-                assert!(e.contains("initial copy"), "{e}");
+                assert!(e.to_string().contains("initial copy"), "{e}");
                 e
             })
         },
@@ -146,7 +146,7 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
     pattern_writes(&agent, &mut rng, 60, 16..=32);
     assert_eq!(agent.status()[0]["mode"], "bitmap", "{:?}", agent.status());
     let e = agent.bookmark(false, None).unwrap_err();
-    assert!(e.contains("overflowed"), "{e}");
+    assert!(e.to_string().contains("overflowed"), "{e}");
 
     let server = w.server(addr);
     let id = wait_ok(
@@ -154,7 +154,7 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
         Duration::from_secs(60),
         || {
             agent.bookmark(false, Some("after")).map_err(|e| {
-                assert!(e.contains("overflowed"), "{e}");
+                assert!(e.to_string().contains("overflowed"), "{e}");
                 agent.status()
             })
         },

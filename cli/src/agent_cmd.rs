@@ -209,12 +209,11 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         group_coordinator: r.group_coordinator,
         group_peers: r.group_peers,
         group_tls,
-    })
-    .map_err(|e| anyhow!(e))?;
+    })?;
     println!("agent for {} serving NBD on {}", r.machine, agent.nbd_addr);
     let signal = wait_for(&stop_signals);
     tracing::info!(signal, "stopping in order: flushing every disk");
-    agent.shutdown().map_err(|e| anyhow!(e))?;
+    agent.shutdown()?;
     // On stderr: whoever read the first line of stdout may have closed it.
     tracing::info!(machine = %r.machine, "the agent stopped in order");
     Ok(())

@@ -9,5 +9,7 @@
 //! - `recovery::failover`: rebuilding every disk of a machine at the chosen point into
 //!   raw or fixed-VHD files (`ferry_replica::export`).
 //! - `recovery::retention`: compaction by age.
+//! - `error`: the control plane's `Error`.
 
+pub mod error;
 pub mod recovery;

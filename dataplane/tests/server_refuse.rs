@@ -83,7 +83,7 @@ async fn error_frame(r: &mut TlsReader) -> (ErrorCode, String) {
 async fn refused(target: &Target, machine: &str) -> String {
     match connect(target, &hello(machine, "d")).await {
         Ok(_) => panic!("a connection for {machine} was accepted"),
-        Err(e) => e.reason,
+        Err(e) => e.to_string(),
     }
 }
 
@@ -150,7 +150,7 @@ fn bad_certificates_and_bad_frames_close_only_their_connection() {
         for disk in ["-x", ".x", "..", "../x"] {
             let e = match connect(&good, &hello("agent-0", disk)).await {
                 Ok(_) => panic!("the client said hello for disk {disk:?}"),
-                Err(e) => e.reason,
+                Err(e) => e.to_string(),
             };
             assert!(e.contains(ferry_replica::layout::NAME_RULE), "{e}");
             let (mut r, mut w) = hello_raw(&good).await;
@@ -261,6 +261,7 @@ fn a_cache_bound_beyond_its_file_system_is_refused_at_start() {
     let Err(e) = ferry_dataplane::server::start(opts, pki.server_tls(), store, vault) else {
         panic!("a 1 EiB cache was accepted");
     };
+    let e = e.to_string();
     assert!(
         e.contains("the cache may grow to 1073741824.00 GiB")
             && e.contains("lower --cache-gib or free space"),

@@ -15,7 +15,8 @@ use tokio::sync::Notify;
 
 use ferry_replica::sums::BlockSums;
 
-use crate::protocol::{decode, encode, Decoded, ErrorCode, Frame, Hello, Welcome, SUM_BYTES};
+use crate::error::LinkError;
+use crate::protocol::{decode, encode, Decoded, Frame, Hello, Welcome, SUM_BYTES};
 use crate::tls::{handshake, TlsReader, TlsWriter};
 
 /// Credit a frame costs; only writes, zeroes and bookmarks spend it.
@@ -43,12 +44,13 @@ struct Shared {
     durable: u64,
     uploaded: u64,
     /// Why the link ended, once it has.
-    closed: Option<String>,
+    closed: Option<Arc<LinkError>>,
     /// A checksum map arriving (SumsRequest): its sequence and what came so far.
     sums: Option<(u64, BlockSums)>,
 }
 
 pub struct Link {
+    peer: SocketAddr,
     writer: TlsWriter,
     shared: Rc<RefCell<Shared>>,
     changed: Rc<Notify>,
@@ -57,64 +59,25 @@ pub struct Link {
     out: Vec<u8>,
 }
 
-/// Why `connect` failed; `durable` is the server's watermark when it refused the
-/// agent's sequence numbers (an Ack precedes that refusal).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectError {
-    pub reason: String,
-    pub durable: Option<u64>,
-    /// The code of the server's Error frame, when it refused the Hello.
-    pub code: Option<ErrorCode>,
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
-
-impl From<String> for ConnectError {
-    fn from(reason: String) -> Self {
-        ConnectError {
-            reason,
-            durable: None,
-            code: None,
-        }
-    }
-}
-
-impl From<&str> for ConnectError {
-    fn from(reason: &str) -> Self {
-        reason.to_string().into()
-    }
-}
-
-impl From<ConnectError> for String {
-    fn from(e: ConnectError) -> Self {
-        e.reason
-    }
-}
-
 /// Connects, handshakes and exchanges Hello and Welcome.
-pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, ConnectError> {
+pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, LinkError> {
+    let peer = target.addr;
     // Refused here rather than by the server: the same rule, without a round trip.
-    hello.check_names().map_err(|e| e.to_string())?;
-    let tcp = compio::time::timeout(target.timeout, compio::net::TcpStream::connect(target.addr))
+    hello.check_names().map_err(LinkError::BadName)?;
+    let io = |op| move |source| LinkError::Io { op, peer, source };
+    let tcp = compio::time::timeout(target.timeout, compio::net::TcpStream::connect(peer))
         .await
-        .map_err(|_| format!("connect to {}: timed out", target.addr))?
-        .map_err(|e| format!("connect to {}: {e}", target.addr))?;
+        .map_err(|_| LinkError::ConnectTimeout { peer })?
+        .map_err(io("connect to"))?;
     let _ = tcp.set_nodelay(true);
     let conn = rustls::ClientConnection::new(target.tls.clone(), target.server_name.clone())
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(|source| LinkError::Tls { peer, source })?;
     let (mut reader, mut writer) = handshake(tcp, conn, target.timeout)
         .await
-        .map_err(|e| format!("TLS handshake with {}: {e}", target.addr))?;
+        .map_err(io("TLS handshake with"))?;
     let mut out = Vec::new();
     encode(&Frame::Hello(hello.clone()), &mut out);
-    writer
-        .send(&out)
-        .await
-        .map_err(|e| format!("send hello: {e}"))?;
+    writer.send(&out).await.map_err(io("send hello to"))?;
     let mut inbuf = Vec::new();
     let mut durable = None;
     let welcome = loop {
@@ -130,21 +93,33 @@ pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, Connect
                 continue;
             }
             Ok(Decoded::Frame(Frame::Error { code, reason }, _)) => {
-                return Err(ConnectError {
-                    reason: format!("refused by the process server: {reason} ({code:?})"),
+                return Err(LinkError::Refused {
+                    peer,
+                    code,
+                    reason: reason.to_string(),
                     durable,
-                    code: Some(code),
                 })
             }
-            Ok(Decoded::Frame(f, _)) => return Err(format!("expected welcome, got {f:?}").into()),
+            Ok(Decoded::Frame(f, _)) => {
+                return Err(LinkError::Unexpected {
+                    peer,
+                    what: format!("expected welcome, got {f:?}"),
+                })
+            }
             Ok(Decoded::Incomplete(_)) => {}
-            Err(e) => return Err(format!("bad answer to hello: {e}").into()),
+            Err(source) => {
+                return Err(LinkError::BadFrame {
+                    what: "answer to hello",
+                    peer,
+                    source,
+                })
+            }
         }
         match compio::time::timeout(target.timeout, reader.read(&mut inbuf)).await {
-            Ok(Ok(0)) => return Err("the process server closed the connection".into()),
+            Ok(Ok(0)) => return Err(LinkError::Closed { peer }),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("waiting for welcome: {e}").into()),
-            Err(_) => return Err("no welcome in time".into()),
+            Ok(Err(e)) => return Err(io("waiting for welcome from")(e)),
+            Err(_) => return Err(LinkError::NoWelcome { peer }),
         }
     };
     let shared = Rc::new(RefCell::new(Shared {
@@ -155,8 +130,15 @@ pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, Connect
         sums: None,
     }));
     let changed = Rc::new(Notify::new());
-    let recv = compio::runtime::spawn(receive(reader, inbuf, shared.clone(), changed.clone()));
+    let recv = compio::runtime::spawn(receive(
+        peer,
+        reader,
+        inbuf,
+        shared.clone(),
+        changed.clone(),
+    ));
     Ok(Link {
+        peer,
         writer,
         shared,
         changed,
@@ -167,6 +149,7 @@ pub async fn connect(target: &Target, hello: &Hello<'_>) -> Result<Link, Connect
 }
 
 async fn receive(
+    peer: SocketAddr,
     mut reader: TlsReader,
     mut inbuf: Vec<u8>,
     shared: Rc<RefCell<Shared>>,
@@ -193,23 +176,32 @@ async fn receive(
                             first,
                             sums,
                         } => {
-                            if let Err(why) =
+                            if let Err(what) =
                                 s.sums_chunk(seq, block_bytes, disk_bytes, first, sums)
                             {
-                                stop = Some(why);
+                                stop = Some(LinkError::Unexpected {
+                                    peer,
+                                    what: what.to_string(),
+                                });
                             }
                         }
                         Frame::Error { code, reason } => {
-                            stop = Some(format!(
-                                "the process server closed the session: {reason} ({code:?})"
-                            ));
+                            stop = Some(LinkError::SessionClosed {
+                                peer,
+                                code,
+                                reason: reason.to_string(),
+                            });
                         }
                         _ => {}
                     }
                 }
                 Ok(Decoded::Incomplete(_)) => break,
-                Err(e) => {
-                    stop = Some(format!("bad frame from the process server: {e}"));
+                Err(source) => {
+                    stop = Some(LinkError::BadFrame {
+                        what: "frame",
+                        peer,
+                        source,
+                    });
                     break;
                 }
             }
@@ -220,12 +212,18 @@ async fn receive(
             break s;
         }
         match reader.read(&mut inbuf).await {
-            Ok(0) => break "the process server closed the connection".to_string(),
+            Ok(0) => break LinkError::Closed { peer },
             Ok(_) => {}
-            Err(e) => break format!("connection lost: {e}"),
+            Err(source) => {
+                break LinkError::Io {
+                    op: "connection lost to",
+                    peer,
+                    source,
+                }
+            }
         }
     };
-    shared.borrow_mut().closed = Some(why);
+    shared.borrow_mut().closed = Some(Arc::new(why));
     changed.notify_waiters();
 }
 
@@ -238,7 +236,7 @@ impl Shared {
         disk_bytes: u64,
         first: u64,
         sums: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), &'static str> {
         if first == 0 {
             self.sums = Some((
                 seq,
@@ -250,14 +248,14 @@ impl Shared {
             ));
         }
         let Some((s, map)) = self.sums.as_mut() else {
-            return Err("a checksum map chunk without its start".into());
+            return Err("a checksum map chunk without its start");
         };
         if *s != seq
             || map.block_bytes != block_bytes as u64
             || map.disk_bytes != disk_bytes
             || map.sums.len() as u64 != first
         {
-            return Err("checksum map chunks out of order".into());
+            return Err("checksum map chunks out of order");
         }
         map.sums.extend(
             sums.chunks_exact(SUM_BYTES)
@@ -290,11 +288,12 @@ impl Link {
         self.shared.borrow().uploaded
     }
 
-    pub fn closed(&self) -> Option<String> {
+    /// Why the link ended, once it has.
+    pub fn closed(&self) -> Option<Arc<LinkError>> {
         self.shared.borrow().closed.clone()
     }
 
-    async fn wait_until(&self, ok: impl Fn(&Shared) -> bool) -> Result<(), String> {
+    async fn wait_until(&self, ok: impl Fn(&Shared) -> bool) -> Result<(), LinkError> {
         loop {
             let notified = self.changed.notified();
             {
@@ -303,7 +302,7 @@ impl Link {
                     return Ok(());
                 }
                 if let Some(why) = &s.closed {
-                    return Err(why.clone());
+                    return Err(LinkError::Ended(why.clone()));
                 }
             }
             // A timer as well: a notification between the check and the wait is
@@ -313,17 +312,22 @@ impl Link {
     }
 
     /// Sends encoded frames costing `cost` credit, waiting for the credit first.
-    pub async fn send(&mut self, frames: &[u8], cost: u64) -> Result<(), String> {
+    pub async fn send(&mut self, frames: &[u8], cost: u64) -> Result<(), LinkError> {
         self.wait_until(|s| s.credit >= cost).await?;
         self.shared.borrow_mut().credit -= cost;
+        let peer = self.peer;
         self.writer
             .send(frames)
             .await
-            .map_err(|e| format!("send: {e}"))
+            .map_err(|source| LinkError::Io {
+                op: "send to",
+                peer,
+                source,
+            })
     }
 
     /// Sends one frame.
-    pub async fn send_frame(&mut self, f: &Frame<'_>) -> Result<(), String> {
+    pub async fn send_frame(&mut self, f: &Frame<'_>) -> Result<(), LinkError> {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         encode(f, &mut out);
@@ -333,19 +337,19 @@ impl Link {
     }
 
     /// Waits until every write below `seq` is durable.
-    pub async fn wait_durable(&self, seq: u64) -> Result<(), String> {
+    pub async fn wait_durable(&self, seq: u64) -> Result<(), LinkError> {
         self.wait_until(|s| s.durable >= seq).await
     }
 
     /// Waits until every write below `seq` is in blob storage (the Ack after a Flush
     /// reports it).
-    pub async fn wait_uploaded(&mut self, seq: u64, poll: Duration) -> Result<(), String> {
+    pub async fn wait_uploaded(&mut self, seq: u64, poll: Duration) -> Result<(), LinkError> {
         loop {
             if self.uploaded() >= seq {
                 return Ok(());
             }
             if let Some(why) = self.closed() {
-                return Err(why);
+                return Err(LinkError::Ended(why));
             }
             let durable = self.durable();
             self.send_frame(&Frame::Flush { seq: durable }).await?;
@@ -354,7 +358,7 @@ impl Link {
     }
 
     /// Ends the session in order.
-    pub async fn bye(mut self) -> Result<(), String> {
+    pub async fn bye(mut self) -> Result<(), LinkError> {
         self.send_frame(&Frame::Bye).await?;
         let _ = self.writer.close().await;
         Ok(())

@@ -63,22 +63,24 @@ const HEADER_BYTES: usize = 2 + 4 + 4 + 1;
 /// Largest payload a record may hold (a protocol frame with its header).
 pub const RECORD_PAYLOAD_MAX: usize = (4 << 20) + 4096;
 
+/// What went wrong in a durable log. The wording is the log's own: the caller says
+/// whose log it is (the agent's journal, the process server's cache).
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("cache {op} {path}: {source}")]
+    #[error("log {op} {path}: {source}")]
     Io {
         op: &'static str,
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("cache file {path} is corrupt at byte {offset}: {reason}")]
+    #[error("log file {path} is corrupt at byte {offset}: {reason}")]
     Corrupt {
         path: String,
         offset: u64,
         reason: &'static str,
     },
-    #[error("cache full: {used} of {max} bytes in use")]
+    #[error("log full: {used} of {max} bytes in use")]
     Full { used: u64, max: u64 },
     #[error("a record for {disk} of {bytes} bytes exceeds the record limit")]
     TooLarge { disk: String, bytes: usize },

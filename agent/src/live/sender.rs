@@ -86,7 +86,7 @@ impl Sender {
             if link.as_ref().is_none_or(|l| l.closed().is_some()) {
                 self.capture.resync.lost_link();
                 if let Some(l) = link.take() {
-                    let why = l.closed().unwrap_or_default();
+                    let why = l.closed().map(|e| e.to_string()).unwrap_or_default();
                     tracing::warn!(disk = %self.capture.disk, reason = %why, "lost the process server; reconnecting");
                     self.set(|s| {
                         s.connected = false;
@@ -135,13 +135,13 @@ impl Sender {
                         version = VERSION;
                         link = Some(l);
                     }
-                    Err(e) if e.code == Some(ErrorCode::Version) && version > OLDEST_VERSION => {
+                    Err(e) if e.code() == Some(ErrorCode::Version) && version > OLDEST_VERSION => {
                         version -= 1;
                         tracing::info!(disk = %self.capture.disk, version, reason = %e, "the process server is of an older release: offering an older protocol version");
                         continue;
                     }
                     Err(e) => {
-                        match e.durable {
+                        match e.durable() {
                             // The server already holds numbers this agent would
                             // reuse: never send different data under them.
                             Some(d) if d > next_seq => self.capture.renumber(d),
@@ -155,7 +155,7 @@ impl Sender {
                             }
                             _ => {}
                         }
-                        if let Some(d) = e.durable {
+                        if let Some(d) = e.durable() {
                             let _ = self.capture.contact.compare_exchange(
                                 NO_CONTACT,
                                 d,
@@ -163,7 +163,7 @@ impl Sender {
                                 Ordering::SeqCst,
                             );
                         }
-                        let e = e.reason;
+                        let e = e.to_string();
                         self.set(|s| s.last_error = Some(e.clone()));
                         if logged.as_ref() != Some(&e) {
                             tracing::warn!(disk = %self.capture.disk, error = %e, "cannot connect to the process server; retrying");

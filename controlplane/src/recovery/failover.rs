@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use ferry_replica::export::{Format, Output};
 use ferry_replica::rebuild::{rebuild_point, FileSink, RebuildStats};
-use ferry_replica::{Error, Point, Result, Store, VaultKey};
+use ferry_replica::{Point, Store, VaultKey};
+
+use crate::error::{Error, Result};
 
 use super::points::{choose, open_machine, PointSpec};
 
@@ -61,8 +63,11 @@ pub fn run(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<FailedOverDisk>> {
     // The images hold the disks in the clear: a directory we make is the owner's only.
-    ferry_replica::local::create_private_dir(out)
-        .map_err(|e| Error::io("create", out.display().to_string(), e))?;
+    ferry_replica::local::create_private_dir(out).map_err(|source| Error::Io {
+        op: "create",
+        path: out.display().to_string(),
+        source,
+    })?;
     let mut done = Vec::new();
     for (mut md, point) in plan.disks {
         let mut attempt = 0;
@@ -86,16 +91,16 @@ pub fn run(
                     // again; the point is still there unless retention dropped it.
                     match md.disk.store.block(md.disk.load_state()) {
                         Ok(s) => md.state = s,
-                        Err(e) => break Err(e),
+                        Err(e) => break Err(e.into()),
                     }
                     if md.state.point(&point.id).is_none() {
-                        break Err(Error::NotFound(format!(
-                            "point {} of disk {} was removed by retention during the failover",
-                            point.id, md.name
-                        )));
+                        break Err(Error::PointRemoved {
+                            id: point.id.clone(),
+                            disk: md.name.clone(),
+                        });
                     }
                 }
-                Err(e) => break Err(e),
+                Err(e) => break Err(e.into()),
             }
         };
         let stats = match rebuilt.and_then(|stats| Ok((stats, output.finish()?))) {

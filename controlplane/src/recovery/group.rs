@@ -4,7 +4,9 @@
 
 use std::collections::BTreeSet;
 
-use ferry_replica::{layout, Error, Result, Store};
+use ferry_replica::{layout, Store};
+
+use crate::error::{Error, Result};
 
 use super::points::open_machine;
 
@@ -52,20 +54,18 @@ pub fn latest_group_point(store: &Store, group: &str) -> Result<(Vec<String>, St
         members.push(m);
     }
     if members.is_empty() {
-        return Err(Error::NotFound(format!(
-            "no machine in store {} has points of group {group}",
-            store.name()
-        )));
+        return Err(Error::NoGroup {
+            group: group.to_string(),
+            store: store.name().to_string(),
+        });
     }
     let newest = common
         .unwrap_or_default()
         .into_iter()
         .max_by_key(|id| (when.get(id).copied(), id.clone()))
-        .ok_or_else(|| {
-            Error::NotFound(format!(
-                "no point of group {group} is held by all of {}",
-                members.join(", ")
-            ))
+        .ok_or_else(|| Error::NoGroupPoint {
+            group: group.to_string(),
+            members: members.join(", "),
         })?;
     Ok((members, newest))
 }

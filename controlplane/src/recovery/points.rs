@@ -7,8 +7,10 @@
 
 use chrono::{DateTime, Utc};
 use ferry_replica::disk::list_disks;
-use ferry_replica::{Disk, DiskState, Error, Point, PointKind, Result, Store, VaultKey};
+use ferry_replica::{Disk, DiskState, Point, PointKind, Store, VaultKey};
 use serde::Serialize;
+
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum PointSpec {
@@ -19,16 +21,20 @@ pub enum PointSpec {
 }
 
 impl std::str::FromStr for PointSpec {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why| Error::BadPointSpec {
+            spec: s.to_string(),
+            why,
+        };
         match s {
-            "" => Err("empty point".into()),
+            "" => Err(bad("is empty")),
             "latest" => Ok(PointSpec::Latest),
             "latest-app" => Ok(PointSpec::LatestApp),
             s => match DateTime::parse_from_rfc3339(s) {
                 Ok(t) => Ok(PointSpec::Time(t.with_timezone(&Utc))),
                 Err(_) if s.len() > 4 && s.as_bytes()[4] == b'-' && s.contains(':') => {
-                    Err(format!("{s:?} is neither a point id nor an RFC 3339 time"))
+                    Err(bad("is neither a point id nor an RFC 3339 time"))
                 }
                 Err(_) => Ok(PointSpec::Id(s.to_string())),
             },
@@ -83,10 +89,10 @@ pub fn open_machine(
 ) -> Result<Vec<MachineDisk>> {
     let names = store.block(list_disks(store, machine))?;
     if names.is_empty() {
-        return Err(Error::NotFound(format!(
-            "no machine {machine} in store {}",
-            store.name()
-        )));
+        return Err(Error::NoMachine {
+            machine: machine.to_string(),
+            store: store.name().to_string(),
+        });
     }
     names
         .into_iter()
@@ -145,10 +151,11 @@ pub fn choose(
             .map(|d| d.name.as_str())
             .collect();
         if !lacking.is_empty() {
-            return Err(Error::NotFound(format!(
-                "point {id} is not a point of disk {} of machine {machine} (see `ferry points`)",
-                lacking.join(", ")
-            )));
+            return Err(Error::NotAPoint {
+                id: id.clone(),
+                machine: machine.to_string(),
+                disks: lacking.join(", "),
+            });
         }
         return Ok((
             disks
@@ -176,16 +183,38 @@ pub fn choose(
     }
     let mut chosen = Vec::with_capacity(disks.len());
     for d in disks {
-        chosen.push(newest(d).ok_or_else(|| {
-            Error::NotFound(format!(
-                "disk {} of machine {machine} has no {}",
-                d.name,
-                spec.wanted()
-            ))
+        chosen.push(newest(d).ok_or_else(|| Error::NoPoint {
+            machine: machine.to_string(),
+            disk: d.name.clone(),
+            wanted: spec.wanted(),
         })?);
     }
     let note = (disks.len() > 1).then(|| {
         format!("the disks of machine {machine} share no point matching {spec}; each disk is rebuilt at its own")
     });
     Ok((chosen, note))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_specs_parse_or_say_what_is_wrong() {
+        assert_eq!("latest".parse::<PointSpec>().unwrap(), PointSpec::Latest);
+        assert_eq!(
+            "20260101T000000.000Z-0a".parse::<PointSpec>().unwrap(),
+            PointSpec::Id("20260101T000000.000Z-0a".into())
+        );
+        let e = "2026-01-01 00:00".parse::<PointSpec>().unwrap_err();
+        assert!(matches!(e, Error::BadPointSpec { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "point \"2026-01-01 00:00\" is neither a point id nor an RFC 3339 time"
+        );
+        assert!(matches!(
+            "".parse::<PointSpec>(),
+            Err(Error::BadPointSpec { .. })
+        ));
+    }
 }

@@ -2,7 +2,9 @@
 
 use chrono::{Duration, Utc};
 use ferry_replica::compact::{compact, CompactOptions, CompactReport};
-use ferry_replica::{Result, Store, VaultKey};
+use ferry_replica::{Store, VaultKey};
+
+use crate::error::Result;
 
 use super::points::open_machine;
 

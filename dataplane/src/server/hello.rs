@@ -8,7 +8,7 @@ use ferry_link::protocol::{decode, Decoded, ErrorCode, Frame};
 use ferry_link::tls::certs::cert_names;
 use ferry_link::tls::TlsReader;
 
-use super::conn::{unavailable, End};
+use super::end::{unavailable, End};
 use super::registry::DiskEntry;
 use super::session::Reject;
 use super::shard::Shard;

@@ -18,7 +18,7 @@ use crate::health::{assess, Health, Inputs, Level, Policy};
 use crate::metrics::{render, Gauges, ShardMetrics};
 
 use super::shard::ShardShared;
-use super::uploader::UploadStatus;
+use crate::upload::UploadStatus;
 
 pub struct View {
     pub shards: Vec<Arc<ShardShared>>,
@@ -64,7 +64,7 @@ impl View {
                 .iter()
                 .map(|u| u.failing_disks.load(Ordering::Relaxed))
                 .sum(),
-            cache_fs_free_bytes: super::room::free_bytes(&self.cache_dir).ok(),
+            cache_fs_free_bytes: crate::cache::free_bytes(&self.cache_dir).ok(),
         };
         let h = assess(
             &Policy::default(),

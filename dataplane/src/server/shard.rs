@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 
 use crate::health::{assess, Inputs, Policy};
 use crate::metrics::ShardMetrics;
@@ -99,12 +99,10 @@ impl Shard {
         (n << 8) | self.shared.id as u64
     }
 
-    /// Runs the shard until the connection channel closes.
-    pub async fn run(self: Rc<Self>, mut conns: mpsc::Receiver<std::net::TcpStream>) {
+    /// Starts the committer on the shard's runtime. The connections that feed it are
+    /// started by `conn::run_shard`, so that this module needs none of theirs.
+    pub fn start_committer(self: &Rc<Self>) {
         compio::runtime::spawn(commit_loop(self.clone())).detach();
-        while let Some(tcp) = conns.recv().await {
-            compio::runtime::spawn(super::conn::serve(self.clone(), tcp)).detach();
-        }
     }
 }
 

@@ -30,12 +30,14 @@ impl Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "raw" => Ok(Format::Raw),
             "vhd" => Ok(Format::Vhd),
-            other => Err(format!("unknown format {other:?}; expected raw or vhd")),
+            other => Err(Error::Invalid(format!(
+                "unknown format {other:?}; expected raw or vhd"
+            ))),
         }
     }
 }

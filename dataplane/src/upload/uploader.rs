@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use ferry_link::log::{Position, Tailer};
 use ferry_link::protocol::{decode, Decoded, Frame};
 
-use super::options::Options;
-use super::registry::Registry;
-use super::shard::ShardShared;
+use crate::server::options::Options;
+use crate::server::registry::Registry;
+use crate::server::shard::ShardShared;
 
 /// What the upload stage publishes for metrics and health.
 #[derive(Default)]
@@ -320,7 +320,7 @@ fn upload_once(
     status: &UploadStatus,
     key: &str,
     payloads: &[&[u8]],
-) -> Result<(), String> {
+) -> ferry_replica::Result<()> {
     let frames: Vec<Frame<'_>> = payloads
         .iter()
         .filter_map(|p| match decode(p, u32::MAX) {
@@ -359,7 +359,7 @@ fn upload_once(
             // next time, so the retry starts from what is really there.
             *entry.uploader.lock().expect("uploader lock") = None;
             status.failing.store(true, Ordering::Relaxed);
-            Err(e.to_string())
+            Err(e)
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Errors of the agent. `Error` is the live agent's (starting it, points, resyncs,
-//! stopping): each names the disk, path or address it concerns and keeps its cause as
-//! `source`. `NbdError` is what ends one NBD connection (logged with its peer).
+//! stopping, group cuts, admin requests): each names the disk, path, member or address
+//! it concerns and keeps its cause as `source`. `NbdError` is what ends one NBD connection (logged with its peer).
 
 use std::io;
 use std::process::ExitStatus;

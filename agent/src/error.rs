@@ -1,6 +1,6 @@
 //! Errors of the agent. `Error` is the live agent's (starting it, points, resyncs,
-//! stopping): each names the disk, path or address it concerns and keeps its cause as
-//! `source`. `NbdError` is what ends one NBD connection (logged with its peer).
+//! stopping, group cuts, admin requests): each names the disk, path, member or address
+//! it concerns and keeps its cause as `source`. `NbdError` is what ends one NBD connection (logged with its peer).
 
 use std::io;
 use std::process::ExitStatus;
@@ -76,17 +76,68 @@ pub enum Error {
     /// A group point was asked of an agent that does not coordinate one.
     #[error("this agent does not coordinate a group (no --group-peer)")]
     NotCoordinator,
-    /// A group point failed (the group channel says why).
-    #[error("{0}")]
-    Group(String),
+    /// The group channel's certificates could not be loaded.
+    #[error("group channel TLS: {source}")]
+    GroupCerts {
+        #[source]
+        source: ferry_link::tls::certs::CertError,
+    },
+    /// A `--group-peer` that is not `NAME@ADDR`.
+    #[error("group peer {peer:?}: expected NAME@ADDR (the member's machine name, as its certificate names it, and its --group-listen address)")]
+    GroupPeerForm { peer: String },
+    /// A `--group-peer` whose NAME no certificate can carry.
+    #[error("group peer {peer:?}: {source}")]
+    GroupPeerName {
+        peer: String,
+        #[source]
+        source: MachineNameError,
+    },
+    /// A `--group-peer` whose ADDR is not a socket address.
+    #[error("group peer {peer:?}: address {addr:?}: {source}")]
+    GroupPeerAddr {
+        peer: String,
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// A group point skipped: a member could not be asked (connection, TLS handshake).
+    #[error("group point skipped: member {member}: {source}")]
+    MemberUnreachable {
+        member: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A group point skipped: a member did not answer `ready` in time.
+    #[error("group point skipped: member {member} not ready in time: {source}")]
+    MemberNotReady {
+        member: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A group point skipped: a member said no, and why (its own words).
+    #[error("group point skipped: member {member}: {why}")]
+    MemberRefused { member: String, why: String },
+    /// The admin socket could not be asked (connect, send).
+    #[error("admin socket {path}: {op}: {source}")]
+    Admin {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The agent answered an admin request with an error (its words).
+    #[error("{answer}")]
+    AdminRefused { path: String, answer: String },
+    /// The agent closed the admin connection without answering.
+    #[error("admin socket {path}: the agent closed the admin connection without an answer")]
+    AdminNoAnswer { path: String },
 }
 
-/// The group channel (`live/group.rs`) still speaks `String` errors: this lets it use
-/// `?` on the agent's calls until it has a typed error of its own.
-impl From<Error> for String {
-    fn from(e: Error) -> String {
-        e.to_string()
-    }
+/// A machine name that no certificate can carry (not a DNS name or an IP address).
+#[derive(Debug, thiserror::Error)]
+#[error("machine name {name:?} cannot be named by a certificate (a DNS name or an IP address)")]
+pub struct MachineNameError {
+    pub name: String,
 }
 
 /// What ends an NBD connection. The connection's peer is logged beside it.

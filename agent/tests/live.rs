@@ -231,7 +231,7 @@ fn two_agents_in_a_group_fail_over_consistently() {
         vec![peer(silent_addr)],
         w.group_tls(0).coordinator,
     );
-    let e = c.cut(&coord).unwrap_err();
+    let e = c.cut(&*coord).unwrap_err().to_string();
     assert!(e.contains("skipped"), "{e}");
     assert_eq!(
         coord.status()[0]["last_point"],
@@ -265,7 +265,7 @@ fn two_agents_in_a_group_fail_over_consistently() {
     )
     .unwrap();
     let mut c = Coordinator::new("g1".into(), vec![peer(member_addr)], Arc::new(stranger));
-    let e = c.cut(&coord).unwrap_err();
+    let e = c.cut(&*coord).unwrap_err().to_string();
     assert!(e.contains("skipped"), "{e}");
     assert_eq!(
         member.status()[0]["last_point"],
@@ -653,4 +653,49 @@ fn stop_waits_for_the_agents_threads() {
     o.nbd_listen = nbd;
     let again = Agent::start(o).expect("a new agent on the same journal and address");
     again.stop();
+}
+
+/// `stop` also ends the admin socket's and the group member's threads, which wait in
+/// accept (and a member's open connection, which waits in a read): once it returns,
+/// the group address is free, nothing holds the agent, and a new agent starts in this
+/// process on the same admin socket path (the old socket is stale, not answered) and
+/// answers there.
+#[test]
+fn stop_frees_the_admin_socket_and_the_group_listener() {
+    let w = site(2);
+    let disk = w.path("disk.img");
+    std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+    let admin_path = w.path("admin.sock");
+    let group_addr = free_addr();
+    let options = || {
+        let mut o = w.options(1, &disk, free_addr());
+        o.admin_socket = Some(admin_path.clone());
+        o.group = Some("g1".into());
+        o.group_listen = Some(group_addr);
+        o.group_coordinator = Some("agent-0".into());
+        o.group_tls = Some(w.group_tls(1));
+        o
+    };
+    let agent = Agent::start(options()).unwrap();
+    admin::request(&admin_path, "status").expect("the agent answers on its admin socket");
+    // A peer that connects and never finishes its handshake holds a member thread.
+    let idle = std::net::TcpStream::connect(group_addr).unwrap();
+    let started = std::time::Instant::now();
+    agent.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    drop(std::net::TcpListener::bind(group_addr).expect("the group address is free once stopped"));
+    assert_eq!(
+        Arc::strong_count(&agent),
+        1,
+        "a thread of the stopped agent still holds it"
+    );
+    let again = Agent::start(options()).expect("a new agent on the same admin socket");
+    let status = admin::request(&admin_path, "status").expect("the new agent answers");
+    assert!(status[1].contains("sda:"), "{status:?}");
+    again.stop();
+    drop(idle);
 }

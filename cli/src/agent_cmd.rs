@@ -138,7 +138,7 @@ pub fn agent(a: AgentArgs) -> Result<()> {
             },
             Request::Status { json } => if json { "status --json" } else { "status" }.to_string(),
         };
-        let lines = admin::request(&admin_socket, &req).map_err(|e| anyhow!(e))?;
+        let lines = admin::request(&admin_socket, &req)?;
         let first = lines[0].trim_start_matches("ok").trim();
         if !first.is_empty() {
             println!("{first}");
@@ -178,10 +178,11 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         bail!("--crash-point-interval-s must be a number of seconds (0: none)");
     }
     let group_tls = match &r.group {
-        Some(_) => Some(
-            ferry_agent::live::group::GroupTls::load(&r.tls_cert, &r.tls_key, &r.ca)
-                .map_err(|e| anyhow!("group channel TLS: {e}"))?,
-        ),
+        Some(_) => Some(ferry_agent::live::group::GroupTls::load(
+            &r.tls_cert,
+            &r.tls_key,
+            &r.ca,
+        )?),
         None => None,
     };
     // Before any thread starts, so that all inherit it: SIGTERM and SIGINT are taken

@@ -6,10 +6,23 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::Agent;
+use crate::error::{Error, Result};
+
+/// What the admin socket may ask of the agent. The agent implements it
+/// (`live/mod.rs`); nothing else of the agent is reached from here.
+pub trait Control: Send + Sync {
+    /// Takes a point now (app-consistent through the freeze hook); returns its id.
+    fn bookmark(&self, app: bool, label: Option<&str>) -> Result<String>;
+    /// Starts a checksum resync of one disk or of all; returns the disks started.
+    fn resync(&self, disk: Option<&str>) -> Result<Vec<String>>;
+    /// Per disk, what `status --json` shows.
+    fn status(&self) -> Vec<serde_json::Value>;
+}
 
 /// How long a client may take to send its request line, and to take the answer: the
 /// socket is answered one connection at a time, so a stalled client must not hold it.
@@ -78,22 +91,30 @@ fn staging_dir(parent: &Path, path: &Path) -> PathBuf {
     parent.join(format!(".{name}.{}.bind", std::process::id()))
 }
 
-/// Answers requests on `listener` (from `bind`), one connection at a time.
-pub fn serve(listener: UnixListener, agent: Arc<Agent>) -> io::Result<()> {
+/// Answers requests on `listener` (from `bind`), one connection at a time, until
+/// `stop` is set: the agent's stop sets it and connects to wake the accept, and joins
+/// the thread returned, so that the socket is closed (stale) once stop returns.
+pub fn serve(
+    listener: UnixListener,
+    agent: Arc<dyn Control>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("ferry-admin".into())
         .spawn(move || {
             for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
                 let Ok(conn) = conn else { continue };
-                if let Err(e) = answer(conn, &agent) {
+                if let Err(e) = answer(conn, &*agent) {
                     tracing::warn!(error = %e, "admin request failed");
                 }
             }
-        })?;
-    Ok(())
+        })
 }
 
-fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
+fn answer(conn: UnixStream, agent: &dyn Control) -> std::io::Result<()> {
     conn.set_read_timeout(Some(CONNECTION_TIMEOUT))?;
     conn.set_write_timeout(Some(CONNECTION_TIMEOUT))?;
     let mut line = String::new();
@@ -196,14 +217,25 @@ fn progress(what: &str, p: &serde_json::Value) -> String {
 }
 
 /// Sends one request to an agent's admin socket; returns the answer's lines.
-pub fn request(path: &Path, req: &str) -> Result<Vec<String>, String> {
-    let mut c =
-        UnixStream::connect(path).map_err(|e| format!("admin socket {}: {e}", path.display()))?;
-    writeln!(c, "{req}").map_err(|e| e.to_string())?;
+pub fn request(path: &Path, req: &str) -> Result<Vec<String>> {
+    let at = |op| {
+        move |source| Error::Admin {
+            path: path.display().to_string(),
+            op,
+            source,
+        }
+    };
+    let mut c = UnixStream::connect(path).map_err(at("connecting"))?;
+    writeln!(c, "{req}").map_err(at("sending the request"))?;
     let lines: Vec<String> = BufReader::new(c).lines().map_while(Result::ok).collect();
     match lines.first() {
         Some(l) if l.starts_with("ok") => Ok(lines),
-        Some(l) => Err(l.trim_start_matches("error ").to_string()),
-        None => Err("the agent closed the admin connection without an answer".into()),
+        Some(l) => Err(Error::AdminRefused {
+            path: path.display().to_string(),
+            answer: l.trim_start_matches("error ").to_string(),
+        }),
+        None => Err(Error::AdminNoAnswer {
+            path: path.display().to_string(),
+        }),
     }
 }

@@ -25,15 +25,34 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_link::protocol::PointKindWire;
 use ferry_link::tls::certs::{cert_names, peer_client_config, server_config};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
-use super::Agent;
+use crate::error::{Error, MachineNameError, Result};
+
+/// What the group channel needs of the agent it runs in, on either end of a cut:
+/// whether a point may be taken now, and a point journaled on every disk while their
+/// writes are held. The agent implements it (`live/mod.rs`); nothing else of the
+/// agent is reached from here.
+pub trait GroupSide: Send + Sync {
+    /// Why no point may be taken now (an initial copy, a resync), if so.
+    fn can_point(&self) -> Result<()>;
+    /// Phase one: holds write completions on every disk until the hold is dropped.
+    fn hold_writes(&self) -> Box<dyn HeldWrites + '_>;
+    /// Records how long writes were held for one cut (reported by the agent).
+    fn record_pause(&self, pause: Duration);
+}
+
+/// Every disk's writes, held (see `GroupSide::hold_writes`); dropped, they resume.
+pub trait HeldWrites {
+    /// Phase two: journals group point `id` of `group` on every disk, still held.
+    fn journal_point(&mut self, group: &str, id: &str) -> Result<()>;
+}
 
 /// TLS for the group channel, from the agent's own certificate and the CA.
 #[derive(Clone)]
@@ -43,10 +62,11 @@ pub struct GroupTls {
 }
 
 impl GroupTls {
-    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<GroupTls, String> {
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<GroupTls> {
+        let certs = |source| Error::GroupCerts { source };
         Ok(GroupTls {
-            member: Arc::new(server_config(cert, key, ca).map_err(|e| e.to_string())?),
-            coordinator: Arc::new(peer_client_config(cert, key, ca).map_err(|e| e.to_string())?),
+            member: Arc::new(server_config(cert, key, ca).map_err(certs)?),
+            coordinator: Arc::new(peer_client_config(cert, key, ca).map_err(certs)?),
         })
     }
 }
@@ -61,14 +81,19 @@ pub struct GroupPeer {
 
 impl GroupPeer {
     /// Parses `NAME@ADDR`, e.g. `db1@10.0.0.7:20004`.
-    pub fn parse(s: &str) -> Result<GroupPeer, String> {
-        let (name, addr) = s.split_once('@').ok_or_else(|| {
-            format!("group peer {s:?}: expected NAME@ADDR (the member's machine name, as its certificate names it, and its --group-listen address)")
+    pub fn parse(s: &str) -> Result<GroupPeer> {
+        let (name, addr) = s
+            .split_once('@')
+            .ok_or_else(|| Error::GroupPeerForm { peer: s.into() })?;
+        check_machine_name(name).map_err(|source| Error::GroupPeerName {
+            peer: s.into(),
+            source,
         })?;
-        check_machine_name(name).map_err(|e| format!("group peer {s:?}: {e}"))?;
-        let addr = addr
-            .parse()
-            .map_err(|e| format!("group peer {s:?}: address {addr:?}: {e}"))?;
+        let addr = addr.parse().map_err(|source| Error::GroupPeerAddr {
+            peer: s.into(),
+            addr: addr.into(),
+            source,
+        })?;
         Ok(GroupPeer {
             name: name.to_string(),
             addr,
@@ -84,10 +109,10 @@ impl std::fmt::Display for GroupPeer {
 
 /// A peer's machine name must be one a certificate can name (a DNS name or an
 /// address), else no certificate could ever match it.
-pub fn check_machine_name(name: &str) -> Result<(), String> {
+pub fn check_machine_name(name: &str) -> Result<(), MachineNameError> {
     rustls_pki_types::ServerName::try_from(name)
         .map(|_| ())
-        .map_err(|_| format!("machine name {name:?} cannot be named by a certificate (a DNS name or an IP address)"))
+        .map_err(|_| MachineNameError { name: name.into() })
 }
 
 /// A TLS stream whose socket timeouts can be set.
@@ -151,42 +176,66 @@ fn read_line<S: Line>(r: &mut BufReader<S>, limit: Duration) -> std::io::Result<
 }
 
 /// A member: answers the cuts of the coordinator named `coordinator` (the machine
-/// name its certificate must carry).
+/// name its certificate must carry), until `stop` is set. The agent's stop sets it and
+/// then connects here to wake the accept; the connections still open are then shut
+/// down and their threads joined, so that nothing of the group channel outlives the
+/// agent (nor holds it).
 pub fn serve(
     listener: TcpListener,
-    agent: Arc<Agent>,
+    agent: Arc<dyn GroupSide>,
     group: String,
     coordinator: String,
     tls: GroupTls,
+    stop: Arc<AtomicBool>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
+    // At most MEMBER_CONNECTIONS_MAX: each thread with its socket, to shut it down.
+    let mut open: Vec<(JoinHandle<()>, TcpStream)> = Vec::new();
     for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         let Ok(conn) = conn else { continue };
         let peer = conn
             .peer_addr()
             .map_or_else(|_| "unknown".into(), |a| a.to_string());
-        if open.fetch_add(1, Ordering::SeqCst) >= MEMBER_CONNECTIONS_MAX {
-            open.fetch_sub(1, Ordering::SeqCst);
+        open.retain(|(t, _)| !t.is_finished());
+        if open.len() >= MEMBER_CONNECTIONS_MAX {
             tracing::warn!(%peer, "group channel: {MEMBER_CONNECTIONS_MAX} connections open already; closed this one");
             continue;
         }
-        let (agent, group, coordinator, tls, open2) = (
+        // One clone for the accept loop (to shut it down at stop), one for the thread
+        // (to close the connection when it ends: dropping its own stream alone would
+        // not, while the loop's clone is open).
+        let (Ok(sock), Ok(closer)) = (conn.try_clone(), conn.try_clone()) else {
+            tracing::warn!(%peer, "group channel: cannot keep the connection's socket; closed it");
+            continue;
+        };
+        let (agent, group, coordinator, tls, who) = (
             agent.clone(),
             group.clone(),
             coordinator.clone(),
             tls.member.clone(),
-            open.clone(),
+            peer.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("ferry-group".into())
             .spawn(move || {
-                if let Err(e) = member(conn, &agent, &group, &coordinator, tls) {
-                    tracing::warn!(%peer, error = %e, "group coordinator connection ended");
+                if let Err(e) = member(conn, &*agent, &group, &coordinator, tls) {
+                    tracing::warn!(peer = %who, error = %e, "group coordinator connection ended");
                 }
-                open2.fetch_sub(1, Ordering::SeqCst);
+                let _ = closer.shutdown(std::net::Shutdown::Both);
             });
-        if spawned.is_err() {
-            open.fetch_sub(1, Ordering::SeqCst);
+        match spawned {
+            Ok(t) => open.push((t, sock)),
+            Err(e) => tracing::error!(%peer, error = %e, "cannot start a group connection thread"),
+        }
+    }
+    // A member thread waits in a read (for the next cut, or a commit while it holds
+    // writes): shut down, the read fails and the thread ends, releasing any hold.
+    for (t, sock) in open {
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+        if t.join().is_err() {
+            tracing::error!("a group connection thread had panicked");
         }
     }
 }
@@ -200,7 +249,7 @@ macro_rules! say {
 
 fn member(
     conn: TcpStream,
-    agent: &Agent,
+    agent: &dyn GroupSide,
     group: &str,
     coordinator: &str,
     tls: Arc<rustls::ServerConfig>,
@@ -256,21 +305,12 @@ fn member(
         }
         // Phase one: hold every disk's writes.
         let held = Instant::now();
-        let mut guards: Vec<_> = agent.disks.iter().map(|d| (d, d.capture.state())).collect();
+        let mut guards = agent.hold_writes();
         say!(w, "ready")?;
         let answer = read_line(w, HOLD_LIMIT);
         match answer.as_deref() {
             Ok(a) if a == format!("commit {id}") => {
-                let mut result = Ok(());
-                for (d, st) in &mut guards {
-                    if let Err(e) =
-                        d.capture
-                            .bookmark_locked(st, PointKindWire::Group, "", group, id)
-                    {
-                        result = Err(e);
-                        break;
-                    }
-                }
+                let result = guards.journal_point(group, id);
                 drop(guards);
                 let pause = held.elapsed();
                 agent.record_pause(pause);
@@ -341,7 +381,7 @@ impl Coordinator {
     /// this agent) held writes for.
     // `ready`, `conns` and `peers` are parallel arrays indexed by member.
     #[allow(clippy::needless_range_loop)]
-    pub fn cut(&mut self, agent: &Agent) -> Result<(String, Duration), String> {
+    pub fn cut(&mut self, agent: &dyn GroupSide) -> Result<(String, Duration)> {
         agent.can_point()?;
         let id = format!(
             "g-{}-{:08x}",
@@ -356,9 +396,12 @@ impl Coordinator {
             let sent = self
                 .conn(i)
                 .and_then(|r| send(r, &format!("prepare {group} {id}")));
-            if let Err(e) = sent {
+            if let Err(source) = sent {
                 self.conns[i] = None;
-                failure.get_or_insert(format!("member {}: {e}", self.peers[i]));
+                failure.get_or_insert(Error::MemberUnreachable {
+                    member: self.peers[i].to_string(),
+                    source,
+                });
             }
         }
         let deadline = Instant::now() + PREPARE_TIMEOUT;
@@ -375,35 +418,33 @@ impl Coordinator {
             match read_line(r, left) {
                 Ok(l) if l == "ready" => ready[i] = true,
                 Ok(l) => {
-                    failure = Some(format!(
-                        "member {}: {}",
-                        self.peers[i],
-                        l.trim_start_matches("no ")
-                    ))
+                    failure = Some(Error::MemberRefused {
+                        member: self.peers[i].to_string(),
+                        why: l.trim_start_matches("no ").to_string(),
+                    })
                 }
-                Err(e) => {
+                Err(source) => {
                     self.conns[i] = None;
-                    failure = Some(format!("member {} not ready in time: {e}", self.peers[i]));
+                    failure = Some(Error::MemberNotReady {
+                        member: self.peers[i].to_string(),
+                        source,
+                    });
                 }
             }
         }
-        if let Some(why) = failure {
+        if let Some(e) = failure {
             for i in (0..n).filter(|&i| ready[i]) {
                 if let Some(r) = self.conns[i].as_mut() {
                     let _ = send(r, "abort");
                 }
             }
-            return Err(format!("group point skipped: {why}"));
+            return Err(e);
         }
         // Every member holds; hold here too, journal, then release everyone.
         let held = Instant::now();
         {
-            let mut guards: Vec<_> = agent.disks.iter().map(|d| (d, d.capture.state())).collect();
-            for (d, st) in &mut guards {
-                d.capture
-                    .bookmark_locked(st, PointKindWire::Group, "", &self.group, &id)
-                    .map_err(|e| format!("disk {}: {e}", d.capture.disk))?;
-            }
+            let mut guards = agent.hold_writes();
+            guards.journal_point(&self.group, &id)?;
             for i in 0..n {
                 if let Some(r) = self.conns[i].as_mut() {
                     let _ = send(r, &format!("commit {id}"));

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod capture;
 pub mod checksum;
 pub mod group;
+mod handles;
 pub mod last_stop;
 pub mod sender;
 
@@ -84,6 +85,10 @@ pub struct Agent {
     journal_dir: PathBuf,
     freeze_hook: Option<String>,
     pub nbd_addr: SocketAddr,
+    /// Where the admin socket and the group member listen: `stop` connects to each
+    /// to wake its accept.
+    admin_socket: Option<PathBuf>,
+    group_addr: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     /// Serialises points, so one id covers every disk.
     points: Mutex<()>,
@@ -91,7 +96,8 @@ pub struct Agent {
     /// Longest and last pause of writes for a group cut.
     pauses: Mutex<(Duration, Duration)>,
     /// The threads that use the disks and the journal (senders, resync loops,
-    /// initial copies, the NBD acceptor, the point timer): `stop` waits for them.
+    /// initial copies, the NBD acceptor, the point timer, the admin socket and the
+    /// group member): `stop` waits for them.
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -261,11 +267,26 @@ impl Agent {
         threads.push(spawn("ferry-nbd-accept".into(), move || {
             crate::nbd::serve(listener, ex, st)
         })?);
+        let member = match member_of {
+            Some((g, addr, c)) => {
+                let group_err = |source| Error::Io {
+                    op: "group listen on",
+                    path: addr.to_string(),
+                    source,
+                };
+                let l = std::net::TcpListener::bind(addr).map_err(group_err)?;
+                let bound = l.local_addr().map_err(group_err)?;
+                Some((l, bound, g, c))
+            }
+            None => None,
+        };
         let agent = Arc::new(Agent {
             disks,
             journal_dir: o.journal_dir.clone(),
             freeze_hook: o.freeze_hook.clone(),
             nbd_addr,
+            admin_socket: admin_listener.as_ref().and(o.admin_socket.clone()),
+            group_addr: member.as_ref().map(|m| m.1),
             stop: stop.clone(),
             points: Mutex::new(()),
             coordinator: match (&o.group, &group_tls, o.group_peers.is_empty()) {
@@ -279,16 +300,13 @@ impl Agent {
             pauses: Mutex::new((Duration::ZERO, Duration::ZERO)),
             threads: Mutex::new(threads),
         });
-        if let (Some((g, addr, c)), Some(t)) = (member_of, &group_tls) {
-            let l = std::net::TcpListener::bind(addr).map_err(|source| Error::Io {
-                op: "group listen on",
-                path: addr.to_string(),
-                source,
+        if let (Some((l, _, g, c)), Some(t)) = (member, &group_tls) {
+            let (a, t, st): (Arc<dyn group::GroupSide>, _, _) =
+                (agent.clone(), t.clone(), stop.clone());
+            let t = spawn("ferry-group-accept".into(), move || {
+                group::serve(l, a, g, c, t, st)
             })?;
-            let (a, t) = (agent.clone(), t.clone());
-            spawn("ferry-group-accept".into(), move || {
-                group::serve(l, a, g, c, t)
-            })?;
+            agent.threads.lock().expect("threads lock").push(t);
         }
         if o.initial_copy {
             for d in &agent.disks {
@@ -343,7 +361,7 @@ impl Agent {
             agent.threads.lock().expect("threads lock").push(t);
         }
         if let Some(l) = admin_listener {
-            admin::serve(l, agent.clone()).map_err(|source| Error::Io {
+            let t = admin::serve(l, agent.clone(), stop.clone()).map_err(|source| Error::Io {
                 op: "admin socket",
                 path: o
                     .admin_socket
@@ -352,6 +370,7 @@ impl Agent {
                     .unwrap_or_default(),
                 source,
             })?;
+            agent.threads.lock().expect("threads lock").push(t);
         }
         Ok(agent)
     }
@@ -396,11 +415,7 @@ impl Agent {
     pub fn group_point(&self) -> Result<(String, Duration)> {
         let c = self.coordinator.as_ref().ok_or(Error::NotCoordinator)?;
         let _one = self.points.lock().expect("points lock");
-        // The group channel says why in words (see `Error::Group`).
-        c.lock()
-            .expect("coordinator lock")
-            .cut(self)
-            .map_err(Error::Group)
+        c.lock().expect("coordinator lock").cut(self)
     }
 
     fn record_pause(&self, d: Duration) {
@@ -534,21 +549,20 @@ impl Agent {
 
     /// Stops the agent and waits (up to STOP_WAIT) for the threads that use its
     /// disks, journal and process server sessions to end, so that another agent may
-    /// take over the same journal directory, NBD address and sessions right after.
-    /// Not waited for: NBD connections (each ends with its client), the admin
-    /// socket and the group listener, which block in accept() and do not touch the
-    /// journal unless asked to take a point.
+    /// take over the same journal directory, NBD address, admin socket, group
+    /// address and sessions right after. Not waited for: NBD connections (each ends
+    /// with its client).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        // The NBD acceptor blocks in accept(): a connection wakes it to see the flag.
-        let mut wake = self.nbd_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
+        // The NBD acceptor, the group member and the admin socket block in accept():
+        // a connection wakes each to see the flag.
+        wake(self.nbd_addr);
+        if let Some(a) = self.group_addr {
+            wake(a);
         }
-        let _ = std::net::TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(p) = &self.admin_socket {
+            let _ = std::os::unix::net::UnixStream::connect(p);
+        }
         let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
         let deadline = Instant::now() + STOP_WAIT;
         let me = std::thread::current().id();
@@ -588,6 +602,17 @@ impl Agent {
             source,
         })
     }
+}
+
+/// Connects to a listener of this agent, so that its accept returns.
+fn wake(mut addr: SocketAddr) {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1));
 }
 
 /// Marks that a disk's initial copy is in its journal: it is never copied again.

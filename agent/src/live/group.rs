@@ -18,7 +18,7 @@
 //! hold limit releases on its own. A point some member lacks is never used: failover
 //! takes the newest group point that every member of the group holds.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use ferry_dataplane::protocol::PointKindWire;
 use ferry_dataplane::tls::certs::{peer_client_config, server_config};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
+use super::group_line::{self, Message};
 use super::Agent;
 
 /// TLS for the group channel, from the agent's own certificate and the CA.
@@ -77,14 +78,8 @@ pub const HOLD_LIMIT: Duration = Duration::from_millis(500);
 
 fn read_line<S: Line>(r: &mut BufReader<S>, limit: Duration) -> std::io::Result<String> {
     r.get_ref().tcp().set_read_timeout(Some(limit))?;
-    let mut line = String::new();
-    let n = r.read_line(&mut line)?;
-    if n == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "closed",
-        ));
-    }
+    let line = group_line::read_line(r)?
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"))?;
     Ok(line.trim().to_string())
 }
 
@@ -133,9 +128,7 @@ fn member(
     let w = &mut r;
     loop {
         let line = read_line(w, Duration::from_secs(3600))?;
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let (Some(&"prepare"), Some(&g), Some(&id)) = (words.first(), words.get(1), words.get(2))
-        else {
+        let Some(Message::Prepare { group: g, id }) = group_line::parse(&line) else {
             say!(w, "no unexpected request {line:?}")?;
             continue;
         };
@@ -153,7 +146,7 @@ fn member(
         say!(w, "ready")?;
         let answer = read_line(w, HOLD_LIMIT);
         match answer.as_deref() {
-            Ok(a) if a == format!("commit {id}") => {
+            Ok(a) if group_line::parse(a) == Some(Message::Commit(id)) => {
                 let mut result = Ok(());
                 for (d, st) in &mut guards {
                     if let Err(e) =
@@ -309,7 +302,10 @@ impl Coordinator {
             };
             match read_line(r, Duration::from_secs(2)) {
                 Ok(l) if l.starts_with("done ") => {
-                    let us: u64 = l[5..].trim().parse().unwrap_or(0);
+                    let us = match group_line::parse(&l) {
+                        Some(Message::Done(us)) => us,
+                        _ => 0,
+                    };
                     pause = pause.max(Duration::from_micros(us));
                 }
                 other => {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds every fuzz target once, then runs each for N seconds (default 15) from its
-# committed seeds (fuzz/seeds/TARGET). Exits non-zero at the first target that
+# committed seeds (fuzz/seeds/TARGET, and the dictionary seeds/TARGET.dict if there is
+# one). Exits non-zero at the first target that
 # crashes, naming it; the crashing input stays under fuzz/artifacts/TARGET/.
 #   usage: scripts/fuzz-smoke.sh [SECONDS] [TARGET...]
 # Needs cargo-fuzz (scripts/install-deps.sh installs it). Its flags are nightly ones:
@@ -28,10 +29,12 @@ for t in "${targets[@]}"; do
     mkdir -p "$scratch/$t" "artifacts/$t"
     seeds=()
     [[ -d seeds/$t ]] && seeds=("seeds/$t")
+    dict=()
+    [[ -f seeds/$t.dict ]] && dict=("-dict=seeds/$t.dict")
     echo "fuzz-smoke: $t for ${seconds}s"
     if ! cargo fuzz run "$t" "$scratch/$t" "${seeds[@]}" -- \
         -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=256 \
-        -timeout=10 -print_final_stats=1 2>"$scratch/$t.log"; then
+        -timeout=10 -print_final_stats=1 "${dict[@]}" 2>"$scratch/$t.log"; then
         tail -n 60 "$scratch/$t.log" >&2
         echo "fuzz-smoke: FAILED: $t (input under fuzz/artifacts/$t/)" >&2
         exit 1

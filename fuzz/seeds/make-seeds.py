@@ -101,6 +101,12 @@ def line(v):
 
 put("metadata", "commits", line(c0) + b"\n" + line(c1))
 put("metadata", "disk-info", line(info))
+# Numbers a few steps below u64::MAX, so that digit mutations reach the edge.
+M = (1 << 64) - 1
+near = dict(c0, commit=M - 3, next_seq=M - 1,
+            base=dict(base, seq=M - 4, extents=[{"index": 0, "object": "e", "stored_bytes": 100}]),
+            segments=[{"object": "s", "first_seq": M - 3, "last_seq": M - 2, "stored_bytes": 200}])
+put("metadata", "near-max", line(near) + b"\n" + line(dict(c1, commit=M - 2, next_seq=M - 1, segments=[], points=[])))
 put("metadata", "hint-and-point", line({"format": 1, "checkpoint": 0}) + b"\n" + line(point))
 j = line(c0)
 put("metadata", "framed-commit", j + b"\nsha256 " + hashlib.sha256(j).hexdigest().encode() + b"\n")

@@ -266,8 +266,8 @@ fn a_file_started_but_never_synced_is_a_spare_after_a_crash_and_its_numbers_are_
     );
 }
 
-// Hostile file names of the kind the cache_log fuzz target makes: a file numbered
-// u64::MAX made the next file's number overflow.
+// Found by the cache_log fuzz target: a file numbered u64::MAX made the next file's
+// number overflow.
 #[test]
 fn a_file_number_beyond_the_log_s_range_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,12 +8,14 @@
 # generator's n threads on n others, as far as the host's CPUs go (one step on two
 # CPUs, four on sixteen). The
 # ceiling is TLS receive, zstd-1 and AES-256-GCM each timed alone on one core in the
-# same run.
+# same run, before the first run and again after each, so a host that changes speed
+# shows as a spread (a ratio whose ceiling moved over 10 % within its run says so).
 #
 #   scripts/bench-ingest.sh [SECONDS] [WORK_DIR]     (SECONDS of load per run, default 20)
 #   FERRY_BENCH_STORE_DIR=DIR|cache-disk              (where the blob store goes)
 # Ends with:
-#   ingest: X MB/s, Y MB/s per server core-second, ceiling Z MB/s, ratio R, p99 ack N ms, verify ok
+#   ingest: X MB/s, Y MB/s per server core-second, ceiling Z MB/s (mean of 2 timings,
+#   spread S %), ratio R, p99 ack N ms, verify ok
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PATH="$PATH:/usr/sbin:/sbin"
@@ -22,6 +24,13 @@ work=${2:-target/bench}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 image=$work/ext4-4g.img
+
+# No peer runs here, but the image is made with mkfs.ext4 when neither image exists:
+# checked before the build, naming the Debian package.
+if [[ ! -f $image && ! -f $work/ext4-1g.img ]] && ! command -v mkfs.ext4 >/dev/null; then
+    echo "bench-ingest: mkfs.ext4 not found; install with: apt-get install e2fsprogs" >&2
+    exit 1
+fi
 
 cargo build --release -q -p ferry -p ferry-bench
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Seal, rebuild and seed-vs-restic benchmarks, each against a baseline timed in the same
-# run (ferry-bench prints the machine, every stage and the ratios; docs/benchmarks.md
-# records them). The test image is a 4 GiB ext4 file system holding about 2 GiB of real
-# files (this machine's /usr and cargo sources), made once and cached.
+# Seal, rebuild and seed-vs-restic-and-borg benchmarks, each against a baseline timed in
+# the same run (ferry-bench prints the machine, every stage and the ratios;
+# docs/benchmarks.md records them). The test image is a 4 GiB ext4 file system holding
+# about 2 GiB of real files (this machine's /usr and cargo sources), made once and cached.
 #
-#   scripts/bench-seal.sh [WORK_DIR]     needs: mkfs.ext4, restic (scripts/install-deps.sh)
-# Ends with: seal: X MB/s per core, ceiling Y MB/s, ratio R; seed vs restic: Q x
+#   scripts/bench-seal.sh [WORK_DIR]     needs: mkfs.ext4, restic, borg
+# Prints the factors after 5 % of the blocks changed, then ends with:
+#   seal: X MB/s per core, ceiling Y MB/s, ratio R; seed vs restic: Q x; seed vs borg: B x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PATH="$PATH:/usr/sbin:/sbin"
@@ -13,6 +14,21 @@ work=${1:-target/bench}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 image=$work/ext4-4g.img
+
+# The peers, and mkfs.ext4 when the image is still to be made: checked before the
+# build, so a missing one costs seconds and names its Debian package.
+need=(restic:restic borg:borgbackup)
+[[ -f $image ]] || need+=(mkfs.ext4:e2fsprogs)
+missing=() packages=()
+for tool in "${need[@]}"; do
+    if ! command -v "${tool%%:*}" >/dev/null; then
+        missing+=("${tool%%:*}") packages+=("${tool#*:}")
+    fi
+done
+if (( ${#missing[@]} )); then
+    echo "bench-seal: ${missing[*]} not found; install with: apt-get install ${packages[*]}" >&2
+    exit 1
+fi
 
 cargo build --release -q -p ferry -p ferry-bench
 
@@ -35,7 +51,7 @@ if [[ ! -f $image ]]; then
     rm -rf "$stage"
 fi
 
-# The seed-vs-restic run changes 5 % of the blocks: work on a copy.
+# The seed-vs-peers run changes 5 % of the blocks: work on a copy.
 cp --sparse=always "$image" "$work/run.img"
 target/release/ferry-bench all --image "$work/run.img" --ferry target/release/ferry --work "$work/peers"
 rm -f "$work/run.img"

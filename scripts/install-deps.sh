@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need beyond the Rust toolchain, and only what is
 # missing, so it is cheap to run before every test run:
-#   Debian: qemu-utils (qemu-img, qemu-io, qemu-nbd), e2fsprogs (mkfs.ext4), restic
-#           (benchmarks), curl
+#   Debian: qemu-utils (qemu-img, qemu-io, qemu-nbd), e2fsprogs (mkfs.ext4), restic and
+#           borgbackup (the seed benchmark's peers), curl, util-linux (losetup)
 #   npm:    azurite 3.37.0 (Azure Blob emulator)
 #   cargo:  s3s-fs 0.14.1 (S3 emulator; building it takes a few minutes), cargo-fuzz
 # Quiet on success; a failing step prints its full output.
@@ -33,7 +33,8 @@ quiet() {
 command -v cargo >/dev/null || { echo "install-deps: no cargo; install Rust (rustup) first" >&2; exit 1; }
 
 # Debian packages, named by the command each provides.
-declare -A apt_for=([qemu-img]=qemu-utils [mkfs.ext4]=e2fsprogs [restic]=restic [curl]=curl)
+declare -A apt_for=([qemu-img]=qemu-utils [mkfs.ext4]=e2fsprogs [restic]=restic [borg]=borgbackup
+    [curl]=curl [losetup]=util-linux)
 command -v npm >/dev/null || apt_for[npm]="nodejs npm"
 missing=()
 for cmd in "${!apt_for[@]}"; do
@@ -70,7 +71,7 @@ for component in rustfmt clippy; do
     fi
 done
 
-# cargo-fuzz for the protocol's frame-decoder fuzz target (run with RUSTC_BOOTSTRAP on
+# cargo-fuzz for the decoders' fuzz targets (run with RUSTC_BOOTSTRAP on
 # the stable toolchain, which is the only one a fresh machine has).
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "install-deps: cargo install cargo-fuzz (a minute or two)"

@@ -9,13 +9,23 @@
 //! Extents are processed by a small pool of threads, each reading, hashing, sealing and
 //! uploading one extent at a time, so memory is bounded by the pool size times about
 //! two extents.
+//!
+//! A resync commits within the orphan grace of what it put (`ferry_replica::grace`):
+//! before the commit, every object put longer ago than the grace less its margin is
+//! made again under a fresh name (its extent read, hashed and sealed again), so the
+//! commit references only objects compaction cannot have collected. A first seed onto
+//! a disk without recovery points is exempt: compaction sweeps only disks that have a
+//! point, and the commit that would add one takes the seed's number first, turning its
+//! commit into a conflict.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use ferry_replica::disk::new_point_id;
+use ferry_replica::grace::PutClock;
 use ferry_replica::keys::random_hex;
 use ferry_replica::meta::{Base, CommitKind, ExtentRef, SegmentRef};
 use ferry_replica::object::{ObjectKind, SealContext, CHUNK_TARGET};
@@ -34,6 +44,9 @@ pub struct SeedOptions<'a> {
     pub time: DateTime<Utc>,
     /// Extents in flight at once; 0 picks cores + 1.
     pub workers: usize,
+    /// The grace compaction gives unreferenced objects (`ORPHAN_GRACE`; tests shorten
+    /// it together with compaction's).
+    pub orphan_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +61,8 @@ pub struct SeedReport {
     pub stored_bytes: u64,
     pub blocks: u64,
     pub blocks_sent: u64,
+    /// Objects made again because they were put too long before the commit.
+    pub redone: u64,
 }
 
 /// What one extent job produced.
@@ -56,8 +71,11 @@ struct JobOut {
     extent: Option<ExtentRef>,
     segment: Option<SegmentRef>,
     sums: Vec<Sum>,
+    /// When its object's put began (None: nothing was put).
+    put: Option<Instant>,
 }
 
+#[derive(Clone)]
 struct Plan<'a> {
     disk: &'a Disk,
     image: &'a Image,
@@ -96,7 +114,8 @@ impl Plan<'_> {
         let start = j * self.extent_bytes;
         let len = self.extent_bytes.min(self.image.size - start) as usize;
         buf.resize(len, 0);
-        self.image.read_at(buf, start)?;
+        // Holes cost nothing to read: the scan sees their zeros as zero blocks.
+        self.image.read_sparse_at(buf, start)?;
         let key = self.disk.key()?;
         let seq = self.seq_of(j);
         let (kind, object) = if self.full() {
@@ -150,6 +169,7 @@ impl Plan<'_> {
         let stored_bytes = bytes.len() as u64;
         stored.fetch_add(stored_bytes, Ordering::Relaxed);
         let store = &self.disk.store;
+        out.put = Some(Instant::now());
         store.block(self.disk.upload(&object, bytes.into()))?;
         if self.full() {
             out.extent = Some(ExtentRef {
@@ -221,89 +241,131 @@ pub fn seed(
     } else {
         opts.workers
     };
-    let next = AtomicUsize::new(0);
     let (sent, stored, blocks_sent) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let results: Mutex<Vec<Option<JobOut>>> = Mutex::new((0..jobs).map(|_| None).collect());
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..workers.min(jobs.max(1) as usize) {
-            s.spawn(|| {
-                let mut buf = Vec::new();
-                let mut ctx = SealContext::default();
-                loop {
-                    let j = next.fetch_add(1, Ordering::Relaxed) as u64;
-                    if j >= jobs || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        break;
-                    }
-                    match plan.run_job(j, &mut buf, &mut ctx, &sent, &stored, &blocks_sent) {
-                        Ok(out) => {
-                            let len = extent_bytes.min(image.size - j * extent_bytes);
-                            progress(len);
-                            if let Ok(mut r) = results.lock() {
-                                r[j as usize] = Some(out);
-                            }
-                        }
-                        Err(e) => {
-                            if let Ok(mut f) = failure.lock() {
-                                f.get_or_insert(e);
-                            }
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+    let counters = Counters {
+        sent: &sent,
+        stored: &stored,
+        blocks_sent: &blocks_sent,
+    };
+    let all: Vec<u64> = (0..jobs).collect();
+    let mut results: Vec<Option<JobOut>> = (0..jobs).map(|_| None).collect();
+    for (j, out) in run_pool(&plan, &all, workers, &counters, &|j| {
+        progress(extent_bytes.min(image.size - j * extent_bytes))
+    })? {
+        results[j as usize] = Some(out);
     }
-    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut sums = Vec::with_capacity(BlockSums::blocks_for(image.size, plan.block_bytes as u64));
-    let (mut extents, mut segments) = (Vec::new(), Vec::new());
-    for out in results.into_iter().flatten() {
+    for out in results.iter().flatten() {
         sums.extend_from_slice(&out.sums);
-        extents.extend(out.extent);
-        segments.extend(out.segment);
     }
 
     // A resync onto a grown disk first clears the new tail, so nothing the replica
     // held there before an earlier shrink can show through.
     let old_size = old.as_ref().map_or(image.size, |o| o.disk_bytes);
-    let mut ctx = SealContext::default();
-    let mut stored_bytes = stored.into_inner();
-    if !first_time && image.size > old_size {
-        let object = disk.paths.segment(plan.first_seq, &random_hex(8));
-        let mut b = ObjectBuilder::new(
-            &mut ctx,
-            disk.key()?,
-            &disk.disk_id,
-            ObjectKind::Segment,
-            &object,
-        );
-        b.zero(plan.first_seq, old_size, image.size - old_size);
-        let bytes = b.finish();
-        let tail_bytes = bytes.len() as u64;
-        stored_bytes += tail_bytes;
-        store.block(disk.upload(&object, bytes.into()))?;
-        segments.insert(
-            0,
-            SegmentRef {
-                object,
-                first_seq: plan.first_seq,
-                last_seq: plan.first_seq,
-                stored_bytes: tail_bytes,
-            },
-        );
-    }
-
     let map = BlockSums {
         block_bytes: plan.block_bytes as u64,
         disk_bytes: image.size,
         sums,
     };
-    let (sums_object, sums_bytes) = map.seal(&disk, &mut ctx)?;
-    stored_bytes += sums_bytes.len() as u64;
-    store.block(disk.upload(&sums_object, sums_bytes.into()))?;
+    let mut ctx = SealContext::default();
+    // Bytes of the tail and the checksum map; the jobs count theirs in `stored`.
+    let mut stored_bytes = 0u64;
+    let clock = PutClock::new(if state.points.is_empty() {
+        // Exempt: see the module note.
+        Duration::ZERO
+    } else {
+        opts.orphan_grace
+    });
+    let needs_tail = !first_time && image.size > old_size;
+    let mut tail: Option<(SegmentRef, Instant)> = None;
+    let mut map_object: Option<(String, Instant)> = None;
+    let mut redone = 0u64;
+    let mut passes = 0;
+    loop {
+        // Jobs whose object may be collected before the commit: made again, in a pool,
+        // under fresh names (a new generation for extents; segments draw a new uid).
+        let stale: Vec<u64> = (0..jobs)
+            .filter(|j| {
+                results[*j as usize]
+                    .as_ref()
+                    .and_then(|o| o.put)
+                    .is_some_and(|t| clock.expired(t))
+            })
+            .collect();
+        let stale_tail = tail.as_ref().is_none_or(|(_, t)| clock.expired(*t)) && needs_tail;
+        let stale_map = map_object.as_ref().is_none_or(|(_, t)| clock.expired(*t));
+        if stale.is_empty() && !stale_tail && !stale_map {
+            break;
+        }
+        if tail.is_some() || map_object.is_some() {
+            passes += 1;
+            if passes >= ferry_replica::writer::UPLOAD_ATTEMPTS {
+                // Give up: the error says how old the oldest object is.
+                let mut c = PutClock::new(opts.orphan_grace);
+                let jobs_put = results.iter().flatten().filter_map(|o| o.put);
+                let others = tail
+                    .iter()
+                    .map(|t| t.1)
+                    .chain(map_object.iter().map(|m| m.1));
+                jobs_put.chain(others).for_each(|t| c.merge(t));
+                return Err(c.check(&disk.paths.label()).err().unwrap_or_else(|| {
+                    Error::Invalid(format!(
+                        "disk {}: the store is too slow to commit the seed within the orphan grace",
+                        disk.paths.label()
+                    ))
+                }));
+            }
+        }
+        if !stale.is_empty() {
+            let again = Plan {
+                generation: random_hex(8),
+                ..plan.clone()
+            };
+            redone += stale.len() as u64;
+            for (j, out) in run_pool(&again, &stale, workers, &counters, &|_| {})? {
+                results[j as usize] = Some(out);
+            }
+        }
+        if stale_tail {
+            let object = disk.paths.segment(plan.first_seq, &random_hex(8));
+            let mut b = ObjectBuilder::new(
+                &mut ctx,
+                disk.key()?,
+                &disk.disk_id,
+                ObjectKind::Segment,
+                &object,
+            );
+            b.zero(plan.first_seq, old_size, image.size - old_size);
+            let bytes = b.finish();
+            let tail_bytes = bytes.len() as u64;
+            stored_bytes += tail_bytes;
+            redone += u64::from(tail.is_some());
+            let put = Instant::now();
+            store.block(disk.upload(&object, bytes.into()))?;
+            let seg = SegmentRef {
+                object,
+                first_seq: plan.first_seq,
+                last_seq: plan.first_seq,
+                stored_bytes: tail_bytes,
+            };
+            tail = Some((seg, put));
+        }
+        if stale_map {
+            let (object, bytes) = map.seal(&disk, &mut ctx)?;
+            stored_bytes += bytes.len() as u64;
+            redone += u64::from(map_object.is_some());
+            let put = Instant::now();
+            store.block(disk.upload(&object, bytes.into()))?;
+            map_object = Some((object, put));
+        }
+    }
+    let (mut extents, mut segments) = (Vec::new(), Vec::new());
+    segments.extend(tail.map(|(seg, _)| seg));
+    for out in results.into_iter().flatten() {
+        extents.extend(out.extent);
+        segments.extend(out.segment);
+    }
+    let sums_object = map_object.map(|(o, _)| o).unwrap_or_default();
 
     let (point_seq, next_seq) = if first_time {
         (plan.first_seq, plan.first_seq + 1)
@@ -342,9 +404,71 @@ pub fn seed(
         point,
         full_copy: first_time,
         disk_bytes: image.size,
-        sent_bytes: sent.into_inner(),
-        stored_bytes,
+        sent_bytes: sent.load(Ordering::Relaxed),
+        stored_bytes: stored_bytes + stored.load(Ordering::Relaxed),
         blocks: BlockSums::blocks_for(image.size, plan.block_bytes as u64) as u64,
-        blocks_sent: blocks_sent.into_inner(),
+        blocks_sent: blocks_sent.load(Ordering::Relaxed),
+        redone,
     })
+}
+
+/// Byte counters the extent jobs add to.
+struct Counters<'a> {
+    sent: &'a AtomicU64,
+    stored: &'a AtomicU64,
+    blocks_sent: &'a AtomicU64,
+}
+
+/// Runs extent jobs `todo` on a pool of `workers` threads; `done(j)` after each.
+fn run_pool(
+    plan: &Plan<'_>,
+    todo: &[u64],
+    workers: usize,
+    counters: &Counters<'_>,
+    done: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<(u64, JobOut)>> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(u64, JobOut)>> = Mutex::new(Vec::with_capacity(todo.len()));
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(todo.len().max(1)) {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                let mut ctx = SealContext::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= todo.len() || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    let j = todo[i];
+                    let r = plan.run_job(
+                        j,
+                        &mut buf,
+                        &mut ctx,
+                        counters.sent,
+                        counters.stored,
+                        counters.blocks_sent,
+                    );
+                    match r {
+                        Ok(out) => {
+                            done(j);
+                            if let Ok(mut r) = results.lock() {
+                                r.push((j, out));
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
 }

@@ -6,35 +6,19 @@
 //! point rebuilt from the store equals its copy.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_agent::live::group::{Coordinator, GroupTls};
-use ferry_agent::live::{admin, Agent, DiskSpec, Options};
-use ferry_dataplane::client::Target;
-use ferry_dataplane::server::{start, Options as ServerOptions};
-use ferry_dataplane::sim::MemSink;
-use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
-use ferry_replica::rebuild::rebuild_point;
-use ferry_replica::{Disk, Store, VaultKey};
+use ferry_agent::live::group::{Coordinator, GroupPeer};
+use ferry_agent::live::{admin, Agent};
+use ferry_link::tls::certs::generate_loopback;
+use ferry_replica::Store;
+use ferry_testkit::disk::change_blocks as change_behind;
+use ferry_testkit::net::free_addr;
+use ferry_testkit::qemu::{qemu_io, random_writes};
+use ferry_testkit::site::{point_when_ready, rebuilt, site, wait_uploaded, DISK_BYTES as SIZE};
+use ferry_testkit::{wait_for, wait_ok};
 use rand::{Rng, SeedableRng};
-
-const SIZE: u64 = 16 << 20;
-
-fn qemu_io(url: &str, cmds: &[String]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", "-t", "writeback"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = c.arg(url).output().expect("qemu-io");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `n` qemu-io writes of random patterns, each `blocks` x 4 KiB, through `agent`'s export.
 fn pattern_writes(
@@ -43,193 +27,8 @@ fn pattern_writes(
     n: usize,
     blocks: std::ops::RangeInclusive<u64>,
 ) {
-    let cmds: Vec<String> = (0..n)
-        .map(|_| {
-            let len = rng.gen_range(blocks.clone()) * 4096;
-            let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
-            format!("write -P {} {off} {len}", rng.gen::<u8>())
-        })
-        .collect();
+    let cmds = random_writes(rng, SIZE, n, blocks);
     qemu_io(&format!("nbd://{}/sda", agent.nbd_addr), &cmds);
-}
-
-/// Waits (up to a minute) until every write of every agent is in the store.
-fn wait_uploaded(agents: &[&Agent]) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agents.iter().all(|a| a.uploaded_all()) {
-        let status: Vec<_> = agents.iter().map(|a| a.status()).collect();
-        assert!(Instant::now() < deadline, "not uploaded: {status:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The disk as point `p` rebuilds it.
-fn rebuilt(
-    replica: &Disk,
-    state: &ferry_replica::DiskState,
-    p: &ferry_replica::meta::Point,
-) -> Vec<u8> {
-    let sink = MemSink(Mutex::new(vec![0; p.disk_bytes as usize]));
-    rebuild_point(replica, state, p, &sink, &|_| {}).unwrap();
-    sink.0.into_inner().unwrap()
-}
-
-/// A loopback site: certificates for `agents` agents, a vault key, an empty store.
-struct Site {
-    dir: tempfile::TempDir,
-    url: String,
-    rng: rand::rngs::StdRng,
-}
-
-fn site(agents: usize) -> Site {
-    let seed: u64 = std::env::var("FERRY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("FERRY_SEED={seed}");
-    let dir = tempfile::tempdir().unwrap();
-    generate_loopback(&dir.path().join("pki"), agents).unwrap();
-    let store_dir = dir.path().join("store");
-    std::fs::create_dir_all(&store_dir).unwrap();
-    VaultKey::generate()
-        .save_new(&dir.path().join("vault.key"))
-        .unwrap();
-    Site {
-        url: format!("file://{}", store_dir.display()),
-        dir,
-        rng: rand::rngs::StdRng::seed_from_u64(seed),
-    }
-}
-
-impl Site {
-    fn path(&self, p: &str) -> std::path::PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn vault(&self) -> VaultKey {
-        VaultKey::load(&self.path("vault.key")).unwrap()
-    }
-
-    fn server(&self, listen: std::net::SocketAddr) -> ferry_dataplane::server::Running {
-        self.server_with(listen, |_| {})
-    }
-
-    /// A process server with the test's options, then `tune`'s.
-    fn server_with(
-        &self,
-        listen: std::net::SocketAddr,
-        tune: impl FnOnce(&mut ServerOptions),
-    ) -> ferry_dataplane::server::Running {
-        let mut so = ServerOptions::new(listen, self.path("cache"));
-        so.shards = 2;
-        so.cache_bytes = 256 << 20;
-        so.batch_delay = Duration::from_millis(20);
-        tune(&mut so);
-        let pki = self.path("pki");
-        start(
-            so,
-            server_config(
-                &pki.join("server.pem"),
-                &pki.join("server.key"),
-                &pki.join("ca.pem"),
-            )
-            .unwrap(),
-            Store::open(&self.url).unwrap(),
-            self.vault(),
-        )
-        .unwrap()
-    }
-
-    /// `disk.img` of SIZE bytes, random in `random`, zero elsewhere.
-    fn disk(
-        &self,
-        rng: &mut rand::rngs::StdRng,
-        random: std::ops::Range<usize>,
-    ) -> std::path::PathBuf {
-        let disk = self.path("disk.img");
-        let mut content = vec![0u8; SIZE as usize];
-        rng.fill(&mut content[random]);
-        std::fs::write(&disk, &content).unwrap();
-        disk
-    }
-
-    /// Agent `i` (machine agent-i) protecting `disk` as sda; nothing optional on.
-    fn options(&self, i: usize, disk: &std::path::Path, server: std::net::SocketAddr) -> Options {
-        let pki = self.path("pki");
-        Options {
-            machine: format!("agent-{i}"),
-            disks: vec![DiskSpec {
-                name: "sda".into(),
-                path: disk.to_path_buf(),
-            }],
-            target: Target {
-                addr: server,
-                server_name: server_name("127.0.0.1").unwrap(),
-                tls: Arc::new(
-                    client_config(
-                        &pki.join(format!("agent-{i}.pem")),
-                        &pki.join(format!("agent-{i}.key")),
-                        &pki.join("ca.pem"),
-                    )
-                    .unwrap(),
-                ),
-                timeout: Duration::from_secs(5),
-            },
-            nbd_listen: "127.0.0.1:0".parse().unwrap(),
-            journal_dir: self.path(&format!("journal{i}")),
-            journal_bytes: 64 << 20,
-            crash_point_interval: None,
-            freeze_hook: None,
-            admin_socket: None,
-            initial_copy: false,
-            group: None,
-            group_listen: None,
-            group_peers: Vec::new(),
-            group_tls: None,
-        }
-    }
-
-    /// Agent `i`'s TLS for the group channel.
-    fn group_tls(&self, i: usize) -> GroupTls {
-        let pki = self.path("pki");
-        GroupTls::load(
-            &pki.join(format!("agent-{i}.pem")),
-            &pki.join(format!("agent-{i}.key")),
-            &pki.join("ca.pem"),
-        )
-        .unwrap()
-    }
-
-    /// Asserts that each point (id, expected disk) of agent-0 rebuilds exactly.
-    fn assert_points(&self, points: &[(&str, &[u8])]) {
-        let (_store, replica, state) = self.replica("agent-0");
-        for (id, want) in points {
-            let p = state
-                .point(id)
-                .unwrap_or_else(|| panic!("point {id} is not in the replica"));
-            assert!(
-                rebuilt(&replica, &state, p) == *want,
-                "point {id} does not rebuild the disk as it was"
-            );
-        }
-    }
-
-    /// The replica of machine's sda and its state.
-    fn replica(&self, machine: &str) -> (Store, Disk, ferry_replica::DiskState) {
-        let store = Store::open(&self.url).unwrap();
-        let disk = store
-            .block(Disk::open(&store, machine, "sda", Some(&self.vault())))
-            .unwrap();
-        let state = store.block(disk.load_state()).unwrap();
-        (store, disk, state)
-    }
-}
-
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 #[test]
@@ -254,12 +53,16 @@ fn every_point_taken_through_nbd_rebuilds_as_the_disk_was() {
     let agent = Agent::start(o).unwrap();
     let nbd = format!("nbd://{}/sda", agent.nbd_addr);
     // No point until the initial copy is complete: it would not rebuild the disk.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = agent.bookmark(false, Some("first")) {
-        assert!(e.contains("initial copy"), "{e}");
-        assert!(Instant::now() < deadline, "the initial copy did not finish");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_ok(
+        "the initial copy to finish",
+        Duration::from_secs(30),
+        || {
+            agent.bookmark(false, Some("first")).map_err(|e| {
+                assert!(e.to_string().contains("initial copy"), "{e}");
+                e
+            })
+        },
+    );
     let expected_first = std::fs::read(&disk).unwrap();
 
     let expected = Mutex::new(BTreeMap::<String, Vec<u8>>::new());
@@ -343,24 +146,19 @@ fn a_burst_that_overflows_the_journal_leaves_every_point_correct() {
     pattern_writes(&agent, &mut rng, 60, 16..=32);
     assert_eq!(agent.status()[0]["mode"], "bitmap", "{:?}", agent.status());
     let e = agent.bookmark(false, None).unwrap_err();
-    assert!(e.contains("overflowed"), "{e}");
+    assert!(e.to_string().contains("overflowed"), "{e}");
 
     let server = w.server(addr);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let id = loop {
-        match agent.bookmark(false, Some("after")) {
-            Ok(id) => break id,
-            Err(e) => {
-                assert!(e.contains("overflowed"), "{e}");
-                assert!(
-                    Instant::now() < deadline,
-                    "never resynced: {:?}",
-                    agent.status()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let id = wait_ok(
+        "the dirty regions to be resynced",
+        Duration::from_secs(60),
+        || {
+            agent.bookmark(false, Some("after")).map_err(|e| {
+                assert!(e.to_string().contains("overflowed"), "{e}");
+                agent.status()
+            })
+        },
+    );
     let want = std::fs::read(&disk).unwrap();
     wait_uploaded(&[&agent]);
     agent.stop();
@@ -389,19 +187,23 @@ fn two_agents_in_a_group_fail_over_consistently() {
     let mut rng = w.rng.clone();
     let server = w.server("127.0.0.1:0".parse().unwrap());
     let member_addr = free_addr();
-    let make =
-        |i: usize, listen: Option<std::net::SocketAddr>, peers: Vec<std::net::SocketAddr>| {
-            let disk = w.path(&format!("disk{i}.img"));
-            std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
-            let mut o = w.options(i, &disk, server.addr);
-            o.group = Some("g1".into());
-            o.group_listen = listen;
-            o.group_peers = peers;
-            o.group_tls = Some(w.group_tls(i));
-            (Agent::start(o).unwrap(), disk)
-        };
+    let make = |i: usize, listen: Option<std::net::SocketAddr>, peers: Vec<GroupPeer>| {
+        let disk = w.path(&format!("disk{i}.img"));
+        std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+        let mut o = w.options(i, &disk, server.addr);
+        o.group = Some("g1".into());
+        o.group_listen = listen;
+        o.group_coordinator = listen.map(|_| "agent-0".into());
+        o.group_peers = peers;
+        o.group_tls = Some(w.group_tls(i));
+        (Agent::start(o).unwrap(), disk)
+    };
+    let peer = |addr| GroupPeer {
+        name: "agent-1".into(),
+        addr,
+    };
     let (member, member_disk) = make(1, Some(member_addr), vec![]);
-    let (coord, coord_disk) = make(0, None, vec![member_addr]);
+    let (coord, coord_disk) = make(0, None, vec![peer(member_addr)]);
     let mut want = BTreeMap::new();
     let mut pauses = Vec::new();
     for _ in 0..3 {
@@ -424,7 +226,11 @@ fn two_agents_in_a_group_fail_over_consistently() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let before = coord.status()[0]["last_point"].clone();
-    let mut c = Coordinator::new("g1".into(), vec![silent_addr], w.group_tls(0).coordinator);
+    let mut c = Coordinator::new(
+        "g1".into(),
+        vec![peer(silent_addr)],
+        w.group_tls(0).coordinator,
+    );
     let e = c.cut(&coord).unwrap_err();
     assert!(e.contains("skipped"), "{e}");
     assert_eq!(
@@ -452,13 +258,13 @@ fn two_agents_in_a_group_fail_over_consistently() {
     }
     let other = w.path("other-pki");
     generate_loopback(&other, 1).unwrap();
-    let stranger = ferry_dataplane::tls::certs::peer_client_config(
+    let stranger = ferry_link::tls::certs::peer_client_config(
         &other.join("agent-0.pem"),
         &other.join("agent-0.key"),
         &w.path("pki").join("ca.pem"),
     )
     .unwrap();
-    let mut c = Coordinator::new("g1".into(), vec![member_addr], Arc::new(stranger));
+    let mut c = Coordinator::new("g1".into(), vec![peer(member_addr)], Arc::new(stranger));
     let e = c.cut(&coord).unwrap_err();
     assert!(e.contains("skipped"), "{e}");
     assert_eq!(
@@ -471,7 +277,8 @@ fn two_agents_in_a_group_fail_over_consistently() {
     coord.stop();
     member.stop();
     let store = Store::open(&w.url).unwrap();
-    let (machines, id) = ferry_controlplane::group::latest_group_point(&store, "g1").unwrap();
+    let (machines, id) =
+        ferry_controlplane::recovery::group::latest_group_point(&store, "g1").unwrap();
     assert_eq!(machines, vec!["agent-0".to_string(), "agent-1".to_string()]);
     assert_eq!(&id, want.keys().max_by_key(|k| k.to_string()).unwrap());
     for (i, m) in machines.iter().enumerate() {
@@ -507,7 +314,6 @@ fn an_agent_that_lost_its_numbering_resyncs_instead_of_reusing_numbers() {
     first.bookmark(false, None).unwrap();
     wait_uploaded(&[&first]);
     first.stop();
-    std::thread::sleep(Duration::from_millis(100));
 
     let mut o = w.options(0, &disk, server.addr);
     o.journal_dir = w.path("journal-lost");
@@ -553,34 +359,6 @@ fn an_agent_upgraded_before_its_process_server_steps_down_to_its_protocol() {
     w.assert_points(&[(&id1, &want1), (&id2, &want2)]);
 }
 
-/// Takes a point as soon as the agent allows one (after a copy or resync).
-fn point_when_ready(agent: &Agent, label: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match agent.bookmark(false, Some(label)) {
-            Ok(id) => return id,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "no point allowed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-/// Overwrites one 4 KiB piece in each of `blocks` (replica blocks) of the disk file
-/// behind the agent's back, as writes a lost journal carried or a capture gap would.
-fn change_behind(disk: &std::path::Path, blocks: &[u64], rng: &mut rand::rngs::StdRng) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
-    for b in blocks {
-        let mut piece = [0u8; 4096];
-        rng.fill(&mut piece[..]);
-        let at = b * ferry_replica::DEFAULT_BLOCK_BYTES + rng.gen_range(0..16) * 4096;
-        f.write_all_at(&piece, at).unwrap();
-    }
-    f.sync_all().unwrap();
-}
-
 /// Checksum resync, twice: an agent that lost its journal directory (and so its
 /// initial-copy record) finds the replica already holds the disk and sends only the
 /// blocks that changed while it was down, not the whole disk; then, asked through
@@ -599,7 +377,6 @@ fn a_checksum_resync_sends_only_the_blocks_that_differ() {
     pattern_writes(&first, &mut rng, 20, 1..=16);
     wait_uploaded(&[&first]);
     first.stop();
-    std::thread::sleep(Duration::from_millis(100));
 
     // Three blocks change while no agent runs, and the journal directory is lost.
     let bs = ferry_replica::DEFAULT_BLOCK_BYTES;
@@ -657,7 +434,6 @@ fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
     pattern_writes(&first, &mut rng, 20, 1..=16);
     wait_uploaded(&[&first]);
     first.stop();
-    std::thread::sleep(Duration::from_millis(100));
 
     // As a power cut may leave it: two blocks the guest wrote are on the disk, their
     // journal records are not, and the marker names the boot that ended.
@@ -668,9 +444,12 @@ fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
     let mut o = options();
     o.target.addr = free_addr();
     let unreachable = Agent::start(o).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(
+        "the agent to fail to reach its process server",
+        Duration::from_secs(30),
+        || !unreachable.status()[0]["last_error"].is_null(),
+    );
     unreachable.stop();
-    std::thread::sleep(Duration::from_millis(100));
     let second = Agent::start(options()).unwrap();
     let id = point_when_ready(&second, "after the power cut");
     let want = std::fs::read(&disk).unwrap();
@@ -684,7 +463,6 @@ fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
     assert_eq!(s["copy_total_bytes"], 0, "no second copy: {s}");
     wait_uploaded(&[&second]);
     second.stop();
-    std::thread::sleep(Duration::from_millis(100));
 
     // Killed in this boot: nothing to compare.
     let third = Agent::start(options()).unwrap();
@@ -696,7 +474,6 @@ fn after_the_host_went_down_the_agent_compares_its_disk_with_the_replica() {
     );
     third.shutdown().unwrap();
     assert!(!marker.exists(), "an ordered stop leaves no marker");
-    std::thread::sleep(Duration::from_millis(100));
     let fourth = Agent::start(options()).unwrap();
     point_when_ready(&fourth, "after an ordered stop");
     assert!(
@@ -730,6 +507,7 @@ fn an_agent_on_a_seeded_disk_sends_only_what_changed_since_the_seed() {
             label: None,
             time: chrono::Utc::now(),
             workers: 2,
+            orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
         },
         &|_| {},
     )
@@ -771,25 +549,27 @@ fn an_agent_starts_over_when_the_process_server_lost_its_cache() {
     let agent = Agent::start(w.options(0, &disk, addr)).unwrap();
     pattern_writes(&agent, &mut rng, 30, 1..=16);
     let lost = agent.bookmark(false, Some("lost")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = &agent.status()[0];
+    wait_ok("the journal to be trimmed", Duration::from_secs(30), || {
+        let s = agent.status()[0].clone();
         if s["durable"] == s["next_seq"] && s["journal_bytes"] == 0 {
             assert_eq!(s["uploaded"], 0, "nothing uploaded yet: {s}");
-            break;
+            Ok(())
+        } else {
+            Err(s)
         }
-        assert!(Instant::now() < deadline, "not trimmed: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
     server.stop();
     std::fs::remove_dir_all(w.path("cache")).unwrap();
     let server = w.server(addr);
     // A point before the agent notices would be given up with its journal: wait.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.status()[0]["last_resync"].is_null() && agent.status()[0]["resync"].is_null() {
-        assert!(Instant::now() < deadline, "the loss was never noticed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(
+        "the agent to notice the loss",
+        Duration::from_secs(30),
+        || {
+            let s = &agent.status()[0];
+            !s["last_resync"].is_null() || !s["resync"].is_null()
+        },
+    );
     let id = point_when_ready(&agent, "after");
     let want = std::fs::read(&disk).unwrap();
     let s = &agent.status()[0];
@@ -840,4 +620,37 @@ fn writes_during_a_checksum_resync_are_never_overwritten_by_it() {
     agent.stop();
     w.assert_points(&[(&id, &want)]);
     server.stop();
+}
+
+/// `stop` waits for the agent's threads: once it returns, the NBD address is free to
+/// bind again and no thread holds the agent any more (the point timer, on an hour's
+/// interval, has ended too), so another agent can take over at once.
+#[test]
+fn stop_waits_for_the_agents_threads() {
+    let w = site(1);
+    let disk = w.path("disk.img");
+    std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+    // No process server: the sender is retrying its connection when stopped.
+    let mut o = w.options(0, &disk, free_addr());
+    o.crash_point_interval = Some(Duration::from_secs(3600));
+    o.initial_copy = true;
+    let agent = Agent::start(o).unwrap();
+    let nbd = agent.nbd_addr;
+    let started = std::time::Instant::now();
+    agent.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    drop(std::net::TcpListener::bind(nbd).expect("the NBD address is free once stopped"));
+    assert_eq!(
+        Arc::strong_count(&agent),
+        1,
+        "a thread of the stopped agent still holds it"
+    );
+    let mut o = w.options(0, &disk, free_addr());
+    o.nbd_listen = nbd;
+    let again = Agent::start(o).expect("a new agent on the same journal and address");
+    again.stop();
 }

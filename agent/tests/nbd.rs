@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use ferry_agent::nbd::{serve, Device, Exports, FileDevice};
+use ferry_testkit::qemu::qemu_io;
 
 const SIZE: u64 = 8 << 20;
 
@@ -45,31 +46,6 @@ impl Device for Recording {
         self.log.lock().unwrap().push("flush".into());
         self.inner.flush()
     }
-}
-
-fn qemu_io(url: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    // writeback: FUA only where a command asks for it (the default writethrough
-    // sets it on every write).
-    c.args(["-f", "raw", "-t", "writeback"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = c
-        .arg(url)
-        .output()
-        .expect("qemu-io is installed (qemu-utils)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "qemu-io {cmds:?}: {text}");
-    assert!(
-        !text.contains("failed") && !text.contains("error"),
-        "qemu-io {cmds:?}: {text}"
-    );
-    text
 }
 
 fn disk(path: &Path) {

@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ferry_dataplane::client::Target;
-use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, generate_loopback, server_config, server_name};
 use ferry_replica::{Store, VaultKey};
 use rand::Rng;
 
+use crate::ceilings::{Drift, Stages};
 use crate::load::{allowed_cpus, bind, Drive, Load, Loaded, Pin};
 
 pub struct RunFigures {
@@ -275,31 +276,71 @@ pub fn run_load(
     Ok(f)
 }
 
-/// The TLS-receive, zstd and AES ceilings on this sample, each on one core.
-pub fn ceiling(work: &Path, sample: &[Vec<u8>]) -> Result<f64> {
-    let dir = work.join("ceiling-pki");
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
+/// The TLS-receive, zstd and AES ceilings on the sample as sent, each on one core,
+/// timed before the first run and again after every run: each run's ratio is against
+/// the mean of the timings either side of it, so that a host whose speed changes
+/// during the benchmark moves the ceiling by what it really did, and a ceiling that
+/// moved within a run is reported rather than hidden in the ratio.
+struct CeilingClock {
+    sample: Vec<Vec<u8>>,
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    timings: Vec<Stages>,
+}
+
+impl CeilingClock {
+    fn new(work: &Path, sample: Vec<Vec<u8>>) -> Result<CeilingClock> {
+        let dir = work.join("ceiling-pki");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        }
+        generate_loopback(&dir, 1)?;
+        let server = Arc::new(server_config(
+            &dir.join("server.pem"),
+            &dir.join("server.key"),
+            &dir.join("ca.pem"),
+        )?);
+        let client = Arc::new(client_config(
+            &dir.join("agent-0.pem"),
+            &dir.join("agent-0.key"),
+            &dir.join("ca.pem"),
+        )?);
+        Ok(CeilingClock {
+            sample,
+            server,
+            client,
+            timings: Vec::new(),
+        })
     }
-    generate_loopback(&dir, 1)?;
-    let server = Arc::new(server_config(
-        &dir.join("server.pem"),
-        &dir.join("server.key"),
-        &dir.join("ca.pem"),
-    )?);
-    let client = Arc::new(client_config(
-        &dir.join("agent-0.pem"),
-        &dir.join("agent-0.key"),
-        &dir.join("ca.pem"),
-    )?);
-    let tls = crate::ceilings::tls_receive(sample, server, client)?;
-    let zstd = crate::ceilings::zstd(sample)?;
-    let aes = crate::ceilings::aes(sample);
-    let c = 1.0 / (1.0 / tls + 1.0 / zstd + 1.0 / aes);
-    println!(
-        "ingest ceiling on one core: TLS receive {tls:.0} MB/s, zstd-1 {zstd:.0} MB/s, AES-256-GCM {aes:.0} MB/s: composed {c:.0} MB/s"
-    );
-    Ok(c)
+
+    /// Times the stages once more; returns the index of this timing.
+    fn time(&mut self, when: &str) -> Result<usize> {
+        let tls =
+            crate::ceilings::tls_receive(&self.sample, self.server.clone(), self.client.clone())?;
+        let zstd = crate::ceilings::zstd(&self.sample)?;
+        let aes = crate::ceilings::aes(&self.sample);
+        let s = Stages { tls, zstd, aes };
+        println!(
+            "ingest ceiling on one core, {when}: TLS receive {tls:.0} MB/s, zstd-1 {zstd:.0} MB/s, AES-256-GCM {aes:.0} MB/s: composed {:.0} MB/s",
+            s.composed()
+        );
+        self.timings.push(s);
+        Ok(self.timings.len() - 1)
+    }
+
+    /// The latest timing's index: the one before the next run.
+    fn last(&self) -> usize {
+        self.timings.len().saturating_sub(1)
+    }
+
+    /// Runs `f` between the latest timing and a new one; returns its result with the
+    /// ceiling over the two.
+    fn around<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, Drift)> {
+        let before = self.last();
+        let out = f()?;
+        self.time(&format!("after {name}"))?;
+        Ok((out, Drift::of(&self.timings[before..])))
+    }
 }
 
 pub struct IngestOptions {
@@ -351,7 +392,8 @@ fn as_sent(sample: &[Vec<u8>]) -> Vec<Vec<u8>> {
 pub fn run(o: &IngestOptions) -> Result<()> {
     ferry_dataplane::server::run::raise_fd_limit();
     let sample = Arc::new(crate::sample::load(&o.image, 64)?);
-    let ceiling = ceiling(&o.work, &as_sent(&sample))?;
+    let mut clock = CeilingClock::new(&o.work, as_sent(&sample))?;
+    clock.time("before the runs")?;
     let store = o.store_dir.as_deref();
     match store {
         Some(d) => println!("ingest: the blob store is in {}", d.display()),
@@ -368,23 +410,24 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         threads: o.load_threads,
     };
     let full = match wants(RunKind::Full) {
-        true => Some(run_load(
-            "full", &o.ferry, &o.work, &sample, full_load, None, store,
-        )?),
+        true => Some(clock.around("the full-load run", || {
+            run_load("full", &o.ferry, &o.work, &sample, full_load, None, store)
+        })?),
         false => None,
     };
-    if let Some(f) = &full {
+    if let Some((f, c)) = &full {
         println!(
-            "ingest full: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}",
+            "ingest full: {:.0} MB/s, {:.0} MB/s per server core-second, {}, ratio {:.2}{}",
             f.mbps,
             f.per_core_s,
-            ceiling,
-            f.per_core_s / ceiling
+            c.describe(2),
+            f.per_core_s / c.mean,
+            c.warning()
         );
     }
     let half_rate = match (o.half_mbps, &full) {
         (Some(r), _) => Some(r),
-        (None, Some(f)) => Some(f.mbps / 2.0),
+        (None, Some((f, _))) => Some(f.mbps / 2.0),
         (None, None) => None,
     };
     let half = match (wants(RunKind::Half), half_rate) {
@@ -393,9 +436,10 @@ pub fn run(o: &IngestOptions) -> Result<()> {
                 rate: Some(rate),
                 ..full_load
             };
-            Some(run_load(
-                "half", &o.ferry, &o.work, &sample, load, None, store,
-            )?)
+            let (half, _) = clock.around("the half-load run", || {
+                run_load("half", &o.ferry, &o.work, &sample, load, None, store)
+            })?;
+            Some(half)
         }
         (true, None) => bail!("the half-load run needs the full-load run or --half-mbps"),
         (false, _) => None,
@@ -411,7 +455,9 @@ pub fn run(o: &IngestOptions) -> Result<()> {
                 seconds: o.seconds.max(10.0),
                 ..full_load
             };
-            let many = run_load("connections", &o.ferry, &o.work, &sample, load, None, store)?;
+            let (many, _) = clock.around("the connections run", || {
+                run_load("connections", &o.ferry, &o.work, &sample, load, None, store)
+            })?;
             println!(
                 "{} connections: server peak RSS {:.0} MiB ({} 1 GiB)",
                 many.disks,
@@ -427,16 +473,22 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         false => None,
     };
     if wants(RunKind::Scaling) {
-        scaling(o, &sample, full_load, ceiling)?;
+        scaling(o, &sample, full_load, &mut clock)?;
     }
-    if let (Some(full), Some(half), Some(_)) = (full, half, many) {
+    let all = Drift::of(&clock.timings);
+    println!(
+        "ingest ceiling over the whole benchmark: {}",
+        all.describe(clock.timings.len())
+    );
+    if let (Some((full, c)), Some(half), Some(_)) = (full, half, many) {
         println!(
-            "ingest: {:.0} MB/s, {:.0} MB/s per server core-second, ceiling {:.0} MB/s, ratio {:.2}, p99 ack {:.1} ms, verify ok",
+            "ingest: {:.0} MB/s, {:.0} MB/s per server core-second, {}, ratio {:.2}, p99 ack {:.1} ms, verify ok{}",
             full.mbps,
             full.per_core_s,
-            ceiling,
-            full.per_core_s / ceiling,
-            half.p99_ms
+            c.describe(2),
+            full.per_core_s / c.mean,
+            half.p99_ms,
+            c.warning()
         );
     }
     Ok(())
@@ -446,7 +498,12 @@ pub fn run(o: &IngestOptions) -> Result<()> {
 /// the rate each step sustained: the server on the first n of the CPUs this process may
 /// use, the load generator's n threads on the next n, so neither takes time from the
 /// other and each step adds both.
-fn scaling(o: &IngestOptions, sample: &Arc<Vec<Vec<u8>>>, base: Load, ceiling: f64) -> Result<()> {
+fn scaling(
+    o: &IngestOptions,
+    sample: &Arc<Vec<Vec<u8>>>,
+    base: Load,
+    clock: &mut CeilingClock,
+) -> Result<()> {
     let cpus = allowed_cpus().context("sched_getaffinity")?;
     if cpus.len() < 2 {
         println!(
@@ -469,21 +526,24 @@ fn scaling(o: &IngestOptions, sample: &Arc<Vec<Vec<u8>>>, base: Load, ceiling: f
             threads: n,
             ..base
         };
-        let run = |name: &str, load| {
+        let mut run = |name: &str, load| {
             let name = format!("scaling-{n}-{name}");
             let store = o.store_dir.as_deref();
-            run_load(&name, &o.ferry, &o.work, sample, load, Some(&pin), store)
+            clock.around(&format!("the {name} run"), || {
+                run_load(&name, &o.ferry, &o.work, sample, load, Some(&pin), store)
+            })
         };
-        let f = run("full", full)?;
+        let (f, ceiling) = run("full", full)?;
         let one = *one.get_or_insert(f.mbps);
         let rate = Some(f.mbps / 2.0);
-        let h = run("half", Load { rate, ..full })?;
+        let (h, _) = run("half", Load { rate, ..full })?;
         steps.push(format!(
-            "{n} shard(s) on {n} CPU(s) {:.0} MB/s (x{:.2}, {:.0} MB/s per core-second, ratio {:.2}), at half of that p99 ack {:.2} ms (in the server {:.2} ms)",
+            "{n} shard(s) on {n} CPU(s) {:.0} MB/s (x{:.2}, {:.0} MB/s per core-second, ratio {:.2}{}), at half of that p99 ack {:.2} ms (in the server {:.2} ms)",
             f.mbps,
             f.mbps / one,
             f.per_core_s,
-            f.per_core_s / ceiling,
+            f.per_core_s / ceiling.mean,
+            ceiling.warning(),
             h.p99_ms,
             h.server_p99_ms,
         ));

@@ -12,9 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_dataplane::client::Target;
-use ferry_dataplane::sim::{verify, SimDisk};
+use ferry_link::client::Target;
 use ferry_replica::{Store, VaultKey};
+use ferry_testkit::sim::{verify, SimDisk};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 

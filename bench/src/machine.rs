@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-fn first_line(cmd: &str, args: &[&str]) -> String {
+pub fn first_line(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
         .output()

@@ -1,18 +1,61 @@
-//! `ferry seed` against `restic backup` on the same image, in MB of image per
-//! CPU-second (user + system of the child, from wait4), first run and after a change.
+//! `ferry seed` against `restic backup` and `borg create` on the same image in the same
+//! run, in MB of image per CPU-second (user + system of the child and all its threads,
+//! from wait4), first run and after a change.
 
-use std::ffi::OsStr;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 
+/// The peers the seed is compared with: (program, Debian package).
+pub const PEERS: [(&str, &str); 2] = [("restic", "restic"), ("borg", "borgbackup")];
+
+/// Ferry's rate over a peer's, MB per CPU-second, first run and after the change.
+pub struct Ratios {
+    pub first: f64,
+    pub after_change: f64,
+}
+
 pub struct PeerFigures {
-    pub first_ratio: f64,
-    pub second_ratio: f64,
+    pub restic: Ratios,
+    pub borg: Ratios,
+}
+
+/// The programs of `tools` (program, package) that no directory of `path` (a
+/// PATH-style list) holds as an executable file, with their packages.
+pub fn missing<'a>(tools: &[(&'a str, &'a str)], path: &OsStr) -> Vec<(&'a str, &'a str)> {
+    let dirs: Vec<PathBuf> = std::env::split_paths(path).collect();
+    tools
+        .iter()
+        .filter(|(program, _)| {
+            !dirs.iter().any(|d| {
+                std::fs::metadata(d.join(program))
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+        })
+        .copied()
+        .collect()
+}
+
+/// Fails, naming the Debian packages to install, when a peer is not on PATH: checked
+/// before anything is timed, so that a missing peer costs no half-finished run.
+pub fn require_peers() -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let gone = missing(&PEERS, &path);
+    if gone.is_empty() {
+        return Ok(());
+    }
+    let programs: Vec<&str> = gone.iter().map(|(p, _)| *p).collect();
+    let packages: Vec<&str> = gone.iter().map(|(_, p)| *p).collect();
+    bail!(
+        "{} not found on PATH: the seed is compared with restic and borg; install them with `apt-get install {}`",
+        programs.join(" and "),
+        packages.join(" ")
+    )
 }
 
 struct Usage {
@@ -24,14 +67,18 @@ struct Usage {
 fn measure(cmd: &mut Command) -> Result<Usage> {
     let start = Instant::now();
     let child = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("{cmd:?}"))?;
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
+    // SAFETY: rusage is plain old data; all zero is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // wait4 gives this child's own CPU time and peak RSS.
+    // wait4 gives this child's own CPU time (all its threads) and peak RSS. A child
+    // that fills its stderr pipe would block: every peer here writes little to it.
+    // SAFETY: pid is our unwaited child; status and ru are valid for writes.
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     let wall_s = start.elapsed().as_secs_f64();
     if rc < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
@@ -81,70 +128,167 @@ fn row(name: &str, bytes: u64, u: &Usage) -> f64 {
     per_cpu
 }
 
-pub fn run(image: &Path, ferry: &Path, work: &Path, percent: f64) -> Result<PeerFigures> {
-    let bytes = std::fs::metadata(image)?.len();
-    std::fs::create_dir_all(work)?;
-    let store = work.join("ferry-store");
-    let repo = work.join("restic-repo");
-    let _ = std::fs::remove_dir_all(&store);
-    let _ = std::fs::remove_dir_all(&repo);
-    let key = work.join("bench.key");
-    let _ = std::fs::remove_file(&key);
-    measure(Command::new(ferry).args([
-        OsStr::new("keygen"),
-        OsStr::new("--out"),
-        key.as_os_str(),
-    ]))?;
-    let store_url = format!("file://{}", store.display());
-    let ferry_seed = || {
-        let mut c = Command::new(ferry);
-        c.args([
-            "seed",
-            "--store",
-            &store_url,
-            "--machine",
-            "bench",
-            "--disk",
-            "d0",
-            "--key-file",
-        ])
-        .arg(&key)
-        .arg("--image")
-        .arg(image);
+/// The three tools' commands on one image, each with its repository under `work`.
+struct Tools<'a> {
+    image: &'a Path,
+    ferry: &'a Path,
+    work: &'a Path,
+    key: PathBuf,
+}
+
+impl Tools<'_> {
+    fn ferry_seed(&self) -> Command {
+        let store_url = format!("file://{}", self.work.join("ferry-store").display());
+        let mut c = Command::new(self.ferry);
+        c.args(["seed", "--store", &store_url])
+            .args(["--machine", "bench", "--disk", "d0", "--key-file"])
+            .arg(&self.key)
+            .arg("--image")
+            .arg(self.image);
         c
-    };
-    let restic = |args: &[&OsStr]| {
+    }
+
+    fn restic(&self, args: &[&OsStr]) -> Command {
         let mut c = Command::new("restic");
         c.arg("-r")
-            .arg(&repo)
+            .arg(self.work.join("restic-repo"))
             .args(args)
             .env("RESTIC_PASSWORD", "bench")
-            .env("RESTIC_CACHE_DIR", work.join("restic-cache"));
+            .env("RESTIC_CACHE_DIR", self.work.join("restic-cache"));
         c
+    }
+
+    /// borg with its keys, cache and security state under the run's directory, a
+    /// passphrase from the environment, and every question answered, so that it never
+    /// prompts and never touches the user's ~/.config/borg or ~/.cache/borg.
+    fn borg(&self, args: &[OsString]) -> Command {
+        let home = self.work.join("borg-home");
+        let mut c = Command::new("borg");
+        c.args(args)
+            .env("BORG_PASSPHRASE", "bench")
+            .env("BORG_DISPLAY_PASSPHRASE", "no")
+            .env("BORG_BASE_DIR", &home)
+            .env("BORG_CONFIG_DIR", home.join("config"))
+            .env("BORG_CACHE_DIR", home.join("cache"))
+            .env("BORG_SECURITY_DIR", home.join("security"))
+            .env("BORG_KEYS_DIR", home.join("keys"))
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes");
+        c
+    }
+
+    fn borg_repo(&self) -> PathBuf {
+        self.work.join("borg-repo")
+    }
+
+    fn borg_create(&self, archive: &str) -> Command {
+        let mut target = self.borg_repo().into_os_string();
+        target.push(format!("::{archive}"));
+        self.borg(&[
+            "create".into(),
+            "--compression".into(),
+            "zstd,1".into(),
+            target,
+            self.image.into(),
+        ])
+    }
+}
+
+pub fn run(image: &Path, ferry: &Path, work: &Path, percent: f64) -> Result<PeerFigures> {
+    require_peers()?;
+    let bytes = std::fs::metadata(image)
+        .with_context(|| format!("image {}", image.display()))?
+        .len();
+    std::fs::create_dir_all(work).with_context(|| format!("create {}", work.display()))?;
+    remove_repos(work);
+    let t = Tools {
+        image,
+        ferry,
+        work,
+        key: work.join("bench.key"),
     };
-    measure(&mut restic(&[OsStr::new("init")]))
-        .context("restic (Debian package restic) must be installed")?;
+    let _ = std::fs::remove_file(&t.key);
+    measure(Command::new(ferry).arg("keygen").arg("--out").arg(&t.key))?;
+    measure(&mut t.restic(&[OsStr::new("init")])).context("restic init")?;
+    measure(&mut t.borg(&[
+        "init".into(),
+        "--encryption".into(),
+        "repokey".into(),
+        t.borg_repo().into(),
+    ]))
+    .context("borg init")?;
 
     println!(
-        "seed vs restic: {} MiB image {}",
+        "seed vs restic and borg (zstd,1, repokey): {} MiB image {}; {}; {}",
         bytes >> 20,
-        image.display()
+        image.display(),
+        crate::machine::first_line("restic", &["version"]),
+        crate::machine::first_line("borg", &["--version"]),
     );
-    let f1 = measure(&mut ferry_seed())?;
-    let r1 = measure(&mut restic(&[OsStr::new("backup"), image.as_os_str()]))?;
-    let a = row("ferry seed, first", bytes, &f1);
-    let b = row("restic backup, first", bytes, &r1);
+    let backup = [OsStr::new("backup"), image.as_os_str()];
+    let f1 = measure(&mut t.ferry_seed())?;
+    let r1 = measure(&mut t.restic(&backup))?;
+    let b1 = measure(&mut t.borg_create("first"))?;
+    let f1 = row("ferry seed, first", bytes, &f1);
+    let r1 = row("restic backup, first", bytes, &r1);
+    let b1 = row("borg create, first", bytes, &b1);
     let changed = change(image, percent)?;
     println!("  (changed {changed} blocks of 64 KiB, {percent} %)");
-    let f2 = measure(&mut ferry_seed())?;
-    let r2 = measure(&mut restic(&[OsStr::new("backup"), image.as_os_str()]))?;
-    let c = row("ferry seed, after change", bytes, &f2);
-    let d = row("restic backup, after change", bytes, &r2);
-    let first_ratio = a / b;
-    let second_ratio = c / d;
-    println!("  ferry / restic, MB per CPU-second: first {first_ratio:.1} x, after change {second_ratio:.1} x");
-    Ok(PeerFigures {
-        first_ratio,
-        second_ratio,
-    })
+    let f2 = measure(&mut t.ferry_seed())?;
+    let r2 = measure(&mut t.restic(&backup))?;
+    let b2 = measure(&mut t.borg_create("second"))?;
+    let f2 = row("ferry seed, after change", bytes, &f2);
+    let r2 = row("restic backup, after change", bytes, &r2);
+    let b2 = row("borg create, after change", bytes, &b2);
+    let figures = PeerFigures {
+        restic: Ratios {
+            first: f1 / r1,
+            after_change: f2 / r2,
+        },
+        borg: Ratios {
+            first: f1 / b1,
+            after_change: f2 / b2,
+        },
+    };
+    println!(
+        "  ferry / restic, MB per CPU-second: first {:.1} x, after change {:.1} x",
+        figures.restic.first, figures.restic.after_change
+    );
+    println!(
+        "  ferry / borg, MB per CPU-second: first {:.1} x, after change {:.1} x",
+        figures.borg.first, figures.borg.after_change
+    );
+    // Three copies of a 4 GiB image: gone before the rebuild needs the room.
+    remove_repos(work);
+    Ok(figures)
+}
+
+fn remove_repos(work: &Path) {
+    for old in [
+        "ferry-store",
+        "restic-repo",
+        "restic-cache",
+        "borg-repo",
+        "borg-home",
+    ] {
+        let _ = std::fs::remove_dir_all(work.join(old));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_names_the_programs_and_packages_not_on_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let restic = dir.path().join("restic");
+        std::fs::write(&restic, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&restic, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Present but not executable: as good as missing.
+        std::fs::write(dir.path().join("borg"), "").unwrap();
+        let path = std::env::join_paths([Path::new("/nonexistent"), dir.path()]).unwrap();
+        assert_eq!(missing(&PEERS, &path), vec![("borg", "borgbackup")]);
+        assert_eq!(missing(&PEERS, OsStr::new("")).len(), 2);
+    }
 }

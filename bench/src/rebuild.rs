@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::Result;
 use chrono::Utc;
 use ferry_agent::{seed, SeedOptions};
-use ferry_controlplane::failover;
-use ferry_controlplane::points::PointSpec;
-use ferry_dataplane::export::Format;
+use ferry_controlplane::recovery::failover;
+use ferry_controlplane::recovery::points::PointSpec;
+use ferry_replica::export::Format;
 use ferry_replica::{Store, VaultKey};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
@@ -28,6 +28,7 @@ pub fn run(image: &Path) -> Result<()> {
         label: None,
         time: Utc::now(),
         workers: 0,
+        orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
     };
     let r = seed(&store, &vault, &opts, &|_| {})?;
     let plan = failover::plan(&store, &vault, "bench", &PointSpec::Latest)?;

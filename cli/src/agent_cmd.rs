@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_agent::live::group::GroupPeer;
 use ferry_agent::live::{admin, Agent, DiskSpec, Options};
-use ferry_dataplane::client::Target;
-use ferry_dataplane::tls::certs::{client_config, server_name};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, server_name};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -93,11 +94,21 @@ struct RunArgs {
     #[arg(long)]
     group: Option<String>,
     /// Where this member listens for the group coordinator (port 20004 by convention)
-    #[arg(long, value_name = "ADDR", requires = "group")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "group",
+        requires = "group_coordinator"
+    )]
     group_listen: Option<SocketAddr>,
-    /// A member's address: given, this agent coordinates the group's cuts
-    #[arg(long = "group-peer", value_name = "ADDR", requires = "group")]
-    group_peers: Vec<SocketAddr>,
+    /// The coordinator's machine name: this member accepts cuts only from a
+    /// certificate that names it
+    #[arg(long, value_name = "NAME", requires = "group_listen")]
+    group_coordinator: Option<String>,
+    /// A member, by the machine name its certificate carries and its --group-listen
+    /// address: given, this agent coordinates the group's cuts
+    #[arg(long = "group-peer", value_name = "NAME@ADDR", requires = "group", value_parser = GroupPeer::parse)]
+    group_peers: Vec<GroupPeer>,
 }
 
 pub fn agent(a: AgentArgs) -> Result<()> {
@@ -140,11 +151,16 @@ pub fn agent(a: AgentArgs) -> Result<()> {
     let r = a
         .run
         .context("missing agent options; see ferry agent --help")?;
+    ferry_replica::layout::check_name("machine", &r.machine)
+        .map_err(|e| anyhow!("--machine: {e}"))?;
     let mut disks = Vec::new();
     for d in &r.disks {
         let (name, path) = d
             .split_once('=')
             .with_context(|| format!("--disk {d:?}: expected NAME=PATH"))?;
+        // The name becomes a directory under --journal-dir and a path in the store.
+        ferry_replica::layout::check_name("disk", name)
+            .map_err(|e| anyhow!("--disk {d:?}: {e}"))?;
         disks.push(DiskSpec {
             name: name.to_string(),
             path: PathBuf::from(path),
@@ -190,14 +206,14 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         initial_copy: !r.no_initial_copy,
         group: r.group,
         group_listen: r.group_listen,
+        group_coordinator: r.group_coordinator,
         group_peers: r.group_peers,
         group_tls,
-    })
-    .map_err(|e| anyhow!(e))?;
+    })?;
     println!("agent for {} serving NBD on {}", r.machine, agent.nbd_addr);
     let signal = wait_for(&stop_signals);
     tracing::info!(signal, "stopping in order: flushing every disk");
-    agent.shutdown().map_err(|e| anyhow!(e))?;
+    agent.shutdown()?;
     // On stderr: whoever read the first line of stdout may have closed it.
     tracing::info!(machine = %r.machine, "the agent stopped in order");
     Ok(())

@@ -2,13 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 use ferry_agent::{seed, SeedOptions};
-use ferry_controlplane::points::{list_points, open_machine, PointSpec};
-use ferry_controlplane::{failover, retention};
-use ferry_dataplane::export::Format;
+use ferry_controlplane::recovery::points::{list_points, open_machine, PointSpec};
+use ferry_controlplane::recovery::{failover, retention};
+use ferry_replica::export::Format;
 use ferry_replica::{Store, VaultKey};
 
 use crate::progress::bar;
@@ -84,6 +84,10 @@ enum Command {
         format: Format,
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace output images that exist (without it, failover refuses to touch
+        /// them); a symbolic link at an output path is refused either way
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
@@ -141,9 +145,10 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let vault = key(&key_file)?;
             let store = Store::open(&store.store)?;
-            let size = std::fs::metadata(&image)
-                .with_context(|| format!("image {}", image.display()))?
-                .len();
+            // The seed sizes the image the same way; a block device's metadata says 0.
+            let size = std::fs::File::open(&image)
+                .map_err(|e| ferry_replica::Error::io("open image", image.display().to_string(), e))
+                .and_then(|mut f| ferry_replica::local::disk_size(&mut f, &image))?;
             let pb = bar(size, "seed");
             let opts = SeedOptions {
                 machine: &machine,
@@ -152,6 +157,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 label,
                 time: Utc::now(),
                 workers: 0,
+                orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
             };
             let r = seed(&store, &vault, &opts, &|n| pb.inc(n))?;
             pb.finish_and_clear();
@@ -204,6 +210,7 @@ pub fn run(cli: Cli) -> Result<()> {
             point,
             format,
             out,
+            overwrite,
         } => {
             let vault = key(&key_file)?;
             let store = Store::open(&store.store)?;
@@ -218,7 +225,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     if !matches!(&point, PointSpec::Id(id) if id == "latest-group") {
                         bail!("with --group, --point must be latest-group");
                     }
-                    let (members, id) = ferry_controlplane::group::latest_group_point(&store, &g)?;
+                    let (members, id) =
+                        ferry_controlplane::recovery::group::latest_group_point(&store, &g)?;
                     eprintln!("group {g}: machines {} at point {id}", members.join(", "));
                     members
                         .into_iter()
@@ -231,7 +239,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("--machine or --group is required"),
             };
             for (machine, point, out) in targets {
-                let plan = failover::plan(&store, &vault, &machine, &point)?;
+                let mut plan = failover::plan(&store, &vault, &machine, &point)?;
+                plan.overwrite = overwrite;
                 if let Some(note) = &plan.note {
                     eprintln!("note: {note}");
                 }
@@ -239,8 +248,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let done = failover::run(plan, format, &out, &|n| pb.inc(n))?;
                 pb.finish_and_clear();
                 for d in done {
-                    let padded =
-                        ferry_dataplane::export::Output::vhd_data_bytes(d.point.disk_bytes);
+                    let padded = ferry_replica::export::Output::vhd_data_bytes(d.point.disk_bytes);
                     if format == Format::Vhd && padded != d.point.disk_bytes {
                         eprintln!(
                         "note: {} is padded with zeroes from {} to {padded} bytes: Azure takes only whole MiB",

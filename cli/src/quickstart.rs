@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use ferry_agent::live::{Agent, DiskSpec, Options};
 use ferry_agent::nbd::client::Client;
-use ferry_controlplane::failover;
-use ferry_controlplane::points::PointSpec;
-use ferry_dataplane::client::Target;
-use ferry_dataplane::export::Format;
+use ferry_controlplane::recovery::failover;
+use ferry_controlplane::recovery::points::PointSpec;
 use ferry_dataplane::server::{start, Options as ServerOptions};
-use ferry_dataplane::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_link::client::Target;
+use ferry_link::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_replica::export::Format;
 use ferry_replica::{Store, VaultKey};
 
 use crate::progress::bar;
@@ -54,7 +54,9 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
             dir.display()
         );
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // It will hold a disk, its journal, the cache and failover images in the clear.
+    ferry_replica::local::create_private_dir(&dir)
+        .with_context(|| format!("create {}", dir.display()))?;
     let p = |s: &str| dir.join(s);
     println!("quickstart in {}", dir.display());
 
@@ -75,8 +77,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         server_config(&p("pki/server.pem"), &p("pki/server.key"), &p("pki/ca.pem"))?,
         Store::open(&store_url)?,
         VaultKey::load(&p("vault.key"))?,
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     println!(
         "  process server on {} (mutual TLS), store {store_url}",
         server.addr
@@ -109,10 +110,10 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         initial_copy: true,
         group: None,
         group_listen: None,
+        group_coordinator: None,
         group_peers: Vec::new(),
         group_tls: None,
-    })
-    .map_err(|e| anyhow!(e))?;
+    })?;
     println!(
         "  agent for machine agent-0 exporting disk sda over NBD on {}",
         agent.nbd_addr
@@ -163,7 +164,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let store = Store::open(&store_url)?;
     let vault = VaultKey::load(&p("vault.key"))?;
     for (id, copy) in &points {
-        let spec: PointSpec = id.parse().map_err(|e| anyhow!("{e}"))?;
+        let spec: PointSpec = id.parse()?;
         let plan = failover::plan(&store, &vault, "agent-0", &spec)?;
         let out = p(&format!("failover-{id}"));
         let pb = bar(plan.stored_bytes(), "failover");
@@ -190,9 +191,9 @@ fn wait_point(agent: &Agent) -> Result<String> {
     loop {
         match agent.bookmark(false, Some("quickstart")) {
             Ok(id) => return Ok(id),
-            Err(e)
+            Err(ferry_agent::error::Error::NotNow { why, .. })
                 if Instant::now() < deadline
-                    && (e.contains("initial copy") || e.contains("overflowed")) =>
+                    && (why.contains("initial copy") || why.contains("overflowed")) =>
             {
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use ferry_dataplane::server::{start, Limits, Options};
-use ferry_dataplane::tls::certs::{generate_loopback, server_config};
+use ferry_link::tls::certs::{generate_loopback, server_config};
 use ferry_replica::{Store, VaultKey};
 
 #[derive(clap::Args)]
@@ -86,7 +86,7 @@ pub fn process_server(a: ProcessServerArgs) -> Result<()> {
         );
     }
     let shards = o.shards;
-    let running = start(o, tls, store, vault).map_err(|e| anyhow!(e))?;
+    let running = start(o, tls, store, vault)?;
     // One line a supervisor or script can wait for.
     println!(
         "process server listening on {} with {shards} shards{}",

@@ -4,54 +4,26 @@
 //! had not delivered (counted at the process server), and every point, before and
 //! after the kill, fails over to exactly the disk as it was when the point was taken.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_testkit::process::{run_ok, spawn, spawn_logging, Killed};
+use ferry_testkit::qemu::random_writes;
+use ferry_testkit::wait_ok;
 use rand::{Rng, SeedableRng};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const SIZE: u64 = 16 << 20;
 
 fn ferry(args: &[&str]) -> String {
-    let out = Command::new(FERRY).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// A child killed when dropped, so a failing test leaves no process behind (one
-/// holding the test's stderr would hang the run).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns ferry and returns it with the first line it prints.
-fn spawn(args: &[String]) -> (Killed, String) {
-    let mut child = Command::new(FERRY)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (Killed(child), line)
+    run_ok(Path::new(FERRY), args)
 }
 
 /// The server's received-bytes counter. Shards publish their counters every 250 ms:
-/// wait past that first.
+/// wait past that first (the interval is the server's behaviour; no condition tells
+/// that the counter caught up).
 fn bytes_in(metrics: &str) -> u64 {
     std::thread::sleep(Duration::from_millis(600));
     let mut c = std::net::TcpStream::connect(metrics).unwrap();
@@ -78,71 +50,63 @@ fn status(sock: &Path) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()[0].clone()
 }
 
+/// `n` random pattern writes of 4 KiB to 128 KiB through qemu-io.
 fn qemu_io(url: &str, rng: &mut impl Rng, n: usize) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", "-t", "writeback"]);
-    for _ in 0..n {
-        let len = rng.gen_range(1..=32) * 4096u64;
-        let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
-        c.args(["-c", &format!("write -P {} {off} {len}", rng.gen::<u8>())]);
-    }
-    let out = c.arg(url).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ferry_testkit::qemu::qemu_io(url, &random_writes(rng, SIZE, n, 1..=32));
 }
 
 fn wait_uploaded(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_ok("every write uploaded", Duration::from_secs(60), || {
         let s = status(sock);
         if s["mode"] == "data"
             && s["uploaded"].as_u64() >= s["next_seq"].as_u64()
             && s["connected"] == true
         {
-            return;
+            Ok(())
+        } else {
+            Err(s)
         }
-        assert!(Instant::now() < deadline, "not uploaded: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
-#[test]
-fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
-    let seed: u64 = std::env::var("FERRY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("FERRY_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// `dir` and every directory under it are 0700, every log file (the journal's and the
+/// cache's, which hold disk data) 0600; it holds some.
+fn assert_private(dir: &Path) {
+    let mut files = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                assert_eq!(mode(&p), 0o600, "{}", p.display());
+                files += 1;
+            }
+        }
+    }
+    assert!(files > 0, "nothing in {}", dir.display());
+}
+
+/// A process server's arguments for the PKI, key and store under `d`.
+fn server_args(d: &Path, listen: &str) -> Vec<String> {
     let p = |s: &str| d.join(s).display().to_string();
-    std::fs::create_dir_all(d.join("store")).unwrap();
-    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
-    ferry(&["keygen", "--out", &p("vault.key")]);
-    let store = format!("file://{}", p("store"));
-    // A fixed port: the server is restarted on it later in the test.
-    let listen = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
-    let server_args: Vec<String> = [
+    [
         "process-server",
         "--listen",
-        &listen,
+        listen,
         "--metrics-listen",
         "127.0.0.1:0",
         "--cache-dir",
         &p("cache"),
         "--store",
-        &store,
+        &format!("file://{}", p("store")),
         "--key-file",
         &p("vault.key"),
         "--tls-cert",
@@ -160,8 +124,101 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     ]
     .iter()
     .map(|s| s.to_string())
+    .collect()
+}
+
+/// An agent whose certificate does not name its machine is refused by the process
+/// server at every retry: the text status says why, and the log says it once.
+#[test]
+fn a_refused_agent_says_why_in_status_and_once_in_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
+    ferry(&["keygen", "--out", &p("vault.key")]);
+    let (_server, line) = spawn(Path::new(FERRY), &server_args(d, "127.0.0.1:0"));
+    let addr = line.split_whitespace().nth(4).unwrap().to_string();
+
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = d.join("admin.sock");
+    let log = d.join("agent.log");
+    let args: Vec<String> = [
+        "agent",
+        "--process-server",
+        &addr,
+        // agent-0's certificate names agent-0, not web1.
+        "--machine",
+        "web1",
+        "--disk",
+        &format!("sda={}", disk.display()),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--journal-dir",
+        &p("journal"),
+        "--tls-cert",
+        &p("pki/agent-0.pem"),
+        "--tls-key",
+        &p("pki/agent-0.key"),
+        "--ca",
+        &p("pki/ca.pem"),
+        "--admin-socket",
+        &sock.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
     .collect();
-    let (server, line) = spawn(&server_args);
+    let started = std::time::Instant::now();
+    let (agent, line) = spawn_logging(
+        Path::new(FERRY),
+        &args,
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    assert!(line.contains("serving NBD"), "{line}");
+    let why = "refused by the process server: the client certificate does not name machine web1";
+    let sock_arg = sock.display().to_string();
+    let text = wait_ok("status says why", Duration::from_secs(30), || {
+        let text = ferry(&["agent", "ctl", "--admin-socket", &sock_arg, "status"]);
+        if text.contains(why) {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    });
+    // Under the disk's line, which says "disconnected" and no more.
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains("disconnected") && lines[1].starts_with("  sda: refused"),
+        "{text}"
+    );
+    // Retries back off from 50 ms to 2 s: by 4 s the agent has been refused at least
+    // five times (the passing of time is what is tested).
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(started.elapsed()));
+    let s = status(&sock);
+    assert_eq!(s["connected"], false, "{s}");
+    drop(agent);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let refusals: Vec<&str> = logged.lines().filter(|l| l.contains(why)).collect();
+    assert_eq!(refusals.len(), 1, "the refusal is logged once: {logged}");
+    assert!(refusals[0].contains("WARN"), "{logged}");
+}
+
+#[test]
+fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
+    let seed = ferry_testkit::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
+    ferry(&["keygen", "--out", &p("vault.key")]);
+    let store = format!("file://{}", p("store"));
+    // A fixed port: the server is restarted on it later in the test.
+    let listen = ferry_testkit::net::free_addr().to_string();
+    let server_args = server_args(d, &listen);
+    let (server, line) = spawn(Path::new(FERRY), &server_args);
     let words: Vec<&str> = line.split_whitespace().collect();
     let addr = words[4].to_string();
     let metrics = line
@@ -177,11 +234,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     let mut content = vec![0u8; SIZE as usize];
     rng.fill(&mut content[..4 << 20]);
     std::fs::write(&disk, &content).unwrap();
-    let nbd_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let nbd_port = ferry_testkit::net::free_port();
     let sock = d.join("admin.sock");
     let agent_args: Vec<String> = [
         "agent",
@@ -209,11 +262,54 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (mut agent, line) = spawn(&agent_args);
+    let (mut agent, line) = spawn(Path::new(FERRY), &agent_args);
     assert!(line.contains("serving NBD"), "{line}");
     let url = format!("nbd://127.0.0.1:{nbd_port}/sda");
 
     wait_uploaded(&sock);
+    // What holds disk data in the clear is its owner's only: the journal and the
+    // cache, their directories, and the admin socket that takes points.
+    assert_private(&d.join("journal"));
+    assert_private(&d.join("cache"));
+    assert_eq!(mode(&sock), 0o600);
+    // A second agent on the same admin socket is refused before it opens a journal,
+    // and the first one's socket stays.
+    let second = Command::new(FERRY).args(&agent_args).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "admin socket {}: another agent is running",
+            sock.display()
+        )),
+        "{err}"
+    );
+    status(&sock);
+    // A client that connects and says nothing holds the admin socket (answered one
+    // connection at a time) only until the read timeout, not for ever.
+    let silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let asked = Instant::now();
+    let mut ctl = Killed(
+        Command::new(FERRY)
+            .args(["agent", "ctl", "--admin-socket"])
+            .arg(&sock)
+            .arg("status")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let answered = loop {
+        if let Some(st) = ctl.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "a silent admin client stalls the admin socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(answered.success(), "{answered}");
+    drop(silent);
     let copied = bytes_in(&metrics);
     assert!(
         copied >= 4 << 20,
@@ -243,7 +339,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     agent.0.kill().unwrap();
     agent.0.wait().unwrap();
     drop(agent);
-    let (agent, line) = spawn(&agent_args);
+    let (agent, line) = spawn(Path::new(FERRY), &agent_args);
     assert!(line.contains("serving NBD"), "{line}");
     let s = status(&sock);
     assert_eq!(s["copy_total_bytes"], 0, "no second initial copy: {s}");
@@ -268,7 +364,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     qemu_io(&url, &mut rng, 20);
     drop(server);
     qemu_io(&url, &mut rng, 20);
-    let (server, line) = spawn(&server_args);
+    let (server, line) = spawn(Path::new(FERRY), &server_args);
     assert!(line.contains("listening"), "{line}");
     let id3 = bm("server-restarted");
     eprintln!("point after the server's restart: {id3}");
@@ -284,15 +380,14 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
         "resync",
     ]);
     assert!(out.contains("checksum resync started: sda"), "{out}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let s = loop {
+    let s = wait_ok("the resync to finish", Duration::from_secs(60), || {
         let s = status(&sock);
         if s["mode"] != "checksum-resync" {
-            break s;
+            Ok(s)
+        } else {
+            Err(s)
         }
-        assert!(Instant::now() < deadline, "the resync did not finish: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     assert_eq!(s["last_resync"]["compared_bytes"], SIZE, "{s}");
     assert_eq!(s["last_resync"]["sent_bytes"], 0, "{s}");
 
@@ -311,6 +406,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
             "--out",
             &out.display().to_string(),
         ]);
+        assert_eq!(mode(&out.join("sda.raw")), 0o600);
         let got = std::fs::read(out.join("sda.raw")).unwrap();
         let first = got.iter().zip(want.iter()).position(|(a, b)| a != b);
         assert!(
@@ -340,4 +436,74 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
         "an ordered stop leaves no marker"
     );
     drop(server);
+}
+
+/// Refused at the command line, before anything is created: disk names against the
+/// store's rule (one would escape --journal-dir), and an admin socket path holding
+/// something that is not a stale socket.
+#[test]
+fn the_agent_refuses_bad_disk_names_and_foreign_files_at_its_admin_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let journal = d.join("work/journal");
+    let run = |disk_arg: &str, admin: Option<&Path>| {
+        let mut args: Vec<String> = [
+            "agent",
+            "--process-server",
+            "127.0.0.1:9",
+            "--machine",
+            "agent-0",
+            disk_arg,
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--journal-dir",
+            &journal.display().to_string(),
+            "--tls-cert",
+            &p("pki/agent-0.pem"),
+            "--tls-key",
+            &p("pki/agent-0.key"),
+            "--ca",
+            &p("pki/ca.pem"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(a) = admin {
+            args.extend(["--admin-socket".to_string(), a.display().to_string()]);
+        }
+        let out = Command::new(FERRY).args(&args).output().unwrap();
+        assert!(!out.status.success(), "ferry {args:?} started");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let rule =
+        "1 to 64 characters of letters, digits, '.', '_' and '-', not starting with '.' or '-'";
+    for name in ["../x", "-x", ".x", "a/b", ""] {
+        let err = run(&format!("--disk={name}={}", disk.display()), None);
+        assert!(
+            err.contains(&format!("invalid disk name {name:?}")),
+            "{err}"
+        );
+        assert!(err.contains(rule), "{err}");
+    }
+    assert!(
+        !d.join("work").exists(),
+        "nothing is created for a refused name"
+    );
+
+    let sock = d.join("admin.sock");
+    std::fs::write(&sock, b"someone's file").unwrap();
+    let err = run(&format!("--disk=sda={}", disk.display()), Some(&sock));
+    assert!(
+        err.contains(&format!(
+            "admin socket {}: a regular file is there, not a socket; refusing to remove it",
+            sock.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&sock).unwrap(), b"someone's file");
+    assert!(!journal.exists(), "refused before the journal is touched");
 }

@@ -1,6 +1,7 @@
 //! The `ferry` binary as a user runs it: seed an ext4 image, change it, resync, fail
 //! over to each point as raw and as VHD, and check the results with qemu-img; errors
-//! are one line; a seed killed with SIGKILL leaves every committed point intact.
+//! are one line naming their cause; a seed killed with SIGKILL leaves every committed
+//! point intact.
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -249,7 +250,24 @@ fn one_line_error(out: &Output, wants: &str) {
 fn errors_are_one_clear_line() {
     let env = Env::new();
     let image = env.path("small.img");
+    // Not a whole number of sectors: refused, naming the image and its size.
     std::fs::write(&image, vec![7u8; 300_000]).unwrap();
+    one_line_error(
+        &env.run(&[
+            "seed",
+            "--machine",
+            "m",
+            "--disk",
+            "d",
+            "--image",
+            image.to_str().unwrap(),
+        ]),
+        &format!(
+            "disk {}: its size is 300000 bytes; a disk must be a non-zero multiple of 512 bytes",
+            image.display()
+        ),
+    );
+    std::fs::write(&image, vec![7u8; 300_032]).unwrap();
     env.seed("m", "d", &image);
     let out = env.path("o");
     let o = out.to_str().unwrap();
@@ -339,7 +357,7 @@ fn errors_are_one_clear_line() {
     ]);
     assert!(out.status.success());
     assert!(
-        text(&out.stderr).contains("padded with zeroes from 300000 to 1048576 bytes"),
+        text(&out.stderr).contains("padded with zeroes from 300032 to 1048576 bytes"),
         "{}",
         text(&out.stderr)
     );
@@ -347,7 +365,7 @@ fn errors_are_one_clear_line() {
     assert_vhd_matches(&image, &vhd, 1 << 20);
 
     // A corrupt segment: the error names it.
-    std::fs::write(&image, vec![9u8; 300_000]).unwrap();
+    std::fs::write(&image, vec![9u8; 300_032]).unwrap();
     env.seed("m", "d", &image);
     let store_dir = env.dir.path().join("store");
     let log_dir = store_dir.join("machines/m/disks/d/log");
@@ -365,6 +383,10 @@ fn errors_are_one_clear_line() {
     one_line_error(
         &env.run(&["failover", "--machine", "m", "--out", o]),
         &format!("corrupt object {rel}"),
+    );
+    assert!(
+        !Path::new(o).join("d.raw").exists(),
+        "a failed failover leaves no half image behind"
     );
 
     // An unreachable store (nothing listens on this loopback port).
@@ -386,6 +408,111 @@ fn errors_are_one_clear_line() {
         .output()
         .unwrap();
     one_line_error(&out, "no credentials");
+}
+
+/// The whole chain of causes, on one line: what was being done and why it failed.
+#[test]
+fn errors_name_their_cause() {
+    let env = Env::new();
+    let missing = env.path("missing.img");
+    let m = missing.to_str().unwrap();
+    let out = env.run(&["seed", "--machine", "m", "--disk", "d", "--image", m]);
+    one_line_error(&out, m);
+    one_line_error(&out, "No such file or directory");
+
+    // A group member must be told its coordinator; a coordinator its members' names.
+    let agent = |group: &[&str]| {
+        let mut args = vec![
+            "agent",
+            "--process-server",
+            "127.0.0.1:1",
+            "--machine",
+            "m",
+            "--disk",
+            "sda=/dev/null",
+            "--journal-dir",
+            "/nonexistent",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--ca",
+            "ca",
+            "--group",
+            "g",
+        ];
+        args.extend(group);
+        let out = ferry(&args);
+        assert!(!out.status.success());
+        text(&out.stderr)
+    };
+    let err = agent(&["--group-listen", "127.0.0.1:20004"]);
+    assert!(err.contains("--group-coordinator <NAME>"), "{err}");
+    let err = agent(&["--group-peer", "127.0.0.1:20004"]);
+    assert!(err.contains("expected NAME@ADDR"), "{err}");
+}
+
+#[test]
+fn failover_outputs_are_private_and_never_clobbered() {
+    let env = Env::new();
+    let image = env.path("disk.img");
+    std::fs::write(&image, vec![5u8; 1 << 20]).unwrap();
+    env.seed("m", "d", &image);
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    let failover = |out: &Path, more: &[&str]| {
+        let mut args = vec!["failover", "--machine", "m", "--out", out.to_str().unwrap()];
+        args.extend(more);
+        env.run(&args)
+    };
+
+    // A new directory is the owner's only; the image in it too.
+    let out = env.path("new/out");
+    env.ok(&["failover", "--machine", "m", "--out", out.to_str().unwrap()]);
+    assert_eq!(mode(&env.path("new")), 0o700);
+    assert_eq!(mode(&out), 0o700);
+    let raw = out.join("d.raw");
+    assert_eq!(mode(&raw), 0o600);
+    assert!(std::fs::read(&raw).unwrap() == std::fs::read(&image).unwrap());
+
+    // An existing image is refused, untouched, unless --overwrite is given.
+    std::fs::write(&raw, b"keep me").unwrap();
+    one_line_error(
+        &failover(&out, &[]),
+        &format!(
+            "{}: it exists; give --overwrite to replace it",
+            raw.display()
+        ),
+    );
+    assert_eq!(std::fs::read(&raw).unwrap(), b"keep me");
+    std::fs::set_permissions(&raw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out_ok = failover(&out, &["--overwrite"]);
+    assert!(out_ok.status.success(), "{}", text(&out_ok.stderr));
+    assert_eq!(mode(&raw), 0o600, "a replaced image is made private too");
+    assert!(std::fs::read(&raw).unwrap() == std::fs::read(&image).unwrap());
+
+    // A symbolic link at the output path is never followed, even with --overwrite,
+    // dangling or not.
+    let victim = env.path("victim");
+    std::fs::write(&victim, b"not an image").unwrap();
+    let linked = env.path("linked");
+    std::fs::create_dir(&linked).unwrap();
+    for target in [victim.clone(), env.path("nothing-here")] {
+        let link = linked.join("d.raw");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for more in [&[][..], &["--overwrite"][..]] {
+            one_line_error(
+                &failover(&linked, more),
+                &format!(
+                    "{}: a symbolic link is there; a failover output never follows one",
+                    link.display()
+                ),
+            );
+        }
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not an image");
+    assert!(!env.path("nothing-here").exists());
 }
 
 #[test]
@@ -427,6 +554,8 @@ fn a_killed_seed_loses_no_committed_point() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // Killed at several moments of its run: the delay is the behaviour under
+        // test, not a wait for a condition.
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();

@@ -4,95 +4,72 @@
 //! acknowledged write is in the rebuilt disk and every point rebuilds identical.
 //! Seeded: FERRY_SEED=N replays the workload and the kill times.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_dataplane::client::Target;
-use ferry_dataplane::sim::{verify, SimDisk};
-use ferry_dataplane::tls::certs::{client_config, server_name};
 use ferry_replica::{Store, VaultKey};
+use ferry_testkit::pki::agent_target;
+use ferry_testkit::process::{run_ok, spawn, Killed};
+use ferry_testkit::sim::{verify, SimDisk};
 use rand::{Rng, SeedableRng};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const SIZE: usize = 4 << 20;
 
 fn run(args: &[&str]) {
-    let out = Command::new(FERRY).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Path::new(FERRY), args);
 }
 
 /// Starts the server and waits for its "listening" line.
-fn start(dir: &Path, port: u16) -> Child {
+fn start(dir: &Path, port: u16) -> Killed {
     let s = |p: &str| dir.join(p).display().to_string();
-    let mut child = Command::new(FERRY)
-        .args(["process-server", "--listen", &format!("127.0.0.1:{port}")])
-        .args([
-            "--cache-dir",
-            &s("cache"),
-            "--store",
-            &format!("file://{}", s("store")),
-        ])
-        .args([
-            "--key-file",
-            &s("vault.key"),
-            "--tls-cert",
-            &s("pki/server.pem"),
-        ])
-        .args([
-            "--tls-key",
-            &s("pki/server.key"),
-            "--client-ca",
-            &s("pki/ca.pem"),
-        ])
-        .args(["--shards", "2", "--batch-ms", "20", "--cache-gib", "0.25"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let store = format!("file://{}", s("store"));
+    let args = [
+        "process-server",
+        "--listen",
+        &listen,
+        "--cache-dir",
+        &s("cache"),
+        "--store",
+        &store,
+        "--key-file",
+        &s("vault.key"),
+        "--tls-cert",
+        &s("pki/server.pem"),
+        "--tls-key",
+        &s("pki/server.key"),
+        "--client-ca",
+        &s("pki/ca.pem"),
+        "--shards",
+        "2",
+        "--batch-ms",
+        "20",
+        "--cache-gib",
+        "0.25",
+    ];
+    let (child, line) = spawn(Path::new(FERRY), &args);
     assert!(line.contains("listening on"), "{line}");
     child
 }
 
 /// Kills the current server when the test ends, passing or failing: a server left
 /// behind holds the test's stderr and would hang the run.
-struct KillOnDrop(Arc<Mutex<Child>>);
+struct KillOnDrop(Arc<Mutex<Killed>>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Ok(mut c) = self.0.lock() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn sigkill_of_the_process_server_loses_no_acknowledged_write() {
-    let seed: u64 = std::env::var("FERRY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("FERRY_SEED={seed}");
+    let seed = ferry_testkit::seed();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir_all(d.join("store")).unwrap();
@@ -108,7 +85,7 @@ fn sigkill_of_the_process_server_loses_no_acknowledged_write() {
         "--out",
         &d.join("vault.key").display().to_string(),
     ]);
-    let port = free_port();
+    let port = ferry_testkit::net::free_port();
     let server = Arc::new(Mutex::new(start(d, port)));
     let _guard = KillOnDrop(server.clone());
     let done = Arc::new(AtomicBool::new(false));
@@ -119,10 +96,11 @@ fn sigkill_of_the_process_server_loses_no_acknowledged_write() {
         std::thread::spawn(move || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
             while kills.load(Ordering::SeqCst) < 4 && !done.load(Ordering::SeqCst) {
+                // The kill's random moment is the behaviour under test, not a wait.
                 std::thread::sleep(Duration::from_millis(rng.gen_range(200..1200)));
                 let mut s = server.lock().unwrap();
-                s.kill().unwrap();
-                s.wait().unwrap();
+                s.0.kill().unwrap();
+                s.0.wait().unwrap();
                 kills.fetch_add(1, Ordering::SeqCst);
                 // Down for a moment: agents see refused connections and retry.
                 std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
@@ -132,24 +110,12 @@ fn sigkill_of_the_process_server_loses_no_acknowledged_write() {
     };
 
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let target = |who: &str| Target {
-        addr,
-        server_name: server_name("127.0.0.1").unwrap(),
-        tls: Arc::new(
-            client_config(
-                &d.join(format!("pki/agent-{who}.pem")),
-                &d.join(format!("pki/agent-{who}.key")),
-                &d.join("pki/ca.pem"),
-            )
-            .unwrap(),
-        ),
-        timeout: Duration::from_secs(5),
-    };
+    let target = |i: usize| agent_target(&d.join("pki"), i, addr);
     let rt = compio::runtime::Runtime::new().unwrap();
     let sims = rt.block_on(async {
         let mut tasks = Vec::new();
         for i in 0..2 {
-            let t = target(&i.to_string());
+            let t = target(i as usize);
             let kills = kills.clone();
             tasks.push(compio::runtime::spawn(async move {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed + i);
@@ -187,7 +153,7 @@ fn sigkill_of_the_process_server_loses_no_acknowledged_write() {
     let mut sims = rt.block_on(async move {
         let mut out = Vec::new();
         for (i, mut sim) in sims.into_iter().enumerate() {
-            sim.finish(&target(&i.to_string()), Duration::from_secs(60))
+            sim.finish(&target(i), Duration::from_secs(60))
                 .await
                 .unwrap();
             out.push(sim);
@@ -196,8 +162,8 @@ fn sigkill_of_the_process_server_loses_no_acknowledged_write() {
     });
     {
         let mut s = server.lock().unwrap();
-        s.kill().unwrap();
-        s.wait().unwrap();
+        s.0.kill().unwrap();
+        s.0.wait().unwrap();
     }
     let store = Store::open(&format!("file://{}", d.join("store").display())).unwrap();
     let vault = VaultKey::load(&d.join("vault.key")).unwrap();

@@ -101,7 +101,7 @@ pub fn assess(p: &Policy, i: &Inputs) -> Health {
     // filled it): appends would fail before the cache throttles anyone.
     let room = i.cache_max_bytes.saturating_sub(i.cache_used_bytes);
     if let Some(free) = i.cache_fs_free_bytes.filter(|f| *f < room) {
-        use crate::server::room::gib;
+        use crate::cache::gib;
         raise(
             Level::Warning,
             format!(

@@ -9,12 +9,12 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use ferry_dataplane::cache::{CacheLog, Position};
-use ferry_dataplane::protocol::{
-    decode, encode, Bookmark, Decoded, Frame, Hello, PointKindWire, VERSION,
-};
 use ferry_dataplane::server::{Action, Limits, Progress, Session};
 use ferry_dataplane::upload::DiskUploader;
+use ferry_link::log::{DurableLog, Position};
+use ferry_link::protocol::{
+    decode, encode, Bookmark, Decoded, Frame, Hello, PointKindWire, VERSION,
+};
 use ferry_replica::rebuild::{rebuild_point, DiskSink};
 use ferry_replica::{Disk, Store, VaultKey};
 use rand::{Rng, SeedableRng};
@@ -88,7 +88,7 @@ impl Agent {
 }
 
 struct Server {
-    log: CacheLog,
+    log: DurableLog,
     uploader: DiskUploader,
     session: Option<Session>,
     /// Cached frames not yet uploaded: (seq, where, bytes).
@@ -107,7 +107,7 @@ fn seq_of(f: &Frame<'_>) -> Option<u64> {
 impl Server {
     /// Starts (or restarts) from the cache directory and the store.
     fn start(dir: &std::path::Path, store: &Store, vault: &VaultKey) -> Server {
-        let (log, recovered) = CacheLog::open(dir, 64 << 10, 64 << 20, true).unwrap();
+        let (log, recovered) = DurableLog::open(dir, 64 << 10, 64 << 20, true).unwrap();
         let mut uploader = DiskUploader::open(store, vault, "m", "d").unwrap();
         uploader.set_disk_bytes(SIZE);
         let mut cached = Vec::new();

@@ -1,12 +1,11 @@
 //! The process server over real TLS sockets, in-process: agents replicate random
 //! workloads into it and every point rebuilds byte-identical from the store.
 
-mod net;
-
 use std::time::Duration;
 
-use ferry_dataplane::sim::{verify, SimDisk};
 use ferry_replica::Store;
+use ferry_testkit::sim::{verify, SimDisk};
+use ferry_testkit::{pki, server};
 use rand::{Rng, SeedableRng};
 
 const SIZE: usize = 4 << 20;
@@ -39,19 +38,18 @@ pub fn workload(sim: &mut SimDisk, rng: &mut impl Rng, ops: usize) {
 
 #[test]
 fn agents_replicate_over_mutual_tls_and_every_point_rebuilds() {
-    let seed = net::seed();
-    eprintln!("FERRY_SEED={seed}");
+    let seed = ferry_testkit::seed();
     let dir = tempfile::tempdir().unwrap();
-    let pki = net::pki(&dir.path().join("pki"));
-    let (_, vault) = net::vault(dir.path());
+    let pki = pki::pki(&dir.path().join("pki"));
+    let (_, vault) = server::vault(dir.path());
     let store_dir = dir.path().join("store");
     std::fs::create_dir_all(&store_dir).unwrap();
     let url = format!("file://{}", store_dir.display());
-    let server = net::serve(
+    let server = server::serve(
         &pki,
-        net::options(&dir.path().join("cache"), 2),
+        server::options(&dir.path().join("cache"), 2),
         Store::open(&url).unwrap(),
-        net::vault(dir.path()).1,
+        server::vault(dir.path()).1,
     );
     let addr = server.addr;
     let mut sims: Vec<SimDisk> = (0..3)

@@ -1,23 +1,23 @@
 //! What the process server refuses, over real TLS: certificates that are missing,
 //! signed by another CA, expired, or naming another machine; malformed, truncated,
-//! oversized and out-of-order frames; a second hello; a peer stalled within a frame.
+//! oversized and out-of-order frames; a second hello; a Hello naming a disk against
+//! the name rule; a peer stalled within a frame.
 //! Each closes only its own connection with a logged reason (and an Error frame where
 //! TLS got that far), while a well-behaved agent keeps replicating throughout and its
 //! disk rebuilds identical afterwards.
 
-mod net;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::client::{connect, Target};
-use ferry_dataplane::protocol::{
+use ferry_link::client::{connect, Target};
+use ferry_link::protocol::{
     decode, encode, encode_write_header, Decoded, ErrorCode, Frame, Hello, VERSION,
 };
-use ferry_dataplane::sim::{verify, SimDisk};
-use ferry_dataplane::tls::certs::anonymous_client_config;
-use ferry_dataplane::tls::{handshake, TlsReader, TlsWriter};
+use ferry_link::tls::certs::anonymous_client_config;
+use ferry_link::tls::{handshake, TlsReader, TlsWriter};
 use ferry_replica::Store;
+use ferry_testkit::sim::{verify, SimDisk};
+use ferry_testkit::{pki, server};
 use rand::{Rng, SeedableRng};
 
 fn hello<'a>(machine: &'a str, disk: &'a str) -> Hello<'a> {
@@ -52,6 +52,14 @@ async fn raw(target: &Target, disk: &str) -> (TlsReader, TlsWriter) {
     (r, w)
 }
 
+/// A TLS session that has said nothing yet.
+async fn hello_raw(target: &Target) -> (TlsReader, TlsWriter) {
+    let tcp = compio::net::TcpStream::connect(target.addr).await.unwrap();
+    let conn =
+        rustls::ClientConnection::new(target.tls.clone(), target.server_name.clone()).unwrap();
+    handshake(tcp, conn, Duration::from_secs(5)).await.unwrap()
+}
+
 /// Reads until the server's Error frame; returns its code and reason.
 async fn error_frame(r: &mut TlsReader) -> (ErrorCode, String) {
     let mut inbuf = Vec::new();
@@ -75,28 +83,27 @@ async fn error_frame(r: &mut TlsReader) -> (ErrorCode, String) {
 async fn refused(target: &Target, machine: &str) -> String {
     match connect(target, &hello(machine, "d")).await {
         Ok(_) => panic!("a connection for {machine} was accepted"),
-        Err(e) => e.reason,
+        Err(e) => e.to_string(),
     }
 }
 
 #[test]
 fn bad_certificates_and_bad_frames_close_only_their_connection() {
-    let seed = net::seed();
-    eprintln!("FERRY_SEED={seed}");
+    let seed = ferry_testkit::seed();
     let dir = tempfile::tempdir().unwrap();
-    let pki = net::pki(&dir.path().join("pki"));
-    let (_, vault) = net::vault(dir.path());
+    let pki = pki::pki(&dir.path().join("pki"));
+    let (_, vault) = server::vault(dir.path());
     let store_dir = dir.path().join("store");
     std::fs::create_dir_all(&store_dir).unwrap();
     let url = format!("file://{}", store_dir.display());
-    let mut opts = net::options(&dir.path().join("cache"), 2);
+    let mut opts = server::options(&dir.path().join("cache"), 2);
     opts.peer_timeout = Duration::from_secs(1);
     opts.limits.max_payload = 256 << 10;
-    let server = net::serve(
+    let server = server::serve(
         &pki,
         opts,
         Store::open(&url).unwrap(),
-        net::vault(dir.path()).1,
+        server::vault(dir.path()).1,
     );
     let addr = server.addr;
     let good = pki.target(addr, "agent-0");
@@ -137,6 +144,30 @@ fn bad_certificates_and_bad_frames_close_only_their_connection() {
         let e = refused(&pki.target(addr, "agent-1"), "agent-0").await;
         assert!(e.contains("does not name machine agent-0"), "{e}");
         assert!(e.contains("NotOwned"), "{e}");
+
+        // Names against the store's rule: refused by the agent's own client before it
+        // connects, and by the server when a peer says such a Hello anyway.
+        for disk in ["-x", ".x", "..", "../x"] {
+            let e = match connect(&good, &hello("agent-0", disk)).await {
+                Ok(_) => panic!("the client said hello for disk {disk:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(ferry_replica::layout::NAME_RULE), "{e}");
+            let (mut r, mut w) = hello_raw(&good).await;
+            let mut bad = Vec::new();
+            encode(&Frame::Hello(hello("agent-0", disk)), &mut bad);
+            w.send(&bad).await.unwrap();
+            let (code, reason) = error_frame(&mut r).await;
+            assert_eq!(code, ErrorCode::Malformed, "{reason}");
+            assert!(
+                reason.contains(&format!("invalid disk name {disk:?}")),
+                "{reason}"
+            );
+            assert!(
+                reason.contains(ferry_replica::layout::NAME_RULE),
+                "{reason}"
+            );
+        }
 
         // Frames.
         let (mut r, mut w) = raw(&good, "bad1").await;
@@ -210,7 +241,7 @@ fn bad_certificates_and_bad_frames_close_only_their_connection() {
     };
     assert!(err("tls") >= 3, "TLS refusals counted: {:?}", m.errors);
     assert!(err("not_owned") >= 1, "{:?}", m.errors);
-    assert!(err("malformed") >= 4, "{:?}", m.errors);
+    assert!(err("malformed") >= 8, "{:?}", m.errors);
     server.stop();
     let store = Store::open(&url).unwrap();
     verify(&store, &vault, &sim).unwrap();
@@ -222,14 +253,15 @@ fn bad_certificates_and_bad_frames_close_only_their_connection() {
 #[test]
 fn a_cache_bound_beyond_its_file_system_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = net::pki(&dir.path().join("pki"));
-    let (_, vault) = net::vault(dir.path());
-    let mut opts = net::options(&dir.path().join("cache"), 1);
+    let pki = pki::pki(&dir.path().join("pki"));
+    let (_, vault) = server::vault(dir.path());
+    let mut opts = server::options(&dir.path().join("cache"), 1);
     opts.cache_bytes = 1 << 60;
     let store = Store::with_object_store(Arc::new(object_store::memory::InMemory::new()), "memory");
     let Err(e) = ferry_dataplane::server::start(opts, pki.server_tls(), store, vault) else {
         panic!("a 1 EiB cache was accepted");
     };
+    let e = e.to_string();
     assert!(
         e.contains("the cache may grow to 1073741824.00 GiB")
             && e.contains("lower --cache-gib or free space"),

@@ -3,16 +3,15 @@
 //! the health verdict say so; when storage returns, everything uploads and every
 //! point rebuilds identical. Nothing is lost.
 
-mod net;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_dataplane::health::Level;
-use ferry_dataplane::sim::{verify, SimDisk};
 use ferry_replica::fault::FaultStore;
 use ferry_replica::Store;
+use ferry_testkit::sim::{verify, SimDisk};
+use ferry_testkit::{pki, server, wait_for, wait_ok};
 use rand::{Rng, SeedableRng};
 
 fn round(sim: &mut SimDisk, rng: &mut impl Rng) {
@@ -42,25 +41,24 @@ struct Site {
     inner: Arc<dyn object_store::ObjectStore>,
     fault: Arc<FaultStore>,
     server: ferry_dataplane::server::Running,
-    target: ferry_dataplane::client::Target,
+    target: ferry_link::client::Target,
     rng: rand::rngs::StdRng,
 }
 
 fn site(shards: usize, tune: impl FnOnce(&mut ferry_dataplane::server::Options)) -> Site {
-    let seed = net::seed();
-    eprintln!("FERRY_SEED={seed}");
+    let seed = ferry_testkit::seed();
     let dir = tempfile::tempdir().unwrap();
-    let pki = net::pki(&dir.path().join("pki"));
-    let (_, vault) = net::vault(dir.path());
+    let pki = pki::pki(&dir.path().join("pki"));
+    let (_, vault) = server::vault(dir.path());
     let inner: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
     let fault = FaultStore::new(inner.clone());
-    let mut opts = net::options(&dir.path().join("cache"), shards);
+    let mut opts = server::options(&dir.path().join("cache"), shards);
     tune(&mut opts);
-    let server = net::serve(
+    let server = server::serve(
         &pki,
         opts,
         Store::with_object_store(fault.clone(), "fault"),
-        net::vault(dir.path()).1,
+        server::vault(dir.path()).1,
     );
     let target = pki.target(server.addr, "agent-0");
     Site {
@@ -101,17 +99,19 @@ fn a_store_outage_grows_the_cache_raises_the_alert_and_loses_nothing() {
             sim.pump(&target, Duration::from_secs(20)).await.unwrap();
         }
     });
-    // Give the upload stage time to try, fail and back off.
-    let mut seen = None;
-    for _ in 0..100 {
-        let (_, g, h) = server.view.snapshot();
-        if g.store_failing && g.upload_lag_s > 0.5 {
-            seen = Some((g, h));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (g, h) = seen.expect("the store failure shows in metrics");
+    // The upload stage tries, fails and backs off.
+    let (g, h) = wait_ok(
+        "the store failure to show in metrics",
+        Duration::from_secs(10),
+        || {
+            let (_, g, h) = server.view.snapshot();
+            if g.store_failing && g.upload_lag_s > 0.5 {
+                Ok((g, h))
+            } else {
+                Err(g)
+            }
+        },
+    );
     assert!(h.level >= Level::Warning, "{:?}", h);
     says(&h, "blob storage is failing");
     assert!(
@@ -178,6 +178,7 @@ fn a_full_cache_holds_the_agent_instead_of_dropping_the_session() {
                     return g.cache_bytes;
                 }
             }
+            // A watcher polling the cache's fill (bounded above), not a fixed wait.
             std::thread::sleep(Duration::from_millis(20));
         }
         f2.outage.store(false, Ordering::SeqCst);
@@ -252,15 +253,11 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
         round(&mut bad, &mut s.rng);
         bad.finish(&target, Duration::from_secs(30)).await.unwrap();
     });
-    let mut cleared = false;
-    for _ in 0..100 {
-        if !server.view.snapshot().1.store_failing {
-            cleared = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(cleared, "the alert clears once the disk caught up");
+    wait_for(
+        "the alert to clear once the disk caught up",
+        Duration::from_secs(10),
+        || !server.view.snapshot().1.store_failing,
+    );
     assert_eq!(server.view.snapshot().1.failing_disks, 0);
     server.stop();
     let store = Store::with_object_store(s.inner.clone(), "memory");
@@ -291,19 +288,19 @@ fn an_outage_of_several_disks_is_caught_up_in_full() {
             for sim in sims.iter_mut() {
                 round(sim, &mut s.rng);
                 sim.pump(&target, Duration::from_secs(20)).await.unwrap();
+                // Time for the uploads of this round to be tried and fail.
                 compio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     });
-    let mut held = 0;
-    for _ in 0..100 {
-        held = server.view.snapshot().1.failing_disks;
-        if held == 3 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(held, 3, "every disk is held back");
+    wait_ok(
+        "every disk to be held back",
+        Duration::from_secs(10),
+        || match server.view.snapshot().1.failing_disks {
+            3 => Ok(()),
+            held => Err(held),
+        },
+    );
     fault.outage.store(false, Ordering::SeqCst);
     rt.block_on(async {
         for sim in sims.iter_mut() {
@@ -343,15 +340,10 @@ fn a_point_keeps_its_disk_size_when_the_upload_is_retried() {
         sim.bookmark(0);
         sim.pump(&target, Duration::from_secs(20)).await.unwrap();
     });
-    for _ in 0..100 {
-        if server.view.snapshot().1.store_failing {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        server.view.snapshot().1.store_failing,
-        "the point's upload failed"
+    wait_for(
+        "the point's upload to fail",
+        Duration::from_secs(10),
+        || server.view.snapshot().1.store_failing,
     );
     fault.outage.store(false, Ordering::SeqCst);
     rt.block_on(async {
@@ -359,5 +351,55 @@ fn a_point_keeps_its_disk_size_when_the_upload_is_retried() {
     });
     server.stop();
     let store = Store::with_object_store(s.inner.clone(), "memory");
+    assert_eq!(verify(&store, &s.vault, &sim).unwrap(), 2);
+}
+
+#[test]
+fn an_upload_whose_reply_outlives_the_grace_is_redone_not_committed() {
+    let grace = Duration::from_millis(200);
+    let mut s = site(1, |o| o.orphan_grace = grace);
+    let (target, fault, server) = (s.target.clone(), s.fault.clone(), s.server);
+    // The first segment lands at once but its reply comes twice the grace late: by
+    // then compaction may have swept it as an orphan.
+    *fault.slow_puts.lock().unwrap() = Some(ferry_replica::fault::SlowPuts {
+        under: "machines/agent-0/disks/d/log/".into(),
+        count: 1,
+        delay: grace * 2,
+    });
+    let rt = compio::runtime::Runtime::new().unwrap();
+    let mut sim = SimDisk::new("agent-0", "d", 2 << 20, true);
+    rt.block_on(async {
+        round(&mut sim, &mut s.rng);
+        round(&mut sim, &mut s.rng);
+        sim.finish(&target, Duration::from_secs(20)).await.unwrap();
+    });
+    server.stop();
+    let late = fault.slowed.lock().unwrap().clone();
+    assert_eq!(late.len(), 1, "one reply was slowed");
+    let store = Store::with_object_store(s.inner.clone(), "memory");
+    let disk = store
+        .block(ferry_replica::Disk::open(
+            &store,
+            "agent-0",
+            "d",
+            Some(&s.vault),
+        ))
+        .unwrap();
+    let state = store.block(disk.load_state()).unwrap();
+    assert!(
+        !state.referenced().contains(&late[0]),
+        "the late segment was committed"
+    );
+    assert_eq!(verify(&store, &s.vault, &sim).unwrap(), 2);
+    // Compaction with the same grace sweeps it; every point still rebuilds (the
+    // simulated bookmarks carry early times: keep them all).
+    std::thread::sleep(grace);
+    let opts = ferry_replica::compact::CompactOptions {
+        keep: chrono::Duration::days(365 * 200),
+        now: chrono::Utc::now(),
+        orphan_grace: chrono::Duration::from_std(grace).unwrap(),
+    };
+    ferry_replica::compact::compact(&disk, &opts).unwrap();
+    assert!(store.block(store.get_opt(&late[0])).unwrap().is_none());
     assert_eq!(verify(&store, &s.vault, &sim).unwrap(), 2);
 }

@@ -9,14 +9,14 @@
 
 use std::path::Path;
 
-use ferry_dataplane::cache::CacheLog;
+use ferry_link::log::DurableLog;
 use libfuzzer_sys::fuzz_target;
 
 const FILE_MAX: u64 = 1 << 20;
 const TOTAL_MAX: u64 = 64 << 20;
 
-fn records(dir: &Path, recycle: bool) -> Option<(CacheLog, Vec<(String, Vec<u8>)>)> {
-    let (log, rec) = CacheLog::open(dir, FILE_MAX, TOTAL_MAX, recycle).ok()?;
+fn records(dir: &Path, recycle: bool) -> Option<(DurableLog, Vec<(String, Vec<u8>)>)> {
+    let (log, rec) = DurableLog::open(dir, FILE_MAX, TOTAL_MAX, recycle).ok()?;
     let list = rec
         .entries
         .into_iter()
@@ -76,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
     // What was recovered, appended to a fresh log, recovers the same.
     let fresh = scratch();
     {
-        let (mut copy, _) = CacheLog::open(fresh.path(), FILE_MAX, TOTAL_MAX, recycle).unwrap();
+        let (mut copy, _) = DurableLog::open(fresh.path(), FILE_MAX, TOTAL_MAX, recycle).unwrap();
         for (disk, payload) in &got {
             copy.append(disk, payload)
                 .expect("a recovered record appends");

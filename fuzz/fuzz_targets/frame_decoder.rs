@@ -3,7 +3,7 @@
 //! back to the same bytes.
 #![no_main]
 
-use ferry_dataplane::protocol::{decode, encode, Decoded};
+use ferry_link::protocol::{decode, encode, Decoded};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -10,7 +10,9 @@
 //! 4. delete objects only the old state referenced, older commits and hints;
 //! 5. sweep orphans older than a grace period (left by crashed writers).
 //!
-//! Every committed point stays rebuildable after a stop at any step.
+//! Every committed point stays rebuildable after a stop at any step. A compaction is a
+//! writer too: its new extents are orphans until the checkpoint lands, so it holds
+//! itself to the same commit deadline as every writer (`crate::grace`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
@@ -19,6 +21,7 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::disk::Disk;
 use crate::error::{Error, Result};
+use crate::grace::PutClock;
 use crate::keys::random_hex;
 use crate::meta::{self, Base, CheckpointHint, CommitKind, ExtentRef, Point};
 use crate::object::{open_object, Expect, ObjectKind, OpenContext, SealContext};
@@ -33,7 +36,8 @@ pub struct CompactOptions {
     pub keep: Duration,
     pub now: DateTime<Utc>,
     /// Unreferenced objects younger than this may belong to a writer that has not
-    /// committed yet; they are left alone.
+    /// committed yet; they are left alone. `crate::grace::ORPHAN_GRACE` in production;
+    /// writers must be held to the same grace (zero: no writer runs beside this one).
     pub orphan_grace: Duration,
 }
 
@@ -49,10 +53,19 @@ pub struct CompactReport {
 /// Commit retries when a writer appends concurrently.
 const COMMIT_ATTEMPTS: usize = 5;
 
+impl CompactOptions {
+    /// The grace as the writers' clock takes it.
+    fn writer_grace(&self) -> std::time::Duration {
+        self.orphan_grace.to_std().unwrap_or_default()
+    }
+}
+
 pub fn compact(disk: &Disk, opts: &CompactOptions) -> Result<CompactReport> {
     let store = &disk.store;
     let state = store.block(disk.load_state())?;
     let mut report = CompactReport::default();
+    // A disk without a recovery point is never swept: a first seed, which may take
+    // longer than the grace, relies on this (see the seed's module note).
     let Some(latest) = state.latest_point().cloned() else {
         return Ok(report);
     };
@@ -81,7 +94,12 @@ pub fn compact(disk: &Disk, opts: &CompactOptions) -> Result<CompactReport> {
         return Ok(report);
     }
 
-    let new_base = build_base(disk, &state, &oldest, floor, &folding, &mut report)?;
+    let build = |report: &mut CompactReport| {
+        report.extents_rewritten = 0;
+        build_base(disk, &state, &oldest, floor, &folding, opts, report)
+    };
+    let (mut new_base, mut clock) = build(&mut report)?;
+    let mut redone = 0;
     let fully_folded: BTreeSet<String> = folding
         .iter()
         .filter(|s| s.last_seq <= oldest.seq)
@@ -91,7 +109,18 @@ pub fn compact(disk: &Disk, opts: &CompactOptions) -> Result<CompactReport> {
     // Commit, re-merging with anything appended meanwhile.
     let mut current = state.clone();
     let mut committed = None;
-    for _ in 0..COMMIT_ATTEMPTS {
+    let mut attempts = 0;
+    while attempts < COMMIT_ATTEMPTS {
+        // Extents put longer ago than the grace allows may be gone: build them again.
+        if let Err(e) = clock.check(&disk.paths.label()) {
+            redone += 1;
+            if redone >= crate::writer::UPLOAD_ATTEMPTS {
+                return Err(e);
+            }
+            (new_base, clock) = build(&mut report)?;
+            continue;
+        }
+        attempts += 1;
         if current.base != state.base {
             return Err(Error::Conflict {
                 disk: disk.paths.label(),
@@ -159,36 +188,52 @@ pub fn compact(disk: &Disk, opts: &CompactOptions) -> Result<CompactReport> {
 }
 
 /// Deletes data objects no commit references, once they are older than the grace.
-fn sweep(disk: &Disk, state: &DiskState, opts: &CompactOptions) -> Result<usize> {
+/// `known` is a state this compaction has seen; the state is read again after listing.
+fn sweep(disk: &Disk, known: &DiskState, opts: &CompactOptions) -> Result<usize> {
     let store = &disk.store;
-    let keep = state.referenced();
     // Upload times are the store's wall clock, not the retention clock in `opts.now`.
     let limit = Utc::now() - opts.orphan_grace;
-    let mut n = 0;
+    let mut old = Vec::new();
     for dir in [
         disk.paths.log_dir(),
         disk.paths.base_dir(),
         disk.paths.sums_dir(),
     ] {
         for l in store.block(store.list(&dir))? {
-            if !keep.contains(&l.path) && l.modified <= limit {
-                store.block(store.delete(&l.path))?;
-                n += 1;
+            if l.modified <= limit {
+                old.push(l.path);
             }
         }
+    }
+    if old.is_empty() {
+        return Ok(0);
+    }
+    // List first, then read the state: an object already past the grace when listed
+    // can only be committed later by a writer that broke its deadline. Read the other
+    // way round, a commit landing between the read and the listing (deletes of step 4
+    // can take long) would be missed, its objects swept although committed in time.
+    let mut keep = known.referenced();
+    keep.extend(store.block(disk.load_state())?.referenced());
+    let mut n = 0;
+    for path in old.iter().filter(|p| !keep.contains(*p)) {
+        store.block(store.delete(path))?;
+        n += 1;
     }
     Ok(n)
 }
 
-/// Builds and uploads the base at `point`: touched extents re-sealed, others kept.
+/// Builds and uploads the base at `point`: touched extents re-sealed (under a fresh
+/// generation), others kept. The clock tells when the first new extent was put.
 fn build_base(
     disk: &Disk,
     state: &DiskState,
     point: &Point,
     floor: u64,
     folding: &[crate::meta::SegmentRef],
+    opts: &CompactOptions,
     report: &mut CompactReport,
-) -> Result<Base> {
+) -> Result<(Base, PutClock)> {
+    let mut clock = PutClock::new(opts.writer_grace());
     let store = &disk.store;
     let key = disk.key()?;
     let extent_bytes = state
@@ -289,6 +334,7 @@ fn build_base(
         }
         let bytes = b.finish();
         let stored_bytes = bytes.len() as u64;
+        clock.before_put();
         store.block(disk.upload(&object, bytes.into()))?;
         extents.insert(
             idx,
@@ -300,13 +346,14 @@ fn build_base(
         );
         report.extents_rewritten += 1;
     }
-    Ok(Base {
+    let base = Base {
         generation,
         seq: point.seq,
         disk_bytes: size,
         extent_bytes,
         extents: extents.into_values().collect(),
-    })
+    };
+    Ok((base, clock))
 }
 
 /// Copies extent `idx` of the old base into the scratch file the first time it is touched.

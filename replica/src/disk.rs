@@ -9,7 +9,7 @@ use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::error::{Error, Result};
-use crate::keys::{random_hex, DataKey, VaultKey, WrappedKey, SALT_BYTES};
+use crate::keys::{random_hex, DataKey, RecordKey, VaultKey, WrappedKey, SALT_BYTES};
 use crate::layout::{number_of, DiskPaths};
 use crate::meta::{self, CheckpointHint, Commit, DiskInfo, WrappedKeyInfo};
 use crate::object::disk_id_bytes;
@@ -29,6 +29,8 @@ pub struct Disk {
     pub info: DiskInfo,
     pub disk_id: [u8; 16],
     key: Option<DataKey>,
+    /// Authenticates commit records; present exactly when `key` is.
+    record_key: Option<RecordKey>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -110,12 +112,14 @@ impl Disk {
         let disk_id =
             disk_id_bytes(&info.disk_id).map_err(|e| Error::corrupt(&object, e.to_string()))?;
         let key = vault.map(|v| unwrap_key(&info, v, &object)).transpose()?;
+        let record_key = key.as_ref().map(|k| k.record_key(&disk_id));
         Ok(Disk {
             store: store.clone(),
             paths,
             info,
             disk_id,
             key,
+            record_key,
         })
     }
 
@@ -180,7 +184,10 @@ impl Disk {
         })
     }
 
-    /// Reads the commit records from the newest checkpoint on and folds them.
+    /// Reads the commit records from the newest checkpoint on and folds them. A disk
+    /// opened with the vault key verifies every record's MAC and refuses a record that
+    /// fails, naming it: everything that rebuilds, compacts or writes holds the key, so
+    /// only a keyless listing (`ferry points`) reads records it cannot authenticate.
     pub async fn load_state(&self) -> Result<DiskState> {
         let checkpoints = self.store.list(&self.paths.checkpoints_dir()).await?;
         let start = checkpoints.iter().filter_map(|l| number_of(&l.path)).max();
@@ -229,7 +236,7 @@ impl Disk {
             .await?;
         let mut state = DiskState::default();
         for (i, (object, bytes)) in records.into_iter().enumerate() {
-            let c: Commit = meta::decode(&object, &bytes)?;
+            let c: Commit = meta::decode_commit(&object, &bytes, self.record_key.as_ref())?;
             if i == 0 && start.is_some() && c.kind != meta::CommitKind::Checkpoint {
                 return Err(Error::corrupt(
                     object,
@@ -249,13 +256,38 @@ impl Disk {
         // Validate against the state before publishing anything.
         let mut next = state.clone();
         next.fold(&object, &c, &self.info.disk_id)?;
-        let bytes = meta::encode(&c);
+        let key = self.record_key.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "disk {} was opened without a key and cannot commit",
+                self.paths.label()
+            ))
+        })?;
+        let bytes = meta::encode_commit(&object, &c, key);
         match self
             .store
             .put_new(&object, Bytes::from(bytes.clone()))
             .await?
         {
-            Created::Created => {}
+            Created::Created => {
+                // A compaction deletes the commits below its checkpoint, after creating
+                // the checkpoint's hint. A writer whose view predates that checkpoint
+                // can then re-create a deleted number: the record lands, but below the
+                // checkpoint, where no reader looks. A hint above our number exposes
+                // that (the hint always exists before the deletes), so it is a conflict.
+                let newest = self
+                    .store
+                    .list(&self.paths.checkpoints_dir())
+                    .await?
+                    .iter()
+                    .filter_map(|l| number_of(&l.path))
+                    .max();
+                if newest.is_some_and(|h| h > c.commit) {
+                    return Err(Error::Conflict {
+                        disk: self.paths.label(),
+                        commit: format!("checkpoint {} (above {object})", newest.unwrap_or(0)),
+                    });
+                }
+            }
             Created::AlreadyExists => {
                 let existing = self.store.get(&object).await?;
                 if existing.as_ref() != bytes.as_slice() {
@@ -278,7 +310,7 @@ impl Disk {
 
     pub fn new_commit(&self, state: &DiskState, kind: meta::CommitKind, next_seq: u64) -> Commit {
         Commit {
-            format: meta::FORMAT,
+            format: meta::COMMIT_FORMAT,
             commit: state.next_commit(),
             disk_id: self.info.disk_id.clone(),
             kind,

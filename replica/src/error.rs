@@ -34,7 +34,7 @@ pub enum Error {
     #[error("store URL {url}: {reason}")]
     StoreUrl { url: String, reason: String },
     /// A name (machine, disk) is not allowed in a store path.
-    #[error("invalid {what} name {name:?}: {reason}")]
+    #[error("invalid {what} name {name:?}: {reason} (a name is {rule})", rule = crate::layout::NAME_RULE)]
     InvalidName {
         what: &'static str,
         name: String,
@@ -53,6 +53,19 @@ pub enum Error {
         path: String,
         #[source]
         source: io::Error,
+    },
+    /// A writer's upload is too old to commit: compaction may already have collected
+    /// its objects as orphans. The caller redoes the upload under fresh names.
+    #[error(
+        "disk {disk}: the upload's first object was put {age_ms} ms ago, past the commit \
+         deadline (orphan grace {grace_ms} ms less a margin of {margin_ms} ms); compaction \
+         may have collected it, so the upload is abandoned and must be redone"
+    )]
+    UploadExpired {
+        disk: String,
+        age_ms: u64,
+        grace_ms: u64,
+        margin_ms: u64,
     },
     /// A caller asked for something the format cannot express.
     #[error("{0}")]

@@ -2,7 +2,7 @@
 //! survives anything: an operation can fail before it reaches the store, or reach it and
 //! then report failure (the reply was lost), or the process can "crash" so that every
 //! later operation fails until the store is reopened without the wrapper. Time-outs are
-//! modelled as a delay before the failure.
+//! modelled as a delay before the failure; a slow store as puts whose reply is late.
 
 use std::fmt;
 use std::ops::Range;
@@ -41,6 +41,15 @@ pub struct Plan {
     pub delay: Duration,
 }
 
+/// Puts under `under` take effect at once but answer only after `delay`, for the next
+/// `count` of them: the writer learns late that its object landed (and was stamped).
+#[derive(Debug, Clone)]
+pub struct SlowPuts {
+    pub under: String,
+    pub count: u64,
+    pub delay: Duration,
+}
+
 pub struct FaultStore {
     inner: Arc<dyn ObjectStore>,
     ops: AtomicU64,
@@ -52,6 +61,10 @@ pub struct FaultStore {
     pub outage_under: Mutex<Option<String>>,
     /// Paths of operations that failed, in order.
     pub log: Mutex<Vec<String>>,
+    /// A slow store: see `SlowPuts`.
+    pub slow_puts: Mutex<Option<SlowPuts>>,
+    /// Paths of the puts that were slowed, in order.
+    pub slowed: Mutex<Vec<String>>,
 }
 
 impl fmt::Debug for FaultStore {
@@ -89,7 +102,25 @@ impl FaultStore {
             outage: AtomicBool::new(false),
             outage_under: Mutex::new(None),
             log: Mutex::new(Vec::new()),
+            slow_puts: Mutex::new(None),
+            slowed: Mutex::new(Vec::new()),
         })
+    }
+
+    /// How long the reply of a put to `path` that just took effect is held back.
+    fn slow_reply(&self, path: &str) -> Duration {
+        let mut rule = self.slow_puts.lock().unwrap_or_else(|e| e.into_inner());
+        match rule.as_mut() {
+            Some(r) if r.count > 0 && path.starts_with(&r.under) => {
+                r.count -= 1;
+                self.slowed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(path.to_string());
+                r.delay
+            }
+            _ => Duration::ZERO,
+        }
     }
 
     pub fn plan(&self, p: Plan) {
@@ -159,7 +190,14 @@ impl ObjectStore for FaultStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         match self.decide(location.as_ref()).await {
-            Decision::Run => self.inner.put_opts(location, payload, opts).await,
+            Decision::Run => {
+                let r = self.inner.put_opts(location, payload, opts).await?;
+                let late = self.slow_reply(location.as_ref());
+                if !late.is_zero() {
+                    tokio::time::sleep(late).await;
+                }
+                Ok(r)
+            }
             Decision::Before => Err(injected(location.as_ref(), "put failed")),
             Decision::After => {
                 self.inner.put_opts(location, payload, opts).await?;

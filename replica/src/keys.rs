@@ -11,8 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hkdf, hmac};
 
 use crate::error::{Error, Result};
 
@@ -24,6 +24,9 @@ const WRAP_INFO: &[u8] = b"ferry wrap key v1";
 const OBJECT_INFO: &[u8] = b"ferry object key v1";
 const KEY_ID_DOMAIN: &[u8] = b"ferry vault key id v1";
 const WRAP_AAD_DOMAIN: &[u8] = b"ferry data key v1";
+const RECORD_MAC_INFO: &[u8] = b"ferry commit mac v1";
+const RECORD_MAC_DOMAIN: &[u8] = b"ferry commit record v2";
+pub const MAC_BYTES: usize = 32;
 
 /// Fill `buf` from the operating system's CSPRNG.
 pub fn random_bytes(buf: &mut [u8]) {
@@ -203,6 +206,21 @@ impl DataKey {
         })
     }
 
+    /// The HMAC-SHA256 key that authenticates this disk's commit records. Derived from
+    /// the data key (itself only reachable through the vault key) under its own HKDF
+    /// label, so it is independent of every object key; the disk id in the label makes
+    /// it one key per disk. Deriving from the data key rather than the vault key keeps
+    /// records valid when the data key is re-wrapped under a new vault key.
+    pub fn record_key(&self, disk_id: &[u8]) -> RecordKey {
+        // The data key is uniformly random, so HKDF needs no salt (RFC 5869, 3.1).
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(&self.bytes);
+        let info = [RECORD_MAC_INFO, disk_id];
+        let okm = prk
+            .expand(&info, hmac::HMAC_SHA256)
+            .expect("HKDF output length of one HMAC-SHA256 key is always valid");
+        RecordKey(hmac::Key::from(okm))
+    }
+
     /// The AES-256-GCM key of one sealed object.
     pub(crate) fn object_key(&self, salt: &[u8; SALT_BYTES], disk_id: &[u8]) -> ObjectKey {
         ObjectKey(derive(&self.bytes, salt, &[OBJECT_INFO, disk_id]))
@@ -240,6 +258,42 @@ impl ObjectKey {
     }
 }
 
+/// Authenticates commit records (docs/decisions/0013-authenticated-commit-records.md).
+pub struct RecordKey(hmac::Key);
+
+impl std::fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordKey")
+    }
+}
+
+/// What the MAC covers: a domain label, the record's own path (length-prefixed) and
+/// its JSON line exactly as stored. Binding the path keeps a valid record from being
+/// copied to another number or another disk's folder.
+fn mac_input(object: &str, json: &[u8]) -> Vec<u8> {
+    let mut input = Vec::with_capacity(RECORD_MAC_DOMAIN.len() + 4 + object.len() + json.len());
+    input.extend_from_slice(RECORD_MAC_DOMAIN);
+    input.extend_from_slice(&(object.len() as u32).to_le_bytes());
+    input.extend_from_slice(object.as_bytes());
+    input.extend_from_slice(json);
+    input
+}
+
+impl RecordKey {
+    /// The MAC of commit record `object` whose JSON line is `json`.
+    pub fn sign(&self, object: &str, json: &[u8]) -> [u8; MAC_BYTES] {
+        let mut out = [0u8; MAC_BYTES];
+        out.copy_from_slice(hmac::sign(&self.0, &mac_input(object, json)).as_ref());
+        out
+    }
+
+    /// True when `mac` authenticates `json` as record `object` (compared in constant
+    /// time).
+    pub fn verify(&self, object: &str, json: &[u8], mac: &[u8]) -> bool {
+        hmac::verify(&self.0, &mac_input(object, json), mac).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +307,23 @@ mod tests {
         assert_eq!(back.bytes, dk.bytes);
         assert!(DataKey::unwrap(&vault, &dk.id, &w, "m/d/2").is_none());
         assert!(DataKey::unwrap(&VaultKey::generate(), &dk.id, &w, "m/d/1").is_none());
+    }
+
+    #[test]
+    fn record_macs_bind_key_disk_path_and_bytes() {
+        let dk = DataKey::generate();
+        let k = dk.record_key(&[1; 16]);
+        let mac = k.sign("c/1", b"{}");
+        assert!(k.verify("c/1", b"{}", &mac));
+        assert!(!k.verify("c/2", b"{}", &mac), "bound to its path");
+        assert!(!k.verify("c/1", b"{ }", &mac), "bound to its bytes");
+        assert!(
+            !dk.record_key(&[2; 16]).verify("c/1", b"{}", &mac),
+            "per disk"
+        );
+        assert!(!DataKey::generate()
+            .record_key(&[1; 16])
+            .verify("c/1", b"{}", &mac));
     }
 
     #[test]

@@ -13,7 +13,15 @@
 
 use crate::error::{Error, Result};
 
-/// Machine and disk names become path segments: keep them portable across stores.
+/// The rule for machine and disk names, as said to whoever broke it.
+pub const NAME_RULE: &str =
+    "1 to 64 characters of letters, digits, '.', '_' and '-', not starting with '.' or '-'";
+
+/// Machine and disk names become path segments (in the store, and on the agent and
+/// the process server under their journal and cache directories): keep them portable
+/// across stores, and never `.`, `..` or anything that could read as an option. THE
+/// rule: the protocol's Hello, the process server, the store and the agent's
+/// `--disk NAME=PATH` all check names with this function.
 pub fn check_name(what: &'static str, name: &str) -> Result<()> {
     let bad = |reason| {
         Err(Error::InvalidName {
@@ -130,8 +138,19 @@ mod tests {
     #[test]
     fn names() {
         assert!(check_name("disk", "sda-1.x_y").is_ok());
-        for bad in ["", ".", "..", "a/b", "-x", "a b", &"x".repeat(65)] {
-            assert!(check_name("disk", bad).is_err(), "{bad}");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            ".x",
+            "a/b",
+            "-x",
+            "a b",
+            &"x".repeat(65),
+        ] {
+            let e = check_name("disk", bad).unwrap_err().to_string();
+            assert!(e.contains(NAME_RULE), "{e}");
         }
         let p = DiskPaths::new("m", "d").unwrap();
         assert_eq!(number_of(&p.commit(42)), Some(42));

@@ -6,13 +6,24 @@
 //! <one line of JSON>\n
 //! sha256 <64 hex digits of the JSON line's bytes>\n
 //! ```
+//!
+//! Commit records add a third line, `hmac-sha256 <64 hex>`, a MAC under a key derived
+//! from the disk's data key: the digest still lets a reader without the key tell a
+//! flipped byte, the MAC lets a reader with it tell a record someone without the key
+//! wrote or edited (docs/decisions/0013-authenticated-commit-records.md).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::keys::RecordKey;
 
+/// Format of disk.json and checkpoint hints.
 pub const FORMAT: u32 = 1;
+/// Format of commit records: 2 since they carry a MAC. A format-1 record has none and
+/// is refused, since accepting it would let anyone who can write the store forge one.
+pub const COMMIT_FORMAT: u32 = 2;
+const MAC_PREFIX: &[u8] = b"hmac-sha256 ";
 
 /// Identity and keys of one protected disk; written once, create-if-absent.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -176,6 +187,66 @@ pub fn decode<T: for<'de> Deserialize<'de>>(object: &str, bytes: &[u8]) -> Resul
     serde_json::from_slice(json).map_err(|e| Error::corrupt(object, format!("bad JSON: {e}")))
 }
 
+/// Serialises a commit record with its digest and its MAC as record `object`.
+pub fn encode_commit(object: &str, c: &Commit, key: &RecordKey) -> Vec<u8> {
+    let mut out = encode(c);
+    let json_len = out.iter().position(|b| *b == b'\n').unwrap_or(out.len());
+    let mac = key.sign(object, &out[..json_len]);
+    out.extend_from_slice(MAC_PREFIX);
+    out.extend_from_slice(hex::encode(mac).as_bytes());
+    out.push(b'\n');
+    out
+}
+
+/// Checks a commit record's digest and, given the disk's record key, its MAC; then
+/// parses. Without a key only accidents are detected (listing points needs no key).
+pub fn decode_commit(object: &str, bytes: &[u8], key: Option<&RecordKey>) -> Result<Commit> {
+    let body = bytes
+        .strip_suffix(b"\n")
+        .ok_or_else(|| Error::corrupt(object, "missing final newline"))?;
+    let split = body.iter().rposition(|b| *b == b'\n');
+    let mac_hex = split
+        .and_then(|at| body[at + 1..].strip_prefix(MAC_PREFIX))
+        .ok_or_else(|| {
+            Error::corrupt(
+                object,
+                format!(
+                    "commit record carries no MAC line: a format-1 record, or one written \
+                     without the disk's key (Ferry reads commit format {COMMIT_FORMAT})"
+                ),
+            )
+        })?;
+    // Everything before the MAC line is an ordinary digest-framed object.
+    let framed = &bytes[..split.map_or(0, |at| at + 1)];
+    let c: Commit = decode(object, framed)?;
+    if let Some(key) = key {
+        let json = &framed[..framed.iter().position(|b| *b == b'\n').unwrap_or(0)];
+        // Lowercase only, as written: hex decoding would also take an upper-case
+        // digit, so a flipped case bit would otherwise pass unnoticed.
+        let canonical = mac_hex.len() == 2 * crate::keys::MAC_BYTES
+            && mac_hex
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+        let authentic = canonical
+            && hex::decode(mac_hex)
+                .ok()
+                .is_some_and(|mac| key.verify(object, json, &mac));
+        if !authentic {
+            return Err(Error::corrupt(
+                object,
+                format!(
+                    "commit record {} fails authentication: its MAC does not match under \
+                     this disk's key, so it was altered or written by someone without the \
+                     vault key; refusing to use it",
+                    crate::layout::number_of(object)
+                        .map_or_else(|| "?".to_string(), |n| n.to_string())
+                ),
+            ));
+        }
+    }
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +271,64 @@ mod tests {
             let e = decode::<Point>("o", &b).unwrap_err();
             assert!(e.to_string().contains("corrupt object o"), "{e}");
         }
+    }
+
+    fn commit() -> Commit {
+        Commit {
+            format: COMMIT_FORMAT,
+            commit: 3,
+            disk_id: "d".into(),
+            kind: CommitKind::Append,
+            time: Utc::now(),
+            next_seq: 9,
+            base: None,
+            segments: vec![SegmentRef {
+                object: "s".into(),
+                first_seq: 1,
+                last_seq: 8,
+                stored_bytes: 10,
+            }],
+            points: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn commit_mac_round_trip_and_forgery() {
+        let key = crate::keys::DataKey::generate().record_key(&[7; 16]);
+        let name = "m/commits/00000000000000000003.json";
+        let c = commit();
+        let bytes = encode_commit(name, &c, &key);
+        assert_eq!(decode_commit(name, &bytes, Some(&key)).unwrap(), c);
+        assert_eq!(decode_commit(name, &bytes, None).unwrap(), c);
+        // Any flipped byte fails a reader with the key (digest, MAC or framing).
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(
+                    decode_commit(name, &b, Some(&key)).is_err(),
+                    "flip of bit {bit} at {i}"
+                );
+            }
+        }
+        // Edited, digest recomputed, MAC kept: only a reader with the key can tell.
+        let mut forged = c.clone();
+        forged.segments.clear();
+        let mut b = encode(&forged);
+        let mac_line = bytes[bytes.len() - MAC_PREFIX.len() - 65..].to_vec();
+        b.extend_from_slice(&mac_line);
+        assert_eq!(decode_commit(name, &b, None).unwrap(), forged);
+        let e = decode_commit(name, &b, Some(&key)).unwrap_err().to_string();
+        assert!(
+            e.contains(name) && e.contains("commit record 3 fails authentication"),
+            "{e}"
+        );
+        // Without a MAC line (format 1): refused even without a key.
+        let e = decode_commit(name, &encode(&c), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("carries no MAC"), "{e}");
+        // Valid bytes under another name: refused.
+        assert!(decode_commit("m/commits/00000000000000000004.json", &bytes, Some(&key)).is_err());
     }
 }

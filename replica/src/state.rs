@@ -29,7 +29,7 @@ impl DiskState {
     /// Applies one commit record read from `object`.
     pub fn fold(&mut self, object: &str, c: &Commit, disk_id: &str) -> Result<()> {
         let bad = |reason: String| Error::corrupt(object, reason);
-        if c.format != crate::meta::FORMAT {
+        if c.format != crate::meta::COMMIT_FORMAT {
             return Err(bad(format!("unsupported format {}", c.format)));
         }
         if c.disk_id != disk_id {

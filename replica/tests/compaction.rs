@@ -168,3 +168,72 @@ fn compaction_survives_a_stop_at_every_step() {
         }
     }
 }
+
+/// Appends one write at `seq` and a point right after it.
+fn append_one(disk: &Disk, state: &mut DiskState, seq: u64) -> ferry_replica::Result<()> {
+    let data = vec![seq as u8 + 1; 4096];
+    let writes = [Write {
+        seq,
+        offset: seq * 4096,
+        payload: Payload::Data(&data),
+    }];
+    let sealed = seal_segment(disk, &mut SealContext::default(), &writes)?;
+    let p = Point {
+        id: format!("p{seq}"),
+        kind: PointKind::Crash,
+        time: Utc::now(),
+        seq: seq + 1,
+        disk_bytes: SIZE,
+        label: None,
+        group: None,
+        sums: None,
+    };
+    disk.store
+        .block(append(disk, state, vec![sealed], vec![p], seq + 2))
+}
+
+#[test]
+fn a_stale_writer_cannot_retake_a_number_a_compaction_deleted() {
+    let vault = VaultKey::generate();
+    let store =
+        Store::with_object_store(Arc::new(object_store::memory::InMemory::new()), "memory://");
+    let disk = store
+        .block(Disk::open_or_create(
+            &store,
+            "m",
+            "d0",
+            &vault,
+            4096,
+            128 << 10,
+        ))
+        .unwrap();
+    let mut state = DiskState::default();
+    append_one(&disk, &mut state, 0).unwrap();
+    // A writer that read the state now (head 0) and stalls.
+    let mut stale = state.clone();
+    let opts = CompactOptions {
+        keep: Duration::zero(),
+        now: Utc::now(),
+        orphan_grace: Duration::zero(),
+    };
+    // Checkpoint 1; then an append (2) and checkpoint 3, which deletes commits 1 and 2.
+    compact(&disk, &opts).unwrap();
+    let mut fresh = store.block(disk.load_state()).unwrap();
+    append_one(&disk, &mut fresh, 2).unwrap();
+    compact(&disk, &opts).unwrap();
+    let before = store.block(disk.load_state()).unwrap();
+    assert_eq!(before.head, Some(3));
+    assert!(store
+        .block(store.get_opt(&disk.paths.commit(1)))
+        .unwrap()
+        .is_none());
+
+    // The stale writer's commit 1 can be created again, but it lies below checkpoint
+    // 3 where no reader looks: it must be a conflict, not a silent success.
+    let e = append_one(&disk, &mut stale, 2).unwrap_err();
+    assert!(
+        matches!(e, ferry_replica::Error::Conflict { .. }),
+        "a shadowed commit was reported committed: {e:?}"
+    );
+    assert_eq!(store.block(disk.load_state()).unwrap(), before);
+}

@@ -223,3 +223,98 @@ fn no_plaintext_reaches_the_store() {
         }
     }
 }
+
+/// The newest commit record of the disk `populate` wrote: (path in the store, its JSON).
+fn newest_record(dir: &Path) -> (String, ferry_replica::meta::Commit) {
+    let store = file_store(dir);
+    let mut names: Vec<String> = store
+        .block(store.list("machines/m/disks/d0/commits/"))
+        .unwrap()
+        .into_iter()
+        .map(|l| l.path)
+        .collect();
+    names.sort();
+    let name = names.pop().unwrap();
+    let bytes = std::fs::read(dir.join(&name)).unwrap();
+    let json = bytes.split(|b| *b == b'\n').next().unwrap();
+    (name, serde_json::from_slice(json).unwrap())
+}
+
+fn write_record(dir: &Path, name: &str, bytes: &[u8]) {
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+#[test]
+fn a_record_edited_without_the_key_is_refused_naming_it() {
+    let vault = VaultKey::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let model = populate(&file_store(dir.path()), &vault);
+    let (name, record) = newest_record(dir.path());
+    let original = std::fs::read(dir.path().join(&name)).unwrap();
+    assert!(!record.segments.is_empty() && !record.points.is_empty());
+
+    // Whoever can write the store drops the record's segment and recomputes the digest:
+    // the point then silently loses that segment's writes. The MAC line is left as it
+    // was (the attacker cannot compute a new one), or removed.
+    let mut forged = record.clone();
+    forged.segments.clear();
+    let mac_line = original[original.len() - 77..].to_vec();
+    assert!(mac_line.starts_with(b"hmac-sha256 "));
+    let mut kept_mac = ferry_replica::meta::encode(&forged);
+    kept_mac.extend_from_slice(&mac_line);
+    // Under a key the attacker does own (another vault's data key), well-formed.
+    let disk = file_store(dir.path())
+        .block(Disk::open(&file_store(dir.path()), "m", "d0", None))
+        .unwrap();
+    let other = ferry_replica::keys::DataKey::generate().record_key(&disk.disk_id);
+    let other_key = ferry_replica::meta::encode_commit(&name, &forged, &other);
+    let no_mac = ferry_replica::meta::encode(&forged);
+
+    for (case, bytes, says) in [
+        ("digest recomputed", &kept_mac, "fails authentication"),
+        ("another key", &other_key, "fails authentication"),
+        ("MAC line removed", &no_mac, "carries no MAC"),
+    ] {
+        write_record(dir.path(), &name, bytes);
+        let store = file_store(dir.path());
+        // Failover (rebuild) refuses it, naming the record and its number.
+        let e = read_everything(&store, &vault).unwrap_err().to_string();
+        assert!(e.contains(&name) && e.contains(says), "{case}: {e}");
+        if says == "fails authentication" {
+            let n = ferry_replica::layout::number_of(&name).unwrap();
+            assert!(e.contains(&format!("commit record {n} ")), "{case}: {e}");
+        }
+        // So does compaction, before it writes anything.
+        let keyed = store
+            .block(Disk::open(&store, "m", "d0", Some(&vault)))
+            .unwrap();
+        let opts = CompactOptions {
+            keep: Duration::zero(),
+            now: Utc::now(),
+            orphan_grace: Duration::zero(),
+        };
+        let e = compact(&keyed, &opts).unwrap_err().to_string();
+        assert!(e.contains(&name), "{case}: compaction: {e}");
+    }
+
+    // A keyless listing cannot tell (decision 0013): it shows what the store says.
+    write_record(dir.path(), &name, &kept_mac);
+    let store = file_store(dir.path());
+    let listed = store
+        .block(
+            store
+                .block(Disk::open(&store, "m", "d0", None))
+                .unwrap()
+                .load_state(),
+        )
+        .unwrap();
+    let dropped = &record.segments[0].object;
+    assert!(!listed.segments.iter().any(|s| &s.object == dropped));
+
+    // The original record, put back, rebuilds byte-identical.
+    write_record(dir.path(), &name, &original);
+    assert_eq!(
+        read_everything(&file_store(dir.path()), &vault).unwrap(),
+        model
+    );
+}

@@ -2,16 +2,84 @@
 //! `status [--json]`, one request
 //! per connection, one answer; `ferry agent ctl` is its client.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::Agent;
 
-pub fn serve(path: &Path, agent: Arc<Agent>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+/// How long a client may take to send its request line, and to take the answer: the
+/// socket is answered one connection at a time, so a stalled client must not hold it.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest request line read; the longest real one is a bookmark with its label.
+const REQUEST_BYTES_MAX: u64 = 4096;
+
+/// Binds the admin socket at `path`, mode 0600 (it takes points and reads status).
+/// Whatever is at `path` already is removed only if it is a stale socket, one no agent
+/// answers on: a live socket means another agent runs with this path, and anything
+/// else (a file, a directory, a link) is not ours to delete.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+        Ok(m) if !m.file_type().is_socket() => {
+            let kind = match m.file_type() {
+                t if t.is_file() => "a regular file",
+                t if t.is_dir() => "a directory",
+                t if t.is_symlink() => "a symbolic link",
+                _ => "something other than a socket",
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{kind} is there, not a socket; refusing to remove it (remove it yourself, or choose another --admin-socket)"),
+            ));
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another agent is running: it answers on this admin socket",
+                ))
+            }
+            // Nobody listens: left by an agent that is gone.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
+            Err(e) => return Err(e),
+        },
+    }
+    // Bound in a directory only we can enter, made 0600 there, then moved into place:
+    // nobody can connect in the moment between the bind and the chmod.
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let staging = staging_dir(parent.unwrap_or(Path::new(".")), path);
+    // Left by a process that had our pid and died here: ours to clear. Made anew, not
+    // reused, so that nobody else's directory can be the one we bind in.
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(ferry_replica::local::PRIVATE_DIR_MODE)
+        .create(&staging)?;
+    let bound = (|| {
+        let inner = staging.join("admin.sock");
+        let l = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
+}
+
+fn staging_dir(parent: &Path, path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or("admin".into(), |n| n.to_string_lossy());
+    parent.join(format!(".{name}.{}.bind", std::process::id()))
+}
+
+/// Answers requests on `listener` (from `bind`), one connection at a time.
+pub fn serve(listener: UnixListener, agent: Arc<Agent>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("ferry-admin".into())
         .spawn(move || {
@@ -26,8 +94,26 @@ pub fn serve(path: &Path, agent: Arc<Agent>) -> std::io::Result<()> {
 }
 
 fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(CONNECTION_TIMEOUT))?;
+    conn.set_write_timeout(Some(CONNECTION_TIMEOUT))?;
     let mut line = String::new();
-    BufReader::new(conn.try_clone()?).read_line(&mut line)?;
+    match BufReader::new(conn.try_clone()?.take(REQUEST_BYTES_MAX)).read_line(&mut line) {
+        // Closed without a word: another agent's start probing whether this one runs.
+        Ok(0) => return Ok(()),
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("no request within {CONNECTION_TIMEOUT:?}; closed"),
+            ))
+        }
+        Err(e) => return Err(e),
+    }
     let words: Vec<&str> = line.split_whitespace().collect();
     let mut w = conn;
     let flag = |name: &str| words.contains(&name);
@@ -69,6 +155,14 @@ fn answer(conn: UnixStream, agent: &Agent) -> std::io::Result<()> {
                         progress("initial copy", &d["copy"]),
                         progress("checksum resync", &d["resync"]),
                     )?;
+                    // Why a disk is disconnected, where a person looks: a refusal by
+                    // the process server would otherwise show as "disconnected" only.
+                    if let (false, Some(e)) = (
+                        d["connected"].as_bool().unwrap_or(false),
+                        d["last_error"].as_str(),
+                    ) {
+                        writeln!(w, "  {}: {e}", d["disk"].as_str().unwrap_or(""))?;
+                    }
                 }
                 Ok(())
             }

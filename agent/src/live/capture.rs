@@ -16,8 +16,8 @@ use std::sync::Mutex;
 use ferry_replica::scan::{scan_region, Run, ZERO_SUM};
 use ferry_replica::sums::BlockSums;
 
-use ferry_dataplane::cache::{CacheLog, Position};
-use ferry_dataplane::protocol::{encode, Bookmark, Decoded, Frame, PointKindWire};
+use ferry_link::log::{DurableLog, Position};
+use ferry_link::protocol::{encode, Bookmark, Decoded, Frame, PointKindWire};
 
 use super::checksum::Resync;
 use super::last_stop;
@@ -65,7 +65,7 @@ pub struct State {
     /// journaled but not applied to the disk (see `reconcile`).
     pub last_write: Option<(u64, u64)>,
     pub next_seq: u64,
-    pub journal: CacheLog,
+    pub journal: DurableLog,
     /// The newest point: (id, sequence).
     pub last_point: Option<(String, u64)>,
     buf: Vec<u8>,
@@ -74,7 +74,7 @@ pub struct State {
     pub first_seq: u64,
 }
 
-fn journal_err(e: ferry_dataplane::cache::CacheError) -> io::Error {
+fn journal_err(e: ferry_link::log::LogError) -> io::Error {
     io::Error::other(e.to_string())
 }
 
@@ -92,7 +92,7 @@ impl Capture {
         let mut next_seq = seq_floor.max(read_seq(journal_dir));
         let mut first_seq = None;
         let mut last_write = None;
-        let (journal, _) = CacheLog::open_each(
+        let (journal, _) = DurableLog::open_each(
             journal_dir,
             (journal_bytes / 8).clamp(64 << 10, 64 << 20),
             journal_bytes,
@@ -100,8 +100,7 @@ impl Capture {
             // under its own name from the start.
             false,
             |e| {
-                if let Ok(Decoded::Frame(f, _)) =
-                    ferry_dataplane::protocol::decode(e.payload, u32::MAX)
+                if let Ok(Decoded::Frame(f, _)) = ferry_link::protocol::decode(e.payload, u32::MAX)
                 {
                     if let Some(s) = seq_of(&f) {
                         next_seq = next_seq.max(s + 1);
@@ -151,7 +150,7 @@ impl Capture {
         &self,
         st: &mut State,
         make: impl FnOnce(u64, &mut Vec<u8>),
-    ) -> Result<u64, ferry_dataplane::cache::CacheError> {
+    ) -> Result<u64, ferry_link::log::LogError> {
         let seq = st.next_seq;
         let mut buf = std::mem::take(&mut st.buf);
         buf.clear();
@@ -179,7 +178,7 @@ impl Capture {
         if !st.overflowed {
             match self.try_journal(st, make) {
                 Ok(_) => return Ok(()),
-                Err(ferry_dataplane::cache::CacheError::Full { .. }) => {
+                Err(ferry_link::log::LogError::Full { .. }) => {
                     tracing::warn!(disk = %self.disk, "journal full: tracking dirty regions until it drains, then resyncing them");
                     st.overflowed = true;
                     if let Err(e) = self.owe(st, Owed::Overflow) {

@@ -245,6 +245,7 @@ mod tests {
         r.lost_link();
         assert_eq!(r.phase(), Phase::Wanted, "asked again after a lost link");
         assert!(!r.take_wanted(), "not at once");
+        // Past the retry delay: the delay itself is what is tested.
         std::thread::sleep(std::time::Duration::from_millis(260));
         assert!(r.take_wanted());
         let map = BlockSums {

@@ -1,7 +1,10 @@
 //! Multi-machine consistency: the agents of a group cut points together. One agent,
-//! the coordinator (it has --group-peer addresses), runs a two-phase cut over lines
-//! on mutual TLS (port 20004 by default; both ends present their agent certificates,
-//! checked against the CA, so only agents of the deployment can hold writes):
+//! the coordinator (it has `--group-peer NAME@ADDR`), runs a two-phase cut over lines
+//! on mutual TLS (port 20004 by default). Both ends present their agent certificates,
+//! checked against the CA, and each checks that the other's names the machine it was
+//! told of: the coordinator each member's NAME, a member its `--group-coordinator`.
+//! So only the group's own machines can hold a member's writes, not any agent of the
+//! deployment.
 //!
 //! ```text
 //! coordinator -> member   prepare GROUP ID
@@ -16,16 +19,18 @@
 //! Every wait is bounded: a member not ready within the prepare timeout makes the
 //! coordinator abort (the point is skipped); a member that hears nothing within its
 //! hold limit releases on its own. A point some member lacks is never used: failover
-//! takes the newest group point that every member of the group holds.
+//! takes the newest group point that every member of the group holds. Lines are
+//! bounded too (`LINE_MAX_BYTES`): a peer that sends an endless line is cut off.
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::protocol::PointKindWire;
-use ferry_dataplane::tls::certs::{peer_client_config, server_config};
+use ferry_link::protocol::PointKindWire;
+use ferry_link::tls::certs::{cert_names, peer_client_config, server_config};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
 use super::group_line::{self, Message};
@@ -45,6 +50,45 @@ impl GroupTls {
             coordinator: Arc::new(peer_client_config(cert, key, ca).map_err(|e| e.to_string())?),
         })
     }
+}
+
+/// A member as the coordinator knows it: the machine name its certificate must
+/// carry and where it listens (`NAME@ADDR` on the command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPeer {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+impl GroupPeer {
+    /// Parses `NAME@ADDR`, e.g. `db1@10.0.0.7:20004`.
+    pub fn parse(s: &str) -> Result<GroupPeer, String> {
+        let (name, addr) = s.split_once('@').ok_or_else(|| {
+            format!("group peer {s:?}: expected NAME@ADDR (the member's machine name, as its certificate names it, and its --group-listen address)")
+        })?;
+        check_machine_name(name).map_err(|e| format!("group peer {s:?}: {e}"))?;
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("group peer {s:?}: address {addr:?}: {e}"))?;
+        Ok(GroupPeer {
+            name: name.to_string(),
+            addr,
+        })
+    }
+}
+
+impl std::fmt::Display for GroupPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at {}", self.name, self.addr)
+    }
+}
+
+/// A peer's machine name must be one a certificate can name (a DNS name or an
+/// address), else no certificate could ever match it.
+pub fn check_machine_name(name: &str) -> Result<(), String> {
+    rustls_pki_types::ServerName::try_from(name)
+        .map(|_| ())
+        .map_err(|_| format!("machine name {name:?} cannot be named by a certificate (a DNS name or an IP address)"))
 }
 
 /// A TLS stream whose socket timeouts can be set.
@@ -75,7 +119,15 @@ fn send<S: Line>(r: &mut BufReader<S>, line: &str) -> std::io::Result<()> {
 pub const PREPARE_TIMEOUT: Duration = Duration::from_millis(200);
 /// The longest a member holds writes waiting for commit.
 pub const HOLD_LIMIT: Duration = Duration::from_millis(500);
+/// The longest line either end reads. The longest legitimate one is a `no REASON`
+/// naming a disk; a peer past this is cut off, so a line costs at most this memory.
+pub const LINE_MAX_BYTES: usize = group_line::MAX_LINE;
+/// Connections a member serves at once. One coordinator needs one (two while a
+/// dropped one times out); the bound keeps handshakes from strangers from taking a
+/// thread each without limit.
+pub const MEMBER_CONNECTIONS_MAX: usize = 8;
 
+/// Reads one line of at most `LINE_MAX_BYTES`, waiting at most `limit` for each read.
 fn read_line<S: Line>(r: &mut BufReader<S>, limit: Duration) -> std::io::Result<String> {
     r.get_ref().tcp().set_read_timeout(Some(limit))?;
     let line = group_line::read_line(r)?
@@ -83,21 +135,44 @@ fn read_line<S: Line>(r: &mut BufReader<S>, limit: Duration) -> std::io::Result<
     Ok(line.trim().to_string())
 }
 
-/// A member: answers the coordinator's cuts.
-pub fn serve(listener: TcpListener, agent: Arc<Agent>, group: String, tls: GroupTls) {
+/// A member: answers the cuts of the coordinator named `coordinator` (the machine
+/// name its certificate must carry).
+pub fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    group: String,
+    coordinator: String,
+    tls: GroupTls,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let (agent, group, tls) = (agent.clone(), group.clone(), tls.member.clone());
-        let _ = std::thread::Builder::new()
+        let peer = conn
+            .peer_addr()
+            .map_or_else(|_| "unknown".into(), |a| a.to_string());
+        if open.fetch_add(1, Ordering::SeqCst) >= MEMBER_CONNECTIONS_MAX {
+            open.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "group channel: {MEMBER_CONNECTIONS_MAX} connections open already; closed this one");
+            continue;
+        }
+        let (agent, group, coordinator, tls, open2) = (
+            agent.clone(),
+            group.clone(),
+            coordinator.clone(),
+            tls.member.clone(),
+            open.clone(),
+        );
+        let spawned = std::thread::Builder::new()
             .name("ferry-group".into())
             .spawn(move || {
-                let peer = conn
-                    .peer_addr()
-                    .map_or_else(|_| "unknown".into(), |a| a.to_string());
-                if let Err(e) = member(conn, &agent, &group, tls) {
+                if let Err(e) = member(conn, &agent, &group, &coordinator, tls) {
                     tracing::warn!(%peer, error = %e, "group coordinator connection ended");
                 }
+                open2.fetch_sub(1, Ordering::SeqCst);
             });
+        if spawned.is_err() {
+            open.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -112,6 +187,7 @@ fn member(
     conn: TcpStream,
     agent: &Agent,
     group: &str,
+    coordinator: &str,
     tls: Arc<rustls::ServerConfig>,
 ) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
@@ -124,8 +200,29 @@ fn member(
         tls.complete_io(&mut sock)
             .map_err(|e| std::io::Error::other(format!("refused: TLS handshake failed: {e}")))?;
     }
+    // The CA vouches for every agent of the deployment; only the coordinator it was
+    // told of may hold this member's writes.
+    let named = tls
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .is_some_and(|c| cert_names(c, coordinator));
     let mut r = BufReader::new(StreamOwned::new(tls, sock));
     let w = &mut r;
+    if !named {
+        let why = format!(
+            "refused: the certificate does not name this group's coordinator {coordinator}"
+        );
+        // Its first request is read (bounded, briefly) before the answer, so that
+        // closing does not reset the connection under the answer.
+        let _ = read_line(w, Duration::from_secs(2));
+        let _ = say!(w, "no {why}");
+        w.get_mut().conn.send_close_notify();
+        let _ = w.get_mut().flush();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why,
+        ));
+    }
     loop {
         let line = read_line(w, Duration::from_secs(3600))?;
         let Some(Message::Prepare { group: g, id }) = group_line::parse(&line) else {
@@ -178,7 +275,7 @@ type ToMember = BufReader<StreamOwned<ClientConnection, TcpStream>>;
 
 pub struct Coordinator {
     pub group: String,
-    pub peers: Vec<SocketAddr>,
+    pub peers: Vec<GroupPeer>,
     tls: Arc<rustls::ClientConfig>,
     conns: Vec<Option<ToMember>>,
 }
@@ -186,7 +283,7 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(
         group: String,
-        peers: Vec<SocketAddr>,
+        peers: Vec<GroupPeer>,
         tls: Arc<rustls::ClientConfig>,
     ) -> Coordinator {
         let conns = peers.iter().map(|_| None).collect();
@@ -201,21 +298,22 @@ impl Coordinator {
     /// The connection to member `i`, made (TCP and TLS handshake) if needed.
     fn conn(&mut self, i: usize) -> std::io::Result<&mut ToMember> {
         if self.conns[i].is_none() {
-            let addr = self.peers[i];
+            let peer = &self.peers[i];
+            let addr = peer.addr;
             let mut sock = TcpStream::connect_timeout(&addr, PREPARE_TIMEOUT)?;
             sock.set_nodelay(true)?;
             // A member that does not finish the handshake in time misses this cut.
             sock.set_read_timeout(Some(PREPARE_TIMEOUT))?;
             sock.set_write_timeout(Some(Duration::from_secs(2)))?;
-            // Members are known by address; the verifier checks that the peer is an
-            // agent of the CA, not a name.
-            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            // The verifier checks that the peer is an agent of the CA whose
+            // certificate names this member's machine.
+            let name = rustls_pki_types::ServerName::try_from(peer.name.clone())
+                .map_err(|e| std::io::Error::other(format!("member {peer}: {e}")))?;
             let mut tls =
                 ClientConnection::new(self.tls.clone(), name).map_err(std::io::Error::other)?;
             while tls.is_handshaking() {
-                tls.complete_io(&mut sock).map_err(|e| {
-                    std::io::Error::other(format!("TLS handshake with member {addr}: {e}"))
-                })?;
+                tls.complete_io(&mut sock)
+                    .map_err(|e| std::io::Error::other(format!("TLS handshake: {e}")))?;
             }
             self.conns[i] = Some(BufReader::new(StreamOwned::new(tls, sock)));
         }

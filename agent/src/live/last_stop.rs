@@ -42,7 +42,8 @@ pub fn boot_id() -> String {
 
 /// How the last run in `dir` ended, seen from boot `boot`.
 pub fn last(dir: &Path, boot: &str) -> io::Result<LastStop> {
-    fs::create_dir_all(dir)?;
+    // The journal directory: the journals in it hold disk data in the clear.
+    ferry_replica::local::create_private_dir(dir)?;
     Ok(match fs::read_to_string(dir.join(NAME)) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => LastStop::Clean,
         Err(e) => return Err(e),

@@ -15,11 +15,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::client::Target;
-use ferry_dataplane::protocol::PointKindWire;
+use ferry_link::client::Target;
+use ferry_link::protocol::PointKindWire;
 
+use crate::error::{Error, Result};
 use crate::nbd::{Device, Exports};
 use capture::Capture;
 use last_stop::LastStop;
@@ -46,7 +48,10 @@ pub struct Options {
     /// given peers coordinates and cuts a group point every crash-point interval.
     pub group: Option<String>,
     pub group_listen: Option<SocketAddr>,
-    pub group_peers: Vec<SocketAddr>,
+    /// A member's coordinator: the machine name its certificate must carry
+    /// (required with `group_listen`).
+    pub group_coordinator: Option<String>,
+    pub group_peers: Vec<group::GroupPeer>,
     /// Mutual TLS of the group channel (required with a group).
     pub group_tls: Option<group::GroupTls>,
 }
@@ -86,37 +91,100 @@ pub struct Agent {
     coordinator: Option<Mutex<group::Coordinator>>,
     /// Longest and last pause of writes for a group cut.
     pauses: Mutex<(Duration, Duration)>,
+    /// The threads that use the disks and the journal (senders, resync loops,
+    /// initial copies, the NBD acceptor, the point timer): `stop` waits for them.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-fn hook(cmd: &str, phase: &str) -> Result<(), String> {
+/// How often `stop` looks whether a thread ended, and the point timer at the flag.
+const STOP_POLL: Duration = Duration::from_millis(5);
+
+/// How long `stop` waits for the agent's threads. A sender may be inside a
+/// connection attempt (its timeout is seconds), a resync loop inside one region.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
+fn hook(cmd: &str, phase: &'static str) -> Result<()> {
     let st = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("{cmd} {phase}"))
         .status()
-        .map_err(|e| format!("freeze hook: {e}"))?;
+        .map_err(|source| Error::HookRun {
+            cmd: cmd.to_string(),
+            phase,
+            source,
+        })?;
     if !st.success() {
-        return Err(format!("freeze hook `{cmd} {phase}` exited with {st}"));
+        return Err(Error::HookFailed {
+            cmd: cmd.to_string(),
+            phase,
+            status: st,
+        });
     }
     Ok(())
 }
 
+/// Starts a named thread of the agent.
+fn spawn<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(|source| Error::Thread { name, source })
+}
+
 impl Agent {
-    pub fn start(o: Options) -> Result<Arc<Agent>, String> {
+    pub fn start(o: Options) -> Result<Arc<Agent>> {
         let group_tls = match (&o.group, &o.group_tls) {
             (None, _) => None,
             (Some(_), Some(t)) => Some(t.clone()),
-            (Some(g), None) => {
-                return Err(format!(
-                    "group {g}: the group channel needs the agent's certificate and CA"
-                ))
+            (Some(g), None) => return Err(Error::GroupTls { group: g.clone() }),
+        };
+        // A member that accepted any agent of the CA would let any of them hold its
+        // writes: it must know whom to accept.
+        let member_of = match (&o.group, o.group_listen, &o.group_coordinator) {
+            (Some(g), Some(addr), Some(c)) => {
+                group::check_machine_name(c).map_err(|e| Error::GroupSetup {
+                    group: g.clone(),
+                    why: format!("coordinator {e}"),
+                })?;
+                Some((g.clone(), addr, c.clone()))
             }
+            (Some(g), Some(_), None) => {
+                return Err(Error::GroupSetup {
+                    group: g.clone(),
+                    why: "a member (--group-listen) must be told its coordinator's machine name (--group-coordinator NAME)".into(),
+                })
+            }
+            _ => None,
+        };
+        // Each name is a directory under the journal directory and a path in the
+        // store: one rule for both, checked before anything is created.
+        ferry_replica::layout::check_name("machine", &o.machine).map_err(Error::Name)?;
+        for d in &o.disks {
+            ferry_replica::layout::check_name("disk", &d.name).map_err(Error::Name)?;
+        }
+        // Before any journal is opened: a live socket here is another agent, which
+        // may be using these journals.
+        let admin_listener = match &o.admin_socket {
+            Some(p) => Some(admin::bind(p).map_err(|source| Error::Io {
+                op: "admin socket",
+                path: p.display().to_string(),
+                source,
+            })?),
+            None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
         let mut disks = Vec::new();
         let mut exports = Exports::default();
         let boot = last_stop::boot_id();
-        let journal_err =
-            |e: std::io::Error| format!("journal dir {}: {e}", o.journal_dir.display());
+        let journal_err = |source| Error::Io {
+            op: "journal dir",
+            path: o.journal_dir.display().to_string(),
+            source,
+        };
         let last = last_stop::last(&o.journal_dir, &boot).map_err(journal_err)?;
         if let LastStop::HostDown { boot } = &last {
             tracing::warn!(last_boot = %boot, "the host went down while the agent ran: every copied disk is compared with its replica");
@@ -124,20 +192,30 @@ impl Agent {
         for d in &o.disks {
             let jdir = o.journal_dir.join(&d.name);
             let cap = Arc::new(
-                Capture::open(&d.name, &d.path, &jdir, o.journal_bytes, 0)
-                    .map_err(|e| format!("disk {} ({}): {e}", d.name, d.path.display()))?,
+                Capture::open(&d.name, &d.path, &jdir, o.journal_bytes, 0).map_err(|source| {
+                    Error::OpenDisk {
+                        disk: d.name.clone(),
+                        path: d.path.display().to_string(),
+                        source,
+                    }
+                })?,
             );
-            let redone = cap
-                .reconcile()
-                .map_err(|e| format!("disk {}: reconciling the journal: {e}", d.name))?;
+            let redone = cap.reconcile().map_err(|source| Error::Disk {
+                disk: d.name.clone(),
+                op: "reconciling the journal",
+                source,
+            })?;
             if redone > 0 {
                 tracing::info!(disk = %d.name, bytes = redone, "journaled the newest write's region again, as the disk holds it");
             }
             // A disk not yet copied is copied or compared by its first sync anyway.
             let copied = !o.initial_copy || copied_marker(&o.journal_dir, &d.name).exists();
             if matches!(last, LastStop::HostDown { .. }) && copied {
-                cap.owe_compare()
-                    .map_err(|e| format!("disk {}: {e}", d.name))?;
+                cap.owe_compare().map_err(|source| Error::Disk {
+                    disk: d.name.clone(),
+                    op: "recording the comparison owed",
+                    source,
+                })?;
             }
             // Owed until a whole comparison is done: an agent restarted before that,
             // or one that has not reached its process server yet, still owes it (as
@@ -148,10 +226,9 @@ impl Agent {
             }
             exports.add(&d.name, cap.clone());
             let (c2, st2) = (cap.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name(format!("ferry-resync-{}", d.name))
-                .spawn(move || resync_loop(&c2, &st2))
-                .map_err(|e| e.to_string())?;
+            threads.push(spawn(format!("ferry-resync-{}", d.name), move || {
+                resync_loop(&c2, &st2)
+            })?);
             let status = Arc::new(Mutex::new(SendStatus::default()));
             let sender = Sender {
                 capture: cap.clone(),
@@ -162,10 +239,9 @@ impl Agent {
                 status: status.clone(),
                 stop: stop.clone(),
             };
-            std::thread::Builder::new()
-                .name(format!("ferry-send-{}", d.name))
-                .spawn(move || sender.run())
-                .map_err(|e| e.to_string())?;
+            threads.push(spawn(format!("ferry-send-{}", d.name), move || {
+                sender.run()
+            })?);
             disks.push(Disk {
                 capture: cap,
                 status,
@@ -175,14 +251,17 @@ impl Agent {
         // Replaced only now that the comparisons owed are recorded, and before any
         // write can arrive.
         last_stop::mark(&o.journal_dir, &boot).map_err(journal_err)?;
-        let listener = std::net::TcpListener::bind(o.nbd_listen)
-            .map_err(|e| format!("NBD listen on {}: {e}", o.nbd_listen))?;
-        let nbd_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let nbd_err = |source| Error::Io {
+            op: "NBD listen on",
+            path: o.nbd_listen.to_string(),
+            source,
+        };
+        let listener = std::net::TcpListener::bind(o.nbd_listen).map_err(nbd_err)?;
+        let nbd_addr = listener.local_addr().map_err(nbd_err)?;
         let (ex, st) = (Arc::new(exports), stop.clone());
-        std::thread::Builder::new()
-            .name("ferry-nbd-accept".into())
-            .spawn(move || crate::nbd::serve(listener, ex, st))
-            .map_err(|e| e.to_string())?;
+        threads.push(spawn("ferry-nbd-accept".into(), move || {
+            crate::nbd::serve(listener, ex, st)
+        })?);
         let agent = Arc::new(Agent {
             disks,
             journal_dir: o.journal_dir.clone(),
@@ -199,15 +278,18 @@ impl Agent {
                 _ => None,
             },
             pauses: Mutex::new((Duration::ZERO, Duration::ZERO)),
+            threads: Mutex::new(threads),
         });
-        if let (Some(g), Some(addr), Some(t)) = (&o.group, o.group_listen, &group_tls) {
-            let l = std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("group listen on {addr}: {e}"))?;
-            let (a, g, t) = (agent.clone(), g.clone(), t.clone());
-            std::thread::Builder::new()
-                .name("ferry-group-accept".into())
-                .spawn(move || group::serve(l, a, g, t))
-                .map_err(|e| e.to_string())?;
+        if let (Some((g, addr, c)), Some(t)) = (member_of, &group_tls) {
+            let l = std::net::TcpListener::bind(addr).map_err(|source| Error::Io {
+                op: "group listen on",
+                path: addr.to_string(),
+                source,
+            })?;
+            let (a, t) = (agent.clone(), t.clone());
+            spawn("ferry-group-accept".into(), move || {
+                group::serve(l, a, g, c, t)
+            })?;
         }
         if o.initial_copy {
             for d in &agent.disks {
@@ -219,71 +301,91 @@ impl Agent {
                 }
                 *d.copy.lock().expect("copy lock") = CopyProgress::new(0, d.capture.size());
                 let (cap, copy, stop) = (d.capture.clone(), d.copy.clone(), stop.clone());
-                std::thread::Builder::new()
-                    .name(format!("ferry-copy-{}", cap.disk))
-                    .spawn(move || {
-                        if first_sync(&cap, &copy, &stop) {
-                            if let Err(e) = cap.sync_journal().and_then(|_| std::fs::write(&marker, b"")) {
-                                tracing::error!(disk = %cap.disk, error = %e, "cannot record the initial copy as done");
-                            }
+                let t = spawn(format!("ferry-copy-{}", cap.disk), move || {
+                    if first_sync(&cap, &copy, &stop) {
+                        if let Err(e) = cap
+                            .sync_journal()
+                            .and_then(|_| std::fs::write(&marker, b""))
+                        {
+                            tracing::error!(disk = %cap.disk, error = %e, "cannot record the initial copy as done");
                         }
-                    })
-                    .map_err(|e| e.to_string())?;
+                    }
+                })?;
+                agent.threads.lock().expect("threads lock").push(t);
             }
         }
         if let Some(every) = o.crash_point_interval {
             let a = agent.clone();
-            std::thread::Builder::new()
-                .name("ferry-points".into())
-                .spawn(move || {
-                    while !a.stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(every);
-                        if let Err(e) = a.point(PointKindWire::Crash, None) {
-                            tracing::warn!(error = %e, "crash-consistent point skipped");
-                        }
-                        if a.coordinator.is_some() {
-                            match a.group_point() {
-                                Ok((id, pause)) => tracing::info!(
-                                    id,
-                                    pause_us = pause.as_micros() as u64,
-                                    "group point"
-                                ),
-                                Err(e) => tracing::warn!(error = %e, "group point skipped"),
-                            }
+            let t = spawn("ferry-points".into(), move || {
+                while !a.stop.load(Ordering::Relaxed) {
+                    // In slices, so that `stop` need not wait out an interval.
+                    let next = Instant::now() + every;
+                    while !a.stop.load(Ordering::Relaxed) && Instant::now() < next {
+                        std::thread::sleep((next - Instant::now()).min(STOP_POLL));
+                    }
+                    if a.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Err(e) = a.point(PointKindWire::Crash, None) {
+                        tracing::warn!(error = %e, "crash-consistent point skipped");
+                    }
+                    if a.coordinator.is_some() {
+                        match a.group_point() {
+                            Ok((id, pause)) => tracing::info!(
+                                id,
+                                pause_us = pause.as_micros() as u64,
+                                "group point"
+                            ),
+                            Err(e) => tracing::warn!(error = %e, "group point skipped"),
                         }
                     }
-                })
-                .map_err(|e| e.to_string())?;
+                }
+            })?;
+            agent.threads.lock().expect("threads lock").push(t);
         }
-        if let Some(p) = &o.admin_socket {
-            admin::serve(p, agent.clone())
-                .map_err(|e| format!("admin socket {}: {e}", p.display()))?;
+        if let Some(l) = admin_listener {
+            admin::serve(l, agent.clone()).map_err(|source| Error::Io {
+                op: "admin socket",
+                path: o
+                    .admin_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                source,
+            })?;
         }
         Ok(agent)
     }
 
     /// Whether a point now would rebuild: not during the initial copy or a resync.
-    pub fn can_point(&self) -> Result<(), String> {
+    pub fn can_point(&self) -> Result<()> {
+        let not_now = |d: &Disk, why: String| Error::NotNow {
+            disk: d.capture.disk.clone(),
+            why,
+        };
         for d in &self.disks {
             if d.capture.resync.busy() {
                 let (phase, f, _) = d.capture.resync.figures();
-                return Err(format!(
-                    "disk {} is in a checksum resync ({phase:?}, {} of {} bytes compared): no point until done",
-                    d.capture.disk, f.compared, f.total
-                ));
+                return Err(not_now(d, format!(
+                    "is in a checksum resync ({phase:?}, {} of {} bytes compared): no point until done",
+                    f.compared, f.total
+                )));
             }
             if d.capture.state().overflowed {
-                return Err(format!(
-                    "disk {} overflowed its journal and is resyncing its dirty regions: no point until done",
-                    d.capture.disk
+                return Err(not_now(
+                    d,
+                    "overflowed its journal and is resyncing its dirty regions: no point until done"
+                        .into(),
                 ));
             }
             let CopyProgress { done, total, .. } = *d.copy.lock().expect("copy lock");
             if done < total {
-                return Err(format!(
-                    "disk {} is still in its initial copy ({:.1} %): no point yet",
-                    d.capture.disk,
-                    100.0 * done as f64 / total as f64
+                return Err(not_now(
+                    d,
+                    format!(
+                        "is still in its initial copy ({:.1} %): no point yet",
+                        100.0 * done as f64 / total as f64
+                    ),
                 ));
             }
         }
@@ -292,13 +394,14 @@ impl Agent {
 
     /// Cuts a group point with every member (this agent must be the coordinator);
     /// returns its id and the longest time any member held writes.
-    pub fn group_point(&self) -> Result<(String, Duration), String> {
-        let c = self
-            .coordinator
-            .as_ref()
-            .ok_or("this agent does not coordinate a group (no --group-peer)")?;
+    pub fn group_point(&self) -> Result<(String, Duration)> {
+        let c = self.coordinator.as_ref().ok_or(Error::NotCoordinator)?;
         let _one = self.points.lock().expect("points lock");
-        c.lock().expect("coordinator lock").cut(self)
+        // The group channel says why in words (see `Error::Group`).
+        c.lock()
+            .expect("coordinator lock")
+            .cut(self)
+            .map_err(Error::Group)
     }
 
     fn record_pause(&self, d: Duration) {
@@ -312,7 +415,7 @@ impl Agent {
         *self.pauses.lock().expect("pauses lock")
     }
 
-    fn point(&self, kind: PointKindWire, label: Option<&str>) -> Result<String, String> {
+    fn point(&self, kind: PointKindWire, label: Option<&str>) -> Result<String> {
         let _one = self.points.lock().expect("points lock");
         // A point during the initial copy or a resync would not rebuild the disk:
         // never emit one the replica cannot honour.
@@ -325,20 +428,21 @@ impl Agent {
         for d in &self.disks {
             d.capture
                 .bookmark(kind, label.unwrap_or(""), "", Some(&id))
-                .map_err(|e| format!("disk {}: {e}", d.capture.disk))?;
+                .map_err(|source| Error::Disk {
+                    disk: d.capture.disk.clone(),
+                    op: "journaling the point",
+                    source,
+                })?;
         }
         Ok(id)
     }
 
     /// Takes a point now; app-consistent ones run the freeze hook around it.
-    pub fn bookmark(&self, app: bool, label: Option<&str>) -> Result<String, String> {
+    pub fn bookmark(&self, app: bool, label: Option<&str>) -> Result<String> {
         if !app {
             return self.point(PointKindWire::Crash, label);
         }
-        let hook_cmd = self
-            .freeze_hook
-            .as_deref()
-            .ok_or("an app-consistent point needs --freeze-hook")?;
+        let hook_cmd = self.freeze_hook.as_deref().ok_or(Error::NoFreezeHook)?;
         hook(hook_cmd, "freeze")?;
         let r = self.point(PointKindWire::App, label);
         // Thaw whatever happened: applications must not stay frozen.
@@ -350,29 +454,29 @@ impl Agent {
 
     /// Starts a checksum resync of one disk, or of every disk: the replica's block
     /// checksums are compared with the disk and only differing blocks are sent.
-    pub fn resync(&self, disk: Option<&str>) -> Result<Vec<String>, String> {
+    pub fn resync(&self, disk: Option<&str>) -> Result<Vec<String>> {
         let chosen: Vec<&Disk> = self
             .disks
             .iter()
             .filter(|d| disk.is_none_or(|n| n == d.capture.disk))
             .collect();
         if chosen.is_empty() {
-            return Err(format!("no disk {}", disk.unwrap_or("")));
+            return Err(Error::NoDisk {
+                disk: disk.unwrap_or("").to_string(),
+            });
         }
         // Every disk is checked before any starts: an error means none started.
         for d in &chosen {
             let CopyProgress { done, total, .. } = *d.copy.lock().expect("copy lock");
+            let not_now = |why: &str| Error::NotNow {
+                disk: d.capture.disk.clone(),
+                why: why.to_string(),
+            };
             if done < total {
-                return Err(format!(
-                    "disk {} is still in its initial copy",
-                    d.capture.disk
-                ));
+                return Err(not_now("is still in its initial copy"));
             }
             if d.capture.resync.busy() {
-                return Err(format!(
-                    "disk {} is already in a checksum resync",
-                    d.capture.disk
-                ));
+                return Err(not_now("is already in a checksum resync"));
             }
         }
         let mut started = Vec::new();
@@ -429,23 +533,61 @@ impl Agent {
         })
     }
 
+    /// Stops the agent and waits (up to STOP_WAIT) for the threads that use its
+    /// disks, journal and process server sessions to end, so that another agent may
+    /// take over the same journal directory, NBD address and sessions right after.
+    /// Not waited for: NBD connections (each ends with its client), the admin
+    /// socket and the group listener, which block in accept() and do not touch the
+    /// journal unless asked to take a point.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        // The NBD acceptor blocks in accept(): a connection wakes it to see the flag.
+        let mut wake = self.nbd_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = std::net::TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        let deadline = Instant::now() + STOP_WAIT;
+        let me = std::thread::current().id();
+        for t in threads {
+            let name = t.thread().name().unwrap_or("unnamed").to_string();
+            // The point timer stopping the agent cannot wait for itself.
+            if t.thread().id() == me {
+                continue;
+            }
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(STOP_POLL);
+            }
+            if !t.is_finished() {
+                tracing::warn!(thread = %name, wait_s = STOP_WAIT.as_secs(), "an agent thread did not end in time; left running");
+            } else if t.join().is_err() {
+                tracing::error!(thread = %name, "an agent thread had panicked");
+            }
+        }
     }
 
     /// Stops in order: every disk flushed and its journal synced, then the run marker
     /// removed, so the next start knows the host did not go down under this run and
     /// need not compare the disks. Writes arriving after a disk's last flush are
     /// refused (the guest sees an I/O error, as from a disk that went away).
-    pub fn shutdown(&self) -> Result<(), String> {
+    pub fn shutdown(&self) -> Result<()> {
         self.stop();
         for d in &self.disks {
-            d.capture
-                .close()
-                .map_err(|e| format!("disk {}: flushing: {e}", d.capture.disk))?;
+            d.capture.close().map_err(|source| Error::Disk {
+                disk: d.capture.disk.clone(),
+                op: "flushing",
+                source,
+            })?;
         }
-        last_stop::end(&self.journal_dir)
-            .map_err(|e| format!("journal dir {}: {e}", self.journal_dir.display()))
+        last_stop::end(&self.journal_dir).map_err(|source| Error::Io {
+            op: "journal dir",
+            path: self.journal_dir.display().to_string(),
+            source,
+        })
     }
 }
 
@@ -530,7 +672,7 @@ fn first_sync(cap: &Capture, copy: &Mutex<CopyProgress>, stop: &AtomicBool) -> b
         std::thread::sleep(Duration::from_millis(10));
     };
     if durable == 0 {
-        return initial_copy(cap, copy);
+        return initial_copy(cap, copy, stop);
     }
     // Points stay refused throughout: the resync is wanted before the copy's
     // progress is cleared.
@@ -549,7 +691,7 @@ fn first_sync(cap: &Capture, copy: &Mutex<CopyProgress>, stop: &AtomicBool) -> b
 
 /// Journals every non-zero MiB of the disk, each under the capture lock, logging
 /// progress (percent, MB/s, time left).
-fn initial_copy(cap: &Capture, progress: &Mutex<CopyProgress>) -> bool {
+fn initial_copy(cap: &Capture, progress: &Mutex<CopyProgress>, stop: &AtomicBool) -> bool {
     let size = cap.size();
     *progress.lock().expect("copy lock") = CopyProgress::new(0, size);
     let start = Instant::now();
@@ -558,8 +700,16 @@ fn initial_copy(cap: &Capture, progress: &Mutex<CopyProgress>) -> bool {
     let mut off = 0;
     while off < size {
         // Leave half the journal to live writes: wait for the sender to drain it.
+        // Stopped, the sender drains nothing more, and the copy resumes at the next
+        // start (it is not recorded as done).
         while cap.journal_bytes() > cap.journal_max() / 2 {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return false;
         }
         let len = (size - off).min(1 << 20) as usize;
         if let Err(e) = cap.copy_region(off, len, &mut buf) {

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::cache::{Position, Tailer};
-use ferry_dataplane::client::{connect, credit_cost, Link, Target};
-use ferry_dataplane::protocol::{
+use ferry_link::client::{connect, credit_cost, Link, Target};
+use ferry_link::log::{Position, Tailer};
+use ferry_link::protocol::{
     decode, encode, Decoded, ErrorCode, Frame, Hello, OLDEST_VERSION, VERSION,
 };
 
@@ -29,6 +29,8 @@ pub struct SendStatus {
     pub uploaded: u64,
     pub sent: u64,
     pub reconnects: u64,
+    /// Why the last session ended or the last connection attempt failed (a refusal
+    /// by the process server says so and why).
     pub last_error: Option<String>,
     /// Since when the oldest unacknowledged frame has waited.
     pub oldest_unacked: Option<Instant>,
@@ -76,11 +78,15 @@ impl Sender {
         // Each connection offers the newest version first and steps down when the
         // server is of an older release: agents may be upgraded before their servers.
         let mut version = VERSION;
+        // The last connect failure logged: a refusal (a certificate that does not name
+        // this machine) is retried every few seconds for as long as it lasts, and
+        // logged once, not at every retry.
+        let mut logged: Option<String> = None;
         while !self.stop.load(Ordering::Relaxed) {
             if link.as_ref().is_none_or(|l| l.closed().is_some()) {
                 self.capture.resync.lost_link();
                 if let Some(l) = link.take() {
-                    let why = l.closed().unwrap_or_default();
+                    let why = l.closed().map(|e| e.to_string()).unwrap_or_default();
                     tracing::warn!(disk = %self.capture.disk, reason = %why, "lost the process server; reconnecting");
                     self.set(|s| {
                         s.connected = false;
@@ -101,6 +107,9 @@ impl Sender {
                 match connect(&self.target, &hello).await {
                     Ok(l) => {
                         backoff = Duration::from_millis(50);
+                        if logged.take().is_some() {
+                            tracing::info!(disk = %self.capture.disk, "connected to the process server");
+                        }
                         let durable = l.welcome.durable;
                         // Read again from the first frame not yet sent and acked.
                         if let Some(&(seq, at)) = unacked.front() {
@@ -126,13 +135,13 @@ impl Sender {
                         version = VERSION;
                         link = Some(l);
                     }
-                    Err(e) if e.code == Some(ErrorCode::Version) && version > OLDEST_VERSION => {
+                    Err(e) if e.code() == Some(ErrorCode::Version) && version > OLDEST_VERSION => {
                         version -= 1;
                         tracing::info!(disk = %self.capture.disk, version, reason = %e, "the process server is of an older release: offering an older protocol version");
                         continue;
                     }
                     Err(e) => {
-                        match e.durable {
+                        match e.durable() {
                             // The server already holds numbers this agent would
                             // reuse: never send different data under them.
                             Some(d) if d > next_seq => self.capture.renumber(d),
@@ -146,7 +155,7 @@ impl Sender {
                             }
                             _ => {}
                         }
-                        if let Some(d) = e.durable {
+                        if let Some(d) = e.durable() {
                             let _ = self.capture.contact.compare_exchange(
                                 NO_CONTACT,
                                 d,
@@ -154,9 +163,14 @@ impl Sender {
                                 Ordering::SeqCst,
                             );
                         }
-                        let e = e.reason;
+                        let e = e.to_string();
                         self.set(|s| s.last_error = Some(e.clone()));
-                        tracing::debug!(disk = %self.capture.disk, error = %e, "connect failed");
+                        if logged.as_ref() != Some(&e) {
+                            tracing::warn!(disk = %self.capture.disk, error = %e, "cannot connect to the process server; retrying");
+                            logged = Some(e);
+                        } else {
+                            tracing::debug!(disk = %self.capture.disk, error = %e, "connect failed");
+                        }
                         compio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;

@@ -15,8 +15,13 @@ pub struct FileDevice {
 
 impl FileDevice {
     pub fn open(path: &Path) -> io::Result<FileDevice> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let size = file.metadata()?.len();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
+        // Seeking, not metadata: a block device's metadata says 0 bytes.
+        let size = ferry_replica::local::disk_size(&mut file, path).map_err(io::Error::other)?;
         Ok(FileDevice { file, size })
     }
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::wire::*;
+use crate::error::NbdError;
 
 /// A disk behind an export. TRIM is served as zeroing, so what the replica records
 /// is exactly what a reader of the disk sees.
@@ -86,9 +87,10 @@ fn export_info(size: u64) -> Vec<u8> {
     d
 }
 
-fn handle(conn: TcpStream, exports: &Exports) -> Result<(), String> {
-    conn.set_nodelay(true).map_err(|e| e.to_string())?;
-    let mut r = BufReader::with_capacity(256 << 10, conn.try_clone().map_err(|e| e.to_string())?);
+fn handle(conn: TcpStream, exports: &Exports) -> Result<(), NbdError> {
+    conn.set_nodelay(true).map_err(NbdError::io("socket"))?;
+    let mut r =
+        BufReader::with_capacity(256 << 10, conn.try_clone().map_err(NbdError::io("socket"))?);
     let mut w = BufWriter::with_capacity(256 << 10, conn);
     session(&mut r, &mut w, exports)
 }
@@ -96,8 +98,8 @@ fn handle(conn: TcpStream, exports: &Exports) -> Result<(), String> {
 /// One client from greeting to disconnect: the handshake's option haggling, then
 /// requests until the client leaves. Over any reader and writer, so the fuzz target
 /// can play a hostile client from memory.
-pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Result<(), String> {
-    let io = |what: &str, e: io::Error| format!("{what}: {e}");
+pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Result<(), NbdError> {
+    let io = |what: &'static str, e: io::Error| NbdError::io(what)(e);
     w.write_all(&NBDMAGIC.to_be_bytes())
         .and_then(|_| w.write_all(&IHAVEOPT.to_be_bytes()))
         .and_then(|_| w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()))
@@ -108,16 +110,19 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
     let dev = loop {
         let magic = read_u64(r).map_err(|e| io("option", e))?;
         if magic != IHAVEOPT {
-            return Err(format!("bad option magic {magic:#x}"));
+            return Err(NbdError::BadMagic {
+                what: "option",
+                magic,
+            });
         }
         let opt = read_u32(r).map_err(|e| io("option", e))?;
         let len = read_u32(r).map_err(|e| io("option", e))?;
         if len > 4096 {
-            return Err(format!("option {opt} of {len} bytes is too long"));
+            return Err(NbdError::OptionTooLong { opt, len });
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).map_err(|e| io("option data", e))?;
-        let mut reply = |kind: u32, d: &[u8]| -> Result<(), String> {
+        let mut reply = |kind: u32, d: &[u8]| -> Result<(), NbdError> {
             w.write_all(&option_reply(opt, kind, d))
                 .and_then(|_| w.flush())
                 .map_err(|e| io("option reply", e))
@@ -128,7 +133,7 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
                 // No error reply exists for this option: an unknown name closes.
                 let dev = exports
                     .get(&name)
-                    .ok_or_else(|| format!("no export named {name:?}"))?
+                    .ok_or_else(|| NbdError::NoExport { name: name.clone() })?
                     .clone();
                 w.write_all(&dev.size().to_be_bytes())
                     .and_then(|_| w.write_all(&TRANSMISSION_FLAGS.to_be_bytes()))
@@ -199,7 +204,7 @@ fn errno(e: &io::Error) -> u32 {
     }
 }
 
-fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(), String> {
+fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(), NbdError> {
     let size = dev.size();
     let mut data = Vec::new();
     loop {
@@ -208,7 +213,7 @@ fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(
             Ok(()) => {}
             // A client that goes away without NBD_CMD_DISC.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(format!("request: {e}")),
+            Err(e) => return Err(NbdError::io("request")(e)),
         }
         let req = Request::parse(&h)?;
         let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -222,16 +227,16 @@ fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(
                 // Its payload would not be read: reply, then close.
                 let _ = w.write_all(&simple_reply(EOVERFLOW, req.handle));
                 let _ = w.flush();
-                return Err(format!(
-                    "a request of {} bytes exceeds {MAX_REQUEST_BYTES}",
-                    req.length
-                ));
+                return Err(NbdError::TooLarge {
+                    len: req.length,
+                    max: MAX_REQUEST_BYTES,
+                });
             }
             data.resize(req.length as usize, 0);
         }
         if carries_data {
             r.read_exact(&mut data)
-                .map_err(|e| format!("write payload: {e}"))?;
+                .map_err(NbdError::io("write payload"))?;
         }
         let result: io::Result<()> = if !in_range && req.kind != CMD_FLUSH && req.kind != CMD_DISC {
             Err(io::Error::from_raw_os_error(EINVAL as i32))
@@ -265,6 +270,6 @@ fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(
                 }
             })
             .and_then(|_| w.flush())
-            .map_err(|e| format!("reply: {e}"))?;
+            .map_err(NbdError::io("reply"))?;
     }
 }

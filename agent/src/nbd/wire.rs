@@ -1,6 +1,8 @@
 //! NBD wire constants and messages: the fixed newstyle handshake and simple replies
 //! (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md).
 
+use crate::error::NbdError;
+
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -65,10 +67,13 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn parse(b: &[u8; 28]) -> Result<Request, String> {
+    pub fn parse(b: &[u8; 28]) -> Result<Request, NbdError> {
         let magic = u32::from_be_bytes(b[0..4].try_into().expect("4 bytes"));
         if magic != REQUEST_MAGIC {
-            return Err(format!("bad request magic {magic:#x}"));
+            return Err(NbdError::BadMagic {
+                what: "request",
+                magic: magic.into(),
+            });
         }
         Ok(Request {
             flags: u16::from_be_bytes([b[4], b[5]]),
@@ -108,4 +113,27 @@ pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
     r.extend_from_slice(&(data.len() as u32).to_be_bytes());
     r.extend_from_slice(data);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_without_its_magic_is_refused_naming_the_value() {
+        let mut h = [0u8; 28];
+        h[0..4].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+        let e = Request::parse(&h).unwrap_err();
+        assert!(matches!(
+            e,
+            NbdError::BadMagic {
+                what: "request",
+                magic: 0xdead_beef
+            }
+        ));
+        assert_eq!(e.to_string(), "bad request magic 0xdeadbeef");
+        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        h[24..28].copy_from_slice(&512u32.to_be_bytes());
+        assert_eq!(Request::parse(&h).unwrap().length, 512);
+    }
 }

@@ -14,29 +14,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{select, Either};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
-use crate::cache::{CacheError, Position};
-use crate::protocol::{
+use ferry_link::log::{LogError, Position};
+use ferry_link::protocol::{
     decode, encode, Decoded, ErrorCode, Frame, HEADER_BYTES, SUMS_HEADER_BYTES, SUM_BYTES,
 };
-use crate::tls::{handshake, TlsReader, TlsWriter};
+use ferry_link::tls::{handshake, TlsReader, TlsWriter};
 
+use super::end::{unavailable, End};
 use super::hello::read_first;
 use super::registry::DiskEntry;
 use super::session::{Action, Reject, Session};
 use super::shard::Shard;
 use super::sums::{prepare, Outgoing};
-
-/// Why a connection ended, for the log.
-pub(super) enum End {
-    /// The agent said Bye.
-    Bye,
-    /// We refuse to go on; the agent is told why.
-    Reject(Reject),
-    /// The peer went away or stalled; nothing can be told.
-    Gone(String),
-}
+use crate::error::ConnError;
 
 struct State {
     session: Session,
@@ -55,10 +47,12 @@ struct State {
     sums: Option<Outgoing>,
 }
 
-pub(super) fn unavailable(reason: impl Into<String>) -> Reject {
-    Reject {
-        code: ErrorCode::Unavailable,
-        reason: reason.into(),
+/// Runs a shard until its connection channel closes: the committer, and a task for
+/// each connection the acceptor hands over.
+pub async fn run_shard(shard: Rc<Shard>, mut conns: mpsc::Receiver<std::net::TcpStream>) {
+    shard.start_committer();
+    while let Some(tcp) = conns.recv().await {
+        compio::runtime::spawn(serve(shard.clone(), tcp)).detach();
     }
 }
 
@@ -78,15 +72,17 @@ async fn serve_inner(
     shard: &Rc<Shard>,
     tcp: std::net::TcpStream,
     peer: &str,
-) -> Result<(), String> {
-    let tcp = compio::net::TcpStream::from_std(tcp).map_err(|e| format!("socket: {e}"))?;
-    let conn =
-        rustls::ServerConnection::new(shard.tls.clone()).map_err(|e| format!("TLS setup: {e}"))?;
+) -> Result<(), ConnError> {
+    let tcp = compio::net::TcpStream::from_std(tcp).map_err(|source| ConnError::Io {
+        op: "socket",
+        source,
+    })?;
+    let conn = rustls::ServerConnection::new(shard.tls.clone()).map_err(ConnError::Tls)?;
     let (mut reader, mut writer) = match handshake(tcp, conn, shard.opts.handshake_timeout).await {
         Ok(halves) => halves,
         Err(e) => {
             shard.metrics.borrow_mut().error("tls");
-            return Err(format!("refused: TLS handshake failed: {e}"));
+            return Err(ConnError::Handshake(e));
         }
     };
     let mut inbuf: Vec<u8> = Vec::with_capacity(128 << 10);
@@ -94,12 +90,12 @@ async fn serve_inner(
     let (hello_len, entry, progress) = match first {
         Ok(v) => v,
         Err(End::Reject(r)) => return refuse(shard, writer, r).await,
-        Err(End::Gone(why)) => return Err(why),
+        Err(End::Gone(why)) => return Err(ConnError::Gone(why)),
         Err(End::Bye) => return Ok(()),
     };
     let hello_bytes = inbuf[..hello_len].to_vec();
     let Ok(Decoded::Frame(Frame::Hello(hello), _)) = decode(&hello_bytes, u32::MAX) else {
-        return Err("hello vanished".into());
+        return Err(ConnError::Gone("the hello vanished from its buffer".into()));
     };
     // Judge the hello before taking the disk from another session.
     if let Err(r) = Session::start(&hello, progress, shard.opts.limits, |m, d| {
@@ -136,7 +132,7 @@ async fn serve_inner(
     };
     // The Hello goes into the cache too: it carries the disk size for the points.
     let appended = if shard.durable.borrow().failed {
-        Err(CacheError::Full { used: 0, max: 0 })
+        Err(LogError::Full { used: 0, max: 0 })
     } else {
         shard.log.borrow_mut().append(&entry.key, &hello_bytes)
     };
@@ -146,9 +142,12 @@ async fn serve_inner(
     }
     let mut out = Vec::new();
     encode(&Frame::Welcome(welcome), &mut out);
-    if let Err(e) = writer.send(&out).await {
+    if let Err(source) = writer.send(&out).await {
         entry.release(claim);
-        return Err(format!("sending welcome: {e}"));
+        return Err(ConnError::Io {
+            op: "sending welcome",
+            source,
+        });
     }
     tracing::info!(shard = shard.shared.id, %peer, disk = %entry.key, durable = progress.durable, uploaded = progress.uploaded, "session started");
     inbuf.drain(..hello_len);
@@ -188,18 +187,19 @@ async fn serve_inner(
         }
     }
     wake_writer.notify_one();
-    let result = write_task
-        .await
-        .unwrap_or_else(|_| Err("writer task failed".into()));
+    let result = write_task.await.unwrap_or(Err(ConnError::WriterFailed));
     entry.release(claim);
     let end = state.borrow_mut().end.take();
     match end {
         Some(End::Bye) | None => result,
         Some(End::Reject(r)) => {
             shard.metrics.borrow_mut().error(error_kind(r.code));
-            Err(format!("{} ({:?})", r.reason, r.code))
+            Err(ConnError::Closed {
+                code: r.code,
+                reason: r.reason,
+            })
         }
-        Some(End::Gone(why)) => Err(why),
+        Some(End::Gone(why)) => Err(ConnError::Gone(why)),
     }
 }
 
@@ -213,13 +213,16 @@ fn error_kind(code: ErrorCode) -> &'static str {
 }
 
 /// Tells the peer why, then closes.
-async fn refuse(shard: &Shard, mut writer: TlsWriter, r: Reject) -> Result<(), String> {
+async fn refuse(shard: &Shard, mut writer: TlsWriter, r: Reject) -> Result<(), ConnError> {
     shard.metrics.borrow_mut().error(error_kind(r.code));
     let mut out = Vec::new();
     encode(&r.frame(), &mut out);
     let _ = writer.send(&out).await;
     let _ = writer.close().await;
-    Err(format!("refused: {} ({:?})", r.reason, r.code))
+    Err(ConnError::Refused {
+        code: r.code,
+        reason: r.reason,
+    })
 }
 
 /// A refusal of the agent's sequence numbers is preceded by an Ack with the disk's
@@ -231,7 +234,7 @@ async fn refuse_behind(
     mut writer: TlsWriter,
     r: Reject,
     progress: super::session::Progress,
-) -> Result<(), String> {
+) -> Result<(), ConnError> {
     if r.code == ErrorCode::Sequence {
         let mut out = Vec::new();
         encode(
@@ -241,8 +244,11 @@ async fn refuse_behind(
             },
             &mut out,
         );
-        if let Err(e) = writer.send(&out).await {
-            return Err(format!("refusing: {e}"));
+        if let Err(source) = writer.send(&out).await {
+            return Err(ConnError::Io {
+                op: "refusing",
+                source,
+            });
         }
     }
     refuse(shard, writer, r).await
@@ -410,13 +416,13 @@ fn append_frame(
     let end = match appended {
         // Durable once the synced prefix reaches the record's end.
         Ok(_) => shard.log.borrow().end_position(),
-        Err(CacheError::Full { used: 0, max }) => {
+        Err(LogError::Full { used: 0, max }) => {
             return Err(End::Reject(unavailable(format!(
                 "a record of {} bytes can never fit a cache of {max} bytes",
                 frame.len()
             ))))
         }
-        Err(CacheError::Full { .. }) => return Ok(false),
+        Err(LogError::Full { .. }) => return Ok(false),
         Err(e) => return Err(End::Reject(unavailable(format!("cache: {e}")))),
     };
     st.pending.push_back((seq, end, Instant::now()));
@@ -510,7 +516,7 @@ async fn write_loop(
     state: Rc<RefCell<State>>,
     wake: Rc<Notify>,
     mut writer: TlsWriter,
-) -> Result<(), String> {
+) -> Result<(), ConnError> {
     let mut durable = shard.durable.subscribe();
     let mut out = Vec::new();
     let mut ending_since: Option<Instant> = None;
@@ -602,8 +608,11 @@ async fn write_loop(
             )
         };
         if tls_wants {
-            if let Err(e) = writer.flush().await {
-                return Err(format!("write: {e}"));
+            if let Err(source) = writer.flush().await {
+                return Err(ConnError::Io {
+                    op: "write",
+                    source,
+                });
             }
         }
     }

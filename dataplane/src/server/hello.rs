@@ -4,10 +4,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::protocol::{decode, Decoded, ErrorCode, Frame};
-use crate::tls::TlsReader;
+use ferry_link::protocol::{decode, Decoded, ErrorCode, Frame};
+use ferry_link::tls::certs::cert_names;
+use ferry_link::tls::TlsReader;
 
-use super::conn::{unavailable, End};
+use super::end::{unavailable, End};
 use super::registry::DiskEntry;
 use super::session::Reject;
 use super::shard::Shard;
@@ -24,12 +25,10 @@ pub(super) async fn read_first(
         match decode(inbuf, shard.opts.limits.max_payload) {
             Ok(Decoded::Frame(Frame::Hello(h), used)) => {
                 let key = format!("{}/{}", h.machine, h.disk);
-                if !valid_name(h.machine) || !valid_name(h.disk) {
+                if let Err(e) = h.check_names() {
                     return Err(End::Reject(Reject {
                         code: ErrorCode::Malformed,
-                        reason: format!(
-                            "machine and disk names take letters, digits, '-', '_' and '.': got {key:?}"
-                        ),
+                        reason: format!("hello for {key:?}: {e}"),
                     }));
                 }
                 // An agent writes only its own machine's disks: the machine must be a
@@ -86,23 +85,4 @@ pub(super) async fn read_first(
             Err(_) => return Err(End::Gone(format!("no hello within {timeout:?}"))),
         }
     }
-}
-
-fn cert_names(der: &[u8], machine: &str) -> bool {
-    let der = rustls_pki_types::CertificateDer::from(der);
-    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
-        return false;
-    };
-    let Ok(name) = rustls_pki_types::ServerName::try_from(machine) else {
-        return false;
-    };
-    cert.verify_is_valid_for_subject_name(&name).is_ok()
-}
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }

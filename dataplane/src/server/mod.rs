@@ -3,16 +3,15 @@
 //! runtime and cache log, TLS connections, the upload stage, and the metrics endpoint.
 
 pub mod conn;
+mod end;
 mod hello;
 pub mod http;
 pub mod options;
 pub mod registry;
-pub mod room;
 pub mod run;
 pub mod session;
 pub mod shard;
 pub mod sums;
-pub mod uploader;
 
 pub use options::Options;
 pub use run::{start, Running};

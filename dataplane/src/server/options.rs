@@ -31,6 +31,10 @@ pub struct Options {
     pub batch_delay: Duration,
     /// ...unless this many bytes are already waiting.
     pub batch_bytes: usize,
+    /// The grace compaction gives unreferenced objects: an upload whose commit would
+    /// start later than this (less a margin) after its put is redone, never committed.
+    /// Must equal compaction's; only tests change it.
+    pub orphan_grace: Duration,
 }
 
 impl Options {
@@ -49,6 +53,7 @@ impl Options {
             claim_timeout: Duration::from_secs(30),
             batch_delay: Duration::from_millis(200),
             batch_bytes: 16 << 20,
+            orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
         }
     }
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use ferry_replica::{Store, VaultKey};
 use tokio::sync::Notify;
 
-use crate::protocol::ErrorCode;
 use crate::upload::DiskUploader;
+use ferry_link::protocol::ErrorCode;
 
 use super::session::Reject;
 
@@ -32,6 +32,8 @@ pub struct DiskEntry {
     slot: Mutex<Slot>,
     /// Opened on first use (it reads the replica's state from the store).
     pub uploader: Mutex<Option<DiskUploader>>,
+    /// The orphan grace its uploads are held to (the registry's).
+    orphan_grace: Duration,
 }
 
 #[derive(Default)]
@@ -53,7 +55,8 @@ impl DiskEntry {
     pub fn open(&self, store: &Store, vault: &VaultKey) -> ferry_replica::Result<u64> {
         let mut up = self.uploader.lock().expect("uploader lock");
         if up.is_none() {
-            let u = DiskUploader::open(store, vault, &self.machine, &self.disk)?;
+            let u = DiskUploader::open(store, vault, &self.machine, &self.disk)?
+                .with_orphan_grace(self.orphan_grace);
             self.uploaded.fetch_max(u.uploaded(), Ordering::SeqCst);
             self.durable.fetch_max(u.uploaded(), Ordering::SeqCst);
             *up = Some(u);
@@ -127,6 +130,9 @@ pub struct Registry {
     disks: Mutex<HashMap<String, Arc<DiskEntry>>>,
     pub store: Store,
     pub vault: VaultKey,
+    /// The grace compaction of this store gives unreferenced objects; every upload
+    /// commits well within it (`ferry_replica::grace`).
+    orphan_grace: Duration,
 }
 
 impl Registry {
@@ -135,7 +141,14 @@ impl Registry {
             disks: Mutex::new(HashMap::new()),
             store,
             vault,
+            orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
         }
+    }
+
+    /// Holds uploads to another orphan grace (tests shorten compaction's and this).
+    pub fn with_orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
+        self
     }
 
     /// The entry for `key` ("machine/disk"), created on first use.
@@ -153,6 +166,7 @@ impl Registry {
                     uploaded: AtomicU64::new(0),
                     slot: Mutex::new(Slot::default()),
                     uploader: Mutex::new(None),
+                    orphan_grace: self.orphan_grace,
                 })
             })
             .clone()

@@ -11,15 +11,16 @@ use std::thread::JoinHandle;
 use ferry_replica::{Store, VaultKey};
 use tokio::sync::mpsc;
 
-use crate::cache::CacheLog;
+use crate::error::{Error, Result};
 use crate::metrics::ShardMetrics;
-use crate::protocol::{decode, Decoded, Frame};
+use ferry_link::log::DurableLog;
+use ferry_link::protocol::{decode, Decoded, Frame};
 
 use super::http::View;
 use super::options::Options;
 use super::registry::Registry;
 use super::shard::{Shard, ShardShared};
-use super::uploader::UploadStatus;
+use crate::upload::UploadStatus;
 
 /// A started server. Dropping it leaves the threads running; `stop` ends them.
 pub struct Running {
@@ -54,31 +55,30 @@ impl Running {
     }
 }
 
-fn err(what: &str, e: impl std::fmt::Display) -> String {
-    format!("{what}: {e}")
-}
-
 pub fn start(
     opts: Options,
     tls: rustls::ServerConfig,
     store: Store,
     vault: VaultKey,
-) -> Result<Running, String> {
+) -> Result<Running> {
     if opts.shards == 0 {
-        return Err("--shards must be at least 1".into());
+        return Err(Error::Setting("--shards must be at least 1"));
     }
-    std::fs::create_dir_all(&opts.cache_dir)
-        .map_err(|e| err(&format!("cache dir {}", opts.cache_dir.display()), e))?;
-    refuse_stray_shards(&opts)?;
+    ferry_replica::local::create_private_dir(&opts.cache_dir).map_err(|source| Error::Io {
+        op: "cache dir",
+        path: opts.cache_dir.display().to_string(),
+        source,
+    })?;
+    crate::cache::refuse_stray_shards(&opts.cache_dir, opts.shards)?;
     let opts = Arc::new(opts);
     let tls = Arc::new(tls);
-    let registry = Arc::new(Registry::new(store, vault));
+    let registry = Arc::new(Registry::new(store, vault).with_orphan_grace(opts.orphan_grace));
     let per_shard = opts.cache_bytes / opts.shards as u64;
     // Files are freed whole once uploaded: keep several per shard, or a small cache
     // would throttle before its first file could roll over and be freed.
     let file_bytes = opts.cache_file_bytes.min(per_shard / 8).max(1 << 20);
     // Each shard's log may hold one file past its bound (a spare kept for reuse).
-    super::room::check(
+    crate::cache::check(
         &opts.cache_dir,
         opts.cache_bytes + opts.shards as u64 * file_bytes,
     )?;
@@ -94,7 +94,7 @@ pub fn start(
         // more memory than its largest file.
         let mut frames = 0u64;
         let mut bad = None;
-        let (log, torn_bytes) = CacheLog::open_each(&dir, file_bytes, per_shard, true, |e| {
+        let (log, torn_bytes) = DurableLog::open_each(&dir, file_bytes, per_shard, true, |e| {
             let Ok(Decoded::Frame(f, _)) = decode(e.payload, u32::MAX) else {
                 bad.get_or_insert(e.at);
                 return;
@@ -113,14 +113,16 @@ pub fn start(
                 newest.insert(e.disk.to_string(), (seq, i));
             }
         })
-        .map_err(|e| err("recovering the cache", e))?;
+        .map_err(|source| Error::Recover {
+            dir: dir.display().to_string(),
+            source,
+        })?;
         if let Some(at) = bad {
-            return Err(format!(
-                "cache {}: a record at file {} offset {} is not a frame",
-                dir.display(),
-                at.file,
-                at.offset
-            ));
+            return Err(Error::NotAFrame {
+                dir: dir.display().to_string(),
+                file: at.file,
+                offset: at.offset,
+            });
         }
         if frames > 0 || torn_bytes > 0 {
             tracing::info!(shard = i, frames, torn_bytes, "recovered the cache");
@@ -150,8 +152,14 @@ pub fn start(
     }
 
     raise_fd_limit();
-    let listener = TcpListener::bind(opts.listen)
-        .map_err(|e| err(&format!("listen on {}", opts.listen), e))?;
+    let listen_err = |addr: SocketAddr| {
+        move |source| Error::Io {
+            op: "listen on",
+            path: addr.to_string(),
+            source,
+        }
+    };
+    let listener = TcpListener::bind(opts.listen).map_err(listen_err(opts.listen))?;
     // std listens with a backlog of 128; a fleet of agents reconnecting after a
     // restart would overflow it and wait out SYN retries.
     {
@@ -159,11 +167,13 @@ pub fn start(
         // SAFETY: listen(2) on a socket we own; it only changes the backlog length.
         unsafe { libc::listen(listener.as_raw_fd(), 4096) };
     }
-    let addr = listener.local_addr().map_err(|e| err("listen", e))?;
+    let addr = listener.local_addr().map_err(listen_err(opts.listen))?;
     let metrics = match opts.metrics_listen {
-        Some(a) => {
-            Some(TcpListener::bind(a).map_err(|e| err(&format!("metrics listen on {a}"), e))?)
-        }
+        Some(a) => Some(TcpListener::bind(a).map_err(|source| Error::Io {
+            op: "metrics listen on",
+            path: a.to_string(),
+            source,
+        })?),
         None => None,
     };
     let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
@@ -192,9 +202,9 @@ pub fn start(
                     }
                 };
                 let shard = Rc::new(Shard::new(shared, log, registry2, opts2, tls2));
-                rt.block_on(shard.run(rx));
+                rt.block_on(super::conn::run_shard(shard, rx));
             })
-            .map_err(|e| err("starting a shard thread", e))?;
+            .map_err(thread_err(format!("shard thread {i}")))?;
         let status = Arc::new(UploadStatus::default());
         statuses.push(status.clone());
         let (shared, registry2, opts2, stop2) = (
@@ -206,8 +216,8 @@ pub fn start(
         uploaders.push(
             std::thread::Builder::new()
                 .name(format!("ferry-upload-{i}"))
-                .spawn(move || super::uploader::run(shared, registry2, opts2, status, stop2))
-                .map_err(|e| err("starting an upload thread", e))?,
+                .spawn(move || crate::upload::run(shared, registry2, opts2, status, stop2))
+                .map_err(thread_err(format!("upload thread {i}")))?,
         );
     }
     let view = Arc::new(View {
@@ -227,13 +237,13 @@ pub fn start(
         std::thread::Builder::new()
             .name("ferry-metrics".into())
             .spawn(move || super::http::serve(l, v, s))
-            .map_err(|e| err("starting the metrics thread", e))?;
+            .map_err(thread_err("the metrics thread".into()))?;
     }
     let stop2 = stop.clone();
     let acceptor = std::thread::Builder::new()
         .name("ferry-accept".into())
         .spawn(move || accept_loop(listener, senders, shareds, stop2))
-        .map_err(|e| err("starting the acceptor", e))?;
+        .map_err(thread_err("the acceptor".into()))?;
     Ok(Running {
         addr,
         metrics_addr,
@@ -242,6 +252,10 @@ pub fn start(
         acceptor: Some(acceptor),
         uploaders,
     })
+}
+
+fn thread_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Thread { what, source }
 }
 
 /// Hands each new connection to the shard with the fewest: even spread by count,
@@ -296,30 +310,4 @@ pub fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
-}
-
-/// A cache written with more shards than now would leave writes nobody uploads.
-fn refuse_stray_shards(opts: &Options) -> Result<(), String> {
-    let rd = std::fs::read_dir(&opts.cache_dir).map_err(|e| err("cache dir", e))?;
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(n) = name
-            .strip_prefix("shard-")
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        let holds = std::fs::read_dir(e.path())
-            .map(|d| d.flatten().any(|f| f.metadata().is_ok_and(|m| m.len() > 0)))
-            .unwrap_or(false);
-        if n >= opts.shards && holds {
-            return Err(format!(
-                "the cache in {} holds data of shard {n}, but --shards is {}: start with --shards {} until it has drained",
-                opts.cache_dir.display(),
-                opts.shards,
-                n + 1
-            ));
-        }
-    }
-    Ok(())
 }

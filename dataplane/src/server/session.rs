@@ -8,8 +8,8 @@
 
 use std::collections::VecDeque;
 
-use crate::protocol::{
-    ErrorCode, Frame, Hello, Welcome, MAX_PAYLOAD_BYTES, OLDEST_VERSION, VERSION,
+use ferry_link::protocol::{
+    payload_bytes, ErrorCode, Frame, Hello, Welcome, MAX_PAYLOAD_BYTES, OLDEST_VERSION, VERSION,
 };
 
 /// The largest disk a session may announce (the VHDX limit): what rebuilds,
@@ -107,16 +107,6 @@ pub struct Session {
     /// Credit earned back by durable writes but withheld while throttling.
     owed: u64,
     throttled: bool,
-}
-
-/// Credit a frame costs: its data, or a flat 64 bytes for the small ones.
-pub fn payload_bytes(f: &Frame<'_>) -> u64 {
-    match f {
-        Frame::Write { data, .. } => data.len() as u64,
-        // Zero and bookmark frames are small but must still count, or an agent could
-        // flood the cache with them.
-        _ => 64,
-    }
 }
 
 impl Session {
@@ -369,7 +359,7 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Bookmark, PointKindWire};
+    use ferry_link::protocol::{Bookmark, PointKindWire};
 
     fn hello(journal_from: u64, next_seq: u64) -> Hello<'static> {
         Hello {

@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 
-use crate::cache::{CacheLog, Position};
 use crate::health::{assess, Inputs, Policy};
 use crate::metrics::ShardMetrics;
+use ferry_link::log::{DurableLog, Position};
 
 use super::options::Options;
 use super::registry::Registry;
@@ -55,7 +55,7 @@ pub struct Durable {
 /// The shard's state on its own thread.
 pub struct Shard {
     pub shared: Arc<ShardShared>,
-    pub log: RefCell<CacheLog>,
+    pub log: RefCell<DurableLog>,
     pub durable: watch::Sender<Durable>,
     pub commit: Notify,
     pub metrics: RefCell<ShardMetrics>,
@@ -68,7 +68,7 @@ pub struct Shard {
 impl Shard {
     pub fn new(
         shared: Arc<ShardShared>,
-        log: CacheLog,
+        log: DurableLog,
         registry: Arc<Registry>,
         opts: Arc<Options>,
         tls: Arc<rustls::ServerConfig>,
@@ -99,12 +99,10 @@ impl Shard {
         (n << 8) | self.shared.id as u64
     }
 
-    /// Runs the shard until the connection channel closes.
-    pub async fn run(self: Rc<Self>, mut conns: mpsc::Receiver<std::net::TcpStream>) {
+    /// Starts the committer on the shard's runtime. The connections that feed it are
+    /// started by `conn::run_shard`, so that this module needs none of theirs.
+    pub fn start_committer(self: &Rc<Self>) {
         compio::runtime::spawn(commit_loop(self.clone())).detach();
-        while let Some(tcp) = conns.recv().await {
-            compio::runtime::spawn(super::conn::serve(self.clone(), tcp)).detach();
-        }
     }
 }
 

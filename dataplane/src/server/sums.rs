@@ -19,7 +19,8 @@ use ferry_replica::sums::BlockSums;
 use ferry_replica::{Disk, Store, VaultKey};
 
 use super::registry::{DiskEntry, Registry};
-use crate::protocol::SUM_BYTES;
+use crate::error::{Error, Result};
+use ferry_link::protocol::SUM_BYTES;
 
 /// The largest map made (and held while it is sent): 16 bytes per block.
 pub const MAX_MAP_BYTES: u64 = 1 << 30;
@@ -97,10 +98,10 @@ pub async fn prepare(
     seq: u64,
     disk_bytes: u64,
     alive: impl Fn() -> bool,
-) -> Result<(BlockSums, Permit), String> {
+) -> Result<(BlockSums, Permit)> {
     while entry.uploaded.load(Ordering::SeqCst) < seq {
         if !alive() {
-            return Err("the session ended".into());
+            return Err(Error::SessionEnded);
         }
         compio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -120,9 +121,12 @@ pub async fn prepare(
             );
             let _ = tx.send(made);
         })
-        .map_err(|e| format!("starting the checksum thread: {e}"))?;
+        .map_err(|source| Error::Thread {
+            what: "the checksum thread".into(),
+            source,
+        })?;
     rx.await
-        .unwrap_or_else(|_| Err("the checksum thread died".into()))
+        .unwrap_or(Err(Error::ThreadDied { what: "checksum" }))
 }
 
 fn make(
@@ -133,15 +137,21 @@ fn make(
     seq: u64,
     disk_bytes: u64,
     gone: &dyn Fn() -> bool,
-) -> Result<(BlockSums, Permit), String> {
+) -> Result<(BlockSums, Permit)> {
+    let replica = |source| Error::Replica {
+        disk: entry.key.clone(),
+        source,
+    };
     let disk = store
         .block(Disk::open(store, &entry.machine, &entry.disk, Some(vault)))
-        .map_err(|e| e.to_string())?;
+        .map_err(replica)?;
     let blocks = BlockSums::blocks_for(disk_bytes, disk.info.block_bytes) as u64;
     if blocks * SUM_BYTES as u64 > MAX_MAP_BYTES {
-        return Err(format!(
-            "a checksum map of {blocks} blocks exceeds the {MAX_MAP_BYTES}-byte limit (disks up to 4 TiB at 64 KiB blocks)"
-        ));
+        return Err(Error::MapTooLarge {
+            disk: entry.key.clone(),
+            blocks,
+            max: MAX_MAP_BYTES,
+        });
     }
     // Waits, holding the gate, while other sessions still send theirs: they need no
     // gate to finish, so the wait ends.
@@ -149,18 +159,21 @@ fn make(
     // The session may have ended meanwhile; and the replica's state is read only now,
     // fresh, after what may have been a long wait.
     if gone() {
-        return Err("the session ended".into());
+        return Err(Error::SessionEnded);
     }
+    let not_open = |why| Error::NotOpen {
+        disk: entry.key.clone(),
+        why,
+    };
     let state = entry
         .uploader
         .lock()
-        .map_err(|_| "the disk's uploader failed".to_string())?
+        .map_err(|_| not_open("its uploader failed"))?
         .as_ref()
         .map(|u| u.state().clone())
-        .ok_or("the disk is not open")?;
+        .ok_or_else(|| not_open("it is not open"))?;
     let started = std::time::Instant::now();
-    let map = BlockSums::of_replica(&disk, &state, seq, disk_bytes, scratch)
-        .map_err(|e| e.to_string())?;
+    let map = BlockSums::of_replica(&disk, &state, seq, disk_bytes, scratch).map_err(replica)?;
     tracing::info!(disk = %entry.key, seq, blocks = map.sums.len(), seconds = started.elapsed().as_secs_f64(), "checksum map made for a resync");
     Ok((map, permit))
 }

@@ -1,0 +1,404 @@
+//! Real block devices: a loop device protected by `ferry agent` (its metadata says 0
+//! bytes; its size is found by seeking to its end), written through the agent's NBD
+//! export with qemu-io, with a failover at each recovery point equal to the device as
+//! it was when the point was taken; and a loop device seeded offline, then resynced.
+//! Needs root and /dev/loop-control (`.ci/run` runs as root); elsewhere each test says
+//! why it skips.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const SIZE: u64 = 16 << 20;
+
+/// A loop device over a file, detached when dropped, whatever the test did.
+struct LoopDevice {
+    dev: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `file`; None (with the reason printed) where no loop device can be made.
+    fn attach(file: &Path) -> Option<LoopDevice> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loop devices need root");
+            return None;
+        }
+        if !Path::new("/dev/loop-control").exists() {
+            eprintln!("skipped: no /dev/loop-control on this host");
+            return None;
+        }
+        let out = match Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+        {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("skipped: cannot run losetup (util-linux): {e}");
+                return None;
+            }
+        };
+        if !out.status.success() {
+            eprintln!(
+                "skipped: losetup could not make a loop device: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Some(LoopDevice { dev })
+    }
+
+    fn path(&self) -> String {
+        self.dev.display().to_string()
+    }
+
+    fn read(&self) -> Vec<u8> {
+        std::fs::read(&self.dev).unwrap()
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+fn ferry(args: &[&str]) -> String {
+    let out = Command::new(FERRY).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A child killed when dropped, so a failing test leaves no process behind.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns ferry and returns it with the first line it prints.
+fn spawn(args: &[String]) -> (Killed, String) {
+    let mut child = Command::new(FERRY)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Killed(child), line)
+}
+
+fn status(sock: &Path) -> serde_json::Value {
+    let out = ferry(&[
+        "agent",
+        "ctl",
+        "--admin-socket",
+        &sock.display().to_string(),
+        "status",
+        "--json",
+    ]);
+    serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()[0].clone()
+}
+
+fn wait_uploaded(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(sock);
+        if s["mode"] == "data"
+            && s["uploaded"].as_u64() >= s["next_seq"].as_u64()
+            && s["connected"] == true
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not uploaded: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn qemu_io(url: &str, rng: &mut impl Rng, n: usize) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", "-t", "writeback"]);
+    for _ in 0..n {
+        let len = rng.gen_range(1..=32) * 4096u64;
+        let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
+        match rng.gen_range(0..5) {
+            0 => c.args(["-c", &format!("write -z {off} {len}")]),
+            _ => c.args(["-c", &format!("write -P {} {off} {len}", rng.gen::<u8>())]),
+        };
+    }
+    let out = c
+        .arg(url)
+        .output()
+        .expect("qemu-io (qemu-utils) is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn seed_rng() -> rand::rngs::StdRng {
+    let seed: u64 = std::env::var("FERRY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("FERRY_SEED={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// A backing file of `SIZE` bytes, its first quarter random.
+fn backing(path: &Path, rng: &mut impl Rng) {
+    let mut content = vec![0u8; SIZE as usize];
+    rng.fill(&mut content[..(SIZE / 4) as usize]);
+    std::fs::write(path, &content).unwrap();
+}
+
+/// Fails `machine` over to `point` into `out`; returns the rebuilt disk `disk`.
+fn failover(store: &str, key: &str, machine: &str, point: &str, out: &Path, disk: &str) -> Vec<u8> {
+    ferry(&[
+        "failover",
+        "--store",
+        store,
+        "--key-file",
+        key,
+        "--machine",
+        machine,
+        "--point",
+        point,
+        "--out",
+        &out.display().to_string(),
+    ]);
+    std::fs::read(out.join(format!("{disk}.raw"))).unwrap()
+}
+
+fn same(got: &[u8], want: &[u8], what: &str) {
+    let first = got.iter().zip(want.iter()).position(|(a, b)| a != b);
+    assert!(
+        got == want,
+        "{what}: {} bytes rebuilt, {} wanted, first difference at {first:?}",
+        got.len(),
+        want.len()
+    );
+}
+
+#[test]
+fn a_loop_device_under_the_agent_fails_over_to_each_point() {
+    let mut rng = seed_rng();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    backing(&d.join("backing.img"), &mut rng);
+    // Declared before the processes: dropped (detached) after they are killed.
+    let Some(dev) = LoopDevice::attach(&d.join("backing.img")) else {
+        return;
+    };
+    assert_eq!(
+        std::fs::metadata(&dev.dev).unwrap().len(),
+        0,
+        "a block device's metadata says 0 bytes: the case this test is for"
+    );
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
+    ferry(&["keygen", "--out", &p("vault.key")]);
+    let store = format!("file://{}", p("store"));
+    let server_args: Vec<String> = [
+        "process-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        &p("cache"),
+        "--store",
+        &store,
+        "--key-file",
+        &p("vault.key"),
+        "--tls-cert",
+        &p("pki/server.pem"),
+        "--tls-key",
+        &p("pki/server.key"),
+        "--client-ca",
+        &p("pki/ca.pem"),
+        "--shards",
+        "1",
+        "--batch-ms",
+        "20",
+        "--cache-gib",
+        "0.25",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (_server, line) = spawn(&server_args);
+    let addr = line.split_whitespace().nth(4).unwrap().to_string();
+
+    let sock = d.join("admin.sock");
+    let agent_args: Vec<String> = [
+        "agent",
+        "--process-server",
+        &addr,
+        "--machine",
+        "agent-0",
+        "--disk",
+        &format!("sda={}", dev.path()),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--journal-dir",
+        &p("journal"),
+        "--tls-cert",
+        &p("pki/agent-0.pem"),
+        "--tls-key",
+        &p("pki/agent-0.key"),
+        "--ca",
+        &p("pki/ca.pem"),
+        "--crash-point-interval-s",
+        "0",
+        "--admin-socket",
+        &sock.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (_agent, line) = spawn(&agent_args);
+    assert!(line.contains("serving NBD on"), "{line}");
+    let nbd = line.split_whitespace().last().unwrap().to_string();
+    let url = format!("nbd://{nbd}/sda");
+    wait_uploaded(&sock);
+    let s = status(&sock);
+    assert_eq!(s["copy_total_bytes"], SIZE, "the whole device copied: {s}");
+
+    let bookmark = |label: &str| {
+        let out = ferry(&[
+            "agent",
+            "ctl",
+            "--admin-socket",
+            &sock.display().to_string(),
+            "bookmark",
+            "--label",
+            label,
+        ]);
+        out.lines().last().unwrap().trim().to_string()
+    };
+    let mut points = vec![(bookmark("copied"), dev.read())];
+    for round in 0..3 {
+        qemu_io(&url, &mut rng, 25);
+        let id = bookmark(&format!("round-{round}"));
+        points.push((id, dev.read()));
+    }
+    wait_uploaded(&sock);
+
+    let listed: serde_json::Value = serde_json::from_str(&ferry(&[
+        "points",
+        "--store",
+        &store,
+        "--machine",
+        "agent-0",
+        "--json",
+    ]))
+    .unwrap();
+    for p in listed.as_array().unwrap() {
+        assert_eq!(p["disk_bytes"], SIZE, "{p}");
+    }
+    for (id, want) in &points {
+        assert_eq!(want.len() as u64, SIZE);
+        let got = failover(
+            &store,
+            &p("vault.key"),
+            "agent-0",
+            id,
+            &d.join(format!("out-{id}")),
+            "sda",
+        );
+        same(&got, want, &format!("point {id}"));
+    }
+}
+
+#[test]
+fn a_loop_device_seeded_offline_fails_over_to_itself() {
+    let mut rng = seed_rng();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    backing(&d.join("backing.img"), &mut rng);
+    let Some(dev) = LoopDevice::attach(&d.join("backing.img")) else {
+        return;
+    };
+    ferry(&["keygen", "--out", &p("vault.key")]);
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    let store = format!("file://{}", p("store"));
+    let seed = || {
+        let out = ferry(&[
+            "seed",
+            "--store",
+            &store,
+            "--key-file",
+            &p("vault.key"),
+            "--machine",
+            "m",
+            "--disk",
+            "sdb",
+            "--image",
+            &dev.path(),
+        ]);
+        let id = out.lines().last().unwrap().trim().to_string();
+        (out, id)
+    };
+    let (out, first) = seed();
+    // 64 KiB blocks: the device's whole size, not the 0 bytes its metadata says.
+    assert!(out.contains(&format!("of {}", SIZE / 65536)), "{out}");
+    let want_first = dev.read();
+    same(
+        &failover(
+            &store,
+            &p("vault.key"),
+            "m",
+            &first,
+            &d.join("first"),
+            "sdb",
+        ),
+        &want_first,
+        "the first seed",
+    );
+
+    // Blocks changed on the device itself: the next seed sends only those.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev.dev)
+        .unwrap();
+    for block in [3u64, 100, 201] {
+        let data: Vec<u8> = (0..65536).map(|_| rng.gen()).collect();
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, block * 65536).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let (out, second) = seed();
+    assert!(out.starts_with("resynced m/sdb: 3 blocks of"), "{out}");
+    same(
+        &failover(
+            &store,
+            &p("vault.key"),
+            "m",
+            &second,
+            &d.join("second"),
+            "sdb",
+        ),
+        &dev.read(),
+        "the resync",
+    );
+}

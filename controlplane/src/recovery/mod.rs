@@ -1,0 +1,7 @@
+//! Recovery decisions over what the replica holds: which point, rebuilt where, kept
+//! how long.
+
+pub mod failover;
+pub mod group;
+pub mod points;
+pub mod retention;

@@ -85,9 +85,9 @@ base = {"generation": "g1", "seq": 9, "disk_bytes": 1 << 20, "extent_bytes": 1 <
         "extents": [{"index": 0, "object": "ext/0", "stored_bytes": 100}]}
 point = {"id": "p1", "kind": "crash", "time": T, "seq": 12, "disk_bytes": 1 << 20,
          "label": "nightly", "sums": "sums/1"}
-c0 = {"format": 1, "commit": 0, "disk_id": DISK_ID, "kind": "checkpoint", "time": T,
+c0 = {"format": 2, "commit": 0, "disk_id": DISK_ID, "kind": "checkpoint", "time": T,
       "next_seq": 10, "base": base, "segments": [], "points": []}
-c1 = {"format": 1, "commit": 1, "disk_id": DISK_ID, "kind": "append", "time": T,
+c1 = {"format": 2, "commit": 1, "disk_id": DISK_ID, "kind": "append", "time": T,
       "next_seq": 20, "segments": [{"object": "seg/1", "first_seq": 10, "last_seq": 19,
                                     "stored_bytes": 4096}], "points": [point]}
 info = {"format": 1, "machine": "m", "disk": "d", "disk_id": DISK_ID, "block_bytes": 4096,

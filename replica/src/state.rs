@@ -158,7 +158,7 @@ mod tests {
 
     fn commit(n: u64, kind: CommitKind, next_seq: u64) -> Commit {
         Commit {
-            format: crate::meta::FORMAT,
+            format: crate::meta::COMMIT_FORMAT,
             commit: n,
             disk_id: DISK.into(),
             kind,
@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn a_base_at_the_last_sequence_number_is_refused() {
         let json = format!(
-            r#"{{"format":1,"commit":0,"disk_id":"{DISK}","kind":"checkpoint","time":"2026-01-01T00:00:00Z","next_seq":5,"base":{{"generation":"g","seq":18446744073709551615,"disk_bytes":0,"extent_bytes":1,"extents":[]}}}}"#
+            r#"{{"format":2,"commit":0,"disk_id":"{DISK}","kind":"checkpoint","time":"2026-01-01T00:00:00Z","next_seq":5,"base":{{"generation":"g","seq":18446744073709551615,"disk_bytes":0,"extent_bytes":1,"extents":[]}}}}"#
         );
         let c: Commit = decode(
             "c",

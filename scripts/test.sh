@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command, for CI and developers alike, on a fresh machine too: installs what is
 # missing, starts Azurite and s3s-fs unless the caller already did (.ci/run does), runs
-# every workspace test against file, memory, Azurite and S3 stores, then builds the
-# benchmarks so they cannot rot unnoticed.
+# every workspace test (the replica's store tests also against Azurite and S3), builds the
+# benchmarks so they cannot rot unnoticed, and runs each fuzz target briefly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,5 @@ cargo test --workspace --no-fail-fast
 section "cargo bench --workspace --no-run"
 cargo bench --workspace --no-run
 
-section "fuzz: the protocol frame decoder, 20 seconds"
-# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
-(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run frame_decoder --release -- -max_total_time=20 -rss_limit_mb=1024)
+section "fuzz: every decoder's target, 15 seconds each"
+bash scripts/fuzz-smoke.sh 15

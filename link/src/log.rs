@@ -248,14 +248,23 @@ fn spare_name(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:016}.spare"))
 }
 
-/// A cache file's number from its name, and whether it is a spare.
+/// A cache file's number from its name, and whether it is a spare. Only the names
+/// `file_name` and `spare_name` write: `5.log` or `+5.log` would parse to the number
+/// of `0000000000000005.log`, and recovery would read that file twice or not at all.
 pub(crate) fn parse_name(name: &std::ffi::OsStr) -> Option<(u64, bool)> {
     let name = name.to_str()?;
-    if let Some(n) = name.strip_suffix(".log") {
-        return Some((n.parse().ok()?, false));
-    }
-    Some((name.strip_suffix(".spare")?.parse().ok()?, true))
+    let (digits, spare) = match name.strip_suffix(".log") {
+        Some(d) => (d, false),
+        None => (name.strip_suffix(".spare")?, true),
+    };
+    let n: u64 = digits.parse().ok()?;
+    (format!("{n:016}") == digits).then_some((n, spare))
 }
+
+/// Above any file number a log writes (it starts at 0 and skips at most 2^20 numbers
+/// per restart), so that every `n + 1` stays in range; recovery refuses a file that
+/// names one.
+const NUMBER_MAX: u64 = 1 << 62;
 
 /// The record's checksum, stamped with its file's number: a recycled file's old
 /// records fail it.
@@ -392,6 +401,13 @@ impl DurableLog {
         for e in fs::read_dir(dir).map_err(|e| io_err("list", dir, e))? {
             let name = e.map_err(|e| io_err("list", dir, e))?.file_name();
             match parse_name(&name) {
+                Some((n, _)) if n > NUMBER_MAX => {
+                    return Err(LogError::Corrupt {
+                        path: dir.join(name).display().to_string(),
+                        offset: 0,
+                        reason: "a file number beyond any this log writes",
+                    })
+                }
                 Some((n, false)) => numbers.push(n),
                 Some((n, true)) => spares.push(n),
                 None => {}

@@ -158,6 +158,15 @@ impl DataKey {
         }
     }
 
+    /// A data key from known bytes: fixed keys for tests and the fuzz targets, whose
+    /// inputs must mean the same thing on every run.
+    pub fn from_bytes(bytes: [u8; KEY_BYTES], id: &str) -> Self {
+        DataKey {
+            bytes,
+            id: id.to_string(),
+        }
+    }
+
     /// Seals the data key under the vault key; `context` (disk identity) is bound as
     /// associated data so a wrapped key cannot be moved to another disk.
     pub fn wrap(&self, vault: &VaultKey, context: &str) -> WrappedKey {

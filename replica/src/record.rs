@@ -32,6 +32,19 @@ fn put_header(buf: &mut Vec<u8>, seq: u64, offset: u64, len: u64, kind: u8) {
     buf.extend_from_slice(&[0u8; 7]);
 }
 
+/// Why a record header is one no writer writes, if it is: so that every record read
+/// back is one `ObjectBuilder` could have written (the reserved bytes stay free for a
+/// later format to give a meaning, and a data record always holds data).
+fn unwritten(header: &[u8]) -> Option<&'static str> {
+    if header[25..RECORD_HEADER].iter().any(|b| *b != 0) {
+        return Some("record reserved bytes are not zero");
+    }
+    if header[24] == KIND_DATA && header[16..24] == [0; 8] {
+        return Some("data record without data");
+    }
+    None
+}
+
 /// Decodes the records of one chunk's plaintext.
 pub fn decode_records(
     mut chunk: &[u8],
@@ -46,6 +59,9 @@ pub fn decode_records(
         let (seq, offset, len, kind) = (u(0), u(8), u(16), chunk[24]);
         if offset.checked_add(len).is_none() {
             return Err(Error::corrupt(object, "record range overflows"));
+        }
+        if let Some(reason) = unwritten(&chunk[..RECORD_HEADER]) {
+            return Err(Error::corrupt(object, reason));
         }
         let body = &chunk[RECORD_HEADER..];
         match kind {
@@ -185,6 +201,28 @@ impl<'c> ObjectBuilder<'c> {
 mod tests {
     use super::*;
     use crate::object::{open_object, Expect, OpenContext};
+
+    // Found by the write_records fuzz target: records no writer writes were read,
+    // so decoding did not round-trip through the builder.
+    #[test]
+    fn records_no_writer_writes_are_refused() {
+        let mut empty = Vec::new();
+        put_header(&mut empty, 3, 1 << 54, 0, KIND_DATA);
+        let mut reserved = Vec::new();
+        put_header(&mut reserved, 3, 0, 1, KIND_DATA);
+        reserved[26] = 121;
+        reserved.push(7);
+        for (chunk, why) in [
+            (empty, "data record without data"),
+            (reserved, "reserved bytes are not zero"),
+        ] {
+            let e = decode_records(&chunk, |_| Ok(()), "s").unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let mut zero = Vec::new();
+        put_header(&mut zero, 3, 0, 0, KIND_ZERO);
+        decode_records(&zero, |_| Ok(()), "s").unwrap();
+    }
 
     #[test]
     fn records_round_trip_across_chunks() {

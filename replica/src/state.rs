@@ -35,6 +35,9 @@ impl DiskState {
         if c.disk_id != disk_id {
             return Err(bad("belongs to another disk".into()));
         }
+        if c.commit == u64::MAX {
+            return Err(bad("its number leaves no number for the next commit".into()));
+        }
         if let Some(n) = crate::layout::number_of(object) {
             if n != c.commit {
                 return Err(bad(format!(
@@ -70,12 +73,13 @@ impl DiskState {
                 s
             }
         };
-        let floor = next.base.as_ref().map_or(0, |b| b.seq + 1);
+        // Checked before `floor`: a base below next_seq has a sequence number after it.
         if let Some(b) = &next.base {
             if b.seq >= c.next_seq || b.extent_bytes == 0 {
                 return Err(bad("base is not below next_seq".into()));
             }
         }
+        let floor = next.base.as_ref().map_or(0, |b| b.seq + 1);
         for seg in &c.segments {
             let after = next.segments.last().map_or(0, |l| l.last_seq + 1);
             if seg.first_seq > seg.last_seq || seg.last_seq >= c.next_seq || seg.first_seq < after {
@@ -132,15 +136,86 @@ impl DiskState {
             .filter(move |s| s.first_seq <= seq && s.last_seq >= floor)
     }
 
-    /// Stored bytes a rebuild at `seq` reads.
+    /// Stored bytes a rebuild at `seq` reads. The sizes come from commit records, so
+    /// the sum saturates rather than overflow on a hostile one.
     pub fn stored_bytes_up_to(&self, seq: u64) -> u64 {
         let base = self
             .base
-            .as_ref()
-            .map_or(0, |b| b.extents.iter().map(|e| e.stored_bytes).sum());
-        base + self
-            .segments_up_to(seq)
-            .map(|s| s.stored_bytes)
-            .sum::<u64>()
+            .iter()
+            .flat_map(|b| &b.extents)
+            .map(|e| e.stored_bytes);
+        base.chain(self.segments_up_to(seq).map(|s| s.stored_bytes))
+            .fold(0, u64::saturating_add)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{decode, CommitKind};
+
+    const DISK: &str = "00112233445566778899aabbccddeeff";
+
+    fn commit(n: u64, kind: CommitKind, next_seq: u64) -> Commit {
+        Commit {
+            format: crate::meta::COMMIT_FORMAT,
+            commit: n,
+            disk_id: DISK.into(),
+            kind,
+            time: chrono::Utc::now(),
+            next_seq,
+            base: None,
+            segments: Vec::new(),
+            points: Vec::new(),
+        }
+    }
+
+    fn segment(first_seq: u64, last_seq: u64, stored_bytes: u64) -> SegmentRef {
+        SegmentRef {
+            object: format!("seg/{first_seq}"),
+            first_seq,
+            last_seq,
+            stored_bytes,
+        }
+    }
+
+    // Hostile records of the kind the metadata fuzz target folds: a checkpoint
+    // numbered u64::MAX was taken, and the next commit's number then overflowed.
+    #[test]
+    fn the_last_commit_number_is_refused() {
+        let mut s = DiskState::default();
+        let e = s
+            .fold("c", &commit(u64::MAX, CommitKind::Checkpoint, 1), DISK)
+            .unwrap_err();
+        assert!(e.to_string().contains("no number for the next"), "{e}");
+        assert_eq!(s.next_commit(), 0);
+        s.fold("c", &commit(u64::MAX - 1, CommitKind::Checkpoint, 1), DISK)
+            .unwrap();
+        assert_eq!(s.next_commit(), u64::MAX);
+    }
+
+    // A base at sequence u64::MAX overflowed before it was checked against next_seq.
+    #[test]
+    fn a_base_at_the_last_sequence_number_is_refused() {
+        let json = format!(
+            r#"{{"format":2,"commit":0,"disk_id":"{DISK}","kind":"checkpoint","time":"2026-01-01T00:00:00Z","next_seq":5,"base":{{"generation":"g","seq":18446744073709551615,"disk_bytes":0,"extent_bytes":1,"extents":[]}}}}"#
+        );
+        let c: Commit = decode(
+            "c",
+            &crate::meta::encode(&serde_json::from_str::<Commit>(&json).unwrap()),
+        )
+        .unwrap();
+        let e = DiskState::default().fold("c", &c, DISK).unwrap_err();
+        assert!(e.to_string().contains("base is not below next_seq"), "{e}");
+    }
+
+    // Stored sizes that sum past u64::MAX.
+    #[test]
+    fn stored_bytes_saturate() {
+        let mut c = commit(0, CommitKind::Checkpoint, 10);
+        c.segments = vec![segment(0, 3, u64::MAX), segment(4, 9, 2)];
+        let mut s = DiskState::default();
+        s.fold("c", &c, DISK).unwrap();
+        assert_eq!(s.stored_bytes_up_to(9), u64::MAX);
     }
 }

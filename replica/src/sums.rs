@@ -33,10 +33,7 @@ impl BlockSums {
     pub fn seal(&self, disk: &Disk, ctx: &mut SealContext) -> Result<(String, Vec<u8>)> {
         let object = disk.paths.sums(&random_hex(8));
         let mut b = ObjectBuilder::new(ctx, disk.key()?, &disk.disk_id, ObjectKind::Sums, &object);
-        let mut head = [0u8; 16];
-        head[..8].copy_from_slice(&self.block_bytes.to_le_bytes());
-        head[8..].copy_from_slice(&self.disk_bytes.to_le_bytes());
-        b.raw(&head);
+        b.raw(&self.header());
         b.raw(self.sums.as_flattened());
         Ok((object, b.finish()))
     }
@@ -55,8 +52,21 @@ impl BlockSums {
             plain.extend_from_slice(c);
             Ok(())
         })?;
+        Self::parse(object, &plain)
+    }
+
+    /// The plaintext's first 16 bytes; the checksums follow.
+    pub fn header(&self) -> [u8; 16] {
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(&self.block_bytes.to_le_bytes());
+        head[8..].copy_from_slice(&self.disk_bytes.to_le_bytes());
+        head
+    }
+
+    /// Reads a map from its opened plaintext; errors name `object`.
+    pub fn parse(object: &str, plain: &[u8]) -> Result<BlockSums> {
         let bad = |r: &str| Error::corrupt(object, r.to_string());
-        if plain.len() < 16 || (plain.len() - 16) % 16 != 0 {
+        if plain.len() < 16 || !(plain.len() - 16).is_multiple_of(16) {
             return Err(bad("checksum map has a malformed length"));
         }
         let block_bytes = u64::from_le_bytes(plain[..8].try_into().unwrap_or_default());

@@ -22,7 +22,7 @@
 //! takes the newest group point that every member of the group holds. Lines are
 //! bounded too (`LINE_MAX_BYTES`): a peer that sends an endless line is cut off.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use ferry_link::tls::certs::{cert_names, peer_client_config, server_config};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
+use super::group_line::{self, Message};
 use crate::error::{Error, MachineNameError, Result};
 
 /// What the group channel needs of the agent it runs in, on either end of a cut:
@@ -145,7 +146,7 @@ pub const PREPARE_TIMEOUT: Duration = Duration::from_millis(200);
 pub const HOLD_LIMIT: Duration = Duration::from_millis(500);
 /// The longest line either end reads. The longest legitimate one is a `no REASON`
 /// naming a disk; a peer past this is cut off, so a line costs at most this memory.
-pub const LINE_MAX_BYTES: usize = 4096;
+pub const LINE_MAX_BYTES: usize = group_line::MAX_LINE;
 /// Connections a member serves at once. One coordinator needs one (two while a
 /// dropped one times out); the bound keeps handshakes from strangers from taking a
 /// thread each without limit.
@@ -154,24 +155,8 @@ pub const MEMBER_CONNECTIONS_MAX: usize = 8;
 /// Reads one line of at most `LINE_MAX_BYTES`, waiting at most `limit` for each read.
 fn read_line<S: Line>(r: &mut BufReader<S>, limit: Duration) -> std::io::Result<String> {
     r.get_ref().tcp().set_read_timeout(Some(limit))?;
-    let mut line = String::new();
-    // One byte past the bound tells a line that is too long from one that fits.
-    let n = r
-        .by_ref()
-        .take(LINE_MAX_BYTES as u64 + 1)
-        .read_line(&mut line)?;
-    if n == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "closed",
-        ));
-    }
-    if !line.ends_with('\n') && n > LINE_MAX_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a line longer than {LINE_MAX_BYTES} bytes"),
-        ));
-    }
+    let line = group_line::read_line(r)?
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"))?;
     Ok(line.trim().to_string())
 }
 
@@ -289,9 +274,7 @@ fn member(
     }
     loop {
         let line = read_line(w, Duration::from_secs(3600))?;
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let (Some(&"prepare"), Some(&g), Some(&id)) = (words.first(), words.get(1), words.get(2))
-        else {
+        let Some(Message::Prepare { group: g, id }) = group_line::parse(&line) else {
             say!(w, "no unexpected request {line:?}")?;
             continue;
         };
@@ -309,7 +292,7 @@ fn member(
         say!(w, "ready")?;
         let answer = read_line(w, HOLD_LIMIT);
         match answer.as_deref() {
-            Ok(a) if a == format!("commit {id}") => {
+            Ok(a) if group_line::parse(a) == Some(Message::Commit(id)) => {
                 let result = guards.journal_point(group, id);
                 drop(guards);
                 let pause = held.elapsed();
@@ -458,7 +441,10 @@ impl Coordinator {
             };
             match read_line(r, Duration::from_secs(2)) {
                 Ok(l) if l.starts_with("done ") => {
-                    let us: u64 = l[5..].trim().parse().unwrap_or(0);
+                    let us = match group_line::parse(&l) {
+                        Some(Message::Done(us)) => us,
+                        _ => 0,
+                    };
                     pause = pause.max(Duration::from_micros(us));
                 }
                 other => {

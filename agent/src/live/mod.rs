@@ -7,6 +7,7 @@ pub mod admin;
 pub mod capture;
 pub mod checksum;
 pub mod group;
+pub mod group_line;
 mod handles;
 pub mod last_stop;
 pub mod sender;

@@ -74,13 +74,15 @@ impl Client {
         data: &[u8],
     ) -> io::Result<()> {
         self.handle += 1;
+        let header = Request {
+            flags,
+            kind,
+            handle: self.handle,
+            offset,
+            length: len,
+        };
         let mut r = Vec::with_capacity(28 + data.len());
-        r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        r.extend_from_slice(&flags.to_be_bytes());
-        r.extend_from_slice(&kind.to_be_bytes());
-        r.extend_from_slice(&self.handle.to_be_bytes());
-        r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
+        r.extend_from_slice(&header.encode());
         r.extend_from_slice(data);
         self.conn.write_all(&r)?;
         let mut rep = [0u8; 16];
@@ -111,11 +113,13 @@ impl Client {
 
     pub fn disconnect(mut self) -> io::Result<()> {
         self.handle += 1;
-        let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&CMD_DISC.to_be_bytes());
-        r.extend_from_slice(&self.handle.to_be_bytes());
-        r.extend_from_slice(&[0u8; 12]);
-        self.conn.write_all(&r)
+        let r = Request {
+            flags: 0,
+            kind: CMD_DISC,
+            handle: self.handle,
+            offset: 0,
+            length: 0,
+        };
+        self.conn.write_all(&r.encode())
     }
 }

@@ -92,24 +92,31 @@ fn handle(conn: TcpStream, exports: &Exports) -> Result<(), NbdError> {
     let mut r =
         BufReader::with_capacity(256 << 10, conn.try_clone().map_err(NbdError::io("socket"))?);
     let mut w = BufWriter::with_capacity(256 << 10, conn);
+    session(&mut r, &mut w, exports)
+}
+
+/// One client from greeting to disconnect: the handshake's option haggling, then
+/// requests until the client leaves. Over any reader and writer, so the fuzz target
+/// can play a hostile client from memory.
+pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Result<(), NbdError> {
     let io = |what: &'static str, e: io::Error| NbdError::io(what)(e);
     w.write_all(&NBDMAGIC.to_be_bytes())
         .and_then(|_| w.write_all(&IHAVEOPT.to_be_bytes()))
         .and_then(|_| w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()))
         .and_then(|_| w.flush())
         .map_err(|e| io("greeting", e))?;
-    let client = read_u32(&mut r).map_err(|e| io("client flags", e))?;
+    let client = read_u32(r).map_err(|e| io("client flags", e))?;
     let no_zeroes = client & CLIENT_NO_ZEROES != 0;
     let dev = loop {
-        let magic = read_u64(&mut r).map_err(|e| io("option", e))?;
+        let magic = read_u64(r).map_err(|e| io("option", e))?;
         if magic != IHAVEOPT {
             return Err(NbdError::BadMagic {
                 what: "option",
                 magic,
             });
         }
-        let opt = read_u32(&mut r).map_err(|e| io("option", e))?;
-        let len = read_u32(&mut r).map_err(|e| io("option", e))?;
+        let opt = read_u32(r).map_err(|e| io("option", e))?;
+        let len = read_u32(r).map_err(|e| io("option", e))?;
         if len > 4096 {
             return Err(NbdError::OptionTooLong { opt, len });
         }
@@ -186,7 +193,7 @@ fn handle(conn: TcpStream, exports: &Exports) -> Result<(), NbdError> {
             _ => reply(REP_ERR_UNSUP, b"")?,
         }
     };
-    transmit(&mut r, &mut w, dev.as_ref())
+    transmit(r, w, dev.as_ref())
 }
 
 fn errno(e: &io::Error) -> u32 {

@@ -83,6 +83,18 @@ impl Request {
             length: u32::from_be_bytes(b[24..28].try_into().expect("4 bytes")),
         })
     }
+
+    /// The header as a client sends it; `parse` reads it back unchanged.
+    pub fn encode(&self) -> [u8; 28] {
+        let mut b = [0u8; 28];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
 }
 
 pub fn simple_reply(error: u32, handle: u64) -> [u8; 16] {

@@ -265,3 +265,38 @@ fn a_file_started_but_never_synced_is_a_spare_after_a_crash_and_its_numbers_are_
         "the number stamped in the spare is never used again"
     );
 }
+
+// Found by the cache_log fuzz target: a file numbered u64::MAX made the next file's
+// number overflow.
+#[test]
+fn a_file_number_beyond_the_log_s_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(format!("{:016}.log", u64::MAX)), b"").unwrap();
+    let e = DurableLog::open(dir.path(), 4096, 1 << 20, false).unwrap_err();
+    assert!(
+        e.to_string().contains("18446744073709551615.log") && e.to_string().contains("beyond"),
+        "{e}"
+    );
+}
+
+#[test]
+fn only_the_names_the_log_writes_are_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    appended(dir.path(), false, 0..3).sync().unwrap();
+    // Aliases of file 0's number: read as file 0 they would be read twice (or, alone,
+    // send recovery looking for a file that is not there).
+    for alias in ["0.log", "+0.log", "00.spare"] {
+        std::fs::write(dir.path().join(alias), b"junk").unwrap();
+    }
+    let (_, rec) = DurableLog::open(dir.path(), 4096, 1 << 20, false).unwrap();
+    assert_eq!(rec.entries.len(), 3);
+    assert_eq!(
+        parse_name("0000000000000007.log".as_ref()),
+        Some((7, false))
+    );
+    assert_eq!(
+        parse_name("0000000000000007.spare".as_ref()),
+        Some((7, true))
+    );
+    assert_eq!(parse_name("7.log".as_ref()), None);
+}

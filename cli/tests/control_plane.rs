@@ -185,6 +185,7 @@ fn first_start_makes_private_files_and_a_kill_9_keeps_them_and_the_state() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cp");
     let mut cp = start(&dir);
+    assert_eq!(mode(&dir), 0o700, "the state directory is its owner's");
     for private in ["ca.key", "server.key", "admin.token"] {
         assert_eq!(mode(&dir.join(private)), 0o600, "{private}");
     }

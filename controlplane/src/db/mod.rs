@@ -179,6 +179,99 @@ mod tests {
         assert_eq!(all[0], crate::policy::Policy::default_policy());
     }
 
+    /// Every query of the store, on one backend.
+    async fn every_query(url: &str) {
+        use crate::policy::Policy;
+        let db = Db::open(url).await.unwrap();
+        // Idempotent: a second open migrates nothing and finds the default once.
+        let db2 = Db::open(url).await.unwrap();
+        db2.ping().await.unwrap();
+        let gold = Policy {
+            name: "gold".into(),
+            crash_point_interval_s: 0.5,
+            app_point_interval_s: 60,
+            retention_hours: 72,
+            rpo_warning_s: 10,
+            rpo_critical_s: 4_000_000_000,
+        };
+        assert!(policies::create(&db, &gold).await.unwrap());
+        assert!(
+            !policies::create(&db, &gold).await.unwrap(),
+            "a name is taken once"
+        );
+        assert_eq!(
+            policies::get(&db, "gold").await.unwrap(),
+            Some(gold.clone())
+        );
+        let faster = Policy {
+            crash_point_interval_s: 0.75,
+            ..gold.clone()
+        };
+        assert!(policies::update(&db, &faster).await.unwrap());
+        assert_eq!(policies::get(&db, "gold").await.unwrap(), Some(faster));
+        let names = |ps: Vec<Policy>| ps.into_iter().map(|p| p.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(policies::list(&db, None, 1).await.unwrap()),
+            ["default"]
+        );
+        assert_eq!(
+            names(policies::list(&db, Some("default"), 5).await.unwrap()),
+            ["gold"]
+        );
+        assert!(policies::delete(&db, "gold").await.unwrap());
+        assert!(!policies::delete(&db, "gold").await.unwrap());
+        assert_eq!(policies::get(&db, "gold").await.unwrap(), None);
+
+        tokens::set_admin(&db, "aa").await.unwrap();
+        tokens::set_admin(&db, "bb").await.unwrap();
+        assert_eq!(
+            tokens::find(&db, "aa").await.unwrap(),
+            None,
+            "the old secret is gone"
+        );
+        assert_eq!(
+            tokens::find(&db, "bb").await.unwrap(),
+            Some(("admin".to_string(), "admin".to_string()))
+        );
+        assert!(tokens::create(&db, "ci", "viewer", "cc").await.unwrap());
+        assert!(!tokens::create(&db, "ci", "admin", "dd").await.unwrap());
+        let listed = tokens::list(&db, Some("admin"), 10).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].name.as_str(), listed[0].role.as_str()),
+            ("ci", "viewer")
+        );
+        assert!(listed[0].created_at > 1_700_000_000);
+        assert!(tokens::delete(&db, "ci").await.unwrap());
+        assert_eq!(tokens::find(&db, "cc").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn every_query_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        every_query(&Db::default_url(dir.path())).await;
+    }
+
+    /// PostgreSQL when FERRY_TEST_DATABASE names one: a throwaway database, since the
+    /// test drops the control plane's tables first. Skipped (and says so) without it.
+    #[tokio::test]
+    async fn every_query_on_the_test_database() {
+        let Ok(url) = std::env::var("FERRY_TEST_DATABASE") else {
+            eprintln!("FERRY_TEST_DATABASE not set: PostgreSQL not tested");
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new().connect(&url).await.unwrap();
+        for table in ["policies", "api_tokens", "_sqlx_migrations"] {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        pool.close().await;
+        every_query(&url).await;
+    }
+
     #[tokio::test]
     async fn other_schemes_are_refused() {
         let err = Db::open("mysql://u:secret@h/db").await.err().unwrap();

@@ -193,6 +193,7 @@ fn first_start_makes_private_files_and_a_kill_9_keeps_them_and_the_state() {
         assert!(dir.join(public).is_file(), "{public}");
     }
     let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    let server = std::fs::read(dir.join("server.pem")).unwrap();
     let admin = cp.admin();
     assert!(admin.starts_with("ferry_") && admin.len() == 70, "{admin}");
     cp.cli_ok(&[
@@ -212,6 +213,11 @@ fn first_start_makes_private_files_and_a_kill_9_keeps_them_and_the_state() {
         "the CA is kept"
     );
     assert_eq!(cp.admin(), admin, "the admin token is kept");
+    assert_eq!(
+        std::fs::read(dir.join("server.pem")).unwrap(),
+        server,
+        "same names, same certificate"
+    );
     let shown: Value =
         serde_json::from_str(&cp.cli_ok(&["policies", "show", "fast", "--json"])).unwrap();
     assert_eq!(shown["crash_point_interval_s"], json!(0.5));
@@ -315,6 +321,20 @@ fn cli_round_trip_policies_and_tokens() {
         err.contains("400 Bad Request: crash_point_interval_s 0.4 must be from 0.5"),
         "{err}"
     );
+    // The connection from the environment alone.
+    let out = std::process::Command::new(FERRY)
+        .args(["cp", "policies", "show", "gold", "--json"])
+        .env("FERRY_CP_URL", &cp.url)
+        .env("FERRY_CP_TOKEN", cp.admin())
+        .env("FERRY_CP_CA", cp.dir.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"gold\""));
     // No CA: refused before any request.
     let out = run(
         Path::new(FERRY),

@@ -19,16 +19,19 @@ struct Cp {
 }
 
 fn start(dir: &Path) -> Cp {
-    let (child, line) = spawn(
-        Path::new(FERRY),
-        &[
-            "control-plane",
-            "--state-dir",
-            dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, extra: &[&str]) -> Cp {
+    let mut args = vec![
+        "control-plane",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (child, line) = spawn(Path::new(FERRY), &args);
     let url = line.trim().to_string();
     assert!(url.starts_with("https://127.0.0.1:"), "{line:?}");
     Cp {
@@ -222,6 +225,21 @@ fn first_start_makes_private_files_and_a_kill_9_keeps_them_and_the_state() {
         serde_json::from_str(&cp.cli_ok(&["policies", "show", "fast", "--json"])).unwrap();
     assert_eq!(shown["crash_point_interval_s"], json!(0.5));
     assert_eq!(shown["rpo_critical_s"], json!(120));
+
+    // Other names: a new service certificate from the same CA, for those names only.
+    drop(cp);
+    let mut cp = start_with(&dir, &["--server-name", "localhost"]);
+    assert_ne!(std::fs::read(dir.join("server.pem")).unwrap(), server);
+    assert_eq!(std::fs::read(dir.join("ca.pem")).unwrap(), ca);
+    let by_ip = cp.cli(None, &["policies", "show", "fast"]);
+    let err = String::from_utf8_lossy(&by_ip.stderr);
+    assert!(
+        !by_ip.status.success(),
+        "127.0.0.1 is no longer a name of the service"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    cp.url = cp.url.replace("127.0.0.1", "localhost");
+    cp.cli_ok(&["policies", "show", "fast"]);
 }
 
 #[test]

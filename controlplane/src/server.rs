@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
@@ -24,6 +24,9 @@ use crate::enroll::{self, ca::SiteCa};
 pub const MAX_CONNECTIONS: usize = 1024;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Nor may a client take longer to send a request's headers: a connection slot held
+/// by a client that trickles bytes is a slot nobody else can use.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -184,7 +187,12 @@ impl Bound {
                         return;
                     }
                 };
-                let served = auto::Builder::new(TokioExecutor::new())
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let served = builder
                     .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
                     .await;
                 if let Err(e) = served {

@@ -102,6 +102,11 @@ enum Command {
     /// Run the agent (mobility service): protect disks served over NBD, replicate
     /// every write to a process server; `ferry agent ctl` talks to a running one
     Agent(crate::agent_cmd::AgentArgs),
+    /// Run the control plane: the configuration server's HTTPS API (policies, tokens)
+    /// with its site CA and state in a directory
+    ControlPlane(crate::control_plane_cmd::ControlPlaneArgs),
+    /// Talk to a control plane's API
+    Cp(crate::cp::CpArgs),
     /// Write a CA, a server certificate for 127.0.0.1 and agent certificates (loopback
     /// and tests; production brings its own PKI)
     Certs {
@@ -272,6 +277,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::ProcessServer(a) => crate::server_cmd::process_server(a)?,
         Command::Quickstart { dir } => crate::quickstart::run(dir)?,
         Command::Agent(a) => crate::agent_cmd::agent(a)?,
+        Command::ControlPlane(a) => crate::control_plane_cmd::control_plane(a)?,
+        Command::Cp(a) => crate::cp::cp(a)?,
         Command::Certs { out, agents } => crate::server_cmd::certs(&out, agents)?,
         Command::Compact {
             store,

@@ -3,6 +3,8 @@
 
 mod agent_cmd;
 mod commands;
+mod control_plane_cmd;
+mod cp;
 mod progress;
 mod quickstart;
 mod server_cmd;

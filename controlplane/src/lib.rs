@@ -1,8 +1,14 @@
-//! Ferry's control plane: the decisions about recovery. Today it is a library the
-//! `ferry` command calls; the HTTP configuration server comes next and grows around it
-//! (its service and routes will sit beside `recovery`).
+//! Ferry's control plane: the configuration server (`ferry control-plane`) and the
+//! decisions about recovery. See docs/control-plane.md.
 //!
-//! Where things are:
+//! Where things are, the service first, in the order a request meets them:
+//! - `server`: the state directory, the database, HTTPS.
+//! - `api`: the HTTP API under `/v1`, one module per resource, one error type.
+//! - `policy`: replication policies and their rules.
+//! - `db`: the state in SQLite or PostgreSQL (sqlx), migrations in `migrations/`.
+//! - `enroll`: the site CA, the service certificate, API token secrets.
+//!
+//! The recovery library the `ferry` command calls directly:
 //! - `recovery::points`: a machine's recovery points and choosing one (latest,
 //!   latest-app, an id, or a time).
 //! - `recovery::group`: the latest point a whole multi-machine group shares.
@@ -11,5 +17,10 @@
 //! - `recovery::retention`: compaction by age.
 //! - `error`: the control plane's `Error`.
 
+pub mod api;
+pub mod db;
+pub mod enroll;
 pub mod error;
+pub mod policy;
 pub mod recovery;
+pub mod server;

@@ -1,0 +1,61 @@
+//! `ferry cp`: the control plane's API from the command line. Tables for people,
+//! `--json` for scripts; errors as one line with the API's problem detail.
+
+mod client;
+mod policies;
+mod tokens;
+
+use anyhow::Result;
+
+pub use client::ConnArgs;
+
+#[derive(clap::Args)]
+pub struct CpArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[command(subcommand)]
+    resource: Resource,
+}
+
+#[derive(clap::Subcommand)]
+enum Resource {
+    /// Replication policies: point intervals, retention, RPO thresholds
+    #[command(subcommand)]
+    Policies(policies::Verb),
+    /// API tokens (admin only)
+    #[command(subcommand)]
+    Tokens(tokens::Verb),
+}
+
+pub fn cp(a: CpArgs) -> Result<()> {
+    let conn = client::Conn::open(&a.conn)?;
+    match a.resource {
+        Resource::Policies(v) => policies::run(&conn, v),
+        Resource::Tokens(v) => tokens::run(&conn, v),
+    }
+}
+
+/// Prints rows as columns padded to their widest cell.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

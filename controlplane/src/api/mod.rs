@@ -1,0 +1,233 @@
+//! The HTTP API: `/v1`, JSON, one module per resource, one error type
+//! (`error::ApiError`, RFC 9457 bodies), bearer tokens with roles (`auth`). Request
+//! bodies are bounded (`BODY_LIMIT_BYTES`), unknown JSON fields refused, lists paged
+//! with `?limit=&after=`. The OpenAPI document is generated from the handlers'
+//! annotations, and the router is built through `Routes`, which records every route
+//! it serves so that a test can hold the document to it.
+
+pub mod auth;
+pub mod error;
+pub mod meta;
+pub mod policies;
+pub mod tokens;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::handler::Handler;
+use axum::http::request::Parts;
+use axum::routing::{on, MethodFilter};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+
+use crate::db::Db;
+use error::ApiError;
+
+/// The largest request body taken: policies and tokens are a few hundred bytes.
+pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Page size when `limit` is not given, and the most it may ask for.
+pub const PAGE_DEFAULT: u32 = 100;
+pub const PAGE_MAX: u32 = 1000;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub metrics: Arc<meta::Metrics>,
+    /// The OpenAPI document, rendered once.
+    pub openapi: axum::body::Bytes,
+}
+
+/// A JSON body; its rejections (unknown field, syntax, size) become `ApiError`s.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(Body(v))
+    }
+}
+
+/// A query string; its rejections become `ApiError`s.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Query(v) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(Query(v))
+    }
+}
+
+/// `?limit=&after=`: up to `limit` items whose key sorts after `after`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct Page {
+    /// 1 to 1000; default 100.
+    pub limit: Option<u32>,
+    /// The `next_after` of the previous page.
+    pub after: Option<String>,
+}
+
+impl Page {
+    pub fn limit(&self) -> Result<u32, ApiError> {
+        match self.limit {
+            None => Ok(PAGE_DEFAULT),
+            Some(n) if (1..=PAGE_MAX).contains(&n) => Ok(n),
+            Some(n) => Err(ApiError::BadRequest(format!(
+                "limit {n} must be from 1 to {PAGE_MAX}"
+            ))),
+        }
+    }
+
+    /// The key to pass as `after` for the next page: none once a page comes back short.
+    pub fn next_after<T>(
+        &self,
+        items: &[T],
+        key: impl Fn(&T) -> &String,
+        limit: u32,
+    ) -> Option<String> {
+        if items.len() < limit as usize {
+            return None;
+        }
+        items.last().map(|i| key(i).clone())
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Ferry control plane", description = "Policies, tokens and (to come) the fleet of a Ferry site."),
+    paths(
+        policies::list, policies::create, policies::get, policies::update, policies::delete,
+        tokens::list, tokens::create, tokens::delete,
+        meta::healthz, meta::metrics, meta::openapi,
+    ),
+    components(schemas(error::Problem)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The HTTP methods the API uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Get,
+    Post,
+    Patch,
+    Delete,
+}
+
+impl Verb {
+    fn filter(self) -> MethodFilter {
+        match self {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+            Verb::Patch => MethodFilter::PATCH,
+            Verb::Delete => MethodFilter::DELETE,
+        }
+    }
+}
+
+/// A router that remembers what it serves.
+struct Routes {
+    router: Router<AppState>,
+    served: Vec<(Verb, &'static str)>,
+}
+
+impl Routes {
+    fn add<H, T>(mut self, verb: Verb, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.router = self.router.route(path, on(verb.filter(), handler));
+        self.served.push((verb, path));
+        self
+    }
+}
+
+fn routes() -> Routes {
+    use Verb::*;
+    Routes {
+        router: Router::new(),
+        served: Vec::new(),
+    }
+    .add(Get, "/v1/policies", policies::list)
+    .add(Post, "/v1/policies", policies::create)
+    .add(Get, "/v1/policies/{name}", policies::get)
+    .add(Patch, "/v1/policies/{name}", policies::update)
+    .add(Delete, "/v1/policies/{name}", policies::delete)
+    .add(Get, "/v1/tokens", tokens::list)
+    .add(Post, "/v1/tokens", tokens::create)
+    .add(Delete, "/v1/tokens/{name}", tokens::delete)
+    .add(Get, "/v1/openapi.json", meta::openapi)
+    .add(Get, "/healthz", meta::healthz)
+    .add(Get, "/metrics", meta::metrics)
+}
+
+/// The whole service, ready to serve.
+pub fn router(db: Db) -> Result<Router, serde_json::Error> {
+    let openapi = axum::body::Bytes::from(ApiDoc::openapi().to_json()?);
+    let state = AppState {
+        db,
+        metrics: Arc::new(meta::Metrics::default()),
+        openapi,
+    };
+    Ok(routes()
+        .router
+        .fallback(meta::not_found)
+        .method_not_allowed_fallback(meta::method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            meta::track,
+        ))
+        .with_state(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_route_is_in_the_openapi_document() {
+        let doc = ApiDoc::openapi();
+        let served = routes().served;
+        assert!(served.len() >= 11);
+        for (verb, path) in served {
+            let item = doc
+                .paths
+                .paths
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} is served but not in the OpenAPI document"));
+            let op = match verb {
+                Verb::Get => &item.get,
+                Verb::Post => &item.post,
+                Verb::Patch => &item.patch,
+                Verb::Delete => &item.delete,
+            };
+            assert!(op.is_some(), "{verb:?} {path} is served but not documented");
+        }
+        let json = doc.to_json().unwrap();
+        assert!(json.contains("\"openapi\":\"3.1.0\""), "{}", &json[..60]);
+    }
+}

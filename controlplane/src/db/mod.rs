@@ -1,0 +1,282 @@
+//! The control plane's state in SQL: SQLite under the state directory by default,
+//! PostgreSQL with `--database postgres://...`. One query layer for both through
+//! sqlx's `Any` driver; the queries keep to SQL both accept (`$N` parameters, which
+//! SQLite also binds; `ON CONFLICT`; TEXT, BIGINT, DOUBLE PRECISION). See
+//! docs/decisions/0014-control-plane-store.md.
+
+pub mod policies;
+pub mod tokens;
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::AnyPool;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening database {url}: {source}")]
+    Open {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database {url}: migrating the schema: {source}")]
+    Migrate {
+        url: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("database: {op}: {source}")]
+    Query {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database URL {url}: {why}")]
+    BadUrl { url: String, why: &'static str },
+}
+
+/// An error-mapping closure naming the operation.
+pub(crate) fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Query { op, source }
+}
+
+/// The migrations, embedded so that the binary carries its schema. Each file must
+/// run unchanged on SQLite and PostgreSQL.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "policies tokens",
+    include_str!("../../migrations/0001_policies_tokens.sql"),
+)];
+
+fn migrator() -> Migrator {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect::<Vec<_>>();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// The URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The connection pool, shared by every request.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+}
+
+impl Db {
+    /// The default database: SQLite in `dir/ferry.db`.
+    pub fn default_url(dir: &Path) -> String {
+        format!("sqlite://{}?mode=rwc", dir.join("ferry.db").display())
+    }
+
+    /// Connects, switches SQLite to write-ahead logging, and migrates the schema.
+    pub async fn open(url: &str) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let shown = redacted(url);
+        let sqlite = if url.starts_with("sqlite:") {
+            true
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            false
+        } else {
+            return Err(Error::BadUrl {
+                url: shown,
+                why: "must start with sqlite:// or postgres://",
+            });
+        };
+        // SQLite takes one writer at a time; a few connections serve readers beside it.
+        let max = if sqlite { 4 } else { 16 };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .connect(url)
+            .await
+            .map_err(|source| Error::Open {
+                url: shown.clone(),
+                source,
+            })?;
+        if sqlite {
+            // WAL: readers never wait for the writer, and a commit is one append and
+            // fsync. The mode is kept in the database file, so setting it once holds
+            // for every later connection.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await
+                .map_err(q("setting journal_mode WAL"))?;
+        }
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|source| Error::Migrate { url: shown, source })?;
+        Ok(Db { pool })
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A trivial query: is the database answering?
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(q("ping"))
+    }
+}
+
+/// Now, in Unix seconds.
+pub(crate) fn now_s() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Row;
+
+    #[tokio::test]
+    async fn sqlite_is_wal_and_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = Db::default_url(dir.path());
+        let db = Db::open(&url).await.unwrap();
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(db);
+        // A second open finds the schema there and the default policy once.
+        let db = Db::open(&url).await.unwrap();
+        let all = policies::list(&db, None, 100).await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0], crate::policy::Policy::default_policy());
+    }
+
+    /// Every query of the store, on one backend.
+    async fn every_query(url: &str) {
+        use crate::policy::Policy;
+        let db = Db::open(url).await.unwrap();
+        // Idempotent: a second open migrates nothing and finds the default once.
+        let db2 = Db::open(url).await.unwrap();
+        db2.ping().await.unwrap();
+        let gold = Policy {
+            name: "gold".into(),
+            crash_point_interval_s: 0.5,
+            app_point_interval_s: 60,
+            retention_hours: 72,
+            rpo_warning_s: 10,
+            rpo_critical_s: 4_000_000_000,
+        };
+        assert!(policies::create(&db, &gold).await.unwrap());
+        assert!(
+            !policies::create(&db, &gold).await.unwrap(),
+            "a name is taken once"
+        );
+        assert_eq!(
+            policies::get(&db, "gold").await.unwrap(),
+            Some(gold.clone())
+        );
+        let faster = Policy {
+            crash_point_interval_s: 0.75,
+            ..gold.clone()
+        };
+        assert!(policies::update(&db, &faster).await.unwrap());
+        assert_eq!(policies::get(&db, "gold").await.unwrap(), Some(faster));
+        let names = |ps: Vec<Policy>| ps.into_iter().map(|p| p.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(policies::list(&db, None, 1).await.unwrap()),
+            ["default"]
+        );
+        assert_eq!(
+            names(policies::list(&db, Some("default"), 5).await.unwrap()),
+            ["gold"]
+        );
+        assert!(policies::delete(&db, "gold").await.unwrap());
+        assert!(!policies::delete(&db, "gold").await.unwrap());
+        assert_eq!(policies::get(&db, "gold").await.unwrap(), None);
+
+        tokens::set_admin(&db, "aa").await.unwrap();
+        tokens::set_admin(&db, "bb").await.unwrap();
+        assert_eq!(
+            tokens::find(&db, "aa").await.unwrap(),
+            None,
+            "the old secret is gone"
+        );
+        assert_eq!(
+            tokens::find(&db, "bb").await.unwrap(),
+            Some(("admin".to_string(), "admin".to_string()))
+        );
+        assert!(tokens::create(&db, "ci", "viewer", "cc").await.unwrap());
+        assert!(!tokens::create(&db, "ci", "admin", "dd").await.unwrap());
+        let listed = tokens::list(&db, Some("admin"), 10).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].name.as_str(), listed[0].role.as_str()),
+            ("ci", "viewer")
+        );
+        assert!(listed[0].created_at > 1_700_000_000);
+        assert!(tokens::delete(&db, "ci").await.unwrap());
+        assert_eq!(tokens::find(&db, "cc").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn every_query_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        every_query(&Db::default_url(dir.path())).await;
+    }
+
+    /// PostgreSQL when FERRY_TEST_DATABASE names one: a throwaway database, since the
+    /// test drops the control plane's tables first. Skipped (and says so) without it.
+    #[tokio::test]
+    async fn every_query_on_the_test_database() {
+        let Ok(url) = std::env::var("FERRY_TEST_DATABASE") else {
+            eprintln!("FERRY_TEST_DATABASE not set: PostgreSQL not tested");
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new().connect(&url).await.unwrap();
+        for table in ["policies", "api_tokens", "_sqlx_migrations"] {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        pool.close().await;
+        every_query(&url).await;
+    }
+
+    #[tokio::test]
+    async fn other_schemes_are_refused() {
+        let err = Db::open("mysql://u:secret@h/db").await.err().unwrap();
+        let text = err.to_string();
+        assert!(text.contains("sqlite:// or postgres://"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    }
+}

@@ -1,0 +1,204 @@
+//! `ferry control-plane`: initialise or reopen the state directory, open the
+//! database, and serve the API over HTTPS (rustls with ring, TLS 1.2 and 1.3,
+//! HTTP/1.1 and HTTP/2 by ALPN).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::db::{self, Db};
+use crate::enroll::{self, ca::SiteCa};
+
+/// Connections served at once; more wait in the kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Nor may a client take longer to send a request's headers: a connection slot held
+/// by a client that trickles bytes is a slot nobody else can use.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Names for the service certificate; empty: `ca::default_server_names()`.
+    pub server_names: Vec<String>,
+    /// `sqlite://...` or `postgres://...`; None: SQLite in the state directory.
+    pub database: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("state directory: {0}")]
+    State(#[from] enroll::Error),
+    #[error(transparent)]
+    Db(#[from] db::Error),
+    #[error("{op}: {source}")]
+    Tls {
+        op: &'static str,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{op} {addr}: {source}")]
+    Net {
+        op: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rendering the OpenAPI document: {0}")]
+    OpenApi(#[from] serde_json::Error),
+}
+
+/// A control plane bound to its address, its state opened.
+pub struct Bound {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: axum::Router,
+    pub url: String,
+}
+
+/// Initialises the state directory on the first start (CA, service certificate,
+/// admin token, database) and reopens it on later ones, then binds `listen`.
+pub async fn bind(opts: &Options) -> Result<Bound, Error> {
+    let dir = &opts.state_dir;
+    // Owner only: it holds the CA key and the admin token.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+    let ca = SiteCa::open_or_create(dir)?;
+    let names = if opts.server_names.is_empty() {
+        enroll::ca::default_server_names()
+    } else {
+        opts.server_names.clone()
+    };
+    let (cert_pem, key_pem) = ca.service_cert(dir, &names)?;
+    let url = opts
+        .database
+        .clone()
+        .unwrap_or_else(|| Db::default_url(dir));
+    let db = Db::open(&url).await?;
+    let admin = enroll::tokens::admin_token(dir)?;
+    db::tokens::set_admin(&db, &enroll::tokens::hash(&admin)).await?;
+
+    let tls = server_config(&cert_pem, &key_pem)?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| Error::Net {
+            op: "listening on",
+            addr: opts.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Net {
+        op: "reading the address of",
+        addr: opts.listen,
+        source,
+    })?;
+    Ok(Bound {
+        listener,
+        acceptor: TlsAcceptor::from(Arc::new(tls)),
+        app: crate::api::router(db)?,
+        url: format!("https://{addr}"),
+    })
+}
+
+fn server_config(cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, Error> {
+    let pem_err = |op| {
+        move |e: rustls_pki_types::pem::Error| Error::Tls {
+            op,
+            source: rustls::Error::General(e.to_string()),
+        }
+    };
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err("reading server.pem"))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_err("reading server.key"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|source| Error::Tls {
+            op: "TLS versions",
+            source,
+        })?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|source| Error::Tls {
+            op: "the service certificate",
+            source,
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+impl Bound {
+    /// Serves until the process ends. Each connection is its own task; at most
+    /// `MAX_CONNECTIONS` at once.
+    pub async fn serve(self) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, mostly: wait rather than spin.
+                    tracing::warn!("accepting a connection on {}: {e}", self.url);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = self.acceptor.clone();
+            let app = self.app.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!("TLS handshake with {peer}: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake with {peer}: timed out");
+                        return;
+                    }
+                };
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let served = builder
+                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+                    .await;
+                if let Err(e) = served {
+                    tracing::debug!("connection from {peer}: {e}");
+                }
+            });
+        }
+    }
+}

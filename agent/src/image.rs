@@ -44,6 +44,47 @@ impl Image {
     /// the file cannot say (a block device reports all data; some file systems refuse
     /// the query) every byte is read.
     pub fn read_sparse_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_holes_at(buf, offset, 0, &mut Vec::new())
+    }
+
+    /// As `read_sparse_at`, but the blocks of `block` bytes (counted from `offset`)
+    /// that lie wholly in holes are neither filled nor read: `holes[i]` is set true for
+    /// each such block i (`holes` is resized to the buffer's blocks), and its bytes in
+    /// `buf` are left as they were. Zero-filling them and testing them for zero again
+    /// was about 3 % of a first seed's CPU. `block` 0 fills every hole.
+    pub fn read_holes_at(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        block: usize,
+        holes: &mut Vec<bool>,
+    ) -> Result<()> {
+        holes.clear();
+        if block > 0 {
+            holes.resize(buf.len().div_ceil(block), false);
+        }
+        // Fills the hole [a, b) of `buf`, but for the whole blocks inside it.
+        let mut fill = |buf: &mut [u8], a: usize, b: usize| {
+            if block == 0 {
+                buf[a..b].fill(0);
+                return;
+            }
+            let first = a.div_ceil(block);
+            // The last block may be short: it is whole when the hole reaches the end.
+            let last = if b == buf.len() {
+                b.div_ceil(block)
+            } else {
+                b / block
+            };
+            if first >= last {
+                buf[a..b].fill(0);
+                return;
+            }
+            buf[a..first * block].fill(0);
+            holes[first..last].fill(true);
+            let tail = (last * block).min(buf.len());
+            buf[tail..b.max(tail)].fill(0);
+        };
         let end = offset + buf.len() as u64;
         if end > self.size {
             // Past the end a hole query answers "no data": that must not read as zeros.
@@ -64,7 +105,7 @@ impl Image {
                 Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
                 Err(_) => return self.read_at(&mut buf[at(pos)..], pos),
             };
-            buf[at(pos)..at(data)].fill(0);
+            fill(buf, at(pos), at(data));
             if data == end {
                 break;
             }
@@ -124,5 +165,36 @@ mod tests {
             image.read_sparse_at(&mut past, 1 << 20).is_err(),
             "past the end"
         );
+    }
+
+    #[test]
+    fn holes_reported_as_blocks_read_as_zero_and_the_rest_as_a_plain_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holes.img");
+        let f = File::create(&path).unwrap();
+        let block = 64 << 10;
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[1u8; 5000], 0).unwrap();
+        f.write_all_at(&[2u8; 9000], 300_000).unwrap();
+        f.write_all_at(&[3u8; 100], (1 << 20) - 100).unwrap();
+        drop(f);
+        let image = Image::open(&path).unwrap();
+        for (offset, len) in [(0, 1 << 20), (4096, 400_000), (65536, 700_000)] {
+            let mut plain = vec![0u8; len];
+            image.read_at(&mut plain, offset).unwrap();
+            let mut got = vec![0xeeu8; len];
+            let mut holes = Vec::new();
+            image
+                .read_holes_at(&mut got, offset, block, &mut holes)
+                .unwrap();
+            assert_eq!(holes.len(), len.div_ceil(block));
+            for (i, (p, g)) in plain.chunks(block).zip(got.chunks(block)).enumerate() {
+                if holes[i] {
+                    assert!(p.iter().all(|b| *b == 0), "block {i} of {offset} is a hole");
+                } else {
+                    assert!(p == g, "block {i} at offset {offset}");
+                }
+            }
+        }
     }
 }

@@ -54,6 +54,23 @@ pub fn scan_region<'a>(
     old: Option<&[Sum]>,
     sums: &mut [Sum],
     max_run: usize,
+    emit: impl FnMut(Run<'a>),
+) {
+    scan_region_holes(region, start, block_bytes, old, sums, max_run, &[], emit);
+}
+
+/// As `scan_region`, where `holes[i]` true says block i is known to be zero (a hole of
+/// the image file): it is neither tested nor hashed, and its bytes in `region` are
+/// never read, so the reader need not fill them. Blocks past `holes`' end are scanned.
+#[allow(clippy::too_many_arguments)]
+pub fn scan_region_holes<'a>(
+    region: &'a [u8],
+    start: u64,
+    block_bytes: usize,
+    old: Option<&[Sum]>,
+    sums: &mut [Sum],
+    max_run: usize,
+    holes: &[bool],
     mut emit: impl FnMut(Run<'a>),
 ) {
     debug_assert_eq!(sums.len(), region.len().div_ceil(block_bytes));
@@ -75,7 +92,10 @@ pub fn scan_region<'a>(
         }
     };
     for (i, block) in region.chunks(block_bytes).enumerate() {
-        let sum = block_sum(block);
+        let sum = match holes.get(i) {
+            Some(true) => ZERO_SUM,
+            _ => block_sum(block),
+        };
         sums[i] = sum;
         let send = match old {
             None => sum != ZERO_SUM,
@@ -150,6 +170,33 @@ mod tests {
                 offset: 108,
                 len: 4
             }]
+        );
+    }
+
+    #[test]
+    fn blocks_known_as_holes_are_zero_whatever_they_hold() {
+        let bs = 4;
+        // Block 1 holds stale bytes the reader did not clear: it is a hole.
+        let region = [1, 1, 1, 1, 9, 9, 9, 9, 2, 2, 2, 2];
+        let holes = [false, true, false];
+        let mut sums = vec![ZERO_SUM; 3];
+        let mut runs = Vec::new();
+        scan_region_holes(&region, 0, bs, None, &mut sums, 1 << 20, &holes, |r| {
+            runs.push(r)
+        });
+        assert_eq!(sums[1], ZERO_SUM);
+        assert_eq!(
+            runs,
+            vec![
+                Run::Data {
+                    offset: 0,
+                    data: &region[0..4]
+                },
+                Run::Data {
+                    offset: 8,
+                    data: &region[8..12]
+                },
+            ]
         );
     }
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_testkit::cli;
 use ferry_testkit::process::{run_ok, spawn, spawn_logging, Killed};
 use ferry_testkit::qemu::random_writes;
 use ferry_testkit::wait_ok;
@@ -39,15 +40,7 @@ fn bytes_in(metrics: &str) -> u64 {
 }
 
 fn status(sock: &Path) -> serde_json::Value {
-    let out = ferry(&[
-        "agent",
-        "ctl",
-        "--admin-socket",
-        &sock.display().to_string(),
-        "status",
-        "--json",
-    ]);
-    serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()[0].clone()
+    cli::status(Path::new(FERRY), sock)
 }
 
 /// `n` random pattern writes of 4 KiB to 128 KiB through qemu-io.
@@ -56,17 +49,7 @@ fn qemu_io(url: &str, rng: &mut impl Rng, n: usize) {
 }
 
 fn wait_uploaded(sock: &Path) {
-    wait_ok("every write uploaded", Duration::from_secs(60), || {
-        let s = status(sock);
-        if s["mode"] == "data"
-            && s["uploaded"].as_u64() >= s["next_seq"].as_u64()
-            && s["connected"] == true
-        {
-            Ok(())
-        } else {
-            Err(s)
-        }
-    })
+    cli::wait_uploaded(Path::new(FERRY), sock)
 }
 
 fn mode(p: &Path) -> u32 {
@@ -96,35 +79,7 @@ fn assert_private(dir: &Path) {
 
 /// A process server's arguments for the PKI, key and store under `d`.
 fn server_args(d: &Path, listen: &str) -> Vec<String> {
-    let p = |s: &str| d.join(s).display().to_string();
-    [
-        "process-server",
-        "--listen",
-        listen,
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-        &p("cache"),
-        "--store",
-        &format!("file://{}", p("store")),
-        "--key-file",
-        &p("vault.key"),
-        "--tls-cert",
-        &p("pki/server.pem"),
-        "--tls-key",
-        &p("pki/server.key"),
-        "--client-ca",
-        &p("pki/ca.pem"),
-        "--shards",
-        "2",
-        "--batch-ms",
-        "20",
-        "--cache-gib",
-        "0.5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    cli::server_args(d, listen, "0.5")
 }
 
 /// An agent whose certificate does not name its machine is refused by the process
@@ -133,42 +88,24 @@ fn server_args(d: &Path, listen: &str) -> Vec<String> {
 fn a_refused_agent_says_why_in_status_and_once_in_its_log() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let p = |s: &str| d.join(s).display().to_string();
-    std::fs::create_dir_all(d.join("store")).unwrap();
-    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
-    ferry(&["keygen", "--out", &p("vault.key")]);
+    cli::site(Path::new(FERRY), d, 1);
     let (_server, line) = spawn(Path::new(FERRY), &server_args(d, "127.0.0.1:0"));
-    let addr = line.split_whitespace().nth(4).unwrap().to_string();
+    let addr = cli::server_addr(&line);
 
     let disk = d.join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let sock = d.join("admin.sock");
     let log = d.join("agent.log");
-    let args: Vec<String> = [
-        "agent",
-        "--process-server",
+    // agent-0's certificate names agent-0, not web1.
+    let mut args = cli::agent_args(
+        d,
         &addr,
-        // agent-0's certificate names agent-0, not web1.
-        "--machine",
         "web1",
-        "--disk",
+        "agent-0",
         &format!("sda={}", disk.display()),
-        "--nbd-listen",
         "127.0.0.1:0",
-        "--journal-dir",
-        &p("journal"),
-        "--tls-cert",
-        &p("pki/agent-0.pem"),
-        "--tls-key",
-        &p("pki/agent-0.key"),
-        "--ca",
-        &p("pki/ca.pem"),
-        "--admin-socket",
-        &sock.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    );
+    args.extend(["--admin-socket".to_string(), sock.display().to_string()]);
     let started = std::time::Instant::now();
     let (agent, line) = spawn_logging(
         Path::new(FERRY),
@@ -211,10 +148,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let p = |s: &str| d.join(s).display().to_string();
-    std::fs::create_dir_all(d.join("store")).unwrap();
-    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
-    ferry(&["keygen", "--out", &p("vault.key")]);
-    let store = format!("file://{}", p("store"));
+    let store = cli::site(Path::new(FERRY), d, 1);
     // A fixed port: the server is restarted on it later in the test.
     let listen = ferry_testkit::net::free_addr().to_string();
     let server_args = server_args(d, &listen);
@@ -236,32 +170,20 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
     std::fs::write(&disk, &content).unwrap();
     let nbd_port = ferry_testkit::net::free_port();
     let sock = d.join("admin.sock");
-    let agent_args: Vec<String> = [
-        "agent",
-        "--process-server",
+    let mut agent_args = cli::agent_args(
+        d,
         &addr,
-        "--machine",
         "agent-0",
-        "--disk",
+        "agent-0",
         &format!("sda={}", disk.display()),
-        "--nbd-listen",
         &format!("127.0.0.1:{nbd_port}"),
-        "--journal-dir",
-        &p("journal"),
-        "--tls-cert",
-        &p("pki/agent-0.pem"),
-        "--tls-key",
-        &p("pki/agent-0.key"),
-        "--ca",
-        &p("pki/ca.pem"),
-        "--crash-point-interval-s",
-        "0",
-        "--admin-socket",
-        &sock.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    );
+    agent_args.extend(
+        ["--crash-point-interval-s", "0", "--admin-socket"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    agent_args.push(sock.display().to_string());
     let (mut agent, line) = spawn(Path::new(FERRY), &agent_args);
     assert!(line.contains("serving NBD"), "{line}");
     let url = format!("nbd://127.0.0.1:{nbd_port}/sda");

@@ -5,10 +5,12 @@
 //! Needs root and /dev/loop-control (`.ci/run` runs as root); elsewhere each test says
 //! why it skips.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use ferry_testkit::cli;
+use ferry_testkit::process::{run_ok, Killed};
+use ferry_testkit::qemu::random_writes;
 
 use rand::{Rng, SeedableRng};
 
@@ -70,96 +72,28 @@ impl Drop for LoopDevice {
 }
 
 fn ferry(args: &[&str]) -> String {
-    let out = Command::new(FERRY).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    run_ok(Path::new(FERRY), args)
 }
 
-/// A child killed when dropped, so a failing test leaves no process behind.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns ferry and returns it with the first line it prints.
 fn spawn(args: &[String]) -> (Killed, String) {
-    let mut child = Command::new(FERRY)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (Killed(child), line)
+    ferry_testkit::process::spawn(Path::new(FERRY), args)
 }
 
 fn status(sock: &Path) -> serde_json::Value {
-    let out = ferry(&[
-        "agent",
-        "ctl",
-        "--admin-socket",
-        &sock.display().to_string(),
-        "status",
-        "--json",
-    ]);
-    serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()[0].clone()
+    cli::status(Path::new(FERRY), sock)
 }
 
 fn wait_uploaded(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status(sock);
-        if s["mode"] == "data"
-            && s["uploaded"].as_u64() >= s["next_seq"].as_u64()
-            && s["connected"] == true
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "not uploaded: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cli::wait_uploaded(Path::new(FERRY), sock)
 }
 
+/// `n` random pattern or zero writes of 4 KiB to 128 KiB through qemu-io.
 fn qemu_io(url: &str, rng: &mut impl Rng, n: usize) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", "-t", "writeback"]);
-    for _ in 0..n {
-        let len = rng.gen_range(1..=32) * 4096u64;
-        let off = rng.gen_range(0..(SIZE - len) / 4096) * 4096;
-        match rng.gen_range(0..5) {
-            0 => c.args(["-c", &format!("write -z {off} {len}")]),
-            _ => c.args(["-c", &format!("write -P {} {off} {len}", rng.gen::<u8>())]),
-        };
-    }
-    let out = c
-        .arg(url)
-        .output()
-        .expect("qemu-io (qemu-utils) is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ferry_testkit::qemu::qemu_io(url, &random_writes(rng, SIZE, n, 1..=32));
 }
 
 fn seed_rng() -> rand::rngs::StdRng {
-    let seed: u64 = std::env::var("FERRY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("FERRY_SEED={seed}");
-    rand::rngs::StdRng::seed_from_u64(seed)
+    rand::rngs::StdRng::seed_from_u64(ferry_testkit::seed())
 }
 
 /// A backing file of `SIZE` bytes, its first quarter random.
@@ -213,68 +147,26 @@ fn a_loop_device_under_the_agent_fails_over_to_each_point() {
         0,
         "a block device's metadata says 0 bytes: the case this test is for"
     );
-    std::fs::create_dir_all(d.join("store")).unwrap();
-    ferry(&["certs", "--out", &p("pki"), "--agents", "1"]);
-    ferry(&["keygen", "--out", &p("vault.key")]);
-    let store = format!("file://{}", p("store"));
-    let server_args: Vec<String> = [
-        "process-server",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-        &p("cache"),
-        "--store",
-        &store,
-        "--key-file",
-        &p("vault.key"),
-        "--tls-cert",
-        &p("pki/server.pem"),
-        "--tls-key",
-        &p("pki/server.key"),
-        "--client-ca",
-        &p("pki/ca.pem"),
-        "--shards",
-        "1",
-        "--batch-ms",
-        "20",
-        "--cache-gib",
-        "0.25",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let store = cli::site(Path::new(FERRY), d, 1);
+    let server_args = cli::server_args(d, "127.0.0.1:0", "0.25");
     let (_server, line) = spawn(&server_args);
-    let addr = line.split_whitespace().nth(4).unwrap().to_string();
+    let addr = cli::server_addr(&line);
 
     let sock = d.join("admin.sock");
-    let agent_args: Vec<String> = [
-        "agent",
-        "--process-server",
+    let mut agent_args = cli::agent_args(
+        d,
         &addr,
-        "--machine",
         "agent-0",
-        "--disk",
+        "agent-0",
         &format!("sda={}", dev.path()),
-        "--nbd-listen",
         "127.0.0.1:0",
-        "--journal-dir",
-        &p("journal"),
-        "--tls-cert",
-        &p("pki/agent-0.pem"),
-        "--tls-key",
-        &p("pki/agent-0.key"),
-        "--ca",
-        &p("pki/ca.pem"),
-        "--crash-point-interval-s",
-        "0",
-        "--admin-socket",
-        &sock.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    );
+    agent_args.extend(
+        ["--crash-point-interval-s", "0", "--admin-socket"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    agent_args.push(sock.display().to_string());
     let (_agent, line) = spawn(&agent_args);
     assert!(line.contains("serving NBD on"), "{line}");
     let nbd = line.split_whitespace().last().unwrap().to_string();

@@ -1,6 +1,7 @@
 //! Ferry's test kit: what the tests of several crates share, so each test reads as
 //! its scenario. `process` runs the `ferry` binary (killed when dropped, waiting for
-//! its first line), `net` finds free loopback ports, `qemu` drives qemu-io, `pki` and
+//! its first line), `cli` the arguments and admin-socket calls of a loopback site
+//! driven through it, `net` finds free loopback ports, `qemu` drives qemu-io, `pki` and
 //! `server` build certificates and an in-process process server, `site` a loopback
 //! deployment with agents, `disk` random disk images, `wait` polls a condition with a
 //! deadline instead of sleeping, and `sim` is the simulated agent (a model disk and
@@ -9,6 +10,7 @@
 //! Test code only: a dev-dependency (the benchmarks' load generator aside), never
 //! shipped, so it may panic on a failed set-up step: that fails the test, naming it.
 
+pub mod cli;
 pub mod disk;
 pub mod net;
 pub mod pki;

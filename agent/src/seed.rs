@@ -224,6 +224,9 @@ pub fn seed(
     opts: &SeedOptions<'_>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<SeedReport> {
+    // Names first: a bad name is the mistake to report, whatever the image is.
+    ferry_replica::layout::check_name("machine", opts.machine)?;
+    ferry_replica::layout::check_name("disk", opts.disk)?;
     let image = Image::open(opts.image)?;
     let disk = store.block(Disk::open_or_create(
         store,

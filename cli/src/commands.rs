@@ -148,6 +148,9 @@ pub fn run(cli: Cli) -> Result<()> {
             image,
             label,
         } => {
+            // Names first: a bad name is the mistake to report, whatever the image is.
+            ferry_replica::layout::check_name("machine", &machine)?;
+            ferry_replica::layout::check_name("disk", &disk)?;
             let vault = key(&key_file)?;
             let store = Store::open(&store.store)?;
             // The seed sizes the image the same way; a block device's metadata says 0.

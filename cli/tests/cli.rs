@@ -419,6 +419,11 @@ fn errors_name_their_cause() {
     let out = env.run(&["seed", "--machine", "m", "--disk", "d", "--image", m]);
     one_line_error(&out, m);
     one_line_error(&out, "No such file or directory");
+    // A bad name is the mistake reported, before the image is looked at.
+    let out = env.run(&["seed", "--machine", ".m", "--disk", "d", "--image", m]);
+    one_line_error(&out, "invalid machine name \".m\"");
+    let out = env.run(&["seed", "--machine", "m", "--disk", "../d", "--image", m]);
+    one_line_error(&out, "invalid disk name \"../d\"");
 
     // A group member must be told its coordinator; a coordinator its members' names.
     let agent = |group: &[&str]| {

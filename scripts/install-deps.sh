@@ -2,7 +2,8 @@
 # Installs what the tests and benchmarks need beyond the Rust toolchain, and only what is
 # missing, so it is cheap to run before every test run:
 #   Debian: qemu-utils (qemu-img, qemu-io, qemu-nbd), e2fsprogs (mkfs.ext4), restic and
-#           borgbackup (the seed benchmark's peers), curl, util-linux (losetup)
+#           borgbackup (the seed benchmark's peers), curl, util-linux (losetup),
+#           postgresql (the control plane's second backend, tested)
 #   npm:    azurite 3.37.0 (Azure Blob emulator)
 #   cargo:  s3s-fs 0.14.1 (S3 emulator; building it takes a few minutes), cargo-fuzz
 # Quiet on success; a failing step prints its full output.
@@ -43,6 +44,8 @@ for cmd in "${!apt_for[@]}"; do
         missing+=("${pkgs[@]}")
     fi
 done
+# PostgreSQL's server (the control plane's second backend): Debian keeps pg_ctl off PATH.
+compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || missing+=(postgresql)
 if [[ ${#missing[@]} -gt 0 ]]; then
     echo "install-deps: apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

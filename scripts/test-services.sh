@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Local blob-storage emulators for the test suite: Azurite (Azure Blob) and s3s-fs (S3),
-# both on 127.0.0.1 only, each with a `ferry-test` container / bucket.
+# Local services for the test suite, on 127.0.0.1 only: Azurite (Azure Blob) and s3s-fs
+# (S3), each with a `ferry-test` container / bucket, and a throwaway PostgreSQL cluster
+# with a `ferry_test` database (the control plane's queries).
 #
 #   scripts/test-services.sh start STATE_DIR   # start, wait, create, verify; write STATE_DIR/env
 #   scripts/test-services.sh stop  STATE_DIR   # stop what `start` started there
 #
 # Executed, it only touches STATE_DIR; `source STATE_DIR/env` afterwards. Sourced with
 # `start`, it also sources the env file into the calling shell. Logs: STATE_DIR/*.log.
-# Ports: the first free one from FERRY_AZURITE_PORT (10100) and FERRY_S3_PORT (9100).
+# Ports: the first free one from FERRY_AZURITE_PORT (10100), FERRY_S3_PORT (9100) and
+# FERRY_PG_PORT (55432).
 
 # The well-known Azurite account and key (public, documented by Microsoft; emulator only).
 AZ_ACCOUNT=devstoreaccount1
@@ -162,6 +164,8 @@ ts_start() {
     ts_expect "s3s-fs delete probe" 204 -- \
         "$(ts_s3_request "$s3_port" "/$CONTAINER/.probe" -X DELETE)"
 
+    ts_start_pg "$dir"
+
     # What object_store's from_env builders and the test suite read. object_store adds
     # the account to AZURITE_BLOB_STORAGE_URL itself, so the URL carries no path.
     cat >"$dir/env" <<EOF
@@ -176,9 +180,10 @@ export AWS_ENDPOINT=http://127.0.0.1:$s3_port
 export AWS_ALLOW_HTTP=true
 export FERRY_TEST_S3_URL=s3://$CONTAINER
 export FERRY_TEST_REQUIRE_REMOTE=1
+export FERRY_TEST_DATABASE=postgres://ferry@127.0.0.1:$(<"$dir/pg.port")/ferry_test
 EOF
     trap - EXIT
-    echo "test-services: Azurite on 127.0.0.1:$az_port (pid $az_pid), s3s-fs on 127.0.0.1:$s3_port (pid $s3_pid); env in $dir/env"
+    echo "test-services: Azurite on 127.0.0.1:$az_port (pid $az_pid), s3s-fs on 127.0.0.1:$s3_port (pid $s3_pid), PostgreSQL on 127.0.0.1:$(<"$dir/pg.port"); env in $dir/env"
 }
 
 # Stops one service by its pid file, checking the pid still names that service so a
@@ -199,9 +204,60 @@ ts_stop_one() { # PIDFILE NAME
     kill -9 "$pid" 2>/dev/null || true
 }
 
+# PostgreSQL's tools: Debian keeps them out of PATH, under its versioned directory.
+ts_pg_bin() {
+    local d
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x $d/pg_ctl ]] && { echo "$d"; return 0; }
+    done
+    command -v pg_ctl >/dev/null && { dirname "$(command -v pg_ctl)"; return 0; }
+    return 1
+}
+
+# Runs a PostgreSQL tool as the cluster's owner: initdb refuses root, so root runs
+# them as the postgres user; anyone else runs them as themselves.
+ts_pg() {
+    if [[ $(id -u) -eq 0 ]]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# A throwaway PostgreSQL cluster in DIR/pg on a free port, trusting loopback (it holds
+# nothing but the control plane's test tables), with the database ferry_test.
+ts_start_pg() {
+    local dir=$1 bin port
+    bin=$(ts_pg_bin) || ts_die "PostgreSQL not found: run scripts/install-deps.sh"
+    port=$(ts_free_port "${FERRY_PG_PORT:-55432}")
+    mkdir -p "$dir/pg"
+    if [[ $(id -u) -eq 0 ]]; then
+        # The cluster's owner must reach its directory through this one.
+        chmod 711 "$dir"
+        chown postgres "$dir/pg"
+    fi
+    ts_pg "$bin/initdb" -D "$dir/pg" -A trust -U ferry -N >"$dir/pg-init.log" 2>&1 ||
+        { cat "$dir/pg-init.log" >&2; ts_die "initdb failed"; }
+    ts_pg "$bin/pg_ctl" -D "$dir/pg" -w -l "$dir/pg/server.log" \
+        -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir/pg -c fsync=off" \
+        start >/dev/null ||
+        { cat "$dir/pg/server.log" >&2; ts_die "PostgreSQL did not start"; }
+    echo "$port" >"$dir/pg.port"
+    ts_pg "$bin/createdb" -h 127.0.0.1 -p "$port" -U ferry ferry_test ||
+        ts_die "createdb ferry_test failed"
+}
+
+ts_stop_pg() {
+    local bin
+    [[ -f $1/pg/PG_VERSION ]] || return 0
+    bin=$(ts_pg_bin) || return 0
+    ts_pg "$bin/pg_ctl" -D "$1/pg" -m fast -w stop >/dev/null 2>&1 || true
+}
+
 ts_stop() {
     ts_stop_one "$1/azurite.pid" azurite
     ts_stop_one "$1/s3s-fs.pid" s3s-fs
+    ts_stop_pg "$1"
 }
 
 ts_main() {

@@ -238,18 +238,7 @@ fn sigkill_of_the_agent_resends_only_what_was_not_delivered() {
         "the initial copy sent the disk's data: {copied}"
     );
     qemu_io(&url, &mut rng, 30);
-    let bm = |label: &str| {
-        let out = ferry(&[
-            "agent",
-            "ctl",
-            "--admin-socket",
-            &sock.display().to_string(),
-            "bookmark",
-            "--label",
-            label,
-        ]);
-        out.lines().last().unwrap().trim().to_string()
-    };
+    let bm = |label: &str| cli::bookmark(Path::new(FERRY), &sock, label);
     let id1 = bm("before");
     eprintln!("point before the agent's kill: {id1}");
     let disk1 = std::fs::read(&disk).unwrap();

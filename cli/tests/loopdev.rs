@@ -175,18 +175,7 @@ fn a_loop_device_under_the_agent_fails_over_to_each_point() {
     let s = status(&sock);
     assert_eq!(s["copy_total_bytes"], SIZE, "the whole device copied: {s}");
 
-    let bookmark = |label: &str| {
-        let out = ferry(&[
-            "agent",
-            "ctl",
-            "--admin-socket",
-            &sock.display().to_string(),
-            "bookmark",
-            "--label",
-            label,
-        ]);
-        out.lines().last().unwrap().trim().to_string()
-    };
+    let bookmark = |label: &str| cli::bookmark(Path::new(FERRY), &sock, label);
     let mut points = vec![(bookmark("copied"), dev.read())];
     for round in 0..3 {
         qemu_io(&url, &mut rng, 25);

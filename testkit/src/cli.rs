@@ -123,3 +123,26 @@ pub fn wait_uploaded(bin: &Path, sock: &Path) {
         }
     })
 }
+
+/// Takes a point now through the agent's admin socket (`ferry agent ctl bookmark
+/// --label LABEL`); returns its id.
+pub fn bookmark(bin: &Path, sock: &Path, label: &str) -> String {
+    let sock = sock.display().to_string();
+    let out = run_ok(
+        bin,
+        &[
+            "agent",
+            "ctl",
+            "--admin-socket",
+            &sock,
+            "bookmark",
+            "--label",
+            label,
+        ],
+    );
+    out.lines()
+        .last()
+        .unwrap_or_else(|| panic!("bookmark printed nothing"))
+        .trim()
+        .to_string()
+}

@@ -43,11 +43,8 @@ impl Image {
     /// page and a copy per page (a third of a checksum resync's CPU, profiled). Where
     /// the file cannot say (a block device reports all data; some file systems refuse
     /// the query) every byte is read.
-    pub fn read_sparse_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.read_holes_at(buf, offset, 0, &mut Vec::new())
-    }
-
-    /// As `read_sparse_at`, but the blocks of `block` bytes (counted from `offset`)
+    ///
+    /// With `block` > 0, the blocks of `block` bytes (counted from `offset`)
     /// that lie wholly in holes are neither filled nor read: `holes[i]` is set true for
     /// each such block i (`holes` is resized to the buffer's blocks), and its bytes in
     /// `buf` are left as they were. Zero-filling them and testing them for zero again
@@ -157,12 +154,16 @@ mod tests {
             image.read_at(&mut plain, offset).unwrap();
             // A reused buffer holds the last extent's bytes: holes must be cleared.
             let mut sparse = vec![0xeeu8; len];
-            image.read_sparse_at(&mut sparse, offset).unwrap();
+            image
+                .read_holes_at(&mut sparse, offset, 0, &mut Vec::new())
+                .unwrap();
             assert!(plain == sparse, "offset {offset} len {len}");
         }
         let mut past = vec![0u8; 10];
         assert!(
-            image.read_sparse_at(&mut past, 1 << 20).is_err(),
+            image
+                .read_holes_at(&mut past, 1 << 20, 0, &mut Vec::new())
+                .is_err(),
             "past the end"
         );
     }

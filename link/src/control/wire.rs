@@ -1,0 +1,167 @@
+//! The JSON bodies agents and process servers exchange with the control plane
+//! (docs/control-plane.md, "Enrollment and heartbeats"). Both ends use these types,
+//! so a field renamed on one side is a compile error on the other. Unknown fields are
+//! refused on the way in, as everywhere in the API; times are RFC 3339 in UTC.
+
+use serde::{Deserialize, Serialize};
+
+/// How often agents and process servers heartbeat, unless the control plane says
+/// otherwise in its answer; three missed in a row make a part "not seen".
+pub const HEARTBEAT_INTERVAL_S: f64 = 5.0;
+
+/// What enrolls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Agent,
+    ProcessServer,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Agent => "agent",
+            Kind::ProcessServer => "process-server",
+        }
+    }
+}
+
+/// `POST /v1/enroll`, without a bearer token or client certificate: the one-time
+/// enrollment token is the credential. The key stays with the caller: only its CSR
+/// travels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    pub kind: Kind,
+    /// The machine name (agent) or process-server name; the store's name rule.
+    pub name: String,
+    /// PKCS#10, PEM. Its subject and extensions are ignored: the control plane
+    /// decides what the certificate names.
+    pub csr_pem: String,
+    /// A process server's `--advertise` HOST:PORT, whose host its certificate also
+    /// names (agents connect to it there). Absent for agents.
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+/// The answer to enrollment and to renewal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Issued {
+    pub certificate_pem: String,
+    /// The site CA, for the caller to keep beside its certificate.
+    pub ca_pem: String,
+    /// RFC 3339; the holder renews once two thirds of its life has passed.
+    pub not_after: String,
+}
+
+/// `POST /v1/renew`, over mutual TLS with the certificate being renewed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub csr_pem: String,
+}
+
+/// A recovery point as an agent knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointRef {
+    pub id: String,
+    /// `crash` or `app`.
+    pub kind: String,
+    /// RFC 3339.
+    pub time: String,
+}
+
+/// One protected disk in an agent's heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskReport {
+    pub name: String,
+    pub size_bytes: u64,
+    /// `initial-copy`, `resync` or `protected`.
+    pub state: String,
+    pub initial_copy_percent: f64,
+    pub journal_bytes: u64,
+    /// Written to the journal, not yet acknowledged by the process server.
+    pub unacked_bytes: u64,
+    pub newest_point: Option<PointRef>,
+    /// The newest point the process server reported uploaded (durable in the store).
+    pub newest_uploaded_point: Option<PointRef>,
+}
+
+/// `POST /v1/heartbeat/agent`, over mutual TLS: the certificate names `machine`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHeartbeat {
+    pub machine: String,
+    pub disks: Vec<DiskReport>,
+    /// The process server it is connected to now (its name), if any.
+    pub process_server: Option<String>,
+    /// The last refusal or connection error, once, as the agent's status shows it.
+    pub last_error: Option<String>,
+}
+
+/// A policy as agents apply it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentPolicy {
+    pub name: String,
+    /// Fractional seconds, 0.5 at least.
+    pub crash_point_interval_s: f64,
+    /// 0: no app-consistent points.
+    pub app_point_interval_s: u64,
+}
+
+/// Where a process server accepts agents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessServerRef {
+    pub name: String,
+    /// HOST:PORT, as the process server advertised it.
+    pub address: String,
+}
+
+/// The control plane's answer to an agent's heartbeat: what the agent is to do now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentOrders {
+    /// None while no process server is available: the agent keeps journaling.
+    pub process_server: Option<ProcessServerRef>,
+    pub policy: AgentPolicy,
+    pub group: Option<String>,
+    pub heartbeat_interval_s: f64,
+}
+
+/// `POST /v1/heartbeat/process-server`, over mutual TLS: the certificate names `name`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessServerHeartbeat {
+    pub name: String,
+    /// HOST:PORT agents use.
+    pub address: String,
+    pub cache_used_bytes: u64,
+    pub cache_free_bytes: u64,
+    /// Bytes taken from agents per second, over the last interval.
+    pub ingest_bytes_per_s: f64,
+    /// Age of the oldest cached write not yet in the store, seconds.
+    pub upload_lag_s: f64,
+    /// The process's CPU use over the last interval, percent of one core.
+    pub cpu_percent: f64,
+    /// Its own verdict (`normal`, `warning`, `critical`) and why.
+    pub health: String,
+    pub health_reasons: Vec<String>,
+    /// Agents connected now, by machine name.
+    pub machines: Vec<String>,
+}
+
+/// The answer to a process server's heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessServerOrders {
+    /// Serial numbers (lowercase hex, no separators) of certificates that were issued
+    /// to removed machines and process servers and have not expired: refuse them.
+    pub revoked_serials: Vec<String>,
+    pub heartbeat_interval_s: f64,
+}

@@ -6,7 +6,12 @@
 //! - `api`: the HTTP API under `/v1`, one module per resource, one error type.
 //! - `policy`: replication policies and their rules.
 //! - `db`: the state in SQLite or PostgreSQL (sqlx), migrations in `migrations/`.
-//! - `enroll`: the site CA, the service certificate, API token secrets.
+//! - `enroll`: the site CA, the service certificate, API and enrollment token
+//!   secrets, certificates issued to agents and process servers from their CSRs.
+//! - `registry`: machines, process servers and events, as heartbeats report them;
+//!   assignment to the least loaded process server.
+//! - `health`: health and RPO of machines and process servers, and the sweep that
+//!   records each change as an event.
 //!
 //! The recovery library the `ferry` command calls directly:
 //! - `recovery::points`: a machine's recovery points and choosing one (latest,
@@ -21,6 +26,8 @@ pub mod api;
 pub mod db;
 pub mod enroll;
 pub mod error;
+pub mod health;
 pub mod policy;
 pub mod recovery;
+pub mod registry;
 pub mod server;

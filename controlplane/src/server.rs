@@ -1,6 +1,9 @@
 //! `ferry control-plane`: initialise or reopen the state directory, open the
 //! database, and serve the API over HTTPS (rustls with ring, TLS 1.2 and 1.3,
-//! HTTP/1.1 and HTTP/2 by ALPN).
+//! HTTP/1.1 and HTTP/2 by ALPN). Client certificates are optional on the one port
+//! (operators use bearer tokens) and, when given, must chain to the site CA: agents
+//! and process servers heartbeat with the ones they enrolled for, which handlers see
+//! through `api::peer::ClientCert`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -17,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::api::peer::ClientCert;
 use crate::db::{self, Db};
 use crate::enroll::{self, ca::SiteCa};
 
@@ -72,6 +76,7 @@ pub struct Bound {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: axum::Router,
+    db: Db,
     pub url: String,
 }
 
@@ -103,7 +108,7 @@ pub async fn bind(opts: &Options) -> Result<Bound, Error> {
     let admin = enroll::tokens::admin_token(dir)?;
     db::tokens::set_admin(&db, &enroll::tokens::hash(&admin)).await?;
 
-    let tls = server_config(&cert_pem, &key_pem)?;
+    let tls = server_config(&cert_pem, &key_pem, &ca.pem)?;
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|source| Error::Net {
@@ -119,12 +124,17 @@ pub async fn bind(opts: &Options) -> Result<Bound, Error> {
     Ok(Bound {
         listener,
         acceptor: TlsAcceptor::from(Arc::new(tls)),
-        app: crate::api::router(db)?,
+        app: crate::api::router(db.clone(), Arc::new(ca))?,
+        db,
         url: format!("https://{addr}"),
     })
 }
 
-fn server_config(cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, Error> {
+fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> Result<rustls::ServerConfig, Error> {
     let pem_err = |op| {
         move |e: rustls_pki_types::pem::Error| Error::Tls {
             op,
@@ -137,13 +147,33 @@ fn server_config(cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, 
     let key =
         PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_err("reading server.key"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(pem_err("reading ca.pem"))?;
+        roots.add(cert).map_err(|source| Error::Tls {
+            op: "the site CA",
+            source,
+        })?;
+    }
+    // Optional: a client without a certificate goes on to bearer tokens; one with a
+    // certificate of another CA fails the handshake.
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| Error::Tls {
+        op: "the client certificate verifier",
+        source: rustls::Error::General(e.to_string()),
+    })?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|source| Error::Tls {
             op: "TLS versions",
             source,
         })?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(chain, key)
         .map_err(|source| Error::Tls {
             op: "the service certificate",
@@ -157,6 +187,7 @@ impl Bound {
     /// Serves until the process ends. Each connection is its own task; at most
     /// `MAX_CONNECTIONS` at once.
     pub async fn serve(self) {
+        crate::health::spawn_sweeper(self.db.clone());
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -187,6 +218,14 @@ impl Bound {
                         return;
                     }
                 };
+                // The verified client certificate, for every request of this connection.
+                let cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|c| Arc::new(c.as_ref().to_vec()));
+                let app = app.layer(axum::Extension(ClientCert(cert)));
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 builder
                     .http1()

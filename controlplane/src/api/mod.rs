@@ -6,9 +6,15 @@
 //! it serves so that a test can hold the document to it.
 
 pub mod auth;
+pub mod enrollment;
 pub mod error;
+pub mod events;
+pub mod heartbeats;
+pub mod machines;
 pub mod meta;
+pub mod peer;
 pub mod policies;
+pub mod process_servers;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 
 use crate::db::Db;
+use crate::enroll::ca::SiteCa;
 use error::ApiError;
 
 /// The largest request body taken: policies and tokens are a few hundred bytes.
@@ -36,6 +43,8 @@ pub const PAGE_MAX: u32 = 1000;
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
+    /// Signs enrolled agents' and process servers' certificates.
+    pub ca: Arc<SiteCa>,
     pub metrics: Arc<meta::Metrics>,
     /// The OpenAPI document, rendered once.
     pub openapi: axum::body::Bytes,
@@ -104,10 +113,16 @@ impl Page {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Ferry control plane", description = "Policies, tokens and (to come) the fleet of a Ferry site."),
+    info(title = "Ferry control plane", description = "Policies, tokens, enrollment and the fleet of a Ferry site."),
     paths(
         policies::list, policies::create, policies::get, policies::update, policies::delete,
         tokens::list, tokens::create, tokens::delete,
+        enrollment::create_token, enrollment::enroll, enrollment::renew,
+        heartbeats::agent, heartbeats::process_server,
+        machines::list, machines::get, machines::move_to, machines::update, machines::delete,
+        machines::groups,
+        process_servers::list, process_servers::get, process_servers::delete,
+        events::list,
         meta::healthz, meta::metrics, meta::openapi,
     ),
     components(schemas(error::Problem)),
@@ -179,16 +194,40 @@ fn routes() -> Routes {
     .add(Get, "/v1/tokens", tokens::list)
     .add(Post, "/v1/tokens", tokens::create)
     .add(Delete, "/v1/tokens/{name}", tokens::delete)
+    .add(Post, "/v1/enrollment-tokens", enrollment::create_token)
+    .add(Post, "/v1/enroll", enrollment::enroll)
+    .add(Post, "/v1/renew", enrollment::renew)
+    .add(Post, "/v1/heartbeat/agent", heartbeats::agent)
+    .add(
+        Post,
+        "/v1/heartbeat/process-server",
+        heartbeats::process_server,
+    )
+    .add(Get, "/v1/machines", machines::list)
+    .add(Get, "/v1/machines/{name}", machines::get)
+    .add(Patch, "/v1/machines/{name}", machines::update)
+    .add(Delete, "/v1/machines/{name}", machines::delete)
+    .add(Post, "/v1/machines/{name}/move", machines::move_to)
+    .add(Get, "/v1/groups", machines::groups)
+    .add(Get, "/v1/process-servers", process_servers::list)
+    .add(Get, "/v1/process-servers/{name}", process_servers::get)
+    .add(
+        Delete,
+        "/v1/process-servers/{name}",
+        process_servers::delete,
+    )
+    .add(Get, "/v1/events", events::list)
     .add(Get, "/v1/openapi.json", meta::openapi)
     .add(Get, "/healthz", meta::healthz)
     .add(Get, "/metrics", meta::metrics)
 }
 
 /// The whole service, ready to serve.
-pub fn router(db: Db) -> Result<Router, serde_json::Error> {
+pub fn router(db: Db, ca: Arc<SiteCa>) -> Result<Router, serde_json::Error> {
     let openapi = axum::body::Bytes::from(ApiDoc::openapi().to_json()?);
     let state = AppState {
         db,
+        ca,
         metrics: Arc::new(meta::Metrics::default()),
         openapi,
     };
@@ -212,7 +251,7 @@ mod tests {
     fn every_served_route_is_in_the_openapi_document() {
         let doc = ApiDoc::openapi();
         let served = routes().served;
-        assert!(served.len() >= 11);
+        assert!(served.len() >= 26);
         for (verb, path) in served {
             let item = doc
                 .paths

@@ -47,11 +47,18 @@ pub(crate) fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 
 /// The migrations, embedded so that the binary carries its schema. Each file must
 /// run unchanged on SQLite and PostgreSQL.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "policies tokens",
-    include_str!("../../migrations/0001_policies_tokens.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "policies tokens",
+        include_str!("../../migrations/0001_policies_tokens.sql"),
+    ),
+    (
+        2,
+        "registry",
+        include_str!("../../migrations/0002_registry.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
     let migrations = MIGRATIONS
@@ -244,6 +251,8 @@ mod tests {
         assert!(listed[0].created_at > 1_700_000_000);
         assert!(tokens::delete(&db, "ci").await.unwrap());
         assert_eq!(tokens::find(&db, "cc").await.unwrap(), None);
+
+        crate::registry::tests::every_query(&db).await;
     }
 
     #[tokio::test]
@@ -267,7 +276,16 @@ mod tests {
         };
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new().connect(&url).await.unwrap();
-        for table in ["policies", "api_tokens", "_sqlx_migrations"] {
+        for table in [
+            "policies",
+            "api_tokens",
+            "enrollment_tokens",
+            "issued_certs",
+            "machines",
+            "process_servers",
+            "events",
+            "_sqlx_migrations",
+        ] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
                 .execute(&pool)
                 .await

@@ -34,7 +34,7 @@ fn ca_params() -> Result<CertificateParams> {
 }
 
 /// Valid from a day ago (clock skew between hosts) for `days`.
-fn set_validity(params: &mut CertificateParams, days: u64) {
+pub(crate) fn set_validity(params: &mut CertificateParams, days: u64) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
@@ -45,22 +45,27 @@ fn set_validity(params: &mut CertificateParams, days: u64) {
 
 /// The site CA: makes `ca.pem` and `ca.key` on the first start, loads the key after.
 pub struct SiteCa {
-    issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+    /// `ca.pem`: handed to enrolled parts and the root client certificates chain to.
+    pub pem: String,
 }
 
 impl SiteCa {
     pub fn open_or_create(dir: &Path) -> Result<SiteCa> {
         let key_path = dir.join("ca.key");
         let pem_path = dir.join("ca.pem");
-        let key = match read_if_exists(&key_path)? {
+        let (key, ca_pem) = match read_if_exists(&key_path)? {
             Some(pem) => {
-                if read_if_exists(&pem_path)?.is_none() {
+                let Some(ca_pem) = read_if_exists(&pem_path)? else {
                     return Err(Error::Bad {
                         path: pem_path,
                         why: "missing while ca.key exists (restore it from a backup)".into(),
                     });
-                }
-                KeyPair::from_pem(&pem).map_err(cert_err("reading ca.key"))?
+                };
+                (
+                    KeyPair::from_pem(&pem).map_err(cert_err("reading ca.key"))?,
+                    ca_pem,
+                )
             }
             None => {
                 let key = KeyPair::generate().map_err(cert_err("CA key"))?;
@@ -70,12 +75,14 @@ impl SiteCa {
                 // The key first: a crash between the two leaves a key without a
                 // certificate, refused above, rather than a CA nobody can sign with.
                 write_private(&key_path, &key.serialize_pem())?;
-                write_file(&pem_path, &cert.pem(), 0o644)?;
-                key
+                let ca_pem = cert.pem();
+                write_file(&pem_path, &ca_pem, 0o644)?;
+                (key, ca_pem)
             }
         };
         Ok(SiteCa {
             issuer: Issuer::new(ca_params()?, key),
+            pem: ca_pem,
         })
     }
 

@@ -1,6 +1,7 @@
-//! What the control plane issues and keeps in its state directory: the site CA, its
-//! own service certificate, and API token secrets. Agent and process-server enrollment
-//! (one-time tokens, CSRs, renewal, revocation) will grow here (issue 13).
+//! What the control plane issues: the site CA, its own service certificate, API and
+//! enrollment token secrets (`tokens`), and the certificates of enrolled agents and
+//! process servers, signed from their CSRs (`issue`) and recorded with their one-time
+//! tokens (`store`).
 //!
 //! Files in the state directory (private ones 0600, written whole then renamed, so a
 //! crash leaves the old file or the new one, never half of one):
@@ -11,6 +12,8 @@
 
 pub mod ca;
 pub mod files;
+pub mod issue;
+pub mod store;
 pub mod tokens;
 
 use std::path::PathBuf;

@@ -21,6 +21,14 @@ pub fn new_secret() -> String {
     format!("{PREFIX}{}", hex::encode(bytes))
 }
 
+/// A new one-time enrollment token: its own prefix, so that nobody mistakes it for
+/// an API token (nor the API for one: it is looked up only in its own table).
+pub fn new_enrollment_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("ferry_enroll_{}", hex::encode(bytes))
+}
+
 /// The hash the store keeps (lowercase hex).
 pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))

@@ -1,0 +1,83 @@
+//! `/v1/heartbeat/agent` and `/v1/heartbeat/process-server`: over mutual TLS, each
+//! with the certificate its sender enrolled for, which must name the machine or
+//! process server the heartbeat is about.
+
+use axum::extract::State;
+use axum::Json;
+use ferry_link::control::wire::{
+    AgentHeartbeat, AgentOrders, ProcessServerHeartbeat, ProcessServerOrders, HEARTBEAT_INTERVAL_S,
+};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, Problem};
+use super::peer::Peer;
+use super::{AppState, Body};
+use crate::enroll::store::revoked_serials;
+use crate::registry::{self, events, process_servers};
+
+/// `wire::AgentHeartbeat`, as the OpenAPI document shows it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AgentHeartbeatBody {
+    machine: String,
+    /// `wire::DiskReport`s.
+    disks: Vec<serde_json::Value>,
+    process_server: Option<String>,
+    last_error: Option<String>,
+}
+
+/// `wire::ProcessServerHeartbeat`, as the OpenAPI document shows it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ProcessServerHeartbeatBody {
+    name: String,
+    address: String,
+    cache_used_bytes: u64,
+    cache_free_bytes: u64,
+    ingest_bytes_per_s: f64,
+    upload_lag_s: f64,
+    cpu_percent: f64,
+    health: String,
+    health_reasons: Vec<String>,
+    machines: Vec<String>,
+}
+
+#[utoipa::path(post, path = "/v1/heartbeat/agent", tag = "heartbeats",
+    request_body = AgentHeartbeatBody,
+    responses((status = 200, description = "wire::AgentOrders: process server, policy, group"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, body = Problem)))]
+pub async fn agent(
+    State(state): State<AppState>,
+    peer: Peer,
+    Body(hb): Body<AgentHeartbeat>,
+) -> Result<Json<AgentOrders>, ApiError> {
+    peer.require("agent", &hb.machine)?;
+    let uploaded = registry::check_agent_heartbeat(&hb).map_err(ApiError::BadRequest)?;
+    let orders = registry::agent_heartbeat(&state.db, &hb, uploaded, crate::db::now_s()).await?;
+    Ok(Json(orders))
+}
+
+#[utoipa::path(post, path = "/v1/heartbeat/process-server", tag = "heartbeats",
+    request_body = ProcessServerHeartbeatBody,
+    responses((status = 200, description = "wire::ProcessServerOrders: the revoked serials"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, body = Problem)))]
+pub async fn process_server(
+    State(state): State<AppState>,
+    peer: Peer,
+    Body(hb): Body<ProcessServerHeartbeat>,
+) -> Result<Json<ProcessServerOrders>, ApiError> {
+    peer.require("process-server", &hb.name)?;
+    registry::check_process_server_heartbeat(&hb).map_err(ApiError::BadRequest)?;
+    let now = crate::db::now_s();
+    if process_servers::heartbeat(&state.db, &hb, now).await? {
+        let subject = format!("process-server {}", hb.name);
+        let msg = format!("first heartbeat; agents reach it at {}", hb.address);
+        events::add(&state.db, "registered", &subject, &msg, now).await?;
+    }
+    Ok(Json(ProcessServerOrders {
+        revoked_serials: revoked_serials(&state.db, now).await?,
+        heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
+    }))
+}

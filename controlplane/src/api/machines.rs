@@ -1,0 +1,299 @@
+//! `/v1/machines` and `/v1/groups`: the machines that heartbeat, with their health
+//! and RPO computed at read time; moving one to another process server (operator),
+//! setting its policy or group and removing it (admin). Reading needs a viewer.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::{Caller, Role};
+use super::error::{ApiError, Problem};
+use super::{AppState, Body, Page, Query};
+use crate::db;
+use crate::health::{self, Health};
+use crate::policy::Policy;
+use crate::registry::machines::{self, MachineRow};
+use crate::registry::{events, process_servers};
+
+/// A machine as the API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Machine {
+    pub name: String,
+    /// The process server it is to use; null while none is available.
+    pub process_server: Option<String>,
+    pub policy: String,
+    pub group: Option<String>,
+    /// `initial-copy`, `resync`, `protected` (the least advanced disk's), or `no-disks`.
+    pub state: String,
+    pub health: Health,
+    pub health_reasons: Vec<String>,
+    /// Now minus the time of the newest point uploaded (the oldest such of its
+    /// disks); null before the first.
+    pub rpo_seconds: Option<f64>,
+    /// RFC 3339.
+    pub last_seen: String,
+    /// The disks of its last heartbeat (`wire::DiskReport`).
+    #[schema(value_type = Vec<Object>)]
+    pub disks: Vec<ferry_link::control::wire::DiskReport>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MachineList {
+    pub items: Vec<Machine>,
+    pub next_after: Option<String>,
+}
+
+pub(crate) fn rfc3339(s: i64) -> String {
+    chrono::DateTime::from_timestamp(s, 0).map_or_else(|| s.to_string(), |d| d.to_rfc3339())
+}
+
+fn view(m: MachineRow, policies: &HashMap<String, Policy>, now: f64) -> Machine {
+    let (health, health_reasons) = match health::policy_of(policies, &m.policy) {
+        Some(p) => {
+            let v = health::machine(&m, p, now);
+            (v.health, v.reasons)
+        }
+        None => (
+            Health::Warning,
+            vec![format!("policy {} does not exist", m.policy)],
+        ),
+    };
+    Machine {
+        rpo_seconds: health::rpo_seconds(&m, now),
+        name: m.name,
+        process_server: m.process_server,
+        policy: m.policy,
+        group: m.group,
+        state: m.state,
+        health,
+        health_reasons,
+        last_seen: rfc3339(m.last_seen),
+        disks: m.disks,
+        last_error: m.last_error,
+    }
+}
+
+pub(crate) fn checked(what: &'static str, name: &str) -> Result<(), ApiError> {
+    ferry_replica::layout::check_name(what, name).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!("no machine {name}"))
+}
+
+/// The machine, not removed.
+async fn existing(state: &AppState, name: &str) -> Result<MachineRow, ApiError> {
+    checked("machine", name)?;
+    machines::get(&state.db, name)
+        .await?
+        .filter(|m| !m.removed)
+        .ok_or_else(|| not_found(name))
+}
+
+#[utoipa::path(get, path = "/v1/machines", tag = "machines", params(Page),
+    security(("bearer" = [])),
+    responses((status = 200, body = MachineList), (status = 401, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(page): Query<Page>,
+) -> Result<Json<MachineList>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let limit = page.limit()?;
+    let rows = machines::list(&state.db, page.after.as_deref(), limit).await?;
+    let policies = health::policies(&state.db).await?;
+    let now = health::now_f();
+    let items: Vec<Machine> = rows.into_iter().map(|m| view(m, &policies, now)).collect();
+    let next_after = page.next_after(&items, |m| &m.name, limit);
+    Ok(Json(MachineList { items, next_after }))
+}
+
+#[utoipa::path(get, path = "/v1/machines/{name}", tag = "machines",
+    params(("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 200, body = Machine), (status = 404, body = Problem)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Machine>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let m = existing(&state, &name).await?;
+    let policies = health::policies(&state.db).await?;
+    Ok(Json(view(m, &policies, health::now_f())))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Move {
+    /// The process server's name.
+    pub to: String,
+}
+
+#[utoipa::path(post, path = "/v1/machines/{name}/move", tag = "machines",
+    params(("name" = String, Path)), request_body = Move, security(("bearer" = [])),
+    responses((status = 200, body = Machine), (status = 400, body = Problem),
+        (status = 404, body = Problem)))]
+pub async fn move_to(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(mv): Body<Move>,
+) -> Result<Json<Machine>, ApiError> {
+    caller.require(Role::Operator)?;
+    let m = existing(&state, &name).await?;
+    checked("process server", &mv.to)?;
+    if process_servers::get(&state.db, &mv.to)
+        .await?
+        .filter(|p| !p.removed)
+        .is_none()
+    {
+        return Err(ApiError::BadRequest(format!("no process server {}", mv.to)));
+    }
+    if !machines::set_process_server(&state.db, &name, &mv.to).await? {
+        return Err(not_found(&name));
+    }
+    let from = m.process_server.as_deref().unwrap_or("none");
+    let msg = format!(
+        "moved from process server {from} to {} by {}",
+        mv.to, caller.token
+    );
+    events::add(
+        &state.db,
+        "moved",
+        &format!("machine {name}"),
+        &msg,
+        db::now_s(),
+    )
+    .await?;
+    get(State(state), caller, Path(name)).await
+}
+
+/// `Some(v)` for a field given, even as null: `None` only when it is absent.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachinePatch {
+    /// A policy that exists.
+    pub policy: Option<String>,
+    /// A group name, or null for none.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub group: Option<Option<String>>,
+}
+
+#[utoipa::path(patch, path = "/v1/machines/{name}", tag = "machines",
+    params(("name" = String, Path)), request_body = MachinePatch, security(("bearer" = [])),
+    responses((status = 200, body = Machine), (status = 400, body = Problem),
+        (status = 404, body = Problem)))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(patch): Body<MachinePatch>,
+) -> Result<Json<Machine>, ApiError> {
+    caller.require(Role::Admin)?;
+    existing(&state, &name).await?;
+    if let Some(p) = &patch.policy {
+        checked("policy", p)?;
+        if db::policies::get(&state.db, p).await?.is_none() {
+            return Err(ApiError::BadRequest(format!("no policy {p}")));
+        }
+    }
+    if let Some(Some(g)) = &patch.group {
+        checked("group", g)?;
+    }
+    let group = patch.group.as_ref().map(|g| g.as_deref());
+    if !machines::patch(&state.db, &name, patch.policy.as_deref(), group).await? {
+        return Err(not_found(&name));
+    }
+    let mut said = Vec::new();
+    if let Some(p) = &patch.policy {
+        said.push(format!("policy {p}"));
+    }
+    if let Some(g) = &patch.group {
+        said.push(format!("group {}", g.as_deref().unwrap_or("none")));
+    }
+    if !said.is_empty() {
+        let msg = format!("{} set by {}", said.join(", "), caller.token);
+        events::add(
+            &state.db,
+            "changed",
+            &format!("machine {name}"),
+            &msg,
+            db::now_s(),
+        )
+        .await?;
+    }
+    get(State(state), caller, Path(name)).await
+}
+
+#[utoipa::path(delete, path = "/v1/machines/{name}", tag = "machines",
+    params(("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Admin)?;
+    checked("machine", &name)?;
+    if !machines::remove(&state.db, &name).await? {
+        return Err(not_found(&name));
+    }
+    let msg = format!("removed by {}; its certificates are revoked", caller.token);
+    events::add(
+        &state.db,
+        "removed",
+        &format!("machine {name}"),
+        &msg,
+        db::now_s(),
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A replication group and its machines.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Group {
+    pub name: String,
+    pub machines: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GroupList {
+    pub items: Vec<Group>,
+    pub next_after: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/groups", tag = "machines", params(Page),
+    security(("bearer" = [])),
+    responses((status = 200, body = GroupList), (status = 401, body = Problem)))]
+pub async fn groups(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(page): Query<Page>,
+) -> Result<Json<GroupList>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let limit = page.limit()?;
+    let pairs = machines::groups(&state.db, page.after.as_deref(), limit).await?;
+    let mut items: Vec<Group> = Vec::new();
+    for (group, machine) in pairs {
+        match items.last_mut() {
+            Some(g) if g.name == group => g.machines.push(machine),
+            _ => items.push(Group {
+                name: group,
+                machines: vec![machine],
+            }),
+        }
+    }
+    let next_after = page.next_after(&items, |g| &g.name, limit);
+    Ok(Json(GroupList { items, next_after }))
+}

@@ -1,0 +1,198 @@
+//! The registry: machines and process servers as their heartbeats describe them,
+//! which process server each machine uses, and the events of the fleet. The tables
+//! are in `machines`, `process_servers` and `events`; this module holds what a
+//! heartbeat does to them.
+//!
+//! An agent's first heartbeat registers its machine (it can send one only with the
+//! certificate it enrolled for) and gives it the process server with the least load:
+//! the fewest machines among those seen within three heartbeat intervals, ties by
+//! name. A machine whose process server was removed gets another the same way.
+
+pub mod events;
+pub mod machines;
+pub mod process_servers;
+
+use ferry_link::control::wire::{
+    AgentHeartbeat, AgentOrders, AgentPolicy, DiskReport, ProcessServerHeartbeat, ProcessServerRef,
+    HEARTBEAT_INTERVAL_S,
+};
+
+use crate::db::{self, Db};
+use crate::health::NOT_SEEN_S;
+
+/// Disk states an agent may report.
+pub const DISK_STATES: [&str; 3] = ["initial-copy", "resync", "protected"];
+/// The most disks one heartbeat may list (a body is bounded anyway; this keeps the
+/// stored JSON of one machine small).
+pub const MAX_DISKS: usize = 64;
+
+fn check_name(what: &'static str, name: &str) -> Result<(), String> {
+    ferry_replica::layout::check_name(what, name).map_err(|e| e.to_string())
+}
+
+/// Unix seconds of an RFC 3339 time.
+fn parse_time(what: &str, t: &str) -> Result<f64, String> {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .map(|d| d.timestamp_micros() as f64 / 1e6)
+        .map_err(|e| format!("{what} time {t:?} is not RFC 3339: {e}"))
+}
+
+/// The machine's state from its disks: the least advanced one's.
+pub fn machine_state(disks: &[DiskReport]) -> &'static str {
+    if disks.is_empty() {
+        "no-disks"
+    } else if disks.iter().any(|d| d.state == "initial-copy") {
+        "initial-copy"
+    } else if disks.iter().any(|d| d.state == "resync") {
+        "resync"
+    } else {
+        "protected"
+    }
+}
+
+/// Checks an agent's report; the oldest of its disks' newest uploaded points (the
+/// machine's RPO runs from the disk furthest behind), None when no disk has one.
+pub fn check_agent_heartbeat(hb: &AgentHeartbeat) -> Result<Option<f64>, String> {
+    check_name("machine", &hb.machine)?;
+    if let Some(ps) = &hb.process_server {
+        check_name("process server", ps)?;
+    }
+    if hb.disks.len() > MAX_DISKS {
+        return Err(format!(
+            "{} disks in one heartbeat; at most {MAX_DISKS}",
+            hb.disks.len()
+        ));
+    }
+    let mut oldest: Option<f64> = None;
+    for (i, d) in hb.disks.iter().enumerate() {
+        check_name("disk", &d.name)?;
+        if hb.disks[..i].iter().any(|o| o.name == d.name) {
+            return Err(format!("disk {} is listed twice", d.name));
+        }
+        if !DISK_STATES.contains(&d.state.as_str()) {
+            return Err(format!(
+                "disk {} has state {:?}; it must be one of {}",
+                d.name,
+                d.state,
+                DISK_STATES.join(", ")
+            ));
+        }
+        if !(0.0..=100.0).contains(&d.initial_copy_percent) {
+            return Err(format!(
+                "disk {} initial_copy_percent {} must be from 0 to 100",
+                d.name, d.initial_copy_percent
+            ));
+        }
+        if let Some(p) = &d.newest_point {
+            parse_time(&format!("disk {} newest_point", d.name), &p.time)?;
+        }
+        if let Some(p) = &d.newest_uploaded_point {
+            let t = parse_time(&format!("disk {} newest_uploaded_point", d.name), &p.time)?;
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
+        }
+    }
+    Ok(oldest)
+}
+
+/// Checks a process server's report.
+pub fn check_process_server_heartbeat(hb: &ProcessServerHeartbeat) -> Result<(), String> {
+    check_name("process server", &hb.name)?;
+    if crate::enroll::issue::advertise_host(&hb.address).is_none() {
+        return Err(format!("address {:?} is not HOST:PORT", hb.address));
+    }
+    if !matches!(hb.health.as_str(), "normal" | "warning" | "critical") {
+        return Err(format!(
+            "health {:?} must be normal, warning or critical",
+            hb.health
+        ));
+    }
+    for m in &hb.machines {
+        check_name("machine", m)?;
+    }
+    let finite = [hb.ingest_bytes_per_s, hb.upload_lag_s, hb.cpu_percent];
+    if finite.iter().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(
+            "ingest_bytes_per_s, upload_lag_s and cpu_percent must be finite and \
+                    not negative"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Records an agent's heartbeat (registering the machine at the first), gives it a
+/// process server if it has none, and answers what it is to do.
+pub async fn agent_heartbeat(
+    db: &Db,
+    hb: &AgentHeartbeat,
+    newest_uploaded_at: Option<f64>,
+    now: i64,
+) -> db::Result<AgentOrders> {
+    let registered = machines::heartbeat(
+        db,
+        &machines::Beat {
+            name: &hb.machine,
+            state: machine_state(&hb.disks),
+            disks: &hb.disks,
+            last_error: hb.last_error.as_deref(),
+            newest_uploaded_at,
+            now,
+        },
+    )
+    .await?;
+    let subject = format!("machine {}", hb.machine);
+    if registered {
+        events::add(db, "registered", &subject, "first heartbeat", now).await?;
+    }
+    let mut ps_name = machines::get(db, &hb.machine)
+        .await?
+        .and_then(|m| m.process_server);
+    if ps_name.is_none() {
+        ps_name = machines::assign_least_loaded(db, &hb.machine, now - NOT_SEEN_S).await?;
+        if let Some(ps) = &ps_name {
+            let msg = format!("assigned to process server {ps} (the least loaded)");
+            events::add(db, "assigned", &subject, &msg, now).await?;
+        }
+    }
+    orders(db, &hb.machine, ps_name).await
+}
+
+/// What a machine is to do now: its process server, policy and group.
+pub async fn orders(db: &Db, machine: &str, ps_name: Option<String>) -> db::Result<AgentOrders> {
+    let m = machines::get(db, machine).await?;
+    let (policy_name, group) = m.map_or_else(
+        || (crate::policy::DEFAULT_NAME.to_string(), None),
+        |m| (m.policy, m.group),
+    );
+    let policy = match db::policies::get(db, &policy_name).await? {
+        Some(p) => p,
+        // Its policy was deleted since it was set: the default holds until it is
+        // given another.
+        None => db::policies::get(db, crate::policy::DEFAULT_NAME)
+            .await?
+            .unwrap_or_else(crate::policy::Policy::default_policy),
+    };
+    let process_server = match ps_name {
+        Some(name) => process_servers::get(db, &name)
+            .await?
+            .filter(|p| !p.removed)
+            .map(|p| ProcessServerRef {
+                name: p.name,
+                address: p.address,
+            }),
+        None => None,
+    };
+    Ok(AgentOrders {
+        process_server,
+        policy: AgentPolicy {
+            name: policy.name,
+            crash_point_interval_s: policy.crash_point_interval_s,
+            app_point_interval_s: u64::from(policy.app_point_interval_s),
+        },
+        group,
+        heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,322 @@
+//! Every query of the registry and of enrollment, run by `db::tests` on SQLite and,
+//! when FERRY_TEST_DATABASE names one, on PostgreSQL.
+
+use ferry_link::control::wire::{AgentHeartbeat, DiskReport, PointRef, ProcessServerHeartbeat};
+
+use super::{events, machines, process_servers};
+use crate::db::Db;
+use crate::enroll::issue::Leaf;
+use crate::enroll::store::{self, Owner, TokenRefusal};
+
+fn leaf(serial: &str, not_after: i64) -> Leaf {
+    Leaf {
+        pem: String::new(),
+        der_sha256: format!("sha-{serial}"),
+        serial: serial.into(),
+        not_after,
+    }
+}
+
+fn ps_beat(name: &str, free: u64) -> ProcessServerHeartbeat {
+    ProcessServerHeartbeat {
+        name: name.into(),
+        address: format!("{name}.example:7000"),
+        cache_used_bytes: 100 - free,
+        cache_free_bytes: free,
+        ingest_bytes_per_s: 1.5,
+        upload_lag_s: 0.25,
+        cpu_percent: 12.0,
+        health: "normal".into(),
+        health_reasons: vec![],
+        machines: vec!["m1".into()],
+    }
+}
+
+fn agent_beat(machine: &str, state: &str, uploaded: Option<&str>) -> AgentHeartbeat {
+    AgentHeartbeat {
+        machine: machine.into(),
+        disks: vec![DiskReport {
+            name: "d0".into(),
+            size_bytes: 1 << 20,
+            state: state.into(),
+            initial_copy_percent: 100.0,
+            journal_bytes: 0,
+            unacked_bytes: 0,
+            newest_point: None,
+            newest_uploaded_point: uploaded.map(|t| PointRef {
+                id: "p1".into(),
+                kind: "crash".into(),
+                time: t.into(),
+            }),
+        }],
+        process_server: None,
+        last_error: None,
+    }
+}
+
+pub(crate) async fn every_query(db: &Db) {
+    let now = 1_800_000_000;
+    // Enrollment tokens: one use, expiry, kind, unknown.
+    let names = ["m1".to_string()];
+    let agent_m1 = Owner {
+        kind: "agent",
+        name: "m1",
+        names: &names,
+    };
+    store::create_token(db, "t1", "agent", now, 3600)
+        .await
+        .unwrap();
+    store::create_token(db, "t2", "agent", now - 7200, 3600)
+        .await
+        .unwrap();
+    store::create_token(db, "t3", "process-server", now, 3600)
+        .await
+        .unwrap();
+    let l1 = leaf("4001", now + 86_400);
+    assert_eq!(
+        store::enroll(db, "t1", &l1, &agent_m1, now).await.unwrap(),
+        Ok(())
+    );
+    assert_eq!(
+        store::enroll(db, "t1", &leaf("4002", now), &agent_m1, now + 1)
+            .await
+            .unwrap(),
+        Err(TokenRefusal::Used {
+            by: "m1".into(),
+            at: now
+        })
+    );
+    assert_eq!(
+        store::enroll(db, "t2", &leaf("4003", now), &agent_m1, now)
+            .await
+            .unwrap(),
+        Err(TokenRefusal::Expired { at: now - 3600 })
+    );
+    assert_eq!(
+        store::enroll(db, "t3", &leaf("4004", now), &agent_m1, now)
+            .await
+            .unwrap(),
+        Err(TokenRefusal::WrongKind {
+            is: "process-server".into()
+        })
+    );
+    assert_eq!(
+        store::enroll(db, "nope", &leaf("4005", now), &agent_m1, now)
+            .await
+            .unwrap(),
+        Err(TokenRefusal::Unknown)
+    );
+    let cert = store::find_cert(db, "sha-4001").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            cert.owner_kind.as_str(),
+            cert.owner_name.as_str(),
+            cert.names.clone()
+        ),
+        ("agent", "m1", names.to_vec())
+    );
+    assert!(!cert.revoked);
+    assert_eq!(
+        store::find_cert(db, "sha-4002").await.unwrap(),
+        None,
+        "refused: not recorded"
+    );
+    store::record_cert(db, &leaf("4006", now - 1), &agent_m1, now)
+        .await
+        .unwrap();
+
+    // Process servers: registered by a heartbeat; the least loaded gets new machines.
+    let seen = now - 15;
+    assert!(process_servers::heartbeat(db, &ps_beat("psb", 50), now)
+        .await
+        .unwrap());
+    assert!(!process_servers::heartbeat(db, &ps_beat("psb", 40), now)
+        .await
+        .unwrap());
+    assert!(process_servers::heartbeat(db, &ps_beat("psa", 50), now)
+        .await
+        .unwrap());
+    assert!(
+        process_servers::heartbeat(db, &ps_beat("psold", 50), now - 100)
+            .await
+            .unwrap()
+    );
+    let b = process_servers::get(db, "psb").await.unwrap().unwrap();
+    assert_eq!((b.cache_free_bytes, b.cache_used_bytes), (40, 60));
+    assert_eq!(b.connected, ["m1"]);
+
+    let beat = |name: &'static str, uploaded: Option<f64>| machines::Beat {
+        name,
+        state: "protected",
+        disks: &[],
+        last_error: None,
+        newest_uploaded_at: uploaded,
+        now,
+    };
+    assert!(machines::heartbeat(db, &beat("m1", None)).await.unwrap());
+    assert!(!machines::heartbeat(db, &beat("m1", Some(1.5)))
+        .await
+        .unwrap());
+    assert_eq!(
+        machines::assign_least_loaded(db, "m1", seen)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("psa"),
+        "a tie goes by name; psold is not seen"
+    );
+    assert_eq!(
+        machines::assign_least_loaded(db, "m1", seen).await.unwrap(),
+        None,
+        "has one"
+    );
+    machines::heartbeat(db, &beat("m2", None)).await.unwrap();
+    assert_eq!(
+        machines::assign_least_loaded(db, "m2", seen)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("psb"),
+        "psa has one machine now"
+    );
+    let loads = process_servers::loads(db).await.unwrap();
+    assert_eq!((loads["psa"], loads["psb"]), (1, 1));
+    assert!(machines::set_process_server(db, "m2", "psa").await.unwrap());
+    assert!(!machines::set_process_server(db, "m9", "psa").await.unwrap());
+    assert!(machines::patch(db, "m1", Some("default"), Some(Some("g1")))
+        .await
+        .unwrap());
+    assert!(machines::patch(db, "m2", None, Some(Some("g1")))
+        .await
+        .unwrap());
+    assert!(!machines::patch(db, "m9", Some("default"), None)
+        .await
+        .unwrap());
+    let m1 = machines::get(db, "m1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            m1.process_server.as_deref(),
+            m1.group.as_deref(),
+            m1.newest_uploaded_at
+        ),
+        (Some("psa"), Some("g1"), Some(1.5))
+    );
+    assert_eq!(
+        machines::groups(db, None, 10).await.unwrap(),
+        [
+            ("g1".to_string(), "m1".to_string()),
+            ("g1".into(), "m2".into())
+        ]
+    );
+    assert!(machines::patch(db, "m2", None, Some(None)).await.unwrap());
+    assert_eq!(machines::groups(db, Some("g1"), 10).await.unwrap(), []);
+
+    // Health writes are compare-and-set.
+    assert!(machines::set_health(db, "m1", "normal", "critical")
+        .await
+        .unwrap());
+    assert!(!machines::set_health(db, "m1", "normal", "warning")
+        .await
+        .unwrap());
+    assert!(process_servers::set_health(db, "psa", "normal", "warning")
+        .await
+        .unwrap());
+
+    // Removal: the machine is gone from lists, its certificates revoked.
+    assert!(machines::remove(db, "m1").await.unwrap());
+    assert!(!machines::remove(db, "m1").await.unwrap());
+    assert!(machines::get(db, "m1").await.unwrap().unwrap().removed);
+    let listed: Vec<String> = machines::list(db, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(listed, ["m2"]);
+    assert!(
+        store::find_cert(db, "sha-4001")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked
+    );
+    assert_eq!(
+        store::revoked_serials(db, now).await.unwrap(),
+        ["4001"],
+        "4006 has expired: no need to list it"
+    );
+    // A heartbeat after a new enrollment brings it back.
+    assert!(machines::heartbeat(db, &beat("m1", None)).await.unwrap());
+    assert!(!machines::get(db, "m1").await.unwrap().unwrap().removed);
+
+    // Removing a process server frees its machines.
+    assert!(process_servers::remove(db, "psa").await.unwrap());
+    assert_eq!(
+        machines::get(db, "m2")
+            .await
+            .unwrap()
+            .unwrap()
+            .process_server,
+        None
+    );
+    let left: Vec<String> = process_servers::list(db, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(left, ["psb", "psold"]);
+
+    // Events: numbered in order, paged by id.
+    let base = events::list(db, 0, 1000).await.unwrap().len() as i64;
+    for i in 0..3 {
+        events::add(db, "test", "machine m1", &format!("e{i}"), now)
+            .await
+            .unwrap();
+    }
+    let got = events::list(db, base, 2).await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].id, got[0].message.as_str()), (base + 1, "e0"));
+    let rest = events::list(db, got[1].id, 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].message, "e2");
+
+    // The sweep: psb and psold not seen long after `now`; an event each, once.
+    let later = now as f64 + 60.0;
+    let changed = crate::health::sweep(db, later).await.unwrap();
+    assert!(changed >= 2, "{changed}");
+    assert_eq!(
+        crate::health::sweep(db, later).await.unwrap(),
+        0,
+        "no change, no event"
+    );
+    let evs = events::list(db, rest[0].id, 100).await.unwrap();
+    let psb = evs
+        .iter()
+        .find(|e| e.subject == "process-server psb")
+        .unwrap();
+    assert_eq!(psb.kind, "health");
+    assert!(
+        psb.message
+            .starts_with("health normal -> critical: not seen for"),
+        "{}",
+        psb.message
+    );
+
+    // A check of what heartbeats carry.
+    let ok = agent_beat("m3", "protected", Some("2026-01-01T00:00:01.5Z"));
+    let t = super::check_agent_heartbeat(&ok).unwrap().unwrap();
+    assert_eq!(t, 1_767_225_601.5);
+    let bad = agent_beat("m3", "sleeping", None);
+    assert!(super::check_agent_heartbeat(&bad)
+        .unwrap_err()
+        .contains("sleeping"));
+    let bad = agent_beat("m3", "resync", Some("yesterday"));
+    assert!(super::check_agent_heartbeat(&bad)
+        .unwrap_err()
+        .contains("RFC 3339"));
+    assert_eq!(super::machine_state(&bad.disks), "resync");
+    let mut bad = ps_beat("psc", 10);
+    bad.address = "nowhere".into();
+    assert!(super::check_process_server_heartbeat(&bad).is_err());
+}

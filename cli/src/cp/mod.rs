@@ -2,7 +2,10 @@
 //! `--json` for scripts; errors as one line with the API's problem detail.
 
 mod client;
+mod events;
+mod machines;
 mod policies;
+mod process_servers;
 mod tokens;
 
 use anyhow::Result;
@@ -22,9 +25,18 @@ enum Resource {
     /// Replication policies: point intervals, retention, RPO thresholds
     #[command(subcommand)]
     Policies(policies::Verb),
-    /// API tokens (admin only)
+    /// API tokens and one-time enrollment tokens (admin only)
     #[command(subcommand)]
     Tokens(tokens::Verb),
+    /// Machines: health, RPO, process server, policy, group
+    #[command(subcommand)]
+    Machines(machines::Verb),
+    /// Process servers: load, cache, health
+    #[command(subcommand)]
+    ProcessServers(process_servers::Verb),
+    /// What happened to the fleet
+    #[command(subcommand)]
+    Events(events::Verb),
 }
 
 pub fn cp(a: CpArgs) -> Result<()> {
@@ -32,6 +44,9 @@ pub fn cp(a: CpArgs) -> Result<()> {
     match a.resource {
         Resource::Policies(v) => policies::run(&conn, v),
         Resource::Tokens(v) => tokens::run(&conn, v),
+        Resource::Machines(v) => machines::run(&conn, v),
+        Resource::ProcessServers(v) => process_servers::run(&conn, v),
+        Resource::Events(v) => events::run(&conn, v),
     }
 }
 

@@ -331,6 +331,26 @@ fn enrolled_parts_heartbeat_over_mutual_tls_and_the_registry_follows() {
     assert!(
         reasons.contains("critical threshold 120 s") && reasons.contains("disk d0 is in resync")
     );
+    // The background sweep (every heartbeat interval) records the change as an event.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let evs = http
+            .send("GET", "/v1/events?limit=1000", Some(&admin))
+            .json();
+        let swept = evs["items"].as_array().unwrap().iter().any(|e| {
+            e["kind"] == json!("health")
+                && e["subject"] == json!("machine m1")
+                && e["message"].as_str().unwrap().contains("-> critical")
+        });
+        if swept {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no health event: {evs}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
     let metrics = http.send("GET", "/metrics", None).body;
     assert!(
         metrics.contains("ferry_machine_health{machine=\"m1\"} 2"),
@@ -383,6 +403,8 @@ fn enrolled_parts_heartbeat_over_mutual_tls_and_the_registry_follows() {
         json!({"name": "gold", "crash_point_interval_s": 0.5, "app_point_interval_s": 0})
     );
     assert_eq!(orders["group"], json!("g1"));
+    http.send("DELETE", "/v1/policies/gold", Some(&admin))
+        .problem(409, "policy gold is used by machine m1");
     let groups = http.send("GET", "/v1/groups", Some(&admin)).json();
     assert_eq!(groups["items"], json!([{"name": "g1", "machines": ["m1"]}]));
     let table = cp.cli_ok(&["machines", "list"]);

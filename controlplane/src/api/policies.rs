@@ -118,6 +118,16 @@ pub async fn delete(
             "the default policy cannot be deleted (change it instead)".into(),
         ));
     }
+    // Refused while machines use it: they would silently fall back to `default`.
+    // (A machine given it between this check and the delete gets `default` at its
+    // next heartbeat, which is what it would get anyway.)
+    let users = crate::registry::machines::using_policy(&state.db, &name, 5).await?;
+    if !users.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "policy {name} is used by machine {}: give them another first",
+            users.join(", ")
+        )));
+    }
     if !db::policies::delete(&state.db, &name).await? {
         return Err(not_found(&name));
     }

@@ -200,6 +200,21 @@ pub async fn patch(
     Ok(found)
 }
 
+/// Up to `limit` machines (not removed) under policy `policy`, by name.
+pub async fn using_policy(db: &Db, policy: &str, limit: u32) -> Result<Vec<String>> {
+    let rows = sqlx::query(
+        "SELECT name FROM machines WHERE removed = 0 AND policy = $1 ORDER BY name LIMIT $2",
+    )
+    .bind(policy.to_string())
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
+    .await
+    .map_err(q("listing a policy's machines"))?;
+    rows.iter()
+        .map(|r| r.try_get("name").map_err(q("reading a machine")))
+        .collect()
+}
+
 /// Removes a machine: marks it removed and revokes every certificate it was issued,
 /// in one transaction. False when there was neither a machine nor a certificate to
 /// revoke (an enrolled machine that never sent a heartbeat has only the latter).

@@ -192,6 +192,14 @@ pub(crate) async fn every_query(db: &Db) {
     assert!(!machines::patch(db, "m9", Some("default"), None)
         .await
         .unwrap());
+    assert_eq!(
+        machines::using_policy(db, "default", 5).await.unwrap(),
+        ["m1", "m2"]
+    );
+    assert!(machines::using_policy(db, "gold", 5)
+        .await
+        .unwrap()
+        .is_empty());
     let m1 = machines::get(db, "m1").await.unwrap().unwrap();
     assert_eq!(
         (

@@ -535,6 +535,10 @@ fn enrollment_refuses_used_expired_forged_and_wrong_kind_tokens_and_foreign_cert
     enroll_raw(&cp, &ps_token, "agent", "m1", &key).problem(401, "for a process-server");
     assert_eq!(enroll_raw(&cp, &token, "agent", "m1", &key).status, 200);
     enroll_raw(&cp, &token, "agent", "m2", &key).problem(401, "already used (by m1");
+    // A token does not take over an enrolled name; it is not spent by trying.
+    let again = cp.token("agent");
+    enroll_raw(&cp, &again, "agent", "m1", &key).problem(409, "agent m1 is enrolled already");
+    assert_eq!(enroll_raw(&cp, &again, "agent", "m5", &key).status, 200);
     enroll_raw(&cp, "ferry_enroll_0000", "agent", "m2", &key).problem(401, "unknown");
     // An API token is no enrollment token.
     enroll_raw(&cp, &cp.admin(), "agent", "m2", &key).problem(401, "unknown");

@@ -136,7 +136,7 @@ fn internal(e: crate::enroll::Error) -> ApiError {
 
 #[utoipa::path(post, path = "/v1/enroll", tag = "enrollment", request_body = EnrollBody,
     responses((status = 200, body = IssuedBody), (status = 400, body = Problem),
-        (status = 401, body = Problem)))]
+        (status = 401, body = Problem), (status = 409, body = Problem)))]
 pub async fn enroll(
     State(state): State<AppState>,
     Body(req): Body<EnrollRequest>,
@@ -180,7 +180,13 @@ pub async fn enroll(
     };
     store::enroll(&state.db, &hash(req.token.trim()), &leaf, &owner, now)
         .await?
-        .map_err(|refusal| ApiError::Unauthorized(refusal.to_string()))?;
+        .map_err(|refusal| {
+            if refusal.is_token() {
+                ApiError::Unauthorized(refusal.to_string())
+            } else {
+                ApiError::Conflict(refusal.to_string())
+            }
+        })?;
     let subject = format!("{} {}", req.kind.as_str(), req.name);
     let msg = format!("enrolled; certificate {}", leaf.serial);
     events::add(&state.db, "enrolled", &subject, &msg, now).await?;

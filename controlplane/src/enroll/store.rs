@@ -8,33 +8,57 @@ use sqlx::Row;
 use super::issue::Leaf;
 use crate::db::{q, Db, Error, Result};
 
-/// Why an enrollment token was refused.
+/// Why an enrollment was refused: the token (a 401), or the name (a 409).
 #[derive(Debug, Clone, PartialEq)]
-pub enum TokenRefusal {
+pub enum Refusal {
     Unknown,
-    Used { by: String, at: i64 },
-    Expired { at: i64 },
-    WrongKind { is: String },
+    Used {
+        by: String,
+        at: i64,
+    },
+    Expired {
+        at: i64,
+    },
+    WrongKind {
+        is: String,
+    },
+    /// The name holds a certificate that is neither revoked nor expired: a token
+    /// must not let anyone take over an enrolled machine or process server.
+    Taken {
+        kind: String,
+        name: String,
+    },
 }
 
-impl std::fmt::Display for TokenRefusal {
+impl Refusal {
+    /// Whether the token is what was wrong (rather than the name).
+    pub fn is_token(&self) -> bool {
+        !matches!(self, Refusal::Taken { .. })
+    }
+}
+
+impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let time = |s: i64| {
             chrono::DateTime::from_timestamp(s, 0).map_or_else(|| s.to_string(), |d| d.to_rfc3339())
         };
         match self {
-            TokenRefusal::Unknown => write!(f, "unknown enrollment token"),
-            TokenRefusal::Used { by, at } => write!(
+            Refusal::Unknown => write!(f, "unknown enrollment token"),
+            Refusal::Used { by, at } => write!(
                 f,
                 "the enrollment token was already used (by {by} at {}); tokens work once",
                 time(*at)
             ),
-            TokenRefusal::Expired { at } => {
+            Refusal::Expired { at } => {
                 write!(f, "the enrollment token expired at {}", time(*at))
             }
-            TokenRefusal::WrongKind { is } => {
+            Refusal::WrongKind { is } => {
                 write!(f, "the enrollment token is for a {is}, not for this kind")
             }
+            Refusal::Taken { kind, name } => write!(
+                f,
+                "{kind} {name} is enrolled already: remove it first to enroll it again"
+            ),
         }
     }
 }
@@ -98,7 +122,7 @@ pub async fn enroll(
     leaf: &Leaf,
     owner: &Owner<'_>,
     now: i64,
-) -> Result<Result<(), TokenRefusal>> {
+) -> Result<Result<(), Refusal>> {
     let mut tx = db
         .pool()
         .begin()
@@ -113,7 +137,7 @@ pub async fn enroll(
     .await
     .map_err(q("reading an enrollment token"))?;
     let Some(row) = row else {
-        return Ok(Err(TokenRefusal::Unknown));
+        return Ok(Err(Refusal::Unknown));
     };
     let get = |e| q("reading an enrollment token")(e);
     let kind: String = row.try_get("kind").map_err(get)?;
@@ -121,16 +145,34 @@ pub async fn enroll(
     let used_at: Option<i64> = row.try_get("used_at").map_err(get)?;
     let used_by: Option<String> = row.try_get("used_by").map_err(get)?;
     if let Some(at) = used_at {
-        return Ok(Err(TokenRefusal::Used {
+        return Ok(Err(Refusal::Used {
             by: used_by.unwrap_or_default(),
             at,
         }));
     }
     if expires_at <= now {
-        return Ok(Err(TokenRefusal::Expired { at: expires_at }));
+        return Ok(Err(Refusal::Expired { at: expires_at }));
     }
     if kind != owner.kind {
-        return Ok(Err(TokenRefusal::WrongKind { is: kind }));
+        return Ok(Err(Refusal::WrongKind { is: kind }));
+    }
+    let live: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM issued_certs \
+         WHERE owner_kind = $1 AND owner_name = $2 AND revoked = 0 AND not_after > $3",
+    )
+    .bind(owner.kind.to_string())
+    .bind(owner.name.to_string())
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(q("looking for the name's certificates"))?
+    .try_get("n")
+    .map_err(q("looking for the name's certificates"))?;
+    if live > 0 {
+        return Ok(Err(Refusal::Taken {
+            kind: owner.kind.to_string(),
+            name: owner.name.to_string(),
+        }));
     }
     // `used_at IS NULL` again: of two enrollments racing with one token, one wins.
     let spent = sqlx::query(
@@ -144,7 +186,7 @@ pub async fn enroll(
     .await
     .map_err(q("spending an enrollment token"))?;
     if spent.rows_affected() != 1 {
-        return Ok(Err(TokenRefusal::Used {
+        return Ok(Err(Refusal::Used {
             by: "another enrollment".into(),
             at: now,
         }));

@@ -6,7 +6,7 @@ use ferry_link::control::wire::{AgentHeartbeat, DiskReport, PointRef, ProcessSer
 use super::{events, machines, process_servers};
 use crate::db::Db;
 use crate::enroll::issue::Leaf;
-use crate::enroll::store::{self, Owner, TokenRefusal};
+use crate::enroll::store::{self, Owner, Refusal};
 
 fn leaf(serial: &str, not_after: i64) -> Leaf {
     Leaf {
@@ -81,7 +81,7 @@ pub(crate) async fn every_query(db: &Db) {
         store::enroll(db, "t1", &leaf("4002", now), &agent_m1, now + 1)
             .await
             .unwrap(),
-        Err(TokenRefusal::Used {
+        Err(Refusal::Used {
             by: "m1".into(),
             at: now
         })
@@ -90,13 +90,13 @@ pub(crate) async fn every_query(db: &Db) {
         store::enroll(db, "t2", &leaf("4003", now), &agent_m1, now)
             .await
             .unwrap(),
-        Err(TokenRefusal::Expired { at: now - 3600 })
+        Err(Refusal::Expired { at: now - 3600 })
     );
     assert_eq!(
         store::enroll(db, "t3", &leaf("4004", now), &agent_m1, now)
             .await
             .unwrap(),
-        Err(TokenRefusal::WrongKind {
+        Err(Refusal::WrongKind {
             is: "process-server".into()
         })
     );
@@ -104,7 +104,20 @@ pub(crate) async fn every_query(db: &Db) {
         store::enroll(db, "nope", &leaf("4005", now), &agent_m1, now)
             .await
             .unwrap(),
-        Err(TokenRefusal::Unknown)
+        Err(Refusal::Unknown)
+    );
+    store::create_token(db, "t4", "agent", now, 3600)
+        .await
+        .unwrap();
+    assert_eq!(
+        store::enroll(db, "t4", &leaf("4007", now), &agent_m1, now)
+            .await
+            .unwrap(),
+        Err(Refusal::Taken {
+            kind: "agent".into(),
+            name: "m1".into()
+        }),
+        "m1 holds a live certificate"
     );
     let cert = store::find_cert(db, "sha-4001").await.unwrap().unwrap();
     assert_eq!(

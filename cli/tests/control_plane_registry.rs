@@ -437,6 +437,17 @@ fn enrolled_parts_heartbeat_over_mutual_tls_and_the_registry_follows() {
     let mut bad = agent_beat("m1", "protected", None);
     bad["colour"] = json!("blue");
     beat(&cp, &m1, &bad).problem(400, "colour");
+    let mut bad = ps_beat("ps1", 50);
+    bad["colour"] = json!("blue");
+    beat(&cp, &ps1, &bad).problem(400, "colour");
+    cp.http(Some(&m1))
+        .json(
+            "POST",
+            "/v1/renew",
+            None,
+            &json!({"csr_pem": csr(&m1.key), "colour": 1}),
+        )
+        .problem(400, "colour");
     beat(&cp, &m1, &agent_beat("m1", "asleep", None)).problem(400, "asleep");
 
     // Renewal: a new certificate for the same owner, which heartbeats like the first.

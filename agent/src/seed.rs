@@ -121,11 +121,11 @@ impl Plan<'_> {
         let start = j * self.extent_bytes;
         let len = self.extent_bytes.min(self.image.size - start) as usize;
         let WorkerBufs { buf, holes } = bufs;
-        buf.resize(len, 0);
         // Holes cost nothing to read: blocks wholly in one are zero blocks to the scan,
-        // neither filled nor tested.
-        self.image
-            .read_holes_at(buf, start, self.block_bytes, holes)?;
+        // neither filled nor tested. The rest comes straight from the image's map.
+        let view = self
+            .image
+            .view_holes_at(buf, start, len, self.block_bytes, holes)?;
         let key = self.disk.key()?;
         let seq = self.seq_of(j);
         let (kind, object) = if self.full() {
@@ -149,7 +149,7 @@ impl Plan<'_> {
         let mut n_sent = 0u64;
         let bs = self.block_bytes as u64;
         scan_region_holes(
-            buf,
+            view,
             start,
             self.block_bytes,
             old,
@@ -172,11 +172,18 @@ impl Plan<'_> {
             ..Default::default()
         };
         if b.is_empty() {
+            // The sums say "all zero": true only if the image did not shrink under us.
+            self.image.check_whole()?;
+            self.image.release(start, len);
             return Ok(out);
         }
         sent.fetch_add(b.data_bytes(), Ordering::Relaxed);
         blocks_sent.fetch_add(n_sent, Ordering::Relaxed);
         let bytes = b.finish();
+        // Everything read of the extent is sealed now: if the image shrank meanwhile,
+        // part of it read as zeros, and the object must not be kept.
+        self.image.check_whole()?;
+        self.image.release(start, len);
         let stored_bytes = bytes.len() as u64;
         stored.fetch_add(stored_bytes, Ordering::Relaxed);
         let store = &self.disk.store;

@@ -34,6 +34,9 @@ pub struct RunFigures {
     pub server_p99_ms: f64,
     pub rss_mib: f64,
     pub disks: usize,
+    /// Age of each disk's newest uploaded point at random moments, seconds:
+    /// (p50, p99, max, samples).
+    pub rpo: (f64, f64, f64, u64),
 }
 
 fn proc_field(pid: u32, file: &str, key: &str) -> Option<f64> {
@@ -209,7 +212,7 @@ pub fn run_load(
         vault,
     )?;
     let start = drive.start;
-    let Loaded { bytes, hist } = drive.loaded()?;
+    let Loaded { bytes, hist, rpo } = drive.loaded()?;
     let acked_wall = start.elapsed().as_secs_f64();
     let page = server.metrics.as_deref().and_then(fetch_metrics);
     let quantiles = |name: &str| -> Vec<f64> {
@@ -251,6 +254,12 @@ pub fn run_load(
         server_p99_ms: server_ms[1],
         rss_mib,
         disks,
+        rpo: (
+            rpo.value_at_quantile(0.5) as f64 / 1e6,
+            rpo.value_at_quantile(0.99) as f64 / 1e6,
+            rpo.max() as f64 / 1e6,
+            rpo.len(),
+        ),
     };
     println!(
         "ingest {name}: {} agents on {} shard(s), {} MB acknowledged in {acked_wall:.1} s ({:.0} MB/s), uploaded by {wall:.1} s: {:.0} MB/s sustained; server {cpu:.1} CPU-s ({:.2} CPU-s per GB, {:.0} MB/s per core-second); ack at the agent p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms (in the server, arrival to ack: {:.2} / {:.2} / {:.2} ms; cache sync {:.2} / {:.2} / {:.2} ms); server peak RSS {:.0} MiB; uploads drained {upload_s:.1} s after the last ack; {} disks verified",
@@ -272,6 +281,10 @@ pub fn run_load(
         sync_ms[2],
         f.rss_mib,
         f.disks
+    );
+    println!(
+        "ingest {name}: RPO (age of each disk's newest uploaded point at {} random moments, points every {} s): p50 {:.2} s, p99 {:.2} s, max {:.2} s",
+        f.rpo.3, load.point_interval_s, f.rpo.0, f.rpo.1, f.rpo.2
     );
     Ok(f)
 }
@@ -355,12 +368,16 @@ pub struct IngestOptions {
     pub half_mbps: Option<f64>,
     pub store_dir: Option<PathBuf>,
     pub load_threads: usize,
+    /// How often each agent takes a crash-consistent point (the policy's interval).
+    pub point_interval_s: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RunKind {
     Full,
     Half,
+    /// 80 % of the full-load rate: where the RPO goal is held.
+    Eighty,
     Connections,
     /// Full load on 1, 2, 4, ... shards, the server and the load each on CPUs of
     /// their own, as far as the host's CPUs go.
@@ -408,6 +425,7 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         seconds: o.seconds,
         shards: o.shards,
         threads: o.load_threads,
+        point_interval_s: o.point_interval_s,
     };
     let full = match wants(RunKind::Full) {
         true => Some(clock.around("the full-load run", || {
@@ -444,6 +462,33 @@ pub fn run(o: &IngestOptions) -> Result<()> {
         (true, None) => bail!("the half-load run needs the full-load run or --half-mbps"),
         (false, _) => None,
     };
+    let eighty = match (wants(RunKind::Eighty), &full) {
+        (true, Some((f, _))) => {
+            let load = Load {
+                rate: Some(f.mbps * 0.8),
+                ..full_load
+            };
+            let (eighty, _) = clock.around("the 80 % load run", || {
+                run_load("eighty", &o.ferry, &o.work, &sample, load, None, store)
+            })?;
+            Some(eighty)
+        }
+        (true, None) => bail!("the 80 % load run needs the full-load run"),
+        (false, _) => None,
+    };
+    let goal = o.point_interval_s + 0.25;
+    for (what, r) in [("half", &half), ("80 %", &eighty)] {
+        if let Some(r) = r {
+            println!(
+                "RPO at {what} load, points every {} s: p50 {:.2} s, p99 {:.2} s, max {:.2} s (goal p99 <= {goal:.2} s: {})",
+                o.point_interval_s,
+                r.rpo.0,
+                r.rpo.1,
+                r.rpo.2,
+                if r.rpo.1 <= goal { "met" } else { "NOT met" }
+            );
+        }
+    }
     let many = match wants(RunKind::Connections) {
         true => {
             let rate = half_rate.map_or(50.0, |h| (h / 2.0).min(50.0));

@@ -31,6 +31,8 @@ pub struct Load {
     pub shards: usize,
     /// Threads of the load generator, agents dealt round-robin.
     pub threads: usize,
+    /// Every agent takes a crash-consistent point this often.
+    pub point_interval_s: f64,
 }
 
 /// CPUs for the server and for the load generator's threads (thread t on
@@ -81,7 +83,11 @@ fn histogram() -> Histogram<u64> {
 }
 
 enum Report {
-    Loaded { bytes: u64, hist: Histogram<u64> },
+    Loaded {
+        bytes: u64,
+        hist: Histogram<u64>,
+        rpo: Histogram<u64>,
+    },
     Drained,
     Failed(String),
 }
@@ -96,10 +102,12 @@ pub struct Drive {
     threads: Vec<JoinHandle<Result<usize, String>>>,
 }
 
-/// What the agents sent, and the ack latency they saw.
+/// What the agents sent, the ack latency they saw, and the RPO: the age of each
+/// disk's newest uploaded point at random moments (microseconds).
 pub struct Loaded {
     pub bytes: u64,
     pub hist: Histogram<u64>,
+    pub rpo: Histogram<u64>,
 }
 
 impl Drive {
@@ -179,12 +187,14 @@ impl Drive {
         let mut all = Loaded {
             bytes: 0,
             hist: histogram(),
+            rpo: histogram(),
         };
         for _ in 0..self.threads.len() {
             match self.next()? {
-                Report::Loaded { bytes, hist } => {
+                Report::Loaded { bytes, hist, rpo } => {
                     all.bytes += bytes;
                     all.hist.add(&hist).context("merge latency histograms")?;
+                    all.rpo.add(&rpo).context("merge RPO histograms")?;
                 }
                 _ => bail!("a load thread reported out of order"),
             }
@@ -242,6 +252,7 @@ async fn agents(
     tx: &mpsc::Sender<Report>,
 ) -> Result<Vec<SimDisk>, String> {
     let hist = Rc::new(RefCell::new(histogram()));
+    let rpo = Rc::new(RefCell::new(histogram()));
     let tasks: Vec<_> = mine
         .iter()
         .map(|&i| {
@@ -253,13 +264,15 @@ async fn agents(
                 load,
                 start,
                 hist.clone(),
+                rpo.clone(),
             ))
         })
         .collect();
     let sims = joined(tasks).await?;
     let bytes = sims.iter().map(|s| s.bytes).sum();
     let hist = hist.replace(histogram());
-    let _ = tx.send(Report::Loaded { bytes, hist });
+    let rpo = rpo.replace(histogram());
+    let _ = tx.send(Report::Loaded { bytes, hist, rpo });
     let tasks: Vec<_> = sims
         .into_iter()
         .map(|mut s| {
@@ -298,6 +311,7 @@ async fn agent(
     load: Load,
     start: Instant,
     hist: Rc<RefCell<Histogram<u64>>>,
+    rpo: Rc<RefCell<Histogram<u64>>>,
 ) -> Result<SimDisk, String> {
     // Spread connection set-up over the first moments, as a fleet would.
     compio::time::sleep(Duration::from_micros(2000 * i as u64 % 2_000_000)).await;
@@ -311,6 +325,8 @@ async fn agent(
     let per_agent = load.rate.map(|r| r * 1e6 / load.agents as f64);
     let deadline = start + Duration::from_secs_f64(load.seconds);
     let mut last_point = Instant::now();
+    let interval = Duration::from_secs_f64(load.point_interval_s);
+    let mut age = PointAge::new(i as u64);
     let mut sent = 0f64;
     while Instant::now() < deadline {
         // At full load, writes go out in groups as fast as credit allows; paced, each
@@ -348,10 +364,12 @@ async fn agent(
             sim.take_acks_until(start + Duration::from_secs_f64(sent / r))
                 .await;
         }
-        if last_point.elapsed() >= Duration::from_secs(1) {
-            sim.bookmark(chrono_ms());
+        if last_point.elapsed() >= interval {
             last_point = Instant::now();
+            age.taken(sim.next_seq, last_point);
+            sim.bookmark(chrono_ms());
         }
+        age.sample(sim.uploaded(), &mut rpo.borrow_mut());
         if per_agent.is_none() {
             sim.pump_until(&target, Duration::from_secs(60), keep)
                 .await?;
@@ -365,8 +383,88 @@ async fn agent(
     Ok(sim)
 }
 
+/// The age of a disk's newest uploaded point, sampled at random moments: what a
+/// failover at that moment would lose, the RPO.
+struct PointAge {
+    /// (sequence number, when taken) of the points not superseded by a newer uploaded
+    /// one, oldest first.
+    points: std::collections::VecDeque<(u64, Instant)>,
+    /// The highest upload watermark seen (a reconnect's new link starts lower).
+    uploaded: u64,
+    next_sample: Instant,
+    rng: rand::rngs::StdRng,
+}
+
+impl PointAge {
+    fn new(seed: u64) -> PointAge {
+        PointAge {
+            points: Default::default(),
+            uploaded: 0,
+            next_sample: Instant::now(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x0052_504f),
+        }
+    }
+
+    fn taken(&mut self, seq: u64, at: Instant) {
+        self.points.push_back((seq, at));
+    }
+
+    /// Records the age if a sample is due; samples are 0 to 100 ms apart, at random,
+    /// so that they do not beat with the point interval. Nothing is recorded before
+    /// the first point is uploaded.
+    fn sample(&mut self, uploaded: u64, into: &mut Histogram<u64>) {
+        self.uploaded = self.uploaded.max(uploaded);
+        let now = Instant::now();
+        if now < self.next_sample {
+            return;
+        }
+        self.next_sample = now + Duration::from_micros(self.rng.gen_range(0..100_000));
+        // A point is uploaded once every frame up to its bookmark is: seq < uploaded.
+        while self.points.len() > 1 && self.points[1].0 < self.uploaded {
+            self.points.pop_front();
+        }
+        if let Some(&(seq, at)) = self.points.front() {
+            if seq < self.uploaded {
+                let _ = into.record(now.duration_since(at).as_micros() as u64);
+            }
+        }
+    }
+}
+
 fn chrono_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_age_is_that_of_the_newest_point_whose_bookmark_is_uploaded() {
+        let mut age = PointAge::new(1);
+        let mut h = histogram();
+        let t0 = Instant::now() - Duration::from_secs(3);
+        let t1 = Instant::now() - Duration::from_secs(1);
+        age.taken(10, t0);
+        age.taken(20, t1);
+        // Nothing uploaded past the first bookmark: no point to recover, no sample.
+        age.sample(10, &mut h);
+        assert_eq!(h.len(), 0);
+        age.next_sample = Instant::now();
+        age.sample(15, &mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.max() >= 3_000_000 && h.max() < 3_500_000, "{}", h.max());
+        // The second point uploaded too: the age drops to its.
+        age.next_sample = Instant::now();
+        h.reset();
+        age.sample(21, &mut h);
+        assert!(h.max() >= 1_000_000 && h.max() < 1_500_000, "{}", h.max());
+        // A reconnect's link starts from a lower watermark: what was seen stands.
+        age.next_sample = Instant::now();
+        h.reset();
+        age.sample(0, &mut h);
+        assert!(h.max() >= 1_000_000, "{}", h.max());
+    }
 }

@@ -59,6 +59,9 @@ enum Command {
         peer: PeerArgs,
         #[arg(long, default_value_t = 5.0)]
         change_percent: f64,
+        /// First runs of each tool, interleaved; the median counts
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// The process server under load on loopback: full load, half load, many
     /// connections; every disk verified against its model afterwards
@@ -79,10 +82,15 @@ enum Command {
         /// Connections in the many-connections run
         #[arg(long, default_value_t = 1000)]
         connections: usize,
-        /// Which runs, comma-separated: full, half, connections, scaling (profiling,
-        /// latency studies); the summary line needs the first three
-        #[arg(long, value_delimiter = ',', default_values = ["full", "half", "connections", "scaling"])]
+        /// Which runs, comma-separated: full, half, eighty (80 % of full), connections,
+        /// scaling (profiling, latency studies); the summary line needs full, half and
+        /// connections
+        #[arg(long, value_delimiter = ',', default_values = ["full", "half", "eighty", "connections", "scaling"])]
         runs: Vec<ingest::RunKind>,
+        /// Seconds between each agent's crash-consistent points (fractional), for the
+        /// RPO figures
+        #[arg(long, default_value_t = 1.0)]
+        point_interval_s: f64,
         /// Offered MB/s of the half-load run when the full-load run is left out
         #[arg(long)]
         half_mbps: Option<f64>,
@@ -101,6 +109,9 @@ enum Command {
         peer: PeerArgs,
         #[arg(long, default_value_t = 256)]
         sample_mib: usize,
+        /// First runs of each tool in the seed-vs-peers part, interleaved; the median counts
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -144,9 +155,10 @@ fn run(command: Command) -> Result<()> {
         Command::SeedVsPeers {
             peer,
             change_percent,
+            rounds,
         } => {
             machine::print();
-            peers::run(&peer.image, &peer.ferry, &peer.work, change_percent)?;
+            peers::run(&peer.image, &peer.ferry, &peer.work, change_percent, rounds)?;
         }
         Command::Ingest {
             peer: PeerArgs { image, ferry, work },
@@ -158,6 +170,7 @@ fn run(command: Command) -> Result<()> {
             half_mbps,
             store_dir,
             load_threads,
+            point_interval_s,
         } => {
             machine::print();
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -173,18 +186,20 @@ fn run(command: Command) -> Result<()> {
                 half_mbps,
                 store_dir,
                 load_threads: load_threads.unwrap_or((cores / 4).max(1)),
+                point_interval_s,
             })?;
         }
         Command::All {
             peer: PeerArgs { image, ferry, work },
             sample_mib,
+            rounds,
         } => {
             // A missing peer is reported before anything is built or timed.
             peers::require_peers()?;
             machine::print();
             // Peers first, while this process is small: a child's peak RSS as wait4
             // reports it starts from the parent's at spawn time.
-            let p = peers::run(&image, &ferry, &work, 5.0)?;
+            let p = peers::run(&image, &ferry, &work, 5.0, rounds)?;
             let s = seal::run(&image, sample_mib)?;
             rebuild::run(&image)?;
             println!(
@@ -254,7 +269,7 @@ mod smoke {
         }
         let dir = tempfile::tempdir().unwrap();
         let image = small_image(dir.path());
-        let p = crate::peers::run(&image, &ferry(), &dir.path().join("work"), 5.0).unwrap();
+        let p = crate::peers::run(&image, &ferry(), &dir.path().join("work"), 5.0, 1).unwrap();
         for r in [&p.restic, &p.borg] {
             assert!(r.first > 0.0 && r.after_change > 0.0);
         }
@@ -285,6 +300,7 @@ mod smoke {
             half_mbps: Some(20.0),
             store_dir: None,
             load_threads: 2,
+            point_interval_s: 0.5,
         })
         .unwrap();
     }

@@ -1,6 +1,11 @@
 //! `ferry seed` against `restic backup` and `borg create` on the same image in the same
 //! run, in MB of image per CPU-second (user + system of the child and all its threads,
 //! from wait4), first run and after a change.
+//!
+//! The first runs are repeated, interleaved (ferry, restic, borg, then again, each into
+//! a fresh repository), and each tool's median is its figure, printed with the spread:
+//! on a shared 2-vCPU host one run of the same build moved by 10 % with the neighbours'
+//! load, and interleaving makes a drift move all three alike.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -58,6 +63,7 @@ pub fn require_peers() -> Result<()> {
     )
 }
 
+#[derive(Clone, Copy)]
 struct Usage {
     cpu_s: f64,
     wall_s: f64,
@@ -117,10 +123,39 @@ fn change(image: &Path, percent: f64) -> Result<u64> {
     Ok(chosen.len() as u64)
 }
 
-fn row(name: &str, bytes: u64, u: &Usage) -> f64 {
+/// A measure and, when there were several runs, the range of their CPU-seconds.
+struct Measured {
+    usage: Usage,
+    range: Option<(f64, f64)>,
+}
+
+/// The run of median CPU time (the upper middle one of an even count).
+fn median(runs: &mut [Usage]) -> Measured {
+    runs.sort_by(|a, b| a.cpu_s.total_cmp(&b.cpu_s));
+    Measured {
+        usage: runs[runs.len() / 2],
+        range: (runs.len() > 1).then(|| (runs[0].cpu_s, runs[runs.len() - 1].cpu_s)),
+    }
+}
+
+impl From<Usage> for Measured {
+    fn from(usage: Usage) -> Measured {
+        Measured { usage, range: None }
+    }
+}
+
+fn row(name: &str, bytes: u64, m: &Measured) -> f64 {
+    let u = &m.usage;
     let per_cpu = bytes as f64 / 1e6 / u.cpu_s;
+    let spread = m.range.map_or(String::new(), |(lo, hi)| {
+        format!(
+            "  (runs {:.0} to {:.0} MB/CPU-s)",
+            bytes as f64 / 1e6 / hi,
+            bytes as f64 / 1e6 / lo
+        )
+    });
     println!(
-        "  {name:<28} {per_cpu:>8.0} MB/CPU-s {:>8.0} MB/s wall {:>7.1} CPU-s {:>6.0} MiB RSS",
+        "  {name:<28} {per_cpu:>8.0} MB/CPU-s {:>8.0} MB/s wall {:>7.1} CPU-s {:>6.0} MiB RSS{spread}",
         bytes as f64 / 1e6 / u.wall_s,
         u.cpu_s,
         u.max_rss_mib
@@ -194,7 +229,13 @@ impl Tools<'_> {
     }
 }
 
-pub fn run(image: &Path, ferry: &Path, work: &Path, percent: f64) -> Result<PeerFigures> {
+pub fn run(
+    image: &Path,
+    ferry: &Path,
+    work: &Path,
+    percent: f64,
+    rounds: usize,
+) -> Result<PeerFigures> {
     require_peers()?;
     let bytes = std::fs::metadata(image)
         .with_context(|| format!("image {}", image.display()))?
@@ -209,37 +250,44 @@ pub fn run(image: &Path, ferry: &Path, work: &Path, percent: f64) -> Result<Peer
     };
     let _ = std::fs::remove_file(&t.key);
     measure(Command::new(ferry).arg("keygen").arg("--out").arg(&t.key))?;
-    measure(&mut t.restic(&[OsStr::new("init")])).context("restic init")?;
-    measure(&mut t.borg(&[
-        "init".into(),
-        "--encryption".into(),
-        "repokey".into(),
-        t.borg_repo().into(),
-    ]))
-    .context("borg init")?;
-
     println!(
-        "seed vs restic and borg (zstd,1, repokey): {} MiB image {}; {}; {}",
+        "seed vs restic and borg (zstd,1, repokey): {} MiB image {}; {}; {}; first runs: median of {rounds}, interleaved",
         bytes >> 20,
         image.display(),
         crate::machine::first_line("restic", &["version"]),
         crate::machine::first_line("borg", &["--version"]),
     );
     let backup = [OsStr::new("backup"), image.as_os_str()];
-    let f1 = measure(&mut t.ferry_seed())?;
-    let r1 = measure(&mut t.restic(&backup))?;
-    let b1 = measure(&mut t.borg_create("first"))?;
-    let f1 = row("ferry seed, first", bytes, &f1);
-    let r1 = row("restic backup, first", bytes, &r1);
-    let b1 = row("borg create, first", bytes, &b1);
+    let (mut f, mut r, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        // Every round starts from empty repositories: each is a first run. The last
+        // round's stay for the run after the change.
+        for old in ["ferry-store", "restic-repo", "restic-cache", "borg-repo"] {
+            let _ = std::fs::remove_dir_all(work.join(old));
+        }
+        measure(&mut t.restic(&[OsStr::new("init")])).context("restic init")?;
+        measure(&mut t.borg(&[
+            "init".into(),
+            "--encryption".into(),
+            "repokey".into(),
+            t.borg_repo().into(),
+        ]))
+        .context("borg init")?;
+        f.push(measure(&mut t.ferry_seed())?);
+        r.push(measure(&mut t.restic(&backup))?);
+        b.push(measure(&mut t.borg_create("first"))?);
+    }
+    let f1 = row("ferry seed, first", bytes, &median(&mut f));
+    let r1 = row("restic backup, first", bytes, &median(&mut r));
+    let b1 = row("borg create, first", bytes, &median(&mut b));
     let changed = change(image, percent)?;
     println!("  (changed {changed} blocks of 64 KiB, {percent} %)");
     let f2 = measure(&mut t.ferry_seed())?;
     let r2 = measure(&mut t.restic(&backup))?;
     let b2 = measure(&mut t.borg_create("second"))?;
-    let f2 = row("ferry seed, after change", bytes, &f2);
-    let r2 = row("restic backup, after change", bytes, &r2);
-    let b2 = row("borg create, after change", bytes, &b2);
+    let f2 = row("ferry seed, after change", bytes, &f2.into());
+    let r2 = row("restic backup, after change", bytes, &r2.into());
+    let b2 = row("borg create, after change", bytes, &b2.into());
     let figures = PeerFigures {
         restic: Ratios {
             first: f1 / r1,

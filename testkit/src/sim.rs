@@ -117,6 +117,12 @@ impl SimDisk {
         id
     }
 
+    /// Every frame below this sequence number is in the store, as the process server
+    /// last said on the current link (0 without one).
+    pub fn uploaded(&self) -> u64 {
+        self.link.as_ref().map_or(0, |l| l.uploaded())
+    }
+
     /// Bytes of frames waiting for an acknowledgement.
     pub fn journal_bytes(&self) -> usize {
         self.journal_bytes

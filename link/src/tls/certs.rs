@@ -231,6 +231,66 @@ pub fn cert_names(der: &[u8], name: &str) -> bool {
     ServerName::try_from(name).is_ok_and(|n| names(&CertificateDer::from(der), &n))
 }
 
+/// A certificate's serial number as the control plane lists revoked ones: lowercase
+/// hex without leading zeros (the DER sign byte and any padding dropped, so the same
+/// number always has one spelling). None if `der` is not a certificate.
+pub fn cert_serial(der: &[u8]) -> Option<String> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    // serialNumber INTEGER, ... } ... }: two headers in, past the version.
+    let (tag, head, _) = der_header(der)?;
+    let tbs = der.get(head..).filter(|_| tag == 0x30)?;
+    let (tag, head, _) = der_header(tbs)?;
+    let mut rest = tbs.get(head..).filter(|_| tag == 0x30)?;
+    let (mut tag, mut head, mut len) = der_header(rest)?;
+    if tag == 0xa0 {
+        rest = rest.get(head + len..)?;
+        (tag, head, len) = der_header(rest)?;
+    }
+    if tag != 0x02 || len == 0 {
+        return None;
+    }
+    let bytes = rest.get(head..head + len)?;
+    Some(normal_serial(&hex_lower(bytes)))
+}
+
+/// A serial in hex as the one spelling `cert_serial` gives: lowercase, no leading
+/// zeros, no separators (":" as some tools print them).
+pub fn normal_serial(hex: &str) -> String {
+    let h: String = hex
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let t = h.trim_start_matches('0');
+    if t.is_empty() {
+        "0".into()
+    } else {
+        t.to_string()
+    }
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A DER element's tag, header length and content length (definite lengths only).
+fn der_header(b: &[u8]) -> Option<(u8, usize, usize)> {
+    let tag = *b.first()?;
+    let first = *b.get(1)? as usize;
+    if first < 0x80 {
+        return Some((tag, 2, first));
+    }
+    let n = first & 0x7f;
+    if n == 0 || n > 4 {
+        return None;
+    }
+    let mut len = 0usize;
+    for i in 0..n {
+        len = (len << 8) | *b.get(2 + i)? as usize;
+    }
+    Some((tag, 2 + n, len))
+}
+
 fn names(der: &CertificateDer<'_>, name: &ServerName<'_>) -> bool {
     webpki::EndEntityCert::try_from(der)
         .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok())
@@ -303,5 +363,45 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod serial_tests {
+    use super::*;
+
+    fn self_signed(serial: Option<Vec<u8>>) -> Vec<u8> {
+        let mut p = CertificateParams::new(vec!["m1".to_string()]).unwrap();
+        p.serial_number = serial.map(rcgen::SerialNumber::from);
+        let key = KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_serial_is_read_in_one_spelling() {
+        assert_eq!(
+            cert_serial(&self_signed(Some(vec![0x8f, 0x01, 0xab]))).as_deref(),
+            Some("8f01ab")
+        );
+        assert_eq!(
+            cert_serial(&self_signed(Some(vec![0x00, 0x00, 0x12]))).as_deref(),
+            Some("12")
+        );
+        // rcgen's own random serial: read, and hex.
+        let s = cert_serial(&self_signed(None)).unwrap();
+        assert!(
+            !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit()),
+            "{s}"
+        );
+        assert_eq!(normal_serial("00:8F:01:AB"), "8f01ab");
+        assert_eq!(normal_serial("000"), "0");
+    }
+
+    #[test]
+    fn what_is_not_a_certificate_has_no_serial() {
+        assert_eq!(cert_serial(b""), None);
+        assert_eq!(cert_serial(b"\x30\x03\x02\x01"), None);
+        let der = self_signed(Some(vec![1]));
+        assert_eq!(cert_serial(&der[..6]), None);
     }
 }

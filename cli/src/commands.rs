@@ -91,7 +91,7 @@ enum Command {
     },
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
-    ProcessServer(crate::server_cmd::ProcessServerArgs),
+    ProcessServer(Box<crate::server_cmd::ProcessServerArgs>),
     /// Everything on loopback with nothing else installed: a process server, an
     /// agent, writes through NBD, recovery points, failover, and a byte comparison
     Quickstart {
@@ -277,7 +277,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::ProcessServer(a) => crate::server_cmd::process_server(a)?,
+        Command::ProcessServer(a) => crate::server_cmd::process_server(*a)?,
         Command::Quickstart { dir } => crate::quickstart::run(dir)?,
         Command::Agent(a) => crate::agent_cmd::agent(*a)?,
         Command::ControlPlane(a) => crate::control_plane_cmd::control_plane(a)?,

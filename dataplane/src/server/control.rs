@@ -6,8 +6,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferry_link::control::client::Heartbeater;
+use ferry_link::control::client::{Heartbeater, IdentityFiles};
 use ferry_link::control::wire::{ProcessServerHeartbeat, ProcessServerOrders};
+use ferry_link::tls::certs::ServerCert;
 
 use super::http::View;
 use super::registry::Registry;
@@ -39,6 +40,8 @@ pub struct Reporter {
     registry: Arc<Registry>,
     revoked: Arc<Revoked>,
     last: Option<Sample>,
+    /// The certificate agents see, replaced when the control plane renews it.
+    cert: Option<Arc<ServerCert>>,
 }
 
 impl Reporter {
@@ -56,7 +59,14 @@ impl Reporter {
             registry,
             revoked,
             last: None,
+            cert: None,
         }
+    }
+
+    /// Serves the renewed certificate through `cert` from the next handshake on.
+    pub fn with_cert(mut self, cert: Arc<ServerCert>) -> Reporter {
+        self.cert = Some(cert);
+        self
     }
 }
 
@@ -111,6 +121,17 @@ impl Heartbeater for Reporter {
             );
         }
         orders.heartbeat_interval_s
+    }
+
+    fn renewed(&mut self, files: &IdentityFiles) {
+        if let Some(c) = &self.cert {
+            match c.reload(&files.cert, &files.key) {
+                Ok(()) => tracing::info!("serving the renewed certificate"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot serve the renewed certificate; the old one stays until it expires")
+                }
+            }
+        }
     }
 }
 

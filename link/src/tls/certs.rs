@@ -199,6 +199,65 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Server
     Ok(cfg)
 }
 
+/// A server certificate that can be replaced while the server runs: a process server
+/// enrolled with a control plane renews its certificate without a restart, and
+/// handshakes after the renewal present the new one.
+#[derive(Debug)]
+pub struct ServerCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServerCert {
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerCert>, CertError> {
+        Ok(Arc::new(ServerCert {
+            current: std::sync::RwLock::new(Arc::new(certified(cert, key)?)),
+        }))
+    }
+
+    /// Serves `cert` and `key` from now on; on an error the old pair stays.
+    pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), CertError> {
+        let new = Arc::new(certified(cert, key)?);
+        *self.current.write().expect("server cert lock") = new;
+        Ok(())
+    }
+
+    /// The certificate served now (DER).
+    pub fn current(&self) -> CertificateDer<'static> {
+        self.current.read().expect("server cert lock").cert[0].clone()
+    }
+}
+
+fn certified(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, CertError> {
+    rustls::sign::CertifiedKey::from_der(load_certs(cert)?, load_key(key)?, &provider())
+        .map_err(|e| file_err(cert, e))
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current.read().ok().map(|c| c.clone())
+    }
+}
+
+/// `server_config` with a certificate that can be replaced while serving.
+pub fn server_config_reloading(
+    cert: Arc<ServerCert>,
+    client_ca: &Path,
+) -> Result<ServerConfig, CertError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(client_ca)?, provider())
+        .build()
+        .map_err(|e| CertError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CertError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
+}
+
 /// An agent's side: its own certificate, and the CA the server's must chain to.
 pub fn client_config(cert: &Path, key: &Path, ca: &Path) -> Result<ClientConfig, CertError> {
     ClientConfig::builder_with_provider(provider())
@@ -367,7 +426,7 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
 }
 
 #[cfg(test)]
-mod serial_tests {
+mod tests {
     use super::*;
 
     fn self_signed(serial: Option<Vec<u8>>) -> Vec<u8> {
@@ -395,6 +454,23 @@ mod serial_tests {
         );
         assert_eq!(normal_serial("00:8F:01:AB"), "8f01ab");
         assert_eq!(normal_serial("000"), "0");
+    }
+
+    #[test]
+    fn a_reloaded_server_certificate_is_served_and_a_bad_one_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Authority::create(tmp.path(), "test CA").unwrap();
+        let a = ca.issue("a", "127.0.0.1", true, Validity::Current).unwrap();
+        let b = ca.issue("b", "127.0.0.1", true, Validity::Current).unwrap();
+        let der = |p: &Path| load_certs(p).unwrap()[0].clone();
+        let served = ServerCert::load(&a.cert, &a.key).unwrap();
+        server_config_reloading(served.clone(), &ca.ca_path()).unwrap();
+        assert_eq!(served.current(), der(&a.cert));
+        served.reload(&b.cert, &b.key).unwrap();
+        assert_eq!(served.current(), der(&b.cert));
+        let e = served.reload(&a.cert, &b.key).unwrap_err();
+        assert!(e.to_string().contains("a.pem"), "{e}");
+        assert_eq!(served.current(), der(&b.cert), "the old pair stays");
     }
 
     #[test]

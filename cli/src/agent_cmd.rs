@@ -112,7 +112,7 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "PEM")]
     ca: PathBuf,
     /// Standalone only: under a control plane the policy sets it
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, conflicts_with = "control_plane")]
     crash_point_interval_s: f64,
     /// Run as `CMD freeze` and `CMD thaw` around app-consistent points
     #[arg(long, value_name = "CMD")]

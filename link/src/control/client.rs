@@ -185,10 +185,31 @@ fn store(files: &IdentityFiles, key: &KeyPair, issued: &Issued, now: DateTime<Ut
         what: "the issued certificate".into(),
         why: e.to_string(),
     })?;
+    check_pair(&issued.certificate_pem, key).map_err(|why| ControlError::BadAnswer {
+        what: "the issued certificate".into(),
+        why,
+    })?;
     write_atomic(&files.key, &key.serialize_pem(), true)?;
     write_atomic(&files.cert, &issued.certificate_pem, false)?;
     write_atomic(&files.ca, &issued.ca_pem, false)?;
     write_atomic(&files.issued, &json, false)
+}
+
+/// Whether `cert_pem` is a certificate for `key`: a wrong answer must never replace a
+/// working identity.
+fn check_pair(cert_pem: &str, key: &KeyPair) -> std::result::Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("certificate PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    let der = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| format!("our key: {e}"))?;
+    rustls::sign::CertifiedKey::from_der(certs, der, &rustls::crypto::ring::default_provider())
+        .map(|_| ())
+        .map_err(|e| format!("not a certificate for the key this host made: {e}"))
 }
 
 fn read_validity(path: &Path) -> Result<Validity> {

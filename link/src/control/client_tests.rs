@@ -50,13 +50,13 @@ fn an_identity_is_stored_with_a_private_key_and_reads_back() {
     std::fs::create_dir(&dir).unwrap();
     let files = IdentityFiles::in_dir(&dir);
     assert!(!files.present());
-    let (key, csr) = key_and_csr("m1").unwrap();
+    let (_, csr) = key_and_csr("m1").unwrap();
     assert!(
         csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
         "{csr}"
     );
     assert!(!csr.contains("PRIVATE KEY"), "the CSR carries no key");
-    let issued = issued_for(&ca, "m1", "2027-01-01T00:00:00Z");
+    let (issued, key) = issued_with_key(&ca, "m1", "2027-01-01T00:00:00Z");
     let now = t("2026-01-01T00:00:00Z");
     store(&files, &key, &issued, now).unwrap();
     assert!(files.present());
@@ -80,6 +80,29 @@ fn an_identity_is_stored_with_a_private_key_and_reads_back() {
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+}
+
+#[test]
+fn a_certificate_for_another_key_never_replaces_the_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Authority::create(&tmp.path().join("ca"), "test CA").unwrap();
+    let files = IdentityFiles::in_dir(tmp.path());
+    let (issued, key) = issued_with_key(&ca, "m1", "2027-01-01T00:00:00Z");
+    store(&files, &key, &issued, Utc::now()).unwrap();
+    let before = std::fs::read_to_string(&files.key).unwrap();
+    // A renewal answered with someone else's certificate.
+    let (ours, _) = key_and_csr("m1").unwrap();
+    let other = issued_for(&ca, "m1", "2028-01-01T00:00:00Z");
+    let e = store(&files, &ours, &other, Utc::now()).unwrap_err();
+    assert!(
+        e.to_string().contains("not a certificate for the key"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&files.key).unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(&files.cert).unwrap(),
+        issued.certificate_pem
+    );
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! The control plane with real processes end to end: `ferry control-plane`, two
 //! process servers and an agent that enroll with one-time tokens (no hand-made
 //! certificate), the agent written through NBD with qemu-io, a policy PATCH that
-//! reaches the running agent at its next heartbeat, and an operator's `move` to the
-//! other process server after which every point still rebuilds byte-identical.
+//! reaches the running agent at its next heartbeat, an operator's `move` to the
+//! other process server after which every point still rebuilds byte-identical, and a
+//! removal after which the process server refuses the machine's certificate.
 //!
 //! NEEDS THE CONTROL PLANE'S SERVER SIDE (issue 13: enrollment, heartbeats, machines
 //! move, policies PATCH). Written against the wire contract in
@@ -348,4 +349,19 @@ fn enrolled_parts_follow_a_policy_change_and_a_move_with_every_point_identical()
             "point {id} does not rebuild the disk as it was"
         );
     }
+
+    // Removed, the machine's certificate is revoked: the process server learns it
+    // at its next heartbeat and closes the agent's session, with the reason.
+    cp.cli(&["machines", "remove", "m1"]);
+    wait_for(
+        "the process server to refuse the removed machine",
+        Duration::from_secs(60),
+        || {
+            let st = status(bin(), &sock);
+            st["connected"] == false
+                && st["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("revoked"))
+        },
+    );
 }

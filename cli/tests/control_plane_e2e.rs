@@ -3,7 +3,9 @@
 //! certificate), the agent written through NBD with qemu-io, a policy PATCH that
 //! reaches the running agent at its next heartbeat, an operator's `move` to the
 //! other process server after which every point still rebuilds byte-identical, and a
-//! removal after which the process server refuses the machine's certificate.
+//! removal after which the process server refuses the machine's certificate. While
+//! the control plane is killed, replication and points go on and the agent restarts
+//! with the orders it kept; restarted, the control plane has its state.
 //!
 //! NEEDS THE CONTROL PLANE'S SERVER SIDE (issue 13: enrollment, heartbeats, machines
 //! move, policies PATCH). Written against the wire contract in
@@ -40,7 +42,7 @@ fn s(p: &Path) -> String {
 
 /// A running control plane: its URL, CA and admin token, and the raw API.
 struct Cp {
-    _child: Killed,
+    child: Killed,
     url: String,
     ca: PathBuf,
     token_file: PathBuf,
@@ -49,16 +51,11 @@ struct Cp {
 }
 
 impl Cp {
-    fn start(dir: &Path) -> Cp {
+    /// Starts (or, on the same state directory and address, restarts) it.
+    fn start(dir: &Path, listen: &str) -> Cp {
         let (child, line) = spawn(
             bin(),
-            &[
-                "control-plane",
-                "--state-dir",
-                &s(dir),
-                "--listen",
-                "127.0.0.1:0",
-            ],
+            &["control-plane", "--state-dir", &s(dir), "--listen", listen],
         );
         let url = line.trim().to_string();
         assert!(url.starts_with("https://"), "{line:?}");
@@ -78,7 +75,7 @@ impl Cp {
         .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Cp {
-            _child: child,
+            child,
             url,
             token_file: dir.join("admin.token"),
             ca,
@@ -207,7 +204,8 @@ fn enrolled_parts_follow_a_policy_change_and_a_move_with_every_point_identical()
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cp = Cp::start(&d.join("cp"));
+    let cp_listen = free_addr().to_string();
+    let mut cp = Cp::start(&d.join("cp"), &cp_listen);
     std::fs::create_dir_all(d.join("store")).unwrap();
     let store = format!("file://{}", s(&d.join("store")));
     run_ok(bin(), &["keygen", "--out", &s(&d.join("vault.key"))]);
@@ -328,11 +326,31 @@ fn enrolled_parts_follow_a_policy_change_and_a_move_with_every_point_identical()
         "an RPO once a point is up: {m}"
     );
 
-    // A restart needs no token: the certificate is in the state directory.
+    // The control plane is killed: replication and points go on, and the agent
+    // restarts (no token: its certificate is in the state directory) with the
+    // orders it kept.
+    cp.child.kill();
+    qemu_io(&nbd, &random_writes(&mut rng, DISK_BYTES, 30, 1..=8));
+    let id = bookmark(bin(), &sock, "control-plane-down");
+    expected.push((id, std::fs::read(&disk).unwrap()));
+    wait_uploaded(bin(), &sock);
     agent.kill();
     let (_agent, line) = spawn(bin(), &agent_args(None));
     assert!(line.contains("serving NBD"), "{line:?}");
+    qemu_io(&nbd, &random_writes(&mut rng, DISK_BYTES, 30, 1..=8));
+    let id = bookmark(bin(), &sock, "restarted-without-control-plane");
+    expected.push((id, std::fs::read(&disk).unwrap()));
     wait_uploaded(bin(), &sock);
+
+    // Back, it has its state, and the heartbeats resume.
+    let cp = Cp::start(&d.join("cp"), &cp_listen);
+    let before = cp.machine("m1");
+    assert_eq!(before["process_server"], json!(other_ps), "{before}");
+    wait_for(
+        "a heartbeat after the restart",
+        Duration::from_secs(30),
+        || cp.machine("m1")["last_seen"] != before["last_seen"],
+    );
 
     let vault = VaultKey::load(&d.join("vault.key")).unwrap();
     let store = Store::open(&store).unwrap();

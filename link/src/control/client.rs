@@ -418,12 +418,19 @@ impl Heartbeats {
             .name("ferry-control".into())
             .spawn(move || {
                 let mut interval = first.as_secs_f64();
-                let mut outage = Outage::default();
+                // Apart, so that a renewal refused while heartbeats pass is logged
+                // once, not at every interval.
+                let (mut outage, mut renewal) = (Outage::default(), Outage::default());
                 while !st.load(Ordering::Relaxed) {
                     match client.renew_if_due(Utc::now()) {
-                        Ok(true) => part.renewed(&client.files),
+                        Ok(true) => {
+                            renewal.ok();
+                            part.renewed(&client.files);
+                        }
                         Ok(false) => {}
-                        Err(e) => outage.failed("renewing the certificate", &e),
+                        Err(e) => {
+                            renewal.failed("renewing the certificate", &e);
+                        }
                     }
                     let report = part.report();
                     match client.call::<_, H::Orders>(H::PATH, &report) {
@@ -431,7 +438,9 @@ impl Heartbeats {
                             outage.ok();
                             interval = clamp_interval(part.apply(orders));
                         }
-                        Err(e) => outage.failed("heartbeat", &e),
+                        Err(e) => {
+                            outage.failed("heartbeat", &e);
+                        }
                     }
                     sleep_unless(&st, Duration::from_secs_f64(interval));
                 }
@@ -481,19 +490,24 @@ struct Outage {
 }
 
 impl Outage {
-    fn failed(&mut self, what: &str, e: &ControlError) {
-        if !self.down {
-            tracing::warn!(error = %e, "{what} failed: the control plane is unreachable or refused; replication goes on with the last orders, retrying every interval");
-            self.down = true;
-        } else {
+    /// Returns whether this failure was logged (the first of an outage).
+    fn failed(&mut self, what: &str, e: &ControlError) -> bool {
+        if self.down {
             tracing::debug!(error = %e, "{what} failed again");
+            return false;
         }
+        tracing::warn!(error = %e, "{what} failed: the control plane is unreachable or refused; replication goes on with the last orders, retrying every interval");
+        self.down = true;
+        true
     }
 
-    fn ok(&mut self) {
-        if std::mem::take(&mut self.down) {
+    /// Returns whether an outage ended here (and was logged).
+    fn ok(&mut self) -> bool {
+        let ended = std::mem::take(&mut self.down);
+        if ended {
             tracing::info!("the control plane answers again");
         }
+        ended
     }
 }
 

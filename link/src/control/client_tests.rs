@@ -310,3 +310,16 @@ fn with_the_control_plane_down_heartbeats_retry_and_no_orders_are_applied() {
     assert!(reports >= 3, "retried every interval: {reports}");
     assert_eq!(applied, 0, "no orders while the control plane is down");
 }
+
+#[test]
+fn an_outage_is_logged_once_and_its_end_once() {
+    let e = ControlError::Url("x".into());
+    let mut o = Outage::default();
+    assert!(!o.ok(), "no outage yet");
+    assert!(o.failed("heartbeat", &e));
+    assert!(!o.failed("heartbeat", &e), "not again while it lasts");
+    assert!(!o.failed("heartbeat", &e));
+    assert!(o.ok());
+    assert!(!o.ok());
+    assert!(o.failed("heartbeat", &e), "a new outage is logged again");
+}

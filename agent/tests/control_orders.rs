@@ -14,6 +14,10 @@ use ferry_testkit::site::{point_when_ready, site, wait_uploaded, Site, DISK_BYTE
 use ferry_testkit::wait_for;
 
 fn orders(ps: Option<(&str, std::net::SocketAddr)>, interval_s: f64) -> AgentOrders {
+    with_app(ps, interval_s, 0)
+}
+
+fn with_app(ps: Option<(&str, std::net::SocketAddr)>, interval_s: f64, app_s: u64) -> AgentOrders {
     AgentOrders {
         process_server: ps.map(|(name, addr)| ProcessServerRef {
             name: name.into(),
@@ -22,7 +26,7 @@ fn orders(ps: Option<(&str, std::net::SocketAddr)>, interval_s: f64) -> AgentOrd
         policy: AgentPolicy {
             name: "default".into(),
             crash_point_interval_s: interval_s,
-            app_point_interval_s: 0,
+            app_point_interval_s: app_s,
         },
         group: None,
         heartbeat_interval_s: 5.0,
@@ -102,6 +106,53 @@ fn a_new_crash_point_interval_applies_without_a_restart() {
         newest_point(&mut c),
         last,
         "no point after the interval went"
+    );
+    agent.stop();
+}
+
+#[test]
+fn app_consistent_points_follow_the_policy_through_the_freeze_hook() {
+    let w = site(1);
+    let mut rng = w.rng.clone();
+    let server = w.server("127.0.0.1:0".parse().unwrap());
+    let disk = w.disk(&mut rng, 0..1 << 20);
+    let hook_log = w.path("hook.log");
+    let hook = w.path("hook.sh");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", hook_log.display()),
+    )
+    .unwrap();
+    let mut o = w.options(0, &disk, server.addr);
+    o.freeze_hook = Some(format!("sh {}", hook.display()));
+    let agent = Agent::start(o).unwrap();
+    let ps = Some(("ps1", server.addr));
+    let mut c = Controlled::new(
+        agent.clone(),
+        "agent-0".into(),
+        identity(&w),
+        w.path("orders.json"),
+        orders(ps, 0.0),
+    );
+    c.apply(with_app(ps, 0.0, 1));
+    assert_eq!(agent.app_point_interval(), Some(Duration::from_secs(1)));
+    wait_for("an app-consistent point", Duration::from_secs(10), || {
+        c.report().disks[0]
+            .newest_point
+            .as_ref()
+            .is_some_and(|p| p.kind == "app")
+    });
+    let log = std::fs::read_to_string(&hook_log).unwrap();
+    assert!(log.starts_with("freeze\nthaw\n"), "{log:?}");
+    c.apply(orders(ps, 0.0));
+    assert_eq!(agent.app_point_interval(), None);
+    std::thread::sleep(Duration::from_millis(300));
+    let frozen = std::fs::read_to_string(&hook_log).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        std::fs::read_to_string(&hook_log).unwrap(),
+        frozen,
+        "no freeze once the policy has no app-consistent points"
     );
     agent.stop();
 }

@@ -6,8 +6,9 @@
 //! while the control plane is down replicates where it did before.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use ferry_link::client::Target;
@@ -19,7 +20,7 @@ use ferry_link::protocol::PointKindWire;
 use ferry_link::tls::certs::{client_config, server_name};
 
 use super::points::PointMark;
-use super::{checksum, Agent, CopyProgress};
+use super::{checksum, Agent, CopyProgress, STOP_POLL};
 use crate::error::{Error, Result};
 use crate::nbd::Device;
 
@@ -35,6 +36,19 @@ impl Agent {
     /// returns whether it changed.
     pub fn set_crash_point_interval(&self, every: Option<Duration>) -> bool {
         let mut cur = self.crash_point_interval.lock().expect("interval lock");
+        let changed = *cur != every;
+        *cur = every;
+        changed
+    }
+
+    pub fn app_point_interval(&self) -> Option<Duration> {
+        *self.app_point_interval.lock().expect("interval lock")
+    }
+
+    /// App-consistent points (freeze hook, point, thaw) every `every`; returns whether
+    /// it changed.
+    pub fn set_app_point_interval(&self, every: Option<Duration>) -> bool {
+        let mut cur = self.app_point_interval.lock().expect("interval lock");
         let changed = *cur != every;
         *cur = every;
         changed
@@ -135,6 +149,62 @@ fn point_ref(p: &PointMark) -> PointRef {
     }
 }
 
+/// Takes crash-consistent (and a coordinator's group) points and app-consistent
+/// points as the intervals say, until the agent stops. The intervals are read at every
+/// slice, so a new one applies from the last point on, not once the old one ran out;
+/// an app-consistent point due is taken instead of the crash-consistent one.
+pub(super) fn point_timer(a: &Agent) {
+    let (mut last_crash, mut last_app) = (Instant::now(), Instant::now());
+    let mut no_hook_said = false;
+    while !a.stop.load(Ordering::Relaxed) {
+        let (crash, app) = (a.crash_point_interval(), a.app_point_interval());
+        // Without an interval, the first point comes one interval after it is set.
+        if crash.is_none() {
+            last_crash = Instant::now();
+        }
+        if app.is_none() {
+            last_app = Instant::now();
+        }
+        let app_due = app.is_some_and(|e| last_app.elapsed() >= e);
+        let crash_due = crash.is_some_and(|e| last_crash.elapsed() >= e);
+        if !app_due && !crash_due {
+            // In slices, so that `stop` need not wait out an interval.
+            std::thread::sleep(STOP_POLL);
+            continue;
+        }
+        if app_due {
+            last_app = Instant::now();
+            if a.freeze_hook.is_some() {
+                last_crash = Instant::now();
+                match a.bookmark(true, None) {
+                    Ok(id) => tracing::debug!(id, "app-consistent point"),
+                    Err(e) => tracing::warn!(error = %e, "app-consistent point skipped"),
+                }
+                continue;
+            }
+            if !no_hook_said {
+                tracing::warn!("the policy asks for app-consistent points but this agent has no --freeze-hook: crash-consistent points only");
+                no_hook_said = true;
+            }
+            if !crash_due {
+                continue;
+            }
+        }
+        last_crash = Instant::now();
+        if let Err(e) = a.point(PointKindWire::Crash, None) {
+            tracing::warn!(error = %e, "crash-consistent point skipped");
+        }
+        if a.coordinator.is_some() {
+            match a.group_point() {
+                Ok((id, pause)) => {
+                    tracing::info!(id, pause_us = pause.as_micros() as u64, "group point")
+                }
+                Err(e) => tracing::warn!(error = %e, "group point skipped"),
+            }
+        }
+    }
+}
+
 /// How this agent reaches the process server `ps` with its enrolled identity.
 pub fn target_for(ps: &ProcessServerRef, id: &IdentityFiles) -> Result<Target> {
     let err = |why: String| Error::ProcessServer {
@@ -164,6 +234,12 @@ pub fn target_for(ps: &ProcessServerRef, id: &IdentityFiles) -> Result<Target> {
 pub fn interval_of(orders: &AgentOrders) -> Option<Duration> {
     let s = orders.policy.crash_point_interval_s;
     (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s))
+}
+
+/// The app-consistent point interval a policy asks for (none at 0).
+pub fn app_interval_of(orders: &AgentOrders) -> Option<Duration> {
+    let s = orders.policy.app_point_interval_s;
+    (s > 0).then(|| Duration::from_secs(s))
 }
 
 /// The last orders, kept in the state directory.
@@ -256,6 +332,10 @@ impl Heartbeater for Controlled {
         let every = interval_of(&orders);
         if self.agent.set_crash_point_interval(every) {
             tracing::info!(policy = %orders.policy.name, interval_s = ?every.map(|d| d.as_secs_f64()), "the crash-point interval changed");
+        }
+        let app = app_interval_of(&orders);
+        if self.agent.set_app_point_interval(app) {
+            tracing::info!(policy = %orders.policy.name, interval_s = ?app.map(|d| d.as_secs()), "the app-consistent point interval changed");
         }
         match &orders.process_server {
             Some(ps) if self.serving.as_ref() != Some(ps) => {

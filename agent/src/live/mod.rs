@@ -90,6 +90,9 @@ pub struct Agent {
     /// Crash-consistent points every this long (None: none); the control plane's
     /// policy may change it while the agent runs.
     crash_point_interval: Mutex<Option<Duration>>,
+    /// App-consistent points (through the freeze hook) every this long; only a
+    /// control plane's policy sets it.
+    app_point_interval: Mutex<Option<Duration>>,
     journal_dir: PathBuf,
     freeze_hook: Option<String>,
     pub nbd_addr: SocketAddr,
@@ -293,6 +296,7 @@ impl Agent {
             disks,
             target,
             crash_point_interval: Mutex::new(o.crash_point_interval),
+            app_point_interval: Mutex::new(None),
             journal_dir: o.journal_dir.clone(),
             freeze_hook: o.freeze_hook.clone(),
             nbd_addr,
@@ -344,42 +348,9 @@ impl Agent {
         }
         {
             // Always running, idle without an interval: the control plane's policy may
-            // set or change the interval at any heartbeat.
+            // set or change the intervals at any heartbeat.
             let a = agent.clone();
-            let t = spawn("ferry-points".into(), move || {
-                let mut last = Instant::now();
-                while !a.stop.load(Ordering::Relaxed) {
-                    // In slices, so that `stop` need not wait out an interval, and a
-                    // new interval applies from the last point on, not after the old
-                    // one ran out.
-                    match a.crash_point_interval() {
-                        Some(every) if last.elapsed() >= every => {}
-                        Some(every) => {
-                            std::thread::sleep(every.saturating_sub(last.elapsed()).min(STOP_POLL));
-                            continue;
-                        }
-                        None => {
-                            std::thread::sleep(STOP_POLL);
-                            last = Instant::now();
-                            continue;
-                        }
-                    }
-                    last = Instant::now();
-                    if let Err(e) = a.point(PointKindWire::Crash, None) {
-                        tracing::warn!(error = %e, "crash-consistent point skipped");
-                    }
-                    if a.coordinator.is_some() {
-                        match a.group_point() {
-                            Ok((id, pause)) => tracing::info!(
-                                id,
-                                pause_us = pause.as_micros() as u64,
-                                "group point"
-                            ),
-                            Err(e) => tracing::warn!(error = %e, "group point skipped"),
-                        }
-                    }
-                }
-            })?;
+            let t = spawn("ferry-points".into(), move || control::point_timer(&a))?;
             agent.threads.lock().expect("threads lock").push(t);
         }
         if let Some(l) = admin_listener {

@@ -383,3 +383,66 @@ fn enrolled_parts_follow_a_policy_change_and_a_move_with_every_point_identical()
         },
     );
 }
+
+#[test]
+#[ignore = "needs the control plane's enrollment, renewal and heartbeat endpoints (issue 13, server side)"]
+fn a_renewed_certificate_replaces_the_old_one_and_heartbeats_go_on_with_it() {
+    use ferry_link::control::client::{ControlClient, Enrollment};
+    use ferry_link::control::wire::{AgentHeartbeat, AgentOrders, Kind};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = Cp::start(&tmp.path().join("cp"), "127.0.0.1:0");
+    let state = tmp.path().join("m2");
+    let enrollment = Enrollment {
+        url: cp.url.clone(),
+        ca: cp.ca.clone(),
+        kind: Kind::Agent,
+        name: "m2".into(),
+        advertise: None,
+        dir: state.clone(),
+    };
+    let token = cp.enroll_token("agent");
+    let mut client = ControlClient::open(&enrollment, Some(&token)).unwrap();
+    // The token works once.
+    let again = ControlClient::open(
+        &Enrollment {
+            dir: tmp.path().join("m2-again"),
+            ..enrollment.clone()
+        },
+        Some(&token),
+    );
+    assert!(again.is_err(), "a used token enrolled again");
+
+    let heartbeat = |c: &ControlClient| {
+        c.call::<_, AgentOrders>(
+            "/v1/heartbeat/agent",
+            &AgentHeartbeat {
+                machine: "m2".into(),
+                disks: vec![],
+                process_server: None,
+                last_error: None,
+            },
+        )
+    };
+    heartbeat(&client).unwrap();
+    let (cert, key) = (
+        std::fs::read_to_string(state.join("cert.pem")).unwrap(),
+        std::fs::read_to_string(state.join("key.pem")).unwrap(),
+    );
+    let v = client.validity();
+    assert!(!client.renew_if_due(v.issued_at).unwrap(), "not due yet");
+    assert!(
+        client.renew_if_due(v.renew_at()).unwrap(),
+        "due at two thirds"
+    );
+    assert_ne!(
+        std::fs::read_to_string(state.join("cert.pem")).unwrap(),
+        cert
+    );
+    assert_ne!(std::fs::read_to_string(state.join("key.pem")).unwrap(), key);
+    assert_eq!(mode(&state.join("key.pem")), 0o600);
+    heartbeat(&client).unwrap();
+    // And a restart loads the renewed identity without a token.
+    let reopened = ControlClient::open(&enrollment, None).unwrap();
+    heartbeat(&reopened).unwrap();
+}

@@ -131,6 +131,13 @@ pub enum Error {
     /// The agent closed the admin connection without answering.
     #[error("admin socket {path}: the agent closed the admin connection without an answer")]
     AdminNoAnswer { path: String },
+    /// The control plane named a process server this agent cannot use.
+    #[error("process server {name} at {address}: {why}")]
+    ProcessServer {
+        name: String,
+        address: String,
+        why: String,
+    },
 }
 
 /// A machine name that no certificate can carry (not a DNS name or an IP address).

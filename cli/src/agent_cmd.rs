@@ -56,10 +56,28 @@ enum Request {
 }
 
 #[derive(clap::Args)]
-struct RunArgs {
-    /// The process server, HOST:PORT
-    #[arg(long, value_name = "HOST:PORT")]
-    process_server: String,
+pub(crate) struct RunArgs {
+    /// The process server, HOST:PORT (standalone; under a control plane its orders
+    /// name it)
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    process_server: Option<String>,
+    /// The control plane, https://HOST:PORT: enroll (once, with --enroll-token),
+    /// heartbeat, and take the process server and policy from its orders
+    #[arg(long, value_name = "URL", requires = "state_dir")]
+    control_plane: Option<String>,
+    /// One-time enrollment token (`ferry cp tokens create --for agent`); only needed
+    /// while --state-dir holds no certificate yet
+    #[arg(long, value_name = "TOKEN", requires = "control_plane")]
+    enroll_token: Option<String>,
+    /// Under a control plane: the key, certificate, site CA, last orders and journal
+    /// (DIR/journal)
+    #[arg(long, value_name = "DIR", requires = "control_plane")]
+    state_dir: Option<PathBuf>,
     /// This machine's name (its certificate must name it)
     #[arg(long)]
     machine: String,
@@ -68,16 +86,33 @@ struct RunArgs {
     disks: Vec<String>,
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd_listen: SocketAddr,
-    #[arg(long, value_name = "DIR")]
-    journal_dir: PathBuf,
-    #[arg(long, value_name = "PEM")]
-    tls_cert: PathBuf,
-    #[arg(long, value_name = "PEM")]
-    tls_key: PathBuf,
-    /// CA the process server's certificate chains to
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    journal_dir: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    tls_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    tls_key: Option<PathBuf>,
+    /// CA the process server's certificate chains to (standalone), or the control
+    /// plane's (its state directory's ca.pem)
     #[arg(long, value_name = "PEM")]
     ca: PathBuf,
-    #[arg(long, default_value_t = 5.0)]
+    /// Standalone only: under a control plane the policy sets it
+    #[arg(long, default_value_t = 5.0, conflicts_with = "control_plane")]
     crash_point_interval_s: f64,
     /// Run as `CMD freeze` and `CMD thaw` around app-consistent points
     #[arg(long, value_name = "CMD")]
@@ -166,22 +201,16 @@ pub fn agent(a: AgentArgs) -> Result<()> {
             path: PathBuf::from(path),
         });
     }
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&r.process_server)
-        .with_context(|| format!("--process-server {}", r.process_server))?
-        .next()
-        .with_context(|| format!("--process-server {}: no address", r.process_server))?;
-    let host = r
-        .process_server
-        .rsplit_once(':')
-        .map_or(r.process_server.as_str(), |(h, _)| h);
     if !(r.crash_point_interval_s.is_finite() && r.crash_point_interval_s >= 0.0) {
         bail!("--crash-point-interval-s must be a number of seconds (0: none)");
     }
+    let run = match &r.control_plane {
+        Some(url) => crate::agent_control::prepare(&r.machine, &disks, url, &r)?,
+        None => standalone(&r)?,
+    };
     let group_tls = match &r.group {
         Some(_) => Some(ferry_agent::live::group::GroupTls::load(
-            &r.tls_cert,
-            &r.tls_key,
-            &r.ca,
+            &run.cert, &run.key, &run.ca,
         )?),
         None => None,
     };
@@ -191,17 +220,11 @@ pub fn agent(a: AgentArgs) -> Result<()> {
     let agent = Agent::start(Options {
         machine: r.machine.clone(),
         disks,
-        target: Target {
-            addr,
-            server_name: server_name(host)?,
-            tls: Arc::new(client_config(&r.tls_cert, &r.tls_key, &r.ca)?),
-            timeout: Duration::from_secs(10),
-        },
+        target: run.target,
         nbd_listen: r.nbd_listen,
-        journal_dir: r.journal_dir,
+        journal_dir: run.journal_dir,
         journal_bytes: r.journal_mib << 20,
-        crash_point_interval: (r.crash_point_interval_s > 0.0)
-            .then(|| Duration::from_secs_f64(r.crash_point_interval_s)),
+        crash_point_interval: run.crash_point_interval,
         freeze_hook: r.freeze_hook,
         admin_socket: r.admin_socket,
         initial_copy: !r.no_initial_copy,
@@ -211,13 +234,76 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         group_peers: r.group_peers,
         group_tls,
     })?;
+    let heartbeats = match run.control {
+        Some(c) => Some(c.start(agent.clone())?),
+        None => None,
+    };
     println!("agent for {} serving NBD on {}", r.machine, agent.nbd_addr);
     let signal = wait_for(&stop_signals);
     tracing::info!(signal, "stopping in order: flushing every disk");
+    if let Some(h) = heartbeats {
+        h.stop();
+    }
     agent.shutdown()?;
     // On stderr: whoever read the first line of stdout may have closed it.
     tracing::info!(machine = %r.machine, "the agent stopped in order");
     Ok(())
+}
+
+/// What the agent starts with: from the flags (standalone) or from enrollment and the
+/// control plane's orders.
+pub(crate) struct Prepared {
+    pub target: Target,
+    pub journal_dir: PathBuf,
+    pub crash_point_interval: Option<Duration>,
+    /// The identity the group channel uses too.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub control: Option<crate::agent_control::Control>,
+}
+
+fn standalone(r: &RunArgs) -> Result<Prepared> {
+    // clap requires these without --control-plane.
+    let (Some(ps), Some(journal_dir), Some(cert), Some(key)) =
+        (&r.process_server, &r.journal_dir, &r.tls_cert, &r.tls_key)
+    else {
+        bail!("without --control-plane, --process-server, --journal-dir, --tls-cert and --tls-key are needed");
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(ps)
+        .with_context(|| format!("--process-server {ps}"))?
+        .next()
+        .with_context(|| format!("--process-server {ps}: no address"))?;
+    let host = ps.rsplit_once(':').map_or(ps.as_str(), |(h, _)| h);
+    Ok(Prepared {
+        target: Target {
+            addr,
+            server_name: server_name(host)?,
+            tls: Arc::new(client_config(cert, key, &r.ca)?),
+            timeout: Duration::from_secs(10),
+        },
+        journal_dir: journal_dir.clone(),
+        crash_point_interval: (r.crash_point_interval_s > 0.0)
+            .then(|| Duration::from_secs_f64(r.crash_point_interval_s)),
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: r.ca.clone(),
+        control: None,
+    })
+}
+
+impl RunArgs {
+    pub(crate) fn enroll_token(&self) -> Option<&str> {
+        self.enroll_token.as_deref()
+    }
+
+    pub(crate) fn state_dir(&self) -> Option<&std::path::Path> {
+        self.state_dir.as_deref()
+    }
+
+    pub(crate) fn ca(&self) -> &std::path::Path {
+        &self.ca
+    }
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and in every thread it starts after).

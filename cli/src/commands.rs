@@ -91,7 +91,7 @@ enum Command {
     },
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
-    ProcessServer(crate::server_cmd::ProcessServerArgs),
+    ProcessServer(Box<crate::server_cmd::ProcessServerArgs>),
     /// Everything on loopback with nothing else installed: a process server, an
     /// agent, writes through NBD, recovery points, failover, and a byte comparison
     Quickstart {
@@ -101,7 +101,7 @@ enum Command {
     },
     /// Run the agent (mobility service): protect disks served over NBD, replicate
     /// every write to a process server; `ferry agent ctl` talks to a running one
-    Agent(crate::agent_cmd::AgentArgs),
+    Agent(Box<crate::agent_cmd::AgentArgs>),
     /// Run the control plane: the configuration server's HTTPS API (policies, tokens)
     /// with its site CA and state in a directory
     ControlPlane(crate::control_plane_cmd::ControlPlaneArgs),
@@ -277,9 +277,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::ProcessServer(a) => crate::server_cmd::process_server(a)?,
+        Command::ProcessServer(a) => crate::server_cmd::process_server(*a)?,
         Command::Quickstart { dir } => crate::quickstart::run(dir)?,
-        Command::Agent(a) => crate::agent_cmd::agent(a)?,
+        Command::Agent(a) => crate::agent_cmd::agent(*a)?,
         Command::ControlPlane(a) => crate::control_plane_cmd::control_plane(a)?,
         Command::Cp(a) => crate::cp::cp(a)?,
         Command::Certs { out, agents } => crate::server_cmd::certs(&out, agents)?,

@@ -2,6 +2,7 @@
 //! crate; errors are printed as one line naming what was wrong, with a non-zero exit.
 
 mod agent_cmd;
+mod agent_control;
 mod commands;
 mod control_plane_cmd;
 mod cp;

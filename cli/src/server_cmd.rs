@@ -4,9 +4,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_dataplane::server::control::Reporter;
 use ferry_dataplane::server::{start, Limits, Options};
-use ferry_link::tls::certs::{generate_loopback, server_config};
+use ferry_link::control::client::{ControlClient, Enrollment, Heartbeats};
+use ferry_link::control::wire::{Kind, HEARTBEAT_INTERVAL_S};
+use ferry_link::tls::certs::{
+    generate_loopback, server_config, server_config_reloading, ServerCert,
+};
 use ferry_replica::{Store, VaultKey};
 
 #[derive(clap::Args)]
@@ -22,13 +27,49 @@ pub struct ProcessServerArgs {
     store: String,
     #[arg(long, value_name = "FILE")]
     key_file: PathBuf,
-    #[arg(long, value_name = "PEM")]
-    tls_cert: PathBuf,
-    #[arg(long, value_name = "PEM")]
-    tls_key: PathBuf,
-    /// CA that signs the agents' client certificates
-    #[arg(long, value_name = "PEM")]
-    client_ca: PathBuf,
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    tls_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    tls_key: Option<PathBuf>,
+    /// CA that signs the agents' client certificates (standalone; under a control
+    /// plane, its site CA)
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    client_ca: Option<PathBuf>,
+    /// The control plane, https://HOST:PORT: enroll (once, with --enroll-token) for
+    /// the server certificate, heartbeat, and refuse the certificates it revokes
+    #[arg(long, value_name = "URL", requires_all = ["ca", "advertise"])]
+    control_plane: Option<String>,
+    /// The control plane's CA (its state directory's ca.pem)
+    #[arg(long, value_name = "PEM", requires = "control_plane")]
+    ca: Option<PathBuf>,
+    /// One-time enrollment token (`ferry cp tokens create --for process-server`);
+    /// only needed while the state directory holds no certificate yet
+    #[arg(long, value_name = "TOKEN", requires = "control_plane")]
+    enroll_token: Option<String>,
+    /// This process server's name at the control plane (default: the host name)
+    #[arg(long, requires = "control_plane")]
+    name: Option<String>,
+    /// HOST:PORT agents connect to; the certificate names HOST
+    #[arg(long, value_name = "HOST:PORT", requires = "control_plane")]
+    advertise: Option<String>,
+    /// Where the key, certificate and site CA are kept (default: CACHE_DIR/identity)
+    #[arg(long, value_name = "DIR", requires = "control_plane")]
+    state_dir: Option<PathBuf>,
     /// Shards (threads, each with its own io_uring); default: one per core
     #[arg(long)]
     shards: Option<usize>,
@@ -62,11 +103,26 @@ fn secs(s: f64, what: &str) -> Result<Duration> {
 pub fn process_server(a: ProcessServerArgs) -> Result<()> {
     let vault = VaultKey::load(&a.key_file)?;
     let store = Store::open_idle(&a.store)?;
-    let tls = server_config(&a.tls_cert, &a.tls_key, &a.client_ca)?;
     if !(a.cache_gib.is_finite() && a.cache_gib > 0.0) {
         bail!("--cache-gib must be positive");
     }
-    let mut o = Options::new(a.listen, a.cache_dir);
+    // Under a control plane: enrolled (once) for the certificate agents see, and the
+    // site CA their certificates chain to.
+    let (tls, control) = match &a.control_plane {
+        Some(url) => {
+            let c = enroll(&a, url)?;
+            let cert = ServerCert::load(&c.files.cert, &c.files.key)?;
+            let tls = server_config_reloading(cert.clone(), &c.files.ca)?;
+            (tls, Some((c, cert)))
+        }
+        None => {
+            let (Some(cert), Some(key), Some(ca)) = (&a.tls_cert, &a.tls_key, &a.client_ca) else {
+                bail!("without --control-plane, --tls-cert, --tls-key and --client-ca are needed");
+            };
+            (server_config(cert, key, ca)?, None)
+        }
+    };
+    let mut o = Options::new(a.listen, a.cache_dir.clone());
     if let Some(n) = a.shards {
         o.shards = n;
     }
@@ -86,7 +142,26 @@ pub fn process_server(a: ProcessServerArgs) -> Result<()> {
         );
     }
     let shards = o.shards;
+    let revoked = o.revoked.clone();
     let running = start(o, tls, store, vault)?;
+    let heartbeats = match control {
+        Some((client, cert)) => {
+            let reporter = Reporter::new(
+                name(&a)?,
+                a.advertise.clone().unwrap_or_default(),
+                running.view.clone(),
+                running.registry.clone(),
+                revoked,
+            )
+            .with_cert(cert);
+            Some(Heartbeats::start(
+                client,
+                reporter,
+                Duration::from_secs_f64(HEARTBEAT_INTERVAL_S),
+            )?)
+        }
+        None => None,
+    };
     // One line a supervisor or script can wait for.
     println!(
         "process server listening on {} with {shards} shards{}",
@@ -97,7 +172,49 @@ pub fn process_server(a: ProcessServerArgs) -> Result<()> {
             .unwrap_or_default()
     );
     running.wait();
+    if let Some(h) = heartbeats {
+        h.stop();
+    }
     Ok(())
+}
+
+/// The name at the control plane: --name, or the host name.
+fn name(a: &ProcessServerArgs) -> Result<String> {
+    let n = match &a.name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("--name not given and the host name unreadable")?
+            .trim()
+            .to_string(),
+    };
+    ferry_replica::layout::check_name("process server", &n)
+        .map_err(|e| anyhow!("--name {n:?}: {e}"))?;
+    Ok(n)
+}
+
+fn enroll(a: &ProcessServerArgs, url: &str) -> Result<ControlClient> {
+    let name = name(a)?;
+    let advertise = a
+        .advertise
+        .clone()
+        .context("--control-plane needs --advertise HOST:PORT")?;
+    let ca = a.ca.clone().context("--control-plane needs --ca")?;
+    let dir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| a.cache_dir.join("identity"));
+    ControlClient::open(
+        &Enrollment {
+            url: url.to_string(),
+            ca,
+            kind: Kind::ProcessServer,
+            name: name.clone(),
+            advertise: Some(advertise),
+            dir,
+        },
+        a.enroll_token.as_deref(),
+    )
+    .with_context(|| format!("enrolling process server {name} with {url}"))
 }
 
 pub fn certs(out: &Path, agents: usize) -> Result<()> {

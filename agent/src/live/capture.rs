@@ -68,6 +68,8 @@ pub struct State {
     pub journal: DurableLog,
     /// The newest point: (id, sequence).
     pub last_point: Option<(String, u64)>,
+    /// Points not yet seen uploaded, for the control plane's heartbeat.
+    pub points: super::points::PointLog,
     buf: Vec<u8>,
     /// The sequence number of the first frame in the journal as opened: the oldest
     /// it held, or (empty) the next to be assigned.
@@ -131,6 +133,7 @@ impl Capture {
                 next_seq,
                 journal,
                 last_point: None,
+                points: Default::default(),
                 buf: Vec::new(),
                 first_seq: first_seq.unwrap_or(next_seq),
                 last_write,
@@ -361,6 +364,12 @@ impl Capture {
             )
         })?;
         st.last_point = Some((id.to_string(), seq));
+        st.points.push(super::points::PointMark {
+            id: id.to_string(),
+            kind,
+            time_ms,
+            seq,
+        });
         Ok(())
     }
 

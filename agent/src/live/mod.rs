@@ -6,10 +6,12 @@
 pub mod admin;
 pub mod capture;
 pub mod checksum;
+pub mod control;
 pub mod group;
 pub mod group_line;
 mod handles;
 pub mod last_stop;
+pub mod points;
 pub mod sender;
 
 use std::net::SocketAddr;
@@ -26,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::nbd::{Device, Exports};
 use capture::Capture;
 use last_stop::LastStop;
-use sender::{SendStatus, Sender};
+use sender::{SendStatus, Sender, TargetSlot};
 
 pub struct DiskSpec {
     pub name: String,
@@ -83,6 +85,14 @@ impl CopyProgress {
 
 pub struct Agent {
     disks: Vec<Disk>,
+    /// The process server every sender uses; the control plane may move it.
+    target: Arc<TargetSlot>,
+    /// Crash-consistent points every this long (None: none); the control plane's
+    /// policy may change it while the agent runs.
+    crash_point_interval: Mutex<Option<Duration>>,
+    /// App-consistent points (through the freeze hook) every this long; only a
+    /// control plane's policy sets it.
+    app_point_interval: Mutex<Option<Duration>>,
     journal_dir: PathBuf,
     freeze_hook: Option<String>,
     pub nbd_addr: SocketAddr,
@@ -182,6 +192,7 @@ impl Agent {
             None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(TargetSlot::new(o.target.clone()));
         let mut threads = Vec::new();
         let mut disks = Vec::new();
         let mut exports = Exports::default();
@@ -239,7 +250,7 @@ impl Agent {
             let sender = Sender {
                 capture: cap.clone(),
                 journal_dir: jdir,
-                target: o.target.clone(),
+                target: target.clone(),
                 machine: o.machine.clone(),
                 session: rand::random(),
                 status: status.clone(),
@@ -283,6 +294,9 @@ impl Agent {
         };
         let agent = Arc::new(Agent {
             disks,
+            target,
+            crash_point_interval: Mutex::new(o.crash_point_interval),
+            app_point_interval: Mutex::new(None),
             journal_dir: o.journal_dir.clone(),
             freeze_hook: o.freeze_hook.clone(),
             nbd_addr,
@@ -332,33 +346,11 @@ impl Agent {
                 agent.threads.lock().expect("threads lock").push(t);
             }
         }
-        if let Some(every) = o.crash_point_interval {
+        {
+            // Always running, idle without an interval: the control plane's policy may
+            // set or change the intervals at any heartbeat.
             let a = agent.clone();
-            let t = spawn("ferry-points".into(), move || {
-                while !a.stop.load(Ordering::Relaxed) {
-                    // In slices, so that `stop` need not wait out an interval.
-                    let next = Instant::now() + every;
-                    while !a.stop.load(Ordering::Relaxed) && Instant::now() < next {
-                        std::thread::sleep((next - Instant::now()).min(STOP_POLL));
-                    }
-                    if a.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if let Err(e) = a.point(PointKindWire::Crash, None) {
-                        tracing::warn!(error = %e, "crash-consistent point skipped");
-                    }
-                    if a.coordinator.is_some() {
-                        match a.group_point() {
-                            Ok((id, pause)) => tracing::info!(
-                                id,
-                                pause_us = pause.as_micros() as u64,
-                                "group point"
-                            ),
-                            Err(e) => tracing::warn!(error = %e, "group point skipped"),
-                        }
-                    }
-                }
-            })?;
+            let t = spawn("ferry-points".into(), move || control::point_timer(&a))?;
             agent.threads.lock().expect("threads lock").push(t);
         }
         if let Some(l) = admin_listener {

@@ -36,10 +36,38 @@ pub struct SendStatus {
     pub oldest_unacked: Option<Instant>,
 }
 
+/// The process server the senders use, replaceable while they run: an operator's move
+/// through the control plane, or a renewed certificate. Each sender reads it before
+/// each connection, and drops a session to another address than the current one.
+pub struct TargetSlot {
+    current: Mutex<Target>,
+}
+
+impl TargetSlot {
+    pub fn new(t: Target) -> TargetSlot {
+        TargetSlot {
+            current: Mutex::new(t),
+        }
+    }
+
+    pub fn get(&self) -> Target {
+        self.current.lock().expect("target lock").clone()
+    }
+
+    /// Replaces the target; sessions to another address end and reconnect there.
+    /// Returns whether the address changed.
+    pub fn set(&self, t: Target) -> bool {
+        let mut cur = self.current.lock().expect("target lock");
+        let moved = cur.addr != t.addr || cur.server_name != t.server_name;
+        *cur = t;
+        moved
+    }
+}
+
 pub struct Sender {
     pub capture: Arc<Capture>,
     pub journal_dir: PathBuf,
-    pub target: Target,
+    pub target: Arc<TargetSlot>,
     pub machine: String,
     pub session: [u8; 16],
     pub status: Arc<Mutex<SendStatus>>,
@@ -47,6 +75,10 @@ pub struct Sender {
 }
 
 const BATCH_BYTES: usize = 256 << 10;
+
+/// How long a move to another process server waits for the old one to upload what
+/// it was sent.
+const MOVE_DRAIN: Duration = Duration::from_secs(60);
 
 impl Sender {
     pub fn run(self) {
@@ -82,7 +114,33 @@ impl Sender {
         // this machine) is retried every few seconds for as long as it lasts, and
         // logged once, not at every retry.
         let mut logged: Option<String> = None;
+        // Where the current session goes: a move to another process server ends it.
+        let mut linked_to: Option<Target> = None;
         while !self.stop.load(Ordering::Relaxed) {
+            if let (Some(to), Some(_)) = (&linked_to, &link) {
+                let now = self.target.get();
+                if now.addr != to.addr || now.server_name != to.server_name {
+                    tracing::info!(disk = %self.capture.disk, from = %to.addr, to = %now.addr, "moving to another process server: its session resumes from the journal");
+                    if let Some(mut l) = link.take() {
+                        // Everything sent is first uploaded by the old server, so the
+                        // new one, which starts from the store, holds all of it, and no
+                        // two servers ever upload this disk at once. Bounded: an old
+                        // server that cannot upload is left to the new one's resume
+                        // protocol (the journal, or a checksum resync).
+                        let sent = tail_next;
+                        let drained = compio::time::timeout(
+                            MOVE_DRAIN,
+                            l.wait_uploaded(sent, Duration::from_millis(50)),
+                        )
+                        .await;
+                        if !matches!(drained, Ok(Ok(()))) {
+                            tracing::warn!(disk = %self.capture.disk, uploaded = l.uploaded(), sent, "the old process server did not upload everything sent before the move; the new one resumes from what the store holds");
+                        }
+                        let _ = compio::time::timeout(Duration::from_secs(2), l.bye()).await;
+                    }
+                    self.set(|s| s.connected = false);
+                }
+            }
             if link.as_ref().is_none_or(|l| l.closed().is_some()) {
                 self.capture.resync.lost_link();
                 if let Some(l) = link.take() {
@@ -104,8 +162,10 @@ impl Sender {
                     next_seq,
                     disk_bytes: self.capture.size(),
                 };
-                match connect(&self.target, &hello).await {
+                let target = self.target.get();
+                match connect(&target, &hello).await {
                     Ok(l) => {
+                        linked_to = Some(target);
                         backoff = Duration::from_millis(50);
                         if logged.take().is_some() {
                             tracing::info!(disk = %self.capture.disk, "connected to the process server");

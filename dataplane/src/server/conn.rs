@@ -266,7 +266,21 @@ async fn read_loop(
 ) -> End {
     let timeout = shard.opts.peer_timeout;
     let max_payload = state.borrow().session.max_payload();
+    // The revoked list may change while the session runs: looked at again, at the
+    // next frame, only when it did.
+    let cert = reader.peer_certificate();
+    let mut revoked_seen = shard.opts.revoked.generation();
     loop {
+        let generation = shard.opts.revoked.generation();
+        if generation != revoked_seen {
+            revoked_seen = generation;
+            if let Some(why) = shard.opts.revoked.refusal(cert.as_deref()) {
+                return End::Reject(Reject {
+                    code: ErrorCode::NotOwned,
+                    reason: format!("{why}; the session for {} is closed", entry.key),
+                });
+            }
+        }
         // Judge every whole frame in the buffer.
         let mut start = 0;
         let mut need = HEADER_BYTES;

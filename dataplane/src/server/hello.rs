@@ -1,5 +1,6 @@
 //! The first frame of a connection: it must be a Hello naming a valid disk of a
-//! machine the client certificate names. Checked before the store is touched.
+//! machine the client certificate names, from a certificate not revoked. Checked
+//! before the store is touched.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,6 +44,15 @@ pub(super) async fn read_first(
                             "the client certificate does not name machine {}: it may not write {key}",
                             h.machine
                         ),
+                    }));
+                }
+                // A removed machine's certificate still chains to the CA until it
+                // expires: the control plane's revoked list is what refuses it.
+                let der = reader.peer_certificate();
+                if let Some(why) = shard.opts.revoked.refusal(der.as_deref()) {
+                    return Err(End::Reject(Reject {
+                        code: ErrorCode::NotOwned,
+                        reason: format!("{why}; it may not write {key}"),
                     }));
                 }
                 let entry = shard.registry.entry(&key);

@@ -3,16 +3,19 @@
 //! runtime and cache log, TLS connections, the upload stage, and the metrics endpoint.
 
 pub mod conn;
+pub mod control;
 mod end;
 mod hello;
 pub mod http;
 pub mod options;
 pub mod registry;
+pub mod revoked;
 pub mod run;
 pub mod session;
 pub mod shard;
 pub mod sums;
 
 pub use options::Options;
+pub use revoked::Revoked;
 pub use run::{start, Running};
 pub use session::{Action, Limits, Progress, Reject, Session};

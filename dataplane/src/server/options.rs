@@ -3,8 +3,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::revoked::Revoked;
 use super::session::Limits;
 
 #[derive(Debug, Clone)]
@@ -35,6 +37,9 @@ pub struct Options {
     /// start later than this (less a margin) after its put is redone, never committed.
     /// Must equal compaction's; only tests change it.
     pub orphan_grace: Duration,
+    /// Client certificates the control plane revoked; its heartbeat thread replaces
+    /// the list while the server runs. Empty in the standalone mode.
+    pub revoked: Arc<Revoked>,
 }
 
 impl Options {
@@ -54,6 +59,7 @@ impl Options {
             batch_delay: Duration::from_millis(200),
             batch_bytes: 16 << 20,
             orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
+            revoked: Arc::default(),
         }
     }
 }

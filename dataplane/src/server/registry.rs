@@ -64,6 +64,11 @@ impl DiskEntry {
         Ok(self.uploaded.load(Ordering::SeqCst))
     }
 
+    /// Whether a session holds the disk now.
+    pub fn is_live(&self) -> bool {
+        self.slot.lock().expect("slot lock").live.is_some()
+    }
+
     pub fn is_open(&self) -> bool {
         self.uploader.lock().expect("uploader lock").is_some()
     }
@@ -170,6 +175,19 @@ impl Registry {
                 })
             })
             .clone()
+    }
+
+    /// The machines with at least one disk in a session now, sorted, each once.
+    pub fn connected_machines(&self) -> Vec<String> {
+        let mut m: Vec<String> = self
+            .all()
+            .iter()
+            .filter(|e| e.is_live())
+            .map(|e| e.machine.clone())
+            .collect();
+        m.sort();
+        m.dedup();
+        m
     }
 
     pub fn all(&self) -> Vec<Arc<DiskEntry>> {

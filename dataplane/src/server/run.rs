@@ -27,6 +27,9 @@ pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub view: Arc<View>,
+    /// Every disk seen and which are in a session (the control plane's heartbeat
+    /// reports the machines connected).
+    pub registry: Arc<Registry>,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
     uploaders: Vec<JoinHandle<()>>,
@@ -248,6 +251,7 @@ pub fn start(
         addr,
         metrics_addr,
         view,
+        registry,
         stop,
         acceptor: Some(acceptor),
         uploaders,

@@ -199,6 +199,65 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Server
     Ok(cfg)
 }
 
+/// A server certificate that can be replaced while the server runs: a process server
+/// enrolled with a control plane renews its certificate without a restart, and
+/// handshakes after the renewal present the new one.
+#[derive(Debug)]
+pub struct ServerCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServerCert {
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerCert>, CertError> {
+        Ok(Arc::new(ServerCert {
+            current: std::sync::RwLock::new(Arc::new(certified(cert, key)?)),
+        }))
+    }
+
+    /// Serves `cert` and `key` from now on; on an error the old pair stays.
+    pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), CertError> {
+        let new = Arc::new(certified(cert, key)?);
+        *self.current.write().expect("server cert lock") = new;
+        Ok(())
+    }
+
+    /// The certificate served now (DER).
+    pub fn current(&self) -> CertificateDer<'static> {
+        self.current.read().expect("server cert lock").cert[0].clone()
+    }
+}
+
+fn certified(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, CertError> {
+    rustls::sign::CertifiedKey::from_der(load_certs(cert)?, load_key(key)?, &provider())
+        .map_err(|e| file_err(cert, e))
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current.read().ok().map(|c| c.clone())
+    }
+}
+
+/// `server_config` with a certificate that can be replaced while serving.
+pub fn server_config_reloading(
+    cert: Arc<ServerCert>,
+    client_ca: &Path,
+) -> Result<ServerConfig, CertError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(client_ca)?, provider())
+        .build()
+        .map_err(|e| CertError::Config(format!("client CA {}: {e}", client_ca.display())))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CertError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
+}
+
 /// An agent's side: its own certificate, and the CA the server's must chain to.
 pub fn client_config(cert: &Path, key: &Path, ca: &Path) -> Result<ClientConfig, CertError> {
     ClientConfig::builder_with_provider(provider())
@@ -229,6 +288,66 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, CertError> {
 /// group channel's that a peer is the member or coordinator it was told of.
 pub fn cert_names(der: &[u8], name: &str) -> bool {
     ServerName::try_from(name).is_ok_and(|n| names(&CertificateDer::from(der), &n))
+}
+
+/// A certificate's serial number as the control plane lists revoked ones: lowercase
+/// hex without leading zeros (the DER sign byte and any padding dropped, so the same
+/// number always has one spelling). None if `der` is not a certificate.
+pub fn cert_serial(der: &[u8]) -> Option<String> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    // serialNumber INTEGER, ... } ... }: two headers in, past the version.
+    let (tag, head, _) = der_header(der)?;
+    let tbs = der.get(head..).filter(|_| tag == 0x30)?;
+    let (tag, head, _) = der_header(tbs)?;
+    let mut rest = tbs.get(head..).filter(|_| tag == 0x30)?;
+    let (mut tag, mut head, mut len) = der_header(rest)?;
+    if tag == 0xa0 {
+        rest = rest.get(head + len..)?;
+        (tag, head, len) = der_header(rest)?;
+    }
+    if tag != 0x02 || len == 0 {
+        return None;
+    }
+    let bytes = rest.get(head..head + len)?;
+    Some(normal_serial(&hex_lower(bytes)))
+}
+
+/// A serial in hex as the one spelling `cert_serial` gives: lowercase, no leading
+/// zeros, no separators (":" as some tools print them).
+pub fn normal_serial(hex: &str) -> String {
+    let h: String = hex
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let t = h.trim_start_matches('0');
+    if t.is_empty() {
+        "0".into()
+    } else {
+        t.to_string()
+    }
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A DER element's tag, header length and content length (definite lengths only).
+fn der_header(b: &[u8]) -> Option<(u8, usize, usize)> {
+    let tag = *b.first()?;
+    let first = *b.get(1)? as usize;
+    if first < 0x80 {
+        return Some((tag, 2, first));
+    }
+    let n = first & 0x7f;
+    if n == 0 || n > 4 {
+        return None;
+    }
+    let mut len = 0usize;
+    for i in 0..n {
+        len = (len << 8) | *b.get(2 + i)? as usize;
+    }
+    Some((tag, 2 + n, len))
 }
 
 fn names(der: &CertificateDer<'_>, name: &ServerName<'_>) -> bool {
@@ -303,5 +422,62 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed(serial: Option<Vec<u8>>) -> Vec<u8> {
+        let mut p = CertificateParams::new(vec!["m1".to_string()]).unwrap();
+        p.serial_number = serial.map(rcgen::SerialNumber::from);
+        let key = KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_serial_is_read_in_one_spelling() {
+        assert_eq!(
+            cert_serial(&self_signed(Some(vec![0x8f, 0x01, 0xab]))).as_deref(),
+            Some("8f01ab")
+        );
+        assert_eq!(
+            cert_serial(&self_signed(Some(vec![0x00, 0x00, 0x12]))).as_deref(),
+            Some("12")
+        );
+        // rcgen's own random serial: read, and hex.
+        let s = cert_serial(&self_signed(None)).unwrap();
+        assert!(
+            !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit()),
+            "{s}"
+        );
+        assert_eq!(normal_serial("00:8F:01:AB"), "8f01ab");
+        assert_eq!(normal_serial("000"), "0");
+    }
+
+    #[test]
+    fn a_reloaded_server_certificate_is_served_and_a_bad_one_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Authority::create(tmp.path(), "test CA").unwrap();
+        let a = ca.issue("a", "127.0.0.1", true, Validity::Current).unwrap();
+        let b = ca.issue("b", "127.0.0.1", true, Validity::Current).unwrap();
+        let der = |p: &Path| load_certs(p).unwrap()[0].clone();
+        let served = ServerCert::load(&a.cert, &a.key).unwrap();
+        server_config_reloading(served.clone(), &ca.ca_path()).unwrap();
+        assert_eq!(served.current(), der(&a.cert));
+        served.reload(&b.cert, &b.key).unwrap();
+        assert_eq!(served.current(), der(&b.cert));
+        let e = served.reload(&a.cert, &b.key).unwrap_err();
+        assert!(e.to_string().contains("a.pem"), "{e}");
+        assert_eq!(served.current(), der(&b.cert), "the old pair stays");
+    }
+
+    #[test]
+    fn what_is_not_a_certificate_has_no_serial() {
+        assert_eq!(cert_serial(b""), None);
+        assert_eq!(cert_serial(b"\x30\x03\x02\x01"), None);
+        let der = self_signed(Some(vec![1]));
+        assert_eq!(cert_serial(&der[..6]), None);
     }
 }

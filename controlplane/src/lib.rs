@@ -7,6 +7,7 @@
 //! - `policy`: replication policies and their rules.
 //! - `db`: the state in SQLite or PostgreSQL (sqlx), migrations in `migrations/`.
 //! - `enroll`: the site CA, the service certificate, API token secrets.
+//! - `jobs`: durable jobs with leases, their runner, and the retention job.
 //!
 //! The recovery library the `ferry` command calls directly:
 //! - `recovery::points`: a machine's recovery points and choosing one (latest,
@@ -21,6 +22,7 @@ pub mod api;
 pub mod db;
 pub mod enroll;
 pub mod error;
+pub mod jobs;
 pub mod policy;
 pub mod recovery;
 pub mod server;

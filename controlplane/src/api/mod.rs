@@ -7,7 +7,9 @@
 
 pub mod auth;
 pub mod error;
+pub mod jobs;
 pub mod meta;
+pub mod points;
 pub mod policies;
 pub mod tokens;
 
@@ -39,6 +41,8 @@ pub struct AppState {
     pub metrics: Arc<meta::Metrics>,
     /// The OpenAPI document, rendered once.
     pub openapi: axum::body::Bytes,
+    /// The job runner's wake-up and the store (`--store`), for jobs and points.
+    pub jobs: crate::jobs::runner::Context,
 }
 
 /// A JSON body; its rejections (unknown field, syntax, size) become `ApiError`s.
@@ -109,6 +113,8 @@ impl Page {
         policies::list, policies::create, policies::get, policies::update, policies::delete,
         tokens::list, tokens::create, tokens::delete,
         meta::healthz, meta::metrics, meta::openapi,
+        jobs::list, jobs::get, jobs::cancel, jobs::resume, jobs::restart,
+        points::list,
     ),
     components(schemas(error::Problem)),
     modifiers(&BearerAuth),
@@ -182,15 +188,23 @@ fn routes() -> Routes {
     .add(Get, "/v1/openapi.json", meta::openapi)
     .add(Get, "/healthz", meta::healthz)
     .add(Get, "/metrics", meta::metrics)
+    // Jobs, and the points the store holds (H2).
+    .add(Get, "/v1/jobs", jobs::list)
+    .add(Get, "/v1/jobs/{id}", jobs::get)
+    .add(Post, "/v1/jobs/{id}/cancel", jobs::cancel)
+    .add(Post, "/v1/jobs/{id}/resume", jobs::resume)
+    .add(Post, "/v1/jobs/{id}/restart", jobs::restart)
+    .add(Get, "/v1/machines/{name}/points", points::list)
 }
 
 /// The whole service, ready to serve.
-pub fn router(db: Db) -> Result<Router, serde_json::Error> {
+pub fn router(db: Db, jobs: crate::jobs::runner::Context) -> Result<Router, serde_json::Error> {
     let openapi = axum::body::Bytes::from(ApiDoc::openapi().to_json()?);
     let state = AppState {
         db,
         metrics: Arc::new(meta::Metrics::default()),
         openapi,
+        jobs,
     };
     Ok(routes()
         .router
@@ -212,7 +226,7 @@ mod tests {
     fn every_served_route_is_in_the_openapi_document() {
         let doc = ApiDoc::openapi();
         let served = routes().served;
-        assert!(served.len() >= 11);
+        assert!(served.len() >= 17);
         for (verb, path) in served {
             let item = doc
                 .paths

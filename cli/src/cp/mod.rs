@@ -2,6 +2,8 @@
 //! `--json` for scripts; errors as one line with the API's problem detail.
 
 mod client;
+mod jobs;
+mod points;
 mod policies;
 mod tokens;
 
@@ -25,6 +27,12 @@ enum Resource {
     /// API tokens (admin only)
     #[command(subcommand)]
     Tokens(tokens::Verb),
+    /// Durable jobs (retention, ...): progress, cancel, resume
+    #[command(subcommand)]
+    Jobs(jobs::Verb),
+    /// Machines: their recovery points in the store
+    #[command(subcommand)]
+    Machines(points::MachinesVerb),
 }
 
 pub fn cp(a: CpArgs) -> Result<()> {
@@ -32,6 +40,8 @@ pub fn cp(a: CpArgs) -> Result<()> {
     match a.resource {
         Resource::Policies(v) => policies::run(&conn, v),
         Resource::Tokens(v) => tokens::run(&conn, v),
+        Resource::Jobs(v) => jobs::run(&conn, v),
+        Resource::Machines(v) => points::run(&conn, v),
     }
 }
 

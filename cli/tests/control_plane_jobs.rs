@@ -496,3 +496,160 @@ fn cancel_stops_between_tasks_resume_goes_on_and_a_viewer_may_not() {
     let (status, body) = cp.http.send("GET", "/v1/jobs?state=done", &viewer);
     assert_eq!(status, 400, "{body}");
 }
+
+/// A control plane whose log (at info for the control plane) goes to `log`.
+fn start_logging(args: &[&str], log: &Path) -> (Killed, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(FERRY)
+        .args(args)
+        .env("FERRY_LOG", "warn,ferry_controlplane=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = Killed(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let url = line.trim().to_string();
+    assert!(url.starts_with("https://"), "{line:?}: {}", log.display());
+    (child, url)
+}
+
+/// Runs one statement on FERRY_TEST_DATABASE.
+fn on_test_database(base: &str, sql: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(base)
+            .await
+            .unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    });
+}
+
+/// A new empty database beside FERRY_TEST_DATABASE's (so that this test shares no
+/// tables with the others): its name and URL. None (and a word) without one.
+fn fresh_postgres() -> Option<(String, String)> {
+    let Ok(base) = std::env::var("FERRY_TEST_DATABASE") else {
+        if std::env::var("FERRY_TEST_REQUIRE_REMOTE").is_ok_and(|v| v == "1") {
+            panic!("FERRY_TEST_DATABASE is not set but FERRY_TEST_REQUIRE_REMOTE=1");
+        }
+        eprintln!("FERRY_TEST_DATABASE not set: two control planes on PostgreSQL not tested");
+        return None;
+    };
+    let name = format!(
+        "ferry_jobs_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    on_test_database(&base, &format!("CREATE DATABASE {name}"));
+    let (head, _) = base.split('?').next().unwrap().rsplit_once('/').unwrap();
+    let url = format!("{head}/{name}");
+    Some((name, url))
+}
+
+#[test]
+fn two_control_planes_on_one_postgres_run_each_job_once() {
+    let Some((db_name, database)) = fresh_postgres() else {
+        return;
+    };
+    let site = Site::new();
+    let machines = ["m1", "m2", "m3", "m4"];
+    for (i, m) in machines.iter().enumerate() {
+        site.seed(m, "d0", chrono::Duration::zero(), 10 * i as u64);
+        site.seed(m, "d1", chrono::Duration::zero(), 10 * i as u64 + 1);
+    }
+    // One job at a time each and a pause before each task, so that both take jobs
+    // while the other still runs one.
+    let start = |name: &str| {
+        let dir = site.path(name);
+        let log = site.path(&format!("{name}.log"));
+        let args = [
+            "control-plane",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &database,
+            "--store",
+            &site.store,
+            "--key-file",
+            site.key.to_str().unwrap(),
+            "--jobs-at-once",
+            "1",
+            "--job-step-delay-ms",
+            "300",
+        ];
+        let (child, url) = start_logging(&args, &log);
+        (child, url, dir, log)
+    };
+    let (mut cp_a, _, _, log_a) = start("cp-a");
+    let (mut cp_b, url_b, dir_b, log_b) = start("cp-b");
+    // Both registered their admin token under one name in the shared database: the
+    // later start's is the one that holds.
+    let admin = std::fs::read_to_string(dir_b.join("admin.token")).unwrap();
+    let http = Http::new(&url_b, &dir_b.join("ca.pem"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let jobs = loop {
+        let (status, body) = http.send("GET", "/v1/jobs", admin.trim());
+        assert_eq!(status, 200, "{body}");
+        let jobs: Value = serde_json::from_str(&body).unwrap();
+        let items = jobs["items"].as_array().unwrap();
+        if items.len() == machines.len() && items.iter().all(|j| j["state"] == json!("succeeded")) {
+            break jobs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for every machine's retention: {jobs:#}\n{}\n{}",
+            std::fs::read_to_string(&log_a).unwrap(),
+            std::fs::read_to_string(&log_b).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let items = jobs["items"].as_array().unwrap();
+    let mut subjects: Vec<&str> = items
+        .iter()
+        .map(|j| j["subject"].as_str().unwrap())
+        .collect();
+    subjects.sort();
+    assert_eq!(
+        subjects, machines,
+        "both schedules queued one job per machine"
+    );
+
+    // Every task ran exactly once over the two logs, and each job was claimed once.
+    let logs = std::fs::read_to_string(&log_a).unwrap() + &std::fs::read_to_string(&log_b).unwrap();
+    let mut claimed = std::collections::BTreeMap::new();
+    for job in items {
+        let id = job["id"].as_str().unwrap();
+        for seq in 0..2 {
+            let started = format!("job {id}: task {seq} (");
+            assert_eq!(logs.matches(&started).count(), 1, "{started}\n{logs}");
+        }
+        let line = logs
+            .lines()
+            .find(|l| l.contains(&format!("job {id}: claimed by ")))
+            .unwrap();
+        assert_eq!(
+            logs.matches(&format!("job {id}: claimed by ")).count(),
+            1,
+            "{logs}"
+        );
+        *claimed
+            .entry(line.rsplit(' ').next().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    eprintln!("jobs claimed per control plane: {claimed:?}");
+    cp_a.kill();
+    cp_b.kill();
+    let base = std::env::var("FERRY_TEST_DATABASE").unwrap();
+    on_test_database(&base, &format!("DROP DATABASE {db_name}"));
+}

@@ -21,11 +21,14 @@ CREATE TABLE jobs (
     lease_owner TEXT,
     lease_until_ms BIGINT,
     -- 1 once someone asked a running job to stop; its runner stops between tasks.
-    cancel_requested BIGINT NOT NULL DEFAULT 0
+    cancel_requested BIGINT NOT NULL DEFAULT 0,
+    -- 'KIND/SUBJECT' while the job is queued, running or waiting, NULL once it ended:
+    -- unique, so that two control planes scheduling at once queue one job (a
+    -- NOT EXISTS check alone lets both in under READ COMMITTED).
+    active_key TEXT UNIQUE
 );
 
 CREATE INDEX jobs_by_state ON jobs (state, id);
-CREATE INDEX jobs_by_subject ON jobs (kind, subject, state);
 
 CREATE TABLE job_tasks (
     job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,

@@ -98,6 +98,10 @@ fn answer(id: &str, action: &str, outcome: Outcome) -> Result<Json<Job>, ApiErro
     match outcome {
         Outcome::Done(job) => Ok(Json(job)),
         Outcome::NotFound => Err(ApiError::NotFound(format!("no job {id}"))),
+        Outcome::Busy(job) => Err(ApiError::Conflict(format!(
+            "job {id} cannot {action}: another {} job of {} is queued or running",
+            job.kind, job.subject
+        ))),
         Outcome::NotAllowed(job) => {
             let allowed: Vec<&str> = job.actions.iter().map(|a| a.as_str()).collect();
             Err(ApiError::Conflict(format!(

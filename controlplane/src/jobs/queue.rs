@@ -19,10 +19,6 @@ const JOB_COLUMNS: &str = "id, kind, subject, state, params, error, created_at, 
                            ended_at, lease_owner, lease_until_ms, cancel_requested";
 const TASK_COLUMNS: &str = "job_id, seq, name, state, error, started_at, ended_at, progress";
 
-/// States in which a job counts as active: a second one of the same kind and subject
-/// is not queued beside it.
-const ACTIVE: &str = "('queued', 'running', 'waiting-for-input')";
-
 /// Now, in Unix milliseconds: the lease's clock.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -89,8 +85,8 @@ fn new_id() -> String {
 }
 
 /// Queues a job with its tasks, unless one of the same kind and subject is active
-/// (queued, running or waiting): then None. The check and the insert are one
-/// statement, so a schedule that fires twice queues one job.
+/// (queued, running or waiting): then None. The unique `active_key` decides, so that
+/// two schedules firing at once (two control planes) queue one job.
 pub async fn enqueue(
     db: &Db,
     kind: &str,
@@ -100,20 +96,20 @@ pub async fn enqueue(
 ) -> Result<Option<String>> {
     let id = new_id();
     let mut tx = db.pool().begin().await.map_err(q("queueing a job"))?;
-    let sql = format!(
-        "INSERT INTO jobs (id, kind, subject, state, params, created_at, cancel_requested) \
-         SELECT $1, $2, $3, 'queued', $4, $5, 0 \
-         WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE kind = $2 AND subject = $3 AND state IN {ACTIVE})"
-    );
-    let done = sqlx::query(&sql)
-        .bind(id.clone())
-        .bind(kind.to_string())
-        .bind(subject.to_string())
-        .bind(params.to_string())
-        .bind(now_s())
-        .execute(&mut *tx)
-        .await
-        .map_err(q("queueing a job"))?;
+    let done = sqlx::query(
+        "INSERT INTO jobs (id, kind, subject, state, params, created_at, cancel_requested, \
+         active_key) VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6) \
+         ON CONFLICT (active_key) DO NOTHING",
+    )
+    .bind(id.clone())
+    .bind(kind.to_string())
+    .bind(subject.to_string())
+    .bind(params.to_string())
+    .bind(now_s())
+    .bind(format!("{kind}/{subject}"))
+    .execute(&mut *tx)
+    .await
+    .map_err(q("queueing a job"))?;
     if done.rows_affected() != 1 {
         tx.rollback().await.map_err(q("queueing a job"))?;
         return Ok(None);
@@ -349,7 +345,8 @@ pub async fn finish(
 ) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE jobs SET state = $1, error = $2, ended_at = $3, lease_owner = NULL, \
-         lease_until_ms = NULL WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
+         lease_until_ms = NULL, active_key = NULL \
+         WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
     )
     .bind(state.as_str().to_string())
     .bind(error.map(str::to_string))
@@ -369,6 +366,8 @@ pub enum Outcome {
     Done(Job),
     /// The job's state does not allow it; the job as it is.
     NotAllowed(Job),
+    /// Another job of the same kind and subject is active; the job as it is.
+    Busy(Job),
     NotFound,
 }
 
@@ -376,7 +375,7 @@ pub enum Outcome {
 /// runner sees `cancel_requested`).
 pub async fn cancel(db: &Db, id: &str) -> Result<Outcome> {
     let stopped = sqlx::query(
-        "UPDATE jobs SET state = 'cancelled', ended_at = $1 \
+        "UPDATE jobs SET state = 'cancelled', ended_at = $1, active_key = NULL \
          WHERE id = $2 AND state IN ('queued', 'waiting-for-input')",
     )
     .bind(now_s())
@@ -435,13 +434,24 @@ async fn requeue(db: &Db, id: &str, from: &str, all_tasks: bool) -> Result<Outco
     let mut tx = db.pool().begin().await.map_err(q(op))?;
     let sql = format!(
         "UPDATE jobs SET state = 'queued', error = NULL, ended_at = NULL, lease_owner = NULL, \
-         lease_until_ms = NULL, cancel_requested = 0 WHERE id = $1 AND state IN {from}"
+         lease_until_ms = NULL, cancel_requested = 0, active_key = kind || '/' || subject \
+         WHERE id = $1 AND state IN {from}"
     );
-    let done = sqlx::query(&sql)
+    let done = match sqlx::query(&sql)
         .bind(id.to_string())
         .execute(&mut *tx)
         .await
-        .map_err(q(op))?;
+    {
+        Ok(done) => done,
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            drop(tx);
+            return Ok(match get(db, id).await? {
+                Some(job) => Outcome::Busy(job),
+                None => Outcome::NotFound,
+            });
+        }
+        Err(e) => return Err(q(op)(e)),
+    };
     if done.rows_affected() == 1 {
         let which = if all_tasks {
             ""
@@ -584,10 +594,31 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        // A job whose subject has another active job is not queued again beside it.
+        let t2 = now_ms();
+        assert!(claim(&db, &other, "D", t2, 10_000).await.unwrap());
+        assert!(finish(&db, &other, "D", JobState::Failed, Some("x"))
+            .await
+            .unwrap());
+        let third = enqueue(&db, "test", "m2", &json!({}), &names(1))
+            .await
+            .unwrap()
+            .expect("the subject's only other job has ended");
+        assert!(matches!(
+            resume(&db, &other).await.unwrap(),
+            Outcome::Busy(_)
+        ));
+        assert!(matches!(
+            cancel(&db, &third).await.unwrap(),
+            Outcome::Done(_)
+        ));
+        let Outcome::Done(_) = resume(&db, &other).await.unwrap() else {
+            panic!("resumes once the other one ended")
+        };
         let all = list(&db, None, None, 10).await.unwrap();
         assert_eq!(
             all.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
-            [id.as_str(), other.as_str()]
+            [id.as_str(), other.as_str(), third.as_str()]
         );
         assert_eq!(all[1].tasks.len(), 3);
         let queued = list(&db, Some(JobState::Queued), None, 10).await.unwrap();

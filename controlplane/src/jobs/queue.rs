@@ -359,6 +359,27 @@ pub async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
+/// Deletes the jobs that ended before `before_s` (Unix seconds) and their tasks; how
+/// many jobs. Active jobs are never touched.
+pub async fn prune_ended(db: &Db, before_s: i64) -> Result<u64> {
+    let mut tx = db.pool().begin().await.map_err(q("pruning ended jobs"))?;
+    // Tasks first: SQLite enforces no foreign keys (so no cascade) unless asked.
+    let ended = "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') \
+                 AND ended_at < $1";
+    sqlx::query(&format!("DELETE FROM job_tasks WHERE job_id IN ({ended})"))
+        .bind(before_s)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("pruning ended jobs' tasks"))?;
+    let done = sqlx::query(&format!("DELETE FROM jobs WHERE id IN ({ended})"))
+        .bind(before_s)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("pruning ended jobs"))?;
+    tx.commit().await.map_err(q("pruning ended jobs"))?;
+    Ok(done.rows_affected())
+}
+
 /// What an operator's action came to.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
@@ -628,6 +649,24 @@ mod tests {
         let page2 = list(&db, None, Some(&id), 1).await.unwrap();
         assert_eq!(page2.len(), 1);
         assert_eq!(page2[0].id, other);
+
+        // Pruning takes the ended jobs (`id` and `third` are cancelled) with their
+        // tasks, and leaves the queued one.
+        assert_eq!(prune_ended(&db, now_s() - 60).await.unwrap(), 0, "too new");
+        assert_eq!(prune_ended(&db, now_s() + 1).await.unwrap(), 2);
+        let left = list(&db, None, None, 10).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].id, other);
+        assert_eq!(left[0].tasks.len(), 3);
+        assert_eq!(get(&db, &id).await.unwrap(), None);
+        let orphans: i64 = sqlx::query("SELECT COUNT(*) AS n FROM job_tasks WHERE job_id = $1")
+            .bind(id.clone())
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+            .try_get("n")
+            .unwrap();
+        assert_eq!(orphans, 0);
     }
 
     #[tokio::test]

@@ -72,6 +72,12 @@ pub struct Context {
     pub wake: Arc<Notify>,
 }
 
+/// Ended jobs are kept this long, then deleted: hourly retention alone makes 168 jobs
+/// a week per machine.
+pub const ENDED_JOBS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often ended jobs past `ENDED_JOBS_KEPT` are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Runs until the process ends.
 pub async fn run(ctx: Context, cfg: RunnerConfig) {
     let cfg = Arc::new(cfg);
@@ -82,6 +88,8 @@ pub async fn run(ctx: Context, cfg: RunnerConfig) {
         cfg.max_running.max(1),
         cfg.lease
     );
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let free = slots.available_permits();
         if free > 0 {
@@ -92,6 +100,14 @@ pub async fn run(ctx: Context, cfg: RunnerConfig) {
         tokio::select! {
             _ = ctx.wake.notified() => {}
             _ = tokio::time::sleep(cfg.poll) => {}
+            _ = prune.tick() => {
+                let before = crate::db::now_s() - ENDED_JOBS_KEPT.as_secs() as i64;
+                match queue::prune_ended(&ctx.db, before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("deleted {n} jobs that ended over a week ago"),
+                    Err(e) => tracing::warn!("deleting old jobs: {e}"),
+                }
+            }
         }
     }
 }

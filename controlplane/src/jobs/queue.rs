@@ -335,7 +335,9 @@ pub async fn task_ended(
 }
 
 /// Ends a job its runner holds: succeeded, failed (with `error`) or cancelled; the
-/// lease is released. False when the runner no longer held it.
+/// lease is released. False when the runner no longer held it. A task left `running`
+/// (by a runner that died before a cancel was honoured) goes back to `pending`: it
+/// did not finish, and a resume runs it again.
 pub async fn finish(
     db: &Db,
     id: &str,
@@ -343,6 +345,17 @@ pub async fn finish(
     state: JobState,
     error: Option<&str>,
 ) -> Result<bool> {
+    let mut tx = db.pool().begin().await.map_err(q("ending a job"))?;
+    let sql = format!(
+        "UPDATE job_tasks SET state = 'pending', started_at = NULL, progress = 0 \
+         WHERE job_id = $1 AND state = 'running' AND {HOLDS_LEASE}"
+    );
+    sqlx::query(&sql)
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(q("ending a job's tasks"))?;
     let done = sqlx::query(
         "UPDATE jobs SET state = $1, error = $2, ended_at = $3, lease_owner = NULL, \
          lease_until_ms = NULL, active_key = NULL \
@@ -353,9 +366,10 @@ pub async fn finish(
     .bind(now_s())
     .bind(id.to_string())
     .bind(owner.to_string())
-    .execute(db.pool())
+    .execute(&mut *tx)
     .await
     .map_err(q("ending a job"))?;
+    tx.commit().await.map_err(q("ending a job"))?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -583,6 +597,7 @@ mod tests {
         // Cancel while running is a request its runner honours between tasks.
         let t1 = now_ms();
         assert!(claim(&db, &id, "C", t1, 10_000).await.unwrap());
+        assert!(task_started(&db, &id, "C", 1).await.unwrap());
         let Outcome::Done(job) = cancel(&db, &id).await.unwrap() else {
             panic!("a running job takes a cancel")
         };
@@ -596,6 +611,9 @@ mod tests {
         assert!(finish(&db, &id, "C", JobState::Cancelled, None)
             .await
             .unwrap());
+        let job = get(&db, &id).await.unwrap().unwrap();
+        assert_eq!(job.tasks[1].state, TaskState::Pending, "not left running");
+        assert_eq!(job.tasks[1].started_at, None);
         let Outcome::Done(job) = restart(&db, &id).await.unwrap() else {
             panic!("a cancelled job restarts")
         };

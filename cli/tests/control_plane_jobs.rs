@@ -495,6 +495,20 @@ fn cancel_stops_between_tasks_resume_goes_on_and_a_viewer_may_not() {
     assert_eq!(status, 404, "{body}");
     let (status, body) = cp.http.send("GET", "/v1/jobs?state=done", &viewer);
     assert_eq!(status, 400, "{body}");
+    let (status, body) = cp.http.send("GET", "/v1/jobs?colour=red", &viewer);
+    assert_eq!(status, 400, "unknown query fields are refused: {body}");
+    let (status, body) = cp.http.send("GET", "/v1/jobs/bad%20id", &viewer);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = cp.http.send("GET", "/v1/jobs", "not-a-token");
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = cp
+        .http
+        .send("POST", &format!("/v1/jobs/{id}/restart"), &viewer);
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = cp
+        .http
+        .send("POST", "/v1/jobs/no-such-job/cancel", &operator);
+    assert_eq!(status, 404, "{body}");
 }
 
 /// A control plane whose log (at info for the control plane) goes to `log`.

@@ -383,6 +383,12 @@ fn retention_drops_points_older_than_the_policy_window_and_the_rest_rebuild() {
     assert!(list.contains(id) && list.contains("retention"), "{list}");
     let none = cp.cli_ok(&["jobs", "list", "--state", "failed", "--json"]);
     assert_eq!(serde_json::from_str::<Value>(&none).unwrap(), json!([]));
+    let (status, metrics) = cp.http.send("GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("ferry_cp_jobs{kind=\"retention\",state=\"succeeded\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -34,6 +34,31 @@ pub struct JobQuery {
     pub after: Option<String>,
 }
 
+/// `ferry_cp_jobs{kind,state}` for `/metrics`: a failed retention job is something to
+/// page on. Empty (and logged) when the database does not answer: the scrape still
+/// gets the other figures.
+pub async fn metrics_text(state: &AppState) -> String {
+    use std::fmt::Write;
+    let counts = match queue::count_by_state(&state.db).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("/metrics: {e}");
+            return String::new();
+        }
+    };
+    let mut out = String::from(
+        "# HELP ferry_cp_jobs Jobs in the control plane's database, by kind and state.\n\
+         # TYPE ferry_cp_jobs gauge\n",
+    );
+    for (kind, job_state, n) in counts {
+        let _ = writeln!(
+            out,
+            "ferry_cp_jobs{{kind=\"{kind}\",state=\"{job_state}\"}} {n}"
+        );
+    }
+    out
+}
+
 /// Job ids are `j` + digits + `-` + hex; anything else is refused before a query.
 fn checked_id(id: &str) -> Result<(), ApiError> {
     let ok =

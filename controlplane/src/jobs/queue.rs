@@ -373,6 +373,25 @@ pub async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
+/// How many jobs there are of each (kind, state).
+pub async fn count_by_state(db: &Db) -> Result<Vec<(String, String, i64)>> {
+    let rows = sqlx::query(
+        "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state ORDER BY kind, state",
+    )
+    .fetch_all(db.pool())
+    .await
+    .map_err(q("counting jobs"))?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("kind").map_err(q("counting jobs"))?,
+                r.try_get("state").map_err(q("counting jobs"))?,
+                r.try_get("n").map_err(q("counting jobs"))?,
+            ))
+        })
+        .collect()
+}
+
 /// Deletes the jobs that ended before `before_s` (Unix seconds) and their tasks; how
 /// many jobs. Active jobs are never touched.
 pub async fn prune_ended(db: &Db, before_s: i64) -> Result<u64> {

@@ -576,18 +576,34 @@ fn fresh_postgres() -> Option<(String, String)> {
 }
 
 #[test]
+fn two_control_planes_on_one_sqlite_file_run_each_job_once() {
+    let site = Site::new();
+    let database = format!("sqlite://{}?mode=rwc", site.path("shared.db").display());
+    two_control_planes_run_each_job_once(&site, &database);
+}
+
+#[test]
 fn two_control_planes_on_one_postgres_run_each_job_once() {
     let Some((db_name, database)) = fresh_postgres() else {
         return;
     };
     let site = Site::new();
+    two_control_planes_run_each_job_once(&site, &database);
+    let base = std::env::var("FERRY_TEST_DATABASE").unwrap();
+    on_test_database(&base, &format!("DROP DATABASE {db_name}"));
+}
+
+/// Two control planes on one database and store: each machine gets one retention
+/// job, each job is claimed once and each task runs once, although every job runs
+/// longer than a lease (its owner renews it).
+fn two_control_planes_run_each_job_once(site: &Site, database: &str) {
     let machines = ["m1", "m2", "m3", "m4"];
     for (i, m) in machines.iter().enumerate() {
         site.seed(m, "d0", chrono::Duration::zero(), 10 * i as u64);
         site.seed(m, "d1", chrono::Duration::zero(), 10 * i as u64 + 1);
     }
     // One job at a time each and a pause before each task, so that both take jobs
-    // while the other still runs one.
+    // while the other still runs one, and each job (three pauses) outlives a lease.
     let start = |name: &str| {
         let dir = site.path(name);
         let log = site.path(&format!("{name}.log"));
@@ -598,7 +614,7 @@ fn two_control_planes_on_one_postgres_run_each_job_once() {
             "--listen",
             "127.0.0.1:0",
             "--database",
-            &database,
+            database,
             "--store",
             &site.store,
             "--key-file",
@@ -606,7 +622,9 @@ fn two_control_planes_on_one_postgres_run_each_job_once() {
             "--jobs-at-once",
             "1",
             "--job-step-delay-ms",
-            "300",
+            "1000",
+            "--job-lease-s",
+            "2",
         ];
         let (child, url) = start_logging(&args, &log);
         (child, url, dir, log)
@@ -668,8 +686,8 @@ fn two_control_planes_on_one_postgres_run_each_job_once() {
             .or_insert(0) += 1;
     }
     eprintln!("jobs claimed per control plane: {claimed:?}");
+    // Both ran some: the work is shared, not merely not doubled.
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
     cp_a.kill();
     cp_b.kill();
-    let base = std::env::var("FERRY_TEST_DATABASE").unwrap();
-    on_test_database(&base, &format!("DROP DATABASE {db_name}"));
 }

@@ -239,3 +239,71 @@ async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<(), String> {
         other => Err(format!("no runner for jobs of kind {other:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    async fn until_ended(db: &Db, id: &str) -> Job {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let job = queue::get(db, id).await.unwrap().unwrap();
+            if job.state.is_ended() {
+                return job;
+            }
+            assert!(std::time::Instant::now() < deadline, "{job:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_task_fails_its_job_naming_it_and_later_tasks_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+        let params = json!({"machine": "m", "policy": "default", "retention_hours": 1,
+            "disks": ["d0", "d1"]});
+        let tasks = ["compact disk d0".to_string(), "compact disk d1".to_string()];
+        let id = queue::enqueue(&db, retention::KIND, "m", &params, &tasks)
+            .await
+            .unwrap()
+            .unwrap();
+        let odd = queue::enqueue(&db, "mystery", "m", &json!({}), &tasks[..1])
+            .await
+            .unwrap()
+            .unwrap();
+        // No store: retention's first task cannot run.
+        let ctx = Context {
+            db: db.clone(),
+            store: None,
+            wake: Arc::new(Notify::new()),
+        };
+        let cfg = RunnerConfig {
+            poll: Duration::from_millis(20),
+            ..RunnerConfig::default()
+        };
+        let runner = tokio::spawn(run(ctx, cfg));
+        let job = until_ended(&db, &id).await;
+        assert_eq!(job.state, JobState::Failed);
+        let error = job.error.clone().unwrap();
+        assert!(
+            error.starts_with("task compact disk d0: ") && error.contains("--store"),
+            "{error}"
+        );
+        assert_eq!(job.tasks[0].state, TaskState::Failed);
+        assert!(job.tasks[0].ended_at.is_some());
+        assert_eq!(job.tasks[1].state, TaskState::Pending);
+        assert_eq!(job.tasks[1].started_at, None);
+        assert_eq!(job.lease_owner, None);
+        let job = until_ended(&db, &odd).await;
+        assert_eq!(job.state, JobState::Failed);
+        assert!(
+            job.error
+                .as_deref()
+                .unwrap()
+                .contains("no runner for jobs of kind \"mystery\""),
+            "{job:?}"
+        );
+        runner.abort();
+    }
+}

@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ferry_controlplane::jobs::runner::RunnerConfig;
 use ferry_controlplane::server::{bind, Options};
 
 #[derive(clap::Args)]
@@ -22,14 +25,42 @@ pub struct ControlPlaneArgs {
     /// sqlite://PATH or postgres://USER@HOST/DB (default: SQLite in the state dir)
     #[arg(long, value_name = "URL")]
     database: Option<String>,
+    /// Blob store whose machines get retention jobs and whose points the API shows:
+    /// file:///abs/path, az://container or s3://bucket (as the process server's)
+    #[arg(long, value_name = "URL", requires = "key_file")]
+    store: Option<String>,
+    /// The vault key file of that store
+    #[arg(long, value_name = "FILE", requires = "store")]
+    key_file: Option<PathBuf>,
+    /// Jobs this control plane runs at once
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    jobs_at_once: u16,
+    /// Seconds a job's lease holds unless renewed: how long a job of a killed control
+    /// plane waits before it is taken over
+    #[arg(long, default_value_t = 30.0)]
+    job_lease_s: f64,
+    /// Tests only: milliseconds to pause before each task of a job
+    #[arg(long, default_value_t = 0, hide = true)]
+    job_step_delay_ms: u64,
 }
 
 pub fn control_plane(a: ControlPlaneArgs) -> Result<()> {
+    if !(a.job_lease_s.is_finite() && (1.0..=3600.0).contains(&a.job_lease_s)) {
+        bail!("--job-lease-s must be from 1 to 3600 seconds");
+    }
+    let runner = RunnerConfig {
+        lease: Duration::from_secs_f64(a.job_lease_s),
+        max_running: usize::from(a.jobs_at_once),
+        step_delay: Duration::from_millis(a.job_step_delay_ms),
+        ..RunnerConfig::default()
+    };
     let opts = Options {
         state_dir: a.state_dir,
         listen: a.listen,
         server_names: a.server_names,
         database: a.database,
+        store: a.store.zip(a.key_file),
+        runner,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,6 +12,7 @@
 //!   assignment to the least loaded process server.
 //! - `health`: health and RPO of machines and process servers, and the sweep that
 //!   records each change as an event.
+//! - `jobs`: durable jobs with leases, their runner, and the retention job.
 //!
 //! The recovery library the `ferry` command calls directly:
 //! - `recovery::points`: a machine's recovery points and choosing one (latest,
@@ -27,6 +28,7 @@ pub mod db;
 pub mod enroll;
 pub mod error;
 pub mod health;
+pub mod jobs;
 pub mod policy;
 pub mod recovery;
 pub mod registry;

@@ -23,6 +23,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::api::peer::ClientCert;
 use crate::db::{self, Db};
 use crate::enroll::{self, ca::SiteCa};
+use crate::jobs::retention;
+use crate::jobs::runner::{self, Context, RunnerConfig, StoreAccess};
 
 /// Connections served at once; more wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -40,6 +42,11 @@ pub struct Options {
     pub server_names: Vec<String>,
     /// `sqlite://...` or `postgres://...`; None: SQLite in the state directory.
     pub database: Option<String>,
+    /// The blob store and vault key file the jobs (retention) and the points API
+    /// use; None: no retention jobs are scheduled and points are not served.
+    pub store: Option<(String, PathBuf)>,
+    /// The job runner's settings.
+    pub runner: RunnerConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +76,12 @@ pub enum Error {
     },
     #[error("rendering the OpenAPI document: {0}")]
     OpenApi(#[from] serde_json::Error),
+    #[error("{op}: {source}")]
+    Replica {
+        op: String,
+        #[source]
+        source: ferry_replica::Error,
+    },
 }
 
 /// A control plane bound to its address, its state opened.
@@ -77,6 +90,8 @@ pub struct Bound {
     acceptor: TlsAcceptor,
     app: axum::Router,
     db: Db,
+    jobs: Context,
+    runner: RunnerConfig,
     pub url: String,
 }
 
@@ -107,6 +122,26 @@ pub async fn bind(opts: &Options) -> Result<Bound, Error> {
     let db = Db::open(&url).await?;
     let admin = enroll::tokens::admin_token(dir)?;
     db::tokens::set_admin(&db, &enroll::tokens::hash(&admin)).await?;
+    let store = match &opts.store {
+        None => None,
+        Some((url, key_file)) => {
+            let vault =
+                ferry_replica::VaultKey::load(key_file).map_err(|source| Error::Replica {
+                    op: format!("vault key {}", key_file.display()),
+                    source,
+                })?;
+            let store = ferry_replica::Store::open(url).map_err(|source| Error::Replica {
+                op: format!("store {url}"),
+                source,
+            })?;
+            Some(Arc::new(StoreAccess { store, vault }))
+        }
+    };
+    let jobs = Context {
+        db: db.clone(),
+        store,
+        wake: Arc::new(tokio::sync::Notify::new()),
+    };
 
     let tls = server_config(&cert_pem, &key_pem, &ca.pem)?;
     let listener = TcpListener::bind(opts.listen)
@@ -124,8 +159,10 @@ pub async fn bind(opts: &Options) -> Result<Bound, Error> {
     Ok(Bound {
         listener,
         acceptor: TlsAcceptor::from(Arc::new(tls)),
-        app: crate::api::router(db.clone(), Arc::new(ca))?,
+        app: crate::api::router(db.clone(), Arc::new(ca), jobs.clone())?,
         db,
+        jobs,
+        runner: opts.runner.clone(),
         url: format!("https://{addr}"),
     })
 }
@@ -185,9 +222,15 @@ fn server_config(
 
 impl Bound {
     /// Serves until the process ends. Each connection is its own task; at most
-    /// `MAX_CONNECTIONS` at once.
+    /// `MAX_CONNECTIONS` at once. The job runner and the retention schedule run
+    /// beside it.
     pub async fn serve(self) {
         crate::health::spawn_sweeper(self.db.clone());
+        tokio::spawn(runner::run(self.jobs.clone(), self.runner.clone()));
+        tokio::spawn(retention::schedule_loop(
+            self.jobs.clone(),
+            retention::EVERY,
+        ));
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {

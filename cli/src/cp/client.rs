@@ -148,9 +148,11 @@ impl Conn {
         let mut items = Vec::new();
         let mut after: Option<String> = None;
         loop {
+            // A path may come with its own query (`/v1/jobs?state=failed`).
+            let sep = if path.contains('?') { '&' } else { '?' };
             let page_path = match &after {
-                Some(a) => format!("{path}?limit=1000&after={a}"),
-                None => format!("{path}?limit=1000"),
+                Some(a) => format!("{path}{sep}limit=1000&after={a}"),
+                None => format!("{path}{sep}limit=1000"),
             };
             let page = self
                 .call(Method::GET, &page_path, None)?
@@ -159,7 +161,8 @@ impl Conn {
                 items.extend(got.iter().cloned());
             }
             match page.get("next_after").and_then(Value::as_str) {
-                // Names follow the store's rule (letters, digits, . _ -): no escaping.
+                // Names follow the store's rule (letters, digits, . _ -), job ids and
+                // point keys too (with '/' and ':', which a query may hold): no escaping.
                 Some(next) => after = Some(next.to_string()),
                 None => return Ok(items),
             }

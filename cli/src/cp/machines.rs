@@ -35,6 +35,8 @@ pub enum Verb {
     },
     /// Remove a machine: its certificates are revoked, it is refused from then on
     Remove { name: String },
+    /// A machine's recovery points in the store, newest first
+    Points { name: String },
 }
 
 const HEADER: [&str; 7] = [
@@ -154,6 +156,7 @@ pub fn run(conn: &Conn, verb: Verb) -> Result<()> {
                 show(conn, &m)?;
             }
         }
+        Verb::Points { name } => super::points::points(conn, &name)?,
         Verb::Remove { name } => {
             conn.call(Method::DELETE, &path(&name)?, None)?;
             if !conn.json {

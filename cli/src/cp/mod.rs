@@ -3,7 +3,9 @@
 
 mod client;
 mod events;
+mod jobs;
 mod machines;
+mod points;
 mod policies;
 mod process_servers;
 mod tokens;
@@ -37,6 +39,9 @@ enum Resource {
     /// What happened to the fleet
     #[command(subcommand)]
     Events(events::Verb),
+    /// Durable jobs (retention, ...): progress, cancel, resume
+    #[command(subcommand)]
+    Jobs(jobs::Verb),
 }
 
 pub fn cp(a: CpArgs) -> Result<()> {
@@ -47,6 +52,7 @@ pub fn cp(a: CpArgs) -> Result<()> {
         Resource::Machines(v) => machines::run(&conn, v),
         Resource::ProcessServers(v) => process_servers::run(&conn, v),
         Resource::Events(v) => events::run(&conn, v),
+        Resource::Jobs(v) => jobs::run(&conn, v),
     }
 }
 

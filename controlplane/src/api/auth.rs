@@ -18,7 +18,7 @@ use crate::enroll::tokens::hash;
 pub enum Role {
     /// Reads (GET) only.
     Viewer,
-    /// Reads, and runs jobs (once there are jobs).
+    /// Reads, and cancels, resumes or restarts jobs.
     Operator,
     /// Everything: policies, tokens.
     Admin,

@@ -75,6 +75,7 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut out = state.metrics.render();
     fleet(&state, &mut out).await?;
+    out.push_str(&super::jobs::metrics_text(&state).await);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

@@ -10,9 +10,11 @@ pub mod enrollment;
 pub mod error;
 pub mod events;
 pub mod heartbeats;
+pub mod jobs;
 pub mod machines;
 pub mod meta;
 pub mod peer;
+pub mod points;
 pub mod policies;
 pub mod process_servers;
 pub mod tokens;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub metrics: Arc<meta::Metrics>,
     /// The OpenAPI document, rendered once.
     pub openapi: axum::body::Bytes,
+    /// The job runner's wake-up and the store (`--store`), for jobs and points.
+    pub jobs: crate::jobs::runner::Context,
 }
 
 /// A JSON body; its rejections (unknown field, syntax, size) become `ApiError`s.
@@ -124,6 +128,8 @@ impl Page {
         process_servers::list, process_servers::get, process_servers::delete,
         events::list,
         meta::healthz, meta::metrics, meta::openapi,
+        jobs::list, jobs::get, jobs::cancel, jobs::resume, jobs::restart,
+        points::list,
     ),
     components(schemas(error::Problem)),
     modifiers(&BearerAuth),
@@ -220,16 +226,28 @@ fn routes() -> Routes {
     .add(Get, "/v1/openapi.json", meta::openapi)
     .add(Get, "/healthz", meta::healthz)
     .add(Get, "/metrics", meta::metrics)
+    // Jobs, and the points the store holds (H2).
+    .add(Get, "/v1/jobs", jobs::list)
+    .add(Get, "/v1/jobs/{id}", jobs::get)
+    .add(Post, "/v1/jobs/{id}/cancel", jobs::cancel)
+    .add(Post, "/v1/jobs/{id}/resume", jobs::resume)
+    .add(Post, "/v1/jobs/{id}/restart", jobs::restart)
+    .add(Get, "/v1/machines/{name}/points", points::list)
 }
 
 /// The whole service, ready to serve.
-pub fn router(db: Db, ca: Arc<SiteCa>) -> Result<Router, serde_json::Error> {
+pub fn router(
+    db: Db,
+    ca: Arc<SiteCa>,
+    jobs: crate::jobs::runner::Context,
+) -> Result<Router, serde_json::Error> {
     let openapi = axum::body::Bytes::from(ApiDoc::openapi().to_json()?);
     let state = AppState {
         db,
         ca,
         metrics: Arc::new(meta::Metrics::default()),
         openapi,
+        jobs,
     };
     Ok(routes()
         .router
@@ -251,7 +269,7 @@ mod tests {
     fn every_served_route_is_in_the_openapi_document() {
         let doc = ApiDoc::openapi();
         let served = routes().served;
-        assert!(served.len() >= 26);
+        assert!(served.len() >= 32);
         for (verb, path) in served {
             let item = doc
                 .paths

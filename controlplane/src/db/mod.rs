@@ -58,6 +58,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "registry",
         include_str!("../../migrations/0002_registry.sql"),
     ),
+    (3, "jobs", include_str!("../../migrations/0003_jobs.sql")),
 ];
 
 fn migrator() -> Migrator {
@@ -162,7 +163,7 @@ pub(crate) fn now_s() -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sqlx::Row;
 
@@ -274,8 +275,19 @@ mod tests {
             eprintln!("FERRY_TEST_DATABASE not set: PostgreSQL not tested");
             return;
         };
+        let _only = drop_all(&url).await;
+        every_query(&url).await;
+    }
+
+    /// Tests on the one test database take turns: each starts by dropping the tables.
+    static TEST_DATABASE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Drops every table of the control plane (children first) in the test database
+    /// and holds it for the caller until the guard drops.
+    pub(crate) async fn drop_all(url: &str) -> tokio::sync::MutexGuard<'static, ()> {
+        let guard = TEST_DATABASE.lock().await;
         sqlx::any::install_default_drivers();
-        let pool = AnyPoolOptions::new().connect(&url).await.unwrap();
+        let pool = AnyPoolOptions::new().connect(url).await.unwrap();
         for table in [
             "policies",
             "api_tokens",
@@ -291,8 +303,15 @@ mod tests {
                 .await
                 .unwrap();
         }
+        // Migration 0003's.
+        for table in ["job_tasks", "jobs"] {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
         pool.close().await;
-        every_query(&url).await;
+        guard
     }
 
     #[tokio::test]

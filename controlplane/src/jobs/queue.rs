@@ -78,10 +78,22 @@ fn task_from_row(row: &AnyRow) -> Result<(String, Task)> {
     ))
 }
 
-/// A new job id: sorts by creation (milliseconds), unique by its random tail.
+/// A new job id: sorts by creation (milliseconds), unique by its random tail. Within
+/// one control plane the millisecond part only grows (two jobs queued in the same
+/// millisecond take the next one), so its jobs list in the order they were queued;
+/// between control planes on one database, jobs of the same millisecond order by tail.
 fn new_id() -> String {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_MS: AtomicI64 = AtomicI64::new(0);
+    let now = now_ms();
+    let prev = LAST_MS
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+            Some(now.max(last + 1))
+        })
+        .unwrap_or(now);
+    let ms = now.max(prev + 1);
     let tail: u32 = rand::thread_rng().gen();
-    format!("j{:013}-{tail:08x}", now_ms())
+    format!("j{ms:013}-{tail:08x}")
 }
 
 /// Queues a job with its tasks, unless one of the same kind and subject is active

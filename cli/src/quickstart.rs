@@ -185,9 +185,11 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     // The embedded control plane ends with the quickstart; its state does not.
     println!(
         "  the control plane's state stays in {s}: serve it again with\n    \
-         ferry control-plane --state-dir {s} --listen 127.0.0.1:8443\n  and go on with\n    \
+         ferry control-plane --state-dir {s} --listen 127.0.0.1:8443 --store {store_url} --key-file {k}\n  \
+         and go on with\n    \
          ferry cp --url https://127.0.0.1:8443 --token-file {t} --ca {c} machines show {MACHINE}",
         s = cp.state_dir.display(),
+        k = p("vault.key").display(),
         t = cp.token_file.display(),
         c = cp.ca.display(),
     );

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job, on a fresh machine, with nothing but this repository and a Rust
 # toolchain: build ferry, then
-# 1. `ferry quickstart`: a process server and an agent on loopback with generated
-#    certificates and a local store; writes through the agent's NBD export, recovery
-#    points, failover to each, and a byte comparison with the disk at each point;
+# 1. `ferry quickstart`: a control plane, and a process server and an agent enrolled
+#    through it with one-time tokens, on loopback with a local store; writes through
+#    the agent's NBD export, recovery points, failover to each, a byte comparison with
+#    the disk at each point, and the machine's health and RPO from the control plane;
 # 2. offline seeding: seed a sample disk image holding a real ext4 file system into
 # a local blob store, change 5 % of its blocks, seed again (a checksum resync that sends
 # only the changed blocks), then fail over to both recovery points as raw and fixed-VHD
@@ -23,7 +24,7 @@ store="file://$work/store"
 key=$work/vault.key
 image=$work/disk.img
 
-say "quickstart: process server + agent on loopback, writes through NBD, points, failover"
+say "quickstart: control plane, enrolled process server + agent on loopback, writes through NBD, points, failover, health and RPO"
 rm -rf "$work/quickstart"
 "$ferry" quickstart --dir "$work/quickstart"
 

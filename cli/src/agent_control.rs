@@ -55,20 +55,32 @@ pub(crate) fn prepare(
     url: &str,
     r: &RunArgs,
 ) -> Result<Prepared> {
-    let dir = r
-        .state_dir()
-        .context("--control-plane needs --state-dir")?
-        .to_path_buf();
+    let dir = r.state_dir().context("--control-plane needs --state-dir")?;
+    enroll_and_order(machine, disks, url, r.ca(), r.enroll_token(), dir)
+}
+
+/// Enrolls (when `dir` holds no identity yet, with `token`), then waits for the first
+/// orders: what `ferry agent --control-plane` does before it serves, and what
+/// `ferry quickstart` does for its own agent.
+pub(crate) fn enroll_and_order(
+    machine: &str,
+    disks: &[DiskSpec],
+    url: &str,
+    ca: &Path,
+    token: Option<&str>,
+    dir: &Path,
+) -> Result<Prepared> {
+    let dir = dir.to_path_buf();
     let client = ControlClient::open(
         &Enrollment {
             url: url.to_string(),
-            ca: r.ca().to_path_buf(),
+            ca: ca.to_path_buf(),
             kind: Kind::Agent,
             name: machine.to_string(),
             advertise: None,
             dir: dir.clone(),
         },
-        r.enroll_token(),
+        token,
     )
     .with_context(|| format!("enrolling machine {machine} with {url}"))?;
     let identity = client.files.clone();

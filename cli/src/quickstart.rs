@@ -1,11 +1,15 @@
 //! `ferry quickstart`: the whole path on loopback with nothing else installed. It
-//! generates certificates and a vault key, starts a process server (local directory
-//! store) and an agent, writes to a sample disk through the agent's NBD export, takes
-//! recovery points, fails over to each one and checks that the rebuilt disk matches
-//! the sample disk as it was when the point was taken.
+//! starts a control plane (its own site CA, SQLite), enrolls a process server (local
+//! directory store) and an agent through it with one-time tokens, writes to a sample
+//! disk through the agent's NBD export, takes recovery points, fails over to each one
+//! and checks that the rebuilt disk matches the sample disk as it was when the point
+//! was taken; last, it shows the machine's health and RPO as the control plane's API
+//! reports them.
+
+mod control_plane;
+mod sample;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -13,35 +17,23 @@ use ferry_agent::live::{Agent, DiskSpec, Options};
 use ferry_agent::nbd::client::Client;
 use ferry_controlplane::recovery::failover;
 use ferry_controlplane::recovery::points::PointSpec;
-use ferry_dataplane::server::{start, Options as ServerOptions};
-use ferry_link::client::Target;
-use ferry_link::tls::certs::{client_config, generate_loopback, server_config, server_name};
+use ferry_dataplane::server::control::Reporter;
+use ferry_dataplane::server::{start, Options as ServerOptions, Running};
+use ferry_link::control::client::{ControlClient, Enrollment, Heartbeats};
+use ferry_link::control::wire::{Kind, HEARTBEAT_INTERVAL_S};
+use ferry_link::tls::certs::{server_config_reloading, ServerCert};
 use ferry_replica::export::Format;
 use ferry_replica::{Store, VaultKey};
 
 use crate::progress::bar;
+use control_plane::Embedded;
+use sample::{fill, same};
 
+const MACHINE: &str = "agent-0";
+const PROCESS_SERVER: &str = "ps-0";
 const DISK_BYTES: u64 = 256 << 20;
 const ROUNDS: usize = 3;
 const ROUND_BYTES: u64 = 48 << 20;
-
-/// Deterministic, partly compressible data: text-like runs and noise.
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for (i, chunk) in buf.chunks_mut(8).enumerate() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let v = if i % 4 == 0 {
-            x
-        } else {
-            0x2020_6f6c_6c65_6820 ^ (i as u64 & 0xff)
-        };
-        for (j, b) in chunk.iter_mut().enumerate() {
-            *b = (v >> (8 * j)) as u8;
-        }
-    }
-}
 
 pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let dir = match dir {
@@ -59,52 +51,50 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         .with_context(|| format!("create {}", dir.display()))?;
     let p = |s: &str| dir.join(s);
     println!("quickstart in {}", dir.display());
-
-    generate_loopback(&p("pki"), 1)?;
     VaultKey::generate().save_new(&p("vault.key"))?;
     std::fs::create_dir_all(p("store"))?;
     let store_url = format!("file://{}", p("store").display());
+
+    let cp = Embedded::start(&p("control-plane"), &store_url, &p("vault.key"))?;
     println!(
-        "  certificates (CA, server, agent-0) in {}",
-        p("pki").display()
+        "  control plane on {} (site CA {}, admin token {})",
+        cp.url,
+        cp.ca.display(),
+        cp.token_file.display()
     );
 
-    let mut so = ServerOptions::new("127.0.0.1:0".parse()?, p("cache"));
-    so.cache_bytes = 1 << 30;
-    so.batch_delay = Duration::from_millis(50);
-    let server = start(
-        so,
-        server_config(&p("pki/server.pem"), &p("pki/server.key"), &p("pki/ca.pem"))?,
-        Store::open(&store_url)?,
-        VaultKey::load(&p("vault.key"))?,
-    )?;
+    let (server, ps_heartbeats) = process_server(&cp, &dir, &store_url)?;
+    let ps = cp.wait_process_server(PROCESS_SERVER, Duration::from_secs(30))?;
     println!(
-        "  process server on {} (mutual TLS), store {store_url}",
-        server.addr
+        "  process server {PROCESS_SERVER} enrolled, on {} (mutual TLS), store {store_url}",
+        crate::cp::client::cell(&ps, "address")
     );
 
     let disk = p("sample-disk.img");
     std::fs::File::create(&disk)?.set_len(DISK_BYTES)?;
+    let disks = vec![DiskSpec {
+        name: "sda".into(),
+        path: disk.clone(),
+    }];
+    // As `ferry agent --control-plane` does: enroll, then the first orders name the
+    // process server and the policy (the default: a crash point every 5 s).
+    let token = cp.enrollment_token("agent")?;
+    let prepared = crate::agent_control::enroll_and_order(
+        MACHINE,
+        &disks,
+        &cp.url,
+        &cp.ca,
+        Some(&token),
+        &p("agent"),
+    )?;
     let agent = Agent::start(Options {
-        machine: "agent-0".into(),
-        disks: vec![DiskSpec {
-            name: "sda".into(),
-            path: disk.clone(),
-        }],
-        target: Target {
-            addr: server.addr,
-            server_name: server_name("127.0.0.1")?,
-            tls: Arc::new(client_config(
-                &p("pki/agent-0.pem"),
-                &p("pki/agent-0.key"),
-                &p("pki/ca.pem"),
-            )?),
-            timeout: Duration::from_secs(10),
-        },
+        machine: MACHINE.into(),
+        disks,
+        target: prepared.target,
         nbd_listen: "127.0.0.1:0".parse()?,
-        journal_dir: p("journal"),
+        journal_dir: prepared.journal_dir,
         journal_bytes: 256 << 20,
-        crash_point_interval: Some(Duration::from_secs(5)),
+        crash_point_interval: prepared.crash_point_interval,
         freeze_hook: None,
         admin_socket: None,
         initial_copy: true,
@@ -114,8 +104,12 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         group_peers: Vec::new(),
         group_tls: None,
     })?;
+    let agent_heartbeats = match prepared.control {
+        Some(c) => c.start(agent.clone())?,
+        None => bail!("the agent was prepared without its control plane"),
+    };
     println!(
-        "  agent for machine agent-0 exporting disk sda over NBD on {}",
+        "  agent for machine {MACHINE} enrolled, exporting disk sda over NBD on {}",
         agent.nbd_addr
     );
 
@@ -165,7 +159,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let vault = VaultKey::load(&p("vault.key"))?;
     for (id, copy) in &points {
         let spec: PointSpec = id.parse()?;
-        let plan = failover::plan(&store, &vault, "agent-0", &spec)?;
+        let plan = failover::plan(&store, &vault, MACHINE, &spec)?;
         let out = p(&format!("failover-{id}"));
         let pb = bar(plan.stored_bytes(), "failover");
         failover::run(plan, Format::Raw, &out, &|n| pb.inc(n))?;
@@ -176,13 +170,79 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
             out.join("sda.raw").display()
         );
     }
+
+    // The agent heartbeats every 5 s: its report of the newest uploaded point makes
+    // the RPO the API shows.
+    let m = cp.wait_machine_healthy(MACHINE, Duration::from_secs(60))?;
+    println!(
+        "  control plane: machine {MACHINE} health {}, rpo_seconds {} (process server {}, policy {})",
+        m.health, m.rpo_seconds, m.process_server, m.policy
+    );
+    agent_heartbeats.stop();
     agent.stop();
+    ps_heartbeats.stop();
     server.stop();
+    // The embedded control plane ends with the quickstart; its state does not.
+    println!(
+        "  the control plane's state stays in {s}: serve it again with\n    \
+         ferry control-plane --state-dir {s} --listen 127.0.0.1:8443 --store {store_url} --key-file {k}\n  \
+         and go on with\n    \
+         ferry cp --url https://127.0.0.1:8443 --token-file {t} --ca {c} machines show {MACHINE}",
+        s = cp.state_dir.display(),
+        k = p("vault.key").display(),
+        t = cp.token_file.display(),
+        c = cp.ca.display(),
+    );
+    drop(cp);
     println!(
         "quickstart: OK, {} points rebuilt byte-identical",
         points.len()
     );
     Ok(())
+}
+
+/// The process server, enrolled through the control plane for its certificate (the
+/// site CA signs the agents' too), heartbeating to it as `ferry process-server
+/// --control-plane` does.
+fn process_server(cp: &Embedded, dir: &Path, store_url: &str) -> Result<(Running, Heartbeats)> {
+    let token = cp.enrollment_token("process-server")?;
+    let client = ControlClient::open(
+        &Enrollment {
+            url: cp.url.clone(),
+            ca: cp.ca.clone(),
+            kind: Kind::ProcessServer,
+            name: PROCESS_SERVER.into(),
+            // Its port is known only once it listens, after enrollment: the
+            // certificate names the host alone, and the first heartbeat tells the
+            // control plane (and so the agent) the address it listens on.
+            advertise: Some("127.0.0.1:0".into()),
+            dir: dir.join("process-server"),
+        },
+        Some(&token),
+    )
+    .with_context(|| format!("enrolling process server {PROCESS_SERVER} with {}", cp.url))?;
+    let cert = ServerCert::load(&client.files.cert, &client.files.key)?;
+    let tls = server_config_reloading(cert.clone(), &client.files.ca)?;
+    let mut so = ServerOptions::new("127.0.0.1:0".parse()?, dir.join("cache"));
+    so.cache_bytes = 1 << 30;
+    so.batch_delay = Duration::from_millis(50);
+    let revoked = so.revoked.clone();
+    let vault = VaultKey::load(&dir.join("vault.key"))?;
+    let server = start(so, tls, Store::open(store_url)?, vault)?;
+    let reporter = Reporter::new(
+        PROCESS_SERVER.into(),
+        server.addr.to_string(),
+        server.view.clone(),
+        server.registry.clone(),
+        revoked,
+    )
+    .with_cert(cert);
+    let heartbeats = Heartbeats::start(
+        client,
+        reporter,
+        Duration::from_secs_f64(HEARTBEAT_INTERVAL_S),
+    )?;
+    Ok((server, heartbeats))
 }
 
 /// Takes a point, waiting out the initial copy (points are refused until it is done).
@@ -199,29 +259,5 @@ fn wait_point(agent: &Agent) -> Result<String> {
             }
             Err(e) => bail!(e),
         }
-    }
-}
-
-fn same(a: &Path, b: &Path) -> Result<()> {
-    use std::io::Read;
-    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    let mut at = 0u64;
-    loop {
-        let na = fa.read(&mut ba)?;
-        fb.read_exact(&mut bb[..na])
-            .with_context(|| format!("{} is shorter", b.display()))?;
-        if ba[..na] != bb[..na] {
-            bail!(
-                "{} differs from {} within bytes {at}..{}",
-                a.display(),
-                b.display(),
-                at + na as u64
-            );
-        }
-        if na == 0 {
-            return Ok(());
-        }
-        at += na as u64;
     }
 }

@@ -613,4 +613,45 @@ fn quickstart_runs_the_whole_path_and_checks_it() {
         text.contains("quickstart: OK, 3 points rebuilt byte-identical"),
         "{text}"
     );
+    // Through the control plane: the process server and the agent enrolled (keys
+    // made on the spot, certificates from the site CA), and the machine's health and
+    // RPO as the API reports them.
+    assert!(text.contains("process server ps-0 enrolled"), "{text}");
+    assert!(
+        text.contains("agent for machine agent-0 enrolled"),
+        "{text}"
+    );
+    let qs = dir.path().join("qs");
+    for f in [
+        "control-plane/ca.pem",
+        "control-plane/admin.token",
+        "process-server/cert.pem",
+        "agent/cert.pem",
+    ] {
+        assert!(qs.join(f).is_file(), "{f}: {text}");
+    }
+    assert!(
+        !qs.join("pki").exists(),
+        "no hand-made certificates: {text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("control plane: machine agent-0"))
+        .unwrap_or_else(|| panic!("no health line: {text}"));
+    assert!(line.contains("health normal"), "{line}");
+    let rpo: f64 = line
+        .split("rpo_seconds ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric rpo_seconds: {line}"));
+    // The default policy's crash point every 5 s keeps it under its 30 s warning.
+    assert!((0.0..30.0).contains(&rpo), "{line}");
+    assert!(
+        text.contains(&format!(
+            "--token-file {}",
+            qs.join("control-plane/admin.token").display()
+        )),
+        "how to go on with ferry cp: {text}"
+    );
 }

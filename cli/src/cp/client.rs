@@ -1,6 +1,6 @@
 //! The connection to a control plane: its URL, the CA that signed it, a bearer token.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -44,24 +44,30 @@ impl Conn {
             .clone()
             .or_else(|| env("FERRY_CP_URL"))
             .ok_or_else(|| anyhow!("no control plane: give --url or set FERRY_CP_URL"))?;
-        let url = url.trim_end_matches('/').to_string();
-        if !url.starts_with("https://") {
-            bail!("control plane URL {url} must start with https://");
-        }
         let token = match &a.token_file {
             Some(path) => std::fs::read_to_string(path)
                 .with_context(|| format!("token file {}", path.display()))?,
             None => env("FERRY_CP_TOKEN")
                 .ok_or_else(|| anyhow!("no token: give --token-file or set FERRY_CP_TOKEN"))?,
         };
-        let token = token.trim().to_string();
         let ca =
             a.ca.clone()
                 .or_else(|| env("FERRY_CP_CA").map(PathBuf::from))
                 .ok_or_else(|| {
                     anyhow!("no CA: give --ca (the state directory's ca.pem) or set FERRY_CP_CA")
                 })?;
-        let pem = std::fs::read(&ca).with_context(|| format!("CA {}", ca.display()))?;
+        Conn::connect(&url, &token, &ca, a.json)
+    }
+
+    /// A connection from its parts: `url` (https://HOST:PORT), a bearer token and
+    /// the site CA's file.
+    pub fn connect(url: &str, token: &str, ca: &Path, json: bool) -> Result<Conn> {
+        let url = url.trim_end_matches('/').to_string();
+        if !url.starts_with("https://") {
+            bail!("control plane URL {url} must start with https://");
+        }
+        let token = token.trim().to_string();
+        let pem = std::fs::read(ca).with_context(|| format!("CA {}", ca.display()))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.with_context(|| format!("CA {}", ca.display()))?;
@@ -93,7 +99,7 @@ impl Conn {
         Ok(Conn {
             url,
             token,
-            json: a.json,
+            json,
             http,
             rt,
         })

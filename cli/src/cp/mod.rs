@@ -1,7 +1,7 @@
 //! `ferry cp`: the control plane's API from the command line. Tables for people,
 //! `--json` for scripts; errors as one line with the API's problem detail.
 
-mod client;
+pub mod client;
 mod events;
 mod jobs;
 mod machines;

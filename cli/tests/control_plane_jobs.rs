@@ -389,6 +389,20 @@ fn retention_drops_points_older_than_the_policy_window_and_the_rest_rebuild() {
         metrics.contains("ferry_cp_jobs{kind=\"retention\",state=\"succeeded\"} 1\n"),
         "{metrics}"
     );
+    // The job's end is an event too.
+    let events = cp.cli_ok(&["events", "list", "--json"]);
+    let events: Value = serde_json::from_str(&events).unwrap();
+    let ended = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["subject"] == json!(format!("job {id}")))
+        .unwrap_or_else(|| panic!("no event for job {id}: {events}"));
+    assert_eq!(ended["kind"], json!("job-succeeded"), "{ended}");
+    assert!(
+        ended["message"].as_str().unwrap().contains("retention of"),
+        "{ended}"
+    );
 }
 
 #[test]

@@ -160,13 +160,43 @@ async fn drive(ctx: &Context, cfg: &Arc<RunnerConfig>, id: &str) {
         })
     };
     match steps(ctx, cfg, id, &lost).await {
-        Ok(Some(state)) => tracing::info!("job {id}: {}", state.as_str()),
+        Ok(Some(state)) => {
+            tracing::info!("job {id}: {}", state.as_str());
+            record_end(ctx, id, state).await;
+        }
         Ok(None) => tracing::warn!("job {id}: its lease was lost; left to its new owner"),
         Err(e) => tracing::warn!(
             "job {id}: abandoned after a database error (it resumes once its lease runs out): {e}"
         ),
     }
     renewer.abort();
+}
+
+/// An ended job is an event (`job-succeeded`, `job-failed`, `job-cancelled`, about
+/// `job ID`, saying its kind, subject and error), so that `/v1/events` tells what
+/// the jobs did beside what the fleet did. A failure to record it is logged: the job
+/// has ended either way.
+async fn record_end(ctx: &Context, id: &str, state: JobState) {
+    let job = match queue::get(&ctx.db, id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("job {id}: recording its end as an event: {e}");
+            return;
+        }
+    };
+    let mut message = format!("{} of {} {}", job.kind, job.subject, state.as_str());
+    if let Some(e) = &job.error {
+        message.push_str(": ");
+        message.push_str(e);
+    }
+    let kind = format!("job-{}", state.as_str());
+    let subject = format!("job {id}");
+    if let Err(e) =
+        crate::registry::events::add(&ctx.db, &kind, &subject, &message, crate::db::now_s()).await
+    {
+        tracing::warn!("job {id}: recording its end as an event: {e}");
+    }
 }
 
 /// The job's tasks from its first unfinished one. The state it ended in, or None

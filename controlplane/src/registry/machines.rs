@@ -97,7 +97,7 @@ pub struct Beat<'a> {
 /// enrollment can: the removed one's certificates are revoked).
 pub async fn heartbeat(db: &Db, b: &Beat<'_>) -> Result<bool> {
     let disks = serde_json::to_string(b.disks).map_err(json_err("writing a machine's disks"))?;
-    let mut tx = db.pool().begin().await.map_err(q("starting a heartbeat"))?;
+    let mut tx = db.begin_write("starting a heartbeat").await?;
     let before: Option<i64> = sqlx::query("SELECT removed FROM machines WHERE name = $1")
         .bind(b.name.to_string())
         .fetch_optional(&mut *tx)
@@ -175,7 +175,7 @@ pub async fn patch(
     policy: Option<&str>,
     group: Option<Option<&str>>,
 ) -> Result<bool> {
-    let mut tx = db.pool().begin().await.map_err(q("changing a machine"))?;
+    let mut tx = db.begin_write("changing a machine").await?;
     let mut found = true;
     if let Some(p) = policy {
         let done = sqlx::query("UPDATE machines SET policy = $2 WHERE name = $1 AND removed = 0")
@@ -219,7 +219,7 @@ pub async fn using_policy(db: &Db, policy: &str, limit: u32) -> Result<Vec<Strin
 /// in one transaction. False when there was neither a machine nor a certificate to
 /// revoke (an enrolled machine that never sent a heartbeat has only the latter).
 pub async fn remove(db: &Db, name: &str) -> Result<bool> {
-    let mut tx = db.pool().begin().await.map_err(q("removing a machine"))?;
+    let mut tx = db.begin_write("removing a machine").await?;
     let done = sqlx::query(
         "UPDATE machines SET removed = 1, process_server = NULL WHERE name = $1 AND removed = 0",
     )

@@ -341,3 +341,38 @@ pub(crate) async fn every_query(db: &Db) {
     bad.address = "nowhere".into();
     assert!(super::check_process_server_heartbeat(&bad).is_err());
 }
+
+/// Eight writers at once, fifty heartbeats each (agents' and process servers' mixed,
+/// each a read then a write in one transaction), on SQLite: none fails. With
+/// deferred transactions some did, with SQLITE_BUSY_SNAPSHOT (517, "database is
+/// locked"), which the busy timeout does not cover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_heartbeats_on_sqlite_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let db = db.clone();
+        writers.spawn(async move {
+            for i in 0..50 {
+                let now = 1_800_000_000 + i;
+                if w % 2 == 0 {
+                    let hb = agent_beat(&format!("m{w}"), "protected", None);
+                    super::agent_heartbeat(&db, &hb, None, now)
+                        .await
+                        .map(|_| ())
+                } else {
+                    process_servers::heartbeat(&db, &ps_beat(&format!("ps{w}"), 50), now)
+                        .await
+                        .map(|_| ())
+                }
+                .unwrap_or_else(|e| panic!("writer {w}, heartbeat {i}: {e}"));
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    let seen = machines::list(&db, None, 100).await.unwrap();
+    assert_eq!(seen.len(), 4);
+}

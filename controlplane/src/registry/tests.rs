@@ -340,6 +340,19 @@ pub(crate) async fn every_query(db: &Db) {
     let mut bad = ps_beat("psc", 10);
     bad.address = "nowhere".into();
     assert!(super::check_process_server_heartbeat(&bad).is_err());
+
+    // Heartbeats with no uploaded point and with one, one after the other (so on the
+    // same pooled connection and its cached statements): on PostgreSQL a NULL bound
+    // first made every later time fail.
+    for i in 0..20 {
+        let uploaded = (i % 2 == 1).then_some(1_800_000_000.25 + f64::from(i));
+        let hb = agent_beat("m9", "protected", None);
+        super::agent_heartbeat(db, &hb, uploaded, now + i64::from(i))
+            .await
+            .unwrap_or_else(|e| panic!("heartbeat {i} ({uploaded:?}): {e}"));
+        let m = machines::get(db, "m9").await.unwrap().unwrap();
+        assert_eq!(m.newest_uploaded_at, uploaded, "heartbeat {i}");
+    }
 }
 
 /// Eight writers at once, fifty heartbeats each (agents' and process servers' mixed,

@@ -356,13 +356,10 @@ pub(crate) async fn every_query(db: &Db) {
 }
 
 /// Eight writers at once, fifty heartbeats each (agents' and process servers' mixed,
-/// each a read then a write in one transaction), on SQLite: none fails. With
-/// deferred transactions some did, with SQLITE_BUSY_SNAPSHOT (517, "database is
-/// locked"), which the busy timeout does not cover.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_heartbeats_on_sqlite_all_succeed() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+/// each a read then a write in one transaction): none fails. On SQLite, with
+/// deferred transactions, some did with "database is locked" (SQLITE_BUSY on the
+/// upgrade from reader to writer), which the busy timeout does not cover.
+async fn concurrent_heartbeats_all_succeed(db: &Db) {
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..8 {
         let db = db.clone();
@@ -370,8 +367,10 @@ async fn concurrent_heartbeats_on_sqlite_all_succeed() {
             for i in 0..50 {
                 let now = 1_800_000_000 + i;
                 if w % 2 == 0 {
+                    // With and without an uploaded point, as agents send them.
+                    let uploaded = (i % 2 == 0).then_some(now as f64 - 0.5);
                     let hb = agent_beat(&format!("m{w}"), "protected", None);
-                    super::agent_heartbeat(&db, &hb, None, now)
+                    super::agent_heartbeat(&db, &hb, uploaded, now)
                         .await
                         .map(|_| ())
                 } else {
@@ -386,6 +385,29 @@ async fn concurrent_heartbeats_on_sqlite_all_succeed() {
     while let Some(done) = writers.join_next().await {
         done.unwrap();
     }
-    let seen = machines::list(&db, None, 100).await.unwrap();
+    let seen = machines::list(db, None, 100).await.unwrap();
     assert_eq!(seen.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_heartbeats_on_sqlite_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+    concurrent_heartbeats_all_succeed(&db).await;
+}
+
+/// The same on PostgreSQL when FERRY_TEST_DATABASE names one (its tables are
+/// dropped first, as `db::tests` does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_heartbeats_on_the_test_database_all_succeed() {
+    let Ok(url) = std::env::var("FERRY_TEST_DATABASE") else {
+        if std::env::var("FERRY_TEST_REQUIRE_REMOTE").is_ok_and(|v| v == "1") {
+            panic!("FERRY_TEST_DATABASE is not set but FERRY_TEST_REQUIRE_REMOTE=1");
+        }
+        eprintln!("FERRY_TEST_DATABASE not set: concurrent heartbeats not tested on PostgreSQL");
+        return;
+    };
+    let _only = crate::db::tests::drop_all(&url).await;
+    let db = Db::open(&url).await.unwrap();
+    concurrent_heartbeats_all_succeed(&db).await;
 }

@@ -284,7 +284,9 @@ impl Agent {
 /// The control plane's `rpo_seconds` for each machine agrees with the agent's own
 /// figure (now minus the time of its newest point in the store) within one heartbeat
 /// interval: the control plane's is as of the last heartbeat, at most one interval
-/// old, plus the time between the two readings. Several samples each.
+/// old, plus the time between the two readings and half a second for the
+/// heartbeat's own round trip (the next one is due an interval after the answer).
+/// Several samples each.
 fn rpo_agrees(cp: &Cp, agents: &[Agent]) {
     for a in agents {
         for _ in 0..3 {
@@ -303,7 +305,7 @@ fn rpo_agrees(cp: &Cp, agents: &[Agent]) {
             );
             let interval = 5.0;
             assert!(
-                (theirs - own).abs() <= interval + between + 0.1,
+                (theirs - own).abs() <= interval + between + 0.5,
                 "{}: the control plane's RPO {theirs} s, the agent's {own} s ({between} s apart)",
                 a.name
             );

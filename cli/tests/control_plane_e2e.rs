@@ -1,11 +1,13 @@
 //! The control plane with real processes end to end: `ferry control-plane`, two
-//! process servers and an agent that enroll with one-time tokens (no hand-made
-//! certificate), the agent written through NBD with qemu-io, a policy PATCH that
-//! reaches the running agent at its next heartbeat, an operator's `move` to the
-//! other process server after which every point still rebuilds byte-identical, and a
-//! removal after which the process server refuses the machine's certificate. While
-//! the control plane is killed, replication and points go on and the agent restarts
-//! with the orders it kept; restarted, the control plane has its state.
+//! process servers and three agents that enroll with one-time tokens (no hand-made
+//! certificate), the agents written through NBD with qemu-io, a policy PATCH that
+//! reaches the running agents at their next heartbeat, the control plane's RPO
+//! against the agents' own, an operator's `move` to the other process server after
+//! which every point still rebuilds byte-identical, and a removal after which the
+//! process server refuses the machine's certificate. While the control plane is
+//! killed (-9) as the agents write, replication and points go on and an agent
+//! restarts with the orders it kept; restarted, the control plane has its state. The
+//! same suite on SQLite and, with FERRY_TEST_DATABASE, on PostgreSQL.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,11 +21,11 @@ use ferry_testkit::process::{run_ok, spawn, Killed};
 use ferry_testkit::qemu::{qemu_io, random_writes};
 use ferry_testkit::site::rebuilt;
 use ferry_testkit::{wait_for, wait_ok};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-const DISK_BYTES: u64 = 16 << 20;
+const DISK_BYTES: u64 = 8 << 20;
 
 fn bin() -> &'static Path {
     Path::new(FERRY)
@@ -44,12 +46,15 @@ struct Cp {
 }
 
 impl Cp {
-    /// Starts (or, on the same state directory and address, restarts) it.
-    fn start(dir: &Path, listen: &str) -> Cp {
-        let (child, line) = spawn(
-            bin(),
-            &["control-plane", "--state-dir", &s(dir), "--listen", listen],
-        );
+    /// Starts (or, on the same state directory, address and database, restarts) it;
+    /// on SQLite under `dir` without a `database`.
+    fn start(dir: &Path, listen: &str, database: Option<&str>) -> Cp {
+        let dir_s = s(dir);
+        let mut args = vec!["control-plane", "--state-dir", &dir_s, "--listen", listen];
+        if let Some(url) = database {
+            args.extend(["--database", url]);
+        }
+        let (child, line) = spawn(bin(), &args);
         let url = line.trim().to_string();
         assert!(url.starts_with("https://"), "{line:?}");
         let ca = dir.join("ca.pem");
@@ -190,30 +195,22 @@ fn points_seen(sock: &Path, span: Duration) -> usize {
     ids.len()
 }
 
-#[test]
-fn enrolled_parts_follow_a_policy_change_and_a_move_with_every_point_identical() {
-    let seed = ferry_testkit::seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
-    let cp_listen = free_addr().to_string();
-    let mut cp = Cp::start(&d.join("cp"), &cp_listen);
-    std::fs::create_dir_all(d.join("store")).unwrap();
-    let store = format!("file://{}", s(&d.join("store")));
-    run_ok(bin(), &["keygen", "--out", &s(&d.join("vault.key"))]);
+/// An enrolled agent of one disk (`sda`), its machine named `name`.
+struct Agent {
+    name: String,
+    disk: PathBuf,
+    state: PathBuf,
+    sock: PathBuf,
+    nbd_listen: String,
+    child: Killed,
+    /// Each point taken and the disk as it was then.
+    expected: Vec<(String, Vec<u8>)>,
+}
 
-    let (_ps1, addr1) = process_server(&cp, d, "ps1", &store);
-    let (_ps2, addr2) = process_server(&cp, d, "ps2", &store);
-
-    // The agent enrolls; no process server, certificate or interval on its command
-    // line: the first heartbeat's orders give them.
-    let disk = d.join("disk.img");
-    ferry_testkit::disk::random_disk(&disk, DISK_BYTES, 0..4 << 20, &mut rng);
-    let state = d.join("agent");
-    let sock = d.join("agent.sock");
-    let token = cp.enroll_token("agent");
-    let nbd_listen = free_addr().to_string();
-    let agent_args = |token: Option<&str>| {
+impl Agent {
+    /// The command line: no process server, certificate or interval on it (the
+    /// heartbeat's orders give them); the token only for the first start.
+    fn args(cp: &Cp, d: &Path, name: &str, nbd_listen: &str, token: Option<&str>) -> Vec<String> {
         let mut a = vec![
             "agent".to_string(),
             "--control-plane".into(),
@@ -221,153 +218,379 @@ fn enrolled_parts_follow_a_policy_change_and_a_move_with_every_point_identical()
             "--ca".into(),
             s(&cp.ca),
             "--machine".into(),
-            "m1".into(),
+            name.into(),
             "--disk".into(),
-            format!("sda={}", s(&disk)),
+            format!("sda={}", s(&d.join(format!("{name}.img")))),
             "--nbd-listen".into(),
-            nbd_listen.clone(),
+            nbd_listen.into(),
             "--state-dir".into(),
-            s(&state),
+            s(&d.join(format!("agent-{name}"))),
             "--admin-socket".into(),
-            s(&sock),
+            s(&d.join(format!("{name}.sock"))),
         ];
         if let Some(t) = token {
             a.extend(["--enroll-token".to_string(), t.to_string()]);
         }
         a
+    }
+
+    fn enroll(cp: &Cp, d: &Path, name: &str, rng: &mut rand::rngs::StdRng) -> Agent {
+        let disk = d.join(format!("{name}.img"));
+        ferry_testkit::disk::random_disk(&disk, DISK_BYTES, 0..2 << 20, rng);
+        let nbd_listen = free_addr().to_string();
+        let token = cp.enroll_token("agent");
+        let (child, line) = spawn(bin(), &Agent::args(cp, d, name, &nbd_listen, Some(&token)));
+        assert!(line.contains("serving NBD"), "{name}: {line:?}");
+        Agent {
+            name: name.into(),
+            disk,
+            state: d.join(format!("agent-{name}")),
+            sock: d.join(format!("{name}.sock")),
+            nbd_listen,
+            child,
+            expected: Vec::new(),
+        }
+    }
+
+    /// Kill -9, then a start with no token (its certificate is in the state
+    /// directory) while the control plane may be down.
+    fn restart(&mut self, cp: &Cp, d: &Path) {
+        self.child.kill();
+        let (child, line) = spawn(
+            bin(),
+            &Agent::args(cp, d, &self.name, &self.nbd_listen, None),
+        );
+        assert!(line.contains("serving NBD"), "{}: {line:?}", self.name);
+        self.child = child;
+    }
+
+    fn nbd(&self) -> String {
+        format!("nbd://{}/sda", self.nbd_listen)
+    }
+
+    /// Random writes through NBD, then a point named `label`, kept with the disk.
+    fn write_and_point(&mut self, rng: &mut rand::rngs::StdRng, label: &str) {
+        qemu_io(&self.nbd(), &random_writes(rng, DISK_BYTES, 20, 1..=8));
+        let id = bookmark(bin(), &self.sock, label);
+        self.expected.push((id, std::fs::read(&self.disk).unwrap()));
+    }
+
+    fn orders(&self) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(self.state.join("orders.json")).unwrap())
+            .unwrap()
+    }
+}
+
+/// The control plane's `rpo_seconds` for each machine agrees with the agent's own
+/// figure (now minus the time of its newest point in the store) within one heartbeat
+/// interval: the control plane's is as of the last heartbeat, at most one interval
+/// old, plus the time between the two readings and half a second for the
+/// heartbeat's own round trip (the next one is due an interval after the answer).
+/// Several samples each.
+fn rpo_agrees(cp: &Cp, agents: &[Agent]) {
+    for a in agents {
+        for _ in 0..3 {
+            let (own, theirs, between) = wait_ok(
+                &format!("an RPO from {} and from the control plane", a.name),
+                Duration::from_secs(30),
+                || {
+                    let t0 = Instant::now();
+                    let st = status(bin(), &a.sock);
+                    let m = cp.machine(&a.name);
+                    match (st["rpo_s"].as_f64(), m["rpo_seconds"].as_f64()) {
+                        (Some(own), Some(theirs)) => Ok((own, theirs, t0.elapsed().as_secs_f64())),
+                        _ => Err((st, m)),
+                    }
+                },
+            );
+            let interval = 5.0;
+            assert!(
+                (theirs - own).abs() <= interval + between + 0.5,
+                "{}: the control plane's RPO {theirs} s, the agent's {own} s ({between} s apart)",
+                a.name
+            );
+            std::thread::sleep(Duration::from_millis(700));
+        }
+    }
+}
+
+/// The tests of this file that start a whole site take turns: CI has two cores.
+static SITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn end_to_end_on_sqlite() {
+    let _turn = SITE.lock().unwrap_or_else(|e| e.into_inner());
+    enrolled_parts_follow_policies_moves_and_a_control_plane_kill(None);
+}
+
+#[test]
+fn end_to_end_on_postgres() {
+    let Some(db) = fresh_postgres() else {
+        return;
     };
-    let (mut agent, line) = spawn(bin(), &agent_args(Some(&token)));
-    assert!(line.contains("serving NBD"), "{line:?}");
+    let _turn = SITE.lock().unwrap_or_else(|e| e.into_inner());
+    enrolled_parts_follow_policies_moves_and_a_control_plane_kill(Some(&db.url));
+}
+
+/// A database of one test, dropped after it, pass or fail: by then every process
+/// of the test's site is gone (they drop first), so nothing holds it.
+struct TestDatabase {
+    base: String,
+    name: String,
+    url: String,
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        on_test_database(
+            &self.base,
+            &format!("DROP DATABASE IF EXISTS {}", self.name),
+        );
+    }
+}
+
+/// Runs one statement on FERRY_TEST_DATABASE.
+fn on_test_database(base: &str, sql: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(base)
+            .await
+            .unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    });
+}
+
+/// A new empty database beside FERRY_TEST_DATABASE's, so that this test shares no
+/// tables with the others. None (and a word) without one, a failure with
+/// FERRY_TEST_REQUIRE_REMOTE=1.
+fn fresh_postgres() -> Option<TestDatabase> {
+    let Ok(base) = std::env::var("FERRY_TEST_DATABASE") else {
+        if std::env::var("FERRY_TEST_REQUIRE_REMOTE").is_ok_and(|v| v == "1") {
+            panic!("FERRY_TEST_DATABASE is not set but FERRY_TEST_REQUIRE_REMOTE=1");
+        }
+        eprintln!("FERRY_TEST_DATABASE not set: the end-to-end suite not run on PostgreSQL");
+        return None;
+    };
+    let name = format!(
+        "ferry_e2e_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    on_test_database(&base, &format!("CREATE DATABASE {name}"));
+    let (head, _) = base.split('?').next().unwrap().rsplit_once('/').unwrap();
+    Some(TestDatabase {
+        url: format!("{head}/{name}"),
+        name,
+        base,
+    })
+}
+
+fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Option<&str>) {
+    let seed = ferry_testkit::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cp_listen = free_addr().to_string();
+    let mut cp = Cp::start(&d.join("cp"), &cp_listen, database);
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    let store = format!("file://{}", s(&d.join("store")));
+    run_ok(bin(), &["keygen", "--out", &s(&d.join("vault.key"))]);
+
+    let (_ps1, addr1) = process_server(&cp, d, "ps1", &store);
+    let (_ps2, addr2) = process_server(&cp, d, "ps2", &store);
+    let address = |ps: &str| if ps == "ps1" { &addr1 } else { &addr2 }.clone();
+
+    // Three agents enroll; each starts once its first heartbeat names a process
+    // server, the least loaded: both are used.
+    let mut agents: Vec<Agent> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|name| Agent::enroll(&cp, d, name, &mut rng))
+        .collect();
+    let a = &agents[0];
     assert_eq!(
-        mode(&state.join("key.pem")),
+        mode(&a.state.join("key.pem")),
         0o600,
         "the key is the host's only"
     );
     for f in ["cert.pem", "ca.pem", "orders.json", "journal"] {
-        assert!(state.join(f).exists(), "{f} in the state directory");
+        assert!(a.state.join(f).exists(), "{f} in the state directory");
     }
-    let nbd = format!("nbd://{nbd_listen}/sda");
+    let placed: Vec<String> = agents
+        .iter()
+        .map(|a| {
+            wait_ok(
+                &format!("{} assigned", a.name),
+                Duration::from_secs(30),
+                || {
+                    let m = cp.machine(&a.name);
+                    m["process_server"].as_str().map(str::to_string).ok_or(m)
+                },
+            )
+        })
+        .collect();
+    let used: std::collections::BTreeSet<&String> = placed.iter().collect();
+    assert_eq!(used.len(), 2, "the least loaded each time: {placed:?}");
 
-    // The machine is registered on one of the two process servers.
-    let first_ps = wait_ok("m1 assigned", Duration::from_secs(30), || {
-        let m = cp.machine("m1");
-        match m["process_server"].as_str() {
-            Some(p) => Ok(p.to_string()),
-            None => Err(m),
-        }
-    });
-    let (other_ps, other_addr) = if first_ps == "ps1" {
-        ("ps2", &addr2)
-    } else {
-        ("ps1", &addr1)
-    };
-
-    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
-    wait_uploaded(bin(), &sock);
-    for round in 0..2 {
-        qemu_io(&nbd, &random_writes(&mut rng, DISK_BYTES, 30, 1..=8));
-        let id = bookmark(bin(), &sock, &format!("first-{round}"));
-        expected.push((id, std::fs::read(&disk).unwrap()));
+    for a in &mut agents {
+        wait_uploaded(bin(), &a.sock);
+        a.write_and_point(&mut rng, "first");
     }
 
-    // A policy change reaches the running agent at its next heartbeat: the default
-    // policy's 5 s becomes half a second.
+    // A policy change reaches the running agents at their next heartbeat: the
+    // default policy's 5 s becomes half a second.
     let (st, p) = cp.api(
         "PATCH",
         "/v1/policies/default",
         Some(json!({ "crash_point_interval_s": 0.5 })),
     );
     assert_eq!(st, 200, "{p}");
-    wait_for("points every half second", Duration::from_secs(30), || {
-        points_seen(&sock, Duration::from_secs(2)) >= 3
-    });
-
-    // The operator moves the machine; the agent reconnects there, nothing lost.
-    cp.cli(&["machines", "move", "m1", "--to", other_ps]);
-    for round in 0..3 {
-        qemu_io(&nbd, &random_writes(&mut rng, DISK_BYTES, 30, 1..=8));
-        let id = bookmark(bin(), &sock, &format!("moved-{round}"));
-        expected.push((id, std::fs::read(&disk).unwrap()));
+    for a in &agents {
+        wait_for(
+            &format!("points every half second on {}", a.name),
+            Duration::from_secs(30),
+            || points_seen(&a.sock, Duration::from_secs(2)) >= 3,
+        );
     }
-    wait_for(
-        "m1 on the other process server",
-        Duration::from_secs(60),
-        || {
-            let m = cp.machine("m1");
-            m["process_server"] == json!(other_ps)
-        },
-    );
-    // The agent applied the move at a heartbeat (its kept orders say so).
-    let orders_file = state.join("orders.json");
+    rpo_agrees(&cp, &agents);
+
+    // The operator moves the first machine; its agent reconnects there, nothing lost,
+    // while the others write on.
+    let (moved, from) = (agents[0].name.clone(), placed[0].clone());
+    let to = if from == "ps1" { "ps2" } else { "ps1" };
+    cp.cli(&["machines", "move", &moved, "--to", to]);
+    for round in 0..2 {
+        for a in &mut agents {
+            a.write_and_point(&mut rng, &format!("moving-{round}"));
+        }
+    }
+    wait_for("the move in the registry", Duration::from_secs(60), || {
+        cp.machine(&moved)["process_server"] == json!(to)
+    });
     wait_for(
         "the agent to take the move",
         Duration::from_secs(30),
-        || {
-            let orders: Value =
-                serde_json::from_str(&std::fs::read_to_string(&orders_file).unwrap()).unwrap();
-            orders["process_server"]["address"] == json!(other_addr)
-        },
+        || agents[0].orders()["process_server"]["address"] == json!(address(to)),
     );
-    qemu_io(&nbd, &random_writes(&mut rng, DISK_BYTES, 30, 1..=8));
-    let id = bookmark(bin(), &sock, "after-move");
-    expected.push((id, std::fs::read(&disk).unwrap()));
-    wait_uploaded(bin(), &sock);
-    let m = cp.machine("m1");
-    assert!(
-        m["rpo_seconds"].as_f64().is_some(),
-        "an RPO once a point is up: {m}"
-    );
+    for a in &mut agents {
+        a.write_and_point(&mut rng, "after-move");
+        wait_uploaded(bin(), &a.sock);
+    }
 
-    // The control plane is killed: replication and points go on, and the agent
-    // restarts (no token: its certificate is in the state directory) with the
-    // orders it kept.
+    // The control plane is killed while the agents write: replication and points go
+    // on, at the half second the agents were told.
+    let writers: Vec<_> = agents
+        .into_iter()
+        .map(|mut a| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(rng.gen());
+            std::thread::spawn(move || {
+                for round in 0..3 {
+                    a.write_and_point(&mut rng, &format!("control-plane-down-{round}"));
+                }
+                a
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
     cp.child.kill();
-    qemu_io(&nbd, &random_writes(&mut rng, DISK_BYTES, 30, 1..=8));
-    let id = bookmark(bin(), &sock, "control-plane-down");
-    expected.push((id, std::fs::read(&disk).unwrap()));
-    wait_uploaded(bin(), &sock);
-    agent.kill();
-    let (_agent, line) = spawn(bin(), &agent_args(None));
-    assert!(line.contains("serving NBD"), "{line:?}");
-    qemu_io(&nbd, &random_writes(&mut rng, DISK_BYTES, 30, 1..=8));
-    let id = bookmark(bin(), &sock, "restarted-without-control-plane");
-    expected.push((id, std::fs::read(&disk).unwrap()));
-    wait_uploaded(bin(), &sock);
-
-    // Back, it has its state, and the heartbeats resume.
-    let cp = Cp::start(&d.join("cp"), &cp_listen);
-    let before = cp.machine("m1");
-    assert_eq!(before["process_server"], json!(other_ps), "{before}");
-    wait_for(
-        "a heartbeat after the restart",
-        Duration::from_secs(30),
-        || cp.machine("m1")["last_seen"] != before["last_seen"],
+    let mut agents: Vec<Agent> = writers.into_iter().map(|t| t.join().unwrap()).collect();
+    for a in &agents {
+        wait_uploaded(bin(), &a.sock);
+        assert!(
+            points_seen(&a.sock, Duration::from_secs(2)) >= 3,
+            "{}: points every half second with the control plane down",
+            a.name
+        );
+    }
+    // An agent restarted meanwhile starts with the orders it kept.
+    agents[1].restart(&cp, d);
+    agents[1].write_and_point(&mut rng, "restarted-without-control-plane");
+    wait_uploaded(bin(), &agents[1].sock);
+    assert_eq!(
+        agents[1].orders()["process_server"]["address"],
+        json!(address(&placed[1]))
     );
 
+    // Back on the same state and database, it has all of it, and the heartbeats
+    // resume.
+    let cp = Cp::start(&d.join("cp"), &cp_listen, database);
+    let (st, list) = cp.api("GET", "/v1/machines", None);
+    assert_eq!(st, 200, "{list}");
+    let text = list.to_string();
+    for (a, ps) in agents.iter().zip(&placed) {
+        assert!(
+            text.contains(&format!("\"{}\"", a.name)),
+            "{} in {text}",
+            a.name
+        );
+        let ps = if a.name == moved { to } else { ps.as_str() };
+        let m = cp.machine(&a.name);
+        assert_eq!(m["process_server"], json!(ps), "{m}");
+        assert_eq!(m["policy"], json!("default"), "{m}");
+    }
+    let (_, policy) = cp.api("GET", "/v1/policies/default", None);
+    assert_eq!(policy["crash_point_interval_s"], json!(0.5), "{policy}");
+    let (_, pss) = cp.api("GET", "/v1/process-servers", None);
+    for ps in ["ps1", "ps2"] {
+        assert!(
+            pss.to_string().contains(&format!("\"{ps}\"")),
+            "{ps} in {pss}"
+        );
+    }
+    let (_, events) = cp.api("GET", "/v1/events?limit=1000", None);
+    assert!(
+        events
+            .to_string()
+            .contains(&format!("moved from process server {from} to {to}")),
+        "the move's event in {events}"
+    );
+    let seen: Vec<Value> = agents
+        .iter()
+        .map(|a| cp.machine(&a.name)["last_seen"].clone())
+        .collect();
+    for (a, before) in agents.iter().zip(&seen) {
+        wait_for(
+            &format!("a heartbeat from {} after the restart", a.name),
+            Duration::from_secs(30),
+            || cp.machine(&a.name)["last_seen"] != *before,
+        );
+    }
+    rpo_agrees(&cp, &agents[..1]);
+
+    // Every point of every machine rebuilds its disk as it was.
     let vault = VaultKey::load(&d.join("vault.key")).unwrap();
     let store = Store::open(&store).unwrap();
-    let replica = store
-        .block(Disk::open(&store, "m1", "sda", Some(&vault)))
-        .unwrap();
-    let state = store.block(replica.load_state()).unwrap();
-    for (id, want) in &expected {
-        let p = state
-            .point(id)
-            .unwrap_or_else(|| panic!("point {id} is not in the replica"));
-        assert!(
-            rebuilt(&replica, &state, p) == *want,
-            "point {id} does not rebuild the disk as it was"
-        );
+    for a in &agents {
+        let replica = store
+            .block(Disk::open(&store, &a.name, "sda", Some(&vault)))
+            .unwrap();
+        let state = store.block(replica.load_state()).unwrap();
+        for (id, want) in &a.expected {
+            let p = state
+                .point(id)
+                .unwrap_or_else(|| panic!("{}: point {id} is not in the replica", a.name));
+            assert!(
+                rebuilt(&replica, &state, p) == *want,
+                "{}: point {id} does not rebuild the disk as it was",
+                a.name
+            );
+        }
     }
 
     // Removed, the machine's certificate is revoked: the process server learns it
     // at its next heartbeat and closes the agent's session, with the reason.
-    cp.cli(&["machines", "remove", "m1"]);
+    cp.cli(&["machines", "remove", &moved]);
     wait_for(
         "the process server to refuse the removed machine",
         Duration::from_secs(60),
         || {
-            let st = status(bin(), &sock);
+            let st = status(bin(), &agents[0].sock);
             st["connected"] == false
                 && st["last_error"]
                     .as_str()
@@ -382,7 +605,7 @@ fn a_renewed_certificate_replaces_the_old_one_and_heartbeats_go_on_with_it() {
     use ferry_link::control::wire::{AgentHeartbeat, AgentOrders, Kind};
 
     let tmp = tempfile::tempdir().unwrap();
-    let cp = Cp::start(&tmp.path().join("cp"), "127.0.0.1:0");
+    let cp = Cp::start(&tmp.path().join("cp"), "127.0.0.1:0", None);
     let state = tmp.path().join("m2");
     let enrollment = Enrollment {
         url: cp.url.clone(),

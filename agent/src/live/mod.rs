@@ -501,10 +501,14 @@ impl Agent {
             .iter()
             .map(|d| {
                 let s = d.status.lock().expect("status lock").clone();
-                let (next_seq, journal, last, overflowed, dirty) = {
-                    let st = d.capture.state();
-                    (st.next_seq, st.journal.used_bytes(), st.last_point.clone(), st.overflowed, st.dirty.len())
+                let (next_seq, journal, last, overflowed, dirty, uploaded_point) = {
+                    let mut st = d.capture.state();
+                    // As the heartbeat reports it (before the first session nothing
+                    // is claimed uploaded), so that the two can be compared.
+                    let (_, u) = st.points.report(if s.connected || s.uploaded > 0 { s.uploaded } else { 0 });
+                    (st.next_seq, st.journal.used_bytes(), st.last_point.clone(), st.overflowed, st.dirty.len(), u)
                 };
+                let now_ms = chrono::Utc::now().timestamp_millis();
                 let copy = *d.copy.lock().expect("copy lock");
                 let (done, total) = (copy.done, copy.total);
                 let (phase, now, last_rs) = d.capture.resync.figures();
@@ -521,6 +525,10 @@ impl Agent {
                     "uploaded": s.uploaded,
                     "lag_s": s.oldest_unacked.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                     "last_point": last.map(|p| p.0),
+                    // The agent's own RPO: now minus the time of the newest point
+                    // known to be in the store (null before the first).
+                    "uploaded_point": uploaded_point.as_ref().map(|p| serde_json::json!({"id": p.id, "time_ms": p.time_ms})),
+                    "rpo_s": uploaded_point.as_ref().map(|p| (now_ms - p.time_ms) as f64 / 1000.0),
                     "connected": s.connected,
                     "protocol": s.protocol,
                     "copy_done_bytes": done,

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::AnyPool;
+use sqlx::{Any, AnyPool, Transaction};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -91,10 +91,15 @@ fn redacted(url: &str) -> String {
     }
 }
 
+/// How long an SQLite writer waits for the write lock (ms): far longer than any
+/// of the control plane's transactions holds it.
+const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 5000";
+
 /// The connection pool, shared by every request.
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
+    sqlite: bool,
 }
 
 impl Db {
@@ -121,6 +126,17 @@ impl Db {
         let max = if sqlite { 4 } else { 16 };
         let pool = AnyPoolOptions::new()
             .max_connections(max)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        // A writer waits this long for another's lock before
+                        // SQLITE_BUSY. sqlx sets the same by default; said here since
+                        // `begin_write` depends on it.
+                        sqlx::query(SQLITE_BUSY_TIMEOUT).execute(conn).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(|source| Error::Open {
@@ -140,11 +156,26 @@ impl Db {
             .run(&pool)
             .await
             .map_err(|source| Error::Migrate { url: shown, source })?;
-        Ok(Db { pool })
+        Ok(Db { pool, sqlite })
     }
 
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// A transaction that writes. On SQLite it takes the write lock at BEGIN
+    /// (`BEGIN IMMEDIATE`), waiting for it up to the busy timeout: a plain (deferred)
+    /// BEGIN reads under a snapshot first, and when another connection commits before
+    /// this one's first write, the upgrade fails at once with SQLITE_BUSY_SNAPSHOT
+    /// (517, "database is locked") without waiting, since the snapshot is stale. Two
+    /// heartbeats at once did that. PostgreSQL's row locks need nothing of the sort.
+    pub(crate) async fn begin_write(&self, op: &'static str) -> Result<Transaction<'static, Any>> {
+        let tx = if self.sqlite {
+            self.pool.begin_with("BEGIN IMMEDIATE").await
+        } else {
+            self.pool.begin().await
+        };
+        tx.map_err(q(op))
     }
 
     /// A trivial query: is the database answering?

@@ -123,11 +123,7 @@ pub async fn enroll(
     owner: &Owner<'_>,
     now: i64,
 ) -> Result<Result<(), Refusal>> {
-    let mut tx = db
-        .pool()
-        .begin()
-        .await
-        .map_err(q("starting an enrollment"))?;
+    let mut tx = db.begin_write("starting an enrollment").await?;
     let row = sqlx::query(
         "SELECT kind, expires_at, used_at, used_by FROM enrollment_tokens \
          WHERE secret_sha256 = $1",

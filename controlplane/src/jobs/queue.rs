@@ -107,7 +107,7 @@ pub async fn enqueue(
     tasks: &[String],
 ) -> Result<Option<String>> {
     let id = new_id();
-    let mut tx = db.pool().begin().await.map_err(q("queueing a job"))?;
+    let mut tx = db.begin_write("queueing a job").await?;
     let done = sqlx::query(
         "INSERT INTO jobs (id, kind, subject, state, params, created_at, cancel_requested, \
          active_key) VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6) \
@@ -357,7 +357,7 @@ pub async fn finish(
     state: JobState,
     error: Option<&str>,
 ) -> Result<bool> {
-    let mut tx = db.pool().begin().await.map_err(q("ending a job"))?;
+    let mut tx = db.begin_write("ending a job").await?;
     let sql = format!(
         "UPDATE job_tasks SET state = 'pending', started_at = NULL, progress = 0 \
          WHERE job_id = $1 AND state = 'running' AND {HOLDS_LEASE}"
@@ -407,7 +407,7 @@ pub async fn count_by_state(db: &Db) -> Result<Vec<(String, String, i64)>> {
 /// Deletes the jobs that ended before `before_s` (Unix seconds) and their tasks; how
 /// many jobs. Active jobs are never touched.
 pub async fn prune_ended(db: &Db, before_s: i64) -> Result<u64> {
-    let mut tx = db.pool().begin().await.map_err(q("pruning ended jobs"))?;
+    let mut tx = db.begin_write("pruning ended jobs").await?;
     // Tasks first: SQLite enforces no foreign keys (so no cascade) unless asked.
     let ended = "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') \
                  AND ended_at < $1";
@@ -497,7 +497,7 @@ async fn requeue(db: &Db, id: &str, from: &str, all_tasks: bool) -> Result<Outco
     } else {
         "resuming a job"
     };
-    let mut tx = db.pool().begin().await.map_err(q(op))?;
+    let mut tx = db.begin_write(op).await?;
     let sql = format!(
         "UPDATE jobs SET state = 'queued', error = NULL, ended_at = NULL, lease_owner = NULL, \
          lease_until_ms = NULL, cancel_requested = 0, active_key = kind || '/' || subject \

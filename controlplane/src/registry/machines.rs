@@ -97,7 +97,7 @@ pub struct Beat<'a> {
 /// enrollment can: the removed one's certificates are revoked).
 pub async fn heartbeat(db: &Db, b: &Beat<'_>) -> Result<bool> {
     let disks = serde_json::to_string(b.disks).map_err(json_err("writing a machine's disks"))?;
-    let mut tx = db.pool().begin().await.map_err(q("starting a heartbeat"))?;
+    let mut tx = db.begin_write("starting a heartbeat").await?;
     let before: Option<i64> = sqlx::query("SELECT removed FROM machines WHERE name = $1")
         .bind(b.name.to_string())
         .fetch_optional(&mut *tx)
@@ -106,21 +106,34 @@ pub async fn heartbeat(db: &Db, b: &Beat<'_>) -> Result<bool> {
         .map(|r| r.try_get::<i64, _>("removed"))
         .transpose()
         .map_err(q("reading a machine"))?;
-    sqlx::query(
+    // A NULL is written as a literal, never bound: sqlx 0.8's Any driver binds a
+    // None f64 as PostgreSQL's float4, the connection caches the statement with that
+    // parameter type, and every later heartbeat on it with a time failed ("incorrect
+    // binary data format in bind parameter 6"): a 500.
+    let sql = if b.newest_uploaded_at.is_some() {
         "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
          newest_uploaded_at) VALUES ($1, $2, $3, $4, $5, $5, $6) \
          ON CONFLICT (name) DO UPDATE SET state = $2, disks = $3, last_error = $4, \
-         last_seen = $5, newest_uploaded_at = $6, removed = 0",
-    )
-    .bind(b.name.to_string())
-    .bind(b.state.to_string())
-    .bind(disks)
-    .bind(b.last_error.map(str::to_string))
-    .bind(b.now)
-    .bind(b.newest_uploaded_at)
-    .execute(&mut *tx)
-    .await
-    .map_err(q("recording a heartbeat"))?;
+         last_seen = $5, newest_uploaded_at = $6, removed = 0"
+    } else {
+        "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
+         newest_uploaded_at) VALUES ($1, $2, $3, $4, $5, $5, NULL) \
+         ON CONFLICT (name) DO UPDATE SET state = $2, disks = $3, last_error = $4, \
+         last_seen = $5, newest_uploaded_at = NULL, removed = 0"
+    };
+    let mut query = sqlx::query(sql)
+        .bind(b.name.to_string())
+        .bind(b.state.to_string())
+        .bind(disks)
+        .bind(b.last_error.map(str::to_string))
+        .bind(b.now);
+    if let Some(t) = b.newest_uploaded_at {
+        query = query.bind(t);
+    }
+    query
+        .execute(&mut *tx)
+        .await
+        .map_err(q("recording a heartbeat"))?;
     tx.commit().await.map_err(q("committing a heartbeat"))?;
     Ok(before.is_none_or(|removed| removed != 0))
 }
@@ -175,7 +188,7 @@ pub async fn patch(
     policy: Option<&str>,
     group: Option<Option<&str>>,
 ) -> Result<bool> {
-    let mut tx = db.pool().begin().await.map_err(q("changing a machine"))?;
+    let mut tx = db.begin_write("changing a machine").await?;
     let mut found = true;
     if let Some(p) = policy {
         let done = sqlx::query("UPDATE machines SET policy = $2 WHERE name = $1 AND removed = 0")
@@ -219,7 +232,7 @@ pub async fn using_policy(db: &Db, policy: &str, limit: u32) -> Result<Vec<Strin
 /// in one transaction. False when there was neither a machine nor a certificate to
 /// revoke (an enrolled machine that never sent a heartbeat has only the latter).
 pub async fn remove(db: &Db, name: &str) -> Result<bool> {
-    let mut tx = db.pool().begin().await.map_err(q("removing a machine"))?;
+    let mut tx = db.begin_write("removing a machine").await?;
     let done = sqlx::query(
         "UPDATE machines SET removed = 1, process_server = NULL WHERE name = $1 AND removed = 0",
     )

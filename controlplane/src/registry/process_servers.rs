@@ -120,7 +120,7 @@ pub async fn heartbeat(db: &Db, hb: &ProcessServerHeartbeat, now: i64) -> Result
     let connected = serde_json::to_string(&hb.machines)
         .map_err(json_err("writing a process server's machines"))?;
     let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let mut tx = db.pool().begin().await.map_err(q("starting a heartbeat"))?;
+    let mut tx = db.begin_write("starting a heartbeat").await?;
     let before: Option<i64> = sqlx::query("SELECT removed FROM process_servers WHERE name = $1")
         .bind(hb.name.clone())
         .fetch_optional(&mut *tx)
@@ -161,11 +161,7 @@ pub async fn heartbeat(db: &Db, hb: &ProcessServerHeartbeat, now: i64) -> Result
 /// its machines to be given another at their next heartbeat; one transaction. False
 /// when there was neither a process server nor a certificate to revoke.
 pub async fn remove(db: &Db, name: &str) -> Result<bool> {
-    let mut tx = db
-        .pool()
-        .begin()
-        .await
-        .map_err(q("removing a process server"))?;
+    let mut tx = db.begin_write("removing a process server").await?;
     let done =
         sqlx::query("UPDATE process_servers SET removed = 1 WHERE name = $1 AND removed = 0")
             .bind(name.to_string())

@@ -340,4 +340,74 @@ pub(crate) async fn every_query(db: &Db) {
     let mut bad = ps_beat("psc", 10);
     bad.address = "nowhere".into();
     assert!(super::check_process_server_heartbeat(&bad).is_err());
+
+    // Heartbeats with no uploaded point and with one, one after the other (so on the
+    // same pooled connection and its cached statements): on PostgreSQL a NULL bound
+    // first made every later time fail.
+    for i in 0..20 {
+        let uploaded = (i % 2 == 1).then_some(1_800_000_000.25 + f64::from(i));
+        let hb = agent_beat("m9", "protected", None);
+        super::agent_heartbeat(db, &hb, uploaded, now + i64::from(i))
+            .await
+            .unwrap_or_else(|e| panic!("heartbeat {i} ({uploaded:?}): {e}"));
+        let m = machines::get(db, "m9").await.unwrap().unwrap();
+        assert_eq!(m.newest_uploaded_at, uploaded, "heartbeat {i}");
+    }
+}
+
+/// Eight writers at once, fifty heartbeats each (agents' and process servers' mixed,
+/// each a read then a write in one transaction): none fails. On SQLite, with
+/// deferred transactions, some did with "database is locked" (SQLITE_BUSY on the
+/// upgrade from reader to writer), which the busy timeout does not cover.
+async fn concurrent_heartbeats_all_succeed(db: &Db) {
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let db = db.clone();
+        writers.spawn(async move {
+            for i in 0..50 {
+                let now = 1_800_000_000 + i;
+                if w % 2 == 0 {
+                    // With and without an uploaded point, as agents send them.
+                    let uploaded = (i % 2 == 0).then_some(now as f64 - 0.5);
+                    let hb = agent_beat(&format!("m{w}"), "protected", None);
+                    super::agent_heartbeat(&db, &hb, uploaded, now)
+                        .await
+                        .map(|_| ())
+                } else {
+                    process_servers::heartbeat(&db, &ps_beat(&format!("ps{w}"), 50), now)
+                        .await
+                        .map(|_| ())
+                }
+                .unwrap_or_else(|e| panic!("writer {w}, heartbeat {i}: {e}"));
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    let seen = machines::list(db, None, 100).await.unwrap();
+    assert_eq!(seen.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_heartbeats_on_sqlite_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+    concurrent_heartbeats_all_succeed(&db).await;
+}
+
+/// The same on PostgreSQL when FERRY_TEST_DATABASE names one (its tables are
+/// dropped first, as `db::tests` does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_heartbeats_on_the_test_database_all_succeed() {
+    let Ok(url) = std::env::var("FERRY_TEST_DATABASE") else {
+        if std::env::var("FERRY_TEST_REQUIRE_REMOTE").is_ok_and(|v| v == "1") {
+            panic!("FERRY_TEST_DATABASE is not set but FERRY_TEST_REQUIRE_REMOTE=1");
+        }
+        eprintln!("FERRY_TEST_DATABASE not set: concurrent heartbeats not tested on PostgreSQL");
+        return;
+    };
+    let _only = crate::db::tests::drop_all(&url).await;
+    let db = Db::open(&url).await.unwrap();
+    concurrent_heartbeats_all_succeed(&db).await;
 }

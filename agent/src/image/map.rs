@@ -110,20 +110,14 @@ impl Map {
     /// disk if needed), in one call instead of a fault per few pages. An error means
     /// the range is past the file's end or unreadable.
     pub fn populate(&self, a: usize, b: usize) -> std::io::Result<()> {
-        let page = INSTALLED
-            .get()
-            .and_then(|i| i.as_ref())
-            .map_or(4096, |i| i.page);
-        let a = a / page * page;
-        let b = b.min(self.len);
-        if a >= b {
+        let Some((a, len)) = self.pages(a, b) else {
             return Ok(());
-        }
+        };
         // SAFETY: advice on a range inside our own map.
         let r = unsafe {
             libc::madvise(
                 self.ptr.cast::<u8>().add(a).cast(),
-                b - a,
+                len,
                 libc::MADV_POPULATE_READ,
             )
         };
@@ -146,24 +140,30 @@ impl Map {
     /// that the process's resident size stays that of the extents in flight rather
     /// than growing to the whole image. The next touch maps them again.
     pub fn release(&self, a: usize, b: usize) {
-        let page = INSTALLED
-            .get()
-            .and_then(|i| i.as_ref())
-            .map_or(4096, |i| i.page);
-        let a = a / page * page;
-        let b = b.min(self.len);
-        if a < b {
+        if let Some((a, len)) = self.pages(a, b) {
             // SAFETY: advice on a range inside our own map; no view of it is
             // borrowed by the caller any more (Image::release takes &self after the
             // view's borrow ended), and a later read would fault it back in.
             unsafe {
                 libc::madvise(
                     self.ptr.cast::<u8>().add(a).cast(),
-                    b - a,
+                    len,
                     libc::MADV_DONTNEED,
                 )
             };
         }
+    }
+
+    /// `[a, b)` widened to whole pages at its start and cut to the map: (start, length),
+    /// or None when nothing is left.
+    fn pages(&self, a: usize, b: usize) -> Option<(usize, usize)> {
+        let page = INSTALLED
+            .get()
+            .and_then(|i| i.as_ref())
+            .map_or(4096, |i| i.page);
+        let a = a / page * page;
+        let b = b.min(self.len);
+        (a < b).then_some((a, b - a))
     }
 }
 

@@ -238,18 +238,24 @@ fn seek(fd: std::os::fd::RawFd, pos: u64, whence: libc::c_int) -> std::io::Resul
 mod tests {
     use super::*;
 
+    /// A sparse file of `size` bytes with data at the start, `middle` bytes of data at
+    /// 300,000 and 100 bytes at the very end; holes between (where the file system
+    /// keeps them).
+    fn sparse_file(dir: &Path, name: &str, size: u64, middle: usize) -> std::path::PathBuf {
+        let path = dir.join(name);
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(&[1u8; 5000], 0).unwrap();
+        f.write_all_at(&vec![2u8; middle], 300_000).unwrap();
+        f.write_all_at(&[3u8; 100], size - 100).unwrap();
+        path
+    }
+
     #[test]
     fn a_sparse_read_equals_a_plain_read_whatever_the_buffer_held() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sparse.img");
-        let f = File::create(&path).unwrap();
-        f.set_len(1 << 20).unwrap();
-        // Data at the start, in the middle across a 4 KiB page, and at the very end;
-        // holes between (where the file system keeps them).
-        f.write_all_at(&[1u8; 5000], 0).unwrap();
-        f.write_all_at(&[2u8; 9000], 300_000).unwrap();
-        f.write_all_at(&[3u8; 100], (1 << 20) - 100).unwrap();
-        drop(f);
+        // Data in the middle crosses a 4 KiB page.
+        let path = sparse_file(dir.path(), "sparse.img", 1 << 20, 9000);
         let image = Image::open(&path).unwrap();
         for (offset, len) in [
             (0, 1 << 20),
@@ -278,14 +284,8 @@ mod tests {
     #[test]
     fn a_mapped_view_equals_a_plain_read_and_marks_the_same_holes() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("view.img");
-        let f = File::create(&path).unwrap();
+        let path = sparse_file(dir.path(), "view.img", 4 << 20, 200_000);
         let block = 64 << 10;
-        f.set_len(4 << 20).unwrap();
-        f.write_all_at(&[1u8; 5000], 0).unwrap();
-        f.write_all_at(&[2u8; 200_000], 300_000).unwrap();
-        f.write_all_at(&[3u8; 100], (4 << 20) - 100).unwrap();
-        drop(f);
         let mapped = Image::open(&path).unwrap();
         assert!(mapped.map.is_some(), "a regular file is mapped");
         let plain = Image::open_unmapped(&path).unwrap();
@@ -351,14 +351,8 @@ mod tests {
     #[test]
     fn holes_reported_as_blocks_read_as_zero_and_the_rest_as_a_plain_read() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("holes.img");
-        let f = File::create(&path).unwrap();
+        let path = sparse_file(dir.path(), "holes.img", 1 << 20, 9000);
         let block = 64 << 10;
-        f.set_len(1 << 20).unwrap();
-        f.write_all_at(&[1u8; 5000], 0).unwrap();
-        f.write_all_at(&[2u8; 9000], 300_000).unwrap();
-        f.write_all_at(&[3u8; 100], (1 << 20) - 100).unwrap();
-        drop(f);
         let image = Image::open(&path).unwrap();
         for (offset, len) in [(0, 1 << 20), (4096, 400_000), (65536, 700_000)] {
             let mut plain = vec![0u8; len];

@@ -470,3 +470,70 @@ impl Heartbeater for Controlled {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ferry_link::control::wire::{AgentPolicy, GroupMemberRef};
+
+    use super::*;
+
+    fn in_group(coordinator: Option<&str>, members: &[(&str, &str)]) -> AgentOrders {
+        AgentOrders {
+            process_server: None,
+            policy: AgentPolicy {
+                name: "default".into(),
+                crash_point_interval_s: 5.0,
+                app_point_interval_s: 0,
+            },
+            group: Some("g1".into()),
+            heartbeat_interval_s: 5.0,
+            group_coordinator: coordinator.map(str::to_string),
+            group_members: members
+                .iter()
+                .map(|(n, a)| GroupMemberRef {
+                    name: n.to_string(),
+                    address: a.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_orders_give_each_machine_its_group_role() {
+        assert_eq!(group_role_of(&in_group(None, &[]), "m1"), GroupRole::None);
+        let mut no_group = in_group(Some("m1"), &[]);
+        no_group.group = None;
+        assert_eq!(group_role_of(&no_group, "m1"), GroupRole::None);
+        assert_eq!(
+            group_role_of(&in_group(Some("m0"), &[]), "m1"),
+            GroupRole::Member(Membership {
+                group: "g1".into(),
+                coordinator: "m0".into()
+            })
+        );
+        assert_eq!(
+            group_role_of(&in_group(Some("bad name!"), &[]), "m1"),
+            GroupRole::None,
+            "no certificate can name it"
+        );
+        // Members that cannot be reached as listed are left out, the others kept.
+        let o = in_group(
+            Some("m1"),
+            &[
+                ("m2", "127.0.0.1:20004"),
+                ("m3", "nowhere"),
+                ("bad name!", "127.0.0.1:20005"),
+            ],
+        );
+        assert_eq!(
+            group_role_of(&o, "m1"),
+            GroupRole::Coordinator {
+                group: "g1".into(),
+                peers: vec![GroupPeer {
+                    name: "m2".into(),
+                    addr: "127.0.0.1:20004".parse().unwrap()
+                }]
+            }
+        );
+    }
+}

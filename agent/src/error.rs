@@ -74,7 +74,7 @@ pub enum Error {
     #[error("an app-consistent point needs --freeze-hook")]
     NoFreezeHook,
     /// A group point was asked of an agent that does not coordinate one.
-    #[error("this agent does not coordinate a group (no --group-peer)")]
+    #[error("this agent does not coordinate a group (no --group-peer, nor orders naming it the coordinator)")]
     NotCoordinator,
     /// The group channel's certificates could not be loaded.
     #[error("group channel TLS: {source}")]

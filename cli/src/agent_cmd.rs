@@ -125,20 +125,33 @@ pub(crate) struct RunArgs {
     /// Skip the initial full copy (the replica already holds the disk)
     #[arg(long)]
     no_initial_copy: bool,
-    /// Replication group for multi-machine consistent points
-    #[arg(long)]
+    /// Replication group for multi-machine consistent points (standalone; under a
+    /// control plane its orders give the group)
+    #[arg(long, conflicts_with = "control_plane")]
     group: Option<String>,
-    /// Where this member listens for the group coordinator (port 20004 by convention)
+    /// Where this member listens for the group coordinator (port 20004 by
+    /// convention). Standalone it needs --group and --group-coordinator; under a
+    /// control plane it is reported in the heartbeat, and the orders say whom to
+    /// accept
+    #[arg(long, value_name = "ADDR")]
+    group_listen: Option<SocketAddr>,
+    /// Under a control plane: the HOST:PORT the coordinator reaches --group-listen
+    /// at, when that is not the address bound (e.g. 0.0.0.0:20004)
     #[arg(
         long,
-        value_name = "ADDR",
-        requires = "group",
-        requires = "group_coordinator"
+        value_name = "HOST:PORT",
+        requires = "group_listen",
+        requires = "control_plane"
     )]
-    group_listen: Option<SocketAddr>,
+    group_advertise: Option<String>,
     /// The coordinator's machine name: this member accepts cuts only from a
     /// certificate that names it
-    #[arg(long, value_name = "NAME", requires = "group_listen")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "group_listen",
+        conflicts_with = "control_plane"
+    )]
     group_coordinator: Option<String>,
     /// A member, by the machine name its certificate carries and its --group-listen
     /// address: given, this agent coordinates the group's cuts
@@ -204,15 +217,25 @@ pub fn agent(a: AgentArgs) -> Result<()> {
     if !(r.crash_point_interval_s.is_finite() && r.crash_point_interval_s >= 0.0) {
         bail!("--crash-point-interval-s must be a number of seconds (0: none)");
     }
+    // A member must know whom to accept: standalone, the flags say.
+    if r.control_plane.is_none()
+        && r.group_listen.is_some()
+        && (r.group.is_none() || r.group_coordinator.is_none())
+    {
+        bail!("--group-listen without a control plane needs --group <GROUP> and --group-coordinator <NAME>");
+    }
     let run = match &r.control_plane {
         Some(url) => crate::agent_control::prepare(&r.machine, &disks, url, &r)?,
         None => standalone(&r)?,
     };
-    let group_tls = match &r.group {
-        Some(_) => Some(ferry_agent::live::group::GroupTls::load(
+    // Under a control plane any heartbeat may give a group role: the channel's TLS
+    // (the enrolled certificate) is ready from the start.
+    let group_tls = if r.group.is_some() || r.group_listen.is_some() || run.control.is_some() {
+        Some(ferry_agent::live::group::GroupTls::load(
             &run.cert, &run.key, &run.ca,
-        )?),
-        None => None,
+        )?)
+    } else {
+        None
     };
     // Before any thread starts, so that all inherit it: SIGTERM and SIGINT are taken
     // by this thread with sigwait, for an ordered stop, not by a handler.
@@ -235,7 +258,7 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         group_tls,
     })?;
     let heartbeats = match run.control {
-        Some(c) => Some(c.start(agent.clone())?),
+        Some(c) => Some(c.group_advertise(r.group_advertise).start(agent.clone())?),
         None => None,
     };
     println!("agent for {} serving NBD on {}", r.machine, agent.nbd_addr);

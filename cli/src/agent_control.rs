@@ -24,19 +24,33 @@ pub(crate) struct Control {
     identity: IdentityFiles,
     orders_file: std::path::PathBuf,
     orders: AgentOrders,
+    /// `--group-advertise`: where the group coordinator reaches this agent.
+    group_advertise: Option<String>,
 }
 
 impl Control {
-    /// Starts the heartbeat thread for the running agent.
+    /// Reports `addr` as the agent's group-listen address (else the listener's own).
+    pub fn group_advertise(self, addr: Option<String>) -> Control {
+        Control {
+            group_advertise: addr,
+            ..self
+        }
+    }
+
+    /// Starts the heartbeat thread for the running agent (which takes the group
+    /// role of its first orders here).
     pub fn start(self, agent: Arc<Agent>) -> Result<Heartbeats> {
         let first = Duration::from_secs_f64(interval_s(self.orders.heartbeat_interval_s));
-        let part = Controlled::new(
+        let mut part = Controlled::new(
             agent,
             self.machine,
             self.identity,
             self.orders_file,
             self.orders,
         );
+        if let Some(a) = self.group_advertise {
+            part.advertise_group_listen(a);
+        }
         Ok(Heartbeats::start(self.client, part, first)?)
     }
 }
@@ -105,6 +119,7 @@ pub(crate) fn enroll_and_order(
             identity,
             orders_file,
             orders,
+            group_advertise: None,
         }),
     })
 }
@@ -142,6 +157,8 @@ fn first_orders(
         disks: initial_reports(disks),
         process_server: None,
         last_error: None,
+        // Reported from the next heartbeat on, once the listener is bound.
+        group_listen: None,
     };
     let mut said: Option<String> = None;
     loop {

@@ -37,6 +37,14 @@ fn standalone_and_control_plane_flags_are_not_mixed() {
         &["--journal-dir", "/tmp/j"],
         &["--tls-cert", "/tmp/c.pem"],
         &["--crash-point-interval-s", "2"],
+        // The group is the control plane's to give; only where to listen is a flag.
+        &["--group", "g1"],
+        &[
+            "--group-listen",
+            "127.0.0.1:20004",
+            "--group-coordinator",
+            "m0",
+        ],
     ] {
         let mut args = base.to_vec();
         args.extend_from_slice(extra);

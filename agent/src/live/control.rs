@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::group::{check_machine_name, GroupPeer, GroupTls, Membership};
+use super::group_role::GroupRole;
 use chrono::{TimeZone, Utc};
 use ferry_link::client::Target;
 use ferry_link::control::client::{Heartbeater, IdentityFiles};
@@ -194,7 +196,7 @@ pub(super) fn point_timer(a: &Agent) {
         if let Err(e) = a.point(PointKindWire::Crash, None) {
             tracing::warn!(error = %e, "crash-consistent point skipped");
         }
-        if a.coordinator.is_some() {
+        if a.is_coordinator() {
             match a.group_point() {
                 Ok((id, pause)) => {
                     tracing::info!(id, pause_us = pause.as_micros() as u64, "group point")
@@ -242,6 +244,54 @@ pub fn app_interval_of(orders: &AgentOrders) -> Option<Duration> {
     (s > 0).then(|| Duration::from_secs(s))
 }
 
+/// The group role the orders give machine `machine`: a member of the group under
+/// its coordinator, or the coordinator of the members listed (each resolved now; one
+/// that cannot be is left out of the cuts, with a warning, until the next orders).
+pub fn group_role_of(orders: &AgentOrders, machine: &str) -> GroupRole {
+    let (Some(group), Some(coordinator)) = (&orders.group, &orders.group_coordinator) else {
+        return GroupRole::None;
+    };
+    if coordinator != machine {
+        if let Err(e) = check_machine_name(coordinator) {
+            tracing::warn!(group, error = %e, "the orders name a coordinator no certificate can carry: no group role");
+            return GroupRole::None;
+        }
+        return GroupRole::Member(Membership {
+            group: group.clone(),
+            coordinator: coordinator.clone(),
+        });
+    }
+    let peers = orders
+        .group_members
+        .iter()
+        .filter_map(|m| {
+            let peer = check_machine_name(&m.name)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    std::net::ToSocketAddrs::to_socket_addrs(&m.address)
+                        .map_err(|e| e.to_string())?
+                        .next()
+                        .ok_or_else(|| "no address".to_string())
+                })
+                .map(|addr| GroupPeer {
+                    name: m.name.clone(),
+                    addr,
+                });
+            match peer {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    tracing::warn!(group, member = %m.name, address = %m.address, why, "left out of this group's cuts");
+                    None
+                }
+            }
+        })
+        .collect();
+    GroupRole::Coordinator {
+        group: group.clone(),
+        peers,
+    }
+}
+
 /// The last orders, kept in the state directory.
 pub fn load_orders(path: &Path) -> Option<AgentOrders> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -276,10 +326,15 @@ pub struct Controlled {
     serving: Option<ProcessServerRef>,
     /// The last error reported, so each is reported once.
     reported_error: Option<String>,
+    /// Where this agent's group coordinator reaches it, as its heartbeat says.
+    group_listen: Option<String>,
 }
 
 impl Controlled {
-    /// `applied`: the orders the agent was started with (its target and interval).
+    /// `applied`: the orders the agent was started with (its target and interval);
+    /// their group role is taken here. The group-listen address reported is the
+    /// listener's own, unless it is bound to every interface (see
+    /// `advertise_group_listen`).
     pub fn new(
         agent: Arc<Agent>,
         machine: String,
@@ -287,14 +342,44 @@ impl Controlled {
         orders_file: PathBuf,
         applied: AgentOrders,
     ) -> Controlled {
-        Controlled {
+        let group_listen = agent
+            .group_addr()
+            .filter(|a| !a.ip().is_unspecified())
+            .map(|a| a.to_string());
+        let c = Controlled {
             agent,
             machine,
             identity,
             orders_file,
             serving: applied.process_server.clone(),
-            applied: Some(applied),
+            applied: None,
             reported_error: None,
+            group_listen,
+        };
+        c.apply_group(&applied);
+        Controlled {
+            applied: Some(applied),
+            ..c
+        }
+    }
+
+    /// Reports `addr` (HOST:PORT) as where the coordinator reaches this agent.
+    pub fn advertise_group_listen(&mut self, addr: String) {
+        self.group_listen = Some(addr);
+    }
+
+    /// Takes the group role the orders give.
+    fn apply_group(&self, orders: &AgentOrders) {
+        let role = group_role_of(orders, &self.machine);
+        if matches!(role, GroupRole::Member(_)) && self.agent.group_addr().is_none() {
+            tracing::warn!(group = ?orders.group, "the control plane made this machine a group member, but it has no --group-listen: its coordinator cannot reach it");
+        }
+        match self.agent.set_group_role(role.clone()) {
+            Ok(true) => tracing::info!(role = ?role, "the group role changed"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(group = ?orders.group, error = %e, "cannot take the group role the control plane gave")
+            }
         }
     }
 }
@@ -321,6 +406,7 @@ impl Heartbeater for Controlled {
                 .then(|| self.serving.as_ref().map(|p| p.name.clone()))
                 .flatten(),
             last_error,
+            group_listen: self.group_listen.clone(),
         }
     }
 
@@ -337,6 +423,7 @@ impl Heartbeater for Controlled {
         if self.agent.set_app_point_interval(app) {
             tracing::info!(policy = %orders.policy.name, interval_s = ?app.map(|d| d.as_secs()), "the app-consistent point interval changed");
         }
+        self.apply_group(&orders);
         match &orders.process_server {
             Some(ps) if self.serving.as_ref() != Some(ps) => {
                 match target_for(ps, &self.identity) {
@@ -375,5 +462,78 @@ impl Heartbeater for Controlled {
                 Err(e) => tracing::warn!(error = %e, "cannot load the renewed certificate"),
             }
         }
+        match GroupTls::load(&files.cert, &files.key, &files.ca) {
+            Ok(t) => self.agent.set_group_tls(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the renewed certificate for the group channel")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_link::control::wire::{AgentPolicy, GroupMemberRef};
+
+    use super::*;
+
+    fn in_group(coordinator: Option<&str>, members: &[(&str, &str)]) -> AgentOrders {
+        AgentOrders {
+            process_server: None,
+            policy: AgentPolicy {
+                name: "default".into(),
+                crash_point_interval_s: 5.0,
+                app_point_interval_s: 0,
+            },
+            group: Some("g1".into()),
+            heartbeat_interval_s: 5.0,
+            group_coordinator: coordinator.map(str::to_string),
+            group_members: members
+                .iter()
+                .map(|(n, a)| GroupMemberRef {
+                    name: n.to_string(),
+                    address: a.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_orders_give_each_machine_its_group_role() {
+        assert_eq!(group_role_of(&in_group(None, &[]), "m1"), GroupRole::None);
+        let mut no_group = in_group(Some("m1"), &[]);
+        no_group.group = None;
+        assert_eq!(group_role_of(&no_group, "m1"), GroupRole::None);
+        assert_eq!(
+            group_role_of(&in_group(Some("m0"), &[]), "m1"),
+            GroupRole::Member(Membership {
+                group: "g1".into(),
+                coordinator: "m0".into()
+            })
+        );
+        assert_eq!(
+            group_role_of(&in_group(Some("bad name!"), &[]), "m1"),
+            GroupRole::None,
+            "no certificate can name it"
+        );
+        // Members that cannot be reached as listed are left out, the others kept.
+        let o = in_group(
+            Some("m1"),
+            &[
+                ("m2", "127.0.0.1:20004"),
+                ("m3", "nowhere"),
+                ("bad name!", "127.0.0.1:20005"),
+            ],
+        );
+        assert_eq!(
+            group_role_of(&o, "m1"),
+            GroupRole::Coordinator {
+                group: "g1".into(),
+                peers: vec![GroupPeer {
+                    name: "m2".into(),
+                    addr: "127.0.0.1:20004".parse().unwrap()
+                }]
+            }
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Multi-machine consistency: the agents of a group cut points together. One agent,
-//! the coordinator (it has `--group-peer NAME@ADDR`), runs a two-phase cut over lines
+//! the coordinator (it has `--group-peer NAME@ADDR`, or a control plane's orders
+//! name it and list the members: `group_role.rs`), runs a two-phase cut over lines
 //! on mutual TLS (port 20004 by default). Both ends present their agent certificates,
 //! checked against the CA, and each checks that the other's names the machine it was
 //! told of: the coordinator each member's NAME, a member its `--group-coordinator`.
@@ -47,6 +48,21 @@ pub trait GroupSide: Send + Sync {
     fn hold_writes(&self) -> Box<dyn HeldWrites + '_>;
     /// Records how long writes were held for one cut (reported by the agent).
     fn record_pause(&self, pause: Duration);
+    /// The group this agent is a member of now, and its coordinator; None while it
+    /// is in none (or coordinates). A control plane's orders may change it at any
+    /// heartbeat: it is read at every connection and every cut.
+    fn membership(&self) -> Option<Membership>;
+    /// The member's end of the group channel's TLS, as loaded now (a renewed
+    /// certificate applies to the next connection).
+    fn member_tls(&self) -> Option<Arc<rustls::ServerConfig>>;
+}
+
+/// A member's place: its group and the machine name its coordinator's certificate
+/// must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub group: String,
+    pub coordinator: String,
 }
 
 /// Every disk's writes, held (see `GroupSide::hold_writes`); dropped, they resume.
@@ -160,19 +176,13 @@ fn read_line<S: Line>(r: &mut BufReader<S>, limit: Duration) -> std::io::Result<
     Ok(line.trim().to_string())
 }
 
-/// A member: answers the cuts of the coordinator named `coordinator` (the machine
-/// name its certificate must carry), until `stop` is set. The agent's stop sets it and
-/// then connects here to wake the accept; the connections still open are then shut
-/// down and their threads joined, so that nothing of the group channel outlives the
-/// agent (nor holds it).
-pub fn serve(
-    listener: TcpListener,
-    agent: Arc<dyn GroupSide>,
-    group: String,
-    coordinator: String,
-    tls: GroupTls,
-    stop: Arc<AtomicBool>,
-) {
+/// A member: answers the cuts of the coordinator its membership names (the machine
+/// name its certificate must carry), until `stop` is set; while it is a member of no
+/// group, connections are refused. The agent's stop sets `stop` and then connects
+/// here to wake the accept; the connections still open are then shut down and their
+/// threads joined, so that nothing of the group channel outlives the agent (nor
+/// holds it).
+pub fn serve(listener: TcpListener, agent: Arc<dyn GroupSide>, stop: Arc<AtomicBool>) {
     // At most MEMBER_CONNECTIONS_MAX: each thread with its socket, to shut it down.
     let mut open: Vec<(JoinHandle<()>, TcpStream)> = Vec::new();
     for conn in listener.incoming() {
@@ -195,17 +205,15 @@ pub fn serve(
             tracing::warn!(%peer, "group channel: cannot keep the connection's socket; closed it");
             continue;
         };
-        let (agent, group, coordinator, tls, who) = (
-            agent.clone(),
-            group.clone(),
-            coordinator.clone(),
-            tls.member.clone(),
-            peer.clone(),
-        );
+        let Some(tls) = agent.member_tls() else {
+            tracing::warn!(%peer, "group channel: no TLS identity loaded; closed the connection");
+            continue;
+        };
+        let (agent, who) = (agent.clone(), peer.clone());
         let spawned = std::thread::Builder::new()
             .name("ferry-group".into())
             .spawn(move || {
-                if let Err(e) = member(conn, &*agent, &group, &coordinator, tls) {
+                if let Err(e) = member(conn, &*agent, tls) {
                     tracing::warn!(peer = %who, error = %e, "group coordinator connection ended");
                 }
                 let _ = closer.shutdown(std::net::Shutdown::Both);
@@ -235,8 +243,6 @@ macro_rules! say {
 fn member(
     conn: TcpStream,
     agent: &dyn GroupSide,
-    group: &str,
-    coordinator: &str,
     tls: Arc<rustls::ServerConfig>,
 ) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
@@ -250,34 +256,55 @@ fn member(
             .map_err(|e| std::io::Error::other(format!("refused: TLS handshake failed: {e}")))?;
     }
     // The CA vouches for every agent of the deployment; only the coordinator it was
-    // told of may hold this member's writes.
-    let named = tls
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .is_some_and(|c| cert_names(c, coordinator));
+    // told of may hold this member's writes. The membership is the one of this
+    // moment: a change ends the connection at its next cut (below).
+    let place = agent.membership();
+    let named = place.as_ref().is_some_and(|m| {
+        tls.peer_certificates()
+            .and_then(|c| c.first())
+            .is_some_and(|c| cert_names(c, &m.coordinator))
+    });
     let mut r = BufReader::new(StreamOwned::new(tls, sock));
     let w = &mut r;
-    if !named {
-        let why = format!(
-            "refused: the certificate does not name this group's coordinator {coordinator}"
-        );
-        // Its first request is read (bounded, briefly) before the answer, so that
-        // closing does not reset the connection under the answer.
-        let _ = read_line(w, Duration::from_secs(2));
-        let _ = say!(w, "no {why}");
-        w.get_mut().conn.send_close_notify();
-        let _ = w.get_mut().flush();
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            why,
-        ));
-    }
+    let group = match (&place, named) {
+        (Some(m), true) => m.group.as_str(),
+        _ => {
+            let why = match &place {
+                Some(m) => format!(
+                    "refused: the certificate does not name this group's coordinator {}",
+                    m.coordinator
+                ),
+                None => "refused: this agent is a member of no group now".to_string(),
+            };
+            // Its first request is read (bounded, briefly) before the answer, so that
+            // closing does not reset the connection under the answer.
+            let _ = read_line(w, Duration::from_secs(2));
+            let _ = say!(w, "no {why}");
+            w.get_mut().conn.send_close_notify();
+            let _ = w.get_mut().flush();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                why,
+            ));
+        }
+    };
     loop {
         let line = read_line(w, Duration::from_secs(3600))?;
         let Some(Message::Prepare { group: g, id }) = group_line::parse(&line) else {
             say!(w, "no unexpected request {line:?}")?;
             continue;
         };
+        // The control plane moved this agent to another group or coordinator since
+        // the connection was accepted: refuse and close, so that whoever cuts now
+        // connects again and is checked against the new membership.
+        if agent.membership() != place {
+            let why = "this agent's group or coordinator changed: connect again";
+            let _ = say!(w, "no {why}");
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                why,
+            ));
+        }
         if g != group {
             say!(w, "no this agent is in group {group:?}, not {g:?}")?;
             continue;

@@ -29,6 +29,14 @@ impl group::GroupSide for Agent {
     fn record_pause(&self, pause: Duration) {
         Agent::record_pause(self, pause)
     }
+
+    fn membership(&self) -> Option<group::Membership> {
+        self.membership_now()
+    }
+
+    fn member_tls(&self) -> Option<std::sync::Arc<rustls::ServerConfig>> {
+        self.member_tls_now()
+    }
 }
 
 /// Every disk's capture lock, taken in the disks' order: writes wait until dropped.

@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod control;
 pub mod group;
 pub mod group_line;
+pub mod group_role;
 mod handles;
 pub mod last_stop;
 pub mod points;
@@ -49,13 +50,17 @@ pub struct Options {
     pub initial_copy: bool,
     /// Replication group: members listen for the coordinator's cuts; the agent
     /// given peers coordinates and cuts a group point every crash-point interval.
+    /// Under a control plane these start empty and its orders set the role
+    /// (`set_group_role`); only `group_listen` (and the TLS) are given.
     pub group: Option<String>,
+    /// Where the member's listener binds; without `group`, it refuses every
+    /// coordinator until a role is set.
     pub group_listen: Option<SocketAddr>,
     /// A member's coordinator: the machine name its certificate must carry
     /// (required with `group_listen`).
     pub group_coordinator: Option<String>,
     pub group_peers: Vec<group::GroupPeer>,
-    /// Mutual TLS of the group channel (required with a group).
+    /// Mutual TLS of the group channel (required with a group or a listener).
     pub group_tls: Option<group::GroupTls>,
 }
 
@@ -103,7 +108,10 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     /// Serialises points, so one id covers every disk.
     points: Mutex<()>,
-    coordinator: Option<Mutex<group::Coordinator>>,
+    /// The group role (`group_role.rs`): at most one of the two is set.
+    coordinator: Mutex<Option<group::Coordinator>>,
+    membership: Mutex<Option<group::Membership>>,
+    group_tls: Mutex<Option<group::GroupTls>>,
     /// Longest and last pause of writes for a group cut.
     pauses: Mutex<(Duration, Duration)>,
     /// The threads that use the disks and the journal (senders, resync loops,
@@ -152,20 +160,23 @@ fn spawn<T: Send + 'static>(
 
 impl Agent {
     pub fn start(o: Options) -> Result<Arc<Agent>> {
-        let group_tls = match (&o.group, &o.group_tls) {
-            (None, _) => None,
-            (Some(_), Some(t)) => Some(t.clone()),
-            (Some(g), None) => return Err(Error::GroupTls { group: g.clone() }),
-        };
+        if o.group_tls.is_none() && (o.group.is_some() || o.group_listen.is_some()) {
+            return Err(Error::GroupTls {
+                group: o.group.clone().unwrap_or_default(),
+            });
+        }
         // A member that accepted any agent of the CA would let any of them hold its
         // writes: it must know whom to accept.
         let member_of = match (&o.group, o.group_listen, &o.group_coordinator) {
-            (Some(g), Some(addr), Some(c)) => {
+            (Some(g), Some(_), Some(c)) => {
                 group::check_machine_name(c).map_err(|e| Error::GroupSetup {
                     group: g.clone(),
                     why: format!("coordinator {e}"),
                 })?;
-                Some((g.clone(), addr, c.clone()))
+                Some(group::Membership {
+                    group: g.clone(),
+                    coordinator: c.clone(),
+                })
             }
             (Some(g), Some(_), None) => {
                 return Err(Error::GroupSetup {
@@ -279,8 +290,8 @@ impl Agent {
         threads.push(spawn("ferry-nbd-accept".into(), move || {
             crate::nbd::serve(listener, ex, st)
         })?);
-        let member = match member_of {
-            Some((g, addr, c)) => {
+        let member = match o.group_listen {
+            Some(addr) => {
                 let group_err = |source| Error::Io {
                     op: "group listen on",
                     path: addr.to_string(),
@@ -288,7 +299,7 @@ impl Agent {
                 };
                 let l = std::net::TcpListener::bind(addr).map_err(group_err)?;
                 let bound = l.local_addr().map_err(group_err)?;
-                Some((l, bound, g, c))
+                Some((l, bound))
             }
             None => None,
         };
@@ -304,23 +315,22 @@ impl Agent {
             group_addr: member.as_ref().map(|m| m.1),
             stop: stop.clone(),
             points: Mutex::new(()),
-            coordinator: match (&o.group, &group_tls, o.group_peers.is_empty()) {
-                (Some(g), Some(t), false) => Some(Mutex::new(group::Coordinator::new(
+            coordinator: Mutex::new(match (&o.group, &o.group_tls, o.group_peers.is_empty()) {
+                (Some(g), Some(t), false) => Some(group::Coordinator::new(
                     g.clone(),
                     o.group_peers.clone(),
                     t.coordinator.clone(),
-                ))),
+                )),
                 _ => None,
-            },
+            }),
+            membership: Mutex::new(member_of),
+            group_tls: Mutex::new(o.group_tls.clone()),
             pauses: Mutex::new((Duration::ZERO, Duration::ZERO)),
             threads: Mutex::new(threads),
         });
-        if let (Some((l, _, g, c)), Some(t)) = (member, &group_tls) {
-            let (a, t, st): (Arc<dyn group::GroupSide>, _, _) =
-                (agent.clone(), t.clone(), stop.clone());
-            let t = spawn("ferry-group-accept".into(), move || {
-                group::serve(l, a, g, c, t, st)
-            })?;
+        if let Some((l, _)) = member {
+            let (a, st): (Arc<dyn group::GroupSide>, _) = (agent.clone(), stop.clone());
+            let t = spawn("ferry-group-accept".into(), move || group::serve(l, a, st))?;
             agent.threads.lock().expect("threads lock").push(t);
         }
         if o.initial_copy {
@@ -406,9 +416,9 @@ impl Agent {
     /// Cuts a group point with every member (this agent must be the coordinator);
     /// returns its id and the longest time any member held writes.
     pub fn group_point(&self) -> Result<(String, Duration)> {
-        let c = self.coordinator.as_ref().ok_or(Error::NotCoordinator)?;
         let _one = self.points.lock().expect("points lock");
-        c.lock().expect("coordinator lock").cut(self)
+        let mut c = self.coordinator.lock().expect("coordinator lock");
+        c.as_mut().ok_or(Error::NotCoordinator)?.cut(self)
     }
 
     fn record_pause(&self, d: Duration) {

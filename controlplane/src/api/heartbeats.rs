@@ -24,6 +24,8 @@ pub struct AgentHeartbeatBody {
     disks: Vec<serde_json::Value>,
     process_server: Option<String>,
     last_error: Option<String>,
+    /// HOST:PORT where it accepts its group coordinator's cuts; absent: none.
+    group_listen: Option<String>,
 }
 
 /// `wire::ProcessServerHeartbeat`, as the OpenAPI document shows it.

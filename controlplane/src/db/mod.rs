@@ -59,6 +59,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0002_registry.sql"),
     ),
     (3, "jobs", include_str!("../../migrations/0003_jobs.sql")),
+    (
+        4,
+        "group listen",
+        include_str!("../../migrations/0004_group_listen.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

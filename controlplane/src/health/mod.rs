@@ -124,6 +124,16 @@ pub fn machine(m: &MachineRow, policy: &Policy, now: f64) -> Verdict {
             v.raise(Health::Warning, format!("disk {} is in resync", d.name));
         }
     }
+    // Any member may become the coordinator (the role moves on when the first goes
+    // away), so every member should be reachable.
+    if let (Some(g), None) = (&m.group, &m.group_listen) {
+        v.raise(
+            Health::Warning,
+            format!(
+                "in group {g} but reports no group-listen address: left out of the group's cuts"
+            ),
+        );
+    }
     v
 }
 
@@ -295,6 +305,7 @@ mod tests {
             newest_uploaded_at: uploaded,
             health: "normal".into(),
             removed: false,
+            group_listen: None,
         }
     }
 
@@ -319,6 +330,18 @@ mod tests {
         let v = machine(&m(998, None, vec![disk("d1", "resync")]), &p, now);
         assert_eq!(v.health, Health::Warning);
         assert_eq!(v.reasons, ["disk d1 is in resync"]);
+
+        // A group member nobody can reach is left out of the cuts: a warning.
+        let mut deaf = m(998, Some(990.0), vec![]);
+        deaf.group = Some("g1".into());
+        let v = machine(&deaf, &p, now);
+        assert_eq!(v.health, Health::Warning);
+        assert_eq!(
+            v.reasons,
+            ["in group g1 but reports no group-listen address: left out of the group's cuts"]
+        );
+        deaf.group_listen = Some("10.0.0.7:20004".into());
+        assert_eq!(machine(&deaf, &p, now), Verdict::new());
 
         // Exactly three intervals is still seen; more is not.
         assert_eq!(

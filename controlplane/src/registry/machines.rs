@@ -25,10 +25,12 @@ pub struct MachineRow {
     /// What the last health sweep found.
     pub health: String,
     pub removed: bool,
+    /// Where it accepts its group coordinator's cuts, as its last heartbeat said.
+    pub group_listen: Option<String>,
 }
 
 const COLUMNS: &str = "name, process_server, policy, group_name, state, disks, last_error, \
-                       registered_at, last_seen, newest_uploaded_at, health, removed";
+                       registered_at, last_seen, newest_uploaded_at, health, removed, group_listen";
 
 fn json_err(op: &'static str) -> impl FnOnce(serde_json::Error) -> Error {
     move |e| Error::Query {
@@ -54,6 +56,7 @@ fn from_row(r: &AnyRow) -> Result<MachineRow> {
         newest_uploaded_at: r.try_get("newest_uploaded_at").map_err(get)?,
         health: r.try_get("health").map_err(get)?,
         removed: removed != 0,
+        group_listen: r.try_get("group_listen").map_err(get)?,
     })
 }
 
@@ -89,6 +92,7 @@ pub struct Beat<'a> {
     pub disks: &'a [DiskReport],
     pub last_error: Option<&'a str>,
     pub newest_uploaded_at: Option<f64>,
+    pub group_listen: Option<&'a str>,
     pub now: i64,
 }
 
@@ -112,14 +116,14 @@ pub async fn heartbeat(db: &Db, b: &Beat<'_>) -> Result<bool> {
     // binary data format in bind parameter 6"): a 500.
     let sql = if b.newest_uploaded_at.is_some() {
         "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
-         newest_uploaded_at) VALUES ($1, $2, $3, $4, $5, $5, $6) \
+         newest_uploaded_at, group_listen) VALUES ($1, $2, $3, $4, $5, $5, $6, $7) \
          ON CONFLICT (name) DO UPDATE SET state = $2, disks = $3, last_error = $4, \
-         last_seen = $5, newest_uploaded_at = $6, removed = 0"
+         last_seen = $5, newest_uploaded_at = $6, group_listen = $7, removed = 0"
     } else {
         "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
-         newest_uploaded_at) VALUES ($1, $2, $3, $4, $5, $5, NULL) \
+         newest_uploaded_at, group_listen) VALUES ($1, $2, $3, $4, $5, $5, NULL, $6) \
          ON CONFLICT (name) DO UPDATE SET state = $2, disks = $3, last_error = $4, \
-         last_seen = $5, newest_uploaded_at = NULL, removed = 0"
+         last_seen = $5, newest_uploaded_at = NULL, group_listen = $6, removed = 0"
     };
     let mut query = sqlx::query(sql)
         .bind(b.name.to_string())
@@ -131,6 +135,7 @@ pub async fn heartbeat(db: &Db, b: &Beat<'_>) -> Result<bool> {
         query = query.bind(t);
     }
     query
+        .bind(b.group_listen.map(str::to_string))
         .execute(&mut *tx)
         .await
         .map_err(q("recording a heartbeat"))?;
@@ -291,6 +296,37 @@ pub async fn groups(db: &Db, after: Option<&str>, limit: u32) -> Result<Vec<(Str
                 r.try_get("group_name").map_err(q("reading a group"))?,
                 r.try_get("name").map_err(q("reading a group"))?,
             ))
+        })
+        .collect()
+}
+
+/// A member of a group as the coordinator's orders need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub name: String,
+    pub last_seen: i64,
+    pub group_listen: Option<String>,
+}
+
+/// The machines (not removed) of group `group`, by name; at most `limit`.
+pub async fn members(db: &Db, group: &str, limit: u32) -> Result<Vec<Member>> {
+    let rows = sqlx::query(
+        "SELECT name, last_seen, group_listen FROM machines \
+         WHERE removed = 0 AND group_name = $1 ORDER BY name LIMIT $2",
+    )
+    .bind(group.to_string())
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
+    .await
+    .map_err(q("listing a group's machines"))?;
+    rows.iter()
+        .map(|r| {
+            let get = |e| q("reading a group's machine")(e);
+            Ok(Member {
+                name: r.try_get("name").map_err(get)?,
+                last_seen: r.try_get("last_seen").map_err(get)?,
+                group_listen: r.try_get("group_listen").map_err(get)?,
+            })
         })
         .collect()
 }

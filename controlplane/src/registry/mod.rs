@@ -7,14 +7,19 @@
 //! certificate it enrolled for) and gives it the process server with the least load:
 //! the fewest machines among those seen within three heartbeat intervals, ties by
 //! name. A machine whose process server was removed gets another the same way.
+//!
+//! A group's coordinator is its first member by name seen within three heartbeat
+//! intervals: the role moves on by itself when that machine goes away, which is why
+//! every member should listen (`--group-listen`). Only the coordinator's orders list
+//! the members, with the addresses they reported.
 
 pub mod events;
 pub mod machines;
 pub mod process_servers;
 
 use ferry_link::control::wire::{
-    AgentHeartbeat, AgentOrders, AgentPolicy, DiskReport, ProcessServerHeartbeat, ProcessServerRef,
-    HEARTBEAT_INTERVAL_S,
+    AgentHeartbeat, AgentOrders, AgentPolicy, DiskReport, GroupMemberRef, ProcessServerHeartbeat,
+    ProcessServerRef, HEARTBEAT_INTERVAL_S,
 };
 
 use crate::db::{self, Db};
@@ -56,6 +61,11 @@ pub fn check_agent_heartbeat(hb: &AgentHeartbeat) -> Result<Option<f64>, String>
     check_name("machine", &hb.machine)?;
     if let Some(ps) = &hb.process_server {
         check_name("process server", ps)?;
+    }
+    if let Some(a) = &hb.group_listen {
+        if crate::enroll::issue::advertise_host(a).is_none() {
+            return Err(format!("group_listen {a:?} is not HOST:PORT"));
+        }
     }
     if hb.disks.len() > MAX_DISKS {
         return Err(format!(
@@ -136,6 +146,7 @@ pub async fn agent_heartbeat(
             disks: &hb.disks,
             last_error: hb.last_error.as_deref(),
             newest_uploaded_at,
+            group_listen: hb.group_listen.as_deref(),
             now,
         },
     )
@@ -154,7 +165,46 @@ pub async fn agent_heartbeat(
             events::add(db, "assigned", &subject, &msg, now).await?;
         }
     }
-    orders(db, &hb.machine, ps_name).await
+    let mut o = orders(db, &hb.machine, ps_name).await?;
+    if let Some(g) = &o.group {
+        let members = machines::members(db, g, GROUP_MAX).await?;
+        (o.group_coordinator, o.group_members) =
+            group_plan(&hb.machine, &members, now - NOT_SEEN_S);
+    }
+    Ok(o)
+}
+
+/// The most machines one group's orders list: a cut waits on every member, so a
+/// group is a handful of machines; the bound keeps one answer small.
+pub const GROUP_MAX: u32 = 256;
+
+/// For `machine`, of a group with `members` (by name): the coordinator, the first
+/// member seen since `seen_since` (none while no member is); and, when `machine` is
+/// the coordinator, the other members seen that report a group-listen address.
+/// Members without one are left out of the cuts (their health says why).
+pub fn group_plan(
+    machine: &str,
+    members: &[machines::Member],
+    seen_since: i64,
+) -> (Option<String>, Vec<GroupMemberRef>) {
+    let coordinator = members
+        .iter()
+        .find(|m| m.last_seen >= seen_since)
+        .map(|m| m.name.clone());
+    if coordinator.as_deref() != Some(machine) {
+        return (coordinator, Vec::new());
+    }
+    let cut = members
+        .iter()
+        .filter(|m| m.name != machine && m.last_seen >= seen_since)
+        .filter_map(|m| {
+            m.group_listen.as_ref().map(|a| GroupMemberRef {
+                name: m.name.clone(),
+                address: a.clone(),
+            })
+        })
+        .collect();
+    (coordinator, cut)
 }
 
 /// What a machine is to do now: its process server, policy and group.
@@ -191,6 +241,8 @@ pub async fn orders(db: &Db, machine: &str, ps_name: Option<String>) -> db::Resu
         },
         group,
         heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
+        group_coordinator: None,
+        group_members: Vec::new(),
     })
 }
 

@@ -51,6 +51,7 @@ fn agent_beat(machine: &str, state: &str, uploaded: Option<&str>) -> AgentHeartb
         }],
         process_server: None,
         last_error: None,
+        group_listen: None,
     }
 }
 
@@ -164,6 +165,7 @@ pub(crate) async fn every_query(db: &Db) {
         disks: &[],
         last_error: None,
         newest_uploaded_at: uploaded,
+        group_listen: None,
         now,
     };
     assert!(machines::heartbeat(db, &beat("m1", None)).await.unwrap());
@@ -353,6 +355,66 @@ pub(crate) async fn every_query(db: &Db) {
         let m = machines::get(db, "m9").await.unwrap().unwrap();
         assert_eq!(m.newest_uploaded_at, uploaded, "heartbeat {i}");
     }
+    // Groups: the first member seen coordinates; only its orders list the members,
+    // with their group-listen addresses; one without is left out.
+    let beat_in = |name: &str, listen: Option<&str>| {
+        let mut hb = agent_beat(name, "protected", None);
+        hb.group_listen = listen.map(str::to_string);
+        hb
+    };
+    let ga = beat_in("ga", Some("10.0.0.1:20004"));
+    let gb = beat_in("gb", Some("10.0.0.2:20004"));
+    let gc = beat_in("gc", None);
+    for hb in [&ga, &gb, &gc] {
+        let o = super::agent_heartbeat(db, hb, None, now).await.unwrap();
+        assert_eq!((o.group, o.group_coordinator), (None, None));
+        assert!(machines::patch(db, &hb.machine, None, Some(Some("grp")))
+            .await
+            .unwrap());
+    }
+    let o = super::agent_heartbeat(db, &ga, None, now).await.unwrap();
+    assert_eq!(o.group.as_deref(), Some("grp"));
+    assert_eq!(o.group_coordinator.as_deref(), Some("ga"));
+    assert_eq!(
+        o.group_members,
+        [ferry_link::control::wire::GroupMemberRef {
+            name: "gb".into(),
+            address: "10.0.0.2:20004".into()
+        }],
+        "gc reports no group-listen address"
+    );
+    for hb in [&gb, &gc] {
+        let o = super::agent_heartbeat(db, hb, None, now).await.unwrap();
+        assert_eq!(
+            (o.group.as_deref(), o.group_coordinator.as_deref()),
+            (Some("grp"), Some("ga"))
+        );
+        assert!(
+            o.group_members.is_empty(),
+            "only the coordinator's list them"
+        );
+    }
+    assert_eq!(
+        machines::get(db, "gb")
+            .await
+            .unwrap()
+            .unwrap()
+            .group_listen
+            .as_deref(),
+        Some("10.0.0.2:20004")
+    );
+    // ga goes quiet: the role moves to gb, which leaves ga out of its cuts.
+    let later = now + 3 * crate::health::NOT_SEEN_S;
+    super::agent_heartbeat(db, &gc, None, later).await.unwrap();
+    let o = super::agent_heartbeat(db, &gb, None, later).await.unwrap();
+    assert_eq!(o.group_coordinator.as_deref(), Some("gb"));
+    assert!(o.group_members.is_empty(), "ga unseen, gc unreachable");
+    let mut bad = beat_in("gb", Some("nowhere"));
+    assert!(super::check_agent_heartbeat(&bad)
+        .unwrap_err()
+        .contains("group_listen"));
+    bad.group_listen = None;
+    assert!(super::check_agent_heartbeat(&bad).is_ok());
 }
 
 /// Eight writers at once, fifty heartbeats each (agents' and process servers' mixed,

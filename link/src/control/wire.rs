@@ -101,6 +101,10 @@ pub struct AgentHeartbeat {
     pub process_server: Option<String>,
     /// The last refusal or connection error, once, as the agent's status shows it.
     pub last_error: Option<String>,
+    /// Where this agent accepts its group coordinator's cuts (HOST:PORT, as it
+    /// advertises its `--group-listen`); absent when it listens for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_listen: Option<String>,
 }
 
 /// A policy as agents apply it.
@@ -132,6 +136,25 @@ pub struct AgentOrders {
     pub policy: AgentPolicy,
     pub group: Option<String>,
     pub heartbeat_interval_s: f64,
+    /// The machine that cuts the group's points (the first member by name seen
+    /// lately); when it names this machine, this agent coordinates. None without a
+    /// group, or while no member is seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_coordinator: Option<String>,
+    /// To the coordinator only: the other members that report a group-listen
+    /// address, by name, with it. Members without one are left out of the cuts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_members: Vec<GroupMemberRef>,
+}
+
+/// A member of a group as its coordinator reaches it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMemberRef {
+    /// The machine name its certificate carries.
+    pub name: String,
+    /// HOST:PORT, the group-listen address it reported.
+    pub address: String,
 }
 
 /// `POST /v1/heartbeat/process-server`, over mutual TLS: the certificate names `name`.

@@ -341,3 +341,50 @@ pub(crate) async fn every_query(db: &Db) {
     bad.address = "nowhere".into();
     assert!(super::check_process_server_heartbeat(&bad).is_err());
 }
+
+/// Every string and list a heartbeat carries is bounded before it reaches the
+/// database; one over its bound is refused naming the field, one at it passes.
+#[test]
+fn heartbeat_fields_over_their_bounds_are_refused() {
+    use ferry_link::control::limits::{
+        MAX_CONNECTED, MAX_POINT_ID_BYTES, MAX_REASONS, MAX_TEXT_BYTES,
+    };
+    let check = super::check_agent_heartbeat;
+    let mut hb = agent_beat("m1", "protected", Some("2026-01-01T00:00:00Z"));
+    hb.last_error = Some("x".repeat(MAX_TEXT_BYTES));
+    check(&hb).unwrap();
+    hb.last_error = Some("x".repeat(MAX_TEXT_BYTES + 1));
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("last_error") && e.contains("1025 bytes"), "{e}");
+
+    let mut hb = agent_beat("m1", "protected", Some("2026-01-01T00:00:00Z"));
+    if let Some(p) = hb.disks[0].newest_uploaded_point.as_mut() {
+        p.id = "p".repeat(MAX_POINT_ID_BYTES + 1);
+    }
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("newest_uploaded_point id"), "{e}");
+    let mut hb = agent_beat("m1", "protected", None);
+    hb.disks[0].newest_point = Some(PointRef {
+        id: "p1".into(),
+        kind: "k".repeat(MAX_POINT_ID_BYTES + 1),
+        time: "2026-01-01T00:00:00Z".into(),
+    });
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("disk d0 newest_point kind"), "{e}");
+
+    let check = super::check_process_server_heartbeat;
+    let mut hb = ps_beat("ps1", 50);
+    hb.machines = (0..MAX_CONNECTED).map(|i| format!("m{i}")).collect();
+    hb.health_reasons = vec!["r".repeat(MAX_TEXT_BYTES); MAX_REASONS];
+    check(&hb).unwrap();
+    hb.machines.push("one-more".into());
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("513 machines"), "{e}");
+    hb.machines.pop();
+    hb.health_reasons.push("one more".into());
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("health_reasons"), "{e}");
+    hb.health_reasons = vec!["r".repeat(MAX_TEXT_BYTES + 1)];
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("health reason"), "{e}");
+}

@@ -262,9 +262,16 @@ pub(crate) async fn every_query(db: &Db) {
             .revoked
     );
     assert_eq!(
-        store::revoked_serials(db, now).await.unwrap(),
+        store::revoked_serials(db, now, 10).await.unwrap(),
         ["4001"],
         "4006 has expired: no need to list it"
+    );
+    assert_eq!(
+        store::revoked_serials(db, now - 1_000_000, 1)
+            .await
+            .unwrap(),
+        ["4001"],
+        "the list is bounded: 4006 would be next"
     );
     // A heartbeat after a new enrollment brings it back.
     assert!(machines::heartbeat(db, &beat("m1", None)).await.unwrap());

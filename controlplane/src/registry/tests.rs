@@ -331,6 +331,31 @@ pub(crate) async fn every_query(db: &Db) {
         psb.message
     );
 
+    // Old events go, but the newest stays, so that ids keep growing.
+    let old = events::add(db, "test", "machine m1", "old", now - 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        events::prune(db, now - 5).await.unwrap(),
+        0,
+        "the newest stays"
+    );
+    let fresh = events::add(db, "test", "machine m1", "fresh", now)
+        .await
+        .unwrap();
+    assert_eq!(events::prune(db, now - 5).await.unwrap(), 1);
+    let left = events::list(db, 0, 1000).await.unwrap();
+    assert!(left.iter().all(|e| e.id != old), "{left:?}");
+    assert!(left.iter().any(|e| e.id == fresh), "{left:?}");
+    assert!(events::prune(db, now + 1_000_000).await.unwrap() >= 1);
+    let left = events::list(db, 0, 1000).await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].id, fresh);
+    let next = events::add(db, "test", "machine m1", "next", now)
+        .await
+        .unwrap();
+    assert_eq!(next, fresh + 1, "ids go on from the newest");
+
     // A check of what heartbeats carry.
     let ok = agent_beat("m3", "protected", Some("2026-01-01T00:00:01.5Z"));
     let t = super::check_agent_heartbeat(&ok).unwrap().unwrap();

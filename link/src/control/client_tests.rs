@@ -232,6 +232,25 @@ fn a_refused_enrollment_shows_the_problem_detail_and_writes_nothing() {
 }
 
 #[test]
+fn a_refused_enrollment_never_shows_the_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, ca) = fake_server(
+        tmp.path(),
+        "401 Unauthorized",
+        r#"{"type":"about:blank","title":"Unauthorized","status":401,"detail":"unknown enrollment token"}"#,
+    );
+    let secret = "ferry_enroll_0123456789abcdef";
+    let err = ControlClient::open(&enrollment(&tmp.path().join("s"), &ca, &url), Some(secret))
+        .err()
+        .unwrap();
+    // What the agent prints and logs: the request and the refusal, not the credential.
+    for text in [err.to_string(), format!("{err:?}")] {
+        assert!(text.contains("unknown enrollment token"), "{text}");
+        assert!(!text.contains(secret), "{text}");
+    }
+}
+
+#[test]
 fn an_answer_over_the_bound_is_refused_unread() {
     let tmp = tempfile::tempdir().unwrap();
     let huge: &'static str = "x".repeat(MAX_ANSWER_BYTES + 1).leak();

@@ -33,6 +33,30 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nor may a client take longer to send a request's headers: a connection slot held
 /// by a client that trickles bytes is a slot nobody else can use.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection older than this is closed once its request in flight is answered (an
+/// HTTP/2 client is sent GOAWAY): clients reconnect at their next call, and an idle
+/// HTTP/2 connection, which no header timeout covers, cannot keep its slot for good.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(600);
+
+/// How long a connection may do what, so that no client holds one of the
+/// `MAX_CONNECTIONS` slots as long as it likes.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    /// From the end of the TLS handshake to the first bytes of a request.
+    first_bytes: Duration,
+    /// HTTP/1.1: to read a request's headers, and to wait idle between requests.
+    header_read: Duration,
+    max_age: Duration,
+    /// After `max_age`, to finish the request in flight (the API's own deadline).
+    drain: Duration,
+}
+
+const CONN_LIMITS: ConnLimits = ConnLimits {
+    first_bytes: HEADER_READ_TIMEOUT,
+    header_read: HEADER_READ_TIMEOUT,
+    max_age: MAX_CONNECTION_AGE,
+    drain: crate::api::REQUEST_TIMEOUT,
+};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -269,18 +293,128 @@ impl Bound {
                     .and_then(|chain| chain.first())
                     .map(|c| Arc::new(c.as_ref().to_vec()));
                 let app = app.layer(axum::Extension(ClientCert(cert)));
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT);
-                let served = builder
-                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
-                    .await;
-                if let Err(e) = served {
+                if let Err(e) = serve_connection(tls, app, CONN_LIMITS).await {
                     tracing::debug!("connection from {peer}: {e}");
                 }
             });
         }
+    }
+}
+
+/// Serves one connection (TLS already done) within `limits`.
+async fn serve_connection<IO>(
+    mut io: IO,
+    app: axum::Router,
+    limits: ConnLimits,
+) -> Result<(), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    // hyper-util reads the first bytes to tell HTTP/1.1 from HTTP/2 with no timer of
+    // its own: a client that sends nothing after its handshake would keep its slot
+    // forever. Read them here, against a deadline, and hand them back in front.
+    let mut first = vec![0u8; 4096];
+    let n = tokio::time::timeout(limits.first_bytes, io.read(&mut first))
+        .await
+        .map_err(|_| format!("sent nothing for {} s", limits.first_bytes.as_secs_f64()))?
+        .map_err(|e| format!("reading: {e}"))?;
+    if n == 0 {
+        return Ok(());
+    }
+    first.truncate(n);
+    let (r, w) = tokio::io::split(io);
+    let io = tokio::io::join(std::io::Cursor::new(first).chain(r), w);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read);
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    tokio::select! {
+        served = conn.as_mut() => return served.map_err(|e| e.to_string()),
+        _ = tokio::time::sleep(limits.max_age) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    match tokio::time::timeout(limits.drain, conn).await {
+        Ok(served) => served.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "closed: over {} s old and its request not done {} s later",
+            limits.max_age.as_secs_f64(),
+            limits.drain.as_secs_f64()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    const SHORT: ConnLimits = ConnLimits {
+        first_bytes: Duration::from_millis(200),
+        header_read: Duration::from_secs(30),
+        max_age: Duration::from_millis(300),
+        drain: Duration::from_secs(5),
+    };
+
+    /// A listener serving `app` within `limits`, plain TCP (TLS is not what is tested).
+    async fn listen(limits: ConnLimits) -> SocketAddr {
+        let app = axum::Router::new().route("/ok", axum::routing::get(|| async { "ok" }));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                tokio::spawn(serve_connection(tcp, app.clone(), limits));
+            }
+        });
+        addr
+    }
+
+    /// Reads until the server closes; None if it has not within `wait`.
+    fn closed_within(s: &mut std::net::TcpStream, wait: Duration) -> Option<String> {
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Some(String::from_utf8_lossy(&got).to_string()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_client_that_sends_nothing_is_dropped_at_the_first_bytes_deadline() {
+        let addr = listen(SHORT).await;
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            closed_within(&mut s, Duration::from_secs(5))
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            closed.as_deref(),
+            Some(""),
+            "closed, having answered nothing"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_kept_alive_connection_is_closed_once_old_after_its_answer() {
+        let addr = listen(SHORT).await;
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            closed_within(&mut s, Duration::from_secs(5))
+        })
+        .await
+        .unwrap()
+        .expect("closed, not kept alive past its age");
+        assert!(closed.starts_with("HTTP/1.1 200"), "{closed}");
+        assert!(closed.ends_with("ok"), "{closed}");
     }
 }

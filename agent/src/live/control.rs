@@ -15,6 +15,7 @@ use super::group_role::GroupRole;
 use chrono::{TimeZone, Utc};
 use ferry_link::client::Target;
 use ferry_link::control::client::{Heartbeater, IdentityFiles};
+use ferry_link::control::limits::{trimmed, MAX_TEXT_BYTES};
 use ferry_link::control::wire::{
     AgentHeartbeat, AgentOrders, DiskReport, PointRef, ProcessServerRef,
 };
@@ -405,7 +406,9 @@ impl Heartbeater for Controlled {
                 .connected()
                 .then(|| self.serving.as_ref().map(|p| p.name.clone()))
                 .flatten(),
-            last_error,
+            // Cut to what the control plane takes: a long error chain must not get
+            // the heartbeat refused.
+            last_error: last_error.map(|e| trimmed(&e, MAX_TEXT_BYTES)),
             group_listen: self.group_listen.clone(),
         }
     }

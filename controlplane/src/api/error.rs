@@ -33,6 +33,10 @@ pub enum ApiError {
     /// 415: a body that is not JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 503: the request was not served in time (a body sent too slowly, a database
+    /// that does not answer).
+    #[error("{0}")]
+    Unavailable(String),
     /// 500: the control plane failed (its database); the cause is logged.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -62,6 +66,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -4,6 +4,7 @@
 
 use axum::extract::State;
 use axum::Json;
+use ferry_link::control::limits::MAX_REVOKED;
 use ferry_link::control::wire::{
     AgentHeartbeat, AgentOrders, ProcessServerHeartbeat, ProcessServerOrders, HEARTBEAT_INTERVAL_S,
 };
@@ -78,8 +79,42 @@ pub async fn process_server(
         let msg = format!("first heartbeat; agents reach it at {}", hb.address);
         events::add(&state.db, "registered", &subject, &msg, now).await?;
     }
+    let limit = u32::try_from(MAX_REVOKED + 1).unwrap_or(u32::MAX);
+    let revoked = whole_revoked_list(revoked_serials(&state.db, now, limit).await?)?;
     Ok(Json(ProcessServerOrders {
-        revoked_serials: revoked_serials(&state.db, now).await?,
+        revoked_serials: revoked,
         heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
     }))
+}
+
+/// The revoked list as fetched (at most one over `MAX_REVOKED`), if it is whole. A
+/// longer one is not cut: a process server sent part of it would let the rest of the
+/// removed in, so the heartbeat fails (the process server keeps its last list) and the
+/// log says why.
+fn whole_revoked_list(serials: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if serials.len() > MAX_REVOKED {
+        return Err(ApiError::Internal(
+            format!(
+                "over {MAX_REVOKED} revoked certificates have not expired: too many to send \
+                 process servers; they keep their last list until some expire"
+            )
+            .into(),
+        ));
+    }
+    Ok(serials)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_list_over_the_bound_is_an_error_not_a_cut() {
+        let full: Vec<String> = (0..MAX_REVOKED).map(|i| format!("{i:x}")).collect();
+        assert_eq!(whole_revoked_list(full.clone()).unwrap().len(), MAX_REVOKED);
+        let mut over = full;
+        over.push("ffffffff".into());
+        let e = whole_revoked_list(over).unwrap_err();
+        assert_eq!(e.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }

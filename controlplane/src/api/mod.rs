@@ -20,10 +20,12 @@ pub mod process_servers;
 pub mod tokens;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::handler::Handler;
 use axum::http::request::Parts;
+use axum::response::IntoResponse;
 use axum::routing::{on, MethodFilter};
 use axum::Router;
 use serde::de::DeserializeOwned;
@@ -40,6 +42,32 @@ pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 /// Page size when `limit` is not given, and the most it may ask for.
 pub const PAGE_DEFAULT: u32 = 100;
 pub const PAGE_MAX: u32 = 1000;
+
+/// The longest one request may take, its body included: a client that sends its
+/// body a byte at a time (the header timeout ends once the headers are in), or a
+/// database that hangs, holds one of the server's connections no longer. The slowest
+/// thing a request does, a page of points from the store, takes far less.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Answers 503 for any request not served within `limit`, dropping its handler.
+fn with_deadline<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    limit: Duration,
+) -> Router<S> {
+    router.layer(axum::middleware::from_fn(
+        move |req: Request, next: axum::middleware::Next| async move {
+            match tokio::time::timeout(limit, next.run(req)).await {
+                Ok(resp) => resp,
+                Err(_) => ApiError::Unavailable(format!(
+                    "the request was not served within {} s (its body came too slowly, or \
+                     the control plane is overloaded)",
+                    limit.as_secs_f64()
+                ))
+                .into_response(),
+            }
+        },
+    ))
+}
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -249,11 +277,12 @@ pub fn router(
         openapi,
         jobs,
     };
-    Ok(routes()
+    let router = routes()
         .router
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES));
+    Ok(with_deadline(router, REQUEST_TIMEOUT)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             meta::track,
@@ -264,6 +293,40 @@ pub fn router(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that sends its headers, then its body too slowly, gets a 503 once the
+    /// deadline passes instead of holding the connection as long as it likes.
+    #[tokio::test]
+    async fn a_body_sent_too_slowly_is_answered_503_at_the_deadline() {
+        use std::io::{Read, Write};
+        let app = Router::new().route(
+            "/v1/echo",
+            axum::routing::post(|Body(v): Body<serde_json::Value>| async move { axum::Json(v) }),
+        );
+        let app = with_deadline(app, Duration::from_millis(300));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let started = std::time::Instant::now();
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            // 100 bytes promised, 2 sent, the rest never.
+            s.write_all(
+                b"POST /v1/echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                  content-length: 100\r\n\r\n{\"",
+            )
+            .unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        })
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("not served within"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn every_served_route_is_in_the_openapi_document() {

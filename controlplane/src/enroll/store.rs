@@ -258,13 +258,15 @@ pub async fn revoke_owner(conn: &mut sqlx::AnyConnection, kind: &str, name: &str
     Ok(done.rows_affected())
 }
 
-/// Serials of revoked certificates that have not expired yet (an expired one is
-/// refused by its date alone), in serial order.
-pub async fn revoked_serials(db: &Db, now: i64) -> Result<Vec<String>> {
+/// Up to `limit` serials of revoked certificates that have not expired yet (an
+/// expired one is refused by its date alone), in serial order.
+pub async fn revoked_serials(db: &Db, now: i64, limit: u32) -> Result<Vec<String>> {
     let rows = sqlx::query(
-        "SELECT serial FROM issued_certs WHERE revoked = 1 AND not_after > $1 ORDER BY serial",
+        "SELECT serial FROM issued_certs WHERE revoked = 1 AND not_after > $1 \
+         ORDER BY serial LIMIT $2",
     )
     .bind(now)
+    .bind(i64::from(limit))
     .fetch_all(db.pool())
     .await
     .map_err(q("listing revoked certificates"))?;

@@ -75,7 +75,8 @@ pub struct Context {
 /// Ended jobs are kept this long, then deleted: hourly retention alone makes 168 jobs
 /// a week per machine.
 pub const ENDED_JOBS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How often ended jobs past `ENDED_JOBS_KEPT` are deleted.
+/// How often ended jobs past `ENDED_JOBS_KEPT`, and events past
+/// `registry::events::KEPT_S`, are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Runs until the process ends.
@@ -106,6 +107,12 @@ pub async fn run(ctx: Context, cfg: RunnerConfig) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!("deleted {n} jobs that ended over a week ago"),
                     Err(e) => tracing::warn!("deleting old jobs: {e}"),
+                }
+                let before = crate::db::now_s() - crate::registry::events::KEPT_S;
+                match crate::registry::events::prune(&ctx.db, before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("deleted {n} events over 30 days old"),
+                    Err(e) => tracing::warn!("deleting old events: {e}"),
                 }
             }
         }

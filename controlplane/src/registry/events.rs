@@ -48,6 +48,23 @@ pub async fn add(db: &Db, kind: &str, subject: &str, message: &str, now: i64) ->
     })
 }
 
+/// How long events are kept: a machine whose health flaps writes two every sweep, and
+/// nothing else would ever delete them.
+pub const KEPT_S: i64 = 30 * 86_400;
+
+/// Deletes the events from before `before` (Unix seconds) but the newest, whatever
+/// its age: ids are the greatest + 1, so keeping it keeps them growing, and a reader
+/// paging with `after` never sees an id again. How many were deleted.
+pub async fn prune(db: &Db, before: i64) -> Result<u64> {
+    let done =
+        sqlx::query("DELETE FROM events WHERE time < $1 AND id < (SELECT MAX(id) FROM events)")
+            .bind(before)
+            .execute(db.pool())
+            .await
+            .map_err(q("deleting old events"))?;
+    Ok(done.rows_affected())
+}
+
 /// Up to `limit` events after id `after`, oldest first.
 pub async fn list(db: &Db, after: i64, limit: u32) -> Result<Vec<Event>> {
     let rows = sqlx::query(

@@ -17,9 +17,10 @@ pub mod events;
 pub mod machines;
 pub mod process_servers;
 
+use ferry_link::control::limits::{MAX_CONNECTED, MAX_POINT_ID_BYTES, MAX_REASONS, MAX_TEXT_BYTES};
 use ferry_link::control::wire::{
-    AgentHeartbeat, AgentOrders, AgentPolicy, DiskReport, GroupMemberRef, ProcessServerHeartbeat,
-    ProcessServerRef, HEARTBEAT_INTERVAL_S,
+    AgentHeartbeat, AgentOrders, AgentPolicy, DiskReport, GroupMemberRef, PointRef,
+    ProcessServerHeartbeat, ProcessServerRef, HEARTBEAT_INTERVAL_S,
 };
 
 use crate::db::{self, Db};
@@ -33,6 +34,22 @@ pub const MAX_DISKS: usize = 64;
 
 fn check_name(what: &'static str, name: &str) -> Result<(), String> {
     ferry_replica::layout::check_name(what, name).map_err(|e| e.to_string())
+}
+
+/// 400 when a string the client chose is longer than the database should keep.
+fn check_len(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        return Err(format!("{what} is {} bytes; at most {max}", s.len()));
+    }
+    Ok(())
+}
+
+/// A point as an agent reports it: an id and a kind of bounded length (the kind is
+/// only shown, so a kind added later by agents is no reason to refuse them), a time.
+fn check_point(what: &str, p: &PointRef) -> Result<f64, String> {
+    check_len(&format!("{what} id"), &p.id, MAX_POINT_ID_BYTES)?;
+    check_len(&format!("{what} kind"), &p.kind, MAX_POINT_ID_BYTES)?;
+    parse_time(what, &p.time)
 }
 
 /// Unix seconds of an RFC 3339 time.
@@ -67,6 +84,9 @@ pub fn check_agent_heartbeat(hb: &AgentHeartbeat) -> Result<Option<f64>, String>
             return Err(format!("group_listen {a:?} is not HOST:PORT"));
         }
     }
+    if let Some(e) = &hb.last_error {
+        check_len("last_error", e, MAX_TEXT_BYTES)?;
+    }
     if hb.disks.len() > MAX_DISKS {
         return Err(format!(
             "{} disks in one heartbeat; at most {MAX_DISKS}",
@@ -94,10 +114,10 @@ pub fn check_agent_heartbeat(hb: &AgentHeartbeat) -> Result<Option<f64>, String>
             ));
         }
         if let Some(p) = &d.newest_point {
-            parse_time(&format!("disk {} newest_point", d.name), &p.time)?;
+            check_point(&format!("disk {} newest_point", d.name), p)?;
         }
         if let Some(p) = &d.newest_uploaded_point {
-            let t = parse_time(&format!("disk {} newest_uploaded_point", d.name), &p.time)?;
+            let t = check_point(&format!("disk {} newest_uploaded_point", d.name), p)?;
             oldest = Some(oldest.map_or(t, |o| o.min(t)));
         }
     }
@@ -114,6 +134,21 @@ pub fn check_process_server_heartbeat(hb: &ProcessServerHeartbeat) -> Result<(),
         return Err(format!(
             "health {:?} must be normal, warning or critical",
             hb.health
+        ));
+    }
+    if hb.health_reasons.len() > MAX_REASONS {
+        return Err(format!(
+            "{} health_reasons in one heartbeat; at most {MAX_REASONS}",
+            hb.health_reasons.len()
+        ));
+    }
+    for r in &hb.health_reasons {
+        check_len("a health reason", r, MAX_TEXT_BYTES)?;
+    }
+    if hb.machines.len() > MAX_CONNECTED {
+        return Err(format!(
+            "{} machines in one heartbeat; at most {MAX_CONNECTED}",
+            hb.machines.len()
         ));
     }
     for m in &hb.machines {

@@ -264,9 +264,16 @@ pub(crate) async fn every_query(db: &Db) {
             .revoked
     );
     assert_eq!(
-        store::revoked_serials(db, now).await.unwrap(),
+        store::revoked_serials(db, now, 10).await.unwrap(),
         ["4001"],
         "4006 has expired: no need to list it"
+    );
+    assert_eq!(
+        store::revoked_serials(db, now - 1_000_000, 1)
+            .await
+            .unwrap(),
+        ["4001"],
+        "the list is bounded: 4006 would be next"
     );
     // A heartbeat after a new enrollment brings it back.
     assert!(machines::heartbeat(db, &beat("m1", None)).await.unwrap());
@@ -325,6 +332,31 @@ pub(crate) async fn every_query(db: &Db) {
         "{}",
         psb.message
     );
+
+    // Old events go, but the newest stays, so that ids keep growing.
+    let old = events::add(db, "test", "machine m1", "old", now - 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        events::prune(db, now - 5).await.unwrap(),
+        0,
+        "the newest stays"
+    );
+    let fresh = events::add(db, "test", "machine m1", "fresh", now)
+        .await
+        .unwrap();
+    assert_eq!(events::prune(db, now - 5).await.unwrap(), 1);
+    let left = events::list(db, 0, 1000).await.unwrap();
+    assert!(left.iter().all(|e| e.id != old), "{left:?}");
+    assert!(left.iter().any(|e| e.id == fresh), "{left:?}");
+    assert!(events::prune(db, now + 1_000_000).await.unwrap() >= 1);
+    let left = events::list(db, 0, 1000).await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].id, fresh);
+    let next = events::add(db, "test", "machine m1", "next", now)
+        .await
+        .unwrap();
+    assert_eq!(next, fresh + 1, "ids go on from the newest");
 
     // A check of what heartbeats carry.
     let ok = agent_beat("m3", "protected", Some("2026-01-01T00:00:01.5Z"));
@@ -472,4 +504,51 @@ async fn concurrent_heartbeats_on_the_test_database_all_succeed() {
     let _only = crate::db::tests::drop_all(&url).await;
     let db = Db::open(&url).await.unwrap();
     concurrent_heartbeats_all_succeed(&db).await;
+}
+
+/// Every string and list a heartbeat carries is bounded before it reaches the
+/// database; one over its bound is refused naming the field, one at it passes.
+#[test]
+fn heartbeat_fields_over_their_bounds_are_refused() {
+    use ferry_link::control::limits::{
+        MAX_CONNECTED, MAX_POINT_ID_BYTES, MAX_REASONS, MAX_TEXT_BYTES,
+    };
+    let check = super::check_agent_heartbeat;
+    let mut hb = agent_beat("m1", "protected", Some("2026-01-01T00:00:00Z"));
+    hb.last_error = Some("x".repeat(MAX_TEXT_BYTES));
+    check(&hb).unwrap();
+    hb.last_error = Some("x".repeat(MAX_TEXT_BYTES + 1));
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("last_error") && e.contains("1025 bytes"), "{e}");
+
+    let mut hb = agent_beat("m1", "protected", Some("2026-01-01T00:00:00Z"));
+    if let Some(p) = hb.disks[0].newest_uploaded_point.as_mut() {
+        p.id = "p".repeat(MAX_POINT_ID_BYTES + 1);
+    }
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("newest_uploaded_point id"), "{e}");
+    let mut hb = agent_beat("m1", "protected", None);
+    hb.disks[0].newest_point = Some(PointRef {
+        id: "p1".into(),
+        kind: "k".repeat(MAX_POINT_ID_BYTES + 1),
+        time: "2026-01-01T00:00:00Z".into(),
+    });
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("disk d0 newest_point kind"), "{e}");
+
+    let check = super::check_process_server_heartbeat;
+    let mut hb = ps_beat("ps1", 50);
+    hb.machines = (0..MAX_CONNECTED).map(|i| format!("m{i}")).collect();
+    hb.health_reasons = vec!["r".repeat(MAX_TEXT_BYTES); MAX_REASONS];
+    check(&hb).unwrap();
+    hb.machines.push("one-more".into());
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("513 machines"), "{e}");
+    hb.machines.pop();
+    hb.health_reasons.push("one more".into());
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("health_reasons"), "{e}");
+    hb.health_reasons = vec!["r".repeat(MAX_TEXT_BYTES + 1)];
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("health reason"), "{e}");
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_link::control::client::{Heartbeater, IdentityFiles};
+use ferry_link::control::limits::{trimmed, MAX_CONNECTED, MAX_REASONS, MAX_TEXT_BYTES};
 use ferry_link::control::wire::{ProcessServerHeartbeat, ProcessServerOrders};
 use ferry_link::tls::certs::ServerCert;
 
@@ -108,8 +109,8 @@ impl Heartbeater for Reporter {
             upload_lag_s: g.upload_lag_s,
             cpu_percent: cpu,
             health: health_word(h.level).to_string(),
-            health_reasons: h.reasons,
-            machines: self.registry.connected_machines(),
+            health_reasons: bounded_reasons(h.reasons),
+            machines: bounded_machines(self.registry.connected_machines()),
         }
     }
 
@@ -133,6 +134,24 @@ impl Heartbeater for Reporter {
             }
         }
     }
+}
+
+/// The reasons as the control plane takes them: at most `MAX_REASONS`, each cut to
+/// `MAX_TEXT_BYTES`, so that a long reason never gets the heartbeat refused.
+fn bounded_reasons(reasons: Vec<String>) -> Vec<String> {
+    reasons
+        .iter()
+        .take(MAX_REASONS)
+        .map(|r| trimmed(r, MAX_TEXT_BYTES))
+        .collect()
+}
+
+/// The connected machines as the control plane takes them: the first `MAX_CONNECTED`
+/// by name. The list is shown, not acted on (the control plane assigns machines from
+/// its own table), so a process server with more still heartbeats.
+fn bounded_machines(mut machines: Vec<String>) -> Vec<String> {
+    machines.truncate(MAX_CONNECTED);
+    machines
 }
 
 /// This process's user and system CPU time so far, from /proc/self/stat.
@@ -169,6 +188,19 @@ mod tests {
         assert_eq!(cpu_seconds_from_stat(stat, 100.0), Some(3.0));
         assert_eq!(cpu_seconds_from_stat("garbage", 100.0), None);
         assert!(process_cpu_seconds().is_some_and(|s| s >= 0.0));
+    }
+
+    #[test]
+    fn what_a_heartbeat_reports_fits_the_control_planes_bounds() {
+        let reasons = vec!["r".repeat(MAX_TEXT_BYTES + 10); MAX_REASONS + 3];
+        let r = bounded_reasons(reasons);
+        assert_eq!(r.len(), MAX_REASONS);
+        assert!(r.iter().all(|r| r.len() <= MAX_TEXT_BYTES));
+        assert_eq!(bounded_reasons(vec!["cache full".into()]), ["cache full"]);
+        let machines: Vec<String> = (0..MAX_CONNECTED + 5).map(|i| format!("m{i:04}")).collect();
+        let m = bounded_machines(machines);
+        assert_eq!(m.len(), MAX_CONNECTED);
+        assert_eq!(m[0], "m0000");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use rcgen::{CertificateParams, KeyPair};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::limits::MAX_ANSWER_BYTES;
 use super::wire::{EnrollRequest, Issued, Kind, RenewRequest, HEARTBEAT_INTERVAL_S};
 use crate::tls::certs::{anonymous_client_config, client_config, CertError};
 
@@ -155,10 +156,18 @@ fn write_atomic(path: &Path, text: &str, private: bool) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    // A temporary file left by a crash keeps the mode it was made with (`mode` applies
+    // only to a file this call creates): remove it, so a key is never written into a
+    // file others can read.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_err("removing the stale", &tmp)(e))
+        }
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(if private { 0o600 } else { 0o644 })
         .open(&tmp)
         .map_err(io_err("writing", &tmp))?;
@@ -346,7 +355,7 @@ async fn post<B: Serialize, R: DeserializeOwned>(
         .await
         .map_err(http_err)?;
     let status = resp.status();
-    let bytes = resp.bytes().await.map_err(http_err)?;
+    let bytes = read_bounded(resp, &what).await?;
     if !status.is_success() {
         return Err(ControlError::Refused {
             what,
@@ -358,6 +367,32 @@ async fn post<B: Serialize, R: DeserializeOwned>(
         what,
         why: e.to_string(),
     })
+}
+
+/// The answer's body, refused once it is over `MAX_ANSWER_BYTES`: read chunk by chunk
+/// so that a broken or hostile answer never fills memory.
+async fn read_bounded(mut resp: reqwest::Response, what: &str) -> Result<Vec<u8>> {
+    let too_big = || ControlError::BadAnswer {
+        what: what.to_string(),
+        why: format!("the answer is over {MAX_ANSWER_BYTES} bytes"),
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|source| ControlError::Http {
+        what: what.to_string(),
+        source,
+    })? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The `detail` (or `title`) of an RFC 9457 problem; the start of the body otherwise.

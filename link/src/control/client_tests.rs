@@ -191,8 +191,9 @@ fn fake_server(tmp: &Path, status: &str, body: &'static str) -> (String, PathBuf
             "HTTP/1.1 {status}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
-        s.write_all(resp.as_bytes()).unwrap();
-        s.flush().unwrap();
+        // The client may hang up first (an answer it will not read whole).
+        let _ = s.write_all(resp.as_bytes());
+        let _ = s.flush();
         s.conn.send_close_notify();
         let _ = s.flush();
     });
@@ -227,6 +228,61 @@ fn a_refused_enrollment_shows_the_problem_detail_and_writes_nothing() {
     assert!(
         !dir.join("key.pem").exists(),
         "no key kept without a certificate"
+    );
+}
+
+#[test]
+fn a_refused_enrollment_never_shows_the_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, ca) = fake_server(
+        tmp.path(),
+        "401 Unauthorized",
+        r#"{"type":"about:blank","title":"Unauthorized","status":401,"detail":"unknown enrollment token"}"#,
+    );
+    let secret = "ferry_enroll_0123456789abcdef";
+    let err = ControlClient::open(&enrollment(&tmp.path().join("s"), &ca, &url), Some(secret))
+        .err()
+        .unwrap();
+    // What the agent prints and logs: the request and the refusal, not the credential.
+    for text in [err.to_string(), format!("{err:?}")] {
+        assert!(text.contains("unknown enrollment token"), "{text}");
+        assert!(!text.contains(secret), "{text}");
+    }
+}
+
+#[test]
+fn an_answer_over_the_bound_is_refused_unread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let huge: &'static str = "x".repeat(MAX_ANSWER_BYTES + 1).leak();
+    let (url, ca) = fake_server(tmp.path(), "200 OK", huge);
+    let dir = tmp.path().join("state");
+    let err = ControlClient::open(&enrollment(&dir, &ca, &url), Some("tok"))
+        .err()
+        .unwrap();
+    match &err {
+        ControlError::BadAnswer { why, .. } => assert!(why.contains("over"), "{why}"),
+        other => panic!("{other}"),
+    }
+    assert!(!IdentityFiles::in_dir(&dir).present());
+}
+
+#[test]
+fn a_stale_temporary_file_never_makes_the_key_readable_by_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Authority::create(&tmp.path().join("ca"), "test CA").unwrap();
+    let files = IdentityFiles::in_dir(tmp.path());
+    // What a crash between creating and renaming the temporary file leaves, made by
+    // another umask or program: readable by all.
+    let stale = files.key.with_extension("tmp");
+    std::fs::write(&stale, "half a key").unwrap();
+    std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (issued, key) = issued_with_key(&ca, "m1", "2027-01-01T00:00:00Z");
+    store(&files, &key, &issued, Utc::now()).unwrap();
+    let mode = std::fs::metadata(&files.key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key is its owner's only");
+    assert_eq!(
+        std::fs::read_to_string(&files.key).unwrap(),
+        key.serialize_pem()
     );
 }
 

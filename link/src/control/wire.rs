@@ -29,7 +29,9 @@ impl Kind {
 /// `POST /v1/enroll`, without a bearer token or client certificate: the one-time
 /// enrollment token is the credential. The key stays with the caller: only its CSR
 /// travels.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Its `Debug` leaves the token out: a request printed into a log or an error must
+/// not hand the one-time secret to whoever reads it.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     pub token: String,
@@ -43,6 +45,36 @@ pub struct EnrollRequest {
     /// names (agents connect to it there). Absent for agents.
     #[serde(default)]
     pub advertise: Option<String>,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token", &"(secret)")
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .field("advertise", &self.advertise)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_enroll_request_printed_for_debugging_does_not_show_its_token() {
+        let r = EnrollRequest {
+            token: "ferry_enroll_0123456789abcdef".into(),
+            kind: Kind::Agent,
+            name: "web1".into(),
+            csr_pem: String::new(),
+            advertise: None,
+        };
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert!(shown.contains("web1"), "{shown}");
+    }
 }
 
 /// The answer to enrollment and to renewal.

@@ -325,71 +325,13 @@ fn end_to_end_on_sqlite() {
 
 #[test]
 fn end_to_end_on_postgres() {
-    let Some(db) = fresh_postgres() else {
+    // Declared first, dropped last: every process of the test's site is gone by
+    // then, so nothing holds the database.
+    let Some(db) = ferry_testkit::postgres::fresh("ferry_e2e", "the end-to-end suite") else {
         return;
     };
     let _turn = SITE.lock().unwrap_or_else(|e| e.into_inner());
     enrolled_parts_follow_policies_moves_and_a_control_plane_kill(Some(&db.url));
-}
-
-/// A database of one test, dropped after it, pass or fail: by then every process
-/// of the test's site is gone (they drop first), so nothing holds it.
-struct TestDatabase {
-    base: String,
-    name: String,
-    url: String,
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        on_test_database(
-            &self.base,
-            &format!("DROP DATABASE IF EXISTS {}", self.name),
-        );
-    }
-}
-
-/// Runs one statement on FERRY_TEST_DATABASE.
-fn on_test_database(base: &str, sql: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::any::AnyPoolOptions::new()
-            .max_connections(1)
-            .connect(base)
-            .await
-            .unwrap();
-        sqlx::query(sql).execute(&pool).await.unwrap();
-        pool.close().await;
-    });
-}
-
-/// A new empty database beside FERRY_TEST_DATABASE's, so that this test shares no
-/// tables with the others. None (and a word) without one, a failure with
-/// FERRY_TEST_REQUIRE_REMOTE=1.
-fn fresh_postgres() -> Option<TestDatabase> {
-    let Ok(base) = std::env::var("FERRY_TEST_DATABASE") else {
-        if std::env::var("FERRY_TEST_REQUIRE_REMOTE").is_ok_and(|v| v == "1") {
-            panic!("FERRY_TEST_DATABASE is not set but FERRY_TEST_REQUIRE_REMOTE=1");
-        }
-        eprintln!("FERRY_TEST_DATABASE not set: the end-to-end suite not run on PostgreSQL");
-        return None;
-    };
-    let name = format!(
-        "ferry_e2e_{}_{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    on_test_database(&base, &format!("CREATE DATABASE {name}"));
-    let (head, _) = base.split('?').next().unwrap().rsplit_once('/').unwrap();
-    Some(TestDatabase {
-        url: format!("{head}/{name}"),
-        name,
-        base,
-    })
 }
 
 fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Option<&str>) {

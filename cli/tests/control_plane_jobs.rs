@@ -550,45 +550,6 @@ fn start_logging(args: &[&str], log: &Path) -> (Killed, String) {
     (child, url)
 }
 
-/// Runs one statement on FERRY_TEST_DATABASE.
-fn on_test_database(base: &str, sql: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::any::AnyPoolOptions::new()
-            .max_connections(1)
-            .connect(base)
-            .await
-            .unwrap();
-        sqlx::query(sql).execute(&pool).await.unwrap();
-        pool.close().await;
-    });
-}
-
-/// A new empty database beside FERRY_TEST_DATABASE's (so that this test shares no
-/// tables with the others): its name and URL. None (and a word) without one.
-fn fresh_postgres() -> Option<(String, String)> {
-    let Ok(base) = std::env::var("FERRY_TEST_DATABASE") else {
-        if std::env::var("FERRY_TEST_REQUIRE_REMOTE").is_ok_and(|v| v == "1") {
-            panic!("FERRY_TEST_DATABASE is not set but FERRY_TEST_REQUIRE_REMOTE=1");
-        }
-        eprintln!("FERRY_TEST_DATABASE not set: two control planes on PostgreSQL not tested");
-        return None;
-    };
-    let name = format!(
-        "ferry_jobs_{}_{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    on_test_database(&base, &format!("CREATE DATABASE {name}"));
-    let (head, _) = base.split('?').next().unwrap().rsplit_once('/').unwrap();
-    let url = format!("{head}/{name}");
-    Some((name, url))
-}
-
 #[test]
 fn two_control_planes_on_one_sqlite_file_run_each_job_once() {
     let site = Site::new();
@@ -598,13 +559,12 @@ fn two_control_planes_on_one_sqlite_file_run_each_job_once() {
 
 #[test]
 fn two_control_planes_on_one_postgres_run_each_job_once() {
-    let Some((db_name, database)) = fresh_postgres() else {
+    // Declared before the site: its control planes are gone when the database drops.
+    let Some(db) = ferry_testkit::postgres::fresh("ferry_jobs", "two control planes") else {
         return;
     };
     let site = Site::new();
-    two_control_planes_run_each_job_once(&site, &database);
-    let base = std::env::var("FERRY_TEST_DATABASE").unwrap();
-    on_test_database(&base, &format!("DROP DATABASE {db_name}"));
+    two_control_planes_run_each_job_once(&site, &db.url);
 }
 
 /// Two control planes on one database and store: each machine gets one retention

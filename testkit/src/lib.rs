@@ -5,7 +5,8 @@
 //! `server` build certificates and an in-process process server, `site` a loopback
 //! deployment with agents, `disk` random disk images, `wait` polls a condition with a
 //! deadline instead of sleeping, and `sim` is the simulated agent (a model disk and
-//! its journal) that the data plane's tests and the load benchmark drive.
+//! its journal) that the data plane's tests and the load benchmark drive;
+//! `postgres` makes a throwaway PostgreSQL database per test.
 //!
 //! Test code only: a dev-dependency (the benchmarks' load generator aside), never
 //! shipped, so it may panic on a failed set-up step: that fails the test, naming it.
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod disk;
 pub mod net;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod qemu;
 pub mod server;

@@ -64,6 +64,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "group listen",
         include_str!("../../migrations/0004_group_listen.sql"),
     ),
+    (
+        5,
+        "rebalancing",
+        include_str!("../../migrations/0005_rebalancing.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

@@ -54,12 +54,16 @@ async fn scenario(db: &Db) {
     process_servers::heartbeat(db, &ps_beat("ps-b"), t0)
         .await
         .unwrap();
-    // An operator puts m3 on ps-b: the rebalancer will leave it there.
-    assert!(machines::set_process_server(db, "m3", "ps-b", t0)
+    registry::agent_heartbeat(db, &agent_beat("m4"), None, t0)
+        .await
+        .unwrap();
+    assert_eq!(ps_of(db, "m4").await.as_deref(), Some("ps-b"));
+    // An operator puts m4 on ps-a too: that starts its rate window.
+    assert!(machines::set_process_server(db, "m4", "ps-a", t0)
         .await
         .unwrap());
 
-    // All seen: nothing moves (3 vs 0 is no overload while ps-b has not settled),
+    // All seen: nothing moves (4 vs 0 is no overload while ps-b has not settled),
     // and each server is normal from now on.
     let t = t0 as f64 + 1.0;
     assert_eq!(rebalance(db, t, 0.0).await.unwrap(), []);
@@ -67,7 +71,8 @@ async fn scenario(db: &Db) {
     assert_eq!(since["ps-a"], Some(t0 + 1));
     assert_eq!(since["ps-b"], Some(t0 + 1));
 
-    // ps-a falls silent; ps-b goes on. 20 s later ps-a is lost.
+    // ps-a falls silent; ps-b goes on. 20 s later ps-a is lost: its machines move,
+    // but the operator's m4, inside its window, stays.
     let t = t0 as f64 + 20.0;
     process_servers::heartbeat(db, &ps_beat("ps-b"), t as i64)
         .await
@@ -78,22 +83,23 @@ async fn scenario(db: &Db) {
             .iter()
             .map(|m| (m.machine.as_str(), m.to.as_str()))
             .collect::<Vec<_>>(),
-        [("m1", "ps-b"), ("m2", "ps-b")]
+        [("m1", "ps-b"), ("m2", "ps-b"), ("m3", "ps-b")]
     );
     assert_eq!(ps_of(db, "m1").await.as_deref(), Some("ps-b"));
+    assert_eq!(ps_of(db, "m4").await.as_deref(), Some("ps-a"));
     let since = normal_since(db).await.unwrap();
     assert_eq!(since["ps-a"], None, "a lost server is not normal");
     let evs = events::list(db, 0, 100).await.unwrap();
     let moved: Vec<_> = evs.iter().filter(|e| e.kind == "move").collect();
-    assert_eq!(moved.len(), 2, "{evs:?}");
+    assert_eq!(moved.len(), 3, "{evs:?}");
     assert_eq!(moved[0].subject, "machine m1");
     assert_eq!(
         moved[0].message,
         "process server ps-a not seen for 20 s: moved to ps-b"
     );
 
-    // ps-a comes back at once and settles; ps-b, holding all three, is overloaded,
-    // but every machine is inside its rate window: nothing moves back.
+    // ps-a comes back at once and settles; ps-b, holding three to its one, is
+    // overloaded, but every machine is inside its rate window: nothing moves back.
     let t = t0 as f64 + 21.0 + SETTLE_S_F;
     for name in ["ps-a", "ps-b"] {
         process_servers::heartbeat(db, &ps_beat(name), t0 + 21)
@@ -108,7 +114,7 @@ async fn scenario(db: &Db) {
     }
     assert_eq!(rebalance(db, t, 0.0).await.unwrap(), []);
 
-    // After the window, one machine goes back to ps-a (3 vs 0 -> 2 vs 1).
+    // After the window, one machine goes back to ps-a (3 vs 1 -> 2 vs 2).
     let t = t0 as f64 + 20.0 + COOLDOWN_S as f64;
     for name in ["ps-a", "ps-b"] {
         process_servers::heartbeat(db, &ps_beat(name), t as i64)

@@ -29,6 +29,7 @@ fn ps_beat(name: &str, free: u64) -> ProcessServerHeartbeat {
         health: "normal".into(),
         health_reasons: vec![],
         machines: vec!["m1".into()],
+        fenced: vec![],
     }
 }
 

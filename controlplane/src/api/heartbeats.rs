@@ -94,38 +94,13 @@ pub async fn process_server(
         let msg = format!("first heartbeat; agents reach it at {}", hb.address);
         events::add(&state.db, "registered", &subject, &msg, now).await?;
     }
-    // One event per fencing; the process server sends each until this answer reaches
-    // it, so a lost answer repeats an event rather than losing one.
-    for f in &hb.fenced {
-        let subject = format!("machine {}", f.machine);
-        events::add(
-            &state.db,
-            "fencing",
-            &subject,
-            &fencing_message(&hb.name, f),
-            now,
-        )
-        .await?;
-    }
+    process_servers::record_fencings(&state.db, &hb, now).await?;
     let limit = u32::try_from(MAX_REVOKED + 1).unwrap_or(u32::MAX);
     let revoked = whole_revoked_list(revoked_serials(&state.db, now, limit).await?)?;
     Ok(Json(ProcessServerOrders {
         revoked_serials: revoked,
         heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
     }))
-}
-
-/// What an operator reads about one fencing.
-fn fencing_message(ps: &str, f: &ferry_link::control::wire::FencedDisk) -> String {
-    let by = match f.new_writer.as_str() {
-        "" => "another writer".to_string(),
-        w => format!("process server {w}"),
-    };
-    format!(
-        "process server {ps} was fenced from disk {} at {}: {by} claimed it (writer epoch {}); \
-         {} bytes of its cached writes were dropped, the agent's journal or a resync refills them",
-        f.disk, f.time, f.epoch, f.dropped_bytes
-    )
 }
 
 /// The revoked list as fetched (at most one over `MAX_REVOKED`), if it is whole. A

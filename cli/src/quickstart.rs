@@ -226,6 +226,7 @@ fn process_server(cp: &Embedded, dir: &Path, store_url: &str) -> Result<(Running
     let mut so = ServerOptions::new("127.0.0.1:0".parse()?, dir.join("cache"));
     so.cache_bytes = 1 << 30;
     so.batch_delay = Duration::from_millis(50);
+    so.name = PROCESS_SERVER.into();
     let revoked = so.revoked.clone();
     let vault = VaultKey::load(&dir.join("vault.key"))?;
     let server = start(so, tls, Store::open(store_url)?, vault)?;

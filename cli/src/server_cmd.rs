@@ -123,6 +123,8 @@ pub fn process_server(a: ProcessServerArgs) -> Result<()> {
         }
     };
     let mut o = Options::new(a.listen, a.cache_dir.clone());
+    // The writer its commits carry: fencing tells servers apart by it.
+    o.name = name(&a)?;
     if let Some(n) = a.shards {
         o.shards = n;
     }

@@ -108,7 +108,7 @@ impl Server {
     /// Starts (or restarts) from the cache directory and the store.
     fn start(dir: &std::path::Path, store: &Store, vault: &VaultKey) -> Server {
         let (log, recovered) = DurableLog::open(dir, 64 << 10, 64 << 20, true).unwrap();
-        let mut uploader = DiskUploader::open(store, vault, "m", "d").unwrap();
+        let mut uploader = DiskUploader::open(store, vault, "m", "d", None).unwrap();
         uploader.set_disk_bytes(SIZE);
         let mut cached = Vec::new();
         for e in recovered.entries {

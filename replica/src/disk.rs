@@ -31,6 +31,9 @@ pub struct Disk {
     key: Option<DataKey>,
     /// Authenticates commit records; present exactly when `key` is.
     record_key: Option<RecordKey>,
+    /// The process server whose appends this handle commits (`set_writer`); None for
+    /// every other writer.
+    writer: Option<String>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -120,6 +123,7 @@ impl Disk {
             disk_id,
             key,
             record_key,
+            writer: None,
         })
     }
 
@@ -308,7 +312,20 @@ impl Disk {
         self.store.put_new(object, bytes).await.map(|_| ())
     }
 
+    /// A commit after `state`, in the state's writer epoch. A checkpoint replaces the
+    /// whole state, so it carries the state's writer forward; an append names none
+    /// but the one `set_writer` named (a process server's own).
+    /// Names the process server whose appends this handle commits (None: a writer
+    /// that is not one). It must hold the state's epoch, or the fold refuses them.
+    pub fn set_writer(&mut self, writer: Option<String>) {
+        self.writer = writer;
+    }
+
     pub fn new_commit(&self, state: &DiskState, kind: meta::CommitKind, next_seq: u64) -> Commit {
+        let writer = match kind {
+            meta::CommitKind::Checkpoint => state.writer.clone(),
+            meta::CommitKind::Append => self.writer.clone(),
+        };
         Commit {
             format: meta::COMMIT_FORMAT,
             commit: state.next_commit(),
@@ -319,6 +336,8 @@ impl Disk {
             base: None,
             segments: Vec::new(),
             points: Vec::new(),
+            epoch: state.epoch,
+            writer,
         }
     }
 }

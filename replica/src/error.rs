@@ -67,6 +67,17 @@ pub enum Error {
         grace_ms: u64,
         margin_ms: u64,
     },
+    /// Another process server claimed the disk: this writer may never commit to it
+    /// again (docs/storage-format.md 3, "Fencing").
+    #[error(
+        "disk {disk}: fenced: {writer} claimed writer epoch {epoch}, past this writer's epoch {held}; it may not commit to the disk again"
+    )]
+    Fenced {
+        disk: String,
+        held: u64,
+        epoch: u64,
+        writer: String,
+    },
     /// A caller asked for something the format cannot express.
     #[error("{0}")]
     Invalid(String),

@@ -144,6 +144,19 @@ pub struct Commit {
     pub segments: Vec<SegmentRef>,
     #[serde(default)]
     pub points: Vec<Point>,
+    /// The writer epoch this commit was made in (docs/storage-format.md 3, "Fencing"):
+    /// never lower than the state's; a process server's claim raises it by one.
+    /// Absent (0) in records written before fencing, which fold as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+    /// The process server that holds `epoch`; absent for writers that are not process
+    /// servers (seed, compaction's appends, resync tools), which keep the state's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `checkpoints/{checkpoint:020}.json`: says commit `checkpoint` replaces everything
@@ -289,6 +302,8 @@ mod tests {
                 stored_bytes: 10,
             }],
             points: Vec::new(),
+            epoch: 0,
+            writer: None,
         }
     }
 

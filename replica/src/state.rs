@@ -18,6 +18,12 @@ pub struct DiskState {
     pub segments: Vec<SegmentRef>,
     /// Live recovery points, in commit order (sequence order).
     pub points: Vec<Point>,
+    /// The writer epoch: raised by one by each process server's claim, never lowered
+    /// (0 for a disk no process server has claimed).
+    pub epoch: u64,
+    /// The process server that claimed `epoch` (from the newest record that named
+    /// one); None before any claim.
+    pub writer: Option<String>,
 }
 
 impl DiskState {
@@ -55,6 +61,7 @@ impl DiskState {
         if c.next_seq < self.next_seq && c.kind == CommitKind::Append {
             return Err(bad("sequence numbers go backwards".into()));
         }
+        let writer = self.writer_after(c).map_err(bad)?;
         let mut next = match c.kind {
             CommitKind::Checkpoint => DiskState {
                 head: Some(c.commit),
@@ -62,6 +69,8 @@ impl DiskState {
                 base: c.base.clone(),
                 segments: Vec::new(),
                 points: Vec::new(),
+                epoch: c.epoch,
+                writer,
             },
             CommitKind::Append => {
                 if c.base.is_some() {
@@ -70,6 +79,8 @@ impl DiskState {
                 let mut s = self.clone();
                 s.head = Some(c.commit);
                 s.next_seq = c.next_seq;
+                s.epoch = c.epoch;
+                s.writer = writer;
                 s
             }
         };
@@ -107,6 +118,41 @@ impl DiskState {
         }
         *self = next;
         Ok(())
+    }
+
+    /// The state's writer after `c`, or why `c` breaks the fencing rules: an epoch
+    /// never goes down, and within one epoch only its claimant names itself. A reader
+    /// that starts at a checkpoint takes the checkpoint's epoch as it is.
+    fn writer_after(&self, c: &Commit) -> std::result::Result<Option<String>, String> {
+        if self.head.is_none() {
+            return Ok(c.writer.clone());
+        }
+        if c.epoch < self.epoch {
+            return Err(format!(
+                "writer epoch {} follows epoch {} of {}: a fenced writer committed",
+                c.epoch,
+                self.epoch,
+                self.writer.as_deref().unwrap_or("no process server")
+            ));
+        }
+        if c.epoch > self.epoch {
+            return Ok(c.writer.clone());
+        }
+        match &c.writer {
+            None => Ok(self.writer.clone()),
+            Some(w) if Some(w) == self.writer.as_ref() => Ok(self.writer.clone()),
+            Some(w) => Err(format!(
+                "writer {w} commits in epoch {}, which {} holds",
+                c.epoch,
+                self.writer.as_deref().unwrap_or("no process server")
+            )),
+        }
+    }
+
+    /// Whether the state is in epoch `epoch` of `writer`: a process server commits
+    /// only then.
+    pub fn held_by(&self, epoch: u64, writer: Option<&str>) -> bool {
+        self.epoch == epoch && self.writer.as_deref() == writer
     }
 
     pub fn latest_point(&self) -> Option<&Point> {
@@ -167,6 +213,8 @@ mod tests {
             base: None,
             segments: Vec::new(),
             points: Vec::new(),
+            epoch: 0,
+            writer: None,
         }
     }
 
@@ -217,5 +265,116 @@ mod tests {
         let mut s = DiskState::default();
         s.fold("c", &c, DISK).unwrap();
         assert_eq!(s.stored_bytes_up_to(9), u64::MAX);
+    }
+
+    fn in_epoch(mut c: Commit, epoch: u64, writer: Option<&str>) -> Commit {
+        c.epoch = epoch;
+        c.writer = writer.map(str::to_string);
+        c
+    }
+
+    #[test]
+    fn an_epoch_never_goes_down_and_belongs_to_its_claimant() {
+        let mut s = DiskState::default();
+        s.fold("c0", &commit(0, CommitKind::Checkpoint, 1), DISK)
+            .unwrap();
+        assert!(s.held_by(0, None));
+        // A claim: the next epoch, its writer, nothing else.
+        let claim = in_epoch(commit(1, CommitKind::Append, 1), 1, Some("ps-a"));
+        s.fold("c1", &claim, DISK).unwrap();
+        assert!(s.held_by(1, Some("ps-a")));
+        s.fold(
+            "c2",
+            &in_epoch(commit(2, CommitKind::Append, 3), 1, Some("ps-a")),
+            DISK,
+        )
+        .unwrap();
+        // A writer that is no process server (a seed's append) keeps the claimant.
+        s.fold(
+            "c3",
+            &in_epoch(commit(3, CommitKind::Append, 4), 1, None),
+            DISK,
+        )
+        .unwrap();
+        assert!(s.held_by(1, Some("ps-a")));
+        // Another process server in ps-a's epoch, and any writer in an older one.
+        for (c, why) in [
+            (
+                in_epoch(commit(4, CommitKind::Append, 5), 1, Some("ps-b")),
+                "writer ps-b commits in epoch 1, which ps-a holds",
+            ),
+            (
+                in_epoch(commit(4, CommitKind::Append, 5), 0, Some("ps-a")),
+                "writer epoch 0 follows epoch 1 of ps-a",
+            ),
+            (
+                commit(4, CommitKind::Append, 5),
+                "writer epoch 0 follows epoch 1",
+            ),
+        ] {
+            let e = s.clone().fold("c4", &c, DISK).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("c4"), "{e}");
+        }
+        // ps-b claims epoch 2: from then on ps-a is fenced.
+        s.fold(
+            "c4",
+            &in_epoch(commit(4, CommitKind::Append, 4), 2, Some("ps-b")),
+            DISK,
+        )
+        .unwrap();
+        assert!(s.held_by(2, Some("ps-b")) && !s.held_by(1, Some("ps-a")));
+        let e = s
+            .clone()
+            .fold(
+                "c5",
+                &in_epoch(commit(5, CommitKind::Append, 6), 1, Some("ps-a")),
+                DISK,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("a fenced writer committed"), "{e}");
+    }
+
+    #[test]
+    fn a_checkpoint_carries_the_epoch_and_a_reader_starts_from_it() {
+        let mut s = DiskState::default();
+        s.fold("c0", &commit(0, CommitKind::Checkpoint, 1), DISK)
+            .unwrap();
+        s.fold(
+            "c1",
+            &in_epoch(commit(1, CommitKind::Append, 1), 3, Some("ps-a")),
+            DISK,
+        )
+        .unwrap();
+        let cp = in_epoch(commit(2, CommitKind::Checkpoint, 1), 3, Some("ps-a"));
+        s.fold("c2", &cp, DISK).unwrap();
+        assert!(s.held_by(3, Some("ps-a")));
+        // A checkpoint may not lower the epoch either.
+        let low = in_epoch(commit(3, CommitKind::Checkpoint, 1), 2, Some("ps-a"));
+        assert!(s.clone().fold("c3", &low, DISK).is_err());
+        // A reader that starts at the checkpoint takes its epoch and writer.
+        let mut r = DiskState::default();
+        r.fold("c2", &cp, DISK).unwrap();
+        assert!(r.held_by(3, Some("ps-a")));
+    }
+
+    // Records written before fencing carry neither field: they fold in epoch 0, and
+    // records without the fields serialise exactly as before (so their MACs hold).
+    #[test]
+    fn records_without_an_epoch_fold_as_before() {
+        let json = format!(
+            r#"{{"format":2,"commit":0,"disk_id":"{DISK}","kind":"checkpoint","time":"2026-01-01T00:00:00Z","next_seq":5}}"#
+        );
+        let c: Commit = serde_json::from_str(&json).unwrap();
+        assert_eq!((c.epoch, c.writer.as_deref()), (0, None));
+        assert!(!serde_json::to_string(&c).unwrap().contains("epoch"));
+        let mut s = DiskState::default();
+        s.fold("c0", &c, DISK).unwrap();
+        assert!(s.held_by(0, None));
+        let claim = in_epoch(commit(1, CommitKind::Append, 5), 1, Some("ps-a"));
+        let text = serde_json::to_string(&claim).unwrap();
+        assert!(text.contains(r#""epoch":1,"writer":"ps-a""#), "{text}");
+        s.fold("c1", &serde_json::from_str(&text).unwrap(), DISK)
+            .unwrap();
+        assert!(s.held_by(1, Some("ps-a")));
     }
 }

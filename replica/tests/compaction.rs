@@ -237,3 +237,48 @@ fn a_stale_writer_cannot_retake_a_number_a_compaction_deleted() {
     );
     assert_eq!(store.block(disk.load_state()).unwrap(), before);
 }
+
+// A checkpoint replaces the whole state: it must carry the writer epoch forward, or
+// the process server holding it would be fenced by compaction (or a fenced one let
+// back in).
+#[test]
+fn compaction_carries_the_writer_epoch_forward() {
+    let vault = VaultKey::generate();
+    let store =
+        Store::with_object_store(Arc::new(object_store::memory::InMemory::new()), "memory://");
+    let mut disk = store
+        .block(Disk::open_or_create(
+            &store,
+            "m",
+            "d0",
+            &vault,
+            4096,
+            128 << 10,
+        ))
+        .unwrap();
+    let mut state = DiskState::default();
+    let mut claim = disk.new_commit(&state, ferry_replica::meta::CommitKind::Append, 0);
+    claim.epoch = 1;
+    claim.writer = Some("ps-a".into());
+    store.block(disk.commit(&mut state, claim)).unwrap();
+    disk.set_writer(Some("ps-a".into()));
+    append_one(&disk, &mut state, 0).unwrap();
+    append_one(&disk, &mut state, 2).unwrap();
+    let opts = CompactOptions {
+        keep: Duration::zero(),
+        now: Utc::now(),
+        orphan_grace: Duration::zero(),
+    };
+    let report = compact(&disk, &opts).unwrap();
+    assert!(report.base_seq.is_some(), "{report:?}");
+    let mut after = store.block(disk.load_state()).unwrap();
+    assert!(
+        after.base.is_some() && after.held_by(1, Some("ps-a")),
+        "{after:?}"
+    );
+    // The claimant goes on committing; another server in its epoch may not.
+    append_one(&disk, &mut after, 4).unwrap();
+    disk.set_writer(Some("ps-b".into()));
+    let e = append_one(&disk, &mut after.clone(), 6).unwrap_err();
+    assert!(e.to_string().contains("which ps-a holds"), "{e}");
+}

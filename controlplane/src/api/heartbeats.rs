@@ -43,6 +43,21 @@ pub struct ProcessServerHeartbeatBody {
     health: String,
     health_reasons: Vec<String>,
     machines: Vec<String>,
+    /// Optional: disks it was fenced from (`wire::FencedDisk`), each an event of kind
+    /// `fencing`.
+    fenced: Vec<FencedDiskBody>,
+}
+
+/// `wire::FencedDisk`, as the OpenAPI document shows it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct FencedDiskBody {
+    machine: String,
+    disk: String,
+    epoch: u64,
+    new_writer: String,
+    dropped_bytes: u64,
+    time: String,
 }
 
 #[utoipa::path(post, path = "/v1/heartbeat/agent", tag = "heartbeats",
@@ -79,6 +94,7 @@ pub async fn process_server(
         let msg = format!("first heartbeat; agents reach it at {}", hb.address);
         events::add(&state.db, "registered", &subject, &msg, now).await?;
     }
+    process_servers::record_fencings(&state.db, &hb, now).await?;
     let limit = u32::try_from(MAX_REVOKED + 1).unwrap_or(u32::MAX);
     let revoked = whole_revoked_list(revoked_serials(&state.db, now, limit).await?)?;
     Ok(Json(ProcessServerOrders {

@@ -253,6 +253,7 @@ mod tests {
                 health: "normal".into(),
                 health_reasons: vec![],
                 machines: vec![],
+                fenced: vec![],
             };
             process_servers::heartbeat(&db, &hb, now).await.unwrap();
         }

@@ -17,7 +17,9 @@ pub mod events;
 pub mod machines;
 pub mod process_servers;
 
-use ferry_link::control::limits::{MAX_CONNECTED, MAX_POINT_ID_BYTES, MAX_REASONS, MAX_TEXT_BYTES};
+use ferry_link::control::limits::{
+    MAX_CONNECTED, MAX_FENCED, MAX_POINT_ID_BYTES, MAX_REASONS, MAX_TEXT_BYTES,
+};
 use ferry_link::control::wire::{
     AgentHeartbeat, AgentOrders, AgentPolicy, DiskReport, GroupMemberRef, PointRef,
     ProcessServerHeartbeat, ProcessServerRef, HEARTBEAT_INTERVAL_S,
@@ -153,6 +155,20 @@ pub fn check_process_server_heartbeat(hb: &ProcessServerHeartbeat) -> Result<(),
     }
     for m in &hb.machines {
         check_name("machine", m)?;
+    }
+    if hb.fenced.len() > MAX_FENCED {
+        return Err(format!(
+            "{} fenced disks in one heartbeat; at most {MAX_FENCED}",
+            hb.fenced.len()
+        ));
+    }
+    for f in &hb.fenced {
+        check_name("machine", &f.machine)?;
+        check_name("disk", &f.disk)?;
+        if !f.new_writer.is_empty() {
+            check_name("process server", &f.new_writer)?;
+        }
+        check_len("a fencing time", &f.time, MAX_TEXT_BYTES)?;
     }
     let finite = [hb.ingest_bytes_per_s, hb.upload_lag_s, hb.cpu_percent];
     if finite.iter().any(|v| !v.is_finite() || *v < 0.0) {

@@ -112,6 +112,27 @@ pub async fn loads(db: &Db) -> Result<std::collections::HashMap<String, i64>> {
         .collect()
 }
 
+/// One event of kind `fencing`, subject `machine NAME`, per disk the heartbeat says
+/// its process server was fenced from. The process server sends each until an answer
+/// reaches it, so a lost answer repeats an event rather than losing one. How many.
+pub async fn record_fencings(db: &Db, hb: &ProcessServerHeartbeat, now: i64) -> Result<usize> {
+    for f in &hb.fenced {
+        let by = match f.new_writer.as_str() {
+            "" => "another writer".to_string(),
+            w => format!("process server {w}"),
+        };
+        let message = format!(
+            "process server {} was fenced from disk {} at {}: {by} claimed it (writer \
+             epoch {}); {} bytes of its cached writes were dropped, and the agent's \
+             journal or a resync refills them",
+            hb.name, f.disk, f.time, f.epoch, f.dropped_bytes
+        );
+        let subject = format!("machine {}", f.machine);
+        super::events::add(db, "fencing", &subject, &message, now).await?;
+    }
+    Ok(hb.fenced.len())
+}
+
 /// Registers the process server at its first heartbeat, updates it at the others.
 /// True when this heartbeat registered it (or brought back a removed one).
 pub async fn heartbeat(db: &Db, hb: &ProcessServerHeartbeat, now: i64) -> Result<bool> {

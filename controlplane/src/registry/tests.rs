@@ -1,7 +1,9 @@
 //! Every query of the registry and of enrollment, run by `db::tests` on SQLite and,
 //! when FERRY_TEST_DATABASE names one, on PostgreSQL.
 
-use ferry_link::control::wire::{AgentHeartbeat, DiskReport, PointRef, ProcessServerHeartbeat};
+use ferry_link::control::wire::{
+    AgentHeartbeat, DiskReport, FencedDisk, PointRef, ProcessServerHeartbeat,
+};
 
 use super::{events, machines, process_servers};
 use crate::db::Db;
@@ -29,6 +31,7 @@ fn ps_beat(name: &str, free: u64) -> ProcessServerHeartbeat {
         health: "normal".into(),
         health_reasons: vec![],
         machines: vec!["m1".into()],
+        fenced: vec![],
     }
 }
 
@@ -315,6 +318,40 @@ pub(crate) async fn every_query(db: &Db) {
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].message, "e2");
 
+    // A fenced disk in a heartbeat is an event about its machine.
+    let mut hb = ps_beat("psa", 50);
+    hb.fenced = vec![FencedDisk {
+        machine: "m1".into(),
+        disk: "d0".into(),
+        epoch: 4,
+        new_writer: "psb".into(),
+        dropped_bytes: 8192,
+        time: "2026-01-01T00:00:00.000Z".into(),
+    }];
+    assert_eq!(
+        process_servers::record_fencings(db, &hb, now)
+            .await
+            .unwrap(),
+        1
+    );
+    let fenced = events::list(db, rest[0].id, 10).await.unwrap();
+    assert_eq!(fenced.len(), 1);
+    let f = &fenced[0];
+    assert_eq!(
+        (f.kind.as_str(), f.subject.as_str()),
+        ("fencing", "machine m1")
+    );
+    for part in [
+        "process server psa",
+        "disk d0",
+        "process server psb",
+        "epoch 4",
+        "8192 bytes",
+    ] {
+        assert!(f.message.contains(part), "{part:?} not in {}", f.message);
+    }
+    let rest = fenced;
+
     // The sweep: psb and psold not seen long after `now`; an event each, once.
     let later = now as f64 + 60.0;
     let changed = crate::health::sweep(db, later).await.unwrap();
@@ -515,7 +552,7 @@ async fn concurrent_heartbeats_on_the_test_database_all_succeed() {
 #[test]
 fn heartbeat_fields_over_their_bounds_are_refused() {
     use ferry_link::control::limits::{
-        MAX_CONNECTED, MAX_POINT_ID_BYTES, MAX_REASONS, MAX_TEXT_BYTES,
+        MAX_CONNECTED, MAX_FENCED, MAX_POINT_ID_BYTES, MAX_REASONS, MAX_TEXT_BYTES,
     };
     let check = super::check_agent_heartbeat;
     let mut hb = agent_beat("m1", "protected", Some("2026-01-01T00:00:00Z"));
@@ -555,4 +592,23 @@ fn heartbeat_fields_over_their_bounds_are_refused() {
     hb.health_reasons = vec!["r".repeat(MAX_TEXT_BYTES + 1)];
     let e = check(&hb).unwrap_err();
     assert!(e.contains("health reason"), "{e}");
+    hb.health_reasons.clear();
+    let fenced = FencedDisk {
+        machine: "m1".into(),
+        disk: "d0".into(),
+        epoch: 2,
+        new_writer: String::new(),
+        dropped_bytes: 0,
+        time: "2026-01-01T00:00:00Z".into(),
+    };
+    hb.fenced = vec![fenced.clone(); MAX_FENCED];
+    check(&hb).unwrap();
+    hb.fenced.push(fenced.clone());
+    let e = check(&hb).unwrap_err();
+    assert!(e.contains("33 fenced disks"), "{e}");
+    hb.fenced = vec![FencedDisk {
+        disk: "../d".into(),
+        ..fenced
+    }];
+    assert!(check(&hb).is_err());
 }

@@ -87,8 +87,8 @@ async fn serve_inner(
     };
     let mut inbuf: Vec<u8> = Vec::with_capacity(128 << 10);
     let first = read_first(shard, &mut reader, &mut inbuf).await;
-    let (hello_len, entry, progress) = match first {
-        Ok(v) => v,
+    let (hello_len, entry, progress, claimed) = match first {
+        Ok(f) => (f.used, f.entry, f.progress, f.claimed),
         Err(End::Reject(r)) => return refuse(shard, writer, r).await,
         Err(End::Gone(why)) => return Err(ConnError::Gone(why)),
         Err(End::Bye) => return Ok(()),
@@ -116,6 +116,12 @@ async fn serve_inner(
         Ok(c) => c,
         Err(r) => return refuse(shard, writer, r).await,
     };
+    // A new claim dropped what this server cached under an older one; an earlier
+    // session of that claim, ended now, may have raised the watermarks meanwhile.
+    if let Some(n) = claimed {
+        entry.uploaded.store(n, Ordering::SeqCst);
+        entry.durable.store(n, Ordering::SeqCst);
+    }
     // The progress read before the claim may be stale if an earlier session just
     // ended: answer with the watermarks as they are now.
     let progress = super::session::Progress {
@@ -131,6 +137,8 @@ async fn serve_inner(
         }
     };
     // The Hello goes into the cache too: it carries the disk size for the points.
+    // Where it lies marks where this claim's writes begin in this shard's log.
+    let hello_at = shard.log.borrow().end_position();
     let appended = if shard.durable.borrow().failed {
         Err(LogError::Full { used: 0, max: 0 })
     } else {
@@ -139,6 +147,28 @@ async fn serve_inner(
     if let Err(e) = appended {
         entry.release(claim);
         return refuse(shard, writer, unavailable(format!("cache: {e}"))).await;
+    }
+    // On record before the Welcome, so that a restart tells this claim's writes from
+    // an older one's (`claims`).
+    if let Some(rec) = entry.cached_hello(shard.shared.id, hello_at) {
+        let claims = shard.registry.claims.clone();
+        let (m, d) = (entry.machine.clone(), entry.disk.clone());
+        let put = compio::runtime::spawn_blocking(move || claims.put(&m, &d, &rec))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ferry_replica::Error::Invalid(
+                    "writing the claim panicked".into(),
+                ))
+            });
+        if let Err(e) = put {
+            entry.release(claim);
+            return refuse(
+                shard,
+                writer,
+                unavailable(format!("disk {}: {e}", entry.key)),
+            )
+            .await;
+        }
     }
     let mut out = Vec::new();
     encode(&Frame::Welcome(welcome), &mut out);

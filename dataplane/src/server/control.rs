@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_link::control::client::{Heartbeater, IdentityFiles};
-use ferry_link::control::limits::{trimmed, MAX_CONNECTED, MAX_REASONS, MAX_TEXT_BYTES};
+use ferry_link::control::limits::{
+    trimmed, MAX_CONNECTED, MAX_FENCED, MAX_REASONS, MAX_TEXT_BYTES,
+};
 use ferry_link::control::wire::{ProcessServerHeartbeat, ProcessServerOrders};
 use ferry_link::tls::certs::ServerCert;
 
@@ -43,6 +45,8 @@ pub struct Reporter {
     last: Option<Sample>,
     /// The certificate agents see, replaced when the control plane renews it.
     cert: Option<Arc<ServerCert>>,
+    /// The last fencing the report in flight carries: answered, it is sent no more.
+    fencings_sent: Option<u64>,
 }
 
 impl Reporter {
@@ -61,6 +65,7 @@ impl Reporter {
             revoked,
             last: None,
             cert: None,
+            fencings_sent: None,
         }
     }
 
@@ -99,6 +104,9 @@ impl Heartbeater for Reporter {
         };
         self.last = Some(now);
         let room = g.cache_max_bytes.saturating_sub(g.cache_bytes);
+        // Each fencing goes out until a heartbeat carrying it is answered.
+        let (fenced, sent) = self.registry.fencings(MAX_FENCED);
+        self.fencings_sent = sent;
         ProcessServerHeartbeat {
             name: self.name.clone(),
             address: self.address.clone(),
@@ -111,10 +119,14 @@ impl Heartbeater for Reporter {
             health: health_word(h.level).to_string(),
             health_reasons: bounded_reasons(h.reasons),
             machines: bounded_machines(self.registry.connected_machines()),
+            fenced,
         }
     }
 
     fn apply(&mut self, orders: ProcessServerOrders) -> f64 {
+        if let Some(last) = self.fencings_sent.take() {
+            self.registry.fencings_answered(last);
+        }
         if self.revoked.replace(&orders.revoked_serials) {
             tracing::info!(
                 revoked = self.revoked.len(),

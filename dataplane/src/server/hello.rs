@@ -14,13 +14,24 @@ use super::registry::DiskEntry;
 use super::session::Reject;
 use super::shard::Shard;
 
+/// What the first frame started.
+pub(super) struct First {
+    /// The Hello's length in the buffer.
+    pub used: usize,
+    pub entry: Arc<DiskEntry>,
+    pub progress: super::session::Progress,
+    /// The replica's `next_seq` where this server just claimed the disk and dropped
+    /// what it had cached under an older claim: the session's watermarks.
+    pub claimed: Option<u64>,
+}
+
 /// Reads until the first frame is whole; it must be a Hello naming a valid disk.
 /// Returns its length in `inbuf`, the disk and its watermarks.
 pub(super) async fn read_first(
     shard: &Shard,
     reader: &mut TlsReader,
     inbuf: &mut Vec<u8>,
-) -> Result<(usize, Arc<DiskEntry>, super::session::Progress), End> {
+) -> Result<First, End> {
     let timeout = shard.opts.peer_timeout;
     loop {
         match decode(inbuf, shard.opts.limits.max_payload) {
@@ -58,21 +69,30 @@ pub(super) async fn read_first(
                 let entry = shard.registry.entry(&key);
                 let registry = shard.registry.clone();
                 let e2 = entry.clone();
+                // Claims the disk in the replica unless this server owns it already
+                // (docs/protocol.md, Session 2).
                 let opened = compio::runtime::spawn_blocking(move || {
-                    e2.open(&registry.store, &registry.vault)
-                        .map_err(|e| e.to_string())
+                    e2.open_for_session(&registry).map_err(|e| e.to_string())
                 })
                 .await
                 .unwrap_or_else(|_| Err("opening the disk panicked".into()));
-                if let Err(e) = opened {
-                    shard.metrics.borrow_mut().error("store");
-                    return Err(End::Reject(unavailable(format!("disk {key}: {e}"))));
-                }
+                let claimed = match opened {
+                    Ok(c) => c,
+                    Err(e) => {
+                        shard.metrics.borrow_mut().error("store");
+                        return Err(End::Reject(unavailable(format!("disk {key}: {e}"))));
+                    }
+                };
                 let progress = super::session::Progress {
                     durable: entry.durable.load(Ordering::SeqCst),
                     uploaded: entry.uploaded.load(Ordering::SeqCst),
                 };
-                return Ok((used, entry, progress));
+                return Ok(First {
+                    used,
+                    entry,
+                    progress,
+                    claimed,
+                });
             }
             Ok(Decoded::Frame(_, _)) => {
                 return Err(End::Reject(Reject {

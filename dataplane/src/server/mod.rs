@@ -2,6 +2,7 @@
 //! so that tests can drive it directly; the rest runs it: shards with their own compio
 //! runtime and cache log, TLS connections, the upload stage, and the metrics endpoint.
 
+pub mod claims;
 pub mod conn;
 pub mod control;
 mod end;

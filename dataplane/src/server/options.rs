@@ -11,6 +11,9 @@ use super::session::Limits;
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// This server's name: the writer its commits carry, which fencing tells apart
+    /// (docs/storage-format.md 3). Unique among the servers writing to one store.
+    pub name: String,
     pub listen: SocketAddr,
     pub cache_dir: PathBuf,
     /// Bound of the cache over all shards; each shard gets an equal part.
@@ -45,6 +48,12 @@ pub struct Options {
 impl Options {
     pub fn new(listen: SocketAddr, cache_dir: PathBuf) -> Options {
         Options {
+            // The host's name, as `ferry process-server` takes it without --name.
+            name: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "process-server".into()),
             listen,
             cache_dir,
             cache_bytes: 8 << 30,

@@ -75,7 +75,9 @@ pub fn start(
     crate::cache::refuse_stray_shards(&opts.cache_dir, opts.shards)?;
     let opts = Arc::new(opts);
     let tls = Arc::new(tls);
-    let registry = Arc::new(Registry::new(store, vault).with_orphan_grace(opts.orphan_grace));
+    let claims = super::claims::Claims::new(&opts.cache_dir, &opts.name);
+    let registry =
+        Arc::new(Registry::new(store, vault, claims).with_orphan_grace(opts.orphan_grace));
     let per_shard = opts.cache_bytes / opts.shards as u64;
     // Files are freed whole once uploaded: keep several per shard, or a small cache
     // would throttle before its first file could roll over and be freed.

@@ -7,15 +7,22 @@
 //! A segment whose commit would start after the orphan grace (less its margin) from
 //! its put is abandoned, never committed: compaction may already have collected it.
 //! The upload is sealed again under a fresh name and redone (`append_writes`).
+//!
+//! Every commit carries the writer epoch this server holds (docs/storage-format.md 3,
+//! "Fencing"), and it commits only while the replica's state is in that epoch of that
+//! writer: once another server claimed the disk, `upload` answers `Error::Fenced`.
 
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use ferry_replica::grace::ORPHAN_GRACE;
+use ferry_replica::meta::CommitKind;
 use ferry_replica::meta::Point;
 use ferry_replica::object::SealContext;
 use ferry_replica::writer::{append_writes, Payload, Write};
-use ferry_replica::{Disk, DiskState, PointKind, Result, Store, VaultKey};
+use ferry_replica::{Disk, DiskState, Error, PointKind, Result, Store, VaultKey};
+
+use crate::server::claims::{ClaimRecord, Claims};
 
 use ferry_link::protocol::{Frame, PointKindWire};
 
@@ -32,7 +39,13 @@ pub struct DiskUploader {
     pub sealed_bytes: u64,
     /// Uploads abandoned and redone because they outlived the commit deadline.
     pub redone: u64,
+    /// The writer epoch and name its commits carry: this server's claim on record, or
+    /// (0, none) where it has none (writes cached before fencing existed).
+    held: (u64, Option<String>),
 }
+
+/// Attempts at a claim when other servers' commits keep winning the number.
+const CLAIM_ATTEMPTS: usize = 5;
 
 impl DiskUploader {
     pub fn open(
@@ -40,8 +53,9 @@ impl DiskUploader {
         vault: &VaultKey,
         machine: &str,
         disk: &str,
+        claim: Option<&ClaimRecord>,
     ) -> Result<DiskUploader> {
-        let disk = store.block(Disk::open_or_create(
+        let mut disk = store.block(Disk::open_or_create(
             store,
             machine,
             disk,
@@ -51,6 +65,8 @@ impl DiskUploader {
         ))?;
         let state = store.block(disk.load_state())?;
         let disk_bytes = state.latest_point().map_or(0, |p| p.disk_bytes);
+        let held = claim.map_or((0, None), |c| (c.epoch, Some(c.writer.clone())));
+        disk.set_writer(held.1.clone());
         Ok(DiskUploader {
             disk,
             state,
@@ -60,7 +76,72 @@ impl DiskUploader {
             plain_bytes: 0,
             sealed_bytes: 0,
             redone: 0,
+            held,
         })
+    }
+
+    /// Whether the replica, as last folded, is in the epoch this server holds.
+    pub fn owns(&self) -> bool {
+        self.state.held_by(self.held.0, self.held.1.as_deref())
+    }
+
+    /// The epoch this server holds.
+    pub fn held_epoch(&self) -> u64 {
+        self.held.0
+    }
+
+    /// Folds the replica's commit records again.
+    pub fn reload(&mut self) -> Result<()> {
+        self.state = self.disk.store.block(self.disk.load_state())?;
+        Ok(())
+    }
+
+    fn fenced(&self) -> Error {
+        Error::Fenced {
+            disk: self.disk.paths.label(),
+            held: self.held.0,
+            epoch: self.state.epoch,
+            writer: self
+                .state
+                .writer
+                .clone()
+                .unwrap_or_else(|| "a writer that names none".into()),
+        }
+    }
+
+    /// Claims the disk for `claims.me`: the next epoch, written on record first, then
+    /// an append commit with nothing in it but the epoch and the name. `kept_cache`:
+    /// this server owns the disk now, so what it cached stays valid. A lost race folds
+    /// again and claims the epoch after the winner's.
+    pub fn claim(&mut self, claims: &Claims, kept_cache: bool) -> Result<ClaimRecord> {
+        let mut last = None;
+        for _ in 0..CLAIM_ATTEMPTS {
+            self.reload()?;
+            let rec = ClaimRecord {
+                epoch: self.state.epoch + 1,
+                writer: claims.me.clone(),
+                kept_cache: kept_cache && self.owns(),
+                starts: Default::default(),
+            };
+            // On record before the commit: see `crate::server::claims`.
+            claims.put(&self.disk.info.machine, &self.disk.info.disk, &rec)?;
+            let mut c = self
+                .disk
+                .new_commit(&self.state, CommitKind::Append, self.state.next_seq);
+            c.epoch = rec.epoch;
+            c.writer = Some(rec.writer.clone());
+            let store = self.disk.store.clone();
+            match store.block(self.disk.commit(&mut self.state, c)) {
+                Ok(()) => {
+                    self.held = (rec.epoch, Some(rec.writer.clone()));
+                    self.disk.set_writer(Some(rec.writer.clone()));
+                    return Ok(rec);
+                }
+                Err(e @ Error::Conflict { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Invalid("no claim attempt was made".into())))
     }
 
     /// Holds uploads to another orphan grace than `ORPHAN_GRACE` (it must be the one
@@ -156,8 +237,11 @@ impl DiskUploader {
                 Payload::Zero(_) => 0,
             })
             .sum();
+        if !self.owns() {
+            return Err(self.fenced());
+        }
         let store = self.disk.store.clone();
-        let done = store.block(append_writes(
+        let done = match store.block(append_writes(
             &self.disk,
             &mut self.state,
             &mut self.ctx,
@@ -165,7 +249,16 @@ impl DiskUploader {
             points,
             next,
             self.orphan_grace,
-        ))?;
+        )) {
+            Ok(d) => d,
+            // Another writer took the number: fold again; if it claimed the disk,
+            // these writes are never retried.
+            Err(e @ Error::Conflict { .. }) => {
+                self.reload()?;
+                return Err(if self.owns() { e } else { self.fenced() });
+            }
+            Err(e) => return Err(e),
+        };
         if done.redone > 0 {
             tracing::warn!(
                 disk = %self.disk.paths.label(),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_link::log::{Position, Tailer};
-use ferry_link::protocol::{decode, Decoded, Frame};
+use ferry_link::protocol::{decode, payload_bytes, Decoded, Frame};
 
 use crate::server::options::Options;
 use crate::server::registry::Registry;
@@ -186,17 +186,20 @@ pub fn run(
     }
 }
 
+/// One cached record: where it lies in the log, and its frame.
+type Cached<'a> = (Position, &'a [u8]);
+
 /// A batch's frames by disk, each disk's in log order, disks in order of first
 /// appearance; the payloads stay where the tail read them.
-fn by_disk<'a>(batch: &ferry_link::log::Batch<'a>) -> Vec<(&'a str, Vec<&'a [u8]>)> {
-    let mut out: Vec<(&'a str, Vec<&'a [u8]>)> = Vec::new();
+fn by_disk<'a>(batch: &ferry_link::log::Batch<'a>) -> Vec<(&'a str, Vec<Cached<'a>>)> {
+    let mut out: Vec<(&'a str, Vec<Cached<'a>>)> = Vec::new();
     let mut index: HashMap<&'a str, usize> = HashMap::new();
     for e in batch.iter() {
         let i = *index.entry(e.disk).or_insert_with(|| {
             out.push((e.disk, Vec::new()));
             out.len() - 1
         });
-        out[i].1.push(e.payload);
+        out[i].1.push((e.at, e.payload));
     }
     out
 }
@@ -313,18 +316,30 @@ impl Pass<'_> {
     }
 }
 
-/// Uploads one disk's frames, once.
+/// Uploads one disk's frames, once. Frames cached under an older claim of this
+/// server, or after it was fenced from the disk, are dropped (docs/storage-format.md 3,
+/// "Fencing"): they count as handled, so the cache is freed past them.
 fn upload_once(
     shard: &ShardShared,
     registry: &Registry,
     status: &UploadStatus,
     key: &str,
-    payloads: &[&[u8]],
+    records: &[Cached<'_>],
 ) -> ferry_replica::Result<()> {
-    let frames: Vec<Frame<'_>> = payloads
+    let entry = registry.entry(key);
+    let reopen = |e: ferry_replica::Error| {
+        // The commit may have landed with its reply lost: reopen from the store
+        // next time, so the retry starts from what is really there.
+        *entry.uploader.lock().expect("uploader lock") = None;
+        status.failing.store(true, Ordering::Relaxed);
+        e
+    };
+    entry.open(registry).map_err(reopen)?;
+    let mut dropped = 0u64;
+    let frames: Vec<Frame<'_>> = records
         .iter()
-        .filter_map(|p| match decode(p, u32::MAX) {
-            Ok(Decoded::Frame(f, _)) => Some(f),
+        .filter_map(|(at, p)| match decode(p, u32::MAX) {
+            Ok(Decoded::Frame(f, _)) => Some((*at, f)),
             _ => {
                 tracing::error!(
                     shard = shard.id,
@@ -334,34 +349,48 @@ fn upload_once(
                 None
             }
         })
+        .filter_map(|(at, f)| {
+            if entry.is_stale(shard.id, at) {
+                dropped += payload_bytes(&f);
+                return None;
+            }
+            Some(f)
+        })
         .collect();
-    let entry = registry.entry(key);
-    let result = entry.open(&registry.store, &registry.vault).and_then(|_| {
+    let result = {
         let mut guard = entry.uploader.lock().expect("uploader lock");
         let up = guard.as_mut().expect("opened above");
         let (p0, s0) = (up.plain_bytes, up.sealed_bytes);
-        let w = up.upload(&frames)?;
+        let w = up.upload(&frames);
         status
             .plain_bytes
             .fetch_add(up.plain_bytes - p0, Ordering::Relaxed);
         status
             .sealed_bytes
             .fetch_add(up.sealed_bytes - s0, Ordering::Relaxed);
-        Ok(w)
-    });
+        w
+    };
     match result {
         Ok(w) => {
             entry.uploaded.fetch_max(w, Ordering::SeqCst);
-            Ok(())
         }
-        Err(e) => {
-            // The commit may have landed with its reply lost: reopen from the store
-            // next time, so the retry starts from what is really there.
-            *entry.uploader.lock().expect("uploader lock") = None;
-            status.failing.store(true, Ordering::Relaxed);
-            Err(e)
+        // Another server claimed the disk: these writes are dropped, never retried.
+        Err(ferry_replica::Error::Fenced { .. }) => {
+            entry.open(registry).map_err(reopen)?;
+            dropped += frames.iter().map(payload_bytes).sum::<u64>();
         }
+        Err(e) => return Err(reopen(e)),
     }
+    if dropped > 0 {
+        registry.note_dropped(key, dropped);
+        tracing::debug!(
+            shard = shard.id,
+            disk = key,
+            dropped,
+            "dropped cached writes of an older claim"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,9 @@ pub const MAX_REASONS: usize = 16;
 /// The most machines one process server heartbeat may list as connected: 512 names of
 /// at most 64 bytes stay well under the 64 KiB body limit.
 pub const MAX_CONNECTED: usize = 512;
+/// The most fenced disks one process server heartbeat may report (about 200 bytes
+/// each); more wait for the next heartbeat.
+pub const MAX_FENCED: usize = 32;
 /// The most bytes of a control plane's answer a part reads: the revoked list of a
 /// large fleet fits many times over, and a broken or hostile answer cannot fill memory.
 pub const MAX_ANSWER_BYTES: usize = 4 << 20;

@@ -209,6 +209,29 @@ pub struct ProcessServerHeartbeat {
     pub health_reasons: Vec<String>,
     /// Agents connected now, by machine name.
     pub machines: Vec<String>,
+    /// Disks this process server was fenced from since its last answered heartbeat
+    /// (another one claimed them): each is sent until a heartbeat carrying it is
+    /// answered, at most `limits::MAX_FENCED` at a time. Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced: Vec<FencedDisk>,
+}
+
+/// A disk a process server may no longer commit to: the replica's writer epoch went
+/// past its claim (docs/storage-format.md 3, "Fencing"). It dropped the disk's cached
+/// writes that were not in the replica; the agent's journal or a resync refills them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FencedDisk {
+    pub machine: String,
+    pub disk: String,
+    /// The replica's writer epoch that fenced it.
+    pub epoch: u64,
+    /// The process server that holds that epoch ("" where the record names none).
+    pub new_writer: String,
+    /// Payload bytes of cached writes dropped so far (never uploaded).
+    pub dropped_bytes: u64,
+    /// When it found out, RFC 3339.
+    pub time: String,
 }
 
 /// The answer to a process server's heartbeat.

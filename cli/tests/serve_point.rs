@@ -335,13 +335,26 @@ fn serve_point_reads_writes_restarts_and_hydrates() {
     assert_eq!(status(&overlay)["disks"][0]["fetched_objects"], 0);
     child.kill();
 
-    // Other points serve their own content.
+    // Other points serve their own content; qemu-img agrees, byte for byte.
     for p in [0usize, 2] {
         let o = env.dir.join(format!("overlay-{p}"));
         let (mut child, addr) = env.serve(&format!("p{p}"), &o, &[]);
         assert!(
             read_all(addr, "sda", 40 * MIB) == at_point[p][0],
             "p{p} differs"
+        );
+        let raw = env.dir.join(format!("p{p}.raw"));
+        std::fs::write(&raw, &at_point[p][0]).unwrap();
+        let out = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", raw.to_str().unwrap()])
+            .arg(format!("nbd://{addr}/sda"))
+            .output()
+            .expect("qemu-img (Debian package qemu-utils) runs");
+        assert!(
+            out.status.success(),
+            "qemu-img compare at p{p}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
         child.kill();
     }

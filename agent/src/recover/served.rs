@@ -136,14 +136,16 @@ impl ServedDisk {
             .base
             .as_ref()
             .map_or(disk.info.extent_bytes, |b| b.extent_bytes);
+        let size = point.disk_bytes;
+        let count = size.div_ceil(extent_bytes) as usize;
+        // Extents past the point's size (the disk shrank after the base) are never read.
         let extents: HashMap<u64, ExtentRef> = state
             .base
             .iter()
             .flat_map(|b| &b.extents)
+            .filter(|e| e.index < count as u64)
             .map(|e| (e.index, e.clone()))
             .collect();
-        let size = point.disk_bytes;
-        let count = size.div_ceil(extent_bytes) as usize;
 
         let log_path = dir.join(format!("{name}.log"));
         let log_file = open_rw(&log_path, true)?;
@@ -328,7 +330,7 @@ impl ServedDisk {
             .extents
             .keys()
             .copied()
-            .filter(|i| !self.is_hydrated(*i) && (*i as usize) < self.hydrated.len())
+            .filter(|i| !self.is_hydrated(*i))
             .collect();
         left.sort_unstable();
         left
@@ -467,11 +469,7 @@ fn decode_log(
                         match r.data {
                             Some(d) => {
                                 file.write_all_at(&d[..len as usize], pos).map_err(|e| {
-                                    ferry_replica::Error::io(
-                                        "write",
-                                        path.display().to_string(),
-                                        e,
-                                    )
+                                    ferry_replica::Error::io("write", path.display().to_string(), e)
                                 })?;
                                 log.insert(r.offset, r.offset + len, Src::At(pos));
                                 pos += len;
@@ -508,5 +506,37 @@ impl Device for ServedDisk {
 
     fn flush(&self) -> io::Result<()> {
         self.overlay.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_at_most_its_bound_least_recently_used_out() {
+        let mut lru = Lru {
+            cap: 2,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        for i in 0..3 {
+            lru.put(i, Arc::new(vec![i as u8]));
+            // 0 is used again after 1 was put: 1 is the one to go.
+            if i == 1 {
+                assert!(lru.get(0).is_some());
+            }
+        }
+        assert_eq!(lru.map.len(), 2);
+        assert!(lru.get(1).is_none());
+        assert_eq!(lru.get(0).as_deref(), Some(&vec![0u8]));
+        assert_eq!(lru.get(2).as_deref(), Some(&vec![2u8]));
+        let mut off = Lru {
+            cap: 0,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        off.put(0, Arc::new(vec![0]));
+        assert!(off.map.is_empty());
     }
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod image;
 pub mod live;
 pub mod nbd;
+pub mod recover;
 pub mod seed;
 
 pub use seed::{seed, SeedOptions, SeedReport};

@@ -5,6 +5,7 @@
 mod cache_io;
 mod ceilings;
 mod ingest;
+mod instant;
 mod load;
 mod machine;
 mod peers;
@@ -45,6 +46,15 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 2)]
         gib: usize,
+    },
+    /// Instant recovery: start to first read over NBD of a sparse disk, and hydrated
+    /// reads against the local disk's own read speed
+    InstantRecovery {
+        /// A directory on the disk to measure (store, image and overlay go there)
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        gib: u64,
     },
     /// Seed an image into a local store, then time a failover rebuild of it
     Rebuild {
@@ -147,6 +157,10 @@ fn run(command: Command) -> Result<()> {
         Command::CacheIo { dir, gib } => {
             machine::print();
             cache_io::cache_io(&dir, gib)?;
+        }
+        Command::InstantRecovery { dir, gib } => {
+            machine::print();
+            instant::run(&dir, gib)?;
         }
         Command::Rebuild { image } => {
             machine::print();
@@ -303,6 +317,12 @@ mod smoke {
             point_interval_s: 0.5,
         })
         .unwrap();
+    }
+
+    #[test]
+    fn instant_recovery_runs_on_a_small_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::instant::run(dir.path(), 1).unwrap();
     }
 
     #[test]

@@ -89,6 +89,9 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Serve every disk of a machine at a recovery point over NBD at once (instant
+    /// recovery): reads fetch what they cover, writes go to a local journaled overlay
+    ServePoint(Box<crate::serve_point_cmd::ServePointArgs>),
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
     ProcessServer(Box<crate::server_cmd::ProcessServerArgs>),
@@ -277,6 +280,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::ServePoint(a) => crate::serve_point_cmd::run(*a)?,
         Command::ProcessServer(a) => crate::server_cmd::process_server(*a)?,
         Command::Quickstart { dir } => crate::quickstart::run(dir)?,
         Command::Agent(a) => crate::agent_cmd::agent(*a)?,

@@ -8,6 +8,7 @@ mod control_plane_cmd;
 mod cp;
 mod progress;
 mod quickstart;
+mod serve_point_cmd;
 mod server_cmd;
 
 use std::process::ExitCode;

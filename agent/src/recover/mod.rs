@@ -1,0 +1,47 @@
+//! Instant recovery: serving a recovery point over NBD at once, without rebuilding it
+//! first (`ferry serve-point`).
+//!
+//! Why here: the NBD server and its `Device` trait are the agent's, and the agent
+//! already links the replica library; the control plane only chooses the point (the
+//! CLI asks it), so this module takes opened disks and chosen points.
+//!
+//! A served disk reads in three layers, each over the one before: the base (extent
+//! objects fetched on demand into a bounded LRU cache, or the local hydrated copy),
+//! the log segments up to the point (decoded once at start into a local file and an
+//! interval index), and the overlay (the writes made since, journaled locally). The
+//! replica is only read.
+
+pub mod overlay;
+pub mod ranges;
+pub mod served;
+
+use std::path::Path;
+
+pub use overlay::Overlay;
+pub use served::{DiskStatus, ServedDisk};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Replica(#[from] ferry_replica::Error),
+    /// The overlay directory belongs to another disk or point.
+    #[error("overlay {path}: {why}")]
+    Overlay { path: String, why: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
+}

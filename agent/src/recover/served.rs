@@ -1,0 +1,542 @@
+//! One disk of a recovery point, served without rebuilding it: see the module doc of
+//! `recover` for the layers. Files in the overlay directory, per disk:
+//! `{disk}.point.json` (which disk and point the directory holds; a restart at another
+//! point is refused rather than mixing overlays), `{disk}.overlay` and
+//! `{disk}.journal` (the overlay), `{disk}.log` (log data decoded at start, remade
+//! each start), `{disk}.hydrated` and `{disk}.hydrated-map` (the base copied locally,
+//! one byte per extent, set once the extent's data is synced).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferry_replica::meta::ExtentRef;
+use ferry_replica::object::{open_object, Expect, ObjectKind, OpenContext};
+use ferry_replica::rebuild::zero_range;
+use ferry_replica::record::decode_records;
+use ferry_replica::{Disk, DiskState, Point};
+
+use super::overlay::Overlay;
+use super::ranges::{RangeMap, Src};
+use super::{io_err, Error, Result};
+use crate::nbd::Device;
+
+/// Log segments fetched at once while the log is decoded at start.
+const SEGMENT_WINDOW: usize = 4;
+
+/// What a served disk has done, for progress lines and the status file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskStatus {
+    pub disk: String,
+    pub point: String,
+    pub disk_bytes: u64,
+    /// Base extents the point has (absent extents are zero and need no copy).
+    pub extents: u64,
+    pub hydrated_extents: u64,
+    /// Objects fetched from the store since start (extents for reads and hydration).
+    pub fetched_objects: u64,
+    /// Bytes written through the export since the point was first served.
+    pub overlay_bytes: u64,
+}
+
+/// Decoded extents kept in memory, least recently used first out.
+struct Lru {
+    cap: usize,
+    map: HashMap<u64, Arc<Vec<u8>>>,
+    order: VecDeque<u64>,
+}
+
+impl Lru {
+    fn get(&mut self, idx: u64) -> Option<Arc<Vec<u8>>> {
+        let hit = self.map.get(&idx).cloned()?;
+        self.order.retain(|i| *i != idx);
+        self.order.push_back(idx);
+        Some(hit)
+    }
+
+    fn put(&mut self, idx: u64, data: Arc<Vec<u8>>) {
+        if self.cap == 0 || self.map.contains_key(&idx) {
+            return;
+        }
+        while self.map.len() >= self.cap {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.map.remove(&old);
+        }
+        self.map.insert(idx, data);
+        self.order.push_back(idx);
+    }
+}
+
+pub struct ServedDisk {
+    name: String,
+    disk: Disk,
+    point: Point,
+    extent_bytes: u64,
+    /// Base extents by index.
+    extents: HashMap<u64, ExtentRef>,
+    log: RangeMap,
+    log_file: File,
+    log_path: PathBuf,
+    cache: Mutex<Lru>,
+    hydrated: Vec<AtomicBool>,
+    hydrated_file: File,
+    hydrated_path: PathBuf,
+    map_file: File,
+    map_path: PathBuf,
+    overlay: Overlay,
+    fetched: AtomicU64,
+}
+
+fn other(e: Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn open_rw(path: &Path, truncate: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .open(path)
+        .map_err(io_err("open", path))
+}
+
+impl ServedDisk {
+    /// Prepares disk `name` at `point` with its files in `dir`: decodes the log
+    /// segments up to the point (the base is fetched only as reads need it), replays
+    /// the overlay and the hydration map. `cache_extents` bounds the in-memory cache.
+    pub fn open(
+        name: &str,
+        disk: Disk,
+        state: &DiskState,
+        point: &Point,
+        dir: &Path,
+        cache_extents: usize,
+    ) -> Result<ServedDisk> {
+        disk.key()?;
+        let label = disk.paths.label();
+        if let Some(b) = &state.base {
+            if point.seq < b.seq {
+                return Err(ferry_replica::Error::Invalid(format!(
+                    "point {} of disk {label} was compacted away (base is at {})",
+                    point.id, b.seq
+                ))
+                .into());
+            }
+        }
+        ferry_replica::local::create_private_dir(dir).map_err(io_err("create", dir))?;
+        check_identity(dir, name, &disk, point)?;
+        let extent_bytes = state
+            .base
+            .as_ref()
+            .map_or(disk.info.extent_bytes, |b| b.extent_bytes);
+        let size = point.disk_bytes;
+        let count = size.div_ceil(extent_bytes) as usize;
+        // Extents past the point's size (the disk shrank after the base) are never read.
+        let extents: HashMap<u64, ExtentRef> = state
+            .base
+            .iter()
+            .flat_map(|b| &b.extents)
+            .filter(|e| e.index < count as u64)
+            .map(|e| (e.index, e.clone()))
+            .collect();
+
+        let log_path = dir.join(format!("{name}.log"));
+        let log_file = open_rw(&log_path, true)?;
+        let floor = state.base.as_ref().map_or(0, |b| b.seq + 1);
+        let segments: Vec<String> = state
+            .segments_up_to(point.seq)
+            .map(|s| s.object.clone())
+            .collect();
+        let log = decode_log(
+            &disk, &segments, floor, point.seq, size, &log_file, &log_path,
+        )?;
+
+        let hydrated_path = dir.join(format!("{name}.hydrated"));
+        let hydrated_file = open_rw(&hydrated_path, false)?;
+        hydrated_file
+            .set_len(size)
+            .map_err(io_err("size", &hydrated_path))?;
+        let map_path = dir.join(format!("{name}.hydrated-map"));
+        let map_file = open_rw(&map_path, false)?;
+        let mut map = vec![0u8; count];
+        let have = map_file
+            .metadata()
+            .map_err(io_err("stat", &map_path))?
+            .len() as usize;
+        map_file
+            .read_exact_at(&mut map[..have.min(count)], 0)
+            .map_err(io_err("read", &map_path))?;
+        let hydrated = map.iter().map(|b| AtomicBool::new(*b == 1)).collect();
+        let overlay = Overlay::open(dir, name, size)?;
+        Ok(ServedDisk {
+            name: name.to_string(),
+            disk,
+            point: point.clone(),
+            extent_bytes,
+            extents,
+            log,
+            log_file,
+            log_path,
+            cache: Mutex::new(Lru {
+                cap: cache_extents,
+                map: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+            hydrated,
+            hydrated_file,
+            hydrated_path,
+            map_file,
+            map_path,
+            overlay,
+            fetched: AtomicU64::new(0),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
+    pub fn status(&self) -> DiskStatus {
+        DiskStatus {
+            disk: self.name.clone(),
+            point: self.point.id.clone(),
+            disk_bytes: self.point.disk_bytes,
+            extents: self.extents.len() as u64,
+            hydrated_extents: self
+                .extents
+                .keys()
+                .filter(|i| self.is_hydrated(**i))
+                .count() as u64,
+            fetched_objects: self.fetched.load(Ordering::Relaxed),
+            overlay_bytes: self.overlay.written_bytes(),
+        }
+    }
+
+    fn is_hydrated(&self, idx: u64) -> bool {
+        self.hydrated
+            .get(idx as usize)
+            .is_some_and(|h| h.load(Ordering::Acquire))
+    }
+
+    /// Fetches base extent `idx` and hands each record to `f` as (offset within the
+    /// extent, length, data or None for zero).
+    fn decode_extent(
+        &self,
+        e: &ExtentRef,
+        mut f: impl FnMut(u64, u64, Option<&[u8]>) -> Result<()>,
+    ) -> Result<()> {
+        let store = &self.disk.store;
+        let mut buf: Vec<u8> = store.block(store.get(&e.object))?.into();
+        self.fetched.fetch_add(1, Ordering::Relaxed);
+        let start = e.index * self.extent_bytes;
+        let end = start + self.extent_bytes;
+        let expect = Expect {
+            key: self.disk.key()?,
+            disk_id: &self.disk.disk_id,
+            kind: ObjectKind::Extent,
+            name: &e.object,
+        };
+        let mut ctx = OpenContext::default();
+        open_object(&expect, &mut buf, &mut ctx, |chunk| {
+            decode_records(
+                chunk,
+                |r| {
+                    if r.offset < start || r.offset + r.len > end {
+                        return Err(ferry_replica::Error::corrupt(
+                            &e.object,
+                            "record outside its extent",
+                        ));
+                    }
+                    f(r.offset - start, r.len, r.data).map_err(|e| match e {
+                        Error::Replica(r) => r,
+                        other => ferry_replica::Error::Invalid(other.to_string()),
+                    })
+                },
+                &e.object,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Extent `idx` decoded, from the cache or the store.
+    fn extent(&self, e: &ExtentRef) -> Result<Arc<Vec<u8>>> {
+        if let Some(hit) = self.cache_lock().get(e.index) {
+            return Ok(hit);
+        }
+        let mut data = vec![0u8; self.extent_bytes as usize];
+        self.decode_extent(e, |at, len, bytes| {
+            if let Some(b) = bytes {
+                data[at as usize..(at + len) as usize].copy_from_slice(b);
+            }
+            Ok(())
+        })?;
+        let data = Arc::new(data);
+        self.cache_lock().put(e.index, data.clone());
+        Ok(data)
+    }
+
+    fn cache_lock(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The point's bytes (base, then log) at `offset`, without the overlay.
+    fn read_point(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let idx = at / self.extent_bytes;
+            let ext_end = ((idx + 1) * self.extent_bytes).min(end);
+            let piece = &mut buf[(at - offset) as usize..(ext_end - offset) as usize];
+            if self.is_hydrated(idx) {
+                self.hydrated_file
+                    .read_exact_at(piece, at)
+                    .map_err(io_err("read", &self.hydrated_path))?;
+            } else if let Some(e) = self.extents.get(&idx) {
+                let data = self.extent(e)?;
+                let from = (at - idx * self.extent_bytes) as usize;
+                piece.copy_from_slice(&data[from..from + piece.len()]);
+            } else {
+                piece.fill(0);
+            }
+            at = ext_end;
+        }
+        for (s, e, src) in self.log.overlapping(offset, end) {
+            let piece = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match src {
+                Src::Zero => piece.fill(0),
+                Src::At(p) => self
+                    .log_file
+                    .read_exact_at(piece, p)
+                    .map_err(io_err("read", &self.log_path))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Extents not yet copied locally.
+    pub fn to_hydrate(&self) -> Vec<u64> {
+        let mut left: Vec<u64> = self
+            .extents
+            .keys()
+            .copied()
+            .filter(|i| !self.is_hydrated(*i))
+            .collect();
+        left.sort_unstable();
+        left
+    }
+
+    /// Copies base extent `idx` into the local copy, synced before it is marked, so a
+    /// restart trusts exactly the extents marked.
+    pub fn hydrate_extent(&self, idx: u64) -> Result<()> {
+        let Some(e) = self.extents.get(&idx) else {
+            return Ok(());
+        };
+        if self.is_hydrated(idx) {
+            return Ok(());
+        }
+        let start = idx * self.extent_bytes;
+        let size = self.point.disk_bytes;
+        // A copy an earlier run left half done may hold anything: start from zero.
+        let len = self.extent_bytes.min(size - start);
+        zero_range(&self.hydrated_file, start, len).map_err(io_err("zero", &self.hydrated_path))?;
+        self.decode_extent(e, |at, n, bytes| {
+            let off = start + at;
+            if off >= size {
+                return Ok(());
+            }
+            let n = n.min(size - off);
+            match bytes {
+                Some(b) => self
+                    .hydrated_file
+                    .write_all_at(&b[..n as usize], off)
+                    .map_err(io_err("write", &self.hydrated_path)),
+                None => Ok(()),
+            }
+        })?;
+        self.hydrated_file
+            .sync_data()
+            .map_err(io_err("sync", &self.hydrated_path))?;
+        self.map_file
+            .write_all_at(&[1], idx)
+            .and_then(|_| self.map_file.sync_data())
+            .map_err(io_err("write", &self.map_path))?;
+        if let Some(h) = self.hydrated.get(idx as usize) {
+            h.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+/// Records which disk and point `dir` serves, or checks that it is the same one.
+fn check_identity(dir: &Path, name: &str, disk: &Disk, point: &Point) -> Result<()> {
+    let path = dir.join(format!("{name}.point.json"));
+    let want = serde_json::json!({
+        "machine": disk.info.machine,
+        "disk": disk.info.disk,
+        "disk_id": disk.info.disk_id,
+        "point": point.id,
+        "seq": point.seq,
+    });
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let have: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| Error::Overlay {
+                    path: path.display().to_string(),
+                    why: format!("unreadable: {e}"),
+                })?;
+            if have != want {
+                return Err(Error::Overlay {
+                    path: path.display().to_string(),
+                    why: format!(
+                        "holds {} {}/{} at point {}, not point {} of {}: use another overlay directory",
+                        have["disk_id"], have["machine"], have["disk"], have["point"], point.id,
+                        disk.paths.label()
+                    ),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let f = File::create(&path).map_err(io_err("create", &path))?;
+            f.write_all_at(want.to_string().as_bytes(), 0)
+                .and_then(|_| f.sync_all())
+                .map_err(io_err("write", &path))
+        }
+        Err(e) => Err(io_err("read", &path)(e)),
+    }
+}
+
+/// Decodes the segments (in order) into `file` and returns the interval index of what
+/// they write at sequence numbers in `[floor, seq]`. Fetches are parallel in a bounded
+/// window; application is in order, since later records override earlier ones.
+fn decode_log(
+    disk: &Disk,
+    segments: &[String],
+    floor: u64,
+    seq: u64,
+    size: u64,
+    file: &File,
+    path: &Path,
+) -> Result<RangeMap> {
+    let mut log = RangeMap::default();
+    let mut pos = 0u64;
+    let key = disk.key()?;
+    let mut ctx = OpenContext::default();
+    for window in segments.chunks(SEGMENT_WINDOW) {
+        let fetched: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = window
+                .iter()
+                .map(|o| s.spawn(move || disk.store.block(disk.store.get(o)).map(Vec::<u8>::from)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h.join() {
+                    Ok(r) => r.map_err(Error::from),
+                    Err(_) => Err(Error::Overlay {
+                        path: path.display().to_string(),
+                        why: "a segment fetch thread panicked".into(),
+                    }),
+                })
+                .collect()
+        });
+        for (object, bytes) in window.iter().zip(fetched) {
+            let mut buf = bytes?;
+            let expect = Expect {
+                key,
+                disk_id: &disk.disk_id,
+                kind: ObjectKind::Segment,
+                name: object,
+            };
+            open_object(&expect, &mut buf, &mut ctx, |chunk| {
+                decode_records(
+                    chunk,
+                    |r| {
+                        if r.seq < floor || r.seq > seq || r.offset >= size {
+                            return Ok(());
+                        }
+                        let len = r.len.min(size - r.offset);
+                        match r.data {
+                            Some(d) => {
+                                file.write_all_at(&d[..len as usize], pos).map_err(|e| {
+                                    ferry_replica::Error::io("write", path.display().to_string(), e)
+                                })?;
+                                log.insert(r.offset, r.offset + len, Src::At(pos));
+                                pos += len;
+                            }
+                            None => log.insert(r.offset, r.offset + len, Src::Zero),
+                        }
+                        Ok(())
+                    },
+                    object,
+                )
+            })?;
+        }
+    }
+    Ok(log)
+}
+
+impl Device for ServedDisk {
+    fn size(&self) -> u64 {
+        self.point.disk_bytes
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_point(offset, buf).map_err(other)?;
+        self.overlay.read_over(offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.overlay.write(offset, data, fua)
+    }
+
+    fn zero(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.overlay.zero(offset, len, fua)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.overlay.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_at_most_its_bound_least_recently_used_out() {
+        let mut lru = Lru {
+            cap: 2,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        for i in 0..3 {
+            lru.put(i, Arc::new(vec![i as u8]));
+            // 0 is used again after 1 was put: 1 is the one to go.
+            if i == 1 {
+                assert!(lru.get(0).is_some());
+            }
+        }
+        assert_eq!(lru.map.len(), 2);
+        assert!(lru.get(1).is_none());
+        assert_eq!(lru.get(0).as_deref(), Some(&vec![0u8]));
+        assert_eq!(lru.get(2).as_deref(), Some(&vec![2u8]));
+        let mut off = Lru {
+            cap: 0,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        off.put(0, Arc::new(vec![0]));
+        assert!(off.map.is_empty());
+    }
+}

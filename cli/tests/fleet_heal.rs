@@ -3,8 +3,9 @@
 //! qemu-io. The process server holding a machine is killed (-9): within a minute the
 //! control plane moves its machines to the other (an event says why), their health
 //! goes critical and back to normal, and every point taken before, during and after
-//! rebuilds byte-identical. The killed server then comes back with its cache intact:
-//! no machine moves back to it, and it commits nothing to the replicas it left.
+//! rebuilds byte-identical. Killed, the server held acknowledged writes it could not
+//! upload; it comes back with that cache intact: no machine moves back to it, it is
+//! fenced (an event says so), and it commits nothing to the replicas it left.
 //! SQLite, and PostgreSQL with FERRY_TEST_DATABASE.
 
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ferry_replica::layout::DiskPaths;
 use ferry_replica::{Disk, Store, VaultKey};
-use ferry_testkit::cli::wait_uploaded;
+use ferry_testkit::cli::{status, wait_uploaded};
 use ferry_testkit::control::{process_server, Agent, Cp};
 use ferry_testkit::net::free_addr;
 use ferry_testkit::process::run_ok;
@@ -169,16 +170,70 @@ fn a_killed_process_server_loses_its_machines_and_commits_nothing_after(database
         .and_then(|e| e["id"].as_i64())
         .unwrap_or(0);
 
+    // The server is made to hold acknowledged writes it cannot upload: each evacuated
+    // machine's folder in the store is set aside and a file takes its place, so the
+    // server's puts fail (not a directory) while its cache acknowledges the writes.
+    // Killed then, and the folders put back, it has them in its cache only: what a
+    // server that comes back must never commit once another has claimed the disks.
+    let machines_dir = d.join("store/machines");
+    for &i in &evacuated {
+        let name = &agents[i].name;
+        std::fs::rename(
+            machines_dir.join(name),
+            machines_dir.join(format!("{name}.aside")),
+        )
+        .unwrap();
+        std::fs::write(machines_dir.join(name), b"blocked by the test").unwrap();
+    }
+    for &i in &evacuated {
+        agents[i].write_and_point(bin(), &mut rng, "held");
+        // Its point is in the server's cache only (the agent trims what is durable
+        // there): it reaches the replica only if the agent still holds it when it
+        // moves, so it is not among the points checked at the end. Its writes are:
+        // the checksum resync after the move sends them again.
+        agents[i].expected.pop();
+        wait_ok(
+            &format!("{}'s writes acknowledged, not uploaded", agents[i].name),
+            Duration::from_secs(30),
+            || {
+                let st = status(bin(), &agents[i].sock);
+                let (durable, uploaded, next) = (
+                    st["durable"].as_u64(),
+                    st["uploaded"].as_u64(),
+                    st["next_seq"].as_u64(),
+                );
+                if durable >= next && uploaded < next {
+                    Ok(())
+                } else {
+                    Err(st)
+                }
+            },
+        );
+    }
     servers[vi].0.kill();
     let killed = Instant::now();
+    for &i in &evacuated {
+        let name = &agents[i].name;
+        std::fs::remove_file(machines_dir.join(name)).unwrap();
+        std::fs::rename(
+            machines_dir.join(format!("{name}.aside")),
+            machines_dir.join(name),
+        )
+        .unwrap();
+    }
     // Nothing can commit for its machines until they have moved: what it left.
     let before_move: Vec<u64> = evacuated
         .iter()
         .map(|&i| last_commit(&store, &agents[i].name, "sda"))
         .collect();
     // Writes go on meanwhile: the agents journal them.
+    // Its points come after writes that only the killed server held: no replica can
+    // rebuild them. The agent drops them with its journal when the new server's
+    // watermark shows the gap, and its checksum resync sends the disk as it is: the
+    // writes are kept, those points are not (docs/protocol.md, Session 2).
     for &i in &evacuated {
         agents[i].write_and_point(bin(), &mut rng, "orphaned");
+        agents[i].expected.pop();
     }
 
     for &i in &evacuated {
@@ -269,6 +324,20 @@ fn a_killed_process_server_loses_its_machines_and_commits_nothing_after(database
                 .contains(&json!(agents[i].name)),
             "{} went back to {victim}: {back}",
             agents[i].name
+        );
+    }
+    // It learns at start that the disks were claimed by the other: it drops what it
+    // held, and says so (an event of kind fencing per disk).
+    for &i in &evacuated {
+        let subject = format!("machine {}", agents[i].name);
+        wait_for(
+            &format!("{victim} fenced from {}", agents[i].name),
+            Duration::from_secs(30),
+            || {
+                events_about(&cp, mark, &subject)
+                    .iter()
+                    .any(|(k, _)| k == "fencing")
+            },
         );
     }
     for (&i, &last) in evacuated.iter().zip(&before_move) {

@@ -13,6 +13,9 @@
 //! - `health`: health and RPO of machines and process servers, and the sweep that
 //!   records each change as an event.
 //! - `jobs`: durable jobs with leases, their runner, and the retention job.
+//! - `webhooks`: events POSTed, signed, to the URLs operators configure; the
+//!   background deliverer.
+//! - `dashboard`: the operators' web page at `/`, with its token sign-in.
 //!
 //! The recovery library the `ferry` command calls directly:
 //! - `recovery::points`: a machine's recovery points and choosing one (latest,
@@ -33,3 +36,4 @@ pub mod policy;
 pub mod recovery;
 pub mod registry;
 pub mod server;
+pub mod webhooks;

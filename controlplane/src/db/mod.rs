@@ -64,6 +64,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "group listen",
         include_str!("../../migrations/0004_group_listen.sql"),
     ),
+    (
+        7,
+        "webhooks dashboard",
+        include_str!("../../migrations/0007_webhooks_dashboard.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -340,7 +345,7 @@ pub(crate) mod tests {
                 .unwrap();
         }
         // Migration 0003's.
-        for table in ["job_tasks", "jobs"] {
+        for table in ["job_tasks", "jobs", "webhooks", "dashboard_sessions"] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
                 .execute(&pool)
                 .await

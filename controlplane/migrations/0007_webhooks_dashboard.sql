@@ -27,9 +27,10 @@ CREATE TABLE webhooks (
 CREATE TABLE dashboard_sessions (
     -- SHA-256 of the cookie's random value: a copy of the database signs nobody in.
     id_sha256 TEXT PRIMARY KEY,
-    -- The API token signed in with: deleting it ends its sessions.
-    token_name TEXT NOT NULL,
+    -- The SHA-256 of the API token signed in with, as api_tokens keeps it: deleting
+    -- or replacing the token ends its sessions.
+    token_sha256 TEXT NOT NULL,
     created_at BIGINT NOT NULL,
     expires_at BIGINT NOT NULL
 );
-CREATE INDEX dashboard_sessions_token ON dashboard_sessions (token_name, created_at);
+CREATE INDEX dashboard_sessions_token ON dashboard_sessions (token_sha256, created_at);

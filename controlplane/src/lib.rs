@@ -27,6 +27,7 @@
 //! - `error`: the control plane's `Error`.
 
 pub mod api;
+pub mod dashboard;
 pub mod db;
 pub mod enroll;
 pub mod error;

@@ -285,6 +285,8 @@ pub fn router(
     };
     let router = routes()
         .router
+        // The dashboard's HTML pages: beside the API, not in its OpenAPI document.
+        .merge(crate::dashboard::routes())
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES));

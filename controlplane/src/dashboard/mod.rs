@@ -17,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::api::machines::rfc3339;
 use crate::api::AppState;
 use crate::db::Db;
 use crate::health;
@@ -160,6 +159,14 @@ pub fn progress(job: &crate::jobs::Job) -> f64 {
     done / job.tasks.len() as f64
 }
 
+/// `2026-12-06 09:48:46`: UTC, as the page's headings say.
+fn when(s: i64) -> String {
+    chrono::DateTime::from_timestamp(s, 0).map_or_else(
+        || s.to_string(),
+        |d| d.format("%Y-%m-%d %H:%M:%S").to_string(),
+    )
+}
+
 /// Reads what the page shows.
 pub async fn view(db: &Db, signed_in_as: &str) -> crate::db::Result<View> {
     let now = health::now_f();
@@ -235,7 +242,7 @@ pub async fn view(db: &Db, signed_in_as: &str) -> crate::db::Result<View> {
         .await?
         .into_iter()
         .map(|e| EventLine {
-            time: rfc3339(e.time),
+            time: when(e.time),
             kind: e.kind,
             subject: e.subject,
             message: e.message,
@@ -243,7 +250,7 @@ pub async fn view(db: &Db, signed_in_as: &str) -> crate::db::Result<View> {
         .collect();
     Ok(View {
         signed_in_as: signed_in_as.to_string(),
-        now: rfc3339(now as i64),
+        now: format!("{} UTC", when(now as i64)),
         machines,
         machines_more,
         process_servers,

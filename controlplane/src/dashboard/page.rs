@@ -54,7 +54,7 @@ pub struct JobLine {
 /// An event's row.
 #[derive(Debug, Clone)]
 pub struct EventLine {
-    /// RFC 3339.
+    /// `YYYY-MM-DD HH:MM:SS`, UTC.
     pub time: String,
     pub kind: String,
     pub subject: String,
@@ -65,7 +65,7 @@ pub struct EventLine {
 #[derive(Debug, Clone)]
 pub struct View {
     pub signed_in_as: String,
-    /// RFC 3339, when the page was made.
+    /// When the page was made, `YYYY-MM-DD HH:MM:SS UTC`.
     pub now: String,
     pub machines: Vec<MachineLine>,
     /// More machines than the page shows.
@@ -132,7 +132,7 @@ h2{font-size:16px;margin:22px 0 8px}h2 small{color:#6b7386;font-weight:normal}\
 table{border-collapse:collapse;width:100%;background:#fff;box-shadow:0 1px 2px rgba(0,0,0,.08)}\
 th,td{text-align:left;padding:6px 10px;border-bottom:1px solid #e6e8ec;vertical-align:top}\
 th{background:#eceef2;font-size:13px;color:#4a5163;font-weight:600}\
-td.num{text-align:right;font-variant-numeric:tabular-nums}\
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
 .badge{display:inline-block;border-radius:10px;padding:1px 9px;font-size:13px;font-weight:600}\
 .normal{background:#dcf3e3;color:#14632d}.warning{background:#fff1cc;color:#7a5200}\
 .critical{background:#fde0df;color:#9b1c1c}\
@@ -220,7 +220,7 @@ fn machines(out: &mut String, v: &View) {
     let _ = write!(
         out,
         "<h2>Machines {}</h2><table id=\"machines\"><tr><th>Machine</th><th>Health</th>\
-         <th>RPO</th><th>State</th><th>Process server</th><th>Last seen</th></tr>",
+         <th class=\"num\">RPO</th><th>State</th><th>Process server</th><th>Last seen</th></tr>",
         more(v.machines.len(), v.machines_more)
     );
     if v.machines.is_empty() {
@@ -249,8 +249,9 @@ fn process_servers(out: &mut String, v: &View) {
     let _ = write!(
         out,
         "<h2>Process servers {}</h2><table id=\"process-servers\"><tr><th>Process server</th>\
-         <th>Health</th><th>Machines</th><th>Cache used</th><th>Ingest</th>\
-         <th>Upload lag</th><th>CPU</th><th>Last seen</th></tr>",
+         <th>Health</th><th class=\"num\">Machines</th><th class=\"num\">Cache used</th>\
+         <th class=\"num\">Ingest</th><th class=\"num\">Upload lag</th><th class=\"num\">CPU</th>\
+         <th>Last seen</th></tr>",
         more(v.process_servers.len(), v.process_servers_more)
     );
     if v.process_servers.is_empty() {
@@ -318,7 +319,7 @@ fn events(out: &mut String, v: &View) {
     let _ = write!(
         out,
         "<h2>Recent events <small>newest first</small></h2><table id=\"events\"><tr>\
-         <th>Time</th><th>Kind</th><th>Subject</th><th>What happened</th></tr>"
+         <th>Time (UTC)</th><th>Kind</th><th>Subject</th><th>What happened</th></tr>"
     );
     if v.events.is_empty() {
         out.push_str("<tr><td colspan=\"4\" class=\"empty\">Nothing has happened yet.</td></tr>");

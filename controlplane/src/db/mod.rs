@@ -295,6 +295,7 @@ pub(crate) mod tests {
         assert_eq!(tokens::find(&db, "cc").await.unwrap(), None);
 
         crate::registry::tests::every_query(&db).await;
+        crate::webhooks::tests::every_query(&db).await;
     }
 
     #[tokio::test]

@@ -20,4 +20,4 @@ pub const EVENT_KINDS: [&str; 5] = [
 ];
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -297,3 +297,126 @@ fn backoff_doubles_up_to_its_cap() {
     assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30]);
     assert_eq!(cfg.backoff(200), cfg.max_backoff);
 }
+
+/// Every query of the webhooks' store and of the dashboard's sessions, on one backend
+/// (`db::tests::every_query` runs it on SQLite and on the test PostgreSQL).
+pub(crate) async fn every_query(db: &Db) {
+    use crate::dashboard::session;
+    // The cursor starts at the newest event.
+    let before = events::add(db, "health", "machine w", "before", 1)
+        .await
+        .unwrap();
+    let kinds = ["health".to_string(), "fencing".to_string()];
+    assert!(
+        store::create(db, "w1", "https://h.example/x", &kinds, "sec")
+            .await
+            .unwrap()
+    );
+    assert!(!store::create(db, "w1", "https://other", &kinds, "s2")
+        .await
+        .unwrap());
+    assert!(
+        store::create(db, "w2", "https://h.example/y", &kinds[..1], "s3")
+            .await
+            .unwrap()
+    );
+    let w1 = store::get(db, "w1").await.unwrap().unwrap();
+    assert_eq!((w1.cursor, w1.events.clone()), (before, kinds.to_vec()));
+    let names: Vec<String> = store::list(db, None, 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(names, ["w1"]);
+    let names: Vec<String> = store::list(db, Some("w1"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(names, ["w2"]);
+    // The lease: one holder until it runs out.
+    assert!(store::for_delivery(db, "w1", "a").await.unwrap().is_none());
+    assert!(store::claim(db, "w1", "a", 1_000, 500).await.unwrap());
+    assert!(!store::claim(db, "w1", "b", 1_200, 500).await.unwrap());
+    assert!(store::claim(db, "w1", "a", 1_200, 500).await.unwrap());
+    let fd = store::for_delivery(db, "w1", "a").await.unwrap().unwrap();
+    assert_eq!(fd.secret, "sec");
+    assert!(store::for_delivery(db, "w1", "b").await.unwrap().is_none());
+    // The cursor moves only from where it is, under the lease.
+    let to = before + 5;
+    assert!(
+        !store::advance(db, "w1", "b", before, to, store::Outcome::Delivered)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store::advance(db, "w1", "a", before - 1, to, store::Outcome::Delivered)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store::advance(db, "w1", "a", before, to, store::Outcome::Delivered)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store::advance(db, "w1", "a", to, to + 1, store::Outcome::GivenUp)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store::advance(db, "w1", "a", to + 1, to + 2, store::Outcome::Skipped)
+            .await
+            .unwrap()
+    );
+    store::set_error(db, "w1", "event 7 to h.example: answered 500", 99)
+        .await
+        .unwrap();
+    let w1 = store::get(db, "w1").await.unwrap().unwrap();
+    assert_eq!((w1.cursor, w1.delivered, w1.given_up), (to + 2, 1, 1));
+    assert_eq!(w1.last_error_at, Some(99));
+    // Past the lease another takes over.
+    assert!(store::claim(db, "w1", "b", 1_701, 500).await.unwrap());
+    assert!(store::delete(db, "w1").await.unwrap());
+    assert!(!store::delete(db, "w1").await.unwrap());
+    assert!(!store::claim(db, "w1", "b", 2_000, 500).await.unwrap());
+    assert!(store::delete(db, "w2").await.unwrap());
+
+    // Sessions: signed in by a live token only, bounded per token, ended with it.
+    let secret = crate::enroll::tokens::new_secret();
+    let h = crate::enroll::tokens::hash(&secret);
+    assert!(crate::db::tokens::create(db, "dash", "viewer", &h)
+        .await
+        .unwrap());
+    assert!(session::sign_in(db, "ferry_unknown")
+        .await
+        .unwrap()
+        .is_none());
+    let mut values = Vec::new();
+    for _ in 0..session::SESSIONS_PER_TOKEN + 2 {
+        let (v, who) = session::sign_in(db, &secret).await.unwrap().unwrap();
+        assert_eq!(
+            (who.token_name.as_str(), who.role.as_str()),
+            ("dash", "viewer")
+        );
+        values.push(v);
+    }
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM dashboard_sessions")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, session::SESSIONS_PER_TOKEN);
+    let last = values.last().unwrap();
+    assert_eq!(
+        session::find(db, last).await.unwrap().unwrap().token_name,
+        "dash"
+    );
+    session::end(db, last).await.unwrap();
+    assert!(session::find(db, last).await.unwrap().is_none());
+    let other = &values[values.len() - 2];
+    assert!(session::find(db, other).await.unwrap().is_some());
+    assert!(crate::db::tokens::delete(db, "dash").await.unwrap());
+    assert!(session::find(db, other).await.unwrap().is_none());
+}

@@ -111,3 +111,13 @@ pub async fn latest(db: &Db, limit: u32) -> Result<Vec<Event>> {
         })
         .collect()
 }
+
+/// The newest event's id; 0 when there is none.
+pub async fn newest_id(db: &Db) -> Result<i64> {
+    let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS id FROM events")
+        .fetch_one(db.pool())
+        .await
+        .map_err(q("reading the newest event's id"))?;
+    row.try_get("id")
+        .map_err(q("reading the newest event's id"))
+}

@@ -208,6 +208,14 @@ async fn lost_or_gone(s: &Shared, name: &str) -> crate::db::Result<Round> {
 async fn round(s: &Shared, name: &str) -> crate::db::Result<Round> {
     let owner = s.cfg.owner.as_str();
     let lease_ms = s.cfg.lease.as_millis() as i64;
+    // Two reads first: an idle webhook costs no write (on SQLite every write takes
+    // the one write lock that heartbeats need too).
+    let Some(row) = store::get(&s.db, name).await? else {
+        return Ok(Round::Gone);
+    };
+    if events::newest_id(&s.db).await? <= row.cursor {
+        return Ok(Round::Idle);
+    }
     if !store::claim(&s.db, name, owner, now_ms(), lease_ms).await? {
         return lost_or_gone(s, name).await;
     }

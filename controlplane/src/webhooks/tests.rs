@@ -290,6 +290,35 @@ async fn a_deleted_webhook_stops_being_sent() {
     assert_eq!(got.lock().unwrap().len(), 1);
 }
 
+/// With nothing new to send, a worker only reads: it takes no lease (no write).
+#[tokio::test]
+async fn an_idle_webhook_costs_no_write() {
+    let (_dir, db) = db().await;
+    events::add(&db, "health", "machine m", "old", 1)
+        .await
+        .unwrap();
+    let (addr, got) = receiver(vec![]).await;
+    let url = format!("http://{addr}/hook");
+    assert!(store::create(&db, "ops", &url, &["health".into()], "s")
+        .await
+        .unwrap());
+    tokio::spawn(run(db.clone(), fast("cp-a")));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store::for_delivery(&db, "ops", "cp-a")
+        .await
+        .unwrap()
+        .is_none());
+    // Something new: now it claims and sends.
+    events::add(&db, "health", "machine m", "new", 2)
+        .await
+        .unwrap();
+    wait_for("one delivery", || got.lock().unwrap().len() == 1).await;
+    assert!(store::for_delivery(&db, "ops", "cp-a")
+        .await
+        .unwrap()
+        .is_some());
+}
+
 #[test]
 fn backoff_doubles_up_to_its_cap() {
     let cfg = DelivererConfig::new("x".into());
@@ -306,6 +335,7 @@ pub(crate) async fn every_query(db: &Db) {
     let before = events::add(db, "health", "machine w", "before", 1)
         .await
         .unwrap();
+    assert_eq!(events::newest_id(db).await.unwrap(), before);
     let kinds = ["health".to_string(), "fencing".to_string()];
     assert!(
         store::create(db, "w1", "https://h.example/x", &kinds, "sec")

@@ -28,10 +28,10 @@ use ferry_controlplane::db::Db;
 use ferry_controlplane::jobs::queue;
 use ferry_testkit::control::{process_server, Agent, Cp};
 use ferry_testkit::net::free_addr;
-use ferry_testkit::process::run_ok;
+use ferry_testkit::process::{run, run_ok};
 use ferry_testkit::{wait_for, wait_ok};
 use rand::SeedableRng;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
@@ -264,6 +264,52 @@ fn operators_see_a_killed_process_server_on_the_dashboard_and_in_a_webhook() {
 
     let out = cp.cli(&["tokens", "create", "wall", "--role", "viewer"]);
     let viewer = out.lines().last().unwrap().trim().to_string();
+
+    // Admin to change, viewer to read; bodies checked.
+    let viewer_file = d.join("viewer.token");
+    std::fs::write(&viewer_file, &viewer).unwrap();
+    let as_viewer = |args: &[&str]| {
+        let (url, tf, ca) = (cp.url.clone(), s(&viewer_file), s(&cp.ca));
+        let mut all = vec!["cp", "--url", &url, "--token-file", &tf, "--ca", &ca];
+        all.extend_from_slice(args);
+        run(bin(), &all)
+    };
+    let denied = as_viewer(&["webhooks", "create", "x", &hook_url, "--events", "health"]);
+    assert!(!denied.status.success());
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(err.contains("403") && err.contains("needs admin"), "{err}");
+    assert!(!as_viewer(&["webhooks", "delete", "ops"]).status.success());
+    let seen = as_viewer(&["webhooks", "show", "ops"]);
+    assert!(
+        seen.status.success() && String::from_utf8_lossy(&seen.stdout).contains("health,fencing")
+    );
+    for (body, why) in [
+        (
+            json!({"name": "y", "url": hook_url, "events": ["health"], "extra": 1}),
+            "unknown field",
+        ),
+        (
+            json!({"name": "y", "url": "ftp://h/", "events": ["health"]}),
+            "scheme ftp",
+        ),
+        (
+            json!({"name": "y", "url": hook_url, "events": ["nope"]}),
+            "unknown kind",
+        ),
+        (
+            json!({"name": "../y", "url": hook_url, "events": ["health"]}),
+            "webhook",
+        ),
+    ] {
+        let (st, problem) = cp.api("POST", "/v1/webhooks", Some(body));
+        assert_eq!(st, 400, "{problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(why),
+            "{problem}"
+        );
+    }
+    let (st, _) = cp.api("GET", "/v1/webhooks/nope", None);
+    assert_eq!(st, 404);
 
     std::fs::create_dir_all(d.join("store")).unwrap();
     let store = format!("file://{}", s(&d.join("store")));

@@ -13,6 +13,8 @@
 //! - `health`: health and RPO of machines and process servers, and the sweep that
 //!   records each change as an event.
 //! - `jobs`: durable jobs with leases, their runner, and the retention job.
+//! - `fleet`: automatic rebalancing: the machines of a lost, critical or overloaded
+//!   process server move to the others, rate limited.
 //! - `webhooks`: events POSTed, signed, to the URLs operators configure; the
 //!   background deliverer.
 //! - `dashboard`: the operators' web page at `/`, with its token sign-in.
@@ -31,6 +33,7 @@ pub mod dashboard;
 pub mod db;
 pub mod enroll;
 pub mod error;
+pub mod fleet;
 pub mod health;
 pub mod jobs;
 pub mod policy;

@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0004_group_listen.sql"),
     ),
     (
+        5,
+        "rebalancing",
+        include_str!("../../migrations/0005_rebalancing.sql"),
+    ),
+    (
         7,
         "webhooks dashboard",
         include_str!("../../migrations/0007_webhooks_dashboard.sql"),

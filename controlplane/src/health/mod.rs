@@ -269,6 +269,7 @@ pub fn spawn_sweeper(db: Db) {
             if let Err(e) = sweep(&db, now_f()).await {
                 tracing::warn!("health sweep: {e}");
             }
+            crate::fleet::tick(&db, now_f()).await;
         }
     });
 }

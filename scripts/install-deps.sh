@@ -3,7 +3,8 @@
 # missing, so it is cheap to run before every test run:
 #   Debian: qemu-utils (qemu-img, qemu-io, qemu-nbd), e2fsprogs (mkfs.ext4), restic and
 #           borgbackup (the seed benchmark's peers), curl, util-linux (losetup),
-#           postgresql (the control plane's second backend, tested)
+#           postgresql (the control plane's second backend, tested), chromium (the
+#           dashboard's test opens it headless)
 #   npm:    azurite 3.37.0 (Azure Blob emulator)
 #   cargo:  s3s-fs 0.14.1 (S3 emulator; building it takes a few minutes), cargo-fuzz
 # Quiet on success; a failing step prints its full output.
@@ -35,7 +36,7 @@ command -v cargo >/dev/null || { echo "install-deps: no cargo; install Rust (rus
 
 # Debian packages, named by the command each provides.
 declare -A apt_for=([qemu-img]=qemu-utils [mkfs.ext4]=e2fsprogs [restic]=restic [borg]=borgbackup
-    [curl]=curl [losetup]=util-linux)
+    [curl]=curl [losetup]=util-linux [chromium]=chromium)
 command -v npm >/dev/null || apt_for[npm]="nodejs npm"
 missing=()
 for cmd in "${!apt_for[@]}"; do

@@ -15,6 +15,9 @@
 //! - `jobs`: durable jobs with leases, their runner, and the retention job.
 //! - `fleet`: automatic rebalancing: the machines of a lost, critical or overloaded
 //!   process server move to the others, rate limited.
+//! - `webhooks`: events POSTed, signed, to the URLs operators configure; the
+//!   background deliverer.
+//! - `dashboard`: the operators' web page at `/`, with its token sign-in.
 //!
 //! The recovery library the `ferry` command calls directly:
 //! - `recovery::points`: a machine's recovery points and choosing one (latest,
@@ -26,6 +29,7 @@
 //! - `error`: the control plane's `Error`.
 
 pub mod api;
+pub mod dashboard;
 pub mod db;
 pub mod enroll;
 pub mod error;
@@ -36,3 +40,4 @@ pub mod policy;
 pub mod recovery;
 pub mod registry;
 pub mod server;
+pub mod webhooks;

@@ -246,14 +246,18 @@ fn server_config(
 
 impl Bound {
     /// Serves until the process ends. Each connection is its own task; at most
-    /// `MAX_CONNECTIONS` at once. The job runner and the retention schedule run
-    /// beside it.
+    /// `MAX_CONNECTIONS` at once. The job runner, the retention schedule and the
+    /// webhooks' deliverer run beside it.
     pub async fn serve(self) {
         crate::health::spawn_sweeper(self.db.clone());
         tokio::spawn(runner::run(self.jobs.clone(), self.runner.clone()));
         tokio::spawn(retention::schedule_loop(
             self.jobs.clone(),
             retention::EVERY,
+        ));
+        tokio::spawn(crate::webhooks::deliver::run(
+            self.db.clone(),
+            crate::webhooks::deliver::DelivererConfig::new(self.runner.owner.clone()),
         ));
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {

@@ -43,13 +43,32 @@ impl Cp {
         database: Option<&str>,
         extra: &[&str],
     ) -> Cp {
+        Cp::start_logging(
+            bin,
+            dir,
+            listen,
+            database,
+            extra,
+            std::process::Stdio::inherit(),
+        )
+    }
+
+    /// As `start_with`, its log (stderr) sent to `log`: a test that reads the log.
+    pub fn start_logging(
+        bin: &Path,
+        dir: &Path,
+        listen: &str,
+        database: Option<&str>,
+        extra: &[&str],
+        log: std::process::Stdio,
+    ) -> Cp {
         let dir_s = s(dir);
         let mut args = vec!["control-plane", "--state-dir", &dir_s, "--listen", listen];
         if let Some(url) = database {
             args.extend(["--database", url]);
         }
         args.extend_from_slice(extra);
-        let (child, line) = spawn(bin, &args);
+        let (child, line) = crate::process::spawn_logging(bin, &args, log);
         let url = line.trim().to_string();
         assert!(url.starts_with("https://"), "{line:?}");
         let ca = dir.join("ca.pem");

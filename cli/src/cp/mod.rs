@@ -9,6 +9,7 @@ mod points;
 mod policies;
 mod process_servers;
 mod tokens;
+mod webhooks;
 
 use anyhow::Result;
 
@@ -42,6 +43,9 @@ enum Resource {
     /// Durable jobs (retention, ...): progress, cancel, resume
     #[command(subcommand)]
     Jobs(jobs::Verb),
+    /// Webhooks: events POSTed, signed, to URLs (admin to change)
+    #[command(subcommand)]
+    Webhooks(webhooks::Verb),
 }
 
 pub fn cp(a: CpArgs) -> Result<()> {
@@ -53,6 +57,7 @@ pub fn cp(a: CpArgs) -> Result<()> {
         Resource::ProcessServers(v) => process_servers::run(&conn, v),
         Resource::Events(v) => events::run(&conn, v),
         Resource::Jobs(v) => jobs::run(&conn, v),
+        Resource::Webhooks(v) => webhooks::run(&conn, v),
     }
 }
 

@@ -23,6 +23,18 @@ pub struct Event {
     pub message: String,
 }
 
+impl From<events::Event> for Event {
+    fn from(e: events::Event) -> Event {
+        Event {
+            id: e.id,
+            time: rfc3339(e.time),
+            kind: e.kind,
+            subject: e.subject,
+            message: e.message,
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct EventList {
     pub items: Vec<Event>,
@@ -68,15 +80,6 @@ pub async fn list(
     } else {
         rows.last().map(|e| e.id.to_string())
     };
-    let items = rows
-        .into_iter()
-        .map(|e| Event {
-            id: e.id,
-            time: rfc3339(e.time),
-            kind: e.kind,
-            subject: e.subject,
-            message: e.message,
-        })
-        .collect();
+    let items = rows.into_iter().map(Event::from).collect();
     Ok(Json(EventList { items, next_after }))
 }

@@ -18,6 +18,7 @@ pub mod points;
 pub mod policies;
 pub mod process_servers;
 pub mod tokens;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,6 +159,7 @@ impl Page {
         meta::healthz, meta::metrics, meta::openapi,
         jobs::list, jobs::get, jobs::cancel, jobs::resume, jobs::restart,
         points::list,
+        webhooks::list, webhooks::create, webhooks::get, webhooks::delete,
     ),
     components(schemas(error::Problem)),
     modifiers(&BearerAuth),
@@ -261,6 +263,10 @@ fn routes() -> Routes {
     .add(Post, "/v1/jobs/{id}/resume", jobs::resume)
     .add(Post, "/v1/jobs/{id}/restart", jobs::restart)
     .add(Get, "/v1/machines/{name}/points", points::list)
+    .add(Get, "/v1/webhooks", webhooks::list)
+    .add(Post, "/v1/webhooks", webhooks::create)
+    .add(Get, "/v1/webhooks/{name}", webhooks::get)
+    .add(Delete, "/v1/webhooks/{name}", webhooks::delete)
 }
 
 /// The whole service, ready to serve.
@@ -279,6 +285,8 @@ pub fn router(
     };
     let router = routes()
         .router
+        // The dashboard's HTML pages: beside the API, not in its OpenAPI document.
+        .merge(crate::dashboard::routes())
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES));

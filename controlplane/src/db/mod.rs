@@ -69,6 +69,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "rebalancing",
         include_str!("../../migrations/0005_rebalancing.sql"),
     ),
+    (
+        7,
+        "webhooks dashboard",
+        include_str!("../../migrations/0007_webhooks_dashboard.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -295,6 +300,7 @@ pub(crate) mod tests {
         assert_eq!(tokens::find(&db, "cc").await.unwrap(), None);
 
         crate::registry::tests::every_query(&db).await;
+        crate::webhooks::tests::every_query(&db).await;
     }
 
     #[tokio::test]
@@ -345,7 +351,7 @@ pub(crate) mod tests {
                 .unwrap();
         }
         // Migration 0003's.
-        for table in ["job_tasks", "jobs"] {
+        for table in ["job_tasks", "jobs", "webhooks", "dashboard_sessions"] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
                 .execute(&pool)
                 .await

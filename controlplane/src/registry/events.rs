@@ -88,3 +88,36 @@ pub async fn list(db: &Db, after: i64, limit: u32) -> Result<Vec<Event>> {
         })
         .collect()
 }
+
+/// The newest `limit` events, newest first (the dashboard's "recent events").
+pub async fn latest(db: &Db, limit: u32) -> Result<Vec<Event>> {
+    let rows = sqlx::query(
+        "SELECT id, time, kind, subject, message FROM events ORDER BY id DESC LIMIT $1",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
+    .await
+    .map_err(q("listing the latest events"))?;
+    rows.iter()
+        .map(|r| {
+            let get = |e| q("reading an event")(e);
+            Ok(Event {
+                id: r.try_get("id").map_err(get)?,
+                time: r.try_get("time").map_err(get)?,
+                kind: r.try_get("kind").map_err(get)?,
+                subject: r.try_get("subject").map_err(get)?,
+                message: r.try_get("message").map_err(get)?,
+            })
+        })
+        .collect()
+}
+
+/// The newest event's id; 0 when there is none.
+pub async fn newest_id(db: &Db) -> Result<i64> {
+    let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS id FROM events")
+        .fetch_one(db.pool())
+        .await
+        .map_err(q("reading the newest event's id"))?;
+    row.try_get("id")
+        .map_err(q("reading the newest event's id"))
+}

@@ -19,6 +19,7 @@ fn ps_beat(name: &str) -> ProcessServerHeartbeat {
         health: "normal".into(),
         health_reasons: vec![],
         machines: vec![],
+        fenced: vec![],
     }
 }
 

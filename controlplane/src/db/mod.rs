@@ -4,7 +4,9 @@
 //! SQLite also binds; `ON CONFLICT`; TEXT, BIGINT, DOUBLE PRECISION). See
 //! docs/decisions/0014-control-plane-store.md.
 
+pub mod leases;
 pub mod policies;
+pub mod site;
 pub mod tokens;
 
 use std::borrow::Cow;
@@ -64,6 +66,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "group listen",
         include_str!("../../migrations/0004_group_listen.sql"),
     ),
+    (
+        6,
+        "leases site",
+        include_str!("../../migrations/0006_leases_site.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -86,7 +93,7 @@ fn migrator() -> Migrator {
 }
 
 /// The URL without its password, for messages.
-fn redacted(url: &str) -> String {
+pub(crate) fn redacted(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
@@ -339,8 +346,8 @@ pub(crate) mod tests {
                 .await
                 .unwrap();
         }
-        // Migration 0003's.
-        for table in ["job_tasks", "jobs"] {
+        // Migration 0003's and 0006's.
+        for table in ["job_tasks", "jobs", "singleton_leases", "site"] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
                 .execute(&pool)
                 .await

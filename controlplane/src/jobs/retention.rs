@@ -13,6 +13,7 @@ use sqlx::Row;
 
 use super::queue;
 use super::runner::{Context, StoreAccess};
+use super::singleton::Singleton;
 use super::Job;
 use crate::db::{self, Db};
 use crate::policy::{Policy, DEFAULT_NAME};
@@ -107,8 +108,9 @@ pub async fn schedule(db: &Db, access: &Arc<StoreAccess>) -> Result<Vec<String>,
     Ok(queued)
 }
 
-/// At start and every `every` after: `schedule`, then wakes the runner.
-pub async fn schedule_loop(ctx: Context, every: Duration) {
+/// At start and every `every` after, while this control plane holds `lease` (of
+/// several on one database, one schedules): `schedule`, then wakes the runner.
+pub async fn schedule_loop(ctx: Context, every: Duration, lease: Singleton) {
     let Some(access) = ctx.store.clone() else {
         // A warning, so that the default log level shows it: points then pile up.
         tracing::warn!("no --store: no retention jobs are scheduled (points are never compacted by this control plane)");
@@ -118,6 +120,9 @@ pub async fn schedule_loop(ctx: Context, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !lease.held() {
+            continue;
+        }
         match schedule(&ctx.db, &access).await {
             Ok(ids) => {
                 tracing::info!("retention: {} jobs queued", ids.len());

@@ -10,15 +10,14 @@
 //! same suite on SQLite and, with FERRY_TEST_DATABASE, on PostgreSQL.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_replica::{Disk, Store, VaultKey};
-use ferry_testkit::cli::{bookmark, status, wait_uploaded};
+use ferry_testkit::cli::{status, wait_uploaded};
+use ferry_testkit::control::{process_server, Agent, Cp};
 use ferry_testkit::net::free_addr;
-use ferry_testkit::process::{run_ok, spawn, Killed};
-use ferry_testkit::qemu::{qemu_io, random_writes};
+use ferry_testkit::process::run_ok;
 use ferry_testkit::site::rebuilt;
 use ferry_testkit::{wait_for, wait_ok};
 use rand::{Rng, SeedableRng};
@@ -33,149 +32,6 @@ fn bin() -> &'static Path {
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// A running control plane: its URL, CA and admin token, and the raw API.
-struct Cp {
-    child: Killed,
-    url: String,
-    ca: PathBuf,
-    token_file: PathBuf,
-    http: reqwest::Client,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Cp {
-    /// Starts (or, on the same state directory, address and database, restarts) it;
-    /// on SQLite under `dir` without a `database`.
-    fn start(dir: &Path, listen: &str, database: Option<&str>) -> Cp {
-        let dir_s = s(dir);
-        let mut args = vec!["control-plane", "--state-dir", &dir_s, "--listen", listen];
-        if let Some(url) = database {
-            args.extend(["--database", url]);
-        }
-        let (child, line) = spawn(bin(), &args);
-        let url = line.trim().to_string();
-        assert!(url.starts_with("https://"), "{line:?}");
-        let ca = dir.join("ca.pem");
-        let pem = std::fs::read(&ca).unwrap();
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Cp {
-            child,
-            url,
-            token_file: dir.join("admin.token"),
-            ca,
-            http: reqwest::Client::builder()
-                .tls_backend_preconfigured(tls)
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        }
-    }
-
-    /// `ferry cp ARGS` as the admin; its stdout.
-    fn cli(&self, args: &[&str]) -> String {
-        let (url, tf, ca) = (self.url.clone(), s(&self.token_file), s(&self.ca));
-        let mut all = vec!["cp", "--url", &url, "--token-file", &tf, "--ca", &ca];
-        all.extend_from_slice(args);
-        run_ok(bin(), &all)
-    }
-
-    /// A one-time enrollment token (the last line of `tokens create --for`).
-    fn enroll_token(&self, kind: &str) -> String {
-        let out = self.cli(&["tokens", "create", "--for", kind]);
-        out.lines().last().unwrap().trim().to_string()
-    }
-
-    /// One API call as the admin; the status and the JSON answer.
-    fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let token = std::fs::read_to_string(&self.token_file).unwrap();
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(token.trim());
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&b).unwrap());
-        }
-        self.rt.block_on(async {
-            let resp = req.send().await.unwrap();
-            let status = resp.status().as_u16();
-            let text = resp.text().await.unwrap();
-            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-        })
-    }
-
-    fn machine(&self, name: &str) -> Value {
-        let (st, m) = self.api("GET", &format!("/v1/machines/{name}"), None);
-        assert_eq!(st, 200, "{m}");
-        m
-    }
-}
-
-/// An enrolled process server named `name`, its cache under `dir`.
-fn process_server(cp: &Cp, dir: &Path, name: &str, store: &str) -> (Killed, String) {
-    let listen = free_addr().to_string();
-    let token = cp.enroll_token("process-server");
-    let (child, line) = spawn(
-        bin(),
-        &[
-            "process-server",
-            "--control-plane",
-            &cp.url,
-            "--ca",
-            &s(&cp.ca),
-            "--enroll-token",
-            &token,
-            "--name",
-            name,
-            "--listen",
-            &listen,
-            "--advertise",
-            &listen,
-            "--cache-dir",
-            &s(&dir.join(format!("cache-{name}"))),
-            "--store",
-            store,
-            "--key-file",
-            &s(&dir.join("vault.key")),
-            "--shards",
-            "1",
-            "--batch-ms",
-            "20",
-            "--cache-gib",
-            "0.25",
-        ],
-    );
-    assert!(line.contains("listening on"), "{line:?}");
-    let id = dir.join(format!("cache-{name}/identity"));
-    assert_eq!(
-        std::fs::metadata(id.join("key.pem"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
-    (child, listen)
 }
 
 fn mode(p: &Path) -> u32 {
@@ -193,92 +49,6 @@ fn points_seen(sock: &Path, span: Duration) -> usize {
         std::thread::sleep(Duration::from_millis(100));
     }
     ids.len()
-}
-
-/// An enrolled agent of one disk (`sda`), its machine named `name`.
-struct Agent {
-    name: String,
-    disk: PathBuf,
-    state: PathBuf,
-    sock: PathBuf,
-    nbd_listen: String,
-    child: Killed,
-    /// Each point taken and the disk as it was then.
-    expected: Vec<(String, Vec<u8>)>,
-}
-
-impl Agent {
-    /// The command line: no process server, certificate or interval on it (the
-    /// heartbeat's orders give them); the token only for the first start.
-    fn args(cp: &Cp, d: &Path, name: &str, nbd_listen: &str, token: Option<&str>) -> Vec<String> {
-        let mut a = vec![
-            "agent".to_string(),
-            "--control-plane".into(),
-            cp.url.clone(),
-            "--ca".into(),
-            s(&cp.ca),
-            "--machine".into(),
-            name.into(),
-            "--disk".into(),
-            format!("sda={}", s(&d.join(format!("{name}.img")))),
-            "--nbd-listen".into(),
-            nbd_listen.into(),
-            "--state-dir".into(),
-            s(&d.join(format!("agent-{name}"))),
-            "--admin-socket".into(),
-            s(&d.join(format!("{name}.sock"))),
-        ];
-        if let Some(t) = token {
-            a.extend(["--enroll-token".to_string(), t.to_string()]);
-        }
-        a
-    }
-
-    fn enroll(cp: &Cp, d: &Path, name: &str, rng: &mut rand::rngs::StdRng) -> Agent {
-        let disk = d.join(format!("{name}.img"));
-        ferry_testkit::disk::random_disk(&disk, DISK_BYTES, 0..2 << 20, rng);
-        let nbd_listen = free_addr().to_string();
-        let token = cp.enroll_token("agent");
-        let (child, line) = spawn(bin(), &Agent::args(cp, d, name, &nbd_listen, Some(&token)));
-        assert!(line.contains("serving NBD"), "{name}: {line:?}");
-        Agent {
-            name: name.into(),
-            disk,
-            state: d.join(format!("agent-{name}")),
-            sock: d.join(format!("{name}.sock")),
-            nbd_listen,
-            child,
-            expected: Vec::new(),
-        }
-    }
-
-    /// Kill -9, then a start with no token (its certificate is in the state
-    /// directory) while the control plane may be down.
-    fn restart(&mut self, cp: &Cp, d: &Path) {
-        self.child.kill();
-        let (child, line) = spawn(
-            bin(),
-            &Agent::args(cp, d, &self.name, &self.nbd_listen, None),
-        );
-        assert!(line.contains("serving NBD"), "{}: {line:?}", self.name);
-        self.child = child;
-    }
-
-    fn nbd(&self) -> String {
-        format!("nbd://{}/sda", self.nbd_listen)
-    }
-
-    /// Random writes through NBD, then a point named `label`, kept with the disk.
-    fn write_and_point(&mut self, rng: &mut rand::rngs::StdRng, label: &str) {
-        qemu_io(&self.nbd(), &random_writes(rng, DISK_BYTES, 20, 1..=8));
-        let id = bookmark(bin(), &self.sock, label);
-        self.expected.push((id, std::fs::read(&self.disk).unwrap()));
-    }
-
-    fn orders(&self) -> Value {
-        serde_json::from_str(&std::fs::read_to_string(self.state.join("orders.json")).unwrap())
-            .unwrap()
-    }
 }
 
 /// The control plane's `rpo_seconds` for each machine agrees with the agent's own
@@ -340,20 +110,21 @@ fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Optio
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cp_listen = free_addr().to_string();
-    let mut cp = Cp::start(&d.join("cp"), &cp_listen, database);
+    let mut cp = Cp::start(bin(), &d.join("cp"), &cp_listen, database);
     std::fs::create_dir_all(d.join("store")).unwrap();
     let store = format!("file://{}", s(&d.join("store")));
     run_ok(bin(), &["keygen", "--out", &s(&d.join("vault.key"))]);
 
-    let (_ps1, addr1) = process_server(&cp, d, "ps1", &store);
-    let (_ps2, addr2) = process_server(&cp, d, "ps2", &store);
+    let (_ps1, addr1) = process_server(&cp, d, "ps1", &store, None);
+    let (_ps2, addr2) = process_server(&cp, d, "ps2", &store, None);
+    assert_eq!(mode(&d.join("cache-ps1/identity/key.pem")), 0o600);
     let address = |ps: &str| if ps == "ps1" { &addr1 } else { &addr2 }.clone();
 
     // Three agents enroll; each starts once its first heartbeat names a process
     // server, the least loaded: both are used.
     let mut agents: Vec<Agent> = ["m1", "m2", "m3"]
         .iter()
-        .map(|name| Agent::enroll(&cp, d, name, &mut rng))
+        .map(|name| Agent::enroll(&cp, d, name, DISK_BYTES, &mut rng))
         .collect();
     let a = &agents[0];
     assert_eq!(
@@ -382,7 +153,7 @@ fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Optio
 
     for a in &mut agents {
         wait_uploaded(bin(), &a.sock);
-        a.write_and_point(&mut rng, "first");
+        a.write_and_point(bin(), &mut rng, "first");
     }
 
     // A policy change reaches the running agents at their next heartbeat: the
@@ -409,7 +180,7 @@ fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Optio
     cp.cli(&["machines", "move", &moved, "--to", to]);
     for round in 0..2 {
         for a in &mut agents {
-            a.write_and_point(&mut rng, &format!("moving-{round}"));
+            a.write_and_point(bin(), &mut rng, &format!("moving-{round}"));
         }
     }
     wait_for("the move in the registry", Duration::from_secs(60), || {
@@ -421,7 +192,7 @@ fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Optio
         || agents[0].orders()["process_server"]["address"] == json!(address(to)),
     );
     for a in &mut agents {
-        a.write_and_point(&mut rng, "after-move");
+        a.write_and_point(bin(), &mut rng, "after-move");
         wait_uploaded(bin(), &a.sock);
     }
 
@@ -433,7 +204,7 @@ fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Optio
             let mut rng = rand::rngs::StdRng::seed_from_u64(rng.gen());
             std::thread::spawn(move || {
                 for round in 0..3 {
-                    a.write_and_point(&mut rng, &format!("control-plane-down-{round}"));
+                    a.write_and_point(bin(), &mut rng, &format!("control-plane-down-{round}"));
                 }
                 a
             })
@@ -452,7 +223,7 @@ fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Optio
     }
     // An agent restarted meanwhile starts with the orders it kept.
     agents[1].restart(&cp, d);
-    agents[1].write_and_point(&mut rng, "restarted-without-control-plane");
+    agents[1].write_and_point(bin(), &mut rng, "restarted-without-control-plane");
     wait_uploaded(bin(), &agents[1].sock);
     assert_eq!(
         agents[1].orders()["process_server"]["address"],
@@ -461,7 +232,7 @@ fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Optio
 
     // Back on the same state and database, it has all of it, and the heartbeats
     // resume.
-    let cp = Cp::start(&d.join("cp"), &cp_listen, database);
+    let cp = Cp::start(bin(), &d.join("cp"), &cp_listen, database);
     let (st, list) = cp.api("GET", "/v1/machines", None);
     assert_eq!(st, 200, "{list}");
     let text = list.to_string();
@@ -547,7 +318,7 @@ fn a_renewed_certificate_replaces_the_old_one_and_heartbeats_go_on_with_it() {
     use ferry_link::control::wire::{AgentHeartbeat, AgentOrders, Kind};
 
     let tmp = tempfile::tempdir().unwrap();
-    let cp = Cp::start(&tmp.path().join("cp"), "127.0.0.1:0", None);
+    let cp = Cp::start(bin(), &tmp.path().join("cp"), "127.0.0.1:0", None);
     let state = tmp.path().join("m2");
     let enrollment = Enrollment {
         url: cp.url.clone(),

@@ -6,12 +6,15 @@
 //! deployment with agents, `disk` random disk images, `wait` polls a condition with a
 //! deadline instead of sleeping, and `sim` is the simulated agent (a model disk and
 //! its journal) that the data plane's tests and the load benchmark drive;
-//! `postgres` makes a throwaway PostgreSQL database per test.
+//! `postgres` makes a throwaway PostgreSQL database per test, and `control` a site
+//! driven through its control plane (the control plane, enrolled process servers and
+//! agents).
 //!
 //! Test code only: a dev-dependency (the benchmarks' load generator aside), never
 //! shipped, so it may panic on a failed set-up step: that fails the test, naming it.
 
 pub mod cli;
+pub mod control;
 pub mod disk;
 pub mod net;
 pub mod pki;

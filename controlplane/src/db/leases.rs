@@ -27,18 +27,6 @@ pub async fn hold(db: &Db, name: &str, owner: &str, now_ms: i64, lease_ms: i64) 
     Ok(done.rows_affected() == 1)
 }
 
-/// Gives the lease up if `owner` holds it (an orderly stop), so that another takes
-/// the work over at once instead of after the deadline.
-pub async fn release(db: &Db, name: &str, owner: &str) -> Result<()> {
-    sqlx::query("DELETE FROM singleton_leases WHERE name = $1 AND owner = $2")
-        .bind(name.to_string())
-        .bind(owner.to_string())
-        .execute(db.pool())
-        .await
-        .map_err(q("releasing a singleton lease"))?;
-    Ok(())
-}
-
 /// Who holds the lease `name` and until when (Unix ms), expired or not.
 pub async fn holder(db: &Db, name: &str) -> Result<Option<(String, i64)>> {
     use sqlx::Row;

@@ -184,12 +184,5 @@ mod tests {
             leases::hold(&db, "other", "a", 1_900, 500).await.unwrap(),
             "names apart"
         );
-        leases::release(&db, "n", "a").await.unwrap();
-        assert!(
-            !leases::hold(&db, "n", "a", 1_900, 500).await.unwrap(),
-            "not a's to release"
-        );
-        leases::release(&db, "n", "b").await.unwrap();
-        assert!(leases::hold(&db, "n", "a", 1_900, 500).await.unwrap());
     }
 }

@@ -93,12 +93,17 @@ impl Cp {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// GET `path` as the site's admin (or without a token); status and JSON.
+    /// GET `path` as the site's admin; status and JSON.
     fn get(&self, path: &str) -> (u16, Value) {
+        self.get_at(&self.url, path)
+    }
+
+    /// GET `path` from the control plane at `url`, with this one's CA and admin token.
+    fn get_at(&self, url: &str, path: &str) -> (u16, Value) {
         let token = std::fs::read_to_string(self.dir.join("admin.token")).unwrap();
         let req = self
             .http
-            .get(format!("{}{path}", self.url))
+            .get(format!("{url}{path}"))
             .bearer_auth(token.trim());
         self.rt.block_on(async {
             let resp = req.send().await.unwrap();
@@ -159,6 +164,10 @@ fn a_second_control_plane_holds_the_site_ca_or_refuses_to_start() {
     let dir_b = tmp.path().join("cp-b");
     let e = fails(&Cp::args(&dir_b, &database, &[]));
     assert!(e.contains("already serves a site"), "{e}");
+    assert!(
+        e.contains("from the state directory of a control plane of that site"),
+        "{e}"
+    );
     for what in ["ca.pem", "ca.key", "admin.token", "--join"] {
         assert!(e.contains(what), "{what}: {e}");
     }
@@ -178,13 +187,8 @@ fn a_second_control_plane_holds_the_site_ca_or_refuses_to_start() {
     // A client of the first one's ca.pem and admin token talks to the second.
     let (status, _) = a.get("/v1/machines");
     assert_eq!(status, 200);
-    let b_seen_from_a = Cp {
-        url: b.url.clone(),
-        ..a
-    };
-    let (status, v) = b_seen_from_a.get("/v1/machines");
+    let (status, v) = a.get_at(&b.url, "/v1/machines");
     assert_eq!(status, 200, "{v}");
-    drop(b_seen_from_a);
     drop(b);
     // A restart needs no --join any more.
     let _b = Cp::start(&dir_b, &database, &[]);

@@ -217,7 +217,8 @@ async fn site_ca(
     let lacking = join::missing_shared(dir);
     let copy_hint = |what: String| {
         format!(
-            "{what}: copy ca.pem, ca.key and admin.token from the state directory of a              control plane of that site into {}, or start with --join THAT_DIR",
+            "{what}: copy ca.pem, ca.key and admin.token from the state directory of a \
+             control plane of that site into {}, or start with --join THAT_DIR",
             dir.display()
         )
     };

@@ -13,6 +13,8 @@
 //! - `health`: health and RPO of machines and process servers, and the sweep that
 //!   records each change as an event.
 //! - `jobs`: durable jobs with leases, their runner, and the retention job.
+//! - `fleet`: automatic rebalancing: the machines of a lost, critical or overloaded
+//!   process server move to the others, rate limited.
 //!
 //! The recovery library the `ferry` command calls directly:
 //! - `recovery::points`: a machine's recovery points and choosing one (latest,
@@ -27,6 +29,7 @@ pub mod api;
 pub mod db;
 pub mod enroll;
 pub mod error;
+pub mod fleet;
 pub mod health;
 pub mod jobs;
 pub mod policy;

@@ -154,7 +154,7 @@ pub async fn move_to(
     {
         return Err(ApiError::BadRequest(format!("no process server {}", mv.to)));
     }
-    if !machines::set_process_server(&state.db, &name, &mv.to).await? {
+    if !machines::set_process_server(&state.db, &name, &mv.to, db::now_s()).await? {
         return Err(not_found(&name));
     }
     let from = m.process_server.as_deref().unwrap_or("none");

@@ -67,6 +67,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0004_group_listen.sql"),
     ),
     (
+        5,
+        "rebalancing",
+        include_str!("../../migrations/0005_rebalancing.sql"),
+    ),
+    (
         6,
         "leases site",
         include_str!("../../migrations/0006_leases_site.sql"),

@@ -274,6 +274,7 @@ pub fn spawn_sweeper(db: Db, lease: Singleton) {
             if let Err(e) = sweep(&db, now_f()).await {
                 tracing::warn!("health sweep: {e}");
             }
+            crate::fleet::tick(&db, now_f()).await;
         }
     });
 }

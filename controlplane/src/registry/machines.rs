@@ -200,15 +200,46 @@ pub async fn assign_least_loaded(db: &Db, name: &str, seen_since: i64) -> Result
     Ok((done.rows_affected() == 1).then_some(ps))
 }
 
-/// Moves a machine (not removed) to `ps`; false when there is no such machine.
-pub async fn set_process_server(db: &Db, name: &str, ps: &str) -> Result<bool> {
-    let done =
-        sqlx::query("UPDATE machines SET process_server = $2 WHERE name = $1 AND removed = 0")
-            .bind(name.to_string())
-            .bind(ps.to_string())
-            .execute(db.pool())
-            .await
-            .map_err(q("moving a machine"))?;
+/// Moves a machine (not removed) to `ps` at `now`, an operator's move; false when
+/// there is no such machine. The time starts the rebalancer's rate window, so that
+/// it does not undo the move (fleet::rebalance::COOLDOWN_S).
+pub async fn set_process_server(db: &Db, name: &str, ps: &str, now: i64) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE machines SET process_server = $2, moved_at = $3 WHERE name = $1 AND removed = 0",
+    )
+    .bind(name.to_string())
+    .bind(ps.to_string())
+    .bind(now)
+    .execute(db.pool())
+    .await
+    .map_err(q("moving a machine"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The rebalancer's move: `name` from `from` to `to` at `now`, only if it is still on
+/// `from` and has not moved within `cooldown_s` (an operator's move or another
+/// control plane's since the plan was made wins). True when this call moved it.
+pub async fn move_if(
+    db: &Db,
+    name: &str,
+    from: &str,
+    to: &str,
+    now: i64,
+    cooldown_s: i64,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE machines SET process_server = $3, moved_at = $4 \
+         WHERE name = $1 AND process_server = $2 AND removed = 0 \
+           AND (moved_at IS NULL OR moved_at <= $5)",
+    )
+    .bind(name.to_string())
+    .bind(from.to_string())
+    .bind(to.to_string())
+    .bind(now)
+    .bind(now - cooldown_s)
+    .execute(db.pool())
+    .await
+    .map_err(q("moving a machine off its process server"))?;
     Ok(done.rows_affected() == 1)
 }
 

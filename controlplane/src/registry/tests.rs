@@ -196,8 +196,12 @@ pub(crate) async fn every_query(db: &Db) {
     );
     let loads = process_servers::loads(db).await.unwrap();
     assert_eq!((loads["psa"], loads["psb"]), (1, 1));
-    assert!(machines::set_process_server(db, "m2", "psa").await.unwrap());
-    assert!(!machines::set_process_server(db, "m9", "psa").await.unwrap());
+    assert!(machines::set_process_server(db, "m2", "psa", now)
+        .await
+        .unwrap());
+    assert!(!machines::set_process_server(db, "m9", "psa", now)
+        .await
+        .unwrap());
     assert!(machines::patch(db, "m1", Some("default"), Some(Some("g1")))
         .await
         .unwrap());

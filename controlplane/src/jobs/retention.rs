@@ -108,8 +108,9 @@ pub async fn schedule(db: &Db, access: &Arc<StoreAccess>) -> Result<Vec<String>,
     Ok(queued)
 }
 
-/// At start and every `every` after, while this control plane holds `lease` (of
-/// several on one database, one schedules): `schedule`, then wakes the runner.
+/// At start, every `every` after and whenever this control plane takes `lease` over,
+/// while it holds it (of several on one database, one schedules): `schedule`, then
+/// wakes the runner.
 pub async fn schedule_loop(ctx: Context, every: Duration, lease: Singleton) {
     let Some(access) = ctx.store.clone() else {
         // A warning, so that the default log level shows it: points then pile up.
@@ -118,8 +119,15 @@ pub async fn schedule_loop(ctx: Context, every: Duration, lease: Singleton) {
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gains = lease.gains();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // Taken over (from another control plane, or from this one's previous
+            // process after a kill): schedule now, as a start would, rather than
+            // at this one's next tick up to `every` later.
+            Ok(()) = gains.changed() => {}
+        }
         if !lease.held() {
             continue;
         }

@@ -30,6 +30,9 @@ struct Inner {
     acts_until: Mutex<Option<Instant>>,
     /// The task that takes and renews the lease.
     renewer: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Counts the times this control plane gained the lease: work that runs rarely
+    /// (hourly retention) runs at once when it takes over, not an hour later.
+    gains: tokio::sync::watch::Sender<u64>,
 }
 
 impl Singleton {
@@ -43,6 +46,7 @@ impl Singleton {
                 lease,
                 acts_until: Mutex::new(None),
                 renewer: Mutex::new(None),
+                gains: tokio::sync::watch::Sender::new(0),
             }),
         };
         s.try_hold(&db).await;
@@ -75,6 +79,11 @@ impl Singleton {
         &self.inner.name
     }
 
+    /// Changes each time this control plane gains the lease after subscribing.
+    pub fn gains(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.gains.subscribe()
+    }
+
     fn acts_until(&self) -> Option<Instant> {
         *lock(&self.inner.acts_until)
     }
@@ -102,6 +111,7 @@ impl Singleton {
             Ok(true) => {
                 self.set_acts_until(Some(asked + i.lease * 2 / 3));
                 if !was {
+                    i.gains.send_modify(|n| *n += 1);
                     tracing::info!(lease = %i.name, owner = %i.owner, "this control plane holds the lease now: it does that work");
                 }
             }
@@ -137,6 +147,7 @@ mod tests {
         let b = Singleton::start(db.clone(), "work", "cp-b", lease).await;
         assert!(a.held(), "the first to ask holds it");
         assert!(!b.held(), "the second does not while it is renewed");
+        let b_gains = b.gains();
         tokio::time::sleep(lease * 2).await;
         assert!(a.held() && !b.held(), "renewed, still one holder");
         assert_eq!(
@@ -150,6 +161,7 @@ mod tests {
         assert!(!a.held(), "past its margin it no longer acts");
         tokio::time::sleep(lease).await;
         assert!(b.held(), "taken over within a lease and a renewal");
+        assert!(b_gains.has_changed().unwrap(), "the takeover is told");
         assert_eq!(
             leases::holder(&db, "work").await.unwrap().map(|h| h.0),
             Some("cp-b".to_string())

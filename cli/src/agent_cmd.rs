@@ -67,9 +67,16 @@ pub(crate) struct RunArgs {
     )]
     process_server: Option<String>,
     /// The control plane, https://HOST:PORT: enroll (once, with --enroll-token),
-    /// heartbeat, and take the process server and policy from its orders
-    #[arg(long, value_name = "URL", requires = "state_dir")]
-    control_plane: Option<String>,
+    /// heartbeat, and take the process server and policy from its orders. Several
+    /// control planes of one site: repeat the flag or give a comma list; requests go
+    /// to whichever answers
+    #[arg(
+        long,
+        value_name = "URL",
+        value_delimiter = ',',
+        requires = "state_dir"
+    )]
+    control_plane: Vec<String>,
     /// One-time enrollment token (`ferry cp tokens create --for agent`); only needed
     /// while --state-dir holds no certificate yet
     #[arg(long, value_name = "TOKEN", requires = "control_plane")]
@@ -218,15 +225,16 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         bail!("--crash-point-interval-s must be a number of seconds (0: none)");
     }
     // A member must know whom to accept: standalone, the flags say.
-    if r.control_plane.is_none()
+    if r.control_plane.is_empty()
         && r.group_listen.is_some()
         && (r.group.is_none() || r.group_coordinator.is_none())
     {
         bail!("--group-listen without a control plane needs --group <GROUP> and --group-coordinator <NAME>");
     }
-    let run = match &r.control_plane {
-        Some(url) => crate::agent_control::prepare(&r.machine, &disks, url, &r)?,
-        None => standalone(&r)?,
+    let run = if r.control_plane.is_empty() {
+        standalone(&r)?
+    } else {
+        crate::agent_control::prepare(&r.machine, &disks, &r.control_plane, &r)?
     };
     // Under a control plane any heartbeat may give a group role: the channel's TLS
     // (the enrolled certificate) is ready from the start.

@@ -66,11 +66,11 @@ fn interval_s(s: f64) -> f64 {
 pub(crate) fn prepare(
     machine: &str,
     disks: &[DiskSpec],
-    url: &str,
+    urls: &[String],
     r: &RunArgs,
 ) -> Result<Prepared> {
     let dir = r.state_dir().context("--control-plane needs --state-dir")?;
-    enroll_and_order(machine, disks, url, r.ca(), r.enroll_token(), dir)
+    enroll_and_order(machine, disks, urls, r.ca(), r.enroll_token(), dir)
 }
 
 /// Enrolls (when `dir` holds no identity yet, with `token`), then waits for the first
@@ -79,7 +79,7 @@ pub(crate) fn prepare(
 pub(crate) fn enroll_and_order(
     machine: &str,
     disks: &[DiskSpec],
-    url: &str,
+    urls: &[String],
     ca: &Path,
     token: Option<&str>,
     dir: &Path,
@@ -87,7 +87,7 @@ pub(crate) fn enroll_and_order(
     let dir = dir.to_path_buf();
     let client = ControlClient::open(
         &Enrollment {
-            url: url.to_string(),
+            urls: urls.to_vec(),
             ca: ca.to_path_buf(),
             kind: Kind::Agent,
             name: machine.to_string(),
@@ -96,7 +96,7 @@ pub(crate) fn enroll_and_order(
         },
         token,
     )
-    .with_context(|| format!("enrolling machine {machine} with {url}"))?;
+    .with_context(|| format!("enrolling machine {machine} with {}", urls.join(", ")))?;
     let identity = client.files.clone();
     let orders_file = dir.join("orders.json");
     let orders = first_orders(&client, machine, disks, &orders_file)?;

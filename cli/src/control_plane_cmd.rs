@@ -32,11 +32,18 @@ pub struct ControlPlaneArgs {
     /// The vault key file of that store
     #[arg(long, value_name = "FILE", requires = "store")]
     key_file: Option<PathBuf>,
+    /// Another control plane of the site, on the same --database: its state
+    /// directory, from which this one copies the site CA (ca.pem, ca.key) and
+    /// admin.token on its first start. Without it, a control plane starting on a
+    /// database that serves a site must have those files already
+    #[arg(long, value_name = "DIR")]
+    join: Option<PathBuf>,
     /// Jobs this control plane runs at once
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     jobs_at_once: u16,
-    /// Seconds a job's lease holds unless renewed: how long a job of a killed control
-    /// plane waits before it is taken over
+    /// Seconds a lease holds unless renewed: how long a job, or the scheduled work
+    /// (health sweep, retention schedule, pruning), of a killed control plane waits
+    /// before another takes it over
     #[arg(long, default_value_t = 30.0)]
     job_lease_s: f64,
     /// Tests only: milliseconds to pause before each task of a job
@@ -61,6 +68,7 @@ pub fn control_plane(a: ControlPlaneArgs) -> Result<()> {
         database: a.database,
         store: a.store.zip(a.key_file),
         runner,
+        join: a.join,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

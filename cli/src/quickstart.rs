@@ -82,7 +82,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let prepared = crate::agent_control::enroll_and_order(
         MACHINE,
         &disks,
-        &cp.url,
+        std::slice::from_ref(&cp.url),
         &cp.ca,
         Some(&token),
         &p("agent"),
@@ -208,7 +208,7 @@ fn process_server(cp: &Embedded, dir: &Path, store_url: &str) -> Result<(Running
     let token = cp.enrollment_token("process-server")?;
     let client = ControlClient::open(
         &Enrollment {
-            url: cp.url.clone(),
+            urls: vec![cp.url.clone()],
             ca: cp.ca.clone(),
             kind: Kind::ProcessServer,
             name: PROCESS_SERVER.into(),

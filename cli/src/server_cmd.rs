@@ -51,9 +51,11 @@ pub struct ProcessServerArgs {
     )]
     client_ca: Option<PathBuf>,
     /// The control plane, https://HOST:PORT: enroll (once, with --enroll-token) for
-    /// the server certificate, heartbeat, and refuse the certificates it revokes
-    #[arg(long, value_name = "URL", requires_all = ["ca", "advertise"])]
-    control_plane: Option<String>,
+    /// the server certificate, heartbeat, and refuse the certificates it revokes.
+    /// Several control planes of one site: repeat the flag or give a comma list;
+    /// requests go to whichever answers
+    #[arg(long, value_name = "URL", value_delimiter = ',', requires_all = ["ca", "advertise"])]
+    control_plane: Vec<String>,
     /// The control plane's CA (its state directory's ca.pem)
     #[arg(long, value_name = "PEM", requires = "control_plane")]
     ca: Option<PathBuf>,
@@ -108,19 +110,16 @@ pub fn process_server(a: ProcessServerArgs) -> Result<()> {
     }
     // Under a control plane: enrolled (once) for the certificate agents see, and the
     // site CA their certificates chain to.
-    let (tls, control) = match &a.control_plane {
-        Some(url) => {
-            let c = enroll(&a, url)?;
-            let cert = ServerCert::load(&c.files.cert, &c.files.key)?;
-            let tls = server_config_reloading(cert.clone(), &c.files.ca)?;
-            (tls, Some((c, cert)))
-        }
-        None => {
-            let (Some(cert), Some(key), Some(ca)) = (&a.tls_cert, &a.tls_key, &a.client_ca) else {
-                bail!("without --control-plane, --tls-cert, --tls-key and --client-ca are needed");
-            };
-            (server_config(cert, key, ca)?, None)
-        }
+    let (tls, control) = if a.control_plane.is_empty() {
+        let (Some(cert), Some(key), Some(ca)) = (&a.tls_cert, &a.tls_key, &a.client_ca) else {
+            bail!("without --control-plane, --tls-cert, --tls-key and --client-ca are needed");
+        };
+        (server_config(cert, key, ca)?, None)
+    } else {
+        let c = enroll(&a, &a.control_plane)?;
+        let cert = ServerCert::load(&c.files.cert, &c.files.key)?;
+        let tls = server_config_reloading(cert.clone(), &c.files.ca)?;
+        (tls, Some((c, cert)))
     };
     let mut o = Options::new(a.listen, a.cache_dir.clone());
     // The writer its commits carry: fencing tells servers apart by it.
@@ -194,7 +193,7 @@ fn name(a: &ProcessServerArgs) -> Result<String> {
     Ok(n)
 }
 
-fn enroll(a: &ProcessServerArgs, url: &str) -> Result<ControlClient> {
+fn enroll(a: &ProcessServerArgs, urls: &[String]) -> Result<ControlClient> {
     let name = name(a)?;
     let advertise = a
         .advertise
@@ -207,7 +206,7 @@ fn enroll(a: &ProcessServerArgs, url: &str) -> Result<ControlClient> {
         .unwrap_or_else(|| a.cache_dir.join("identity"));
     ControlClient::open(
         &Enrollment {
-            url: url.to_string(),
+            urls: urls.to_vec(),
             ca,
             kind: Kind::ProcessServer,
             name: name.clone(),
@@ -216,7 +215,7 @@ fn enroll(a: &ProcessServerArgs, url: &str) -> Result<ControlClient> {
         },
         a.enroll_token.as_deref(),
     )
-    .with_context(|| format!("enrolling process server {name} with {url}"))
+    .with_context(|| format!("enrolling process server {name} with {}", urls.join(", ")))
 }
 
 pub fn certs(out: &Path, agents: usize) -> Result<()> {

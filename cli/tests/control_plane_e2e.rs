@@ -321,7 +321,7 @@ fn a_renewed_certificate_replaces_the_old_one_and_heartbeats_go_on_with_it() {
     let cp = Cp::start(bin(), &tmp.path().join("cp"), "127.0.0.1:0", None);
     let state = tmp.path().join("m2");
     let enrollment = Enrollment {
-        url: cp.url.clone(),
+        urls: vec![cp.url.clone()],
         ca: cp.ca.clone(),
         kind: Kind::Agent,
         name: "m2".into(),

@@ -145,4 +145,23 @@ fn a_first_start_needs_a_token_and_a_refused_one_leaves_no_key() {
         "no key kept without a certificate"
     );
     assert!(!state.join("cert.pem").exists());
+
+    // Several control planes, as a comma list: the token goes to the next when the
+    // first is down, and the error names what each said.
+    let down = "https://127.0.0.1:1";
+    let mut listed = forged.clone();
+    listed[2] = format!("{down},{url}");
+    let e = fails(&listed);
+    assert!(e.contains("every control plane failed"), "{e}");
+    assert!(e.contains(&format!("POST {down}/v1/enroll")), "{e}");
+    assert!(e.contains(&format!("POST {url}/v1/enroll: 4")), "{e}");
+    // Or the flag repeated: each URL is checked.
+    let mut repeated = forged.clone();
+    repeated.extend(["--control-plane".to_string(), "http://127.0.0.1:2".into()]);
+    let e = fails(&repeated);
+    assert!(
+        e.contains("control plane URL http://127.0.0.1:2 must start with https://"),
+        "{e}"
+    );
+    assert!(!state.join("key.pem").exists());
 }

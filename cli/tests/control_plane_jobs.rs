@@ -578,10 +578,11 @@ fn two_control_planes_run_each_job_once(site: &Site, database: &str) {
     }
     // One job at a time each and a pause before each task, so that both take jobs
     // while the other still runs one, and each job (three pauses) outlives a lease.
-    let start = |name: &str| {
+    // The second joins the first's site (its CA and admin token).
+    let start = |name: &str, join: Option<&Path>| {
         let dir = site.path(name);
         let log = site.path(&format!("{name}.log"));
-        let args = [
+        let mut args = vec![
             "control-plane",
             "--state-dir",
             dir.to_str().unwrap(),
@@ -600,13 +601,15 @@ fn two_control_planes_run_each_job_once(site: &Site, database: &str) {
             "--job-lease-s",
             "2",
         ];
+        if let Some(j) = join {
+            args.extend(["--join", j.to_str().unwrap()]);
+        }
         let (child, url) = start_logging(&args, &log);
         (child, url, dir, log)
     };
-    let (mut cp_a, _, _, log_a) = start("cp-a");
-    let (mut cp_b, url_b, dir_b, log_b) = start("cp-b");
-    // Both registered their admin token under one name in the shared database: the
-    // later start's is the one that holds.
+    let (mut cp_a, _, dir_a, log_a) = start("cp-a", None);
+    let (mut cp_b, url_b, dir_b, log_b) = start("cp-b", Some(&dir_a));
+    // One admin token for the site: the second copied the first's.
     let admin = std::fs::read_to_string(dir_b.join("admin.token")).unwrap();
     let http = Http::new(&url_b, &dir_b.join("ca.pem"));
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -25,6 +25,7 @@ use crate::db::{self, Db};
 use crate::enroll::{self, ca::SiteCa};
 use crate::jobs::retention;
 use crate::jobs::runner::{self, Context, RunnerConfig, StoreAccess};
+use crate::jobs::singleton::{self, Singleton};
 
 /// Connections served at once; more wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -69,8 +70,11 @@ pub struct Options {
     /// The blob store and vault key file the jobs (retention) and the points API
     /// use; None: no retention jobs are scheduled and points are not served.
     pub store: Option<(String, PathBuf)>,
-    /// The job runner's settings.
+    /// The job runner's settings; its lease is also the singleton lease's.
     pub runner: RunnerConfig,
+    /// `--join DIR`: another control plane of the site, on the same database, whose
+    /// site CA and admin token this one copies into its state directory.
+    pub join: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +104,10 @@ pub enum Error {
     },
     #[error("rendering the OpenAPI document: {0}")]
     OpenApi(#[from] serde_json::Error),
+    /// The state directory's CA is not the site's the database recorded, or it has
+    /// none while the database serves a site already.
+    #[error("{0}")]
+    Site(String),
     #[error("{op}: {source}")]
     Replica {
         op: String,
@@ -132,18 +140,18 @@ pub async fn bind(opts: &Options) -> Result<Bound, Error> {
             path: dir.clone(),
             source,
         })?;
-    let ca = SiteCa::open_or_create(dir)?;
+    let url = opts
+        .database
+        .clone()
+        .unwrap_or_else(|| Db::default_url(dir));
+    let db = Db::open(&url).await?;
+    let ca = site_ca(&db, &url, dir, opts.join.as_deref()).await?;
     let names = if opts.server_names.is_empty() {
         enroll::ca::default_server_names()
     } else {
         opts.server_names.clone()
     };
     let (cert_pem, key_pem) = ca.service_cert(dir, &names)?;
-    let url = opts
-        .database
-        .clone()
-        .unwrap_or_else(|| Db::default_url(dir));
-    let db = Db::open(&url).await?;
     let admin = enroll::tokens::admin_token(dir)?;
     db::tokens::set_admin(&db, &enroll::tokens::hash(&admin)).await?;
     let store = match &opts.store {
@@ -189,6 +197,57 @@ pub async fn bind(opts: &Options) -> Result<Bound, Error> {
         runner: opts.runner.clone(),
         url: format!("https://{addr}"),
     })
+}
+
+/// The site CA: the state directory's (copied from `join` first, when given), which
+/// must be the one the database recorded. On a database that serves no site yet,
+/// the CA is made (unless the directory has one) and recorded; of two first starts
+/// at once, the one whose record lost removes the CA it just made and refuses.
+async fn site_ca(
+    db: &Db,
+    url: &str,
+    dir: &std::path::Path,
+    join: Option<&std::path::Path>,
+) -> Result<SiteCa, Error> {
+    use enroll::join;
+    if let Some(from) = join {
+        join::copy_shared(from, dir)?;
+    }
+    let recorded = db::site::recorded_ca(db).await?;
+    let lacking = join::missing_shared(dir);
+    let copy_hint = |what: String| {
+        format!(
+            "{what}: copy ca.pem, ca.key and admin.token from the state directory of a \
+             control plane of that site into {}, or start with --join THAT_DIR",
+            dir.display()
+        )
+    };
+    if recorded.is_some() && !lacking.is_empty() {
+        let names: Vec<String> = lacking.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::Site(copy_hint(format!(
+            "database {} already serves a site and this control plane lacks {}",
+            db::redacted(url),
+            names.join(", ")
+        ))));
+    }
+    let made_here = !dir.join("ca.key").exists();
+    let ca = SiteCa::open_or_create(dir)?;
+    let site = db::site::record_ca(db, &ca.pem).await?;
+    if !join::same_certificate(&site, &ca.pem) {
+        if made_here {
+            // Nobody has trusted it yet: leave the directory as it was, so that a
+            // retry with the site's files is not refused for this one.
+            for f in ["ca.key", "ca.pem"] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+        }
+        return Err(Error::Site(copy_hint(format!(
+            "the site CA that database {} recorded is not {}/ca.pem",
+            db::redacted(url),
+            dir.display()
+        ))));
+    }
+    Ok(ca)
 }
 
 fn server_config(
@@ -249,11 +308,25 @@ impl Bound {
     /// `MAX_CONNECTIONS` at once. The job runner, the retention schedule and the
     /// webhooks' deliverer run beside it.
     pub async fn serve(self) {
-        crate::health::spawn_sweeper(self.db.clone());
-        tokio::spawn(runner::run(self.jobs.clone(), self.runner.clone()));
+        // Of several control planes on one database, the holder of this lease alone
+        // sweeps health, schedules retention and prunes; it is the jobs' lease long.
+        let scheduler = Singleton::start(
+            self.db.clone(),
+            singleton::SCHEDULER,
+            &self.runner.owner,
+            self.runner.lease,
+        )
+        .await;
+        crate::health::spawn_sweeper(self.db.clone(), scheduler.clone());
+        tokio::spawn(runner::run(
+            self.jobs.clone(),
+            self.runner.clone(),
+            scheduler.clone(),
+        ));
         tokio::spawn(retention::schedule_loop(
             self.jobs.clone(),
             retention::EVERY,
+            scheduler,
         ));
         tokio::spawn(crate::webhooks::deliver::run(
             self.db.clone(),

@@ -50,6 +50,7 @@ impl Embedded {
             database: None,
             store: Some((store_url.to_string(), key_file.to_path_buf())),
             runner: RunnerConfig::default(),
+            join: None,
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

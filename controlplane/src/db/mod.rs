@@ -4,7 +4,9 @@
 //! SQLite also binds; `ON CONFLICT`; TEXT, BIGINT, DOUBLE PRECISION). See
 //! docs/decisions/0014-control-plane-store.md.
 
+pub mod leases;
 pub mod policies;
+pub mod site;
 pub mod tokens;
 
 use std::borrow::Cow;
@@ -70,6 +72,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0005_rebalancing.sql"),
     ),
     (
+        6,
+        "leases site",
+        include_str!("../../migrations/0006_leases_site.sql"),
+    ),
+    (
         7,
         "webhooks dashboard",
         include_str!("../../migrations/0007_webhooks_dashboard.sql"),
@@ -96,7 +103,7 @@ fn migrator() -> Migrator {
 }
 
 /// The URL without its password, for messages.
-fn redacted(url: &str) -> String {
+pub(crate) fn redacted(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
@@ -350,8 +357,15 @@ pub(crate) mod tests {
                 .await
                 .unwrap();
         }
-        // Migration 0003's.
-        for table in ["job_tasks", "jobs", "webhooks", "dashboard_sessions"] {
+        // Migration 0003's, 0006's and 0007's.
+        for table in [
+            "job_tasks",
+            "jobs",
+            "singleton_leases",
+            "site",
+            "webhooks",
+            "dashboard_sessions",
+        ] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
                 .execute(&pool)
                 .await

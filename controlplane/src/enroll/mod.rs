@@ -13,6 +13,7 @@
 pub mod ca;
 pub mod files;
 pub mod issue;
+pub mod join;
 pub mod store;
 pub mod tokens;
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::db::{self, Db};
+use crate::jobs::singleton::Singleton;
 use crate::policy::Policy;
 use crate::registry::machines::MachineRow;
 use crate::registry::process_servers::PsRow;
@@ -258,14 +259,18 @@ async fn record(db: &Db, subject: &str, was: &str, v: &Verdict, now: f64) -> db:
     Ok(())
 }
 
-/// Sweeps every heartbeat interval until the process ends. A failed sweep is logged
+/// Sweeps every heartbeat interval until the process ends, while this control plane
+/// holds `lease` (of several on one database, one sweeps). A failed sweep is logged
 /// and tried again at the next tick: the database may be back by then.
-pub fn spawn_sweeper(db: Db) {
+pub fn spawn_sweeper(db: Db, lease: Singleton) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs_f64(HEARTBEAT_INTERVAL_S));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if !lease.held() {
+                continue;
+            }
             if let Err(e) = sweep(&db, now_f()).await {
                 tracing::warn!("health sweep: {e}");
             }

@@ -16,6 +16,7 @@
 pub mod queue;
 pub mod retention;
 pub mod runner;
+pub mod singleton;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

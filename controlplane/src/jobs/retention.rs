@@ -13,6 +13,7 @@ use sqlx::Row;
 
 use super::queue;
 use super::runner::{Context, StoreAccess};
+use super::singleton::Singleton;
 use super::Job;
 use crate::db::{self, Db};
 use crate::policy::{Policy, DEFAULT_NAME};
@@ -107,8 +108,10 @@ pub async fn schedule(db: &Db, access: &Arc<StoreAccess>) -> Result<Vec<String>,
     Ok(queued)
 }
 
-/// At start and every `every` after: `schedule`, then wakes the runner.
-pub async fn schedule_loop(ctx: Context, every: Duration) {
+/// At start, every `every` after and whenever this control plane takes `lease` over,
+/// while it holds it (of several on one database, one schedules): `schedule`, then
+/// wakes the runner.
+pub async fn schedule_loop(ctx: Context, every: Duration, lease: Singleton) {
     let Some(access) = ctx.store.clone() else {
         // A warning, so that the default log level shows it: points then pile up.
         tracing::warn!("no --store: no retention jobs are scheduled (points are never compacted by this control plane)");
@@ -116,8 +119,18 @@ pub async fn schedule_loop(ctx: Context, every: Duration) {
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gains = lease.gains();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // Taken over (from another control plane, or from this one's previous
+            // process after a kill): schedule now, as a start would, rather than
+            // at this one's next tick up to `every` later.
+            Ok(()) = gains.changed() => {}
+        }
+        if !lease.held() {
+            continue;
+        }
         match schedule(&ctx.db, &access).await {
             Ok(ids) => {
                 tracing::info!("retention: {} jobs queued", ids.len());

@@ -16,6 +16,7 @@ use rand::Rng;
 use tokio::sync::{Notify, Semaphore};
 
 use super::queue::{self, now_ms};
+use super::singleton::Singleton;
 use super::{retention, Job, JobState, TaskState};
 use crate::db::Db;
 
@@ -79,8 +80,9 @@ pub const ENDED_JOBS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// `registry::events::KEPT_S`, are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-/// Runs until the process ends.
-pub async fn run(ctx: Context, cfg: RunnerConfig) {
+/// Runs until the process ends. Ended jobs and old events are pruned by the holder
+/// of `scheduler` only (of several control planes on one database).
+pub async fn run(ctx: Context, cfg: RunnerConfig, scheduler: Singleton) {
     let cfg = Arc::new(cfg);
     let slots = Arc::new(Semaphore::new(cfg.max_running.max(1)));
     tracing::info!(
@@ -101,7 +103,7 @@ pub async fn run(ctx: Context, cfg: RunnerConfig) {
         tokio::select! {
             _ = ctx.wake.notified() => {}
             _ = tokio::time::sleep(cfg.poll) => {}
-            _ = prune.tick() => {
+            _ = prune.tick(), if scheduler.held() => {
                 let before = crate::db::now_s() - ENDED_JOBS_KEPT.as_secs() as i64;
                 match queue::prune_ended(&ctx.db, before).await {
                     Ok(0) => {}
@@ -319,7 +321,14 @@ mod tests {
             poll: Duration::from_millis(20),
             ..RunnerConfig::default()
         };
-        let runner = tokio::spawn(run(ctx, cfg));
+        let scheduler = Singleton::start(
+            db.clone(),
+            crate::jobs::singleton::SCHEDULER,
+            &cfg.owner,
+            cfg.lease,
+        )
+        .await;
+        let runner = tokio::spawn(run(ctx, cfg, scheduler));
         let job = until_ended(&db, &id).await;
         assert_eq!(job.state, JobState::Failed);
         let error = job.error.clone().unwrap();

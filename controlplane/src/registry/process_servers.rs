@@ -141,41 +141,59 @@ pub async fn heartbeat(db: &Db, hb: &ProcessServerHeartbeat, now: i64) -> Result
     let connected = serde_json::to_string(&hb.machines)
         .map_err(json_err("writing a process server's machines"))?;
     let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    // As a machine's (`machines::heartbeat`): registration is what the writes find,
+    // and a heartbeat older than the one recorded changes nothing, so that two
+    // control planes on one database neither both register it nor lose the newer
+    // report.
+    let values = |sql| {
+        sqlx::query(sql)
+            .bind(hb.name.clone())
+            .bind(hb.address.clone())
+            .bind(clamp(hb.cache_used_bytes))
+            .bind(clamp(hb.cache_free_bytes))
+            .bind(hb.ingest_bytes_per_s)
+            .bind(hb.upload_lag_s)
+            .bind(hb.cpu_percent)
+            .bind(hb.health.clone())
+            .bind(reasons.clone())
+            .bind(connected.clone())
+            .bind(now)
+    };
     let mut tx = db.begin_write("starting a heartbeat").await?;
-    let before: Option<i64> = sqlx::query("SELECT removed FROM process_servers WHERE name = $1")
-        .bind(hb.name.clone())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(q("reading a process server"))?
-        .map(|r| r.try_get::<i64, _>("removed"))
-        .transpose()
-        .map_err(q("reading a process server"))?;
-    sqlx::query(
+    let inserted = values(
         "INSERT INTO process_servers (name, address, cache_used_bytes, cache_free_bytes, \
          ingest_bytes_per_s, upload_lag_s, cpu_percent, reported_health, reported_reasons, \
          connected, registered_at, last_seen) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
-         ON CONFLICT (name) DO UPDATE SET address = $2, cache_used_bytes = $3, \
-         cache_free_bytes = $4, ingest_bytes_per_s = $5, upload_lag_s = $6, cpu_percent = $7, \
-         reported_health = $8, reported_reasons = $9, connected = $10, last_seen = $11, \
-         removed = 0",
+         ON CONFLICT (name) DO NOTHING",
     )
-    .bind(hb.name.clone())
-    .bind(hb.address.clone())
-    .bind(clamp(hb.cache_used_bytes))
-    .bind(clamp(hb.cache_free_bytes))
-    .bind(hb.ingest_bytes_per_s)
-    .bind(hb.upload_lag_s)
-    .bind(hb.cpu_percent)
-    .bind(hb.health.clone())
-    .bind(reasons)
-    .bind(connected)
-    .bind(now)
     .execute(&mut *tx)
     .await
-    .map_err(q("recording a heartbeat"))?;
+    .map_err(q("recording a heartbeat"))?
+    .rows_affected()
+        == 1;
+    let mut revived = false;
+    if !inserted {
+        revived =
+            sqlx::query("UPDATE process_servers SET removed = 0 WHERE name = $1 AND removed <> 0")
+                .bind(hb.name.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("recording a heartbeat"))?
+                .rows_affected()
+                == 1;
+        values(
+            "UPDATE process_servers SET address = $2, cache_used_bytes = $3, \
+             cache_free_bytes = $4, ingest_bytes_per_s = $5, upload_lag_s = $6, \
+             cpu_percent = $7, reported_health = $8, reported_reasons = $9, connected = $10, \
+             last_seen = $11 WHERE name = $1 AND last_seen <= $11",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(q("recording a heartbeat"))?;
+    }
     tx.commit().await.map_err(q("committing a heartbeat"))?;
-    Ok(before.is_none_or(|removed| removed != 0))
+    Ok(inserted || revived)
 }
 
 /// Removes a process server: marks it removed, revokes its certificates, and frees

@@ -612,3 +612,85 @@ fn heartbeat_fields_over_their_bounds_are_refused() {
     }];
     assert!(check(&hb).is_err());
 }
+
+/// Heartbeats of one part landing on several control planes at once: the first
+/// ones register it once (one `registered` event), and one older than the recorded
+/// one (held up on a control plane while a later one landed on another) changes
+/// nothing.
+async fn heartbeats_from_several_control_planes(db: &Db) {
+    let now = 1_800_000_000;
+    let mut first = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let db = db.clone();
+        first.spawn(async move {
+            if i % 2 == 0 {
+                let hb = agent_beat("racer", "protected", None);
+                super::agent_heartbeat(&db, &hb, None, now)
+                    .await
+                    .map(|_| ())
+            } else {
+                process_servers::heartbeat(&db, &ps_beat("ps-racer", 50), now)
+                    .await
+                    .map(|_| ())
+            }
+            .unwrap();
+        });
+    }
+    while let Some(done) = first.join_next().await {
+        done.unwrap();
+    }
+    let events = events::list(db, 0, 1000).await.unwrap();
+    let registered = |subject: &str| {
+        events
+            .iter()
+            .filter(|e| e.subject == subject && e.kind == "registered")
+            .count()
+    };
+    assert_eq!(registered("machine racer"), 1, "{events:?}");
+
+    let newer = agent_beat("racer", "resync", None);
+    super::agent_heartbeat(db, &newer, Some(now as f64 + 9.0), now + 10)
+        .await
+        .unwrap();
+    let older = agent_beat("racer", "protected", None);
+    super::agent_heartbeat(db, &older, None, now + 5)
+        .await
+        .unwrap();
+    let m = machines::get(db, "racer").await.unwrap().unwrap();
+    assert_eq!(m.last_seen, now + 10, "the later heartbeat stays");
+    assert_eq!(m.disks[0].state, "resync");
+    assert_eq!(m.newest_uploaded_at, Some(now as f64 + 9.0));
+
+    process_servers::heartbeat(db, &ps_beat("ps-racer", 10), now + 10)
+        .await
+        .unwrap();
+    assert!(
+        !process_servers::heartbeat(db, &ps_beat("ps-racer", 90), now + 5)
+            .await
+            .unwrap(),
+        "not a registration"
+    );
+    let p = process_servers::get(db, "ps-racer").await.unwrap().unwrap();
+    assert_eq!((p.last_seen, p.cache_free_bytes), (now + 10, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_from_several_control_planes_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+    heartbeats_from_several_control_planes(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_from_several_control_planes_on_the_test_database() {
+    let Ok(url) = std::env::var("FERRY_TEST_DATABASE") else {
+        if std::env::var("FERRY_TEST_REQUIRE_REMOTE").is_ok_and(|v| v == "1") {
+            panic!("FERRY_TEST_DATABASE is not set but FERRY_TEST_REQUIRE_REMOTE=1");
+        }
+        eprintln!("FERRY_TEST_DATABASE not set: heartbeats on two control planes not tested on PostgreSQL");
+        return;
+    };
+    let _only = crate::db::tests::drop_all(&url).await;
+    let db = Db::open(&url).await.unwrap();
+    heartbeats_from_several_control_planes(&db).await;
+}

@@ -6,9 +6,15 @@
 //! It runs on its own thread with its own small tokio runtime (`Heartbeats`), so the
 //! compio data path never waits on it; the control plane being down only delays new
 //! orders: the caller keeps the last ones and replication goes on.
+//!
+//! A site may run several control planes on one database (docs/control-plane.md,
+//! "Running it highly available"): the client is given all their URLs and sends each
+//! request to the one that answered last; a request that fails or is refused there
+//! goes to the next, in the order given, and the client stays with the first that
+//! answers. Enrollment, renewal and heartbeats alike.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +34,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// bad answer can neither flood it nor silence a part for minutes.
 const MIN_INTERVAL_S: f64 = 0.5;
 const MAX_INTERVAL_S: f64 = 60.0;
+/// Control planes one client is given at most: a site runs a few, and a request
+/// tries each in turn before it fails.
+pub const MAX_CONTROL_PLANES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -59,11 +68,25 @@ pub enum ControlError {
     NotEnrolled { dir: String },
     #[error("control plane URL {0} must start with https://")]
     Url(String),
+    #[error("control plane URLs: {0}")]
+    Urls(String),
+    /// Every control plane given failed or refused the request: each one's error,
+    /// in the order tried (each names its URL).
+    #[error("every control plane failed: {}", list(.0))]
+    Every(Vec<ControlError>),
     #[error("starting the control plane client's runtime: {0}")]
     Runtime(std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, ControlError>;
+
+fn list(errors: &[ControlError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 fn io_err<'a>(
     op: &'static str,
@@ -79,8 +102,9 @@ fn io_err<'a>(
 /// Who enrolls, where, and where its identity is kept.
 #[derive(Debug, Clone)]
 pub struct Enrollment {
-    /// https://HOST:PORT of the control plane.
-    pub url: String,
+    /// https://HOST:PORT of each control plane of the site (at least one): the
+    /// client uses whichever answers.
+    pub urls: Vec<String>,
     /// The site CA the control plane's certificate chains to (`--ca`).
     pub ca: PathBuf,
     pub kind: Kind,
@@ -245,9 +269,92 @@ fn http_client(tls: rustls::ClientConfig) -> Result<reqwest::Client> {
         })
 }
 
+/// The control planes of a site, in the order given, and the one that answered
+/// last: where the next request goes first.
+#[derive(Debug)]
+pub struct ControlPlanes {
+    urls: Vec<String>,
+    current: AtomicUsize,
+}
+
+impl ControlPlanes {
+    /// Checks the URLs: one at least, at most `MAX_CONTROL_PLANES`, each https://;
+    /// a trailing `/` is dropped and a repeated URL kept once.
+    pub fn new(urls: &[String]) -> Result<ControlPlanes> {
+        let mut kept: Vec<String> = Vec::new();
+        for u in urls {
+            let u = u.trim().trim_end_matches('/').to_string();
+            if !u.starts_with("https://") {
+                return Err(ControlError::Url(u));
+            }
+            if !kept.contains(&u) {
+                kept.push(u);
+            }
+        }
+        if kept.is_empty() {
+            return Err(ControlError::Urls("none given".into()));
+        }
+        if kept.len() > MAX_CONTROL_PLANES {
+            return Err(ControlError::Urls(format!(
+                "{} given; at most {MAX_CONTROL_PLANES}",
+                kept.len()
+            )));
+        }
+        Ok(ControlPlanes {
+            urls: kept,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// The URL the next request goes to first.
+    pub fn current(&self) -> &str {
+        &self.urls[self.current.load(Ordering::Relaxed) % self.urls.len()]
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// POSTs to the current control plane, then to each next one while they fail or
+    /// refuse; stays with the first that answers. With one URL, its error as it is;
+    /// with several, every one's.
+    async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        body: &B,
+    ) -> Result<R> {
+        let n = self.urls.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut errors = Vec::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            match post(http, &self.urls[i], path, body).await {
+                Ok(answer) => {
+                    if i != first {
+                        self.current.store(i, Ordering::Relaxed);
+                        tracing::warn!(from = %self.urls[first], to = %self.urls[i], "switched to another control plane: the one used so far failed or refused");
+                    }
+                    return Ok(answer);
+                }
+                Err(e) => {
+                    if n > 1 {
+                        tracing::debug!(error = %e, "trying the next control plane");
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        if errors.len() == 1 {
+            return Err(errors.remove(0));
+        }
+        Err(ControlError::Every(errors))
+    }
+}
+
 /// An enrolled client of the control plane.
 pub struct ControlClient {
-    url: String,
+    planes: ControlPlanes,
     name: String,
     pub files: IdentityFiles,
     validity: Validity,
@@ -258,10 +365,7 @@ pub struct ControlClient {
 impl ControlClient {
     /// Loads the identity in `e.dir`, or enrolls with `token` when there is none yet.
     pub fn open(e: &Enrollment, token: Option<&str>) -> Result<ControlClient> {
-        let url = e.url.trim_end_matches('/').to_string();
-        if !url.starts_with("https://") {
-            return Err(ControlError::Url(url));
-        }
+        let planes = ControlPlanes::new(&e.urls)?;
         ferry_replica::local::create_private_dir(&e.dir).map_err(io_err("state dir", &e.dir))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -281,14 +385,14 @@ impl ControlClient {
                 csr_pem,
                 advertise: e.advertise.clone(),
             };
-            let issued: Issued = rt.block_on(post(&anon, &url, "/v1/enroll", &req))?;
+            let issued: Issued = rt.block_on(planes.post(&anon, "/v1/enroll", &req))?;
             store(&files, &key, &issued, Utc::now())?;
             tracing::info!(name = %e.name, kind = e.kind.as_str(), not_after = %issued.not_after, dir = %e.dir.display(), "enrolled with the control plane");
         }
         let validity = read_validity(&files.issued)?;
         let http = http_client(client_config(&files.cert, &files.key, &files.ca)?)?;
         Ok(ControlClient {
-            url,
+            planes,
             name: e.name.clone(),
             files,
             validity,
@@ -301,6 +405,11 @@ impl ControlClient {
         self.validity
     }
 
+    /// The control planes, and which one requests go to first now.
+    pub fn planes(&self) -> &ControlPlanes {
+        &self.planes
+    }
+
     /// Renews the certificate (a new key, a new CSR, over mutual TLS with the current
     /// one) if two thirds of its life has passed. Returns whether it renewed: the
     /// caller then loads the new files where it uses them.
@@ -309,9 +418,8 @@ impl ControlClient {
             return Ok(false);
         }
         let (key, csr_pem) = key_and_csr(&self.name)?;
-        let issued: Issued = self.rt.block_on(post(
+        let issued: Issued = self.rt.block_on(self.planes.post(
             &self.http,
-            &self.url,
             "/v1/renew",
             &RenewRequest { csr_pem },
         ))?;
@@ -328,7 +436,7 @@ impl ControlClient {
 
     /// One POST over mutual TLS (a heartbeat).
     pub fn call<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R> {
-        self.rt.block_on(post(&self.http, &self.url, path, body))
+        self.rt.block_on(self.planes.post(&self.http, path, body))
     }
 }
 

@@ -1,5 +1,6 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 
 use super::*;
@@ -119,7 +120,7 @@ fn a_bad_expiry_is_refused_and_nothing_is_written() {
 
 fn enrollment(dir: &Path, ca: &Path, url: &str) -> Enrollment {
     Enrollment {
-        url: url.into(),
+        urls: vec![url.into()],
         ca: ca.into(),
         kind: Kind::Agent,
         name: "m1".into(),
@@ -144,6 +145,18 @@ fn without_a_certificate_a_token_is_needed_and_the_url_must_be_https() {
 /// and `body` (no client certificate asked): for the client's error paths only.
 fn fake_server(tmp: &Path, status: &str, body: &'static str) -> (String, PathBuf) {
     let ca = Authority::create(&tmp.join("fake-ca"), "fake CA").unwrap();
+    let (url, _) = fake_server_of(&ca, status, body, 1);
+    (url, ca.ca_path())
+}
+
+/// As `fake_server`, its certificate from `ca`, answering `requests` connections
+/// one after the other; the count of those it answered.
+fn fake_server_of(
+    ca: &Authority,
+    status: &str,
+    body: &'static str,
+    requests: usize,
+) -> (String, Arc<AtomicUsize>) {
     let id = ca
         .issue("server", "127.0.0.1", true, CertValidity::Current)
         .unwrap();
@@ -166,38 +179,43 @@ fn fake_server(tmp: &Path, status: &str, body: &'static str) -> (String, PathBuf
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
     let status = status.to_string();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
     std::thread::spawn(move || {
-        let (tcp, _) = l.accept().unwrap();
-        let conn = rustls::ServerConnection::new(cfg).unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
-        let mut req = Vec::new();
-        let mut buf = [0u8; 4096];
-        // Headers, then the body as Content-Length says.
-        loop {
-            let n = s.read(&mut buf).unwrap();
-            req.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&req).to_lowercase();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let len = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
-                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                if req.len() >= end + 4 + len {
-                    break;
+        for _ in 0..requests {
+            let (tcp, _) = l.accept().unwrap();
+            let conn = rustls::ServerConnection::new(cfg.clone()).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then the body as Content-Length says.
+            loop {
+                let n = s.read(&mut buf).unwrap();
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).to_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    if req.len() >= end + 4 + len {
+                        break;
+                    }
                 }
             }
-        }
-        let resp = format!(
+            let resp = format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
-        // The client may hang up first (an answer it will not read whole).
-        let _ = s.write_all(resp.as_bytes());
-        let _ = s.flush();
-        s.conn.send_close_notify();
-        let _ = s.flush();
+            // The client may hang up first (an answer it will not read whole).
+            let _ = s.write_all(resp.as_bytes());
+            let _ = s.flush();
+            s.conn.send_close_notify();
+            let _ = s.flush();
+            count.fetch_add(1, Ordering::SeqCst);
+        }
     });
-    (url, ca.ca_path())
+    (url, answered)
 }
 
 #[test]
@@ -378,4 +396,134 @@ fn an_outage_is_logged_once_and_its_end_once() {
     assert!(o.ok());
     assert!(!o.ok());
     assert!(o.failed("heartbeat", &e), "a new outage is logged again");
+}
+
+/// An identity from `ca` in `dir`, long-lived (no renewal is attempted).
+fn enrolled_in(dir: &Path, ca: &Authority) {
+    std::fs::create_dir_all(dir).unwrap();
+    let not_after = (Utc::now() + chrono::Duration::days(365)).to_rfc3339();
+    let (issued, key) = issued_with_key(ca, "m1", &not_after);
+    store(&IdentityFiles::in_dir(dir), &key, &issued, Utc::now()).unwrap();
+}
+
+/// A loopback port nothing listens on: a control plane that is down.
+fn dead_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("https://127.0.0.1:{port}")
+}
+
+#[test]
+fn with_several_control_planes_a_request_goes_to_the_next_and_stays_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Authority::create(&tmp.path().join("ca"), "site CA").unwrap();
+    let dir = tmp.path().join("state");
+    enrolled_in(&dir, &ca);
+    // The first refuses (as a control plane that lost its database does), the
+    // second is down, the third answers.
+    let (refusing, refused) = fake_server_of(
+        &ca,
+        "503 Service Unavailable",
+        r#"{"title":"Service Unavailable","status":503,"detail":"database unreachable"}"#,
+        3,
+    );
+    let (answering, answered) = fake_server_of(&ca, "200 OK", r#"{"ok":true}"#, 3);
+    let mut e = enrollment(&dir, &ca.ca_path(), &refusing);
+    e.urls = vec![refusing.clone(), dead_url(), format!("{answering}/")];
+    let client = ControlClient::open(&e, None).unwrap();
+    assert_eq!(client.planes().current(), refusing);
+    let got: serde_json::Value = client.call("/v1/heartbeat/agent", &"hi").unwrap();
+    assert_eq!(got["ok"], true);
+    assert_eq!(
+        client.planes().current(),
+        answering,
+        "it stays with the one that answered"
+    );
+    let _: serde_json::Value = client.call("/v1/heartbeat/agent", &"again").unwrap();
+    assert_eq!(answered.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        1,
+        "not asked again while the other answers"
+    );
+}
+
+#[test]
+fn when_every_control_plane_fails_the_error_names_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Authority::create(&tmp.path().join("ca"), "site CA").unwrap();
+    let dir = tmp.path().join("state");
+    enrolled_in(&dir, &ca);
+    let (a, b) = (dead_url(), dead_url());
+    let mut e = enrollment(&dir, &ca.ca_path(), &a);
+    e.urls = vec![a.clone(), b.clone()];
+    let client = ControlClient::open(&e, None).unwrap();
+    let err = client
+        .call::<_, serde_json::Value>("/v1/heartbeat/agent", &"hi")
+        .unwrap_err();
+    assert!(
+        matches!(&err, ControlError::Every(all) if all.len() == 2),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.starts_with("every control plane failed: "), "{text}");
+    assert!(text.contains(&a) && text.contains(&b), "{text}");
+    assert_eq!(
+        client.planes().current(),
+        a,
+        "nothing answered: where it was"
+    );
+}
+
+#[test]
+fn an_enrollment_refused_by_one_control_plane_is_taken_by_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The site's CA signs both servers: the token goes to the second after the
+    // first fails; its answer (not a certificate) is then what is refused.
+    let ca = Authority::create(&tmp.path().join("ca"), "site CA").unwrap();
+    let (second, asked) = fake_server_of(&ca, "200 OK", r#"{"certificate":"?"}"#, 1);
+    let dir = tmp.path().join("state");
+    let mut e = enrollment(&dir, &ca.ca_path(), &second);
+    e.urls = vec![dead_url(), second.clone()];
+    let err = ControlClient::open(&e, Some("tok")).err().unwrap();
+    assert!(
+        matches!(&err, ControlError::Every(all) if all.len() == 2),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("POST {second}/v1/enroll")),
+        "{err}"
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert!(!IdentityFiles::in_dir(&dir).present());
+}
+
+#[test]
+fn control_plane_urls_are_checked() {
+    let one = |u: &str| vec![u.to_string()];
+    assert!(matches!(
+        ControlPlanes::new(&[]),
+        Err(ControlError::Urls(w)) if w == "none given"
+    ));
+    assert!(matches!(
+        ControlPlanes::new(&one("http://cp:8443")),
+        Err(ControlError::Url(_))
+    ));
+    let many: Vec<String> = (0..=MAX_CONTROL_PLANES)
+        .map(|i| format!("https://cp{i}:8443"))
+        .collect();
+    let e = ControlPlanes::new(&many).unwrap_err().to_string();
+    assert!(e.contains("at most 16"), "{e}");
+    let p = ControlPlanes::new(&[
+        "https://a:1/".to_string(),
+        " https://b:1".to_string(),
+        "https://a:1".to_string(),
+    ])
+    .unwrap();
+    assert_eq!(p.urls(), ["https://a:1", "https://b:1"]);
+    assert_eq!(p.current(), "https://a:1");
 }

@@ -26,8 +26,13 @@ use crate::enroll::{self, ca::SiteCa};
 use crate::jobs::retention;
 use crate::jobs::runner::{self, Context, RunnerConfig, StoreAccess};
 
-/// Connections served at once; more wait in the kernel's accept queue.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections served at once; more wait in the kernel's accept queue. Every agent
+/// and process server keeps one open between its heartbeats (5 s apart, well inside
+/// the idle timeout), so this is the fleet one control plane can serve: at 1,024,
+/// the 10,000-agent benchmark saw every agent past the first thousand time out
+/// (docs/benchmarks.md). An idle connection costs about 20 KiB here; the process
+/// needs a descriptor limit (LimitNOFILE) above this.
+pub const MAX_CONNECTIONS: usize = 16_384;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nor may a client take longer to send a request's headers: a connection slot held

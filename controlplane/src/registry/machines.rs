@@ -100,47 +100,22 @@ pub struct Beat<'a> {
 /// this heartbeat registered it (or brought back a removed one, which only a new
 /// enrollment can: the removed one's certificates are revoked).
 pub async fn heartbeat(db: &Db, b: &Beat<'_>) -> Result<bool> {
-    let disks = serde_json::to_string(b.disks).map_err(json_err("writing a machine's disks"))?;
-    let mut tx = db.begin_write("starting a heartbeat").await?;
-    let before: Option<i64> = sqlx::query("SELECT removed FROM machines WHERE name = $1")
-        .bind(b.name.to_string())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(q("reading a machine"))?
-        .map(|r| r.try_get::<i64, _>("removed"))
-        .transpose()
-        .map_err(q("reading a machine"))?;
-    // A NULL is written as a literal, never bound: sqlx 0.8's Any driver binds a
-    // None f64 as PostgreSQL's float4, the connection caches the statement with that
-    // parameter type, and every later heartbeat on it with a time failed ("incorrect
-    // binary data format in bind parameter 6"): a 500.
-    let sql = if b.newest_uploaded_at.is_some() {
-        "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
-         newest_uploaded_at, group_listen) VALUES ($1, $2, $3, $4, $5, $5, $6, $7) \
-         ON CONFLICT (name) DO UPDATE SET state = $2, disks = $3, last_error = $4, \
-         last_seen = $5, newest_uploaded_at = $6, group_listen = $7, removed = 0"
-    } else {
-        "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
-         newest_uploaded_at, group_listen) VALUES ($1, $2, $3, $4, $5, $5, NULL, $6) \
-         ON CONFLICT (name) DO UPDATE SET state = $2, disks = $3, last_error = $4, \
-         last_seen = $5, newest_uploaded_at = NULL, group_listen = $6, removed = 0"
-    };
-    let mut query = sqlx::query(sql)
-        .bind(b.name.to_string())
-        .bind(b.state.to_string())
-        .bind(disks)
-        .bind(b.last_error.map(str::to_string))
-        .bind(b.now);
-    if let Some(t) = b.newest_uploaded_at {
-        query = query.bind(t);
-    }
-    query
-        .bind(b.group_listen.map(str::to_string))
-        .execute(&mut *tx)
-        .await
-        .map_err(q("recording a heartbeat"))?;
-    tx.commit().await.map_err(q("committing a heartbeat"))?;
-    Ok(before.is_none_or(|removed| removed != 0))
+    Ok(heartbeat_written(db, b).await?.registered)
+}
+
+/// `heartbeat`, with the row's assignments as the same transaction left them
+/// (committed with other heartbeats: `super::beats`).
+pub async fn heartbeat_written(db: &Db, b: &Beat<'_>) -> Result<super::beats::Written> {
+    let row = super::beats::BeatRow::new(
+        b.name,
+        b.state,
+        b.disks,
+        b.last_error,
+        b.newest_uploaded_at,
+        b.group_listen,
+        b.now,
+    )?;
+    super::beats::write(db, row).await
 }
 
 /// Gives a machine without a process server the least loaded one seen since

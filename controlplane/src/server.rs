@@ -30,8 +30,9 @@ use crate::jobs::runner::{self, Context, RunnerConfig, StoreAccess};
 /// and process server keeps one open between its heartbeats (5 s apart, well inside
 /// the idle timeout), so this is the fleet one control plane can serve: at 1,024,
 /// the 10,000-agent benchmark saw every agent past the first thousand time out
-/// (docs/benchmarks.md). An idle connection costs about 20 KiB here; the process
-/// needs a descriptor limit (LimitNOFILE) above this.
+/// (docs/benchmarks.md). A kept-alive connection costs about 70 KiB of RSS (TLS and
+/// HTTP buffers: 750 MiB at 10,000 agents), so this bounds that memory near 1.1 GiB;
+/// the process needs a descriptor limit (LimitNOFILE) above it.
 pub const MAX_CONNECTIONS: usize = 16_384;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -82,7 +82,7 @@ type Job = (BeatRow, oneshot::Sender<Result<Written>>);
 #[derive(Default)]
 pub struct Writer {
     queue: OnceLock<mpsc::Sender<Job>>,
-    /// Transactions the writer committed (for tests and the benchmark's reader).
+    /// Transactions the writer committed: how many heartbeats shared each (tests).
     commits: Arc<AtomicU64>,
 }
 

@@ -39,7 +39,7 @@ pub struct RunFigures {
     pub rpo: (f64, f64, f64, u64),
 }
 
-fn proc_field(pid: u32, file: &str, key: &str) -> Option<f64> {
+pub(crate) fn proc_field(pid: u32, file: &str, key: &str) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     text.lines()
         .find(|l| l.starts_with(key))?
@@ -50,7 +50,7 @@ fn proc_field(pid: u32, file: &str, key: &str) -> Option<f64> {
 }
 
 /// User + system CPU seconds of a process.
-fn cpu_s(pid: u32) -> f64 {
+pub(crate) fn cpu_s(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are 14th and 15th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);

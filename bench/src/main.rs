@@ -4,6 +4,7 @@
 
 mod cache_io;
 mod ceilings;
+mod control_plane;
 mod ingest;
 mod instant;
 mod load;
@@ -113,6 +114,39 @@ enum Command {
         #[arg(long)]
         load_threads: Option<usize>,
     },
+    /// Simulated agents and process servers heartbeating over mutual TLS against one
+    /// real `ferry control-plane`: heartbeats per control-plane CPU second, p99
+    /// latency and memory at the goal rate, then stepped up until it breaks
+    ControlPlane {
+        /// The ferry binary to run
+        #[arg(long)]
+        ferry: PathBuf,
+        /// Where the state directory and the enrolled identities are kept (reused by
+        /// later runs on the same database)
+        #[arg(long)]
+        work: PathBuf,
+        /// postgres://USER@HOST/DB; default: SQLite in the state directory
+        #[arg(long)]
+        database: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Simulated process servers (each lists at most 512 machines)
+        #[arg(long, default_value_t = 20)]
+        process_servers: usize,
+        /// Every agent heartbeats once per this in the first step (the goal)
+        #[arg(long, default_value_t = 5.0)]
+        interval_s: f64,
+        /// Measured seconds of each step, after one interval of warm-up
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Steps after the goal's, each offering more (1.5, 2, 3, 4, 6, 8 x the
+        /// goal), until one breaks
+        #[arg(long, default_value_t = 6)]
+        more_steps: usize,
+        /// Leave both processes unpinned
+        #[arg(long)]
+        no_pin: bool,
+    },
     /// All of the above, ending with the one-line summary
     All {
         #[command(flatten)]
@@ -201,6 +235,30 @@ fn run(command: Command) -> Result<()> {
                 store_dir,
                 load_threads: load_threads.unwrap_or((cores / 4).max(1)),
                 point_interval_s,
+            })?;
+        }
+        Command::ControlPlane {
+            ferry,
+            work,
+            database,
+            agents,
+            process_servers,
+            interval_s,
+            seconds,
+            more_steps,
+            no_pin,
+        } => {
+            machine::print();
+            control_plane::run(&control_plane::Options {
+                ferry,
+                work,
+                database,
+                agents,
+                process_servers,
+                interval_s,
+                seconds,
+                more_steps,
+                pin: !no_pin,
             })?;
         }
         Command::All {
@@ -323,6 +381,36 @@ mod smoke {
     fn instant_recovery_runs_on_a_small_disk() {
         let dir = tempfile::tempdir().unwrap();
         crate::instant::run(dir.path(), 1).unwrap();
+    }
+
+    #[test]
+    fn control_plane_runs_small_and_prints_its_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = crate::control_plane::Options {
+            ferry: ferry(),
+            work: dir.path().join("work"),
+            database: None,
+            agents: 50,
+            process_servers: 2,
+            interval_s: 1.0,
+            seconds: 2.0,
+            more_steps: 0,
+            pin: false,
+        };
+        let f = crate::control_plane::run(&o).unwrap();
+        assert!(f.enroll_s.is_some(), "enrolled the first time");
+        let goal = &f.steps[0];
+        assert_eq!(goal.errors, 0, "{:?}", goal.first_error);
+        assert!(goal.answered > 0.0 && goal.per_core > 0.0 && goal.p99_ms > 0.0);
+        let line = f.summary();
+        assert!(
+            line.starts_with("control-plane sqlite: 50 agents every 1 s:"),
+            "{line}"
+        );
+        // A second run reuses the identities (and the database they are in).
+        let again = crate::control_plane::run(&o).unwrap();
+        assert!(again.enroll_s.is_none());
+        assert_eq!(again.steps[0].errors, 0, "{:?}", again.steps[0].first_error);
     }
 
     #[test]

@@ -27,8 +27,14 @@ use crate::jobs::retention;
 use crate::jobs::runner::{self, Context, RunnerConfig, StoreAccess};
 use crate::jobs::singleton::{self, Singleton};
 
-/// Connections served at once; more wait in the kernel's accept queue.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections served at once; more wait in the kernel's accept queue. Every agent
+/// and process server keeps one open between its heartbeats (5 s apart, well inside
+/// the idle timeout), so this is the fleet one control plane can serve: at 1,024,
+/// the 10,000-agent benchmark saw every agent past the first thousand time out
+/// (docs/benchmarks.md). A kept-alive connection costs about 70 KiB of RSS (TLS and
+/// HTTP buffers: 750 MiB at 10,000 agents), so this bounds that memory near 1.1 GiB;
+/// the process needs a descriptor limit (LimitNOFILE) above it.
+pub const MAX_CONNECTIONS: usize = 16_384;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nor may a client take longer to send a request's headers: a connection slot held

@@ -11,6 +11,7 @@ pub mod tokens;
 
 use std::borrow::Cow;
 use std::path::Path;
+use std::sync::Arc;
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -122,6 +123,8 @@ const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 5000";
 pub struct Db {
     pool: AnyPool,
     sqlite: bool,
+    /// Agents' heartbeats are committed in batches by one writer (`registry::beats`).
+    beats: Arc<crate::registry::beats::Writer>,
 }
 
 impl Db {
@@ -178,11 +181,30 @@ impl Db {
             .run(&pool)
             .await
             .map_err(|source| Error::Migrate { url: shown, source })?;
-        Ok(Db { pool, sqlite })
+        Ok(Db {
+            pool,
+            sqlite,
+            beats: Arc::default(),
+        })
     }
 
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The heartbeat writer of this database.
+    pub(crate) fn beats(&self) -> &crate::registry::beats::Writer {
+        &self.beats
+    }
+
+    /// The same pool with a writer of its own that is never started: the writer
+    /// task's handle, which must not keep its own queue open.
+    pub(crate) fn without_writer(&self) -> Db {
+        Db {
+            pool: self.pool.clone(),
+            sqlite: self.sqlite,
+            beats: Arc::default(),
+        }
     }
 
     /// A transaction that writes. On SQLite it takes the write lock at BEGIN

@@ -100,74 +100,22 @@ pub struct Beat<'a> {
 /// this heartbeat registered it (or brought back a removed one, which only a new
 /// enrollment can: the removed one's certificates are revoked).
 pub async fn heartbeat(db: &Db, b: &Beat<'_>) -> Result<bool> {
-    let disks = serde_json::to_string(b.disks).map_err(json_err("writing a machine's disks"))?;
-    // A NULL is written as a literal, never bound: sqlx 0.8's Any driver binds a
-    // None f64 as PostgreSQL's float4, the connection caches the statement with that
-    // parameter type, and every later heartbeat on it with a time failed ("incorrect
-    // binary data format in bind parameter 6"): a 500.
-    let (uploaded, listen) = match b.newest_uploaded_at {
-        Some(_) => ("$6", "$7"),
-        None => ("NULL", "$6"),
-    };
-    // Whether this heartbeat registers the machine is what the writes find, not a
-    // read before them: with several control planes on PostgreSQL (READ COMMITTED),
-    // two first heartbeats at once both read "no row" and both recorded a
-    // registration. The INSERT's and UPDATEs' row locks order them instead.
-    let insert = format!(
-        "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
-         newest_uploaded_at, group_listen) VALUES ($1, $2, $3, $4, $5, $5, {uploaded}, {listen}) \
-         ON CONFLICT (name) DO NOTHING"
-    );
-    // A heartbeat older than the one recorded (held up on one control plane while a
-    // later one landed on another) changes nothing: never a newer report lost.
-    let update = format!(
-        "UPDATE machines SET state = $2, disks = $3, last_error = $4, last_seen = $5, \
-         newest_uploaded_at = {uploaded}, group_listen = {listen} \
-         WHERE name = $1 AND last_seen <= $5"
-    );
-    let mut tx = db.begin_write("starting a heartbeat").await?;
-    let inserted = bound(&insert, b, &disks)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("recording a heartbeat"))?
-        .rows_affected()
-        == 1;
-    let mut revived = false;
-    if !inserted {
-        revived = sqlx::query("UPDATE machines SET removed = 0 WHERE name = $1 AND removed <> 0")
-            .bind(b.name.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("recording a heartbeat"))?
-            .rows_affected()
-            == 1;
-        bound(&update, b, &disks)
-            .execute(&mut *tx)
-            .await
-            .map_err(q("recording a heartbeat"))?;
-    }
-    tx.commit().await.map_err(q("committing a heartbeat"))?;
-    Ok(inserted || revived)
+    Ok(heartbeat_written(db, b).await?.registered)
 }
 
-/// `sql` with a heartbeat's values bound: $1 name, $2 state, $3 disks, $4 last
-/// error, $5 now, then the newest upload's time when there is one, then the group
-/// listen address.
-fn bound<'q>(
-    sql: &'q str,
-    b: &Beat<'q>,
-    disks: &str,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    let mut query = sqlx::query(sql)
-        .bind(b.name.to_string())
-        .bind(b.state.to_string())
-        .bind(disks.to_string())
-        .bind(b.last_error.map(str::to_string))
-        .bind(b.now);
-    if let Some(t) = b.newest_uploaded_at {
-        query = query.bind(t);
-    }
-    query.bind(b.group_listen.map(str::to_string))
+/// `heartbeat`, with the row's assignments as the same transaction left them
+/// (committed with other heartbeats: `super::beats`).
+pub async fn heartbeat_written(db: &Db, b: &Beat<'_>) -> Result<super::beats::Written> {
+    let row = super::beats::BeatRow::new(
+        b.name,
+        b.state,
+        b.disks,
+        b.last_error,
+        b.newest_uploaded_at,
+        b.group_listen,
+        b.now,
+    )?;
+    super::beats::write(db, row).await
 }
 
 /// Gives a machine without a process server the least loaded one seen since

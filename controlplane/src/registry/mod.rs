@@ -13,6 +13,7 @@
 //! every member should listen (`--group-listen`). Only the coordinator's orders list
 //! the members, with the addresses they reported.
 
+pub mod beats;
 pub mod events;
 pub mod machines;
 pub mod process_servers;
@@ -189,7 +190,7 @@ pub async fn agent_heartbeat(
     newest_uploaded_at: Option<f64>,
     now: i64,
 ) -> db::Result<AgentOrders> {
-    let registered = machines::heartbeat(
+    let written = machines::heartbeat_written(
         db,
         &machines::Beat {
             name: &hb.machine,
@@ -203,12 +204,11 @@ pub async fn agent_heartbeat(
     )
     .await?;
     let subject = format!("machine {}", hb.machine);
-    if registered {
+    if written.registered {
         events::add(db, "registered", &subject, "first heartbeat", now).await?;
     }
-    let mut ps_name = machines::get(db, &hb.machine)
-        .await?
-        .and_then(|m| m.process_server);
+    // The row as the heartbeat's own transaction left it: no second read.
+    let mut ps_name = written.process_server;
     if ps_name.is_none() {
         ps_name = machines::assign_least_loaded(db, &hb.machine, now - NOT_SEEN_S).await?;
         if let Some(ps) = &ps_name {
@@ -216,7 +216,7 @@ pub async fn agent_heartbeat(
             events::add(db, "assigned", &subject, &msg, now).await?;
         }
     }
-    let mut o = orders(db, &hb.machine, ps_name).await?;
+    let mut o = orders_for(db, written.policy, written.group, ps_name).await?;
     if let Some(g) = &o.group {
         let members = machines::members(db, g, GROUP_MAX).await?;
         (o.group_coordinator, o.group_members) =
@@ -265,6 +265,16 @@ pub async fn orders(db: &Db, machine: &str, ps_name: Option<String>) -> db::Resu
         || (crate::policy::DEFAULT_NAME.to_string(), None),
         |m| (m.policy, m.group),
     );
+    orders_for(db, policy_name, group, ps_name).await
+}
+
+/// `orders` for a machine whose policy and group are known.
+async fn orders_for(
+    db: &Db,
+    policy_name: String,
+    group: Option<String>,
+    ps_name: Option<String>,
+) -> db::Result<AgentOrders> {
     let policy = match db::policies::get(db, &policy_name).await? {
         Some(p) => p,
         // Its policy was deleted since it was set: the default holds until it is

@@ -694,3 +694,53 @@ async fn heartbeats_from_several_control_planes_on_the_test_database() {
     let db = Db::open(&url).await.unwrap();
     heartbeats_from_several_control_planes(&db).await;
 }
+
+/// Heartbeats that queue while the database is busy are committed together (one
+/// sync for many), and each is still answered for itself: every machine registered
+/// once, each given the one process server, each with its own row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_queued_behind_a_commit_share_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+    let now = 1_800_000_000;
+    process_servers::heartbeat(&db, &ps_beat("ps1", 50), now)
+        .await
+        .unwrap();
+    // Another writer holds SQLite's write lock while the heartbeats arrive.
+    let blocker = db.begin_write("holding the lock").await.unwrap();
+    let mut beats = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let db = db.clone();
+        beats.spawn(async move {
+            let hb = agent_beat(&format!("m{i:02}"), "protected", None);
+            super::agent_heartbeat(&db, &hb, None, now).await.unwrap()
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    blocker.commit().await.unwrap();
+    while let Some(o) = beats.join_next().await {
+        let o = o.unwrap();
+        assert_eq!(o.process_server.unwrap().name, "ps1");
+        assert_eq!(o.policy.name, crate::policy::DEFAULT_NAME);
+    }
+    let commits = db.beats().commits();
+    assert!(
+        (1..=8).contains(&commits),
+        "64 heartbeats behind one lock took {commits} commits"
+    );
+    let seen = machines::list(&db, None, 100).await.unwrap();
+    assert_eq!(seen.len(), 64);
+    let registered = events::list(&db, 0, 200).await.unwrap();
+    let n = registered
+        .iter()
+        .filter(|e| e.kind == "registered" && e.subject.starts_with("machine "))
+        .count();
+    assert_eq!(n, 64, "each registered once");
+    // A second round: none registers again.
+    let hb = agent_beat("m00", "resync", None);
+    super::agent_heartbeat(&db, &hb, None, now + 5)
+        .await
+        .unwrap();
+    let m = machines::get(&db, "m00").await.unwrap().unwrap();
+    assert_eq!((m.state.as_str(), m.last_seen), ("resync", now + 5));
+}

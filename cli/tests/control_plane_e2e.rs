@@ -13,12 +13,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_replica::{Disk, Store, VaultKey};
+use ferry_replica::{Store, VaultKey};
 use ferry_testkit::cli::{status, wait_uploaded};
 use ferry_testkit::control::{process_server, Agent, Cp};
 use ferry_testkit::net::free_addr;
 use ferry_testkit::process::run_ok;
-use ferry_testkit::site::rebuilt;
 use ferry_testkit::{wait_for, wait_ok};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -280,20 +279,7 @@ fn enrolled_parts_follow_policies_moves_and_a_control_plane_kill(database: Optio
     let vault = VaultKey::load(&d.join("vault.key")).unwrap();
     let store = Store::open(&store).unwrap();
     for a in &agents {
-        let replica = store
-            .block(Disk::open(&store, &a.name, "sda", Some(&vault)))
-            .unwrap();
-        let state = store.block(replica.load_state()).unwrap();
-        for (id, want) in &a.expected {
-            let p = state
-                .point(id)
-                .unwrap_or_else(|| panic!("{}: point {id} is not in the replica", a.name));
-            assert!(
-                rebuilt(&replica, &state, p) == *want,
-                "{}: point {id} does not rebuild the disk as it was",
-                a.name
-            );
-        }
+        a.assert_points_rebuild(&store, &vault);
     }
 
     // Removed, the machine's certificate is revoked: the process server learns it

@@ -477,24 +477,9 @@ fn killing_one_of_two_control_planes_loses_no_job_and_no_heartbeat() {
 
 /// The holder of the scheduler lease, read from the database.
 fn holder(url: &str) -> Option<String> {
-    use sqlx::Row;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::any::AnyPoolOptions::new()
-            .max_connections(1)
-            .connect(url)
-            .await
-            .unwrap();
-        let owner = sqlx::query("SELECT owner FROM singleton_leases WHERE name = 'scheduler'")
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-            .map(|r| r.get::<String, _>("owner"));
-        pool.close().await;
-        owner
-    })
+    ferry_testkit::postgres::text(
+        url,
+        "SELECT owner FROM singleton_leases WHERE name = 'scheduler'",
+        "owner",
+    )
 }

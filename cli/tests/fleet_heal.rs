@@ -12,12 +12,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_replica::layout::DiskPaths;
-use ferry_replica::{Disk, Store, VaultKey};
+use ferry_replica::{Store, VaultKey};
 use ferry_testkit::cli::{status, wait_uploaded};
 use ferry_testkit::control::{process_server, Agent, Cp};
 use ferry_testkit::net::free_addr;
 use ferry_testkit::process::run_ok;
-use ferry_testkit::site::rebuilt;
 use ferry_testkit::{wait_for, wait_ok};
 use rand::SeedableRng;
 use serde_json::{json, Value};
@@ -372,19 +371,6 @@ fn a_killed_process_server_loses_its_machines_and_commits_nothing_after(database
     // Every point of every machine rebuilds its disk as it was.
     let vault = VaultKey::load(&d.join("vault.key")).unwrap();
     for a in &agents {
-        let replica = store
-            .block(Disk::open(&store, &a.name, "sda", Some(&vault)))
-            .unwrap();
-        let state = store.block(replica.load_state()).unwrap();
-        for (id, want) in &a.expected {
-            let p = state
-                .point(id)
-                .unwrap_or_else(|| panic!("{}: point {id} is not in the replica", a.name));
-            assert!(
-                rebuilt(&replica, &state, p) == *want,
-                "{}: point {id} does not rebuild the disk as it was",
-                a.name
-            );
-        }
+        a.assert_points_rebuild(&store, &vault);
     }
 }

@@ -300,6 +300,34 @@ impl Agent {
         self.expected.push((id, std::fs::read(&self.disk).unwrap()));
     }
 
+    /// Every point it took (`expected`) is in the replica of its disk `sda` in `store`
+    /// and rebuilds the disk as it was then.
+    pub fn assert_points_rebuild(
+        &self,
+        store: &ferry_replica::Store,
+        vault: &ferry_replica::VaultKey,
+    ) {
+        let replica = store
+            .block(ferry_replica::Disk::open(
+                store,
+                &self.name,
+                "sda",
+                Some(vault),
+            ))
+            .unwrap();
+        let state = store.block(replica.load_state()).unwrap();
+        for (id, want) in &self.expected {
+            let p = state
+                .point(id)
+                .unwrap_or_else(|| panic!("{}: point {id} is not in the replica", self.name));
+            assert!(
+                crate::site::rebuilt(&replica, &state, p) == *want,
+                "{}: point {id} does not rebuild the disk as it was",
+                self.name
+            );
+        }
+    }
+
     /// The orders it kept from its last heartbeat (`orders.json`).
     pub fn orders(&self) -> Value {
         serde_json::from_str(&std::fs::read_to_string(self.state.join("orders.json")).unwrap())

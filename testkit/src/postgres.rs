@@ -49,6 +49,31 @@ pub fn fresh(prefix: &str, what: &str) -> Option<TestDatabase> {
 
 /// Runs one statement on the database at `url`.
 fn run_on(url: &str, sql: &str) {
+    on(url, |pool| async move {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    });
+}
+
+/// The text column `column` of the first row `sql` finds on the database at `url`,
+/// if any.
+pub fn text(url: &str, sql: &str, column: &str) -> Option<String> {
+    use sqlx::Row;
+    on(url, |pool| async move {
+        sqlx::query(sql)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .map(|r| r.get::<String, _>(column))
+    })
+}
+
+/// `f` with a one-connection pool on the database at `url`, on a runtime of its own;
+/// the pool closed after.
+fn on<T, F, Fut>(url: &str, f: F) -> T
+where
+    F: FnOnce(sqlx::AnyPool) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -60,7 +85,8 @@ fn run_on(url: &str, sql: &str) {
             .connect(url)
             .await
             .unwrap();
-        sqlx::query(sql).execute(&pool).await.unwrap();
+        let out = f(pool.clone()).await;
         pool.close().await;
-    });
+        out
+    })
 }

@@ -75,18 +75,18 @@ pub async fn list(db: &Db, after: i64, limit: u32) -> Result<Vec<Event>> {
     .fetch_all(db.pool())
     .await
     .map_err(q("listing events"))?;
-    rows.iter()
-        .map(|r| {
-            let get = |e| q("reading an event")(e);
-            Ok(Event {
-                id: r.try_get("id").map_err(get)?,
-                time: r.try_get("time").map_err(get)?,
-                kind: r.try_get("kind").map_err(get)?,
-                subject: r.try_get("subject").map_err(get)?,
-                message: r.try_get("message").map_err(get)?,
-            })
-        })
-        .collect()
+    rows.iter().map(event_from_row).collect()
+}
+
+fn event_from_row(r: &sqlx::any::AnyRow) -> Result<Event> {
+    let get = |e| q("reading an event")(e);
+    Ok(Event {
+        id: r.try_get("id").map_err(get)?,
+        time: r.try_get("time").map_err(get)?,
+        kind: r.try_get("kind").map_err(get)?,
+        subject: r.try_get("subject").map_err(get)?,
+        message: r.try_get("message").map_err(get)?,
+    })
 }
 
 /// The newest `limit` events, newest first (the dashboard's "recent events").
@@ -98,18 +98,7 @@ pub async fn latest(db: &Db, limit: u32) -> Result<Vec<Event>> {
     .fetch_all(db.pool())
     .await
     .map_err(q("listing the latest events"))?;
-    rows.iter()
-        .map(|r| {
-            let get = |e| q("reading an event")(e);
-            Ok(Event {
-                id: r.try_get("id").map_err(get)?,
-                time: r.try_get("time").map_err(get)?,
-                kind: r.try_get("kind").map_err(get)?,
-                subject: r.try_get("subject").map_err(get)?,
-                message: r.try_get("message").map_err(get)?,
-            })
-        })
-        .collect()
+    rows.iter().map(event_from_row).collect()
 }
 
 /// The newest event's id; 0 when there is none.

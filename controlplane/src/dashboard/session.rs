@@ -84,6 +84,17 @@ pub async fn sign_in(db: &Db, token_secret: &str) -> Result<Option<(String, Sign
         .await
         .map_err(q("ending a token's oldest dashboard sessions"))?;
     }
+    // Strictly after the token's newest session, so that "oldest" is one session,
+    // not whichever hash sorts first among several signed in within one second.
+    let newest: Option<i64> = sqlx::query(
+        "SELECT MAX(created_at) AS newest FROM dashboard_sessions WHERE token_sha256 = $1",
+    )
+    .bind(token_sha256.clone())
+    .fetch_one(db.pool())
+    .await
+    .and_then(|r| r.try_get("newest"))
+    .map_err(q("reading a token's newest dashboard session"))?;
+    let created = newest.map_or(now, |n| now.max(n + 1));
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let value = hex::encode(bytes);
@@ -93,7 +104,7 @@ pub async fn sign_in(db: &Db, token_secret: &str) -> Result<Option<(String, Sign
     )
     .bind(hash(&value))
     .bind(token_sha256)
-    .bind(now)
+    .bind(created)
     .bind(now + SESSION_S)
     .execute(db.pool())
     .await

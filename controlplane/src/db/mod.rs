@@ -122,6 +122,9 @@ const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 5000";
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
+    /// On SQLite, the heartbeat writer's own connection (`begin_beats`); on PostgreSQL
+    /// the same pool.
+    beats_pool: AnyPool,
     sqlite: bool,
     /// Agents' heartbeats are committed in batches by one writer (`registry::beats`).
     beats: Arc<crate::registry::beats::Writer>,
@@ -180,9 +183,39 @@ impl Db {
         migrator()
             .run(&pool)
             .await
-            .map_err(|source| Error::Migrate { url: shown, source })?;
+            .map_err(|source| Error::Migrate {
+                url: shown.clone(),
+                source,
+            })?;
+        // Heartbeats are soft state: each agent sends its whole report again every
+        // interval. Their batches commit on a connection of their own with
+        // `synchronous = NORMAL`: in WAL mode that is still atomic, consistent and
+        // durable across a kill of the process (the WAL is written at commit), and it
+        // skips the commit's fsync, which a power loss may cost only the last batches
+        // (the next heartbeats write them again; any later full commit syncs them with
+        // it). Enrollment, tokens, jobs and everything else keep a sync per commit. On
+        // this host the fsync was the heartbeat's p99 (docs/benchmarks.md).
+        let beats_pool = if sqlite {
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query(SQLITE_BUSY_TIMEOUT).execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .connect(url)
+                .await
+                .map_err(|source| Error::Open { url: shown, source })?
+        } else {
+            pool.clone()
+        };
         Ok(Db {
             pool,
+            beats_pool,
             sqlite,
             beats: Arc::default(),
         })
@@ -202,6 +235,7 @@ impl Db {
     pub(crate) fn without_writer(&self) -> Db {
         Db {
             pool: self.pool.clone(),
+            beats_pool: self.beats_pool.clone(),
             sqlite: self.sqlite,
             beats: Arc::default(),
         }
@@ -218,6 +252,17 @@ impl Db {
             self.pool.begin_with("BEGIN IMMEDIATE").await
         } else {
             self.pool.begin().await
+        };
+        tx.map_err(q(op))
+    }
+
+    /// A transaction of the heartbeat writer: `begin_write` on its own connection,
+    /// which on SQLite commits without an fsync (see `open`).
+    pub(crate) async fn begin_beats(&self, op: &'static str) -> Result<Transaction<'static, Any>> {
+        let tx = if self.sqlite {
+            self.beats_pool.begin_with("BEGIN IMMEDIATE").await
+        } else {
+            self.beats_pool.begin().await
         };
         tx.map_err(q(op))
     }

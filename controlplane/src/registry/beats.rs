@@ -154,7 +154,7 @@ async fn write_alone(db: &Db, row: &BeatRow) -> Result<Written> {
 }
 
 async fn write_batch(db: &Db, rows: &[&BeatRow]) -> Result<Vec<Written>> {
-    let mut tx = db.begin_write("starting a heartbeat").await?;
+    let mut tx = db.begin_beats("starting a heartbeat").await?;
     let mut out = Vec::with_capacity(rows.len());
     for b in rows {
         out.push(write_one(&mut tx, b).await?);

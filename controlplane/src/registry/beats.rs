@@ -163,7 +163,8 @@ async fn write_batch(db: &Db, rows: &[&BeatRow]) -> Result<Vec<Written>> {
     Ok(out)
 }
 
-/// One heartbeat's writes, in the batch's transaction.
+/// One heartbeat's writes, in the batch's transaction: one statement for a machine
+/// already registered, the common case; more only for a first or a revived one.
 ///
 /// Whether it registers the machine is what the writes find, not a read before them:
 /// with several control planes on PostgreSQL (READ COMMITTED), two first heartbeats at
@@ -176,71 +177,54 @@ async fn write_one(tx: &mut sqlx::Transaction<'static, sqlx::Any>, b: &BeatRow) 
     // f64 as PostgreSQL's float4, the connection caches the statement with that
     // parameter type, and every later heartbeat on it with a time failed ("incorrect
     // binary data format in bind parameter 6"): a 500.
-    let (insert, update) = if b.newest_uploaded_at.is_some() {
-        (
-            "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
-             newest_uploaded_at, group_listen) VALUES ($1, $2, $3, $4, $5, $5, $6, $7) \
-             ON CONFLICT (name) DO NOTHING RETURNING process_server, policy, group_name",
-            "UPDATE machines SET state = $2, disks = $3, last_error = $4, last_seen = $5, \
-             newest_uploaded_at = $6, group_listen = $7 WHERE name = $1 AND last_seen <= $5 \
-             RETURNING process_server, policy, group_name",
-        )
-    } else {
-        (
-            "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
-             newest_uploaded_at, group_listen) VALUES ($1, $2, $3, $4, $5, $5, NULL, $6) \
-             ON CONFLICT (name) DO NOTHING RETURNING process_server, policy, group_name",
-            "UPDATE machines SET state = $2, disks = $3, last_error = $4, last_seen = $5, \
-             newest_uploaded_at = NULL, group_listen = $6 WHERE name = $1 AND last_seen <= $5 \
-             RETURNING process_server, policy, group_name",
-        )
+    let (uploaded, listen) = match b.newest_uploaded_at {
+        Some(_) => ("$6", "$7"),
+        None => ("NULL", "$6"),
     };
-    let bound = |sql| {
-        let mut query = sqlx::query(sql)
-            .bind(b.name.clone())
-            .bind(b.state.clone())
-            .bind(b.disks.clone())
-            .bind(b.last_error.clone())
-            .bind(b.now);
-        if let Some(t) = b.newest_uploaded_at {
-            query = query.bind(t);
+    let set = format!(
+        "UPDATE machines SET state = $2, disks = $3, last_error = $4, last_seen = $5, \
+         newest_uploaded_at = {uploaded}, group_listen = {listen}"
+    );
+    const ASSIGNED: &str = " RETURNING process_server, policy, group_name";
+    let update = format!("{set} WHERE name = $1 AND removed = 0 AND last_seen <= $5{ASSIGNED}");
+    let insert = format!(
+        "INSERT INTO machines (name, state, disks, last_error, registered_at, last_seen, \
+         newest_uploaded_at, group_listen) VALUES ($1, $2, $3, $4, $5, $5, {uploaded}, {listen}) \
+         ON CONFLICT (name) DO NOTHING{ASSIGNED}"
+    );
+    // A removed machine comes back only through a new enrollment (the removed one's
+    // certificates are revoked): that is a registration too.
+    let revive = format!("{set}, removed = 0 WHERE name = $1 AND removed <> 0{ASSIGNED}");
+    // In order: registered and newer (the common case); new; removed and back; a first
+    // heartbeat that lost the INSERT to another's and is newer; older than the one
+    // recorded, which only reads the assignments.
+    let steps: [(&str, bool); 4] = [
+        (&update, false),
+        (&insert, true),
+        (&revive, true),
+        (&update, false),
+    ];
+    let mut found = None;
+    for (sql, registers) in steps {
+        let row = bound(sql, b)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(q("recording a heartbeat"))?;
+        if let Some(row) = row {
+            found = Some((registers, row));
+            break;
         }
-        query.bind(b.group_listen.clone())
-    };
-    let inserted = bound(insert)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(q("recording a heartbeat"))?;
-    let (registered, row) = match inserted {
-        Some(row) => (true, row),
-        None => {
-            // A removed machine comes back only through a new enrollment (the removed
-            // one's certificates are revoked): that is a registration too.
-            let revived =
-                sqlx::query("UPDATE machines SET removed = 0 WHERE name = $1 AND removed <> 0")
-                    .bind(b.name.clone())
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(q("recording a heartbeat"))?
-                    .rows_affected()
-                    == 1;
-            let updated = bound(update)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(q("recording a heartbeat"))?;
-            let row = match updated {
-                Some(row) => row,
-                // Older than the recorded one: the assignments as they are.
-                None => sqlx::query(
-                    "SELECT process_server, policy, group_name FROM machines WHERE name = $1",
-                )
+    }
+    let (registered, row) = match found {
+        Some(f) => f,
+        None => (
+            false,
+            sqlx::query("SELECT process_server, policy, group_name FROM machines WHERE name = $1")
                 .bind(b.name.clone())
                 .fetch_one(&mut **tx)
                 .await
                 .map_err(q("reading a machine"))?,
-            };
-            (revived, row)
-        }
+        ),
     };
     let get = |e| q("recording a heartbeat")(e);
     Ok(Written {
@@ -249,4 +233,23 @@ async fn write_one(tx: &mut sqlx::Transaction<'static, sqlx::Any>, b: &BeatRow) 
         policy: row.try_get("policy").map_err(get)?,
         group: row.try_get("group_name").map_err(get)?,
     })
+}
+
+/// `sql` with a heartbeat's values bound: $1 name, $2 state, $3 disks, $4 last error,
+/// $5 now, then the newest upload's time when there is one, then the group listen
+/// address.
+fn bound<'q>(
+    sql: &'q str,
+    b: &'q BeatRow,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let mut query = sqlx::query(sql)
+        .bind(b.name.as_str())
+        .bind(b.state.as_str())
+        .bind(b.disks.as_str())
+        .bind(b.last_error.as_deref())
+        .bind(b.now);
+    if let Some(t) = b.newest_uploaded_at {
+        query = query.bind(t);
+    }
+    query.bind(b.group_listen.as_deref())
 }

@@ -35,6 +35,7 @@ fn with_app(ps: Option<(&str, std::net::SocketAddr)>, interval_s: f64, app_s: u6
         heartbeat_interval_s: 5.0,
         group_coordinator: None,
         group_members: Vec::new(),
+        failover: None,
     }
 }
 

@@ -409,6 +409,7 @@ fn agent_beat(name: &str, disks: usize, ps: Option<String>, k: u64) -> AgentHear
         process_server: ps,
         last_error: None,
         group_listen: None,
+        failover: None,
     }
 }
 

@@ -159,6 +159,7 @@ fn first_orders(
         last_error: None,
         // Reported from the next heartbeat on, once the listener is bound.
         group_listen: None,
+        failover: None,
     };
     let mut said: Option<String> = None;
     loop {

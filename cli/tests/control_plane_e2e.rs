@@ -335,6 +335,7 @@ fn a_renewed_certificate_replaces_the_old_one_and_heartbeats_go_on_with_it() {
                 process_server: None,
                 last_error: None,
                 group_listen: None,
+                failover: None,
             },
         )
     };

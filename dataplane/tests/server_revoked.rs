@@ -57,6 +57,7 @@ fn a_revoked_certificate_is_refused_and_its_open_session_closed() {
     let orders = |serials: Vec<String>| ProcessServerOrders {
         revoked_serials: serials,
         heartbeat_interval_s: 5.0,
+        failed_over: Vec::new(),
     };
     let rt = compio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -410,6 +410,7 @@ impl Heartbeater for Controlled {
             // the heartbeat refused.
             last_error: last_error.map(|e| trimmed(&e, MAX_TEXT_BYTES)),
             group_listen: self.group_listen.clone(),
+            failover: None,
         }
     }
 
@@ -498,6 +499,7 @@ mod tests {
                     address: a.to_string(),
                 })
                 .collect(),
+            failover: None,
         }
     }
 

@@ -24,6 +24,7 @@ pub enum Role {
 pub enum EnrollFor {
     Agent,
     ProcessServer,
+    RecoveryHost,
 }
 
 #[derive(clap::Subcommand)]
@@ -59,6 +60,7 @@ pub fn run(conn: &Conn, verb: Verb) -> Result<()> {
             let kind = match kind {
                 EnrollFor::Agent => "agent",
                 EnrollFor::ProcessServer => "process-server",
+                EnrollFor::RecoveryHost => "recovery-host",
             };
             let mut body = json!({ "for": kind });
             if let Some(ttl) = ttl {

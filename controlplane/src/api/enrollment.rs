@@ -27,6 +27,7 @@ pub const MAX_TTL_S: u32 = 7 * 86_400;
 pub enum EnrollKind {
     Agent,
     ProcessServer,
+    RecoveryHost,
 }
 
 impl From<EnrollKind> for Kind {
@@ -34,6 +35,7 @@ impl From<EnrollKind> for Kind {
         match k {
             EnrollKind::Agent => Kind::Agent,
             EnrollKind::ProcessServer => Kind::ProcessServer,
+            EnrollKind::RecoveryHost => Kind::RecoveryHost,
         }
     }
 }
@@ -144,16 +146,17 @@ pub async fn enroll(
     let what = match req.kind {
         Kind::Agent => "machine",
         Kind::ProcessServer => "process server",
+        Kind::RecoveryHost => "recovery host",
     };
     ferry_replica::layout::check_name(what, &req.name)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let mut names = vec![req.name.clone()];
     match (req.kind, &req.advertise) {
-        (Kind::Agent, None) => {}
-        (Kind::Agent, Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "advertise is for process servers; an agent has none".into(),
-            ))
+        (Kind::Agent | Kind::RecoveryHost, None) => {}
+        (Kind::Agent | Kind::RecoveryHost, Some(_)) => {
+            return Err(ApiError::BadRequest(format!(
+                "advertise is for process servers; a {what} has none"
+            )))
         }
         (Kind::ProcessServer, None) => {
             return Err(ApiError::BadRequest(
@@ -204,6 +207,7 @@ pub async fn renew(
     let kind = match peer.0.owner_kind.as_str() {
         "agent" => Kind::Agent,
         "process-server" => Kind::ProcessServer,
+        "recovery-host" => Kind::RecoveryHost,
         other => {
             return Err(ApiError::Internal(
                 format!("certificate {} has owner kind {other:?}", peer.0.serial).into(),

@@ -100,6 +100,7 @@ pub async fn process_server(
     Ok(Json(ProcessServerOrders {
         revoked_serials: revoked,
         heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
+        failed_over: Vec::new(),
     }))
 }
 

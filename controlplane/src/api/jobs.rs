@@ -163,16 +163,45 @@ pub async fn cancel(
 
 #[utoipa::path(post, path = "/v1/jobs/{id}/resume", tag = "jobs",
     params(("id" = String, Path)), security(("bearer" = [])),
+    request_body(content = Object, description = "optional: the input a waiting job asks for (its `prompt` says what)"),
     responses((status = 200, body = Job, description = "queued again from its first unfinished task"),
         (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn resume(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Json<Job>, ApiError> {
     caller.require(Role::Operator)?;
     checked_id(&id)?;
-    let out = answer(&id, "resume", queue::resume(&state.db, &id).await?)?;
+    // No body, or an empty one, is a plain resume; anything else must be a JSON object.
+    let input = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(v @ serde_json::Value::Object(_)) => Some(v),
+            Ok(_) => {
+                return Err(ApiError::BadRequest(
+                    "a resume's body must be a JSON object (the input the job asks for)".into(),
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::BadRequest(format!(
+                    "a resume's body is not JSON: {e}"
+                )))
+            }
+        }
+    };
+    if let Some(v) = &input {
+        if let Some(job) = queue::get(&state.db, &id).await? {
+            crate::jobs::check_input(&job, v).map_err(ApiError::BadRequest)?;
+        }
+    }
+    let out = answer(
+        &id,
+        "resume",
+        queue::resume_with(&state.db, &id, input.as_ref()).await?,
+    )?;
     state.jobs.wake.notify_one();
     Ok(out)
 }

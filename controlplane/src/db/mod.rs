@@ -82,6 +82,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "webhooks dashboard",
         include_str!("../../migrations/0007_webhooks_dashboard.sql"),
     ),
+    (
+        8,
+        "recovery",
+        include_str!("../../migrations/0008_recovery.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -424,7 +429,7 @@ pub(crate) mod tests {
                 .await
                 .unwrap();
         }
-        // Migration 0003's, 0006's and 0007's.
+        // Migration 0003's, 0006's, 0007's and 0008's.
         for table in [
             "job_tasks",
             "jobs",
@@ -432,6 +437,10 @@ pub(crate) mod tests {
             "site",
             "webhooks",
             "dashboard_sessions",
+            "recovery_hosts",
+            "recovery_work",
+            "machine_recovery",
+            "recovery_plans",
         ] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
                 .execute(&pool)

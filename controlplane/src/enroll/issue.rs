@@ -92,7 +92,8 @@ impl SiteCa {
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match kind {
-            Kind::Agent => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            // A recovery host only calls the control plane: its NBD listener is not TLS.
+            Kind::Agent | Kind::RecoveryHost => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Kind::ProcessServer => vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,

@@ -30,6 +30,7 @@ fn agent_beat(machine: &str) -> AgentHeartbeat {
         process_server: None,
         last_error: None,
         group_listen: None,
+        failover: None,
     }
 }
 

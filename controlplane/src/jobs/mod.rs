@@ -18,8 +18,29 @@ pub mod retention;
 pub mod runner;
 pub mod singleton;
 
+/// How a task ended without error.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Done: the next task runs.
+    Done,
+    /// Not done until an operator resumes the job with input: the job waits
+    /// (`waiting-for-input`) showing this prompt, and the task runs again at resume
+    /// with the input in `Job::input`.
+    Wait(String),
+}
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+/// Checks the input an operator resumes `job` with, by the job's kind: a clear error
+/// (a 400) rather than a job that fails later on what it was given. Kinds that take
+/// no input accept any object and ignore it.
+pub fn check_input(job: &Job, input: &serde_json::Value) -> Result<(), String> {
+    if !input.is_object() {
+        return Err(format!("job {}: its input must be a JSON object", job.id));
+    }
+    Ok(())
+}
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -29,7 +50,8 @@ pub enum JobState {
     Queued,
     /// A runner holds its lease and works through its tasks.
     Running,
-    /// Stopped until an operator resumes it (no kind asks yet; the recovery jobs will).
+    /// Stopped until an operator resumes it, with the input `prompt` asks for (a test
+    /// failover waiting for its cleanup, a recovery plan's manual action).
     WaitingForInput,
     Succeeded,
     /// A task failed; `error` says which and why. Resume retries from that task.
@@ -175,6 +197,12 @@ pub struct Job {
     pub lease_until_ms: Option<i64>,
     /// A cancel was asked while it ran; it stops before its next task.
     pub cancel_requested: bool,
+    /// While waiting for input: what it waits for, as people read it.
+    pub prompt: Option<String>,
+    /// The input it was last resumed with (JSON), until the task that asked for it
+    /// ends.
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<serde_json::Value>,
     pub tasks: Vec<Task>,
     /// What an operator may do now.
     pub actions: Vec<Action>,

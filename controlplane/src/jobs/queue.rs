@@ -16,7 +16,8 @@ use super::{Action, Job, JobState, Task, TaskState};
 use crate::db::{now_s, q, Db, Error, Result};
 
 const JOB_COLUMNS: &str = "id, kind, subject, state, params, error, created_at, started_at, \
-                           ended_at, lease_owner, lease_until_ms, cancel_requested";
+                           ended_at, lease_owner, lease_until_ms, cancel_requested, prompt, \
+                           input";
 const TASK_COLUMNS: &str = "job_id, seq, name, state, error, started_at, ended_at, progress";
 
 /// Now, in Unix milliseconds: the lease's clock.
@@ -41,6 +42,11 @@ fn job_from_row(row: &AnyRow) -> Result<Job> {
     let params = serde_json::from_str(&params)
         .map_err(|e| damaged(op, format!("job {id}: its params are not JSON: {e}")))?;
     let cancel_requested = row.try_get::<i64, _>("cancel_requested").map_err(q(op))? != 0;
+    let input: Option<String> = row.try_get("input").map_err(q(op))?;
+    let input = input
+        .map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(|e| damaged(op, format!("job {id}: its input is not JSON: {e}")))?;
     Ok(Job {
         kind: row.try_get("kind").map_err(q(op))?,
         subject: row.try_get("subject").map_err(q(op))?,
@@ -53,6 +59,8 @@ fn job_from_row(row: &AnyRow) -> Result<Job> {
         lease_owner: row.try_get("lease_owner").map_err(q(op))?,
         lease_until_ms: row.try_get("lease_until_ms").map_err(q(op))?,
         cancel_requested,
+        prompt: row.try_get("prompt").map_err(q(op))?,
+        input,
         tasks: Vec::new(),
         actions: Action::allowed(state, cancel_requested),
         id,
@@ -106,11 +114,26 @@ pub async fn enqueue(
     params: &serde_json::Value,
     tasks: &[String],
 ) -> Result<Option<String>> {
+    enqueue_keyed(db, kind, subject, None, params, tasks).await
+}
+
+/// `enqueue`, with one active job per `key` rather than per kind and subject (the
+/// recovery jobs: one per machine, whatever their kind). None when a job holding
+/// `key` is active.
+pub async fn enqueue_keyed(
+    db: &Db,
+    kind: &str,
+    subject: &str,
+    key: Option<&str>,
+    params: &serde_json::Value,
+    tasks: &[String],
+) -> Result<Option<String>> {
     let id = new_id();
+    let active_key = key.map_or_else(|| format!("{kind}/{subject}"), str::to_string);
     let mut tx = db.begin_write("queueing a job").await?;
     let done = sqlx::query(
         "INSERT INTO jobs (id, kind, subject, state, params, created_at, cancel_requested, \
-         active_key) VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6) \
+         active_key, job_key) VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7) \
          ON CONFLICT (active_key) DO NOTHING",
     )
     .bind(id.clone())
@@ -118,7 +141,8 @@ pub async fn enqueue(
     .bind(subject.to_string())
     .bind(params.to_string())
     .bind(now_s())
-    .bind(format!("{kind}/{subject}"))
+    .bind(active_key)
+    .bind(key.map(str::to_string))
     .execute(&mut *tx)
     .await
     .map_err(q("queueing a job"))?;
@@ -343,6 +367,56 @@ pub async fn task_ended(
         .execute(db.pool())
         .await
         .map_err(q("ending a task"))?;
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    // The input answered the task that asked for it: the next waiting task asks anew.
+    sqlx::query(
+        "UPDATE jobs SET input = NULL WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+    )
+    .bind(id.to_string())
+    .bind(owner.to_string())
+    .execute(db.pool())
+    .await
+    .map_err(q("ending a task"))?;
+    Ok(true)
+}
+
+/// Stops a job its runner holds at task `seq`, which waits for input: the job waits
+/// (`waiting-for-input`, showing `prompt`, its lease released, still active), and the
+/// task goes back to pending to run again at resume. False when the runner no longer
+/// held it.
+pub async fn wait_for_input(
+    db: &Db,
+    id: &str,
+    owner: &str,
+    seq: usize,
+    prompt: &str,
+) -> Result<bool> {
+    let mut tx = db.begin_write("stopping a job for input").await?;
+    let sql = format!(
+        "UPDATE job_tasks SET state = 'pending', ended_at = NULL \
+         WHERE job_id = $1 AND seq = $3 AND {HOLDS_LEASE}"
+    );
+    sqlx::query(&sql)
+        .bind(id.to_string())
+        .bind(owner.to_string())
+        .bind(seq as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("stopping a job for input"))?;
+    let done = sqlx::query(
+        "UPDATE jobs SET state = 'waiting-for-input', prompt = $1, input = NULL, \
+         lease_owner = NULL, lease_until_ms = NULL \
+         WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
+    )
+    .bind(prompt.to_string())
+    .bind(id.to_string())
+    .bind(owner.to_string())
+    .execute(&mut *tx)
+    .await
+    .map_err(q("stopping a job for input"))?;
+    tx.commit().await.map_err(q("stopping a job for input"))?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -477,21 +551,33 @@ async fn outcome(db: &Db, id: &str, done: bool) -> Result<Outcome> {
 /// Queues a failed, cancelled or waiting job again; it goes on from its first task
 /// not succeeded.
 pub async fn resume(db: &Db, id: &str) -> Result<Outcome> {
+    resume_with(db, id, None).await
+}
+
+/// `resume`, handing the job `input` (JSON) for the task that waits for it.
+pub async fn resume_with(db: &Db, id: &str, input: Option<&serde_json::Value>) -> Result<Outcome> {
     requeue(
         db,
         id,
         "('failed', 'cancelled', 'waiting-for-input')",
         false,
+        input,
     )
     .await
 }
 
 /// Queues an ended job again from its first task: every task back to pending.
 pub async fn restart(db: &Db, id: &str) -> Result<Outcome> {
-    requeue(db, id, "('failed', 'cancelled', 'succeeded')", true).await
+    requeue(db, id, "('failed', 'cancelled', 'succeeded')", true, None).await
 }
 
-async fn requeue(db: &Db, id: &str, from: &str, all_tasks: bool) -> Result<Outcome> {
+async fn requeue(
+    db: &Db,
+    id: &str,
+    from: &str,
+    all_tasks: bool,
+    input: Option<&serde_json::Value>,
+) -> Result<Outcome> {
     let op = if all_tasks {
         "restarting a job"
     } else {
@@ -500,11 +586,13 @@ async fn requeue(db: &Db, id: &str, from: &str, all_tasks: bool) -> Result<Outco
     let mut tx = db.begin_write(op).await?;
     let sql = format!(
         "UPDATE jobs SET state = 'queued', error = NULL, ended_at = NULL, lease_owner = NULL, \
-         lease_until_ms = NULL, cancel_requested = 0, active_key = kind || '/' || subject \
+         lease_until_ms = NULL, cancel_requested = 0, prompt = NULL, input = $2, \
+         active_key = COALESCE(job_key, kind || '/' || subject) \
          WHERE id = $1 AND state IN {from}"
     );
     let done = match sqlx::query(&sql)
         .bind(id.to_string())
+        .bind(input.map(|v| v.to_string()))
         .execute(&mut *tx)
         .await
     {
@@ -716,6 +804,69 @@ mod tests {
             .try_get("n")
             .unwrap();
         assert_eq!(orphans, 0);
+        waits_and_keys(&db).await;
+    }
+
+    /// A task that waits for input, the resume that hands it, and one active job per
+    /// key across kinds.
+    async fn waits_and_keys(db: &Db) {
+        let key = Some("recovery/m9");
+        let id = enqueue_keyed(db, "test-failover", "m9", key, &json!({}), &names(2))
+            .await
+            .unwrap()
+            .unwrap();
+        // Another kind on the same key is refused while the first is active.
+        assert_eq!(
+            enqueue_keyed(db, "failover", "m9", key, &json!({}), &names(1))
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(claim(db, &id, "cp-a", now_ms(), 30_000).await.unwrap());
+        assert!(task_started(db, &id, "cp-a", 0).await.unwrap());
+        assert!(task_ended(db, &id, "cp-a", 0, None).await.unwrap());
+        assert!(task_started(db, &id, "cp-a", 1).await.unwrap());
+        // Only the lease holder stops it.
+        assert!(!wait_for_input(db, &id, "cp-b", 1, "verdict?")
+            .await
+            .unwrap());
+        assert!(wait_for_input(db, &id, "cp-a", 1, "verdict?")
+            .await
+            .unwrap());
+        let job = get(db, &id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::WaitingForInput);
+        assert_eq!(job.prompt.as_deref(), Some("verdict?"));
+        assert_eq!(job.lease_owner, None);
+        assert_eq!(job.tasks[1].state, TaskState::Pending);
+        assert_eq!(job.tasks[0].state, TaskState::Succeeded);
+        let input = json!({"verdict": "passed"});
+        let Outcome::Done(job) = resume_with(db, &id, Some(&input)).await.unwrap() else {
+            panic!("resume refused");
+        };
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!(job.input, Some(input));
+        assert_eq!(job.prompt, None);
+        // Still the only active job of its key after the resume.
+        assert_eq!(
+            enqueue_keyed(db, "commit", "m9", key, &json!({}), &names(1))
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(claim(db, &id, "cp-b", now_ms(), 30_000).await.unwrap());
+        assert!(task_started(db, &id, "cp-b", 1).await.unwrap());
+        assert!(task_ended(db, &id, "cp-b", 1, None).await.unwrap());
+        // The input answered its task.
+        assert_eq!(get(db, &id).await.unwrap().unwrap().input, None);
+        assert!(finish(db, &id, "cp-b", JobState::Succeeded, None)
+            .await
+            .unwrap());
+        assert!(
+            enqueue_keyed(db, "commit", "m9", key, &json!({}), &names(1))
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::queue::{self, now_ms};
 use super::singleton::Singleton;
-use super::{retention, Job, JobState, TaskState};
+use super::{retention, Job, JobState, Step, TaskState};
 use crate::db::Db;
 
 /// Settings of the runner; `Default` is what `ferry control-plane` uses.
@@ -250,7 +250,13 @@ async fn steps(
         let name = job.tasks[seq].name.clone();
         tracing::info!("job {id}: task {seq} ({name}) started");
         match run_task(ctx, &job, seq).await {
-            Ok(()) => {
+            Ok(Step::Wait(prompt)) => {
+                tracing::info!("job {id}: task {seq} ({name}) waits for input: {prompt}");
+                return Ok(queue::wait_for_input(&ctx.db, id, owner, seq, &prompt)
+                    .await?
+                    .then_some(JobState::WaitingForInput));
+            }
+            Ok(Step::Done) => {
                 if !queue::task_ended(&ctx.db, id, owner, seq, None).await? {
                     return Ok(None);
                 }
@@ -272,9 +278,11 @@ async fn steps(
 }
 
 /// One task of a job, by its kind. The error is the task's, as people read it.
-async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<(), String> {
+async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<Step, String> {
     match job.kind.as_str() {
-        retention::KIND => retention::run_task(ctx, job, seq).await,
+        retention::KIND => retention::run_task(ctx, job, seq)
+            .await
+            .map(|()| Step::Done),
         other => Err(format!("no runner for jobs of kind {other:?}")),
     }
 }

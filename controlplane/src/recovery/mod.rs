@@ -5,3 +5,4 @@ pub mod failover;
 pub mod group;
 pub mod points;
 pub mod retention;
+pub mod work;

@@ -304,6 +304,7 @@ async fn orders_for(
         heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
         group_coordinator: None,
         group_members: Vec::new(),
+        failover: None,
     })
 }
 

@@ -55,6 +55,7 @@ fn agent_beat(machine: &str, state: &str, uploaded: Option<&str>) -> AgentHeartb
         process_server: None,
         last_error: None,
         group_listen: None,
+        failover: None,
     }
 }
 

@@ -25,6 +25,13 @@ pub const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// `MAX_ANSWER_BYTES`.
 pub const MAX_REVOKED: usize = 65_536;
 
+/// The most work items one recovery host's orders carry, and the most reports its
+/// heartbeat sends; more wait for later heartbeats (one a second).
+pub const MAX_WORK_ITEMS: usize = 256;
+/// The most bytes of output a script or start item reports (its end): a few such
+/// reports stay under the API's body limit.
+pub const MAX_WORK_OUTPUT_BYTES: usize = 4096;
+
 /// `s` cut to at most `max` bytes, at a character boundary, with `…` marking the cut.
 pub fn trimmed(s: &str, max: usize) -> String {
     if s.len() <= max {

@@ -15,6 +15,8 @@ pub const HEARTBEAT_INTERVAL_S: f64 = 5.0;
 pub enum Kind {
     Agent,
     ProcessServer,
+    /// `ferry recovery-host`: builds and serves recovered disks (docs/recovery.md).
+    RecoveryHost,
 }
 
 impl Kind {
@@ -22,6 +24,7 @@ impl Kind {
         match self {
             Kind::Agent => "agent",
             Kind::ProcessServer => "process-server",
+            Kind::RecoveryHost => "recovery-host",
         }
     }
 }
@@ -137,6 +140,47 @@ pub struct AgentHeartbeat {
     /// advertises its `--group-listen`); absent when it listens for none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_listen: Option<String>,
+    /// Where the agent is with a failover order (`AgentOrders::failover`); absent
+    /// while it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverReport>,
+}
+
+/// The control plane's failover order to a machine's source agent
+/// (docs/recovery.md, "No split brain").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverOrder {
+    /// The failover's id: the agent's report answers to it.
+    pub id: String,
+    /// `prepare` (planned failover: stop accepting writes, flush, take a final point
+    /// on every disk and report it once acknowledged) or `failed-over` (the machine
+    /// runs at the recovery site: stop replicating, serve the disks read-only).
+    pub state: String,
+}
+
+/// A source agent's answer to a `FailoverOrder`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverReport {
+    /// The order's id.
+    pub id: String,
+    /// `preparing`, `prepared` (every final point acknowledged by the process server),
+    /// `read-only` (failed over: nothing is replicated), or `failed` (`error` says why).
+    pub state: String,
+    /// The final point of each disk, once prepared.
+    #[serde(default)]
+    pub points: Vec<DiskPoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A disk and a point id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskPoint {
+    pub disk: String,
+    pub point: String,
 }
 
 /// A policy as agents apply it.
@@ -177,6 +221,10 @@ pub struct AgentOrders {
     /// address, by name, with it. Members without one are left out of the cuts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group_members: Vec<GroupMemberRef>,
+    /// Set while the machine is being failed over or has failed over: the source must
+    /// not write any more (docs/recovery.md, "No split brain").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverOrder>,
 }
 
 /// A member of a group as its coordinator reaches it.
@@ -242,4 +290,139 @@ pub struct ProcessServerOrders {
     /// to removed machines and process servers and have not expired: refuse them.
     pub revoked_serials: Vec<String>,
     pub heartbeat_interval_s: f64,
+    /// Machines that failed over to the recovery site: their agents' sessions and
+    /// writes are refused (no split brain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_over: Vec<String>,
+}
+
+/// `POST /v1/heartbeat/recovery-host`, over mutual TLS: the certificate names `name`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryHostHeartbeat {
+    pub name: String,
+    /// HOST:PORT of its NBD listener, as clients reach it.
+    pub nbd_address: String,
+    /// Free bytes on its work directory's file system.
+    pub work_dir_free_bytes: u64,
+    /// The state of items of its last orders (at most `limits::MAX_WORK_ITEMS`), the
+    /// ones that changed since its last answered heartbeat first; the body stays under
+    /// the API's limit (outputs are cut to `limits::MAX_WORK_OUTPUT_BYTES`).
+    #[serde(default)]
+    pub reports: Vec<WorkReport>,
+}
+
+/// The answer to a recovery host's heartbeat: the work assigned to it that is not
+/// removed, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryHostOrders {
+    pub work: Vec<WorkItem>,
+    pub heartbeat_interval_s: f64,
+}
+
+/// One unit of work for a recovery host; idempotent by `id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkItem {
+    pub id: String,
+    pub machine: String,
+    pub op: WorkOp,
+}
+
+/// What a work item does (docs/recovery.md, "Recovery hosts").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum WorkOp {
+    /// Rebuild each disk at its point into `WORK_DIR/items/ID/DISK.{raw|vhd}`.
+    Build {
+        disks: Vec<DiskPoint>,
+        /// `raw` or `vhd`.
+        format: String,
+    },
+    /// Serve each disk at its point over NBD as export `MACHINE/DISK` (instant
+    /// recovery; writes go to an overlay in `WORK_DIR/items/ID/overlay`).
+    Serve { disks: Vec<DiskPoint> },
+    /// `sh -c command`, detached in its own process group (a started machine).
+    Start {
+        command: String,
+        #[serde(default)]
+        env: std::collections::BTreeMap<String, String>,
+    },
+    /// `sh -c command`, waited for, killed after `timeout_s`.
+    Script {
+        command: String,
+        timeout_s: u64,
+        #[serde(default)]
+        env: std::collections::BTreeMap<String, String>,
+    },
+    /// Stop and delete what these items made, then check that nothing is left.
+    Remove { items: Vec<String> },
+}
+
+impl WorkOp {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WorkOp::Build { .. } => "build",
+            WorkOp::Serve { .. } => "serve",
+            WorkOp::Start { .. } => "start",
+            WorkOp::Script { .. } => "script",
+            WorkOp::Remove { .. } => "remove",
+        }
+    }
+}
+
+/// A recovery host's report of one item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkReport {
+    pub id: String,
+    /// `running`, `succeeded` or `failed`.
+    pub state: String,
+    /// 0.0 to 1.0.
+    #[serde(default)]
+    pub progress: f64,
+    #[serde(default)]
+    pub bytes_per_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<WorkResult>,
+}
+
+/// What a succeeded item made; each field is filled by the ops it concerns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkResult {
+    /// build, serve: each disk, where it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<ReadyDisk>,
+    /// remove: each thing removed ("file PATH", "export M/D", "process PID").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
+    /// script: its exit status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// script, start (when it failed): the end of its output.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
+    /// start: the process group's leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// A recovered disk, ready.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadyDisk {
+    pub disk: String,
+    pub point: String,
+    /// build: the image file on the recovery host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// serve: `nbd://ADDR/MACHINE/DISK`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_url: Option<String>,
+    /// The disk's size.
+    pub bytes: u64,
 }

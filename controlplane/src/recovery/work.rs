@@ -1,0 +1,421 @@
+//! The `recovery_work` and `recovery_hosts` tables: the work the control plane gives
+//! recovery hosts (`wire::WorkItem`), what they report of it, and the hosts
+//! themselves. See docs/recovery.md, "Recovery hosts".
+//!
+//! A job's task submits an item with a deterministic id (`item_id`) and waits for its
+//! state: a task run again after a kill -9 of the control plane finds its item
+//! instead of submitting a second one, and the host, which works by item id, never
+//! does one item twice.
+
+use ferry_link::control::limits::MAX_WORK_ITEMS;
+use ferry_link::control::wire::{ReadyDisk, WorkItem, WorkOp, WorkReport, WorkResult};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use crate::db::{q, Db, Error, Result};
+
+/// A recovery host not heard from for this long is not given new work.
+pub const HOST_LIVE_S: i64 = 15;
+
+/// An item as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkRow {
+    pub id: String,
+    pub host: String,
+    pub job_id: String,
+    pub machine: String,
+    pub op: WorkOp,
+    /// pending, running, succeeded, failed, removed.
+    pub state: String,
+    pub progress: f64,
+    pub bytes_per_s: f64,
+    pub result: Option<WorkResult>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl WorkRow {
+    pub fn is_ended(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "failed" | "removed")
+    }
+}
+
+/// A recovery host as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRow {
+    pub name: String,
+    pub nbd_address: String,
+    pub work_dir_free_bytes: u64,
+    pub registered_at: i64,
+    pub last_seen: i64,
+    /// Items given to it and not removed.
+    pub items: i64,
+}
+
+/// The id of the item task `seq` of job `job_id` makes for `machine`.
+pub fn item_id(job_id: &str, seq: usize, machine: &str) -> String {
+    format!("{job_id}-{seq}-{machine}")
+}
+
+const COLUMNS: &str = "id, host, job_id, machine, op, state, progress, bytes_per_s, result, \
+                       error, created_at, updated_at";
+
+fn decode(op: &'static str, what: String) -> Error {
+    Error::Query {
+        op,
+        source: sqlx::Error::Decode(what.into()),
+    }
+}
+
+fn from_row(r: &AnyRow) -> Result<WorkRow> {
+    let op_name = "reading a work item";
+    let get = |e| q(op_name)(e);
+    let id: String = r.try_get("id").map_err(get)?;
+    let op: String = r.try_get("op").map_err(get)?;
+    let op = serde_json::from_str(&op)
+        .map_err(|e| decode(op_name, format!("work item {id}: its op: {e}")))?;
+    let result: Option<String> = r.try_get("result").map_err(get)?;
+    let result = result
+        .map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(|e| decode(op_name, format!("work item {id}: its result: {e}")))?;
+    Ok(WorkRow {
+        host: r.try_get("host").map_err(get)?,
+        job_id: r.try_get("job_id").map_err(get)?,
+        machine: r.try_get("machine").map_err(get)?,
+        op,
+        state: r.try_get("state").map_err(get)?,
+        progress: r.try_get("progress").map_err(get)?,
+        bytes_per_s: r.try_get("bytes_per_s").map_err(get)?,
+        result,
+        error: r.try_get("error").map_err(get)?,
+        created_at: r.try_get("created_at").map_err(get)?,
+        updated_at: r.try_get("updated_at").map_err(get)?,
+        id,
+    })
+}
+
+/// Gives `op` to `host` as item `id`, unless an item `id` exists: then that one, as
+/// it is, whatever it holds (the task that made it runs again).
+pub async fn submit(
+    db: &Db,
+    id: &str,
+    host: &str,
+    job_id: &str,
+    machine: &str,
+    op: &WorkOp,
+    now: i64,
+) -> Result<WorkRow> {
+    let json =
+        serde_json::to_string(op).map_err(|e| decode("submitting a work item", e.to_string()))?;
+    let mut tx = db.begin_write("submitting a work item").await?;
+    sqlx::query(
+        "INSERT INTO recovery_work (id, host, job_id, machine, op_kind, op, state, progress, \
+         bytes_per_s, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, 0, $7, $7) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id.to_string())
+    .bind(host.to_string())
+    .bind(job_id.to_string())
+    .bind(machine.to_string())
+    .bind(op.kind().to_string())
+    .bind(json)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(q("submitting a work item"))?;
+    tx.commit().await.map_err(q("submitting a work item"))?;
+    get(db, id)
+        .await?
+        .ok_or_else(|| decode("submitting a work item", format!("work item {id} vanished")))
+}
+
+pub async fn get(db: &Db, id: &str) -> Result<Option<WorkRow>> {
+    let sql = format!("SELECT {COLUMNS} FROM recovery_work WHERE id = $1");
+    let row = sqlx::query(&sql)
+        .bind(id.to_string())
+        .fetch_optional(db.pool())
+        .await
+        .map_err(q("reading a work item"))?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Every item a job made, oldest first.
+pub async fn for_job(db: &Db, job_id: &str) -> Result<Vec<WorkRow>> {
+    let sql =
+        format!("SELECT {COLUMNS} FROM recovery_work WHERE job_id = $1 ORDER BY created_at, id");
+    let rows = sqlx::query(&sql)
+        .bind(job_id.to_string())
+        .fetch_all(db.pool())
+        .await
+        .map_err(q("listing a job's work items"))?;
+    rows.iter().map(from_row).collect()
+}
+
+/// The orders of `host`: its items not removed, oldest first, at most
+/// `MAX_WORK_ITEMS`.
+pub async fn for_host(db: &Db, host: &str) -> Result<Vec<WorkItem>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM recovery_work WHERE host = $1 AND state <> 'removed' \
+         ORDER BY created_at, id LIMIT $2"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(host.to_string())
+        .bind(MAX_WORK_ITEMS as i64)
+        .fetch_all(db.pool())
+        .await
+        .map_err(q("listing a recovery host's work"))?;
+    rows.iter()
+        .map(|r| {
+            let w = from_row(r)?;
+            Ok(WorkItem {
+                id: w.id,
+                machine: w.machine,
+                op: w.op,
+            })
+        })
+        .collect()
+}
+
+/// Records what `host` reports of its items. A report about an item of another host,
+/// an unknown or a removed one is ignored; an ended item keeps its end (the host
+/// re-reports results after a restart, and the first word counts).
+pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i64) -> Result<()> {
+    for r in reports {
+        if !matches!(r.state.as_str(), "running" | "succeeded" | "failed") {
+            continue;
+        }
+        let result = r
+            .result
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| decode("recording a work report", e.to_string()))?;
+        let progress = if r.progress.is_finite() {
+            r.progress.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let rate = if r.bytes_per_s.is_finite() {
+            r.bytes_per_s.max(0.0)
+        } else {
+            0.0
+        };
+        sqlx::query(
+            "UPDATE recovery_work SET state = $1, progress = $2, bytes_per_s = $3, \
+             result = $4, error = $5, updated_at = $6 \
+             WHERE id = $7 AND host = $8 AND state IN ('pending', 'running')",
+        )
+        .bind(r.state.clone())
+        .bind(progress)
+        .bind(rate)
+        .bind(result)
+        .bind(r.error.clone())
+        .bind(now)
+        .bind(r.id.clone())
+        .bind(host.to_string())
+        .execute(db.pool())
+        .await
+        .map_err(q("recording a work report"))?;
+    }
+    Ok(())
+}
+
+/// Marks items removed (a remove item took them away): they leave their host's
+/// orders.
+pub async fn mark_removed(db: &Db, ids: &[String], now: i64) -> Result<()> {
+    for id in ids {
+        sqlx::query("UPDATE recovery_work SET state = 'removed', updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.clone())
+            .execute(db.pool())
+            .await
+            .map_err(q("marking a work item removed"))?;
+    }
+    Ok(())
+}
+
+/// The disks a job's succeeded build and serve items made (not removed), by machine.
+pub async fn ready_disks(db: &Db, job_id: &str) -> Result<Vec<(String, ReadyDisk)>> {
+    Ok(for_job(db, job_id)
+        .await?
+        .into_iter()
+        .filter(|w| w.state == "succeeded" && matches!(w.op.kind(), "build" | "serve"))
+        .flat_map(|w| {
+            let machine = w.machine;
+            w.result
+                .map(|r| r.disks)
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |d| (machine.clone(), d))
+        })
+        .collect())
+}
+
+/// Registers the host at its first heartbeat, updates it at the others. True when
+/// this heartbeat registered it (or brought back a removed one).
+pub async fn host_heartbeat(
+    db: &Db,
+    name: &str,
+    nbd_address: &str,
+    free_bytes: u64,
+    now: i64,
+) -> Result<bool> {
+    let free = i64::try_from(free_bytes).unwrap_or(i64::MAX);
+    let updated = sqlx::query(
+        "UPDATE recovery_hosts SET nbd_address = $1, work_dir_free_bytes = $2, last_seen = $3 \
+         WHERE name = $4 AND removed = 0",
+    )
+    .bind(nbd_address.to_string())
+    .bind(free)
+    .bind(now)
+    .bind(name.to_string())
+    .execute(db.pool())
+    .await
+    .map_err(q("recording a recovery host's heartbeat"))?;
+    if updated.rows_affected() == 1 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO recovery_hosts (name, nbd_address, work_dir_free_bytes, registered_at, \
+         last_seen, removed) VALUES ($1, $2, $3, $4, $4, 0) \
+         ON CONFLICT (name) DO UPDATE SET nbd_address = $2, work_dir_free_bytes = $3, \
+         registered_at = $4, last_seen = $4, removed = 0",
+    )
+    .bind(name.to_string())
+    .bind(nbd_address.to_string())
+    .bind(free)
+    .bind(now)
+    .execute(db.pool())
+    .await
+    .map_err(q("registering a recovery host"))?;
+    Ok(true)
+}
+
+/// Every recovery host not removed, by name, with its live items counted.
+pub async fn hosts(db: &Db) -> Result<Vec<HostRow>> {
+    let rows = sqlx::query(
+        "SELECT h.name, h.nbd_address, h.work_dir_free_bytes, h.registered_at, h.last_seen, \
+         (SELECT COUNT(*) FROM recovery_work w WHERE w.host = h.name AND w.state <> 'removed') \
+         AS items FROM recovery_hosts h WHERE h.removed = 0 ORDER BY h.name",
+    )
+    .fetch_all(db.pool())
+    .await
+    .map_err(q("listing recovery hosts"))?;
+    rows.iter()
+        .map(|r| {
+            let get = |e| q("reading a recovery host")(e);
+            let free: i64 = r.try_get("work_dir_free_bytes").map_err(get)?;
+            Ok(HostRow {
+                name: r.try_get("name").map_err(get)?,
+                nbd_address: r.try_get("nbd_address").map_err(get)?,
+                work_dir_free_bytes: u64::try_from(free).unwrap_or(0),
+                registered_at: r.try_get("registered_at").map_err(get)?,
+                last_seen: r.try_get("last_seen").map_err(get)?,
+                items: r.try_get("items").map_err(get)?,
+            })
+        })
+        .collect()
+}
+
+/// The live host (seen within `HOST_LIVE_S`) with the fewest items not removed, ties
+/// by name; None when no host is live.
+pub async fn least_loaded_host(db: &Db, now: i64) -> Result<Option<String>> {
+    Ok(hosts(db)
+        .await?
+        .into_iter()
+        .filter(|h| now - h.last_seen <= HOST_LIVE_S)
+        .min_by(|a, b| a.items.cmp(&b.items).then_with(|| a.name.cmp(&b.name)))
+        .map(|h| h.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_link::control::wire::DiskPoint;
+
+    fn serve(disk: &str) -> WorkOp {
+        WorkOp::Serve {
+            disks: vec![DiskPoint {
+                disk: disk.into(),
+                point: "p1".into(),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn an_item_is_submitted_once_reported_by_its_host_only_and_keeps_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+        assert!(host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 100)
+            .await
+            .unwrap());
+        assert!(!host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 101)
+            .await
+            .unwrap());
+        host_heartbeat(&db, "rh2", "127.0.0.1:10810", 5, 101)
+            .await
+            .unwrap();
+        let id = item_id("j1", 0, "m1");
+        let first = submit(&db, &id, "rh1", "j1", "m1", &serve("sda"), 102)
+            .await
+            .unwrap();
+        // A task run again gets the first item back, not a second with other content.
+        let again = submit(&db, &id, "rh2", "j1", "m1", &serve("sdb"), 103)
+            .await
+            .unwrap();
+        assert_eq!(first, again);
+        assert_eq!(for_host(&db, "rh1").await.unwrap().len(), 1);
+        assert!(for_host(&db, "rh2").await.unwrap().is_empty());
+        // rh2 is the least loaded now.
+        assert_eq!(
+            least_loaded_host(&db, 105).await.unwrap().as_deref(),
+            Some("rh2")
+        );
+        let done = WorkReport {
+            id: id.clone(),
+            state: "succeeded".into(),
+            progress: 1.0,
+            bytes_per_s: 0.0,
+            error: None,
+            result: Some(WorkResult {
+                disks: vec![ReadyDisk {
+                    disk: "sda".into(),
+                    point: "p1".into(),
+                    path: None,
+                    nbd_url: Some("nbd://127.0.0.1:10809/m1/sda".into()),
+                    bytes: 4096,
+                }],
+                ..WorkResult::default()
+            }),
+        };
+        // Another host's word about it changes nothing.
+        record_reports(&db, "rh2", std::slice::from_ref(&done), 106)
+            .await
+            .unwrap();
+        assert_eq!(get(&db, &id).await.unwrap().unwrap().state, "pending");
+        record_reports(&db, "rh1", std::slice::from_ref(&done), 107)
+            .await
+            .unwrap();
+        let failed = WorkReport {
+            state: "failed".into(),
+            error: Some("late".into()),
+            result: None,
+            ..done.clone()
+        };
+        record_reports(&db, "rh1", &[failed], 108).await.unwrap();
+        let row = get(&db, &id).await.unwrap().unwrap();
+        assert_eq!(row.state, "succeeded");
+        let ready = ready_disks(&db, "j1").await.unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].0, "m1");
+        mark_removed(&db, std::slice::from_ref(&id), 109)
+            .await
+            .unwrap();
+        assert!(for_host(&db, "rh1").await.unwrap().is_empty());
+        assert!(ready_disks(&db, "j1").await.unwrap().is_empty());
+        // A host not heard from lately gets no new work.
+        assert_eq!(least_loaded_host(&db, 200).await.unwrap(), None);
+    }
+}

@@ -7,10 +7,11 @@
 //!
 //! A served disk reads in three layers, each over the one before: the base (extent
 //! objects fetched on demand into a bounded LRU cache, or the local hydrated copy),
-//! the log segments up to the point (decoded once at start into a local file and an
-//! interval index), and the overlay (the writes made since, journaled locally). The
+//! the log segments up to the point (decoded at start, on several threads, into a
+//! local file and an interval index: `log`), and the overlay (the writes made since, journaled locally). The
 //! replica is only read.
 
+pub mod log;
 pub mod overlay;
 pub mod ranges;
 pub mod served;

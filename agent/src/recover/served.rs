@@ -20,13 +20,11 @@ use ferry_replica::rebuild::zero_range;
 use ferry_replica::record::decode_records;
 use ferry_replica::{Disk, DiskState, Point};
 
+use super::log::{decode_log, default_workers, LogSpec};
 use super::overlay::Overlay;
 use super::ranges::{RangeMap, Src};
 use super::{io_err, Error, Result};
 use crate::nbd::Device;
-
-/// Log segments fetched at once while the log is decoded at start.
-const SEGMENT_WINDOW: usize = 4;
 
 /// What a served disk has done, for progress lines and the status file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,9 +152,14 @@ impl ServedDisk {
             .segments_up_to(point.seq)
             .map(|s| s.object.clone())
             .collect();
-        let log = decode_log(
-            &disk, &segments, floor, point.seq, size, &log_file, &log_path,
-        )?;
+        let spec = LogSpec {
+            disk: &disk,
+            segments: &segments,
+            floor,
+            seq: point.seq,
+            size,
+        };
+        let log = decode_log(&spec, default_workers(), &log_file, &log_path)?;
 
         let hydrated_path = dir.join(format!("{name}.hydrated"));
         let hydrated_file = open_rw(&hydrated_path, false)?;
@@ -415,75 +418,6 @@ fn check_identity(dir: &Path, name: &str, disk: &Disk, point: &Point) -> Result<
         }
         Err(e) => Err(io_err("read", &path)(e)),
     }
-}
-
-/// Decodes the segments (in order) into `file` and returns the interval index of what
-/// they write at sequence numbers in `[floor, seq]`. Fetches are parallel in a bounded
-/// window; application is in order, since later records override earlier ones.
-fn decode_log(
-    disk: &Disk,
-    segments: &[String],
-    floor: u64,
-    seq: u64,
-    size: u64,
-    file: &File,
-    path: &Path,
-) -> Result<RangeMap> {
-    let mut log = RangeMap::default();
-    let mut pos = 0u64;
-    let key = disk.key()?;
-    let mut ctx = OpenContext::default();
-    for window in segments.chunks(SEGMENT_WINDOW) {
-        let fetched: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = window
-                .iter()
-                .map(|o| s.spawn(move || disk.store.block(disk.store.get(o)).map(Vec::<u8>::from)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| match h.join() {
-                    Ok(r) => r.map_err(Error::from),
-                    Err(_) => Err(Error::Overlay {
-                        path: path.display().to_string(),
-                        why: "a segment fetch thread panicked".into(),
-                    }),
-                })
-                .collect()
-        });
-        for (object, bytes) in window.iter().zip(fetched) {
-            let mut buf = bytes?;
-            let expect = Expect {
-                key,
-                disk_id: &disk.disk_id,
-                kind: ObjectKind::Segment,
-                name: object,
-            };
-            open_object(&expect, &mut buf, &mut ctx, |chunk| {
-                decode_records(
-                    chunk,
-                    |r| {
-                        if r.seq < floor || r.seq > seq || r.offset >= size {
-                            return Ok(());
-                        }
-                        let len = r.len.min(size - r.offset);
-                        match r.data {
-                            Some(d) => {
-                                file.write_all_at(&d[..len as usize], pos).map_err(|e| {
-                                    ferry_replica::Error::io("write", path.display().to_string(), e)
-                                })?;
-                                log.insert(r.offset, r.offset + len, Src::At(pos));
-                                pos += len;
-                            }
-                            None => log.insert(r.offset, r.offset + len, Src::Zero),
-                        }
-                        Ok(())
-                    },
-                    object,
-                )
-            })?;
-        }
-    }
-    Ok(log)
 }
 
 impl Device for ServedDisk {

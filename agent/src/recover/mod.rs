@@ -14,6 +14,7 @@
 pub mod log;
 pub mod overlay;
 pub mod ranges;
+pub mod saved;
 pub mod served;
 
 use std::path::Path;

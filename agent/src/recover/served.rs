@@ -23,6 +23,9 @@ use ferry_replica::{Disk, DiskState, Point};
 use super::log::{decode_log, default_workers, LogSpec};
 use super::overlay::Overlay;
 use super::ranges::{RangeMap, Src};
+use super::saved::{
+    base_path, index_path, load_base, load_index, save_base, save_index, SavedBase,
+};
 use super::{io_err, Error, Result};
 use crate::nbd::Device;
 
@@ -73,7 +76,9 @@ impl Lru {
 
 pub struct ServedDisk {
     name: String,
-    disk: Disk,
+    /// None when reopened from the directory alone (`open_local`): every extent is
+    /// hydrated then, so nothing is fetched.
+    disk: Option<Disk>,
     point: Point,
     extent_bytes: u64,
     /// Base extents by index.
@@ -145,22 +150,148 @@ impl ServedDisk {
             .map(|e| (e.index, e.clone()))
             .collect();
 
-        let log_path = dir.join(format!("{name}.log"));
-        let log_file = open_rw(&log_path, true)?;
-        let floor = state.base.as_ref().map_or(0, |b| b.seq + 1);
-        let segments: Vec<String> = state
-            .segments_up_to(point.seq)
-            .map(|s| s.object.clone())
-            .collect();
-        let spec = LogSpec {
-            disk: &disk,
-            segments: &segments,
-            floor,
-            seq: point.seq,
-            size,
-        };
-        let log = decode_log(&spec, default_workers(), &log_file, &log_path)?;
+        save_base(
+            &base_path(dir, name),
+            &SavedBase {
+                point: point.clone(),
+                extent_bytes,
+                extents: extents.values().cloned().collect(),
+            },
+        )?;
 
+        // The log as an earlier start at this point left it, or decoded now (and its
+        // index saved once the data is synced, so a crash leaves no index to trust).
+        let log_path = dir.join(format!("{name}.log"));
+        let index = index_path(dir, name);
+        let log_file = open_rw(&log_path, false)?;
+        let log_len = log_file
+            .metadata()
+            .map_err(io_err("stat", &log_path))?
+            .len();
+        let log = match load_index(&index, point, log_len) {
+            Some(log) => log,
+            None => {
+                match std::fs::remove_file(&index) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_err("remove", &index)(e))
+                    }
+                    _ => {}
+                }
+                log_file.set_len(0).map_err(io_err("truncate", &log_path))?;
+                let floor = state.base.as_ref().map_or(0, |b| b.seq + 1);
+                let segments: Vec<String> = state
+                    .segments_up_to(point.seq)
+                    .map(|s| s.object.clone())
+                    .collect();
+                let spec = LogSpec {
+                    disk: &disk,
+                    segments: &segments,
+                    floor,
+                    seq: point.seq,
+                    size,
+                };
+                let log = decode_log(&spec, default_workers(), &log_file, &log_path)?;
+                log_file.sync_data().map_err(io_err("sync", &log_path))?;
+                save_index(&index, point, &log)?;
+                log
+            }
+        };
+        let parts = Parts {
+            name,
+            disk: Some(disk),
+            point,
+            dir,
+            extent_bytes,
+            extents,
+            log,
+            log_file,
+            log_path,
+            cache_extents,
+        };
+        parts.assemble()
+    }
+
+    /// Reopens disk `name` from what `dir` holds alone, without the store: only once
+    /// an earlier start saved its log index and hydration copied every base extent.
+    /// For a restart while the store is unreachable.
+    pub fn open_local(name: &str, dir: &Path, cache_extents: usize) -> Result<ServedDisk> {
+        let SavedBase {
+            point,
+            extent_bytes,
+            extents,
+        } = load_base(&base_path(dir, name))?;
+        let log_path = dir.join(format!("{name}.log"));
+        let log_file = open_rw(&log_path, false)?;
+        let log_len = log_file
+            .metadata()
+            .map_err(io_err("stat", &log_path))?
+            .len();
+        let index = index_path(dir, name);
+        let log = load_index(&index, &point, log_len).ok_or_else(|| Error::Overlay {
+            path: index.display().to_string(),
+            why: format!(
+                "no whole log index of point {}: the store is needed",
+                point.id
+            ),
+        })?;
+        let served = Parts {
+            name,
+            disk: None,
+            point: &point,
+            dir,
+            extent_bytes,
+            extents: extents.into_iter().map(|e| (e.index, e)).collect(),
+            log,
+            log_file,
+            log_path,
+            cache_extents,
+        }
+        .assemble()?;
+        let left = served.to_hydrate();
+        if let Some(first) = left.first() {
+            return Err(Error::Overlay {
+                path: served.map_path.display().to_string(),
+                why: format!(
+                    "{} extents of {name} (the first: {first}) are not hydrated yet: the store is needed",
+                    left.len()
+                ),
+            });
+        }
+        Ok(served)
+    }
+}
+
+/// What both ways of opening a served disk have found, put together with the local
+/// files every served disk has (the hydrated copy and its map, the overlay).
+struct Parts<'a> {
+    name: &'a str,
+    disk: Option<Disk>,
+    point: &'a Point,
+    dir: &'a Path,
+    extent_bytes: u64,
+    extents: HashMap<u64, ExtentRef>,
+    log: RangeMap,
+    log_file: File,
+    log_path: PathBuf,
+    cache_extents: usize,
+}
+
+impl Parts<'_> {
+    fn assemble(self) -> Result<ServedDisk> {
+        let Parts {
+            name,
+            disk,
+            point,
+            dir,
+            extent_bytes,
+            extents,
+            log,
+            log_file,
+            log_path,
+            cache_extents,
+        } = self;
+        let size = point.disk_bytes;
+        let count = size.div_ceil(extent_bytes) as usize;
         let hydrated_path = dir.join(format!("{name}.hydrated"));
         let hydrated_file = open_rw(&hydrated_path, false)?;
         hydrated_file
@@ -201,7 +332,9 @@ impl ServedDisk {
             fetched: AtomicU64::new(0),
         })
     }
+}
 
+impl ServedDisk {
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -239,14 +372,23 @@ impl ServedDisk {
         e: &ExtentRef,
         mut f: impl FnMut(u64, u64, Option<&[u8]>) -> Result<()>,
     ) -> Result<()> {
-        let store = &self.disk.store;
+        let Some(disk) = &self.disk else {
+            return Err(Error::Overlay {
+                path: self.map_path.display().to_string(),
+                why: format!(
+                    "extent {} of {} is not hydrated and the store is not open",
+                    e.index, self.name
+                ),
+            });
+        };
+        let store = &disk.store;
         let mut buf: Vec<u8> = store.block(store.get(&e.object))?.into();
         self.fetched.fetch_add(1, Ordering::Relaxed);
         let start = e.index * self.extent_bytes;
         let end = start + self.extent_bytes;
         let expect = Expect {
-            key: self.disk.key()?,
-            disk_id: &self.disk.disk_id,
+            key: disk.key()?,
+            disk_id: &disk.disk_id,
             kind: ObjectKind::Extent,
             name: &e.object,
         };

@@ -11,6 +11,7 @@
 //! local file and an interval index: `log`), and the overlay (the writes made since, journaled locally). The
 //! replica is only read.
 
+pub mod flight;
 pub mod log;
 pub mod overlay;
 pub mod ranges;
@@ -33,6 +34,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Replica(#[from] ferry_replica::Error),
+    /// A fetch this read waited for (another reader's) failed.
+    #[error("fetch {what}: {why}")]
+    Fetch { what: String, why: String },
     /// The overlay directory belongs to another disk or point.
     #[error("overlay {path}: {why}")]
     Overlay { path: String, why: String },

@@ -20,6 +20,7 @@ use ferry_replica::rebuild::zero_range;
 use ferry_replica::record::decode_records;
 use ferry_replica::{Disk, DiskState, Point};
 
+use super::flight::{Flight, SingleFlight};
 use super::log::{decode_log, default_workers, LogSpec};
 use super::overlay::Overlay;
 use super::ranges::{RangeMap, Src};
@@ -87,6 +88,8 @@ pub struct ServedDisk {
     log_file: File,
     log_path: PathBuf,
     cache: Mutex<Lru>,
+    /// Extent fetches in flight, so that concurrent readers of one share it.
+    fetching: SingleFlight<Arc<Vec<u8>>>,
     hydrated: Vec<AtomicBool>,
     hydrated_file: File,
     hydrated_path: PathBuf,
@@ -323,6 +326,7 @@ impl Parts<'_> {
                 map: HashMap::new(),
                 order: VecDeque::new(),
             }),
+            fetching: SingleFlight::default(),
             hydrated,
             hydrated_file,
             hydrated_path,
@@ -419,16 +423,29 @@ impl ServedDisk {
         if let Some(hit) = self.cache_lock().get(e.index) {
             return Ok(hit);
         }
-        let mut data = vec![0u8; self.extent_bytes as usize];
-        self.decode_extent(e, |at, len, bytes| {
-            if let Some(b) = bytes {
-                data[at as usize..(at + len) as usize].copy_from_slice(b);
+        let fetched = self.fetching.run(e.index, || {
+            // A fetch that ended while this one waited for the lock left it cached.
+            if let Some(hit) = self.cache_lock().get(e.index) {
+                return Ok(hit);
             }
-            Ok(())
-        })?;
-        let data = Arc::new(data);
-        self.cache_lock().put(e.index, data.clone());
-        Ok(data)
+            let mut data = vec![0u8; self.extent_bytes as usize];
+            self.decode_extent(e, |at, len, bytes| {
+                if let Some(b) = bytes {
+                    data[at as usize..(at + len) as usize].copy_from_slice(b);
+                }
+                Ok(())
+            })?;
+            let data = Arc::new(data);
+            self.cache_lock().put(e.index, data.clone());
+            Ok(data)
+        });
+        fetched.map_err(|f| match f {
+            Flight::Own(e) => e,
+            Flight::Shared(why) => Error::Fetch {
+                what: format!("extent {} of {} ({})", e.index, self.name, e.object),
+                why,
+            },
+        })
     }
 
     fn cache_lock(&self) -> std::sync::MutexGuard<'_, Lru> {

@@ -318,6 +318,14 @@ pub fn run(dir: &Path, gib: u64) -> Result<()> {
         log_bytes / MIB
     );
     check_all(served.addr, &f, size)?;
+    // A restart at the same point on the same directory: the log's index is reused.
+    let (restart, again) = first_read(&store_url, &store_dir, &vault, &w("o-log-2"), &f, &image)?;
+    drop(again);
+    let (restart_2, again) = first_read(&store_url, &store_dir, &vault, &w("o-log-2"), &f, &image)?;
+    drop(again);
+    println!(
+        "  start to first read, a restart of that (log index reused) {restart_2:>8.3} s (first start on its directory {restart:.3} s)"
+    );
     let one = decode_alone(&store_url, &store_dir, &vault, work.path(), 1)?;
     let all = decode_alone(
         &store_url,

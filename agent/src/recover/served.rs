@@ -2,9 +2,11 @@
 //! `recover` for the layers. Files in the overlay directory, per disk:
 //! `{disk}.point.json` (which disk and point the directory holds; a restart at another
 //! point is refused rather than mixing overlays), `{disk}.overlay` and
-//! `{disk}.journal` (the overlay), `{disk}.log` (log data decoded at start, remade
-//! each start), `{disk}.hydrated` and `{disk}.hydrated-map` (the base copied locally,
-//! one byte per extent, set once the extent's data is synced).
+//! `{disk}.journal` (the overlay), `{disk}.log` and `{disk}.log-index` (log data
+//! decoded at the first start and its index, reused by later starts: `log`, `saved`),
+//! `{disk}.base.json` (the point and its base extents, for a start without the
+//! store), `{disk}.hydrated` and `{disk}.hydrated-map` (the base copied locally, one
+//! byte per extent, set once the extent's data is synced).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};

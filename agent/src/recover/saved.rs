@@ -41,7 +41,10 @@ pub fn index_path(dir: &Path, name: &str) -> PathBuf {
 
 /// Replaces `path` with `bytes`: written aside, synced, renamed, the directory synced.
 fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    // Beside it, named after the whole file name: two disks' files never share one.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need beyond the Rust toolchain, and only what is
 # missing, so it is cheap to run before every test run:
-#   Debian: qemu-utils (qemu-img, qemu-io, qemu-nbd), e2fsprogs (mkfs.ext4), restic and
-#           borgbackup (the seed benchmark's peers), curl, util-linux (losetup),
-#           postgresql (the control plane's second backend, tested), chromium (the
-#           dashboard's test opens it headless)
+#   Debian: qemu-utils (qemu-img, qemu-io, qemu-nbd), qemu-system-x86 (the boot test's
+#           guest; the same QEMU release as qemu-utils, or apt removes one),
+#           e2fsprogs (mkfs.ext4), restic and borgbackup (the seed benchmark's peers),
+#           curl, util-linux (losetup), postgresql (the control plane's second
+#           backend, tested), chromium (the dashboard's test opens it headless)
 #   npm:    azurite 3.37.0 (Azure Blob emulator)
 #   cargo:  s3s-fs 0.14.1 (S3 emulator; building it takes a few minutes), cargo-fuzz
 # Quiet on success; a failing step prints its full output.
@@ -35,8 +36,9 @@ quiet() {
 command -v cargo >/dev/null || { echo "install-deps: no cargo; install Rust (rustup) first" >&2; exit 1; }
 
 # Debian packages, named by the command each provides.
-declare -A apt_for=([qemu-img]=qemu-utils [mkfs.ext4]=e2fsprogs [restic]=restic [borg]=borgbackup
-    [curl]=curl [losetup]=util-linux [chromium]=chromium)
+declare -A apt_for=([qemu-img]=qemu-utils [qemu-system-x86_64]=qemu-system-x86
+    [mkfs.ext4]=e2fsprogs [restic]=restic [borg]=borgbackup [curl]=curl [losetup]=util-linux
+    [chromium]=chromium)
 command -v npm >/dev/null || apt_for[npm]="nodejs npm"
 missing=()
 for cmd in "${!apt_for[@]}"; do

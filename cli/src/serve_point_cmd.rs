@@ -112,27 +112,105 @@ fn hydrate(disks: &[Arc<ServedDisk>]) {
     eprintln!("hydrated: every read is now served locally");
 }
 
+/// Whether choosing the point failed because the store could not be read (gone,
+/// unreachable, emptied), not because of what was asked (a point, a key).
+fn store_gone(e: &ferry_controlplane::error::Error) -> bool {
+    use ferry_controlplane::error::Error as E;
+    match e {
+        E::NoMachine { .. } => true,
+        E::Replica(r) => r.is_missing() || matches!(r, ferry_replica::Error::Store { .. }),
+        _ => false,
+    }
+}
+
+/// The disks of `machine` that `dir` serves, by their `{disk}.point.json` files.
+fn local_disks(dir: &Path, machine: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let disk = name.strip_suffix(".point.json")?.to_string();
+            let bytes = std::fs::read(dir.join(&name)).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            (v["machine"] == machine).then_some(disk)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Every disk of the machine at the point `dir` holds, from `dir` alone: for a
+/// restart while the store is unreachable, once hydration finished.
+fn open_local(a: &ServePointArgs) -> Result<Vec<Arc<ServedDisk>>> {
+    let names = local_disks(&a.overlay_dir, &a.machine);
+    anyhow::ensure!(
+        !names.is_empty(),
+        "{} serves no disk of {}",
+        a.overlay_dir.display(),
+        a.machine
+    );
+    names
+        .iter()
+        .map(|n| {
+            Ok(Arc::new(ServedDisk::open_local(
+                n,
+                &a.overlay_dir,
+                a.cache_extents,
+            )?))
+        })
+        .collect()
+}
+
 pub fn run(a: ServePointArgs) -> Result<()> {
     let vault = VaultKey::load(&a.key_file)?;
     let store = Store::open(&a.store)?;
-    let plan = failover::plan(&store, &vault, &a.machine, &a.point)?;
-    if let Some(note) = &plan.note {
-        eprintln!("note: {note}");
-    }
-    let mut disks = Vec::new();
-    for (md, point) in plan.disks {
-        let name = md.name.clone();
-        let served = ServedDisk::open(
-            &name,
-            md.disk,
-            &md.state,
-            &point,
-            &a.overlay_dir,
-            a.cache_extents,
-        )
-        .with_context(|| format!("serve disk {name} of {} at point {}", a.machine, point.id))?;
-        disks.push(Arc::new(served));
-    }
+    let disks = match failover::plan(&store, &vault, &a.machine, &a.point) {
+        Ok(plan) => {
+            if let Some(note) = &plan.note {
+                eprintln!("note: {note}");
+            }
+            let mut disks = Vec::new();
+            for (md, point) in plan.disks {
+                let name = md.name.clone();
+                let served = ServedDisk::open(
+                    &name,
+                    md.disk,
+                    &md.state,
+                    &point,
+                    &a.overlay_dir,
+                    a.cache_extents,
+                )
+                .with_context(|| {
+                    format!("serve disk {name} of {} at point {}", a.machine, point.id)
+                })?;
+                disks.push(Arc::new(served));
+            }
+            disks
+        }
+        // The store cannot be read: a directory that holds every disk whole (log
+        // index saved, every extent hydrated) serves on without it.
+        Err(e) if store_gone(&e) && !local_disks(&a.overlay_dir, &a.machine).is_empty() => {
+            match open_local(&a) {
+                Ok(disks) => {
+                    eprintln!(
+                        "note: the store: {e}; serving {} from {} alone (hydrated)",
+                        a.machine,
+                        a.overlay_dir.display()
+                    );
+                    disks
+                }
+                Err(local) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "and {} cannot serve without the store: {local:#}",
+                        a.overlay_dir.display()
+                    )))
+                }
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
     let listener = TcpListener::bind(&a.nbd_listen)
         .with_context(|| format!("listen for NBD on {}", a.nbd_listen))?;
     let addr = listener

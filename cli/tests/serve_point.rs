@@ -1,8 +1,9 @@
 //! `ferry serve-point` as a user runs it: a machine seeded with `ferry seed` and then
 //! written at byte granularity in the log with several points; the point served over
 //! NBD at once, read through the NBD client and compared with the disk as it was;
-//! writes through NBD kept in the overlay across a restart; hydration that ends every
-//! read's need for the store (the store directory renamed away); the replica's objects
+//! writes through NBD kept in the overlay across a restart, the log decoded once and
+//! reused; hydration that ends every read's need for the store (the store directory
+//! renamed away), and a restart then from the directory alone; the replica's objects
 //! unchanged byte for byte; and a wrong point, machine, key or overlay as a clear error.
 
 use std::collections::BTreeMap;
@@ -297,7 +298,17 @@ fn serve_point_reads_writes_restarts_and_hydrates() {
     child.kill();
 
     // After a restart the overlay is still there; the untouched disk still equals p1.
+    // The log decoded at the first start is reused, not decoded again.
+    let log_mtime = || {
+        std::fs::metadata(overlay.join("sda.log"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    assert!(overlay.join("sda.log-index").exists());
+    let decoded_at = log_mtime();
     let (mut child, addr) = env.serve("p1", &overlay, &[]);
+    assert_eq!(log_mtime(), decoded_at, "the log was decoded again");
     assert!(
         read_all(addr, "sda", 40 * MIB) == want,
         "writes lost across a restart"
@@ -324,6 +335,17 @@ fn serve_point_reads_writes_restarts_and_hydrates() {
     );
     assert!(read_all(addr, "sdb", 3 * MIB) == at_point[1][1]);
     child.kill();
+    // Hydrated, it restarts without the store: every disk from the directory alone.
+    let (mut child, addr) = env.serve("p1", &overlay, &[]);
+    assert!(
+        read_all(addr, "sda", 40 * MIB) == want,
+        "a restart without the store differs"
+    );
+    assert!(read_all(addr, "sdb", 3 * MIB) == at_point[1][1]);
+    child.kill();
+    // A directory that does not hold the disks whole still needs the store.
+    let e = env.serve_err("p1", &env.key, "m", &env.dir.join("overlay-none"));
+    assert!(e.contains("no machine m"), "{e}");
     std::fs::rename(&moved, &env.store_dir).unwrap();
 
     // A restart keeps the hydrated copy: no extent is fetched again.

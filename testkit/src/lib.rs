@@ -1,5 +1,6 @@
 //! Ferry's test kit: what the tests of several crates share, so each test reads as
-//! its scenario. `process` runs the `ferry` binary (killed when dropped, waiting for
+//! its scenario. `boot` makes a tiny bootable disk and boots it with qemu from NBD,
+//! `process` runs the `ferry` binary (killed when dropped, waiting for
 //! its first line), `cli` the arguments and admin-socket calls of a loopback site
 //! driven through it, `net` finds free loopback ports, `qemu` drives qemu-io, `pki` and
 //! `server` build certificates and an in-process process server, `site` a loopback
@@ -13,6 +14,7 @@
 //! Test code only: a dev-dependency (the benchmarks' load generator aside), never
 //! shipped, so it may panic on a failed set-up step: that fails the test, naming it.
 
+pub mod boot;
 pub mod cli;
 pub mod control;
 pub mod disk;

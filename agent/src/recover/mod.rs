@@ -7,12 +7,15 @@
 //!
 //! A served disk reads in three layers, each over the one before: the base (extent
 //! objects fetched on demand into a bounded LRU cache, or the local hydrated copy),
-//! the log segments up to the point (decoded once at start into a local file and an
-//! interval index), and the overlay (the writes made since, journaled locally). The
+//! the log segments up to the point (decoded at start, on several threads, into a
+//! local file and an interval index: `log`), and the overlay (the writes made since, journaled locally). The
 //! replica is only read.
 
+pub mod flight;
+pub mod log;
 pub mod overlay;
 pub mod ranges;
+pub mod saved;
 pub mod served;
 
 use std::path::Path;
@@ -31,6 +34,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Replica(#[from] ferry_replica::Error),
+    /// A fetch this read waited for (another reader's) failed.
+    #[error("fetch {what}: {why}")]
+    Fetch { what: String, why: String },
     /// The overlay directory belongs to another disk or point.
     #[error("overlay {path}: {why}")]
     Overlay { path: String, why: String },

@@ -2,9 +2,11 @@
 //! `recover` for the layers. Files in the overlay directory, per disk:
 //! `{disk}.point.json` (which disk and point the directory holds; a restart at another
 //! point is refused rather than mixing overlays), `{disk}.overlay` and
-//! `{disk}.journal` (the overlay), `{disk}.log` (log data decoded at start, remade
-//! each start), `{disk}.hydrated` and `{disk}.hydrated-map` (the base copied locally,
-//! one byte per extent, set once the extent's data is synced).
+//! `{disk}.journal` (the overlay), `{disk}.log` and `{disk}.log-index` (log data
+//! decoded at the first start and its index, reused by later starts: `log`, `saved`),
+//! `{disk}.base.json` (the point and its base extents, for a start without the
+//! store), `{disk}.hydrated` and `{disk}.hydrated-map` (the base copied locally, one
+//! byte per extent, set once the extent's data is synced).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -20,13 +22,15 @@ use ferry_replica::rebuild::zero_range;
 use ferry_replica::record::decode_records;
 use ferry_replica::{Disk, DiskState, Point};
 
+use super::flight::{Flight, SingleFlight};
+use super::log::{decode_log, default_workers, LogSpec};
 use super::overlay::Overlay;
 use super::ranges::{RangeMap, Src};
+use super::saved::{
+    base_path, index_path, load_base, load_index, save_base, save_index, SavedBase,
+};
 use super::{io_err, Error, Result};
 use crate::nbd::Device;
-
-/// Log segments fetched at once while the log is decoded at start.
-const SEGMENT_WINDOW: usize = 4;
 
 /// What a served disk has done, for progress lines and the status file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +79,9 @@ impl Lru {
 
 pub struct ServedDisk {
     name: String,
-    disk: Disk,
+    /// None when reopened from the directory alone (`open_local`): every extent is
+    /// hydrated then, so nothing is fetched.
+    disk: Option<Disk>,
     point: Point,
     extent_bytes: u64,
     /// Base extents by index.
@@ -84,6 +90,8 @@ pub struct ServedDisk {
     log_file: File,
     log_path: PathBuf,
     cache: Mutex<Lru>,
+    /// Extent fetches in flight, so that concurrent readers of one share it.
+    fetching: SingleFlight<Arc<Vec<u8>>>,
     hydrated: Vec<AtomicBool>,
     hydrated_file: File,
     hydrated_path: PathBuf,
@@ -147,17 +155,148 @@ impl ServedDisk {
             .map(|e| (e.index, e.clone()))
             .collect();
 
-        let log_path = dir.join(format!("{name}.log"));
-        let log_file = open_rw(&log_path, true)?;
-        let floor = state.base.as_ref().map_or(0, |b| b.seq + 1);
-        let segments: Vec<String> = state
-            .segments_up_to(point.seq)
-            .map(|s| s.object.clone())
-            .collect();
-        let log = decode_log(
-            &disk, &segments, floor, point.seq, size, &log_file, &log_path,
+        save_base(
+            &base_path(dir, name),
+            &SavedBase {
+                point: point.clone(),
+                extent_bytes,
+                extents: extents.values().cloned().collect(),
+            },
         )?;
 
+        // The log as an earlier start at this point left it, or decoded now (and its
+        // index saved once the data is synced, so a crash leaves no index to trust).
+        let log_path = dir.join(format!("{name}.log"));
+        let index = index_path(dir, name);
+        let log_file = open_rw(&log_path, false)?;
+        let log_len = log_file
+            .metadata()
+            .map_err(io_err("stat", &log_path))?
+            .len();
+        let log = match load_index(&index, point, log_len) {
+            Some(log) => log,
+            None => {
+                match std::fs::remove_file(&index) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_err("remove", &index)(e))
+                    }
+                    _ => {}
+                }
+                log_file.set_len(0).map_err(io_err("truncate", &log_path))?;
+                let floor = state.base.as_ref().map_or(0, |b| b.seq + 1);
+                let segments: Vec<String> = state
+                    .segments_up_to(point.seq)
+                    .map(|s| s.object.clone())
+                    .collect();
+                let spec = LogSpec {
+                    disk: &disk,
+                    segments: &segments,
+                    floor,
+                    seq: point.seq,
+                    size,
+                };
+                let log = decode_log(&spec, default_workers(), &log_file, &log_path)?;
+                log_file.sync_data().map_err(io_err("sync", &log_path))?;
+                save_index(&index, point, &log)?;
+                log
+            }
+        };
+        let parts = Parts {
+            name,
+            disk: Some(disk),
+            point,
+            dir,
+            extent_bytes,
+            extents,
+            log,
+            log_file,
+            log_path,
+            cache_extents,
+        };
+        parts.assemble()
+    }
+
+    /// Reopens disk `name` from what `dir` holds alone, without the store: only once
+    /// an earlier start saved its log index and hydration copied every base extent.
+    /// For a restart while the store is unreachable.
+    pub fn open_local(name: &str, dir: &Path, cache_extents: usize) -> Result<ServedDisk> {
+        let SavedBase {
+            point,
+            extent_bytes,
+            extents,
+        } = load_base(&base_path(dir, name))?;
+        let log_path = dir.join(format!("{name}.log"));
+        let log_file = open_rw(&log_path, false)?;
+        let log_len = log_file
+            .metadata()
+            .map_err(io_err("stat", &log_path))?
+            .len();
+        let index = index_path(dir, name);
+        let log = load_index(&index, &point, log_len).ok_or_else(|| Error::Overlay {
+            path: index.display().to_string(),
+            why: format!(
+                "no whole log index of point {}: the store is needed",
+                point.id
+            ),
+        })?;
+        let served = Parts {
+            name,
+            disk: None,
+            point: &point,
+            dir,
+            extent_bytes,
+            extents: extents.into_iter().map(|e| (e.index, e)).collect(),
+            log,
+            log_file,
+            log_path,
+            cache_extents,
+        }
+        .assemble()?;
+        let left = served.to_hydrate();
+        if let Some(first) = left.first() {
+            return Err(Error::Overlay {
+                path: served.map_path.display().to_string(),
+                why: format!(
+                    "{} extents of {name} (the first: {first}) are not hydrated yet: the store is needed",
+                    left.len()
+                ),
+            });
+        }
+        Ok(served)
+    }
+}
+
+/// What both ways of opening a served disk have found, put together with the local
+/// files every served disk has (the hydrated copy and its map, the overlay).
+struct Parts<'a> {
+    name: &'a str,
+    disk: Option<Disk>,
+    point: &'a Point,
+    dir: &'a Path,
+    extent_bytes: u64,
+    extents: HashMap<u64, ExtentRef>,
+    log: RangeMap,
+    log_file: File,
+    log_path: PathBuf,
+    cache_extents: usize,
+}
+
+impl Parts<'_> {
+    fn assemble(self) -> Result<ServedDisk> {
+        let Parts {
+            name,
+            disk,
+            point,
+            dir,
+            extent_bytes,
+            extents,
+            log,
+            log_file,
+            log_path,
+            cache_extents,
+        } = self;
+        let size = point.disk_bytes;
+        let count = size.div_ceil(extent_bytes) as usize;
         let hydrated_path = dir.join(format!("{name}.hydrated"));
         let hydrated_file = open_rw(&hydrated_path, false)?;
         hydrated_file
@@ -189,6 +328,7 @@ impl ServedDisk {
                 map: HashMap::new(),
                 order: VecDeque::new(),
             }),
+            fetching: SingleFlight::default(),
             hydrated,
             hydrated_file,
             hydrated_path,
@@ -198,7 +338,9 @@ impl ServedDisk {
             fetched: AtomicU64::new(0),
         })
     }
+}
 
+impl ServedDisk {
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -236,14 +378,23 @@ impl ServedDisk {
         e: &ExtentRef,
         mut f: impl FnMut(u64, u64, Option<&[u8]>) -> Result<()>,
     ) -> Result<()> {
-        let store = &self.disk.store;
+        let Some(disk) = &self.disk else {
+            return Err(Error::Overlay {
+                path: self.map_path.display().to_string(),
+                why: format!(
+                    "extent {} of {} is not hydrated and the store is not open",
+                    e.index, self.name
+                ),
+            });
+        };
+        let store = &disk.store;
         let mut buf: Vec<u8> = store.block(store.get(&e.object))?.into();
         self.fetched.fetch_add(1, Ordering::Relaxed);
         let start = e.index * self.extent_bytes;
         let end = start + self.extent_bytes;
         let expect = Expect {
-            key: self.disk.key()?,
-            disk_id: &self.disk.disk_id,
+            key: disk.key()?,
+            disk_id: &disk.disk_id,
             kind: ObjectKind::Extent,
             name: &e.object,
         };
@@ -274,16 +425,29 @@ impl ServedDisk {
         if let Some(hit) = self.cache_lock().get(e.index) {
             return Ok(hit);
         }
-        let mut data = vec![0u8; self.extent_bytes as usize];
-        self.decode_extent(e, |at, len, bytes| {
-            if let Some(b) = bytes {
-                data[at as usize..(at + len) as usize].copy_from_slice(b);
+        let fetched = self.fetching.run(e.index, || {
+            // A fetch that ended while this one waited for the lock left it cached.
+            if let Some(hit) = self.cache_lock().get(e.index) {
+                return Ok(hit);
             }
-            Ok(())
-        })?;
-        let data = Arc::new(data);
-        self.cache_lock().put(e.index, data.clone());
-        Ok(data)
+            let mut data = vec![0u8; self.extent_bytes as usize];
+            self.decode_extent(e, |at, len, bytes| {
+                if let Some(b) = bytes {
+                    data[at as usize..(at + len) as usize].copy_from_slice(b);
+                }
+                Ok(())
+            })?;
+            let data = Arc::new(data);
+            self.cache_lock().put(e.index, data.clone());
+            Ok(data)
+        });
+        fetched.map_err(|f| match f {
+            Flight::Own(e) => e,
+            Flight::Shared(why) => Error::Fetch {
+                what: format!("extent {} of {} ({})", e.index, self.name, e.object),
+                why,
+            },
+        })
     }
 
     fn cache_lock(&self) -> std::sync::MutexGuard<'_, Lru> {
@@ -415,75 +579,6 @@ fn check_identity(dir: &Path, name: &str, disk: &Disk, point: &Point) -> Result<
         }
         Err(e) => Err(io_err("read", &path)(e)),
     }
-}
-
-/// Decodes the segments (in order) into `file` and returns the interval index of what
-/// they write at sequence numbers in `[floor, seq]`. Fetches are parallel in a bounded
-/// window; application is in order, since later records override earlier ones.
-fn decode_log(
-    disk: &Disk,
-    segments: &[String],
-    floor: u64,
-    seq: u64,
-    size: u64,
-    file: &File,
-    path: &Path,
-) -> Result<RangeMap> {
-    let mut log = RangeMap::default();
-    let mut pos = 0u64;
-    let key = disk.key()?;
-    let mut ctx = OpenContext::default();
-    for window in segments.chunks(SEGMENT_WINDOW) {
-        let fetched: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = window
-                .iter()
-                .map(|o| s.spawn(move || disk.store.block(disk.store.get(o)).map(Vec::<u8>::from)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| match h.join() {
-                    Ok(r) => r.map_err(Error::from),
-                    Err(_) => Err(Error::Overlay {
-                        path: path.display().to_string(),
-                        why: "a segment fetch thread panicked".into(),
-                    }),
-                })
-                .collect()
-        });
-        for (object, bytes) in window.iter().zip(fetched) {
-            let mut buf = bytes?;
-            let expect = Expect {
-                key,
-                disk_id: &disk.disk_id,
-                kind: ObjectKind::Segment,
-                name: object,
-            };
-            open_object(&expect, &mut buf, &mut ctx, |chunk| {
-                decode_records(
-                    chunk,
-                    |r| {
-                        if r.seq < floor || r.seq > seq || r.offset >= size {
-                            return Ok(());
-                        }
-                        let len = r.len.min(size - r.offset);
-                        match r.data {
-                            Some(d) => {
-                                file.write_all_at(&d[..len as usize], pos).map_err(|e| {
-                                    ferry_replica::Error::io("write", path.display().to_string(), e)
-                                })?;
-                                log.insert(r.offset, r.offset + len, Src::At(pos));
-                                pos += len;
-                            }
-                            None => log.insert(r.offset, r.offset + len, Src::Zero),
-                        }
-                        Ok(())
-                    },
-                    object,
-                )
-            })?;
-        }
-    }
-    Ok(log)
 }
 
 impl Device for ServedDisk {

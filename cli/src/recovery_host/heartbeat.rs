@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ferry_link::control::client::Heartbeater;
 use ferry_link::control::wire::{RecoveryHostHeartbeat, RecoveryHostOrders};
 
-use super::Host;
+use super::{Host, Sent};
 
 /// The JSON bytes of reports one heartbeat carries at most: with the rest of the
 /// body, well under the API's 64 KiB limit. More wait for the next heartbeat.
@@ -18,8 +18,8 @@ pub struct Beat {
     pub host: Arc<Host>,
     pub name: String,
     pub work_dir: PathBuf,
-    /// The table's clock the last report covered.
-    sent_upto: u64,
+    /// What the last heartbeat carried.
+    sent: Sent,
 }
 
 impl Beat {
@@ -28,7 +28,7 @@ impl Beat {
             host,
             name,
             work_dir,
-            sent_upto: 0,
+            sent: Vec::new(),
         }
     }
 }
@@ -56,8 +56,8 @@ impl Heartbeater for Beat {
     const PATH: &'static str = "/v1/heartbeat/recovery-host";
 
     fn report(&mut self) -> RecoveryHostHeartbeat {
-        let (reports, upto) = self.host.reports(REPORT_BUDGET_BYTES);
-        self.sent_upto = upto;
+        let (reports, sent) = self.host.reports(REPORT_BUDGET_BYTES);
+        self.sent = sent;
         RecoveryHostHeartbeat {
             name: self.name.clone(),
             nbd_address: self.host.nbd_address.clone(),
@@ -67,7 +67,7 @@ impl Heartbeater for Beat {
     }
 
     fn apply(&mut self, orders: RecoveryHostOrders) -> f64 {
-        self.host.acked(self.sent_upto);
+        self.host.acked(&self.sent);
         self.host.apply(orders.work);
         orders.heartbeat_interval_s
     }

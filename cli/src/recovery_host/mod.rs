@@ -64,6 +64,8 @@ struct Entry {
     report: Option<WorkReport>,
     /// The table's clock when `report` last changed.
     changed: u64,
+    /// The `changed` of the last report of it that the control plane received.
+    acked: u64,
     /// A thread works on it now.
     busy: bool,
     /// Its exports, while it serves.
@@ -81,8 +83,6 @@ struct Table {
     ordered: Vec<String>,
     /// Bumped at every report change.
     clock: u64,
-    /// Every change up to this clock was in a heartbeat the control plane answered.
-    acked: u64,
 }
 
 impl Table {
@@ -99,6 +99,9 @@ impl Table {
             .collect()
     }
 }
+
+/// The reports one heartbeat carried: each item's id and the change it was.
+pub type Sent = Vec<(String, u64)>;
 
 /// What the host shares between the heartbeat thread, the NBD server and the ops.
 pub struct Host {
@@ -150,6 +153,7 @@ impl Host {
                 item,
                 report: None,
                 changed: 0,
+                acked: 0,
                 busy: false,
                 served: Vec::new(),
                 pgid: pid,
@@ -318,6 +322,7 @@ impl Host {
                     item,
                     report: None,
                     changed: 0,
+                    acked: 0,
                     busy: false,
                     served: Vec::new(),
                     pgid: None,
@@ -462,44 +467,48 @@ impl Host {
         }
     }
 
-    /// The reports of the last orders' items, those changed since the last answered
-    /// heartbeat first, at most `MAX_WORK_ITEMS` and about `budget` bytes of JSON;
-    /// and the clock up to which the changes are all in them.
-    pub fn reports(&self, budget: usize) -> (Vec<WorkReport>, u64) {
+    /// The reports of the last orders' items, those changed since the control plane
+    /// last received them first, at most `MAX_WORK_ITEMS` and about `budget` bytes of
+    /// JSON; and which change of each item they carry (for `acked`).
+    pub fn reports(&self, budget: usize) -> (Vec<WorkReport>, Sent) {
         let t = self.table();
         let mut changed = Vec::new();
         let mut rest = Vec::new();
         for id in &t.ordered {
             let Some(e) = t.entries.get(id) else { continue };
             let Some(r) = &e.report else { continue };
-            if e.changed > t.acked {
+            if e.changed > e.acked {
                 changed.push((e.changed, r));
             } else {
                 rest.push((e.changed, r));
             }
         }
-        let mut upto = t.clock;
         let mut out = Vec::new();
-        let mut bytes = 0;
-        let n_changed = changed.len();
-        for (i, (clock, r)) in changed.into_iter().chain(rest).enumerate() {
+        let mut sent = Vec::new();
+        let mut bytes: usize = 0;
+        for (clock, r) in changed.into_iter().chain(rest) {
             let size = serde_json::to_vec(r).map_or(usize::MAX, |v| v.len());
-            if out.len() >= MAX_WORK_ITEMS || bytes + size > budget {
-                if i < n_changed {
-                    // A change left for the next heartbeat is not acknowledged.
-                    upto = upto.min(clock.saturating_sub(1));
-                }
+            if out.len() >= MAX_WORK_ITEMS || bytes.saturating_add(size) > budget {
+                // Left for a later heartbeat, still marked changed.
                 continue;
             }
             bytes += size;
+            sent.push((r.id.clone(), clock));
             out.push(r.clone());
         }
-        (out, upto)
+        (out, sent)
     }
 
-    /// The control plane answered a heartbeat that held every change up to `upto`.
-    pub fn acked(&self, upto: u64) {
+    /// The control plane answered a heartbeat carrying these reports.
+    pub fn acked(&self, sent: &Sent) {
         let mut t = self.table();
-        t.acked = t.acked.max(upto);
+        for (id, clock) in sent {
+            if let Some(e) = t.entries.get_mut(id) {
+                e.acked = e.acked.max(*clock);
+            }
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -228,6 +228,25 @@ fn a_recovery_host_builds_serves_runs_survives_a_kill_and_removes_everything() {
         assert_eq!(d.point, points[d.disk.as_str()]);
         same_image(path, &dir.join(format!("{}.img", d.disk)));
     }
+    // A fixed VHD, as Azure takes, holds the same bytes.
+    let vhd = site.submit(WorkOp::Build {
+        disks: both(None)[1..].to_vec(),
+        format: "vhd".into(),
+    });
+    let row = site.ended(&vhd, Duration::from_secs(60));
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    let path = row.result.unwrap().disks[0].path.clone().unwrap();
+    assert!(path.ends_with("/sdb.vhd"), "{path}");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw", &path])
+        .arg(dir.join("sdb.img"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // A point the disk does not have fails, naming it.
     let bad = site.submit(WorkOp::Build {
         disks: both(Some("no-such-point")),
@@ -358,7 +377,7 @@ fn a_recovery_host_builds_serves_runs_survives_a_kill_and_removes_everything() {
         .unwrap();
     let (_, list) = site.cp.api("GET", "/v1/recovery-hosts", None);
     let items = list["items"][0]["items"].as_i64().unwrap();
-    assert_eq!(items, 6, "{list}");
+    assert_eq!(items, 7, "{list}");
     // Nothing comes back: not after a heartbeat, not after another restart.
     std::thread::sleep(Duration::from_secs(2));
     host.kill();

@@ -92,7 +92,10 @@ impl Table {
         self.entries
             .values()
             .filter_map(|e| match &e.item.op {
-                WorkOp::Remove { items } => Some(items.iter().cloned()),
+                // One naming itself is not its own target: it fails when it runs.
+                WorkOp::Remove { items } => {
+                    Some(items.iter().filter(|i| **i != e.item.id).cloned())
+                }
                 _ => None,
             })
             .flatten()
@@ -309,7 +312,7 @@ impl Host {
             let mut gone = t.removed_targets();
             for w in &work {
                 if let WorkOp::Remove { items } = &w.op {
-                    gone.extend(items.iter().cloned());
+                    gone.extend(items.iter().filter(|i| **i != w.id).cloned());
                 }
             }
             for item in work {
@@ -461,6 +464,10 @@ impl Host {
                 env,
             } => (
                 ops::script(self, &item.id, command, *timeout_s, env, &dir),
+                Vec::new(),
+            ),
+            WorkOp::Remove { items } if items.contains(&item.id) => (
+                Outcome::failed(format!("remove item {} names itself", item.id)),
                 Vec::new(),
             ),
             WorkOp::Remove { items } => (remove::remove(self, items), Vec::new()),

@@ -202,3 +202,64 @@ fn a_restart_runs_a_half_done_build_again_and_kills_a_running_script() {
     assert_eq!(reports.len(), 1);
     assert!(reports[0].error.as_ref().unwrap().contains("restarted"));
 }
+
+#[test]
+fn an_item_removed_stays_removed_while_the_orders_still_list_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = host(tmp.path());
+    let x = script("j-0-m1", "echo hi");
+    h.apply(vec![x.clone()]);
+    ferry_testkit::wait_for("x ended", Duration::from_secs(10), || {
+        state(&h, &x.id).as_deref() == Some("succeeded")
+    });
+    let r = WorkItem {
+        id: "j-1-m1".into(),
+        machine: "m1".into(),
+        op: WorkOp::Remove {
+            items: vec![x.id.clone()],
+        },
+    };
+    let orders = vec![x.clone(), r.clone()];
+    h.apply(orders.clone());
+    ferry_testkit::wait_for("r ended", Duration::from_secs(10), || {
+        state(&h, &r.id).as_deref() == Some("succeeded")
+    });
+    let deleted = h.table().entries[&r.id]
+        .report
+        .as_ref()
+        .unwrap()
+        .result
+        .clone()
+        .unwrap()
+        .deleted;
+    let x_dir = files::item_dir(&h.items, &x.id).unwrap();
+    assert!(
+        deleted.contains(&format!("file {}", x_dir.join("output.log").display())),
+        "{deleted:?}"
+    );
+    assert!(!x_dir.exists());
+    // The control plane has not marked it removed yet: still ordered, never back.
+    h.apply(orders.clone());
+    assert!(!x_dir.exists());
+    assert_eq!(state(&h, &x.id), None);
+    let (reports, _) = h.reports(1 << 20);
+    assert_eq!(reports.len(), 1, "only the remove is reported");
+
+    // A remove naming itself fails instead of waiting on itself.
+    let selfish = WorkItem {
+        id: "j-2-m1".into(),
+        machine: "m1".into(),
+        op: WorkOp::Remove {
+            items: vec!["j-2-m1".into()],
+        },
+    };
+    h.apply(vec![selfish.clone()]);
+    ferry_testkit::wait_for("selfish ended", Duration::from_secs(10), || {
+        state(&h, &selfish.id).as_deref() == Some("failed")
+    });
+    // Once out of the orders, ended scripts and removes are forgotten with their folder.
+    h.apply(Vec::new());
+    for id in [&r.id, &selfish.id] {
+        assert!(!files::item_dir(&h.items, id).unwrap().exists(), "{id}");
+    }
+}

@@ -395,5 +395,14 @@ fn a_recovery_host_builds_serves_runs_survives_a_kill_and_removes_everything() {
     assert_eq!(list["items"].as_array().unwrap().len(), 0, "{list}");
     let (st, _) = site.cp.api("DELETE", "/v1/recovery-hosts/rh1", None);
     assert_eq!(st, 404);
+    // Still heartbeating, and refused: a heartbeat that got through would list it again.
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, list) = site.cp.api("GET", "/v1/recovery-hosts", None);
+    assert_eq!(list["items"].as_array().unwrap().len(), 0, "{list}");
+    assert!(site
+        .cp
+        .events()
+        .iter()
+        .any(|e| e["kind"] == "removed" && e["subject"] == "recovery-host rh1"));
     host.kill();
 }

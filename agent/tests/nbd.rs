@@ -238,3 +238,50 @@ fn bad_requests_get_errors_and_the_server_lives_on() {
     let url = format!("nbd://{addr}/d");
     qemu_io(&url, &["write -P 0x5a 0 4k", "read -P 0x5a 0 4k"]);
 }
+
+/// A server that is already serving gains and loses exports (the recovery host's one
+/// listener): a new export answers at once, a removed one is refused to new clients,
+/// and the others are untouched.
+#[test]
+fn exports_come_and_go_while_the_server_serves() {
+    use ferry_agent::nbd::client::Client;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    disk(&a);
+    disk(&b);
+    let mut exports = Exports::default();
+    exports.add("m1/a", Arc::new(FileDevice::open(&a).unwrap()));
+    let exports = Arc::new(exports);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (e2, s2) = (exports.clone(), stop.clone());
+    std::thread::spawn(move || serve(listener, e2, s2));
+
+    assert!(
+        Client::connect(addr, "m2/b").is_err(),
+        "m2/b before it exists"
+    );
+    assert!(exports.insert("m2/b", Arc::new(FileDevice::open(&b).unwrap())));
+    // A name taken is not replaced behind its clients' backs.
+    assert!(!exports.insert("m2/b", Arc::new(FileDevice::open(&a).unwrap())));
+    let mut c = Client::connect(addr, "m2/b").unwrap();
+    c.write(4096, &[0x5a; 512]).unwrap();
+    let mut back = [0u8; 512];
+    c.read(4096, &mut back).unwrap();
+    assert_eq!(back, [0x5a; 512]);
+    c.disconnect().unwrap();
+    assert_eq!(
+        exports.names(),
+        vec!["m1/a".to_string(), "m2/b".to_string()]
+    );
+
+    assert!(exports.remove("m2/b"));
+    assert!(!exports.remove("m2/b"));
+    assert!(!exports.contains("m2/b"));
+    assert!(Client::connect(addr, "m2/b").is_err(), "m2/b after removal");
+    let mut c = Client::connect(addr, "m1/a").unwrap();
+    c.read(0, &mut back).unwrap();
+    c.disconnect().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+}

@@ -95,6 +95,9 @@ enum Command {
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
     ProcessServer(Box<crate::server_cmd::ProcessServerArgs>),
+    /// Run a recovery host: enrolled with the control plane, it builds and serves
+    /// recovered disks and runs the actions of failovers and recovery plans
+    RecoveryHost(Box<crate::recovery_host_cmd::RecoveryHostArgs>),
     /// Everything on loopback with nothing else installed: a process server, an
     /// agent, writes through NBD, recovery points, failover, and a byte comparison
     Quickstart {
@@ -282,6 +285,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::ServePoint(a) => crate::serve_point_cmd::run(*a)?,
         Command::ProcessServer(a) => crate::server_cmd::process_server(*a)?,
+        Command::RecoveryHost(a) => crate::recovery_host_cmd::run(*a)?,
         Command::Quickstart { dir } => crate::quickstart::run(dir)?,
         Command::Agent(a) => crate::agent_cmd::agent(*a)?,
         Command::ControlPlane(a) => crate::control_plane_cmd::control_plane(a)?,

@@ -8,6 +8,8 @@ mod control_plane_cmd;
 mod cp;
 mod progress;
 mod quickstart;
+mod recovery_host;
+mod recovery_host_cmd;
 mod serve_point_cmd;
 mod server_cmd;
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use super::wire::*;
 use crate::error::NbdError;
@@ -28,18 +28,70 @@ pub trait Device: Send + Sync {
     fn flush(&self) -> io::Result<()>;
 }
 
+/// The exports by name. Behind a lock so that a server that is already serving can
+/// gain and lose exports (the recovery host serves each recovered machine's disks on
+/// one listener as they come and go); a connection looks its export up once, at the
+/// handshake, so the lock is never on the request path.
 #[derive(Default)]
 pub struct Exports {
-    map: HashMap<String, Arc<dyn Device>>,
+    map: RwLock<HashMap<String, Arc<dyn Device>>>,
 }
 
 impl Exports {
+    /// Adds (or replaces) an export before the server shares these exports.
     pub fn add(&mut self, name: &str, dev: Arc<dyn Device>) {
-        self.map.insert(name.to_string(), dev);
+        self.map
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), dev);
     }
 
-    fn get(&self, name: &str) -> Option<&Arc<dyn Device>> {
-        self.map.get(name)
+    /// Adds an export while serving; false (and nothing changed) if `name` is taken.
+    pub fn insert(&self, name: &str, dev: Arc<dyn Device>) -> bool {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if map.contains_key(name) {
+            return false;
+        }
+        map.insert(name.to_string(), dev);
+        true
+    }
+
+    /// Removes an export while serving: new clients no longer find it (a connection
+    /// already attached keeps its device until it leaves). True if it was there.
+    pub fn remove(&self, name: &str) -> bool {
+        self.map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name)
+            .is_some()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(name)
+    }
+
+    /// The export names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<dyn Device>> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
     }
 }
 
@@ -133,8 +185,7 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
                 // No error reply exists for this option: an unknown name closes.
                 let dev = exports
                     .get(&name)
-                    .ok_or_else(|| NbdError::NoExport { name: name.clone() })?
-                    .clone();
+                    .ok_or_else(|| NbdError::NoExport { name: name.clone() })?;
                 w.write_all(&dev.size().to_be_bytes())
                     .and_then(|_| w.write_all(&TRANSMISSION_FLAGS.to_be_bytes()))
                     .and_then(|_| {
@@ -159,7 +210,7 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
                     continue;
                 }
                 let name = String::from_utf8_lossy(&data[4..4 + n]).to_string();
-                let Some(dev) = exports.get(&name).cloned() else {
+                let Some(dev) = exports.get(&name) else {
                     reply(
                         REP_ERR_UNKNOWN,
                         format!("no export named {name:?}").as_bytes(),
@@ -179,7 +230,7 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
                 }
             }
             OPT_LIST => {
-                for name in exports.map.keys() {
+                for name in exports.names() {
                     let mut d = (name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
                     reply(REP_SERVER, &d)?;

@@ -17,6 +17,7 @@ pub mod peer;
 pub mod points;
 pub mod policies;
 pub mod process_servers;
+pub mod recovery_hosts;
 pub mod tokens;
 pub mod webhooks;
 
@@ -155,6 +156,7 @@ impl Page {
         machines::list, machines::get, machines::move_to, machines::update, machines::delete,
         machines::groups,
         process_servers::list, process_servers::get, process_servers::delete,
+        recovery_hosts::heartbeat, recovery_hosts::list, recovery_hosts::delete,
         events::list,
         meta::healthz, meta::metrics, meta::openapi,
         jobs::list, jobs::get, jobs::cancel, jobs::resume, jobs::restart,
@@ -252,6 +254,13 @@ fn routes() -> Routes {
         "/v1/process-servers/{name}",
         process_servers::delete,
     )
+    .add(
+        Post,
+        "/v1/heartbeat/recovery-host",
+        recovery_hosts::heartbeat,
+    )
+    .add(Get, "/v1/recovery-hosts", recovery_hosts::list)
+    .add(Delete, "/v1/recovery-hosts/{name}", recovery_hosts::delete)
     .add(Get, "/v1/events", events::list)
     .add(Get, "/v1/openapi.json", meta::openapi)
     .add(Get, "/healthz", meta::healthz)

@@ -154,10 +154,14 @@ pub async fn for_job(db: &Db, job_id: &str) -> Result<Vec<WorkRow>> {
 }
 
 /// The orders of `host`: its items not removed, oldest first, at most
-/// `MAX_WORK_ITEMS`.
+/// `MAX_WORK_ITEMS`. A script or remove item leaves them once it ended: it made
+/// nothing that lasts, and kept there, ended items would fill the orders and hold
+/// new ones back. Build, serve and start items stay until removed: what they made
+/// lives on the host (a restarted host serves them again).
 pub async fn for_host(db: &Db, host: &str) -> Result<Vec<WorkItem>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM recovery_work WHERE host = $1 AND state <> 'removed' \
+         AND (state IN ('pending', 'running') OR op_kind IN ('build', 'serve', 'start')) \
          ORDER BY created_at, id LIMIT $2"
     );
     let rows = sqlx::query(&sql)
@@ -415,6 +419,27 @@ mod tests {
             .unwrap();
         assert!(for_host(&db, "rh1").await.unwrap().is_empty());
         assert!(ready_disks(&db, "j1").await.unwrap().is_empty());
+        // An ended script leaves the orders; a pending one is in them.
+        let script = WorkOp::Script {
+            command: "true".into(),
+            timeout_s: 5,
+            env: Default::default(),
+        };
+        let sid = item_id("j2", 0, "m1");
+        submit(&db, &sid, "rh1", "j2", "m1", &script, 110)
+            .await
+            .unwrap();
+        assert_eq!(for_host(&db, "rh1").await.unwrap().len(), 1);
+        let ran = WorkReport {
+            id: sid.clone(),
+            state: "succeeded".into(),
+            progress: 1.0,
+            bytes_per_s: 0.0,
+            error: None,
+            result: None,
+        };
+        record_reports(&db, "rh1", &[ran], 111).await.unwrap();
+        assert!(for_host(&db, "rh1").await.unwrap().is_empty());
         // A host not heard from lately gets no new work.
         assert_eq!(least_loaded_host(&db, 200).await.unwrap(), None);
     }

@@ -217,12 +217,21 @@ pub struct Agent {
     pub child: Killed,
     /// Each point taken and the disk as it was then.
     pub expected: Vec<(String, Vec<u8>)>,
+    /// Flags after the usual ones, at every start (e.g. `--group-listen ADDR`).
+    pub extra: Vec<String>,
 }
 
 impl Agent {
     /// The command line: no process server, certificate or interval on it (the
     /// heartbeat's orders give them); the token only for the first start.
-    fn args(cp: &Cp, d: &Path, name: &str, nbd_listen: &str, token: Option<&str>) -> Vec<String> {
+    fn args(
+        cp: &Cp,
+        d: &Path,
+        name: &str,
+        nbd_listen: &str,
+        token: Option<&str>,
+        extra: &[String],
+    ) -> Vec<String> {
         let mut a = vec![
             "agent".to_string(),
             "--control-plane".into(),
@@ -243,6 +252,7 @@ impl Agent {
         if let Some(t) = token {
             a.extend(["--enroll-token".to_string(), t.to_string()]);
         }
+        a.extend_from_slice(extra);
         a
     }
 
@@ -255,13 +265,25 @@ impl Agent {
         disk_bytes: u64,
         rng: &mut rand::rngs::StdRng,
     ) -> Agent {
+        Agent::enroll_with(cp, d, name, disk_bytes, rng, &[])
+    }
+
+    /// `enroll`, with `extra` flags at every start.
+    pub fn enroll_with(
+        cp: &Cp,
+        d: &Path,
+        name: &str,
+        disk_bytes: u64,
+        rng: &mut rand::rngs::StdRng,
+        extra: &[String],
+    ) -> Agent {
         let disk = d.join(format!("{name}.img"));
         crate::disk::random_disk(&disk, disk_bytes, 0..2 << 20, rng);
         let nbd_listen = free_addr().to_string();
         let token = cp.enroll_token("agent");
         let (child, line) = spawn(
             &cp.bin,
-            &Agent::args(cp, d, name, &nbd_listen, Some(&token)),
+            &Agent::args(cp, d, name, &nbd_listen, Some(&token), extra),
         );
         assert!(line.contains("serving NBD"), "{name}: {line:?}");
         Agent {
@@ -273,6 +295,7 @@ impl Agent {
             nbd_listen,
             child,
             expected: Vec::new(),
+            extra: extra.to_vec(),
         }
     }
 
@@ -282,7 +305,7 @@ impl Agent {
         self.child.kill();
         let (child, line) = spawn(
             &cp.bin,
-            &Agent::args(cp, d, &self.name, &self.nbd_listen, None),
+            &Agent::args(cp, d, &self.name, &self.nbd_listen, None, &self.extra),
         );
         assert!(line.contains("serving NBD"), "{}: {line:?}", self.name);
         self.child = child;
@@ -333,4 +356,45 @@ impl Agent {
         serde_json::from_str(&std::fs::read_to_string(self.state.join("orders.json")).unwrap())
             .unwrap()
     }
+}
+
+/// An enrolled recovery host named `name`, its work directory `work_dir` (kept across
+/// restarts: a restart needs no token), rebuilding from `store` with `key`; the child
+/// and the NBD address its exports are at (`nbd` None picks a free port; a restart
+/// passes the same one, since the URLs it reported name it).
+pub fn recovery_host(
+    cp: &Cp,
+    work_dir: &Path,
+    name: &str,
+    store: &str,
+    key: &Path,
+    nbd: Option<&str>,
+) -> (Killed, String) {
+    let nbd = nbd.map_or_else(|| free_addr().to_string(), str::to_string);
+    let (ca, wd, key) = (s(&cp.ca), s(work_dir), s(key));
+    let mut args = vec!["recovery-host", "--control-plane", &cp.url, "--ca", &ca];
+    let token;
+    if !work_dir.join("identity/cert.pem").exists() {
+        token = cp.enroll_token("recovery-host");
+        args.extend(["--enroll-token", &token]);
+    }
+    args.extend([
+        "--name",
+        name,
+        "--work-dir",
+        &wd,
+        "--store",
+        store,
+        "--key-file",
+        &key,
+        "--nbd-listen",
+        &nbd,
+    ]);
+    let (child, line) = spawn(&cp.bin, &args);
+    assert_eq!(
+        line.trim(),
+        format!("recovery host {name} serving NBD at {nbd}"),
+        "{name}"
+    );
+    (child, nbd)
 }

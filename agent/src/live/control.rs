@@ -162,6 +162,11 @@ pub(super) fn point_timer(a: &Agent) {
     let (mut last_crash, mut last_app) = (Instant::now(), Instant::now());
     let mut no_hook_said = false;
     while !a.stop.load(Ordering::Relaxed) {
+        if !a.failover.replicating() {
+            // Failed over: a point would never replicate (and each would warn).
+            std::thread::sleep(STOP_POLL);
+            continue;
+        }
         let (crash, app) = (a.crash_point_interval(), a.app_point_interval());
         // Without an interval, the first point comes one interval after it is set.
         if crash.is_none() {

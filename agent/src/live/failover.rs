@@ -415,7 +415,7 @@ impl Agent {
             chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
             rand::random::<u32>()
         );
-        let label = format!("final point of failover {failover}");
+        let label = format!("failover-{failover}");
         let mut seqs = Vec::with_capacity(self.disks.len());
         for d in &self.disks {
             let err = |source| Error::Disk {

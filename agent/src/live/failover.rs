@@ -3,9 +3,11 @@
 //! trims answered with an error, reads served), flushes, takes a final point on every
 //! disk and reports it once the process server acknowledged it durable. Once the
 //! machine failed over (the order says so, or a process server refuses the machine
-//! because it did), the agent stops replicating and its disks stay read-only; this
-//! is kept in the journal directory, so a restart stays read-only until the control
-//! plane's orders carry no failover any more (a cancelled failover).
+//! because it did), the agent stops replicating and its disks stay read-only. Both
+//! are kept in the journal directory, so a restart holds writes or stays read-only
+//! from its start until the control plane's orders carry no failover any more (a
+//! cancelled failover): a write accepted after a final point was reported would be
+//! acknowledged and lost.
 //!
 //! The switch is one per agent, shared by the heartbeat (orders), the senders (a
 //! process server's refusal) and the captures (each disk's write gate).
@@ -24,9 +26,13 @@ use super::Agent;
 use crate::error::{Error, Result};
 use crate::nbd::Device;
 
-/// The file, in the journal directory, that keeps a failed-over agent read-only
-/// across a restart.
+/// The file, in the journal directory, that keeps a failed-over agent read-only (or
+/// a preparing one's writes held) across a restart.
 pub const MARKER: &str = "failed-over.json";
+
+/// The marker's states.
+const HELD: &str = "held";
+const READ_ONLY: &str = "read-only";
 
 /// The id a read-only state has when a process server's refusal caused it (the
 /// control plane's order brings its own).
@@ -132,13 +138,24 @@ impl Switch {
         let marker = journal_dir.join(MARKER);
         let mode = match std::fs::read(&marker) {
             Ok(bytes) => {
-                let id = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v["id"].as_str().map(str::to_string))
-                    // Unreadable, it still says the machine failed over.
-                    .unwrap_or_else(|| REFUSAL_ID.to_string());
-                tracing::warn!(machine, failover = %id, marker = %marker.display(), "machine {machine} failed over to the recovery site before this start: replication stopped, disks read-only until the control plane lifts it");
-                Mode::ReadOnly { id }
+                let v = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+                let field = |k: &str| v.as_ref().and_then(|v| v[k].as_str().map(str::to_string));
+                // Unreadable, it still says the machine failed over.
+                let id = field("id").unwrap_or_else(|| REFUSAL_ID.to_string());
+                if field("state").as_deref() == Some(HELD) {
+                    // A final point taken before the restart may be reported already:
+                    // writes stay held, and a new final point is taken once the
+                    // orders say prepare again.
+                    tracing::warn!(machine, failover = %id, "a planned failover was preparing before this start: writes held until the control plane's orders say otherwise");
+                    Mode::Preparing {
+                        id,
+                        taken: None,
+                        error: None,
+                    }
+                } else {
+                    tracing::warn!(machine, failover = %id, marker = %marker.display(), "machine {machine} failed over to the recovery site before this start: replication stopped, disks read-only until the control plane lifts it");
+                    Mode::ReadOnly { id }
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Mode::Normal,
             Err(e) => return Err(e),
@@ -193,7 +210,7 @@ impl Switch {
         if let Mode::ReadOnly { id: cur } = &*mode {
             if cur != id {
                 // The control plane's order names the failover a refusal stood for.
-                self.persist(id, why);
+                self.persist(READ_ONLY, id, why);
                 *mode = Mode::ReadOnly { id: id.to_string() };
             }
             return;
@@ -202,7 +219,7 @@ impl Switch {
         // does not hold.
         self.set_all(Writes::ReadOnly);
         self.replicating.store(false, Ordering::SeqCst);
-        self.persist(id, why);
+        self.persist(READ_ONLY, id, why);
         *mode = Mode::ReadOnly { id: id.to_string() };
         tracing::warn!(machine = %self.machine, failover = id, why, "machine {} failed over to the recovery site: replication stopped, disks read-only", self.machine);
     }
@@ -215,7 +232,7 @@ impl Switch {
             return false;
         }
         self.set_all(Writes::Held);
-        self.unpersist();
+        self.persist(HELD, id, "a planned failover prepares");
         self.replicating.store(true, Ordering::SeqCst);
         *mode = Mode::Preparing {
             id: id.to_string(),
@@ -344,8 +361,9 @@ impl Switch {
     /// Writes the marker (through a temporary file and a rename, synced): a restart
     /// stays read-only. A failure is logged, not returned: the agent is read-only in
     /// memory whatever the disk says.
-    fn persist(&self, id: &str, why: &str) {
-        let body = serde_json::json!({ "machine": self.machine, "id": id, "why": why });
+    fn persist(&self, state: &str, id: &str, why: &str) {
+        let body =
+            serde_json::json!({ "machine": self.machine, "state": state, "id": id, "why": why });
         let tmp = self.marker.with_extension("tmp");
         let r = (|| {
             if let Some(dir) = self.marker.parent() {
@@ -360,7 +378,7 @@ impl Switch {
             }
         })();
         if let Err(e) = r {
-            tracing::error!(path = %self.marker.display(), error = %e, "cannot record that the machine failed over: a restart would replicate again until the control plane or a process server says otherwise");
+            tracing::error!(path = %self.marker.display(), error = %e, state, "cannot record the failover for a restart: a restart would accept writes until the control plane or a process server says otherwise");
         }
     }
 

@@ -129,3 +129,41 @@ fn prepared_is_reported_once_every_final_point_is_durable() {
     s.prepare("f2");
     assert_eq!(s.report(durable(21)).unwrap().state, "preparing");
 }
+
+#[test]
+fn a_restart_while_preparing_holds_writes_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("journal");
+    let s = Switch::open("m1", &jdir).unwrap();
+    s.prepare("prep-1");
+    s.set_final(
+        "prep-1",
+        Ok(Final {
+            point: "p1".into(),
+            seqs: vec![("sda".into(), 3)],
+        }),
+    );
+    drop(s);
+    let again = Switch::open("m1", &jdir).unwrap();
+    assert_eq!(again.writes(), Writes::Held);
+    assert!(
+        again.replicating(),
+        "its final point must still reach the store"
+    );
+    let c = capture(dir.path());
+    again.add(c.clone());
+    assert!(
+        c.write(0, &[1; 512], false).is_err(),
+        "held before any order"
+    );
+    assert_eq!(again.report(|_| 9).unwrap().state, "preparing");
+    assert!(!again.prepare("prep-1"), "the same prepare goes on");
+    assert_eq!(
+        again.pending_final().as_deref(),
+        Some("prep-1"),
+        "a new final point"
+    );
+    again.lift();
+    assert!(!jdir.join(MARKER).exists());
+    c.write(0, &[1; 512], false).unwrap();
+}

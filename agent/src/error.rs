@@ -45,6 +45,9 @@ pub enum Error {
     /// A disk cannot do what was asked now (a point during its initial copy, ...).
     #[error("disk {disk} {why}")]
     NotNow { disk: String, why: String },
+    /// The machine failed over to the recovery site: no point, nothing replicated.
+    #[error("the machine failed over to the recovery site: its disks are read-only and nothing is replicated")]
+    FailedOver,
     /// No protected disk of that name.
     #[error("no disk {disk}")]
     NoDisk { disk: String },

@@ -144,6 +144,7 @@ pub fn process_server(a: ProcessServerArgs) -> Result<()> {
     }
     let shards = o.shards;
     let revoked = o.revoked.clone();
+    let failed_over = o.failed_over.clone();
     let running = start(o, tls, store, vault)?;
     let heartbeats = match control {
         Some((client, cert)) => {
@@ -154,7 +155,8 @@ pub fn process_server(a: ProcessServerArgs) -> Result<()> {
                 running.registry.clone(),
                 revoked,
             )
-            .with_cert(cert);
+            .with_cert(cert)
+            .with_failed_over(failed_over);
             Some(Heartbeats::start(
                 client,
                 reporter,

@@ -36,6 +36,8 @@ pub struct Capture {
     /// Set by an ordered stop, after the last flush: later writes are refused, or one
     /// could reach the disk without a journal record that a power cut keeps.
     closed: AtomicBool,
+    /// Writes held or refused while the machine fails over (`failover::Switch`).
+    gate: super::failover::Gate,
 }
 
 pub const NO_CONTACT: u64 = u64::MAX;
@@ -141,6 +143,7 @@ impl Capture {
             resync: Resync::default(),
             contact: AtomicU64::new(NO_CONTACT),
             closed: AtomicBool::new(false),
+            gate: Default::default(),
         })
     }
 
@@ -456,12 +459,23 @@ impl Capture {
         Ok(())
     }
 
-    /// Checked under the capture lock, as `close` sets it.
+    /// Checked under the capture lock, as `close` and `set_writes` set them.
     fn refuse_if_closed(&self) -> io::Result<()> {
         match self.closed.load(Ordering::SeqCst) {
             true => Err(io::Error::other("the agent is stopping")),
-            false => Ok(()),
+            false => self.gate.refusal(&self.disk),
         }
+    }
+
+    /// Opens, holds or refuses writes from now on; under the capture lock, so that a
+    /// write in progress ends first and every later one sees the change.
+    pub fn set_writes(&self, w: super::failover::Writes) {
+        let _st = self.state();
+        self.gate.set(w);
+    }
+
+    pub fn writes(&self) -> super::failover::Writes {
+        self.gate.get()
     }
 
     /// Makes the journal durable.

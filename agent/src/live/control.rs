@@ -3,7 +3,9 @@
 //! applied while it runs: a new crash-point interval from the next point on, and a new
 //! process server (an operator's move) by reconnecting the senders there, resuming
 //! from the journal. The last orders are kept in the state directory, so a restart
-//! while the control plane is down replicates where it did before.
+//! while the control plane is down replicates where it did before. A failover order
+//! holds writes and takes the final point, or stops replication (`failover`); only a
+//! fresh answer without one lifts it, never the orders kept for a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -17,7 +19,7 @@ use ferry_link::client::Target;
 use ferry_link::control::client::{Heartbeater, IdentityFiles};
 use ferry_link::control::limits::{trimmed, MAX_TEXT_BYTES};
 use ferry_link::control::wire::{
-    AgentHeartbeat, AgentOrders, DiskReport, PointRef, ProcessServerRef,
+    AgentHeartbeat, AgentOrders, DiskReport, FailoverOrder, PointRef, ProcessServerRef,
 };
 use ferry_link::protocol::PointKindWire;
 use ferry_link::tls::certs::{client_config, server_name};
@@ -160,6 +162,11 @@ pub(super) fn point_timer(a: &Agent) {
     let (mut last_crash, mut last_app) = (Instant::now(), Instant::now());
     let mut no_hook_said = false;
     while !a.stop.load(Ordering::Relaxed) {
+        if !a.failover.replicating() {
+            // Failed over: a point would never replicate (and each would warn).
+            std::thread::sleep(STOP_POLL);
+            continue;
+        }
         let (crash, app) = (a.crash_point_interval(), a.app_point_interval());
         // Without an interval, the first point comes one interval after it is set.
         if crash.is_none() {
@@ -358,6 +365,9 @@ impl Controlled {
             group_listen,
         };
         c.apply_group(&applied);
+        // Kept orders may be older than a failover: they never lift one (the marker
+        // the agent started with stands), only the control plane's next answer does.
+        c.apply_failover(applied.failover.as_ref(), false);
         Controlled {
             applied: Some(applied),
             ..c
@@ -367,6 +377,29 @@ impl Controlled {
     /// Reports `addr` (HOST:PORT) as where the coordinator reaches this agent.
     pub fn advertise_group_listen(&mut self, addr: String) {
         self.group_listen = Some(addr);
+    }
+
+    /// Acts on the failover order: None lifts a failover (only from a `fresh`
+    /// answer), `prepare` holds writes and takes the final point, `failed-over` (or
+    /// a state this agent does not know: the safe side) stops replication and turns
+    /// the disks read-only.
+    fn apply_failover(&self, order: Option<&FailoverOrder>, fresh: bool) {
+        let switch = self.agent.failover();
+        match order {
+            None if fresh => switch.lift(),
+            None => {}
+            Some(o) if o.state == "prepare" => {
+                switch.prepare(&o.id);
+                // Its error is in the report; tried again at the next heartbeat.
+                let _ = self.agent.take_final_point();
+            }
+            Some(o) => {
+                if o.state != "failed-over" {
+                    tracing::warn!(failover = %o.id, state = %o.state, "a failover order this agent does not know: taken as failed over");
+                }
+                switch.read_only(&o.id, "the control plane's orders say so");
+            }
+        }
     }
 
     /// Takes the group role the orders give.
@@ -410,12 +443,15 @@ impl Heartbeater for Controlled {
             // the heartbeat refused.
             last_error: last_error.map(|e| trimmed(&e, MAX_TEXT_BYTES)),
             group_listen: self.group_listen.clone(),
-            failover: None,
+            failover: self.agent.failover_report(),
         }
     }
 
     fn apply(&mut self, orders: AgentOrders) -> f64 {
         let interval = orders.heartbeat_interval_s;
+        // At every answer, not only a changed one: the final point is tried again
+        // until it can be taken.
+        self.apply_failover(orders.failover.as_ref(), true);
         if self.applied.as_ref() == Some(&orders) {
             return interval;
         }

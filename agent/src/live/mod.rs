@@ -7,6 +7,7 @@ pub mod admin;
 pub mod capture;
 pub mod checksum;
 pub mod control;
+pub mod failover;
 pub mod group;
 pub mod group_line;
 pub mod group_role;
@@ -101,6 +102,8 @@ pub struct Agent {
     journal_dir: PathBuf,
     freeze_hook: Option<String>,
     pub nbd_addr: SocketAddr,
+    /// Held or read-only writes and stopped replication while the machine fails over.
+    failover: Arc<failover::Switch>,
     /// Where the admin socket and the group member listen: `stop` connects to each
     /// to wake its accept.
     admin_socket: Option<PathBuf>,
@@ -214,6 +217,14 @@ impl Agent {
             source,
         };
         let last = last_stop::last(&o.journal_dir, &boot).map_err(journal_err)?;
+        // Before any disk takes a write: a machine that failed over stays read-only.
+        let switch = Arc::new(failover::Switch::open(&o.machine, &o.journal_dir).map_err(
+            |source| Error::Io {
+                op: "reading the failed-over marker in",
+                path: o.journal_dir.display().to_string(),
+                source,
+            },
+        )?);
         if let LastStop::HostDown { boot } = &last {
             tracing::warn!(last_boot = %boot, "the host went down while the agent ran: every copied disk is compared with its replica");
         }
@@ -252,6 +263,7 @@ impl Agent {
             if copied && cap.owes_compare() {
                 cap.resync.want("a comparison with the replica is owed: the host went down, or the journal overflowed or was lost, before the last one finished");
             }
+            switch.add(cap.clone());
             exports.add(&d.name, cap.clone());
             let (c2, st2) = (cap.clone(), stop.clone());
             threads.push(spawn(format!("ferry-resync-{}", d.name), move || {
@@ -266,6 +278,7 @@ impl Agent {
                 session: rand::random(),
                 status: status.clone(),
                 stop: stop.clone(),
+                failover: switch.clone(),
             };
             threads.push(spawn(format!("ferry-send-{}", d.name), move || {
                 sender.run()
@@ -311,6 +324,7 @@ impl Agent {
             journal_dir: o.journal_dir.clone(),
             freeze_hook: o.freeze_hook.clone(),
             nbd_addr,
+            failover: switch,
             admin_socket: admin_listener.as_ref().and(o.admin_socket.clone()),
             group_addr: member.as_ref().map(|m| m.1),
             stop: stop.clone(),
@@ -384,6 +398,10 @@ impl Agent {
             disk: d.capture.disk.clone(),
             why,
         };
+        // Nothing it takes would ever be replicated.
+        if !self.failover.replicating() {
+            return Err(Error::FailedOver);
+        }
         for d in &self.disks {
             if d.capture.resync.busy() {
                 let (phase, f, _) = d.capture.resync.figures();
@@ -545,6 +563,9 @@ impl Agent {
                     "copy_total_bytes": total,
                     "copy": (total > 0 && done < total).then(|| checksum::progress_json(done, total, copy.started.elapsed().as_secs_f64())),
                     "last_error": s.last_error,
+                    "writes": d.capture.writes().as_str(),
+                    "replicating": self.failover.replicating(),
+                    "failover": self.failover_report(),
                 })
             })
             .collect()

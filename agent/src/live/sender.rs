@@ -72,6 +72,8 @@ pub struct Sender {
     pub session: [u8; 16],
     pub status: Arc<Mutex<SendStatus>>,
     pub stop: Arc<AtomicBool>,
+    /// Once the machine failed over: no session; a process server's refusal says so.
+    pub failover: Arc<super::failover::Switch>,
 }
 
 const BATCH_BYTES: usize = 256 << 10;
@@ -117,6 +119,17 @@ impl Sender {
         // Where the current session goes: a move to another process server ends it.
         let mut linked_to: Option<Target> = None;
         while !self.stop.load(Ordering::Relaxed) {
+            if !self.failover.replicating() {
+                // Failed over: the session ends and none starts until the control
+                // plane lifts it; what is unacknowledged is sent again then.
+                if let Some(l) = link.take() {
+                    let _ = compio::time::timeout(Duration::from_secs(2), l.bye()).await;
+                    tracing::info!(disk = %self.capture.disk, "the machine failed over: its session ended, nothing more is replicated");
+                    self.set(|s| s.connected = false);
+                }
+                compio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
             if let (Some(to), Some(_)) = (&linked_to, &link) {
                 let now = self.target.get();
                 if now.addr != to.addr || now.server_name != to.server_name {
@@ -144,6 +157,12 @@ impl Sender {
             if link.as_ref().is_none_or(|l| l.closed().is_some()) {
                 self.capture.resync.lost_link();
                 if let Some(l) = link.take() {
+                    if let Some(e) = l
+                        .closed()
+                        .filter(|e| e.code() == Some(ErrorCode::FailedOver))
+                    {
+                        self.failover.refused(&e.to_string());
+                    }
                     let why = l.closed().map(|e| e.to_string()).unwrap_or_default();
                     tracing::warn!(disk = %self.capture.disk, reason = %why, "lost the process server; reconnecting");
                     self.set(|s| {
@@ -201,6 +220,9 @@ impl Sender {
                         continue;
                     }
                     Err(e) => {
+                        if e.code() == Some(ErrorCode::FailedOver) {
+                            self.failover.refused(&e.to_string());
+                        }
                         match e.durable() {
                             // The server already holds numbers this agent would
                             // reuse: never send different data under them.

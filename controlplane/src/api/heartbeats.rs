@@ -4,7 +4,7 @@
 
 use axum::extract::State;
 use axum::Json;
-use ferry_link::control::limits::MAX_REVOKED;
+use ferry_link::control::limits::{MAX_FAILED_OVER, MAX_REVOKED};
 use ferry_link::control::wire::{
     AgentHeartbeat, AgentOrders, ProcessServerHeartbeat, ProcessServerOrders, HEARTBEAT_INTERVAL_S,
 };
@@ -14,7 +14,7 @@ use super::error::{ApiError, Problem};
 use super::peer::Peer;
 use super::{AppState, Body};
 use crate::enroll::store::revoked_serials;
-use crate::registry::{self, events, process_servers};
+use crate::registry::{self, events, failover, process_servers};
 
 /// `wire::AgentHeartbeat`, as the OpenAPI document shows it.
 #[derive(ToSchema)]
@@ -27,6 +27,8 @@ pub struct AgentHeartbeatBody {
     last_error: Option<String>,
     /// HOST:PORT where it accepts its group coordinator's cuts; absent: none.
     group_listen: Option<String>,
+    /// `wire::FailoverReport`: where it is with its failover order; absent: none.
+    failover: Option<serde_json::Value>,
 }
 
 /// `wire::ProcessServerHeartbeat`, as the OpenAPI document shows it.
@@ -62,7 +64,7 @@ pub struct FencedDiskBody {
 
 #[utoipa::path(post, path = "/v1/heartbeat/agent", tag = "heartbeats",
     request_body = AgentHeartbeatBody,
-    responses((status = 200, description = "wire::AgentOrders: process server, policy, group"),
+    responses((status = 200, description = "wire::AgentOrders: process server, policy, group, failover"),
         (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 403, body = Problem)))]
 pub async fn agent(
@@ -78,7 +80,7 @@ pub async fn agent(
 
 #[utoipa::path(post, path = "/v1/heartbeat/process-server", tag = "heartbeats",
     request_body = ProcessServerHeartbeatBody,
-    responses((status = 200, description = "wire::ProcessServerOrders: the revoked serials"),
+    responses((status = 200, description = "wire::ProcessServerOrders: the revoked serials, the machines failed over"),
         (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 403, body = Problem)))]
 pub async fn process_server(
@@ -97,11 +99,29 @@ pub async fn process_server(
     process_servers::record_fencings(&state.db, &hb, now).await?;
     let limit = u32::try_from(MAX_REVOKED + 1).unwrap_or(u32::MAX);
     let revoked = whole_revoked_list(revoked_serials(&state.db, now, limit).await?)?;
+    let failed_over = whole_failed_over_list(failover::failed_over_machines(&state.db).await?)?;
     Ok(Json(ProcessServerOrders {
         revoked_serials: revoked,
         heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
-        failed_over: Vec::new(),
+        failed_over,
     }))
+}
+
+/// The failed-over machines as fetched (at most one over `MAX_FAILED_OVER`), if the
+/// list is whole. As with the revoked list, a longer one is not cut: the machines left
+/// out would replicate again over their recovery site's history (split brain). The
+/// heartbeat fails, the process server keeps its last list, and the log says why.
+fn whole_failed_over_list(machines: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if machines.len() > MAX_FAILED_OVER {
+        return Err(ApiError::Internal(
+            format!(
+                "over {MAX_FAILED_OVER} machines are failed over: too many to send process \
+                 servers; they keep their last list until some are cancelled or removed"
+            )
+            .into(),
+        ));
+    }
+    Ok(machines)
 }
 
 /// The revoked list as fetched (at most one over `MAX_REVOKED`), if it is whole. A
@@ -132,6 +152,19 @@ mod tests {
         let mut over = full;
         over.push("ffffffff".into());
         let e = whole_revoked_list(over).unwrap_err();
+        assert_eq!(e.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn a_failed_over_list_over_the_bound_is_an_error_not_a_cut() {
+        let full: Vec<String> = (0..MAX_FAILED_OVER).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            whole_failed_over_list(full.clone()).unwrap().len(),
+            MAX_FAILED_OVER
+        );
+        let mut over = full;
+        over.push("zz".into());
+        let e = whole_failed_over_list(over).unwrap_err();
         assert_eq!(e.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod beats;
 pub mod events;
+pub mod failover;
 pub mod machines;
 pub mod process_servers;
 
@@ -90,6 +91,7 @@ pub fn check_agent_heartbeat(hb: &AgentHeartbeat) -> Result<Option<f64>, String>
     if let Some(e) = &hb.last_error {
         check_len("last_error", e, MAX_TEXT_BYTES)?;
     }
+    failover::check_report(hb)?;
     if hb.disks.len() > MAX_DISKS {
         return Err(format!(
             "{} disks in one heartbeat; at most {MAX_DISKS}",
@@ -222,6 +224,21 @@ pub async fn agent_heartbeat(
         (o.group_coordinator, o.group_members) =
             group_plan(&hb.machine, &members, now - NOT_SEEN_S);
     }
+    if let Some(r) = &hb.failover {
+        if failover::record_report(db, &hb.machine, r, now).await? {
+            let msg = format!(
+                "the source stopped writing and its final points are acknowledged ({}): failover {}",
+                r.points
+                    .iter()
+                    .map(|p| format!("{} at {}", p.disk, p.point))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.id
+            );
+            events::add(db, "prepared", &subject, &msg, now).await?;
+        }
+    }
+    o.failover = failover::order(db, &hb.machine).await?;
     Ok(o)
 }
 

@@ -233,10 +233,20 @@ async fn serve_inner(
     }
 }
 
+/// The end of a session whose machine the control plane says failed over.
+fn failed_over_end(shard: &Shard, entry: &DiskEntry) -> Option<End> {
+    let machine = entry.key.split('/').next().unwrap_or("");
+    let why = shard.opts.failed_over.refusal(machine)?;
+    Some(End::Reject(Reject {
+        code: ErrorCode::FailedOver,
+        reason: format!("{why}; the session for {} is closed", entry.key),
+    }))
+}
+
 fn error_kind(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::Sequence | ErrorCode::Credit => "sequence",
-        ErrorCode::NotOwned => "not_owned",
+        ErrorCode::NotOwned | ErrorCode::FailedOver => "not_owned",
         ErrorCode::Unavailable => "cache",
         _ => "malformed",
     }
@@ -300,6 +310,11 @@ async fn read_loop(
     // next frame, only when it did.
     let cert = reader.peer_certificate();
     let mut revoked_seen = shard.opts.revoked.generation();
+    // So may the failed-over list: looked at before every frame (one atomic load), so
+    // that no write of a machine reaches the cache once the server learned that it
+    // failed over. Looked at once at the first frame whatever the generation: the
+    // list may have changed since the Hello was judged.
+    let mut failed_over_seen = u64::MAX;
     loop {
         let generation = shard.opts.revoked.generation();
         if generation != revoked_seen {
@@ -330,6 +345,13 @@ async fn read_loop(
                     })
                 }
             };
+            let generation = shard.opts.failed_over.generation();
+            if generation != failed_over_seen {
+                failed_over_seen = generation;
+                if let Some(end) = failed_over_end(shard, entry) {
+                    return end;
+                }
+            }
             let mut st = state.borrow_mut();
             match st.session.on_frame(&f) {
                 Ok(Action::Cache { seq }) => {
@@ -386,6 +408,14 @@ async fn read_loop(
                 };
                 if stopped {
                     return End::Reject(unavailable("a newer session took over this disk"));
+                }
+                // Held while the machine failed over: it never reaches the cache.
+                let generation = shard.opts.failed_over.generation();
+                if generation != failed_over_seen {
+                    failed_over_seen = generation;
+                    if let Some(end) = failed_over_end(shard, entry) {
+                        return end;
+                    }
                 }
                 let mut st = state.borrow_mut();
                 match append_frame(shard, entry, &mut st, seq, &inbuf[..used]) {

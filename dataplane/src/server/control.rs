@@ -1,6 +1,6 @@
 //! The process server under a control plane: what its heartbeat reports (cache room,
 //! ingest rate, upload lag, CPU, its own health, the machines connected) and what it
-//! does with the answer (the revoked certificates). The heartbeat thread itself is the
+//! does with the answer (the revoked certificates, the machines failed over). The heartbeat thread itself is the
 //! shared client's (`ferry_link::control::client::Heartbeats`).
 
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use ferry_link::control::limits::{
 use ferry_link::control::wire::{ProcessServerHeartbeat, ProcessServerOrders};
 use ferry_link::tls::certs::ServerCert;
 
+use super::failed_over::FailedOver;
 use super::http::View;
 use super::registry::Registry;
 use super::revoked::Revoked;
@@ -42,6 +43,7 @@ pub struct Reporter {
     view: Arc<View>,
     registry: Arc<Registry>,
     revoked: Arc<Revoked>,
+    failed_over: Arc<FailedOver>,
     last: Option<Sample>,
     /// The certificate agents see, replaced when the control plane renews it.
     cert: Option<Arc<ServerCert>>,
@@ -63,10 +65,18 @@ impl Reporter {
             view,
             registry,
             revoked,
+            failed_over: Arc::default(),
             last: None,
             cert: None,
             fencings_sent: None,
         }
+    }
+
+    /// Refuses the machines the control plane lists as failed over through
+    /// `failed_over` (the list the server's sessions look at).
+    pub fn with_failed_over(mut self, failed_over: Arc<FailedOver>) -> Reporter {
+        self.failed_over = failed_over;
+        self
     }
 
     /// Serves the renewed certificate through `cert` from the next handshake on.
@@ -131,6 +141,13 @@ impl Heartbeater for Reporter {
             tracing::info!(
                 revoked = self.revoked.len(),
                 "the control plane's revoked certificates changed: refusing them from now on"
+            );
+        }
+        if self.failed_over.replace(&orders.failed_over) {
+            tracing::info!(
+                failed_over = self.failed_over.len(),
+                machines = ?orders.failed_over.iter().take(8).collect::<Vec<_>>(),
+                "the machines failed over to the recovery site changed: their agents are refused from now on"
             );
         }
         orders.heartbeat_interval_s

@@ -1,6 +1,6 @@
 //! The first frame of a connection: it must be a Hello naming a valid disk of a
-//! machine the client certificate names, from a certificate not revoked. Checked
-//! before the store is touched.
+//! machine the client certificate names, from a certificate not revoked, of a machine
+//! that did not fail over. Checked before the store is touched.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -63,6 +63,14 @@ pub(super) async fn read_first(
                 if let Some(why) = shard.opts.revoked.refusal(der.as_deref()) {
                     return Err(End::Reject(Reject {
                         code: ErrorCode::NotOwned,
+                        reason: format!("{why}; it may not write {key}"),
+                    }));
+                }
+                // A machine that failed over runs at the recovery site: its source
+                // is told so, in words its agent acts on (read-only, no replication).
+                if let Some(why) = shard.opts.failed_over.refusal(h.machine) {
+                    return Err(End::Reject(Reject {
+                        code: ErrorCode::FailedOver,
                         reason: format!("{why}; it may not write {key}"),
                     }));
                 }

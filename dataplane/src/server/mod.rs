@@ -6,6 +6,7 @@ pub mod claims;
 pub mod conn;
 pub mod control;
 mod end;
+pub mod failed_over;
 mod hello;
 pub mod http;
 pub mod options;
@@ -16,6 +17,7 @@ pub mod session;
 pub mod shard;
 pub mod sums;
 
+pub use failed_over::FailedOver;
 pub use options::Options;
 pub use revoked::Revoked;
 pub use run::{start, Running};

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::failed_over::FailedOver;
 use super::revoked::Revoked;
 use super::session::Limits;
 
@@ -43,6 +44,10 @@ pub struct Options {
     /// Client certificates the control plane revoked; its heartbeat thread replaces
     /// the list while the server runs. Empty in the standalone mode.
     pub revoked: Arc<Revoked>,
+    /// Machines that failed over to the recovery site: their agents are refused
+    /// (no split brain). The heartbeat thread replaces it; empty in the standalone
+    /// mode.
+    pub failed_over: Arc<FailedOver>,
 }
 
 impl Options {
@@ -69,6 +74,7 @@ impl Options {
             batch_bytes: 16 << 20,
             orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
             revoked: Arc::default(),
+            failed_over: Arc::default(),
         }
     }
 }

@@ -24,6 +24,11 @@ pub const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// The most revoked serials (33 bytes each in JSON) one answer may carry; well under
 /// `MAX_ANSWER_BYTES`.
 pub const MAX_REVOKED: usize = 65_536;
+/// The most failed-over machines (at most 64 bytes of name each) one process server
+/// answer may list (about 1 MiB: with the revoked list, under `MAX_ANSWER_BYTES`). A
+/// longer list is not cut (a cut would let the rest replicate): the
+/// answer fails and the process server keeps its last list.
+pub const MAX_FAILED_OVER: usize = 16_384;
 
 /// The most work items one recovery host's orders carry, and the most reports its
 /// heartbeat sends; more wait for later heartbeats (one a second).

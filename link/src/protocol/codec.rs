@@ -459,6 +459,10 @@ mod tests {
                 code: ErrorCode::NotOwned,
                 reason: "disk sdb is not this session's",
             },
+            Frame::Error {
+                code: ErrorCode::FailedOver,
+                reason: "machine web1 failed over to the recovery site",
+            },
             Frame::Ping { token: 1 },
             Frame::Pong { token: 1 },
             Frame::Bye,

@@ -86,6 +86,11 @@ pub enum ErrorCode {
     Unavailable = 7,
     /// Anything else.
     Internal = 8,
+    /// The machine failed over to the recovery site: its source may not replicate
+    /// any more (no split brain). The agent stops replicating and turns its disks
+    /// read-only; an agent older than this code sees an undecodable frame and retries,
+    /// refused all the same.
+    FailedOver = 9,
 }
 
 impl ErrorCode {
@@ -100,6 +105,7 @@ impl ErrorCode {
             6 => Credit,
             7 => Unavailable,
             8 => Internal,
+            9 => FailedOver,
             _ => return None,
         })
     }

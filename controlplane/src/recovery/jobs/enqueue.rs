@@ -94,6 +94,16 @@ pub async fn enqueue_machine_job(
     request: &serde_json::Value,
 ) -> Result<Job, ApiError> {
     crate::api::machines::checked("machine", machine)?;
+    if !KINDS.contains(&kind) {
+        return Err(ApiError::BadRequest(format!(
+            "no machine job of kind {kind:?}: one of {}",
+            KINDS.join(", ")
+        )));
+    }
+    // The job in the way first: the failover state it is changing says less.
+    if state::active_job(db, machine).await?.is_some() {
+        return Err(busy(db, machine).await);
+    }
     let row = state::get(db, machine).await?;
     let failed_over = row
         .as_ref()

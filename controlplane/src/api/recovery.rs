@@ -35,14 +35,19 @@ async fn queue_job(
     .await?;
     state.jobs.wake.notify_one();
     let msg = format!("{kind} job {} queued by {}", job.id, caller.token);
-    crate::registry::events::add(
+    // The job is queued either way: a lost event is logged, not answered as a failure
+    // that would make the caller queue it again.
+    if let Err(e) = crate::registry::events::add(
         &state.db,
         kind,
         &format!("machine {machine}"),
         &msg,
         crate::db::now_s(),
     )
-    .await?;
+    .await
+    {
+        tracing::warn!("machine {machine}: recording that {msg}: {e}");
+    }
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 

@@ -11,11 +11,95 @@ use super::error::{ApiError, Problem};
 use super::{AppState, Page, Query};
 use crate::jobs::queue::{self, Outcome};
 use crate::jobs::{Job, JobState};
+use crate::recovery::work;
+
+/// A job with what its recovery work made, for the recovery kinds.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    #[serde(flatten)]
+    pub job: Job,
+    /// The disks its build and serve work items made ready (recovery jobs), until
+    /// removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<JobDisk>,
+    /// Its work items on recovery hosts, with their progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub work: Vec<JobWork>,
+}
+
+/// A recovered disk, ready.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobDisk {
+    pub machine: String,
+    pub disk: String,
+    pub point: String,
+    /// The image file on the recovery host (a `dir` target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `nbd://ADDR/MACHINE/DISK` (an `nbd` target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_url: Option<String>,
+    pub bytes: u64,
+}
+
+/// One work item a job gave a recovery host.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobWork {
+    pub id: String,
+    pub host: String,
+    pub machine: String,
+    /// build, serve, start, script or remove.
+    pub kind: String,
+    /// pending, running, succeeded, failed or removed.
+    pub state: String,
+    /// 0.0 to 1.0.
+    pub progress: f64,
+    pub bytes_per_s: f64,
+    pub error: Option<String>,
+}
+
+/// `job` with its disks and work items when it is a recovery job.
+pub async fn view(db: &crate::db::Db, job: Job) -> Result<JobView, ApiError> {
+    if !crate::recovery::jobs::KINDS.contains(&job.kind.as_str()) {
+        return Ok(JobView {
+            job,
+            disks: Vec::new(),
+            work: Vec::new(),
+        });
+    }
+    let disks = work::ready_disks(db, &job.id)
+        .await?
+        .into_iter()
+        .map(|(machine, d)| JobDisk {
+            machine,
+            disk: d.disk,
+            point: d.point,
+            path: d.path,
+            nbd_url: d.nbd_url,
+            bytes: d.bytes,
+        })
+        .collect();
+    let work = work::for_job(db, &job.id)
+        .await?
+        .into_iter()
+        .map(|w| JobWork {
+            kind: w.op.kind().to_string(),
+            id: w.id,
+            host: w.host,
+            machine: w.machine,
+            state: w.state,
+            progress: w.progress,
+            bytes_per_s: w.bytes_per_s,
+            error: w.error,
+        })
+        .collect();
+    Ok(JobView { job, disks, work })
+}
 
 /// One page of jobs, oldest first.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct JobList {
-    pub items: Vec<Job>,
+    pub items: Vec<JobView>,
     /// Pass as `after` for the next page; null once a page comes back short.
     pub next_after: Option<String>,
 }
@@ -98,24 +182,52 @@ pub async fn list(
     if let Some(after) = &page.after {
         checked_id(after)?;
     }
-    let items = queue::list(&state.db, wanted, page.after.as_deref(), limit).await?;
-    let next_after = page.next_after(&items, |j| &j.id, limit);
+    let jobs = queue::list(&state.db, wanted, page.after.as_deref(), limit).await?;
+    let mut items = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        items.push(view(&state.db, j).await?);
+    }
+    let next_after = page.next_after(&items, |j| &j.job.id, limit);
     Ok(Json(JobList { items, next_after }))
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
     security(("bearer" = [])),
-    responses((status = 200, body = Job), (status = 404, body = Problem)))]
+    responses((status = 200, body = JobView), (status = 404, body = Problem)))]
 pub async fn get(
     State(state): State<AppState>,
     _caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Json<JobView>, ApiError> {
     checked_id(&id)?;
-    queue::get(&state.db, &id)
+    let job = queue::get(&state.db, &id)
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    Ok(Json(view(&state.db, job).await?))
+}
+
+/// A test failover that made work items still live is not cancelled: that would
+/// leave its disks (and started machine) on the recovery host with nothing to remove
+/// them. Its cleanup removes them (and a failed one resumes).
+async fn refuse_leaking_cancel(state: &AppState, id: &str) -> Result<(), ApiError> {
+    let Some(job) = queue::get(&state.db, id).await? else {
+        return Ok(());
+    };
+    if job.kind != crate::recovery::jobs::TEST_FAILOVER || job.state.is_ended() {
+        return Ok(());
+    }
+    let live = work::for_job(&state.db, id)
+        .await?
+        .into_iter()
+        .filter(|w| w.state != "removed" && w.op.kind() != "remove")
+        .count();
+    if live == 0 {
+        return Ok(());
+    }
+    Err(ApiError::Conflict(format!(
+        "test failover job {id} made {live} work items still on its recovery host: clean it up          instead (POST /v1/machines/{}/test-failover-cleanup with a verdict, once it waits)",
+        job.subject
+    )))
 }
 
 /// The answer to an action: the job as it is now, or why not.
@@ -158,6 +270,7 @@ pub async fn cancel(
 ) -> Result<Json<Job>, ApiError> {
     caller.require(Role::Operator)?;
     checked_id(&id)?;
+    refuse_leaking_cancel(&state, &id).await?;
     answer(&id, "cancel", queue::cancel(&state.db, &id).await?)
 }
 

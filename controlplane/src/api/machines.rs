@@ -16,6 +16,7 @@ use super::{AppState, Body, Page, Query};
 use crate::db;
 use crate::health::{self, Health};
 use crate::policy::Policy;
+use crate::recovery::jobs::state::{self as recovery_state, RecoveryRow};
 use crate::registry::machines::{self, MachineRow};
 use crate::registry::{events, process_servers};
 
@@ -40,6 +41,37 @@ pub struct Machine {
     #[schema(value_type = Vec<Object>)]
     pub disks: Vec<ferry_link::control::wire::DiskReport>,
     pub last_error: Option<String>,
+    /// Its failover; null while it is protected at home with nothing failed over.
+    pub recovery: Option<MachineRecovery>,
+    pub actions: Actions,
+}
+
+/// A machine's failover (docs/recovery-jobs.md).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MachineRecovery {
+    /// `preparing`, `failed-over` or `committed`.
+    pub state: String,
+    /// `home` or `recovery`.
+    pub active_site: String,
+    pub planned: bool,
+    /// The point of each disk it failed over to, once its disks are up.
+    pub point: Option<std::collections::BTreeMap<String, String>>,
+    /// The recovery host its disks are on.
+    pub host: Option<String>,
+    /// The job that last worked on it.
+    pub job: Option<String>,
+}
+
+/// What the control plane runs for a machine.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Actions {
+    /// The command template run on the recovery host once its disks are up
+    /// (placeholders `{nbd_url}`, `{disk_path}`, `{nbd_url:DISK}`,
+    /// `{disk_path:DISK}`, `{machine}`, `{point}`); null: none.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub start: Option<Option<String>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -52,7 +84,40 @@ pub(crate) fn rfc3339(s: i64) -> String {
     chrono::DateTime::from_timestamp(s, 0).map_or_else(|| s.to_string(), |d| d.to_rfc3339())
 }
 
-fn view(m: MachineRow, policies: &HashMap<String, Policy>, now: f64) -> Machine {
+/// The failovers and start actions of the machines of a page, by name.
+struct Extras {
+    recovery: HashMap<String, RecoveryRow>,
+    start: std::collections::BTreeMap<String, String>,
+}
+
+async fn extras(state: &AppState, rows: &[MachineRow]) -> Result<Extras, ApiError> {
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Ok(Extras {
+            recovery: HashMap::new(),
+            start: Default::default(),
+        });
+    };
+    let recovery = recovery_state::in_range(&state.db, &first.name, &last.name)
+        .await?
+        .into_iter()
+        .map(|r| (r.machine.clone(), r))
+        .collect();
+    let start = recovery_state::start_actions_in_range(&state.db, &first.name, &last.name).await?;
+    Ok(Extras { recovery, start })
+}
+
+fn view(m: MachineRow, policies: &HashMap<String, Policy>, now: f64, x: &mut Extras) -> Machine {
+    let recovery = x.recovery.remove(&m.name).map(|r| MachineRecovery {
+        state: r.state,
+        active_site: r.active_site,
+        planned: r.planned,
+        point: r.point,
+        host: r.host,
+        job: r.job_id,
+    });
+    let actions = Actions {
+        start: Some(x.start.remove(&m.name)),
+    };
     let (health, health_reasons) = match health::policy_of(policies, &m.policy) {
         Some(p) => {
             let v = health::machine(&m, p, now);
@@ -75,6 +140,8 @@ fn view(m: MachineRow, policies: &HashMap<String, Policy>, now: f64) -> Machine 
         last_seen: rfc3339(m.last_seen),
         disks: m.disks,
         last_error: m.last_error,
+        recovery,
+        actions,
     }
 }
 
@@ -108,7 +175,11 @@ pub async fn list(
     let rows = machines::list(&state.db, page.after.as_deref(), limit).await?;
     let policies = health::policies(&state.db).await?;
     let now = health::now_f();
-    let items: Vec<Machine> = rows.into_iter().map(|m| view(m, &policies, now)).collect();
+    let mut x = extras(&state, &rows).await?;
+    let items: Vec<Machine> = rows
+        .into_iter()
+        .map(|m| view(m, &policies, now, &mut x))
+        .collect();
     let next_after = page.next_after(&items, |m| &m.name, limit);
     Ok(Json(MachineList { items, next_after }))
 }
@@ -124,7 +195,8 @@ pub async fn get(
     caller.require(Role::Viewer)?;
     let m = existing(&state, &name).await?;
     let policies = health::policies(&state.db).await?;
-    Ok(Json(view(m, &policies, health::now_f())))
+    let mut x = extras(&state, std::slice::from_ref(&m)).await?;
+    Ok(Json(view(m, &policies, health::now_f(), &mut x)))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -187,6 +259,8 @@ pub struct MachinePatch {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub group: Option<Option<String>>,
+    /// `{"start": "..."}` sets the start action, `{"start": null}` removes it.
+    pub actions: Option<Actions>,
 }
 
 #[utoipa::path(patch, path = "/v1/machines/{name}", tag = "machines",
@@ -210,9 +284,20 @@ pub async fn update(
     if let Some(Some(g)) = &patch.group {
         checked("group", g)?;
     }
+    // Absent: unchanged; null: removed; a string: checked, so that a template that
+    // cannot expand is refused now rather than at failover.
+    let start = patch.actions.as_ref().and_then(|a| a.start.as_ref());
+    if let Some(Some(t)) = start {
+        crate::recovery::jobs::template::check(t).map_err(ApiError::BadRequest)?;
+    }
     let group = patch.group.as_ref().map(|g| g.as_deref());
     if !machines::patch(&state.db, &name, patch.policy.as_deref(), group).await? {
         return Err(not_found(&name));
+    }
+    if let Some(t) = start {
+        if !recovery_state::set_start_action(&state.db, &name, t.as_deref()).await? {
+            return Err(not_found(&name));
+        }
     }
     let mut said = Vec::new();
     if let Some(p) = &patch.policy {
@@ -220,6 +305,12 @@ pub async fn update(
     }
     if let Some(g) = &patch.group {
         said.push(format!("group {}", g.as_deref().unwrap_or("none")));
+    }
+    if let Some(t) = start {
+        said.push(match t {
+            Some(t) => format!("start action {t:?}"),
+            None => "no start action".to_string(),
+        });
     }
     if !said.is_empty() {
         let msg = format!("{} set by {}", said.join(", "), caller.token);

@@ -17,6 +17,7 @@ pub mod peer;
 pub mod points;
 pub mod policies;
 pub mod process_servers;
+pub mod recovery;
 pub mod recovery_hosts;
 pub mod tokens;
 pub mod webhooks;
@@ -162,6 +163,8 @@ impl Page {
         jobs::list, jobs::get, jobs::cancel, jobs::resume, jobs::restart,
         points::list,
         webhooks::list, webhooks::create, webhooks::get, webhooks::delete,
+        recovery::test_failover, recovery::test_failover_cleanup, recovery::failover,
+        recovery::change_point, recovery::commit, recovery::cancel,
     ),
     components(schemas(error::Problem)),
     modifiers(&BearerAuth),
@@ -276,6 +279,25 @@ fn routes() -> Routes {
     .add(Post, "/v1/webhooks", webhooks::create)
     .add(Get, "/v1/webhooks/{name}", webhooks::get)
     .add(Delete, "/v1/webhooks/{name}", webhooks::delete)
+    // The recovery jobs of one machine (issue 15, docs/recovery-jobs.md).
+    .add(
+        Post,
+        "/v1/machines/{name}/test-failover",
+        recovery::test_failover,
+    )
+    .add(
+        Post,
+        "/v1/machines/{name}/test-failover-cleanup",
+        recovery::test_failover_cleanup,
+    )
+    .add(Post, "/v1/machines/{name}/failover", recovery::failover)
+    .add(
+        Post,
+        "/v1/machines/{name}/change-point",
+        recovery::change_point,
+    )
+    .add(Post, "/v1/machines/{name}/commit", recovery::commit)
+    .add(Post, "/v1/machines/{name}/cancel", recovery::cancel)
 }
 
 /// The whole service, ready to serve.

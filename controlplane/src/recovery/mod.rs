@@ -3,6 +3,7 @@
 
 pub mod failover;
 pub mod group;
+pub mod jobs;
 pub mod points;
 pub mod retention;
 pub mod work;

@@ -1,0 +1,401 @@
+//! Queueing a machine job: everything that can be refused is refused here, before a
+//! job exists (unknown machine 404; bad point, target or host 400; a job already
+//! active on the machine, a machine in the wrong failover state, no live recovery
+//! host 409; no store 503), so that a queued job fails only on what happens later.
+
+use std::sync::Arc;
+
+use ferry_link::control::wire::DiskPoint;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::api::error::ApiError;
+use crate::db::Db;
+use crate::error::Error;
+use crate::jobs::runner::StoreAccess;
+use crate::jobs::{queue, Job};
+use crate::recovery::points::{choose, open_machine, PointSpec};
+use crate::recovery::{group, work};
+
+use super::state::{self, RecoveryRow, COMMITTED, FAILED_OVER, PREPARING};
+use super::*;
+
+/// `POST /v1/machines/{name}/test-failover`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestFailoverRequest {
+    /// `latest`, `latest-app`, `latest-group`, a point id, or an RFC 3339 time.
+    pub point: String,
+    pub target: Target,
+    /// A recovery host's name; default: the least loaded live one.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// `POST /v1/machines/{name}/failover`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    /// true: the source stops writing and takes a final point, failed over to once
+    /// uploaded (no acknowledged write lost). false: from what the replica holds.
+    pub planned: bool,
+    /// Unplanned only (default `latest`).
+    #[serde(default)]
+    pub point: Option<String>,
+    pub target: Target,
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// `POST /v1/machines/{name}/change-point`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePointRequest {
+    pub point: String,
+    /// Default: the target the failover used.
+    #[serde(default)]
+    pub target: Option<Target>,
+}
+
+/// `commit` and `cancel` take no parameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+fn parse<T: serde::de::DeserializeOwned>(kind: &str, v: &serde_json::Value) -> Result<T, ApiError> {
+    let v = if v.is_null() {
+        serde_json::json!({})
+    } else {
+        v.clone()
+    };
+    serde_json::from_value(v).map_err(|e| ApiError::BadRequest(format!("a {kind} job: {e}")))
+}
+
+fn conflict_state(machine: &str, row: &Option<RecoveryRow>, want: &str) -> ApiError {
+    let is = match row {
+        None => "protected at home (not failed over)".to_string(),
+        Some(r) => format!(
+            "{} (job {})",
+            r.state,
+            r.job_id.as_deref().unwrap_or("none")
+        ),
+    };
+    ApiError::Conflict(format!("machine {machine} is {is}: {want}"))
+}
+
+/// Checks and queues a `kind` job on `machine` with `request` (the POST's body):
+/// the job as queued, or the error its POST answers. Recovery plans queue their
+/// machines' jobs through here too. The caller wakes the runner.
+pub async fn enqueue_machine_job(
+    db: &Db,
+    store: Option<&Arc<StoreAccess>>,
+    kind: &str,
+    machine: &str,
+    request: &serde_json::Value,
+) -> Result<Job, ApiError> {
+    crate::api::machines::checked("machine", machine)?;
+    if !KINDS.contains(&kind) {
+        return Err(ApiError::BadRequest(format!(
+            "no machine job of kind {kind:?}: one of {}",
+            KINDS.join(", ")
+        )));
+    }
+    // The job in the way first: the failover state it is changing says less.
+    if state::active_job(db, machine).await?.is_some() {
+        return Err(busy(db, machine).await);
+    }
+    let row = state::get(db, machine).await?;
+    let failed_over = row
+        .as_ref()
+        .is_some_and(|r| r.state == FAILED_OVER || r.state == COMMITTED);
+    let mut p = Params {
+        machine: machine.to_string(),
+        point: None,
+        points: Vec::new(),
+        target: None,
+        host: None,
+        planned: None,
+        note: None,
+        verdict: None,
+        notes: None,
+    };
+    let tasks: Vec<&str> = match kind {
+        TEST_FAILOVER => {
+            let r: TestFailoverRequest = parse(kind, request)?;
+            if row.is_some() {
+                return Err(conflict_state(
+                    machine,
+                    &row,
+                    "a test failover tests the replica of a machine protected at home",
+                ));
+            }
+            p.target = Some(checked_target(r.target)?);
+            resolve(db, store, &mut p, &r.point).await?;
+            p.host = Some(choose_host(db, r.host.as_deref()).await?);
+            vec![BRING_UP, START, WAIT_CLEANUP, CLEAN_UP, RECORD_VERDICT]
+        }
+        FAILOVER => {
+            let r: FailoverRequest = parse(kind, request)?;
+            if failed_over {
+                return Err(conflict_state(machine, &row, "it is already failed over"));
+            }
+            p.target = Some(checked_target(r.target)?);
+            p.planned = Some(r.planned);
+            if r.planned {
+                if r.point.is_some() {
+                    return Err(ApiError::BadRequest(
+                        "a planned failover fails over to the final point its source takes: \
+                         it takes no point"
+                            .into(),
+                    ));
+                }
+                in_store(store, machine).await?;
+                let registered = crate::registry::machines::get(db, machine)
+                    .await?
+                    .is_some_and(|m| !m.removed);
+                if !registered {
+                    return Err(ApiError::Conflict(format!(
+                        "machine {machine} has no registered agent to stop and take a final \
+                         point: fail it over with planned false"
+                    )));
+                }
+                p.host = Some(choose_host(db, r.host.as_deref()).await?);
+                vec![STOP_WRITES, FINAL_UPLOAD, BRING_UP, MARK_FAILED_OVER, START]
+            } else {
+                let point = r.point.unwrap_or_else(|| "latest".into());
+                resolve(db, store, &mut p, &point).await?;
+                p.host = Some(choose_host(db, r.host.as_deref()).await?);
+                vec![FENCE, BRING_UP, START]
+            }
+        }
+        CHANGE_POINT => {
+            let r: ChangePointRequest = parse(kind, request)?;
+            let Some(current) = row.as_ref().filter(|r| r.state == FAILED_OVER) else {
+                return Err(conflict_state(
+                    machine,
+                    &row,
+                    "change-point needs a failover not committed",
+                ));
+            };
+            let target = match r.target {
+                Some(t) => t,
+                None => current_target(db, current).await?.ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "machine {machine}'s failover has no disks up: give a target"
+                    ))
+                })?,
+            };
+            p.target = Some(checked_target(target)?);
+            resolve(db, store, &mut p, &r.point).await?;
+            p.host = Some(failover_host(db, machine, current).await?);
+            vec![REMOVE_PREVIOUS, BRING_UP, START]
+        }
+        COMMIT => {
+            let _: NoParams = parse(kind, request)?;
+            if row.as_ref().is_none_or(|r| r.state != FAILED_OVER) {
+                return Err(conflict_state(
+                    machine,
+                    &row,
+                    "only a failover not committed commits",
+                ));
+            }
+            vec![MARK_COMMITTED]
+        }
+        CANCEL_FAILOVER => {
+            let _: NoParams = parse(kind, request)?;
+            let Some(current) = row
+                .as_ref()
+                .filter(|r| r.state == PREPARING || r.state == FAILED_OVER)
+            else {
+                return Err(conflict_state(
+                    machine,
+                    &row,
+                    "only a failover preparing or not committed is cancelled",
+                ));
+            };
+            if !current.items.is_empty() {
+                p.host = Some(failover_host(db, machine, current).await?);
+            }
+            vec![REMOVE_RECOVERY, RESUME_SOURCE]
+        }
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "no machine job of kind {other:?}: one of {}",
+                KINDS.join(", ")
+            )))
+        }
+    };
+    let params = serde_json::to_value(&p).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let tasks: Vec<String> = tasks.into_iter().map(str::to_string).collect();
+    let key = job_key(machine);
+    let Some(id) = queue::enqueue_keyed(db, kind, machine, Some(&key), &params, &tasks).await?
+    else {
+        return Err(busy(db, machine).await);
+    };
+    queue::get(db, &id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("job {id} vanished once queued").into()))
+}
+
+/// The 409 for a machine with an active recovery job, naming it.
+pub async fn busy(db: &Db, machine: &str) -> ApiError {
+    match state::active_job(db, machine).await {
+        Ok(Some((id, kind, st))) => ApiError::Conflict(format!(
+            "machine {machine} has a {kind} job {id} that is {st}: one recovery job per \
+             machine at a time"
+        )),
+        _ => ApiError::Conflict(format!("machine {machine} has another recovery job active")),
+    }
+}
+
+fn checked_target(t: Target) -> Result<Target, ApiError> {
+    t.check().map_err(ApiError::BadRequest)?;
+    Ok(t)
+}
+
+fn store_of(store: Option<&Arc<StoreAccess>>) -> Result<Arc<StoreAccess>, ApiError> {
+    store.cloned().ok_or_else(|| {
+        ApiError::Unavailable(
+            "this control plane has no store (start it with --store and --key-file): recovery \
+             reads the replica"
+                .into(),
+        )
+    })
+}
+
+fn from_recovery_error(machine: &str, e: Error) -> ApiError {
+    match e {
+        Error::NoMachine { .. } => ApiError::NotFound(format!("no machine {machine}: {e}")),
+        Error::BadPointSpec { .. }
+        | Error::NotAPoint { .. }
+        | Error::NoPoint { .. }
+        | Error::NoGroup { .. }
+        | Error::NoGroupPoint { .. } => ApiError::BadRequest(e.to_string()),
+        other => ApiError::Internal(Box::new(other)),
+    }
+}
+
+/// 404 unless the store holds the machine.
+async fn in_store(store: Option<&Arc<StoreAccess>>, machine: &str) -> Result<(), ApiError> {
+    let access = store_of(store)?;
+    let m = machine.to_string();
+    tokio::task::spawn_blocking(move || open_machine(&access.store, &m, None).map(|_| ()))
+        .await
+        .map_err(|e| ApiError::Internal(Box::new(e)))?
+        .map_err(|e| from_recovery_error(machine, e))
+}
+
+/// Resolves `spec` to a point of every disk of the machine, in the store.
+async fn resolve(
+    db: &Db,
+    store: Option<&Arc<StoreAccess>>,
+    p: &mut Params,
+    spec: &str,
+) -> Result<(), ApiError> {
+    let access = store_of(store)?;
+    let machine = p.machine.clone();
+    // latest-group: the newest point every member of the machine's group holds.
+    let want = if spec == "latest-group" {
+        let m = crate::registry::machines::get(db, &machine).await?;
+        let g = m.and_then(|m| m.group).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "point latest-group: machine {machine} is in no replication group"
+            ))
+        })?;
+        Err(g)
+    } else {
+        Ok(spec
+            .parse::<PointSpec>()
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?)
+    };
+    let m = machine.clone();
+    let chosen = tokio::task::spawn_blocking(move || {
+        let spec = match want {
+            Ok(s) => s,
+            Err(g) => {
+                let (members, id) = group::latest_group_point(&access.store, &g)?;
+                if !members.contains(&m) {
+                    return Err(Error::NoGroupPoint {
+                        group: g,
+                        members: format!("{} (not {m})", members.join(", ")),
+                    });
+                }
+                PointSpec::Id(id)
+            }
+        };
+        let disks = open_machine(&access.store, &m, None)?;
+        let (points, note) = choose(&m, &disks, &spec)?;
+        Ok(disks
+            .iter()
+            .zip(points)
+            .map(|(d, pt)| DiskPoint {
+                disk: d.name.clone(),
+                point: pt.id,
+            })
+            .collect::<Vec<_>>())
+        .map(|v| (v, note))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(Box::new(e)))?
+    .map_err(|e| from_recovery_error(&machine, e))?;
+    p.point = Some(spec.to_string());
+    p.points = chosen.0;
+    p.note = chosen.1;
+    Ok(())
+}
+
+/// `host` if it is a live recovery host, else the least loaded live one.
+async fn choose_host(db: &Db, host: Option<&str>) -> Result<String, ApiError> {
+    let now = crate::db::now_s();
+    let Some(name) = host else {
+        return work::least_loaded_host(db, now).await?.ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "no live recovery host (none seen within {} s): start `ferry recovery-host` \
+                 or name one with host",
+                work::HOST_LIVE_S
+            ))
+        });
+    };
+    crate::api::machines::checked("recovery host", name)?;
+    live_host(db, name).await.map(|()| name.to_string())
+}
+
+async fn live_host(db: &Db, name: &str) -> Result<(), ApiError> {
+    let now = crate::db::now_s();
+    let hosts = work::hosts(db).await?;
+    let h = hosts
+        .iter()
+        .find(|h| h.name == name)
+        .ok_or_else(|| ApiError::BadRequest(format!("no recovery host {name}")))?;
+    if now - h.last_seen > work::HOST_LIVE_S {
+        return Err(ApiError::Conflict(format!(
+            "recovery host {name} is not live: last seen {} s ago",
+            now - h.last_seen
+        )));
+    }
+    Ok(())
+}
+
+/// The host of a failover, which must be live to remove or bring up its disks.
+async fn failover_host(db: &Db, machine: &str, row: &RecoveryRow) -> Result<String, ApiError> {
+    let host = row.host.clone().ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "machine {machine}'s failover names no recovery host"
+        ))
+    })?;
+    live_host(db, &host).await?;
+    Ok(host)
+}
+
+/// The target the failover's disks were brought up on (its first build or serve
+/// item).
+async fn current_target(db: &Db, row: &RecoveryRow) -> Result<Option<Target>, ApiError> {
+    for id in &row.items {
+        if let Some(item) = work::get(db, id).await? {
+            if let Some(t) = Target::of_op(&item.op) {
+                return Ok(Some(t));
+            }
+        }
+    }
+    Ok(None)
+}

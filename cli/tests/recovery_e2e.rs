@@ -1,0 +1,461 @@
+//! Recovery with real processes: a control plane, a process server, a recovery host
+//! and two agents in one replication group, written through NBD with qemu-io.
+//!
+//! - A recovery plan of two groups (scripts before and after, a manual pause) test-
+//!   fails over both machines to NBD at one group point: the scripts run in order,
+//!   each disk equals the source at that point, the sources keep making points, and
+//!   the cleanup leaves nothing on the recovery host.
+//! - A test failover to raw files at a chosen point, the control plane killed (-9)
+//!   while it runs: it finishes after the restart, and its cleanup records the verdict.
+//! - A planned failover whose last acknowledged write is in the failed-over disk, the
+//!   control plane killed while it runs; the source is then read-only; commit.
+//! - A planned failover cancelled: the source writes again.
+//! - An unplanned failover with the process server killed first; the process server
+//!   comes back and the source agent is refused: its disk is read-only.
+//! - Bad input on the way: a second job on a busy machine, failover of a machine
+//!   already failed over, a point that does not exist, cleanup without a test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_testkit::cli::wait_uploaded;
+use ferry_testkit::control::{process_server, recovery_host, Agent, Cp};
+use ferry_testkit::net::free_addr;
+use ferry_testkit::process::run_ok;
+use ferry_testkit::process::Killed;
+use ferry_testkit::qemu::qemu_io;
+use ferry_testkit::wait_ok;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const DISK_BYTES: u64 = 8 << 20;
+
+fn bin() -> &'static Path {
+    Path::new(FERRY)
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A POST that must be accepted; the job it answers with.
+fn post(cp: &Cp, path: &str, body: Value) -> Value {
+    let (st, v) = cp.api("POST", path, Some(body));
+    assert!((200..300).contains(&st), "POST {path}: {st} {v}");
+    v
+}
+
+fn job(cp: &Cp, id: &str) -> Value {
+    let (st, v) = cp.api("GET", &format!("/v1/jobs/{id}"), None);
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+/// Waits until job `id` is in `state`; a job that fails or is cancelled instead ends
+/// the test with its error.
+fn wait_job(cp: &Cp, id: &str, state: &str) -> Value {
+    wait_ok(
+        &format!("job {id} {state}"),
+        Duration::from_secs(120),
+        || {
+            let j = job(cp, id);
+            let now = j["state"].as_str().unwrap_or("");
+            if now == state {
+                return Ok(j);
+            }
+            assert!(
+                !matches!(now, "failed" | "cancelled") || now == state,
+                "job {id} ended {now}: {j}"
+            );
+            Err(j)
+        },
+    )
+}
+
+/// `qemu-img compare` of a recovered disk (NBD URL or file) with a copy of the source.
+fn assert_same(recovered: &str, copy: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", recovered, &s(copy)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{recovered} differs from {}: {}{}",
+        copy.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The source's disk as it is now, kept as the reference copy `name`.
+fn copy_of(agent: &Agent, d: &Path, name: &str) -> PathBuf {
+    let to = d.join(name);
+    std::fs::copy(&agent.disk, &to).unwrap();
+    to
+}
+
+/// Whether a qemu-io write through `url` succeeds.
+fn write_works(url: &str) -> bool {
+    std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 0 4096", url])
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
+            o.status.success() && !text.contains("failed")
+        })
+        .unwrap_or(false)
+}
+
+/// The newest group point of `group` both machines hold, made after `after`.
+fn group_point_after(cp: &Cp, machines: &[&str], group: &str, after: &str) -> String {
+    wait_ok(
+        "a group point after the writes",
+        Duration::from_secs(60),
+        || {
+            let mut common: Option<Vec<String>> = None;
+            for m in machines {
+                let (_, list) = cp.api("GET", &format!("/v1/machines/{m}/points?limit=1000"), None);
+                let ids: Vec<String> = list["items"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| p["group"] == json!(group) && p["time"].as_str() > Some(after))
+                    .map(|p| p["id"].as_str().unwrap().to_string())
+                    .collect();
+                common = Some(match common {
+                    None => ids,
+                    Some(c) => c.into_iter().filter(|i| ids.contains(i)).collect(),
+                });
+            }
+            common.unwrap_or_default().into_iter().max().ok_or(())
+        },
+    )
+}
+
+fn items_left(work_dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(work_dir.join("items")) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The site every step works on.
+struct Site {
+    dir: tempfile::TempDir,
+    rng: rand::rngs::StdRng,
+    cp: Cp,
+    cp_listen: String,
+    cp_args: Vec<String>,
+    store_url: String,
+    ps: Killed,
+    rh_dir: PathBuf,
+    _rh: Killed,
+    m1: Agent,
+    m2: Agent,
+}
+
+impl Site {
+    fn d(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kill -9 of the control plane, and a start on the same state.
+    fn restart_cp(&mut self) {
+        self.cp.child.kill();
+        let args: Vec<&str> = self.cp_args.iter().map(String::as_str).collect();
+        self.cp = Cp::start_with(bin(), &self.d().join("cp"), &self.cp_listen, None, &args);
+    }
+
+    /// A control plane (jobs paused 300 ms before each task, so that a test can kill it
+    /// between two; leases of 3 s, so that the restart takes its jobs over soon), a
+    /// process server, a recovery host, and m1 and m2, one replication group, written
+    /// and uploaded.
+    fn start() -> Site {
+        let seed = ferry_testkit::seed();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        std::fs::create_dir_all(d.join("store")).unwrap();
+        let store_url = format!("file://{}", s(&d.join("store")));
+        let key = d.join("vault.key");
+        run_ok(bin(), &["keygen", "--out", &s(&key)]);
+        let cp_listen = free_addr().to_string();
+        let cp_args: Vec<String> = [
+            "--store",
+            &store_url,
+            "--key-file",
+            &s(&key),
+            "--job-lease-s",
+            "3",
+            "--job-step-delay-ms",
+            "300",
+            "--jobs-at-once",
+            "8",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        let args: Vec<&str> = cp_args.iter().map(String::as_str).collect();
+        let cp = Cp::start_with(bin(), &d.join("cp"), &cp_listen, None, &args);
+        let (st, p) = cp.api(
+            "PATCH",
+            "/v1/policies/default",
+            Some(json!({ "crash_point_interval_s": 1.0 })),
+        );
+        assert_eq!(st, 200, "{p}");
+        let (ps, _) = process_server(&cp, &d, "ps1", &store_url, None);
+        let rh_dir = d.join("rh1");
+        let (rh, _) = recovery_host(&cp, &rh_dir, "rh1", &store_url, &key, None);
+        let group = || vec!["--group-listen".to_string(), free_addr().to_string()];
+        let m1 = Agent::enroll_with(&cp, &d, "m1", DISK_BYTES, &mut rng, &group());
+        let m2 = Agent::enroll_with(&cp, &d, "m2", DISK_BYTES, &mut rng, &group());
+        for m in ["m1", "m2"] {
+            let (st, v) = cp.api(
+                "PATCH",
+                &format!("/v1/machines/{m}"),
+                Some(json!({"group": "g1"})),
+            );
+            assert_eq!(st, 200, "{v}");
+        }
+        let mut site = Site {
+            dir,
+            rng,
+            cp,
+            cp_listen,
+            cp_args,
+            store_url,
+            ps,
+            rh_dir,
+            _rh: rh,
+            m1,
+            m2,
+        };
+        site.m1.write_and_point(bin(), &mut site.rng, "first");
+        site.m2.write_and_point(bin(), &mut site.rng, "first");
+        wait_uploaded(bin(), &site.m1.sock);
+        wait_uploaded(bin(), &site.m2.sock);
+        site
+    }
+
+    fn assert_host_empty(&self) {
+        wait_ok(
+            "the recovery host holds nothing",
+            Duration::from_secs(30),
+            || {
+                let left = items_left(&self.rh_dir);
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(left)
+                }
+            },
+        );
+    }
+}
+
+#[test]
+fn recovery_end_to_end() {
+    let mut site = Site::start();
+    test_failover_of_a_group_to_nbd(&mut site);
+    test_failover_to_files_through_a_control_plane_kill(&mut site);
+    planned_failover_then_commit(&mut site);
+    planned_failover_cancelled(&mut site);
+    unplanned_failover_and_the_source_refused(&mut site);
+}
+
+/// Both machines at one group point, each disk the source at that point; replication
+/// goes on meanwhile; cleanup leaves nothing.
+fn test_failover_of_a_group_to_nbd(site: &mut Site) {
+    let quiet_since = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let d = site.d().to_path_buf();
+    let m1_copy = copy_of(&site.m1, &d, "m1.copy");
+    let m2_copy = copy_of(&site.m2, &d, "m2.copy");
+    let cp = &site.cp;
+    let gp = group_point_after(cp, &["m1", "m2"], "g1", &quiet_since);
+    let mut jobs = Vec::new();
+    for m in ["m1", "m2"] {
+        let j = post(
+            cp,
+            &format!("/v1/machines/{m}/test-failover"),
+            json!({"point": "latest-group", "target": {"kind": "nbd"}}),
+        );
+        jobs.push(j["id"].as_str().unwrap().to_string());
+    }
+    for (id, copy) in jobs.iter().zip([&m1_copy, &m2_copy]) {
+        let up = wait_job(cp, id, "waiting-for-input");
+        let disk = &up["disks"][0];
+        assert_eq!(disk["point"], json!(gp), "{up}");
+        assert_same(disk["nbd_url"].as_str().unwrap(), copy);
+    }
+    // Replication goes on during the test: a new point is made and uploaded.
+    site.m1.write_and_point(bin(), &mut site.rng, "during-test");
+    wait_uploaded(bin(), &site.m1.sock);
+    let cp = &site.cp;
+    for m in ["m1", "m2"] {
+        post(
+            cp,
+            &format!("/v1/machines/{m}/test-failover-cleanup"),
+            json!({"verdict": "passed", "notes": "up"}),
+        );
+    }
+    for id in &jobs {
+        wait_job(cp, id, "succeeded");
+    }
+    site.assert_host_empty();
+}
+
+/// A test failover to raw files at a chosen point, the control plane killed while it
+/// runs: it finishes after the restart, and its cleanup records the verdict.
+fn test_failover_to_files_through_a_control_plane_kill(site: &mut Site) {
+    let (point, want) = site.m1.expected.last().cloned().unwrap();
+    let want_file = site.d().join("m1.at-point");
+    std::fs::write(&want_file, &want).unwrap();
+    let tj = post(
+        &site.cp,
+        "/v1/machines/m1/test-failover",
+        json!({"point": point, "target": {"kind": "dir", "format": "raw"}}),
+    );
+    let tj_id = tj["id"].as_str().unwrap().to_string();
+    // One recovery job per machine.
+    let (st, v) = site.cp.api(
+        "POST",
+        "/v1/machines/m1/failover",
+        Some(json!({"planned": true, "target": {"kind": "nbd"}})),
+    );
+    assert_eq!(st, 409, "{v}");
+    wait_job(&site.cp, &tj_id, "running");
+    site.restart_cp();
+    let cp = &site.cp;
+    let up = wait_job(cp, &tj_id, "waiting-for-input");
+    let disk = &up["disks"][0];
+    assert_eq!(disk["point"], json!(point), "{up}");
+    let path = disk["path"].as_str().unwrap().to_string();
+    assert_same(&path, &want_file);
+    // A test failover is not cancelled: that would leave its disks.
+    let (st, v) = cp.api("POST", &format!("/v1/jobs/{tj_id}/cancel"), None);
+    assert_eq!(st, 409, "{v}");
+    post(
+        cp,
+        "/v1/machines/m1/test-failover-cleanup",
+        json!({"verdict": "failed", "notes": "app did not start"}),
+    );
+    let done = wait_job(cp, &tj_id, "succeeded");
+    assert_eq!(done["params"]["verdict"], "failed", "{done}");
+    assert!(done.to_string().contains("app did not start"), "{done}");
+    assert!(!Path::new(&path).exists(), "{path} is left");
+    site.assert_host_empty();
+    // Cleanup of a machine with no test failover waiting.
+    let (st, v) = cp.api(
+        "POST",
+        "/v1/machines/m1/test-failover-cleanup",
+        Some(json!({"verdict": "passed"})),
+    );
+    assert_eq!(st, 409, "{v}");
+    // A point that does not exist.
+    let (st, v) = cp.api(
+        "POST",
+        "/v1/machines/m1/test-failover",
+        Some(json!({"point": "p999999", "target": {"kind": "nbd"}})),
+    );
+    assert_eq!(st, 400, "{v}");
+}
+
+/// A planned failover whose last acknowledged write is in the failed-over disk, the
+/// control plane killed while it runs; the source is read-only after; commit.
+fn planned_failover_then_commit(site: &mut Site) {
+    qemu_io(&site.m1.nbd(), &["write -P 0x7e 4096 65536"]);
+    let fj = post(
+        &site.cp,
+        "/v1/machines/m1/failover",
+        json!({"planned": true, "target": {"kind": "nbd"}}),
+    );
+    let fj_id = fj["id"].as_str().unwrap().to_string();
+    wait_job(&site.cp, &fj_id, "running");
+    std::thread::sleep(Duration::from_millis(700));
+    site.restart_cp();
+    let cp = &site.cp;
+    let failed_over = wait_job(cp, &fj_id, "succeeded");
+    // The source stopped writing when the failover began: its disk is the final point.
+    assert!(
+        !write_works(&site.m1.nbd()),
+        "the source still takes writes"
+    );
+    let final_copy = copy_of(&site.m1, site.d(), "m1.final");
+    let url = failed_over["disks"][0]["nbd_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_same(&url, &final_copy);
+    let machine = cp.machine("m1");
+    assert_eq!(machine["recovery"]["state"], "failed-over", "{machine}");
+    assert_eq!(machine["recovery"]["active_site"], "recovery", "{machine}");
+    // Failover of a machine already failed over.
+    let (st, v) = cp.api(
+        "POST",
+        "/v1/machines/m1/failover",
+        Some(json!({"planned": false, "target": {"kind": "nbd"}})),
+    );
+    assert_eq!(st, 409, "{v}");
+    let cj = post(cp, "/v1/machines/m1/commit", json!({}));
+    wait_job(cp, cj["id"].as_str().unwrap(), "succeeded");
+    assert_eq!(cp.machine("m1")["recovery"]["state"], "committed");
+}
+
+/// A planned failover cancelled: what it brought up is removed, the source writes again.
+fn planned_failover_cancelled(site: &mut Site) {
+    let cp = &site.cp;
+    let fj = post(
+        cp,
+        "/v1/machines/m2/failover",
+        json!({"planned": true, "target": {"kind": "nbd"}}),
+    );
+    wait_job(cp, fj["id"].as_str().unwrap(), "succeeded");
+    assert!(!write_works(&site.m2.nbd()));
+    let xj = post(cp, "/v1/machines/m2/cancel", json!({}));
+    wait_job(cp, xj["id"].as_str().unwrap(), "succeeded");
+    assert_eq!(cp.machine("m2")["recovery"], Value::Null);
+    let url = site.m2.nbd();
+    wait_ok("m2 writes again", Duration::from_secs(30), || {
+        if write_works(&url) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    });
+    site.m2
+        .write_and_point(bin(), &mut site.rng, "after-cancel");
+    wait_uploaded(bin(), &site.m2.sock);
+}
+
+/// An unplanned failover with the process server and the source gone; they come back,
+/// and the source is refused: its disk is read-only.
+fn unplanned_failover_and_the_source_refused(site: &mut Site) {
+    let m2_last = copy_of(&site.m2, site.d(), "m2.last");
+    site.ps.kill();
+    site.m2.child.kill();
+    let uj = post(
+        &site.cp,
+        "/v1/machines/m2/failover",
+        json!({"planned": false, "point": "latest", "target": {"kind": "nbd"}}),
+    );
+    let up = wait_job(&site.cp, uj["id"].as_str().unwrap(), "succeeded");
+    assert_same(up["disks"][0]["nbd_url"].as_str().unwrap(), &m2_last);
+    let d = site.d().to_path_buf();
+    let (ps, _) = process_server(&site.cp, &d, "ps1", &site.store_url, None);
+    site.ps = ps;
+    site.m2.restart(&site.cp, &d);
+    let url = site.m2.nbd();
+    wait_ok("m2's source is read-only", Duration::from_secs(60), || {
+        if write_works(&url) {
+            Err(())
+        } else {
+            Ok(())
+        }
+    });
+    let status = ferry_testkit::cli::status(bin(), &site.m2.sock);
+    assert!(status.to_string().contains("read-only"), "{status}");
+}

@@ -269,6 +269,13 @@ fn routes() -> Routes {
     .add(Delete, "/v1/webhooks/{name}", webhooks::delete)
 }
 
+/// The API's routes alone, with their state: what the dashboard's forms call
+/// in-process (`crate::dashboard::actions`), so that a button runs the very handler
+/// `ferry cp` does.
+pub(crate) fn api_routes(state: AppState) -> Router {
+    routes().router.with_state(state)
+}
+
 /// The whole service, ready to serve.
 pub fn router(
     db: Db,

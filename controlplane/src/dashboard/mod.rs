@@ -196,12 +196,20 @@ pub async fn view(
     ms.truncate(ROWS as usize);
     let names: Vec<String> = ms.iter().map(|m| m.name.clone()).collect();
     let (mut actions_of, recovery) = recovery::machines(db, &names).await?;
+    // The machines table's short word: where it runs, or the test it has up.
     let failovers: std::collections::HashMap<String, String> = recovery
         .iter()
         .filter_map(|r| {
-            let state = r.state.as_ref()?;
-            let site = r.active_site.as_deref().unwrap_or("?");
-            Some((r.machine.clone(), format!("{state} ({site} site)")))
+            let text = match (&r.state, &r.job_kind) {
+                (Some(state), _) => {
+                    format!("{state} ({} site)", r.active_site.as_deref().unwrap_or("?"))
+                }
+                (None, Some(kind)) => {
+                    format!("at home; {kind} {}", r.job_state.as_deref().unwrap_or(""))
+                }
+                (None, None) => return None,
+            };
+            Some((r.machine.clone(), text))
         })
         .collect();
     let machines = ms

@@ -207,7 +207,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
 .normal{background:#dcf3e3;color:#14632d}.warning{background:#fff1cc;color:#7a5200}\
 .critical{background:#fde0df;color:#9b1c1c}\
 .why{color:#6b7386;font-size:13px}.empty{color:#6b7386;padding:10px}\
-progress{width:160px;vertical-align:middle}\
+progress{width:160px;vertical-align:middle}#jobs td:nth-child(5){white-space:nowrap}\
 .signin{max-width:420px;margin:80px auto;background:#fff;padding:24px 28px;box-shadow:0 1px 3px rgba(0,0,0,.15)}\
 .signin input{width:100%;box-sizing:border-box;padding:7px;margin:6px 0 14px;font:inherit}\
 .signin button{padding:7px 18px;font:inherit}.error{color:#9b1c1c}\
@@ -321,9 +321,12 @@ fn machines(out: &mut String, v: &View) {
             esc(m.process_server.as_deref().unwrap_or("none")),
             ago(m.last_seen_ago_s as f64),
             esc(m.recovery.as_deref().unwrap_or("at home")),
+            // The buttons on their own line, under the state.
             v.form_token
                 .as_deref()
                 .map(|t| forms::machine_buttons(&m.name, &m.actions, t))
+                .filter(|b| !b.is_empty())
+                .map(|b| format!("<div>{b}</div>"))
                 .unwrap_or_default(),
             name = esc(&m.name),
         );
@@ -401,7 +404,7 @@ fn jobs(out: &mut String, v: &View) {
                 .map(|p| format!("<div class=\"prompt\">{}</div>", esc(p)))
                 .unwrap_or_default(),
             match (&v.form_token, j.cancellable) {
-                (Some(t), true) => forms::job_cancel_button(&j.id, t),
+                (Some(t), true) => format!("<div>{}</div>", forms::job_cancel_button(&j.id, t)),
                 _ => String::new(),
             },
             id = esc(&j.id),

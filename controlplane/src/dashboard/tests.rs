@@ -533,7 +533,8 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
     assert!(!m1.contains("/act/machines/m1/test-failover\""), "{m1}");
     let m2 = row("data-machine=\"m2\"");
     assert!(
-        m2.contains("at home") && m2.contains("name=\"verdict\" value=\"passed\""),
+        m2.contains("at home; test-failover waiting-for-input")
+            && m2.contains("name=\"verdict\" value=\"passed\""),
         "{m2}"
     );
     assert!(!m2.contains("failover-planned"), "{m2}");

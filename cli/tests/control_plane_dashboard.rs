@@ -474,6 +474,7 @@ fn operators_see_a_killed_process_server_on_the_dashboard_and_in_a_webhook() {
         assert!(db1.contains("data-action=\"test-failover\""), "{db1}");
         let r = row_with(&dom, "data-recovery=\"erp-db\"");
         assert!(r.contains("unplanned; point sda=p-erp-7; host rh1"), "{r}");
+        assert!(r.contains("nbd://127.0.0.1:10809/erp-db/sda"), "{r}");
         let r = row_with(&dom, "data-recovery=\"web1\"");
         assert!(
             r.contains("waiting-for-input") && r.contains("Test web1 at its point"),
@@ -587,7 +588,28 @@ async fn seed_recovery(state_dir: &Path) -> String {
             ..WorkResult::default()
         }),
     };
-    work::record_reports(&db, "rh1", &[served], now)
+    work::record_reports(&db, "rh1", std::slice::from_ref(&served), now)
+        .await
+        .unwrap();
+    // erp-db's disk, served by an item of its failover job.
+    let erp_job = "j0000000000009-00000001";
+    let erp_item = work::item_id(erp_job, 0, "erp-db");
+    let op = WorkOp::Serve {
+        disks: vec![DiskPoint {
+            disk: "sda".into(),
+            point: "p-erp-7".into(),
+        }],
+    };
+    work::submit(&db, &erp_item, "rh1", erp_job, "erp-db", &op, now)
+        .await
+        .unwrap();
+    let mut erp_served = served.clone();
+    erp_served.id = erp_item.clone();
+    if let Some(r) = erp_served.result.as_mut() {
+        r.disks[0].point = "p-erp-7".into();
+        r.disks[0].nbd_url = Some("nbd://127.0.0.1:10809/erp-db/sda".into());
+    }
+    work::record_reports(&db, "rh1", &[erp_served], now)
         .await
         .unwrap();
     // The failover's row and the plan: no public writer outside their jobs and API.
@@ -595,8 +617,9 @@ async fn seed_recovery(state_dir: &Path) -> String {
     sqlx::query(
         "INSERT INTO machine_recovery (machine, state, active_site, planned, point, host, \
          items, job_id, updated_at) VALUES ('erp-db', 'failed-over', 'recovery', 0, \
-         '{\"sda\":\"p-erp-7\"}', 'rh1', '[]', NULL, ?)",
+         '{\"sda\":\"p-erp-7\"}', 'rh1', ?, NULL, ?)",
     )
+    .bind(json!([erp_item]).to_string())
     .bind(now)
     .execute(&pool)
     .await

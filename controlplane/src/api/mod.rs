@@ -198,6 +198,13 @@ impl Verb {
     }
 }
 
+/// The API's routes alone, with their state: what the dashboard's forms call
+/// in-process (`crate::dashboard::actions`), so that a button runs the very handler
+/// `ferry cp` does.
+pub(crate) fn api_routes(state: AppState) -> Router {
+    routes().router.with_state(state)
+}
+
 /// A router that remembers what it serves.
 struct Routes {
     router: Router<AppState>,
@@ -267,13 +274,6 @@ fn routes() -> Routes {
     .add(Post, "/v1/webhooks", webhooks::create)
     .add(Get, "/v1/webhooks/{name}", webhooks::get)
     .add(Delete, "/v1/webhooks/{name}", webhooks::delete)
-}
-
-/// The API's routes alone, with their state: what the dashboard's forms call
-/// in-process (`crate::dashboard::actions`), so that a button runs the very handler
-/// `ferry cp` does.
-pub(crate) fn api_routes(state: AppState) -> Router {
-    routes().router.with_state(state)
 }
 
 /// The whole service, ready to serve.

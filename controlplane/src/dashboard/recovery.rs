@@ -28,13 +28,18 @@ pub struct Failover {
     pub point: Option<String>,
     pub host: Option<String>,
     pub job_id: Option<String>,
+    /// The live work items of this failover (its disks, its start).
+    pub items: Vec<String>,
 }
+
+/// Work items of one failover read for its disks, at most.
+pub const ITEMS: usize = 16;
 
 /// Every machine's failover (at most `ROWS`), by machine.
 pub async fn failovers(db: &Db) -> Result<HashMap<String, Failover>> {
     let op = "reading machines' failovers";
     let rows = sqlx::query(
-        "SELECT machine, state, active_site, planned, point, host, job_id \
+        "SELECT machine, state, active_site, planned, point, host, job_id, items \
          FROM machine_recovery ORDER BY machine LIMIT $1",
     )
     .bind(i64::from(ROWS))
@@ -45,6 +50,10 @@ pub async fn failovers(db: &Db) -> Result<HashMap<String, Failover>> {
     for r in rows {
         let point: Option<String> = r.try_get("point").map_err(q(op))?;
         let planned: i64 = r.try_get("planned").map_err(q(op))?;
+        let items: String = r.try_get("items").map_err(q(op))?;
+        // A list of ids, as the failover jobs write it; anything else shows no disk
+        // rather than no page.
+        let items: Vec<String> = serde_json::from_str(&items).unwrap_or_default();
         out.insert(
             r.try_get("machine").map_err(q(op))?,
             Failover {
@@ -54,6 +63,7 @@ pub async fn failovers(db: &Db) -> Result<HashMap<String, Failover>> {
                 point: point.map(|p| points_text(&p)),
                 host: r.try_get("host").map_err(q(op))?,
                 job_id: r.try_get("job_id").map_err(q(op))?,
+                items: items.into_iter().take(ITEMS).collect(),
             },
         );
     }
@@ -126,15 +136,36 @@ pub async fn line(
     failover: Option<&Failover>,
     job: Option<&Job>,
 ) -> Result<RecoveryLine> {
-    let mut disks = Vec::new();
-    if let Some(j) = job {
-        for (m, d) in work::ready_disks(db, &j.id).await? {
-            if m == machine {
-                let at = d.nbd_url.or(d.path).unwrap_or_else(|| "-".to_string());
-                disks.push(format!("{} @ {}: {at}", d.disk, d.point));
+    // A failover's disks are its live items (whichever job made them: the failover,
+    // a change of point); a test's, its job's.
+    let mut ready = Vec::new();
+    match failover.filter(|f| !f.items.is_empty()) {
+        Some(f) => {
+            for id in &f.items {
+                if let Some(w) = work::get(db, id).await? {
+                    if w.state == "succeeded" && matches!(w.op.kind(), "build" | "serve") {
+                        ready.extend(w.result.map(|r| r.disks).unwrap_or_default());
+                    }
+                }
+            }
+        }
+        None => {
+            if let Some(j) = job {
+                for (m, d) in work::ready_disks(db, &j.id).await? {
+                    if m == machine {
+                        ready.push(d);
+                    }
+                }
             }
         }
     }
+    let disks = ready
+        .into_iter()
+        .map(|d| {
+            let at = d.nbd_url.or(d.path).unwrap_or_else(|| "-".to_string());
+            format!("{} @ {}: {at}", d.disk, d.point)
+        })
+        .collect();
     Ok(RecoveryLine {
         machine: machine.to_string(),
         state: failover.map(|f| f.state.clone()),
@@ -285,6 +316,7 @@ mod tests {
             point: None,
             host: None,
             job_id: None,
+            items: vec![],
         }
     }
 

@@ -417,9 +417,47 @@ async fn an_operators_button_runs_the_api_as_its_session_and_a_viewers_is_refuse
     assert!(html.contains("Commit of machine m1: "), "{html}");
 }
 
+/// Disk sda of `machine` at `point`, served by recovery host rh1 for job `job` (its
+/// first task's item): the item's id.
+async fn served(db: &Db, job: &str, machine: &str, point: &str) -> String {
+    use crate::recovery::work;
+    use ferry_link::control::wire::{DiskPoint, ReadyDisk, WorkOp, WorkReport, WorkResult};
+    let now = crate::db::now_s();
+    let item = work::item_id(job, 0, machine);
+    let op = WorkOp::Serve {
+        disks: vec![DiskPoint {
+            disk: "sda".into(),
+            point: point.into(),
+        }],
+    };
+    work::submit(db, &item, "rh1", job, machine, &op, now)
+        .await
+        .unwrap();
+    let report = WorkReport {
+        id: item.clone(),
+        state: "succeeded".into(),
+        progress: 1.0,
+        bytes_per_s: 0.0,
+        error: None,
+        result: Some(WorkResult {
+            disks: vec![ReadyDisk {
+                disk: "sda".into(),
+                point: point.into(),
+                path: None,
+                nbd_url: Some(format!("nbd://127.0.0.1:10809/{machine}/sda")),
+                bytes: 1 << 20,
+            }],
+            ..WorkResult::default()
+        }),
+    };
+    work::record_reports(db, "rh1", &[report], now)
+        .await
+        .unwrap();
+    item
+}
+
 #[tokio::test]
 async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
-    use ferry_link::control::wire::{DiskPoint, ReadyDisk, WorkOp, WorkReport, WorkResult};
     let s = site().await;
     for m in ["m1", "m2", "m3"] {
         machine(&s.db, m).await;
@@ -428,12 +466,15 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
     crate::recovery::work::host_heartbeat(&s.db, "rh1", "127.0.0.1:10809", 5 << 30, now)
         .await
         .unwrap();
-    // m1: failed over (unplanned), committed not yet.
+    // m1: failed over (unplanned), committed not yet; its disk served by an item of
+    // its failover job, which the row lists.
+    let m1_item = served(&s.db, "j0000000000009-00000001", "m1", "p7").await;
     sqlx::query(
         "INSERT INTO machine_recovery (machine, state, active_site, planned, point, host, \
          items, job_id, updated_at) VALUES ('m1', 'failed-over', 'recovery', 0, \
-         '{\"sda\":\"p7\"}', 'rh1', '[]', NULL, $1)",
+         '{\"sda\":\"p7\"}', 'rh1', $1, NULL, $2)",
     )
+    .bind(serde_json::json!([m1_item]).to_string())
     .bind(now)
     .execute(s.db.pool())
     .await
@@ -477,36 +518,7 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
     )
     .await
     .unwrap());
-    let item = crate::recovery::work::item_id(&id, 0, "m2");
-    let op = WorkOp::Serve {
-        disks: vec![DiskPoint {
-            disk: "sda".into(),
-            point: "p3".into(),
-        }],
-    };
-    crate::recovery::work::submit(&s.db, &item, "rh1", &id, "m2", &op, now)
-        .await
-        .unwrap();
-    let report = WorkReport {
-        id: item,
-        state: "succeeded".into(),
-        progress: 1.0,
-        bytes_per_s: 0.0,
-        error: None,
-        result: Some(WorkResult {
-            disks: vec![ReadyDisk {
-                disk: "sda".into(),
-                point: "p3".into(),
-                path: None,
-                nbd_url: Some("nbd://127.0.0.1:10809/m2/sda".into()),
-                bytes: 1 << 20,
-            }],
-            ..WorkResult::default()
-        }),
-    };
-    crate::recovery::work::record_reports(&s.db, "rh1", &[report], now)
-        .await
-        .unwrap();
+    served(&s.db, &id, "m2", "p3").await;
     sqlx::query("INSERT INTO recovery_plans (name, spec, created_at, updated_at) VALUES ('erp', $1, $2, $2)")
         .bind(r#"{"name":"erp","groups":[{"name":"db","machines":["m1"]},{"name":"app","machines":["m2","m3"]}]}"#)
         .bind(now)
@@ -545,6 +557,10 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
     // The recovery section: m1's failover, m2's waiting test with its prompt and disk.
     let r1 = row("data-recovery=\"m1\"");
     assert!(r1.contains("unplanned; point sda=p7; host rh1"), "{r1}");
+    assert!(
+        r1.contains("sda @ p7: nbd://127.0.0.1:10809/m1/sda"),
+        "{r1}"
+    );
     let r2 = row("data-recovery=\"m2\"");
     assert!(
         r2.contains("waiting-for-input") && r2.contains("Test m2, then clean up"),
@@ -558,7 +574,7 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
     assert!(!html.contains("data-recovery=\"m3\""), "{html}");
     let h = row("data-recovery-host=\"rh1\"");
     assert!(
-        h.contains(">live<") && h.contains("5.0 GiB") && h.contains("<td class=\"num\">1</td>"),
+        h.contains(">live<") && h.contains("5.0 GiB") && h.contains("<td class=\"num\">2</td>"),
         "{h}"
     );
     let p = row("data-plan=\"erp\"");

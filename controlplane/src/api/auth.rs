@@ -71,7 +71,7 @@ impl Caller {
 /// code in this process can put one in a request's extensions; nothing a client
 /// sends becomes one.
 #[derive(Debug, Clone)]
-pub struct Delegated(pub Caller);
+pub(crate) struct Delegated(pub(crate) Caller);
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;

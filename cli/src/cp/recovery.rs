@@ -142,6 +142,9 @@ pub struct ChangePoint {
     /// id or an RFC 3339 time)
     #[arg(long, value_name = "POINT")]
     pub point: String,
+    /// Where its disks go this time (nbd, raw or vhd); default: as the failover
+    #[arg(long, value_enum)]
+    pub target: Option<Target>,
     #[command(flatten)]
     pub wait: Wait,
 }
@@ -229,10 +232,11 @@ pub fn failover(a: &Failover) -> Result<(String, Value)> {
 
 pub fn change_point(a: &ChangePoint) -> Result<(String, Value)> {
     check_point(&a.point)?;
-    Ok((
-        machine_path(&a.name, "change-point")?,
-        json!({"point": a.point}),
-    ))
+    let mut body = json!({"point": a.point});
+    if let Some(t) = a.target {
+        body["target"] = t.json();
+    }
+    Ok((machine_path(&a.name, "change-point")?, body))
 }
 
 /// POSTs a recovery request, prints the job it answers with, and follows it with
@@ -428,6 +432,29 @@ mod tests {
             json!({"planned": false, "point": "2026-12-06T10:00:00Z",
                    "target": {"kind": "dir", "format": "raw"}})
         );
+        let (path, body) = change_point(&ChangePoint {
+            name: "db1".into(),
+            point: "p9".into(),
+            target: Some(Target::Raw),
+            wait: no_wait(),
+        })
+        .unwrap();
+        assert_eq!(path, "/v1/machines/db1/change-point");
+        assert_eq!(
+            body,
+            json!({"point": "p9", "target": {"kind": "dir", "format": "raw"}})
+        );
+        assert_eq!(
+            change_point(&ChangePoint {
+                name: "db1".into(),
+                point: "p9".into(),
+                target: None,
+                wait: no_wait(),
+            })
+            .unwrap()
+            .1,
+            json!({"point": "p9"})
+        );
         let (path, body) = cleanup(&Cleanup {
             name: "db1".into(),
             verdict: Verdict::Failed,
@@ -447,6 +474,7 @@ mod tests {
         let bad_point = ChangePoint {
             name: "db1".into(),
             point: "latest; rm -rf /".into(),
+            target: None,
             wait: no_wait(),
         };
         let e = change_point(&bad_point).unwrap_err().to_string();

@@ -27,8 +27,9 @@ use crate::enroll::tokens::hash;
 
 /// The largest answer of the API read back (a job, a problem): far more than either.
 const ANSWER_MAX_BYTES: usize = 256 * 1024;
-/// The longest notes a cleanup form takes.
-pub const NOTES_MAX_CHARS: usize = 2000;
+/// The longest notes a cleanup form takes: within the API's 4096 bytes whatever
+/// the script.
+pub const NOTES_MAX_CHARS: usize = 1000;
 
 /// `/act/...`: the forms' targets.
 pub fn routes() -> Router<AppState> {

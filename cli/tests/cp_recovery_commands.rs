@@ -574,11 +574,19 @@ fn set_start_patches_actions_and_show_says_where_the_machine_runs() {
 #[test]
 fn against_a_control_plane_an_unknown_machine_is_a_404() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(
+    // With a store: recovery reads the replica, and a control plane without one
+    // refuses recovery (503) before it looks for the machine.
+    let store_dir = dir.path().join("store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let store = format!("file://{}", store_dir.display());
+    let key = dir.path().join("vault.key").display().to_string();
+    ferry_testkit::process::run_ok(Path::new(FERRY), &["keygen", "--out", &key]);
+    let cp = Cp::start_with(
         Path::new(FERRY),
         &dir.path().join("cp"),
         &free_addr().to_string(),
         None,
+        &["--store", &store, "--key-file", &key],
     );
     let (url, tf, ca) = (
         cp.url.clone(),

@@ -8,7 +8,12 @@
 //!   a job's progress, the event of the killed process server, read from the DOM
 //!   Chromium dumps. Skipped (and says so) without `chromium`, unless
 //!   FERRY_TEST_REQUIRE_REMOTE=1. With FERRY_DASHBOARD_SCREENSHOT=FILE it also saves a
-//!   screenshot there (docs/dashboard.png is one).
+//!   screenshot there, as an operator (docs/dashboard.png is one).
+//! - Recovery on the dashboard, seeded in the database as the recovery jobs leave it
+//!   (no recovery host runs here): a machine failed over unplanned, a test failover
+//!   of web1 waiting for its cleanup with its disk served over NBD, a recovery host
+//!   and a plan. An operator sees them with the buttons their states allow; a
+//!   viewer sees no button.
 //!
 //! How Chromium signs in: a person types a token into the sign-in form; here a page
 //! served by the test (HTTPS on 127.0.0.1, so same-site with the control plane, as
@@ -176,7 +181,12 @@ fn chromium(url: &str, budget_ms: u32, screenshot: Option<&Path>) -> String {
         // The test's page and the control plane have certificates Chromium does not
         // know (a throwaway one, the site CA's): for this test only.
         "--ignore-certificate-errors",
-        "--window-size=1360,1000",
+        // Taller for the screenshot: the jobs below the recovery tables.
+        if screenshot.is_some() {
+            "--window-size=1360,1500"
+        } else {
+            "--window-size=1360,1000"
+        },
         "--hide-scrollbars",
         &format!("--virtual-time-budget={budget_ms}"),
         &format!("--user-data-dir={}", profile.path().display()),
@@ -412,10 +422,18 @@ fn operators_see_a_killed_process_server_on_the_dashboard_and_in_a_webhook() {
         "{shown}"
     );
 
+    let operator = cp.cli(&["tokens", "create", "ops", "--role", "operator"]);
+    let operator = operator.lines().last().unwrap().trim().to_string();
+    let waiting = rt.block_on(seed_recovery(&d.join("cp")));
+
     if browser {
         let page = sign_in_page(&cp.url, &viewer);
         let dom = chromium(&page, 4000, None);
         assert!(dom.contains("signed in as wall"), "not signed in:\n{dom}");
+        assert!(
+            !dom.contains("class=\"act\""),
+            "a viewer gets no button:\n{dom}"
+        );
         for a in &agents {
             let row = row_with(&dom, &format!("data-machine=\"{}\"", a.name));
             assert!(row.contains("class=\"badge "), "{row}");
@@ -436,6 +454,39 @@ fn operators_see_a_killed_process_server_on_the_dashboard_and_in_a_webhook() {
         );
         let ev = row_with(&dom, "<td>process-server ps1</td>");
         assert!(ev.contains("not seen for"), "{ev}");
+
+        let page = sign_in_page(&cp.url, &operator);
+        let dom = chromium(&page, 4000, None);
+        assert!(dom.contains("signed in as ops"), "not signed in:\n{dom}");
+        let erp = row_with(&dom, "data-machine=\"erp-db\"");
+        assert!(erp.contains("failed-over (recovery site)"), "{erp}");
+        assert!(
+            erp.contains("data-action=\"commit\"") && erp.contains("data-action=\"cancel\""),
+            "{erp}"
+        );
+        let web1 = row_with(&dom, "data-machine=\"web1\"");
+        assert!(web1.contains("data-action=\"cleanup-passed\""), "{web1}");
+        assert!(
+            web1.contains("at home; test-failover waiting-for-input"),
+            "{web1}"
+        );
+        let db1 = row_with(&dom, "data-machine=\"db1\"");
+        assert!(db1.contains("data-action=\"test-failover\""), "{db1}");
+        let r = row_with(&dom, "data-recovery=\"erp-db\"");
+        assert!(r.contains("unplanned; point sda=p-erp-7; host rh1"), "{r}");
+        assert!(r.contains("nbd://127.0.0.1:10809/erp-db/sda"), "{r}");
+        let r = row_with(&dom, "data-recovery=\"web1\"");
+        assert!(
+            r.contains("waiting-for-input") && r.contains("Test web1 at its point"),
+            "{r}"
+        );
+        assert!(r.contains("nbd://127.0.0.1:10809/web1/sda"), "{r}");
+        let h = row_with(&dom, "data-recovery-host=\"rh1\"");
+        assert!(h.contains(">live<"), "{h}");
+        let p = row_with(&dom, "data-plan=\"erp\"");
+        assert!(p.contains(">2<") && p.contains(">3<"), "{p}");
+        let j = row_with(&dom, &format!("data-job=\"{waiting}\""));
+        assert!(j.contains("class=\"prompt\""), "{j}");
         if let Ok(path) = std::env::var("FERRY_DASHBOARD_SCREENSHOT") {
             chromium(&page, 4000, Some(Path::new(&path)));
             assert!(std::fs::metadata(&path).unwrap().len() > 10_000);
@@ -449,6 +500,146 @@ fn operators_see_a_killed_process_server_on_the_dashboard_and_in_a_webhook() {
     );
     assert!(!log.contains(&secret), "the webhook's secret is in the log");
     assert!(!log.contains(&viewer), "the viewer's token is in the log");
+}
+
+/// Recovery as the recovery jobs leave it in the control plane's database (in
+/// `state_dir`): machine erp-db (registered here, its agent gone) failed over
+/// unplanned to recovery host rh1; a test failover of web1 waiting for its cleanup,
+/// its disk served over NBD; plan erp. The test failover's job id.
+async fn seed_recovery(state_dir: &Path) -> String {
+    use ferry_controlplane::recovery::work;
+    use ferry_link::control::wire::{DiskPoint, ReadyDisk, WorkOp, WorkReport, WorkResult};
+    let url = Db::default_url(state_dir);
+    let db = Db::open(&url).await.unwrap();
+    let now = chrono::Utc::now().timestamp();
+    work::host_heartbeat(&db, "rh1", "127.0.0.1:10809", 40 << 30, now)
+        .await
+        .unwrap();
+    let beat = ferry_controlplane::registry::machines::Beat {
+        name: "erp-db",
+        state: "protected",
+        disks: &[],
+        last_error: None,
+        newest_uploaded_at: None,
+        group_listen: None,
+        now,
+    };
+    ferry_controlplane::registry::machines::heartbeat(&db, &beat)
+        .await
+        .unwrap();
+    let tasks = [
+        "bring up disks",
+        "start machine",
+        "wait for cleanup",
+        "clean up",
+        "record verdict",
+    ]
+    .map(String::from);
+    let params = json!({"point": "latest", "target": {"kind": "nbd"}});
+    let id = queue::enqueue_keyed(
+        &db,
+        "test-failover",
+        "web1",
+        Some("recovery/web1"),
+        &params,
+        &tasks,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let t = queue::now_ms();
+    assert!(queue::claim(&db, &id, "test", t, 600_000).await.unwrap());
+    for seq in 0..2 {
+        assert!(queue::task_started(&db, &id, "test", seq).await.unwrap());
+        assert!(queue::task_ended(&db, &id, "test", seq, None)
+            .await
+            .unwrap());
+    }
+    assert!(queue::task_started(&db, &id, "test", 2).await.unwrap());
+    let prompt = "Test web1 at its point, then: ferry cp machines test-failover-cleanup web1 \
+                  --verdict passed|failed";
+    assert!(queue::wait_for_input(&db, &id, "test", 2, prompt)
+        .await
+        .unwrap());
+    let item = work::item_id(&id, 0, "web1");
+    let op = WorkOp::Serve {
+        disks: vec![DiskPoint {
+            disk: "sda".into(),
+            point: "p-web-3".into(),
+        }],
+    };
+    work::submit(&db, &item, "rh1", &id, "web1", &op, now)
+        .await
+        .unwrap();
+    let served = WorkReport {
+        id: item,
+        state: "succeeded".into(),
+        progress: 1.0,
+        bytes_per_s: 0.0,
+        error: None,
+        result: Some(WorkResult {
+            disks: vec![ReadyDisk {
+                disk: "sda".into(),
+                point: "p-web-3".into(),
+                path: None,
+                nbd_url: Some("nbd://127.0.0.1:10809/web1/sda".into()),
+                bytes: 8 << 20,
+            }],
+            ..WorkResult::default()
+        }),
+    };
+    work::record_reports(&db, "rh1", std::slice::from_ref(&served), now)
+        .await
+        .unwrap();
+    // erp-db's disk, served by an item of its failover job.
+    let erp_job = "j0000000000009-00000001";
+    let erp_item = work::item_id(erp_job, 0, "erp-db");
+    let op = WorkOp::Serve {
+        disks: vec![DiskPoint {
+            disk: "sda".into(),
+            point: "p-erp-7".into(),
+        }],
+    };
+    work::submit(&db, &erp_item, "rh1", erp_job, "erp-db", &op, now)
+        .await
+        .unwrap();
+    let mut erp_served = served.clone();
+    erp_served.id = erp_item.clone();
+    if let Some(r) = erp_served.result.as_mut() {
+        r.disks[0].point = "p-erp-7".into();
+        r.disks[0].nbd_url = Some("nbd://127.0.0.1:10809/erp-db/sda".into());
+    }
+    work::record_reports(&db, "rh1", &[erp_served], now)
+        .await
+        .unwrap();
+    // The failover's row and the plan: no public writer outside their jobs and API.
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO machine_recovery (machine, state, active_site, planned, point, host, \
+         items, job_id, updated_at) VALUES ('erp-db', 'failed-over', 'recovery', 0, \
+         '{\"sda\":\"p-erp-7\"}', 'rh1', ?, NULL, ?)",
+    )
+    .bind(json!([erp_item]).to_string())
+    .bind(now)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO recovery_plans (name, spec, created_at, updated_at) VALUES ('erp', ?, ?, ?)",
+    )
+    .bind(
+        json!({"name": "erp", "groups": [
+            {"name": "database", "machines": ["erp-db"]},
+            {"name": "web", "machines": ["web1", "db1"]}]})
+        .to_string(),
+    )
+    .bind(now)
+    .bind(now)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    id
 }
 
 fn hex_decode(s: &str) -> Vec<u8> {

@@ -99,7 +99,7 @@ fn row(job: &Value) -> Vec<String> {
     ]
 }
 
-fn task_line(seq: usize, t: &Value) -> String {
+pub(super) fn task_line(seq: usize, t: &Value) -> String {
     let progress = t.get("progress").and_then(Value::as_f64).unwrap_or(0.0);
     let error = match cell(t, "error").as_str() {
         "-" => String::new(),

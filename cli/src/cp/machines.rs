@@ -1,4 +1,6 @@
-//! `ferry cp machines list|show|move|set-policy|remove`.
+//! `ferry cp machines list|show|move|set-policy|remove|points`, and the recovery verbs
+//! (`recovery`): test-failover, test-failover-cleanup, failover, change-point,
+//! commit, cancel, set-start.
 
 use anyhow::{bail, Result};
 use ferry_replica::layout::check_name;
@@ -7,6 +9,7 @@ use serde_json::{json, Map, Value};
 
 use super::client::{cell, print_json, Conn};
 use super::print_table;
+use super::recovery;
 
 #[derive(clap::Subcommand)]
 pub enum Verb {
@@ -37,9 +40,41 @@ pub enum Verb {
     Remove { name: String },
     /// A machine's recovery points in the store, newest first
     Points { name: String },
+    /// Test failover: bring the machine up on a recovery host from a point, while
+    /// replication goes on
+    ///
+    /// The job brings its disks up (served over NBD, or rebuilt as image files), runs
+    /// the machine's start command if it has one (`set-start`), then waits for
+    /// `test-failover-cleanup`, which deletes everything the test made. Its disks'
+    /// NBD URLs or paths are in the job (`--wait` prints them).
+    TestFailover(recovery::TestFailover),
+    /// End a test failover: delete everything it made and record the verdict
+    ///
+    /// Resumes the machine's waiting test-failover job. The job fails if anything it
+    /// made is left on the recovery host; a test counts as successful only once its
+    /// cleanup succeeded.
+    TestFailoverCleanup(recovery::Cleanup),
+    /// Fail the machine over to a recovery host: --planned or --unplanned
+    ///
+    /// Planned: the source stops accepting writes and takes a final point; once it
+    /// is uploaded, the machine comes up from it. Unplanned: the source is fenced
+    /// (refused by the control plane and the process servers from then on), and the
+    /// machine comes up from --point. Then its active site is the recovery site;
+    /// `commit` makes that final, `cancel` goes back.
+    Failover(recovery::Failover),
+    /// Fail a failed-over machine over again to another point, discarding the first
+    ChangePoint(recovery::ChangePoint),
+    /// Make a failover final: the machine runs at the recovery site from now on
+    Commit(recovery::Simple),
+    /// Undo a failover that is not committed: its recovery disks are removed and the
+    /// source resumes replicating
+    Cancel(recovery::Simple),
+    /// Set or clear the command that starts the machine once a failover brought its
+    /// disks up (its `actions.start`)
+    SetStart(recovery::SetStart),
 }
 
-const HEADER: [&str; 7] = [
+const HEADER: [&str; 8] = [
     "NAME",
     "PROCESS_SERVER",
     "POLICY",
@@ -47,7 +82,18 @@ const HEADER: [&str; 7] = [
     "STATE",
     "HEALTH",
     "RPO_S",
+    "RECOVERY",
 ];
+
+/// `failed-over (recovery site)`, or `-` for a machine protected at home.
+fn recovery_cell(m: &Value) -> String {
+    match m.get("recovery") {
+        Some(r) if r.is_object() => {
+            format!("{} ({} site)", cell(r, "state"), cell(r, "active_site"))
+        }
+        _ => "-".to_string(),
+    }
+}
 
 fn row(m: &Value) -> Vec<String> {
     let rpo = m
@@ -62,6 +108,7 @@ fn row(m: &Value) -> Vec<String> {
         cell(m, "state"),
         cell(m, "health"),
         rpo,
+        recovery_cell(m),
     ]
 }
 
@@ -78,6 +125,28 @@ fn show(conn: &Conn, m: &Value) -> Result<()> {
     }
     if let Some(e) = m.get("last_error").and_then(Value::as_str) {
         println!("last error: {e}");
+    }
+    if let Some(r) = m.get("recovery").filter(|r| r.is_object()) {
+        let planned = match r.get("planned") {
+            Some(Value::Bool(true)) => "planned",
+            Some(Value::Bool(false)) => "unplanned",
+            _ => "-",
+        };
+        println!(
+            "recovery: {}, active site {}, {planned}, point {}, host {}, job {}",
+            cell(r, "state"),
+            cell(r, "active_site"),
+            cell(r, "point"),
+            cell(r, "host"),
+            cell(r, "job")
+        );
+    }
+    if let Some(start) = m
+        .get("actions")
+        .and_then(|a| a.get("start"))
+        .and_then(Value::as_str)
+    {
+        println!("start action: {start}");
     }
     if let Some(Value::Array(disks)) = m.get("disks") {
         println!();
@@ -157,6 +226,23 @@ pub fn run(conn: &Conn, verb: Verb) -> Result<()> {
             }
         }
         Verb::Points { name } => super::points::points(conn, &name)?,
+        Verb::TestFailover(a) => recovery::submit(conn, recovery::test_failover(&a)?, &a.wait)?,
+        Verb::TestFailoverCleanup(a) => recovery::submit(conn, recovery::cleanup(&a)?, &a.wait)?,
+        Verb::Failover(a) => recovery::submit(conn, recovery::failover(&a)?, &a.wait)?,
+        Verb::ChangePoint(a) => recovery::submit(conn, recovery::change_point(&a)?, &a.wait)?,
+        Verb::Commit(a) => {
+            let p = format!("{}/commit", path(&a.name)?);
+            recovery::submit(conn, (p, json!({})), &a.wait)?
+        }
+        Verb::Cancel(a) => {
+            let p = format!("{}/cancel", path(&a.name)?);
+            recovery::submit(conn, (p, json!({})), &a.wait)?
+        }
+        Verb::SetStart(a) => {
+            if let Some(m) = recovery::set_start(conn, &a)? {
+                show(conn, &m)?;
+            }
+        }
         Verb::Remove { name } => {
             conn.call(Method::DELETE, &path(&name)?, None)?;
             if !conn.json {

@@ -8,6 +8,8 @@ mod machines;
 mod points;
 mod policies;
 mod process_servers;
+mod recovery;
+mod recovery_hosts;
 mod tokens;
 mod webhooks;
 
@@ -31,9 +33,13 @@ enum Resource {
     /// API tokens and one-time enrollment tokens (admin only)
     #[command(subcommand)]
     Tokens(tokens::Verb),
-    /// Machines: health, RPO, process server, policy, group
+    /// Machines: health, RPO, process server, policy, group; test failover,
+    /// failover, commit, cancel
     #[command(subcommand)]
     Machines(machines::Verb),
+    /// Recovery hosts: where failed-over machines' disks are served or rebuilt
+    #[command(subcommand)]
+    RecoveryHosts(recovery_hosts::Verb),
     /// Process servers: load, cache, health
     #[command(subcommand)]
     ProcessServers(process_servers::Verb),
@@ -55,6 +61,7 @@ pub fn cp(a: CpArgs) -> Result<()> {
         Resource::Tokens(v) => tokens::run(&conn, v),
         Resource::Machines(v) => machines::run(&conn, v),
         Resource::ProcessServers(v) => process_servers::run(&conn, v),
+        Resource::RecoveryHosts(v) => recovery_hosts::run(&conn, v),
         Resource::Events(v) => events::run(&conn, v),
         Resource::Jobs(v) => jobs::run(&conn, v),
         Resource::Webhooks(v) => webhooks::run(&conn, v),

@@ -66,10 +66,20 @@ impl Caller {
     }
 }
 
+/// A caller the dashboard vouches for: its forms (`crate::dashboard::actions`) call
+/// the API's handlers in-process as the signed-in session's token and role. Only
+/// code in this process can put one in a request's extensions; nothing a client
+/// sends becomes one.
+#[derive(Debug, Clone)]
+pub(crate) struct Delegated(pub(crate) Caller);
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(Delegated(caller)) = parts.extensions.get::<Delegated>() {
+            return Ok(caller.clone());
+        }
         let header = parts
             .headers
             .get(AUTHORIZATION)

@@ -203,6 +203,13 @@ impl Verb {
     }
 }
 
+/// The API's routes alone, with their state: what the dashboard's forms call
+/// in-process (`crate::dashboard::actions`), so that a button runs the very handler
+/// `ferry cp` does.
+pub(crate) fn api_routes(state: AppState) -> Router {
+    routes().router.with_state(state)
+}
+
 /// A router that remembers what it serves.
 struct Routes {
     router: Router<AppState>,

@@ -1,13 +1,20 @@
-//! The operators' dashboard at `/`: machines with health, RPO and state; process
-//! servers with their load; jobs running or queued with their progress; the latest
-//! events. Rendered on the server (`page`), reloaded by the browser every
-//! `page::REFRESH_S`; no script, no build step. Any API token signs in (`session`):
-//! the page only reads, so a viewer's is enough.
+//! The operators' dashboard at `/`: machines with health, RPO, state and recovery;
+//! process servers with their load; the recovery section (each machine's failover,
+//! its recovery job's progress, disks and prompt), recovery hosts and plans; jobs
+//! running, waiting or queued with their progress; the latest events. Rendered on
+//! the server (`page`), reloaded by the browser every `page::REFRESH_S`; no script,
+//! no build step. Any API token signs in (`session`): a viewer's reads; an
+//! operator's also gets the buttons (`actions`), forms the server turns into the
+//! API's own requests.
 //!
 //! The page is bounded like the API: at most `ROWS` machines and process servers,
 //! `JOBS` jobs and `EVENTS` events, each read in one query.
 
+pub mod actions;
+pub mod forms;
 pub mod page;
+pub mod recovery;
+pub mod recovery_html;
 pub mod session;
 
 use axum::body::Bytes;
@@ -37,6 +44,7 @@ pub fn routes() -> Router<AppState> {
         .route("/", get(show))
         .route("/sign-in", post(sign_in))
         .route("/sign-out", post(sign_out))
+        .merge(actions::routes())
 }
 
 /// An HTML answer that no cache keeps, no other site frames, and that may load
@@ -70,17 +78,23 @@ fn html(status: StatusCode, body: String) -> Response {
 /// The failure page: the cause goes to the log, never to the browser.
 fn failed(e: crate::db::Error) -> Response {
     tracing::error!("dashboard: {e}");
+    failed_text()
+}
+
+/// The failure page, once its cause is logged.
+fn failed_text() -> Response {
     html(
         StatusCode::INTERNAL_SERVER_ERROR,
         page::sign_in(Some("The control plane failed; its log says why.")),
     )
 }
 
-fn redirect_home(cookie: String) -> Response {
+/// 303 to `/`, setting `cookie` when given.
+fn redirect_home(cookie: Option<String>) -> Response {
     let mut resp = StatusCode::SEE_OTHER.into_response();
     resp.headers_mut()
         .insert(header::LOCATION, HeaderValue::from_static("/"));
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
+    if let Some(v) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp.headers_mut()
@@ -103,7 +117,9 @@ pub async fn show(State(state): State<AppState>, headers: HeaderMap) -> Response
         }
         Err(e) => return failed(e),
     };
-    match view(&state.db, &who.token_name).await {
+    // Buttons for those whose token may use them; the API checks again at each.
+    let form_token = (who.role != "viewer").then(|| actions::form_token(&value));
+    match view(&state.db, &who.token_name, form_token).await {
         Ok(v) => html(StatusCode::OK, page::dashboard(&v)),
         Err(e) => failed(e),
     }
@@ -123,7 +139,7 @@ pub async fn sign_in(State(state): State<AppState>, body: Bytes) -> Response {
         );
     }
     match session::sign_in(&state.db, &token).await {
-        Ok(Some((value, _))) => redirect_home(session::set_cookie(&value)),
+        Ok(Some((value, _))) => redirect_home(Some(session::set_cookie(&value))),
         Ok(None) => html(
             StatusCode::UNAUTHORIZED,
             page::sign_in(Some("Unknown or deleted token.")),
@@ -139,7 +155,7 @@ pub async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Resp
             return failed(e);
         }
     }
-    redirect_home(session::clear_cookie())
+    redirect_home(Some(session::clear_cookie()))
 }
 
 /// A job's progress over all its tasks, 0.0 to 1.0.
@@ -167,13 +183,35 @@ fn when(s: i64) -> String {
     )
 }
 
-/// Reads what the page shows.
-pub async fn view(db: &Db, signed_in_as: &str) -> crate::db::Result<View> {
+/// Reads what the page shows; `form_token` for a session that gets the buttons.
+pub async fn view(
+    db: &Db,
+    signed_in_as: &str,
+    form_token: Option<String>,
+) -> crate::db::Result<View> {
     let now = health::now_f();
     let policies = health::policies(db).await?;
     let mut ms = machines::list(db, None, ROWS + 1).await?;
     let machines_more = ms.len() > ROWS as usize;
     ms.truncate(ROWS as usize);
+    let names: Vec<String> = ms.iter().map(|m| m.name.clone()).collect();
+    let (mut actions_of, recovery) = recovery::machines(db, &names).await?;
+    // The machines table's short word: where it runs, or the test it has up.
+    let failovers: std::collections::HashMap<String, String> = recovery
+        .iter()
+        .filter_map(|r| {
+            let text = match (&r.state, &r.job_kind) {
+                (Some(state), _) => {
+                    format!("{state} ({} site)", r.active_site.as_deref().unwrap_or("?"))
+                }
+                (None, Some(kind)) => {
+                    format!("at home; {kind} {}", r.job_state.as_deref().unwrap_or(""))
+                }
+                (None, None) => return None,
+            };
+            Some((r.machine.clone(), text))
+        })
+        .collect();
     let machines = ms
         .into_iter()
         .map(|m| {
@@ -186,6 +224,8 @@ pub async fn view(db: &Db, signed_in_as: &str) -> crate::db::Result<View> {
                 ),
             };
             MachineLine {
+                recovery: failovers.get(&m.name).cloned(),
+                actions: actions_of.remove(&m.name).unwrap_or_default(),
                 rpo_s: health::rpo_seconds(&m, now),
                 last_seen_ago_s: (now as i64 - m.last_seen).max(0),
                 name: m.name,
@@ -221,9 +261,16 @@ pub async fn view(db: &Db, signed_in_as: &str) -> crate::db::Result<View> {
         })
         .collect();
     let mut jobs = Vec::new();
-    for st in [JobState::Running, JobState::Queued] {
+    // Those waiting for an operator first: they need one.
+    for st in [
+        JobState::WaitingForInput,
+        JobState::Running,
+        JobState::Queued,
+    ] {
         for j in queue::list(db, Some(st), None, JOBS).await? {
             jobs.push(JobLine {
+                cancellable: j.actions.contains(&crate::jobs::Action::Cancel),
+                prompt: j.prompt.clone(),
                 progress: progress(&j),
                 task: j
                     .tasks
@@ -248,7 +295,13 @@ pub async fn view(db: &Db, signed_in_as: &str) -> crate::db::Result<View> {
             message: e.message,
         })
         .collect();
+    let recovery_hosts = recovery::hosts(db, now as i64).await?;
+    let plans = recovery::plans(db).await?;
     Ok(View {
+        form_token,
+        recovery,
+        recovery_hosts,
+        plans,
         signed_in_as: signed_in_as.to_string(),
         now: format!("{} UTC", when(now as i64)),
         machines,

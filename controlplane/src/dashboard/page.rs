@@ -1,8 +1,13 @@
 //! The dashboard's HTML, rendered on the server from plain values: no template
 //! engine, no script. Every string that came from an agent, a process server or an
-//! operator (names, reasons, messages) goes through `esc`.
+//! operator (names, reasons, messages) goes through `esc`. The recovery tables are
+//! in `recovery_html`, the buttons and the pages they lead to in `forms`.
 
 use std::fmt::Write;
+
+pub use super::actions::MachineAction;
+use super::forms;
+use super::recovery_html;
 
 /// Seconds between the page's own reloads (`<meta http-equiv=refresh>`).
 pub const REFRESH_S: u32 = 5;
@@ -17,6 +22,62 @@ pub struct MachineLine {
     pub rpo_s: Option<f64>,
     pub process_server: Option<String>,
     pub last_seen_ago_s: i64,
+    /// `failed-over (recovery site)`; None while protected at home.
+    pub recovery: Option<String>,
+    /// Its buttons (shown to operators and admins).
+    pub actions: Vec<MachineAction>,
+}
+
+/// A machine's recovery in detail: its failover (none for a test) and its recovery
+/// job, the active one or else the failover's last.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryLine {
+    pub machine: String,
+    /// preparing, failed-over, committed; None: no failover (a test failover).
+    pub state: Option<String>,
+    /// home or recovery.
+    pub active_site: Option<String>,
+    pub planned: Option<bool>,
+    /// `sda=p1, sdb=p1`.
+    pub point: Option<String>,
+    pub host: Option<String>,
+    pub job_id: Option<String>,
+    pub job_kind: Option<String>,
+    pub job_state: Option<String>,
+    pub job_progress: f64,
+    pub job_task: Option<String>,
+    pub job_error: Option<String>,
+    /// What the job waits for, while it does.
+    pub prompt: Option<String>,
+    /// `sda @ POINT: nbd://...` or `... : /path`.
+    pub disks: Vec<String>,
+}
+
+/// A recovery host's row.
+#[derive(Debug, Clone)]
+pub struct HostLine {
+    pub name: String,
+    pub nbd_address: String,
+    /// Work items given to it and not removed.
+    pub items: i64,
+    pub work_dir_free_bytes: u64,
+    /// Heard from lately: given new work.
+    pub live: bool,
+    pub last_seen_ago_s: i64,
+}
+
+/// A recovery plan's row.
+#[derive(Debug, Clone, Default)]
+pub struct PlanLine {
+    pub name: String,
+    /// None when its spec does not read as groups of machines.
+    pub groups: Option<usize>,
+    pub machines: Option<usize>,
+    pub job_id: Option<String>,
+    pub job_kind: Option<String>,
+    pub job_state: Option<String>,
+    pub job_progress: f64,
+    pub prompt: Option<String>,
 }
 
 /// A process server's row.
@@ -49,6 +110,10 @@ pub struct JobLine {
     pub progress: f64,
     /// The task it is at.
     pub task: Option<String>,
+    /// What it waits for, while waiting for input.
+    pub prompt: Option<String>,
+    /// Whether it may be cancelled now.
+    pub cancellable: bool,
 }
 
 /// An event's row.
@@ -74,6 +139,11 @@ pub struct View {
     pub process_servers_more: bool,
     pub jobs: Vec<JobLine>,
     pub events: Vec<EventLine>,
+    /// The session's form token; None for a viewer, who gets no buttons.
+    pub form_token: Option<String>,
+    pub recovery: Vec<RecoveryLine>,
+    pub recovery_hosts: Vec<HostLine>,
+    pub plans: Vec<PlanLine>,
 }
 
 /// HTML-escapes text for an element's content or a quoted attribute.
@@ -137,12 +207,19 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
 .normal{background:#dcf3e3;color:#14632d}.warning{background:#fff1cc;color:#7a5200}\
 .critical{background:#fde0df;color:#9b1c1c}\
 .why{color:#6b7386;font-size:13px}.empty{color:#6b7386;padding:10px}\
-progress{width:160px;vertical-align:middle}\
+progress{width:160px;vertical-align:middle}#jobs td:nth-child(5){white-space:nowrap}\
 .signin{max-width:420px;margin:80px auto;background:#fff;padding:24px 28px;box-shadow:0 1px 3px rgba(0,0,0,.15)}\
 .signin input{width:100%;box-sizing:border-box;padding:7px;margin:6px 0 14px;font:inherit}\
-.signin button{padding:7px 18px;font:inherit}.error{color:#9b1c1c}";
+.signin button{padding:7px 18px;font:inherit}.error{color:#9b1c1c}\
+form.act{display:inline-block;margin:2px 4px 2px 0}\
+form.act button{font:inherit;font-size:13px;border:1px solid #b9bfcc;background:#fff;border-radius:4px;padding:2px 9px;cursor:pointer}\
+form.act button.danger{border-color:#d9a3a1;color:#9b1c1c}\
+form.act input{font:inherit;font-size:13px;width:150px;padding:2px 5px}\
+.prompt{background:#fff1cc;color:#5c3d00;padding:3px 8px;border-radius:4px;font-size:13px;display:inline-block;margin:2px 0}\
+.disk{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}\
+.site-recovery{background:#e3e9fd;color:#1f3b99}.site-home{background:#dcf3e3;color:#14632d}";
 
-fn head(out: &mut String, title: &str, refresh: bool) {
+pub(super) fn head(out: &mut String, title: &str, refresh: bool) {
     out.push_str("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">");
     if refresh {
         let _ = write!(out, "<meta http-equiv=\"refresh\" content=\"{REFRESH_S}\">");
@@ -155,7 +232,7 @@ fn head(out: &mut String, title: &str, refresh: bool) {
     );
 }
 
-fn badge(health: &str) -> String {
+pub(super) fn badge(health: &str) -> String {
     let class = match health {
         "normal" | "warning" | "critical" => health,
         _ => "warning",
@@ -201,14 +278,17 @@ pub fn dashboard(v: &View) -> String {
         esc(&v.signed_in_as)
     );
     machines(&mut out, v);
+    recovery_html::recovery(&mut out, v);
     process_servers(&mut out, v);
+    recovery_html::hosts(&mut out, v);
+    recovery_html::plans(&mut out, v);
     jobs(&mut out, v);
     events(&mut out, v);
     out.push_str("</main></body></html>");
     out
 }
 
-fn more(shown: usize, more: bool) -> String {
+pub(super) fn more(shown: usize, more: bool) -> String {
     if more {
         format!("<small>the first {shown}; the API lists them all</small>")
     } else {
@@ -220,25 +300,34 @@ fn machines(out: &mut String, v: &View) {
     let _ = write!(
         out,
         "<h2>Machines {}</h2><table id=\"machines\"><tr><th>Machine</th><th>Health</th>\
-         <th class=\"num\">RPO</th><th>State</th><th>Process server</th><th>Last seen</th></tr>",
+         <th class=\"num\">RPO</th><th>State</th><th>Process server</th><th>Last seen</th>\
+         <th>Recovery</th></tr>",
         more(v.machines.len(), v.machines_more)
     );
     if v.machines.is_empty() {
         out.push_str(
-            "<tr><td colspan=\"6\" class=\"empty\">No machine has reported yet.</td></tr>",
+            "<tr><td colspan=\"7\" class=\"empty\">No machine has reported yet.</td></tr>",
         );
     }
     for m in &v.machines {
         let _ = write!(
             out,
             "<tr data-machine=\"{name}\"><td>{name}</td><td>{}{}</td><td class=\"num\">{}</td>\
-             <td>{}</td><td>{}</td><td>{} ago</td></tr>",
+             <td>{}</td><td>{}</td><td>{} ago</td><td class=\"recovery\">{}{}</td></tr>",
             badge(&m.health),
             reasons(&m.reasons),
             m.rpo_s.map_or_else(|| "none yet".to_string(), ago),
             esc(&m.state),
             esc(m.process_server.as_deref().unwrap_or("none")),
             ago(m.last_seen_ago_s as f64),
+            esc(m.recovery.as_deref().unwrap_or("at home")),
+            // The buttons on their own line, under the state.
+            v.form_token
+                .as_deref()
+                .map(|t| forms::machine_buttons(&m.name, &m.actions, t))
+                .filter(|b| !b.is_empty())
+                .map(|b| format!("<div>{b}</div>"))
+                .unwrap_or_default(),
             name = esc(&m.name),
         );
     }
@@ -291,8 +380,9 @@ fn process_servers(out: &mut String, v: &View) {
 fn jobs(out: &mut String, v: &View) {
     let _ = write!(
         out,
-        "<h2>Jobs running or queued <small>{}</small></h2><table id=\"jobs\"><tr><th>Job</th>\
-         <th>Kind</th><th>Subject</th><th>State</th><th>Progress</th><th>Task</th></tr>",
+        "<h2>Jobs waiting, running or queued <small>{}</small></h2><table id=\"jobs\"><tr>\
+         <th>Job</th><th>Kind</th><th>Subject</th><th>State</th><th>Progress</th><th>Task</th>\
+         </tr>",
         v.jobs.len()
     );
     if v.jobs.is_empty() {
@@ -304,11 +394,19 @@ fn jobs(out: &mut String, v: &View) {
             out,
             "<tr data-job=\"{id}\"><td>{id}</td><td>{}</td><td>{}</td><td>{}</td>\
              <td><progress max=\"100\" value=\"{pct:.0}\"></progress> \
-             <span class=\"pct\">{pct:.0} %</span></td><td>{}</td></tr>",
+             <span class=\"pct\">{pct:.0} %</span></td><td>{}{}{}</td></tr>",
             esc(&j.kind),
             esc(&j.subject),
             esc(&j.state),
             esc(j.task.as_deref().unwrap_or("")),
+            j.prompt
+                .as_deref()
+                .map(|p| format!("<div class=\"prompt\">{}</div>", esc(p)))
+                .unwrap_or_default(),
+            match (&v.form_token, j.cancellable) {
+                (Some(t), true) => format!("<div>{}</div>", forms::job_cancel_button(&j.id, t)),
+                _ => String::new(),
+            },
             id = esc(&j.id),
         );
     }
@@ -353,6 +451,8 @@ mod tests {
                 rpo_s: Some(12.5),
                 process_server: Some("ps1".into()),
                 last_seen_ago_s: 16,
+                recovery: None,
+                actions: vec![MachineAction::TestFailover],
             }],
             machines_more: false,
             process_servers: vec![],
@@ -364,6 +464,8 @@ mod tests {
                 state: "running".into(),
                 progress: 0.5,
                 task: Some("compact".into()),
+                prompt: None,
+                cancellable: true,
             }],
             events: vec![EventLine {
                 time: "t".into(),
@@ -371,6 +473,10 @@ mod tests {
                 subject: "<script>alert(1)</script>".into(),
                 message: "a \"quoted\" & 'odd' <b>message</b>".into(),
             }],
+            form_token: None,
+            recovery: vec![],
+            recovery_hosts: vec![],
+            plans: vec![],
         }
     }
 
@@ -399,6 +505,66 @@ mod tests {
         assert!(html.contains("<progress max=\"100\" value=\"50\"></progress>"));
         assert!(html.contains("No process server has reported yet."));
         assert!(html.contains(&format!("content=\"{REFRESH_S}\"")));
+    }
+
+    #[test]
+    fn operators_get_buttons_viewers_do_not() {
+        let html = dashboard(&view());
+        assert!(!html.contains("<form class=\"act\""), "{html}");
+        assert!(
+            html.contains("<td class=\"recovery\">at home</td>"),
+            "{html}"
+        );
+        let mut v = view();
+        v.form_token = Some("tok".into());
+        let html = dashboard(&v);
+        assert!(html.contains("action=\"/act/machines/db1/test-failover\""));
+        assert!(html.contains("action=\"/act/jobs/j1/cancel\""));
+    }
+
+    #[test]
+    fn recovery_shows_the_failover_its_job_disks_and_prompt() {
+        let mut v = view();
+        v.machines[0].recovery = Some("failed-over (recovery site)".into());
+        v.recovery = vec![RecoveryLine {
+            machine: "db1".into(),
+            state: Some("failed-over".into()),
+            active_site: Some("recovery".into()),
+            planned: Some(false),
+            point: Some("sda=p9".into()),
+            host: Some("rh1".into()),
+            job_id: Some("j2".into()),
+            job_kind: Some("test-failover".into()),
+            job_state: Some("waiting-for-input".into()),
+            job_progress: 0.6,
+            job_task: Some("wait for cleanup".into()),
+            job_error: None,
+            prompt: Some("Check <db1>, then clean up".into()),
+            disks: vec!["sda @ p9: nbd://10.0.0.5:10809/db1/sda".into()],
+        }];
+        v.recovery_hosts = vec![HostLine {
+            name: "rh1".into(),
+            nbd_address: "10.0.0.5:10809".into(),
+            items: 2,
+            work_dir_free_bytes: 10 << 30,
+            live: true,
+            last_seen_ago_s: 1,
+        }];
+        v.plans = vec![PlanLine {
+            name: "erp".into(),
+            groups: Some(2),
+            machines: Some(5),
+            ..PlanLine::default()
+        }];
+        let html = dashboard(&v);
+        assert!(html.contains("failed-over (recovery site)"), "{html}");
+        assert!(html.contains("<span class=\"badge site-recovery\">recovery site</span>"));
+        assert!(html.contains("unplanned; point sda=p9; host rh1"), "{html}");
+        assert!(html.contains("Check &lt;db1&gt;, then clean up"), "{html}");
+        assert!(html.contains("nbd://10.0.0.5:10809/db1/sda"));
+        assert!(html.contains("<progress max=\"100\" value=\"60\"></progress>"));
+        assert!(html.contains("data-recovery-host=\"rh1\"") && html.contains("10.0 GiB"));
+        assert!(html.contains("data-plan=\"erp\""), "{html}");
     }
 
     #[test]

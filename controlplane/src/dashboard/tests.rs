@@ -231,3 +231,361 @@ async fn a_token_holds_a_bounded_number_of_sessions() {
     let newest = values.last().unwrap();
     assert!(s.page(Some(newest)).await.2.contains("signed in as kiosk"));
 }
+
+impl Site {
+    /// `POST PATH` as a form with the session cookie; status, Location and body.
+    async fn post_form(
+        &self,
+        path: &str,
+        value: &str,
+        fields: &[(&str, &str)],
+    ) -> (u16, String, String) {
+        let mut ser = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in fields {
+            ser.append_pair(k, v);
+        }
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("cookie", format!("ferry_session={value}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(ser.finish())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get("location")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (status, location, resp.text().await.unwrap())
+    }
+
+    async fn session(&self, name: &str, role: &str) -> String {
+        let token = self.token(name, role).await;
+        let (_, cookie, _) = self.sign_in(&token).await;
+        value_of(&cookie.unwrap())
+    }
+}
+
+async fn machine(db: &Db, name: &str) {
+    let beat = crate::registry::machines::Beat {
+        name,
+        state: "protected",
+        disks: &[],
+        last_error: None,
+        newest_uploaded_at: None,
+        group_listen: None,
+        now: crate::db::now_s(),
+    };
+    crate::registry::machines::heartbeat(db, &beat)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_operators_button_runs_the_api_as_its_session_and_a_viewers_is_refused() {
+    let s = site().await;
+    machine(&s.db, "m1").await;
+    let id = queue::enqueue(
+        &s.db,
+        "retention",
+        "m1",
+        &serde_json::json!({}),
+        &["scan".to_string()],
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let ops = s.session("ops", "operator").await;
+    let token = super::actions::form_token(&ops);
+    let html = s.page(Some(&ops)).await.2;
+    // The operator's page holds the buttons, each with the session's form token.
+    assert!(
+        html.contains(&format!("action=\"/act/jobs/{id}/cancel\"")),
+        "{html}"
+    );
+    assert!(
+        html.contains("action=\"/act/machines/m1/test-failover\""),
+        "{html}"
+    );
+    assert!(html.contains(&format!("value=\"{token}\"")), "{html}");
+    let cancel = format!("/act/jobs/{id}/cancel");
+
+    // Without the form token (another site's form), or with another session's: no.
+    let (st, _, html) = s.post_form(&cancel, &ops, &[("confirm", "yes")]).await;
+    assert_eq!(st, 403, "{html}");
+    assert!(html.contains("Nothing was done"), "{html}");
+    let other = s.session("other", "operator").await;
+    let (st, _, _) = s
+        .post_form(
+            &cancel,
+            &ops,
+            &[
+                ("form_token", &super::actions::form_token(&other)),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(st, 403);
+    // Signed out: back to the sign-in form, nothing done.
+    let (st, location, _) = s
+        .post_form(&cancel, &"0".repeat(64), &[("form_token", &token)])
+        .await;
+    assert_eq!((st, location.as_str()), (303, "/"));
+    assert_eq!(
+        queue::get(&s.db, &id).await.unwrap().unwrap().state,
+        crate::jobs::JobState::Queued
+    );
+
+    // A viewer who forged the form gets the API's own refusal: the button runs as
+    // its session's token, with that token's role.
+    let viewer = s.session("wall", "viewer").await;
+    let viewer_html = s.page(Some(&viewer)).await.2;
+    assert!(
+        !viewer_html.contains("<form class=\"act\""),
+        "{viewer_html}"
+    );
+    let (st, _, html) = s
+        .post_form(
+            &cancel,
+            &viewer,
+            &[
+                ("form_token", &super::actions::form_token(&viewer)),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(st, 403, "{html}");
+    assert!(
+        html.contains("token wall has role viewer; this needs operator"),
+        "{html}"
+    );
+
+    // The operator: asked to confirm first, then done, and back to the dashboard.
+    let (st, _, html) = s.post_form(&cancel, &ops, &[("form_token", &token)]).await;
+    assert_eq!(st, 200, "{html}");
+    assert!(
+        html.contains("name=\"confirm\" value=\"yes\"") && html.contains(&cancel),
+        "{html}"
+    );
+    assert_eq!(
+        queue::get(&s.db, &id).await.unwrap().unwrap().state,
+        crate::jobs::JobState::Queued
+    );
+    let (st, location, html) = s
+        .post_form(&cancel, &ops, &[("form_token", &token), ("confirm", "yes")])
+        .await;
+    assert_eq!((st, location.as_str()), (303, "/"), "{html}");
+    assert_eq!(
+        queue::get(&s.db, &id).await.unwrap().unwrap().state,
+        crate::jobs::JobState::Cancelled
+    );
+    // Cancelling it again: the API's 409, shown.
+    let (st, _, html) = s
+        .post_form(&cancel, &ops, &[("form_token", &token), ("confirm", "yes")])
+        .await;
+    assert_eq!(st, 409, "{html}");
+    assert!(html.contains("cannot cancel"), "{html}");
+
+    // A machine's button the dashboard itself refuses: a cleanup without a verdict,
+    // an unknown action.
+    let (st, _, html) = s
+        .post_form(
+            "/act/machines/m1/test-failover-cleanup",
+            &ops,
+            &[("form_token", &token)],
+        )
+        .await;
+    assert_eq!(st, 400, "{html}");
+    assert!(html.contains("verdict must be passed or failed"), "{html}");
+    let (st, _, _) = s
+        .post_form("/act/machines/m1/reboot", &ops, &[("form_token", &token)])
+        .await;
+    assert_eq!(st, 404);
+    // A commit of a machine that never failed over is refused by the API (409 once
+    // the recovery jobs are served, 404 before), and says so.
+    let (st, _, html) = s
+        .post_form(
+            "/act/machines/m1/commit",
+            &ops,
+            &[("form_token", &token), ("confirm", "yes")],
+        )
+        .await;
+    assert!((400..500).contains(&st), "{st} {html}");
+    assert!(html.contains("Commit of machine m1: "), "{html}");
+}
+
+/// Disk sda of `machine` at `point`, served by recovery host rh1 for job `job` (its
+/// first task's item): the item's id.
+async fn served(db: &Db, job: &str, machine: &str, point: &str) -> String {
+    use crate::recovery::work;
+    use ferry_link::control::wire::{DiskPoint, ReadyDisk, WorkOp, WorkReport, WorkResult};
+    let now = crate::db::now_s();
+    let item = work::item_id(job, 0, machine);
+    let op = WorkOp::Serve {
+        disks: vec![DiskPoint {
+            disk: "sda".into(),
+            point: point.into(),
+        }],
+    };
+    work::submit(db, &item, "rh1", job, machine, &op, now)
+        .await
+        .unwrap();
+    let report = WorkReport {
+        id: item.clone(),
+        state: "succeeded".into(),
+        progress: 1.0,
+        bytes_per_s: 0.0,
+        error: None,
+        result: Some(WorkResult {
+            disks: vec![ReadyDisk {
+                disk: "sda".into(),
+                point: point.into(),
+                path: None,
+                nbd_url: Some(format!("nbd://127.0.0.1:10809/{machine}/sda")),
+                bytes: 1 << 20,
+            }],
+            ..WorkResult::default()
+        }),
+    };
+    work::record_reports(db, "rh1", &[report], now)
+        .await
+        .unwrap();
+    item
+}
+
+#[tokio::test]
+async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
+    let s = site().await;
+    for m in ["m1", "m2", "m3"] {
+        machine(&s.db, m).await;
+    }
+    let now = crate::db::now_s();
+    crate::recovery::work::host_heartbeat(&s.db, "rh1", "127.0.0.1:10809", 5 << 30, now)
+        .await
+        .unwrap();
+    // m1: failed over (unplanned), committed not yet; its disk served by an item of
+    // its failover job, which the row lists.
+    let m1_item = served(&s.db, "j0000000000009-00000001", "m1", "p7").await;
+    sqlx::query(
+        "INSERT INTO machine_recovery (machine, state, active_site, planned, point, host, \
+         items, job_id, updated_at) VALUES ('m1', 'failed-over', 'recovery', 0, \
+         '{\"sda\":\"p7\"}', 'rh1', $1, NULL, $2)",
+    )
+    .bind(serde_json::json!([m1_item]).to_string())
+    .bind(now)
+    .execute(s.db.pool())
+    .await
+    .unwrap();
+    // m2: a test failover waiting for its cleanup, its disk served.
+    let tasks: Vec<String> = [
+        "bring up disks",
+        "start machine",
+        "wait for cleanup",
+        "clean up",
+        "record verdict",
+    ]
+    .map(String::from)
+    .to_vec();
+    let id = queue::enqueue_keyed(
+        &s.db,
+        "test-failover",
+        "m2",
+        Some("recovery/m2"),
+        &serde_json::json!({}),
+        &tasks,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let t = queue::now_ms();
+    assert!(queue::claim(&s.db, &id, "test", t, 600_000).await.unwrap());
+    for seq in 0..2 {
+        assert!(queue::task_started(&s.db, &id, "test", seq).await.unwrap());
+        assert!(queue::task_ended(&s.db, &id, "test", seq, None)
+            .await
+            .unwrap());
+    }
+    assert!(queue::task_started(&s.db, &id, "test", 2).await.unwrap());
+    assert!(queue::wait_for_input(
+        &s.db,
+        &id,
+        "test",
+        2,
+        "Test m2, then clean up with a verdict"
+    )
+    .await
+    .unwrap());
+    served(&s.db, &id, "m2", "p3").await;
+    sqlx::query("INSERT INTO recovery_plans (name, spec, created_at, updated_at) VALUES ('erp', $1, $2, $2)")
+        .bind(r#"{"name":"erp","groups":[{"name":"db","machines":["m1"]},{"name":"app","machines":["m2","m3"]}]}"#)
+        .bind(now)
+        .execute(s.db.pool())
+        .await
+        .unwrap();
+
+    let ops = s.session("ops", "operator").await;
+    let html = s.page(Some(&ops)).await.2;
+    let row = |needle: &str| {
+        let at = html
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} not on the page: {html}"));
+        let start = html[..at].rfind("<tr").unwrap();
+        html[start..at + html[at..].find("</tr>").unwrap()].to_string()
+    };
+    // The machines' rows: where each runs, and its buttons by its state.
+    let m1 = row("data-machine=\"m1\"");
+    assert!(m1.contains("failed-over (recovery site)"), "{m1}");
+    assert!(
+        m1.contains("/act/machines/m1/commit") && m1.contains("/act/machines/m1/cancel"),
+        "{m1}"
+    );
+    assert!(!m1.contains("/act/machines/m1/test-failover\""), "{m1}");
+    let m2 = row("data-machine=\"m2\"");
+    assert!(
+        m2.contains("at home; test-failover waiting-for-input")
+            && m2.contains("name=\"verdict\" value=\"passed\""),
+        "{m2}"
+    );
+    assert!(!m2.contains("failover-planned"), "{m2}");
+    let m3 = row("data-machine=\"m3\"");
+    for a in ["test-failover", "failover-planned", "failover-unplanned"] {
+        assert!(m3.contains(&format!("/act/machines/m3/{a}\"")), "{m3}");
+    }
+    // The recovery section: m1's failover, m2's waiting test with its prompt and disk.
+    let r1 = row("data-recovery=\"m1\"");
+    assert!(r1.contains("unplanned; point sda=p7; host rh1"), "{r1}");
+    assert!(
+        r1.contains("sda @ p7: nbd://127.0.0.1:10809/m1/sda"),
+        "{r1}"
+    );
+    let r2 = row("data-recovery=\"m2\"");
+    assert!(
+        r2.contains("waiting-for-input") && r2.contains("Test m2, then clean up"),
+        "{r2}"
+    );
+    assert!(
+        r2.contains("sda @ p3: nbd://127.0.0.1:10809/m2/sda"),
+        "{r2}"
+    );
+    assert!(r2.contains("value=\"40\""), "two of five tasks: {r2}");
+    assert!(!html.contains("data-recovery=\"m3\""), "{html}");
+    let h = row("data-recovery-host=\"rh1\"");
+    assert!(
+        h.contains(">live<") && h.contains("5.0 GiB") && h.contains("<td class=\"num\">2</td>"),
+        "{h}"
+    );
+    let p = row("data-plan=\"erp\"");
+    assert!(
+        p.contains("<td class=\"num\">2</td><td class=\"num\">3</td>"),
+        "{p}"
+    );
+    // The waiting job is listed first among the jobs, with its prompt.
+    let j = row(&format!("data-job=\"{id}\""));
+    assert!(
+        j.contains("waiting-for-input") && j.contains("class=\"prompt\""),
+        "{j}"
+    );
+}

@@ -1,0 +1,137 @@
+//! The dashboard's buttons (one small POST form each, carrying the session's form
+//! token), the confirmation page for those that change where a machine runs, and
+//! the page that says why the API refused. Served by `actions`.
+
+use std::fmt::Write;
+
+use super::actions::{MachineAction, NOTES_MAX_CHARS};
+use super::page::{esc, head};
+
+/// A hidden field with the form token.
+fn token_field(form_token: &str) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"form_token\" value=\"{}\">",
+        esc(form_token)
+    )
+}
+
+/// The buttons of a machine's `actions`: the cleanup as one form with its notes and
+/// a button per verdict, the others one form each.
+pub fn machine_buttons(machine: &str, actions: &[MachineAction], form_token: &str) -> String {
+    let mut out = String::new();
+    for a in actions {
+        let url = format!("/act/machines/{}/{}", esc(machine), a.slug());
+        if *a == MachineAction::Cleanup {
+            let _ = write!(
+                out,
+                "<form class=\"act\" method=\"post\" action=\"{url}\">{}\
+                 <input name=\"notes\" maxlength=\"{NOTES_MAX_CHARS}\" placeholder=\"notes\" \
+                 aria-label=\"notes on the test\">\
+                 <button type=\"submit\" name=\"verdict\" value=\"passed\" \
+                 data-action=\"cleanup-passed\">Clean up: passed</button>\
+                 <button type=\"submit\" name=\"verdict\" value=\"failed\" \
+                 data-action=\"cleanup-failed\">Clean up: failed</button></form>",
+                token_field(form_token)
+            );
+            continue;
+        }
+        let class = if a.needs_confirmation() {
+            " class=\"danger\""
+        } else {
+            ""
+        };
+        let _ = write!(
+            out,
+            "<form class=\"act\" method=\"post\" action=\"{url}\">{}<button type=\"submit\"{class} \
+             data-action=\"{}\">{}</button></form>",
+            token_field(form_token),
+            a.slug(),
+            esc(a.label())
+        );
+    }
+    out
+}
+
+/// The cancel button of a job's row.
+pub fn job_cancel_button(job_id: &str, form_token: &str) -> String {
+    format!(
+        "<form class=\"act\" method=\"post\" action=\"/act/jobs/{}/cancel\">{}\
+         <button type=\"submit\" class=\"danger\" data-action=\"cancel-job\">Cancel</button>\
+         </form>",
+        esc(job_id),
+        token_field(form_token)
+    )
+}
+
+/// A page with one message and the way back.
+pub fn message(title: &str, text: &str) -> String {
+    let mut out = String::new();
+    head(&mut out, &format!("Ferry: {title}"), false);
+    let _ = write!(
+        out,
+        "<div class=\"signin\"><h1>{}</h1><p class=\"error\">{}</p>\
+         <p><a href=\"/\">Back to the dashboard</a></p></div></body></html>",
+        esc(title),
+        esc(text)
+    );
+    out
+}
+
+/// Asks again before `what`: a form posting to `url` with `confirm=yes`.
+pub fn confirm(what: &str, consequence: &str, url: &str, form_token: &str) -> String {
+    let mut out = String::new();
+    head(&mut out, &format!("Ferry: {what}?"), false);
+    let _ = write!(
+        out,
+        "<div class=\"signin\"><h1>{}?</h1><p>{}</p>\
+         <form method=\"post\" action=\"{}\">{}\
+         <input type=\"hidden\" name=\"confirm\" value=\"yes\">\
+         <button type=\"submit\" id=\"confirm\">Yes: {}</button></form>\
+         <p><a href=\"/\">No, back to the dashboard</a></p></div></body></html>",
+        esc(what),
+        esc(consequence),
+        esc(url),
+        token_field(form_token),
+        esc(what)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buttons_carry_the_token_and_post_to_their_action() {
+        let html = machine_buttons(
+            "db1",
+            &[MachineAction::TestFailover, MachineAction::Commit],
+            "tok",
+        );
+        assert!(html.contains("action=\"/act/machines/db1/test-failover\""));
+        assert!(html.contains("action=\"/act/machines/db1/commit\""));
+        assert_eq!(html.matches("name=\"form_token\" value=\"tok\"").count(), 2);
+        assert!(html.contains("class=\"danger\" data-action=\"commit\""));
+        let html = machine_buttons("db1", &[MachineAction::Cleanup], "tok");
+        assert!(html.contains("name=\"verdict\" value=\"passed\""));
+        assert!(html.contains("name=\"verdict\" value=\"failed\""));
+        assert!(html.contains("name=\"notes\""));
+        assert!(machine_buttons("db1", &[], "tok").is_empty());
+    }
+
+    #[test]
+    fn the_confirmation_posts_again_with_confirm_and_escapes() {
+        let html = confirm(
+            "Commit of machine <x>",
+            "final",
+            "/act/machines/x/commit",
+            "t\"",
+        );
+        assert!(html.contains("name=\"confirm\" value=\"yes\""));
+        assert!(html.contains("action=\"/act/machines/x/commit\""));
+        assert!(html.contains("value=\"t&quot;\""));
+        assert!(!html.contains("<x>"));
+        let html = message("Refused", "409 <b>busy</b>");
+        assert!(html.contains("409 &lt;b&gt;busy&lt;/b&gt;") && html.contains("href=\"/\""));
+    }
+}

@@ -39,6 +39,9 @@ pub fn check_input(job: &Job, input: &serde_json::Value) -> Result<(), String> {
     if !input.is_object() {
         return Err(format!("job {}: its input must be a JSON object", job.id));
     }
+    if crate::plans::job::KINDS.contains(&job.kind.as_str()) {
+        return crate::plans::job::check_input(job, input);
+    }
     Ok(())
 }
 

@@ -283,6 +283,9 @@ async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<Step, String> 
         retention::KIND => retention::run_task(ctx, job, seq)
             .await
             .map(|()| Step::Done),
+        k if crate::plans::job::KINDS.contains(&k) => {
+            crate::plans::job::run_task(ctx, job, seq).await
+        }
         other => Err(format!("no runner for jobs of kind {other:?}")),
     }
 }

@@ -20,4 +20,6 @@ pub mod spec;
 pub mod store;
 
 #[cfg(test)]
+mod api_tests;
+#[cfg(test)]
 mod tests;

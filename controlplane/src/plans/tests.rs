@@ -36,6 +36,8 @@ struct FakeJ {
     cleanups: Vec<(String, Value)>,
     /// The most machine jobs queued or running at once, seen at each claim.
     most_in_progress: i64,
+    /// Machines whose jobs are left queued until taken out of here.
+    hold: HashSet<String>,
 }
 
 async fn in_progress(db: &Db) -> i64 {
@@ -53,13 +55,18 @@ async fn in_progress(db: &Db) -> i64 {
 async fn fake_j(db: Db, me: Arc<Mutex<FakeJ>>) {
     loop {
         let rows = sqlx::query(&format!(
-            "SELECT id FROM jobs WHERE state = 'queued' AND kind IN {CHILD_KINDS} ORDER BY id"
+            "SELECT id, subject FROM jobs WHERE state = 'queued' AND kind IN {CHILD_KINDS} \
+             ORDER BY id"
         ))
         .fetch_all(db.pool())
         .await
         .unwrap();
         for r in rows {
             let id: String = r.try_get("id").unwrap();
+            let subject: String = r.try_get("subject").unwrap();
+            if me.lock().unwrap().hold.contains(&subject) {
+                continue;
+            }
             let n = in_progress(&db).await;
             {
                 let mut j = me.lock().unwrap();
@@ -188,7 +195,32 @@ impl Drop for Site {
     }
 }
 
+fn runner_config() -> RunnerConfig {
+    RunnerConfig {
+        poll: Duration::from_millis(50),
+        max_running: 1,
+        lease: Duration::from_secs(1),
+        ..RunnerConfig::default()
+    }
+}
+
+async fn start_runner(db: &Db, ctx: &Context) -> tokio::task::JoinHandle<()> {
+    let cfg = runner_config();
+    let scheduler = Singleton::start(
+        db.clone(),
+        crate::jobs::singleton::SCHEDULER,
+        &cfg.owner,
+        cfg.lease,
+    )
+    .await;
+    tokio::spawn(runner::run(ctx.clone(), cfg, scheduler))
+}
+
 async fn site_on(url: Option<&str>, store: Option<Arc<StoreAccess>>) -> Site {
+    site_with(url, store, true).await
+}
+
+async fn site_with(url: Option<&str>, store: Option<Arc<StoreAccess>>, runner: bool) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let url = url.map_or_else(|| Db::default_url(dir.path()), str::to_string);
     let db = Db::open(&url).await.unwrap();
@@ -197,23 +229,11 @@ async fn site_on(url: Option<&str>, store: Option<Arc<StoreAccess>>) -> Site {
         store,
         wake: Arc::new(Notify::new()),
     };
-    let cfg = RunnerConfig {
-        poll: Duration::from_millis(50),
-        max_running: 1,
-        ..RunnerConfig::default()
-    };
-    let scheduler = Singleton::start(
-        db.clone(),
-        crate::jobs::singleton::SCHEDULER,
-        &cfg.owner,
-        cfg.lease,
-    )
-    .await;
     let j = Arc::new(Mutex::new(FakeJ::default()));
-    let tasks = vec![
-        tokio::spawn(runner::run(ctx.clone(), cfg, scheduler)),
-        tokio::spawn(fake_j(db.clone(), j.clone())),
-    ];
+    let mut tasks = vec![tokio::spawn(fake_j(db.clone(), j.clone()))];
+    if runner {
+        tasks.push(start_runner(&db, &ctx).await);
+    }
     Site {
         _dir: dir,
         db,
@@ -737,4 +757,78 @@ async fn a_script_on_a_recovery_host_is_a_work_item_and_its_failure_shows_its_ou
     .await
     .unwrap();
     s.until_state(&job.id, JobState::Succeeded).await;
+}
+
+async fn count(db: &Db, kind: &str) -> i64 {
+    sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE kind = $1")
+        .bind(kind.to_string())
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+        .try_get("n")
+        .unwrap()
+}
+
+/// A control plane killed (its runtime gone, as with kill -9) while a plan waits for
+/// its machines: the next one takes the job over once its lease ran out, finds the
+/// machine jobs the first recorded, and queues none twice. A machine job queued but
+/// not yet recorded when it died is found by its key and kind.
+#[tokio::test]
+async fn a_plan_job_taken_over_after_a_kill_finds_its_machine_jobs() {
+    let s = site_with(None, None, false).await;
+    for m in ["m1", "m2", "m3"] {
+        s.machine(m, None).await;
+    }
+    s.plan(json!({"name": "k", "max_parallel": 1, "groups": [
+        {"name": "g", "machines": ["m1", "m2", "m3"]}]}))
+        .await;
+    s.j.lock().unwrap().hold.insert("m1".into());
+    let job = job::enqueue(&s.ctx, "k", test_failover(), Some("latest"))
+        .await
+        .unwrap();
+    // Queued by the job before it could record it: the take-over adopts it.
+    let orphan = super::children::enqueue_child(
+        &s.db,
+        super::children::ChildKind::TestFailover,
+        "m3",
+        &json!({"point": "latest", "target": {"kind": "nbd"}}),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (db, ctx) = (s.db.clone(), s.ctx.clone());
+    first.spawn(async move {
+        let _runner = start_runner(&db, &ctx).await;
+        std::future::pending::<()>().await
+    });
+    let held = s
+        .until(&job.id, "m1's job recorded", |j| {
+            j.params["children"].get("m1").is_some()
+        })
+        .await;
+    let m1_job = held.params["children"]["m1"].clone();
+    first.shutdown_background();
+    assert_eq!(
+        count(&s.db, "test-failover").await,
+        2,
+        "m1's and the orphan"
+    );
+    let _second = start_runner(&s.db, &s.ctx).await;
+    // Let the second runner take it over before m1 comes up.
+    s.until(&job.id, "taken over", |j| {
+        j.lease_owner.is_some() && j.lease_owner != held.lease_owner
+    })
+    .await;
+    s.j.lock().unwrap().hold.clear();
+    let up = s
+        .until(&job.id, "up", |j| j.state == JobState::WaitingForInput)
+        .await;
+    assert_eq!(up.params["children"]["m1"], m1_job);
+    assert_eq!(up.params["children"]["m3"], json!(orphan));
+    assert_eq!(count(&s.db, "test-failover").await, 3, "one per machine");
 }

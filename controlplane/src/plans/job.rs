@@ -158,6 +158,10 @@ pub struct Params {
     /// `{"verdict", "notes"}`, once the operator gave it (test failover).
     #[serde(default)]
     pub verdict: Option<Value>,
+    /// The manual actions (task indexes) that have shown their text and wait: run
+    /// again (the job resumed, with or without input), they go on.
+    #[serde(default)]
+    pub waited: BTreeSet<usize>,
 }
 
 /// What one task of a plan job does.
@@ -354,6 +358,7 @@ pub async fn enqueue(
         points,
         children: BTreeMap::new(),
         verdict: None,
+        waited: BTreeSet::new(),
     };
     let tasks: Vec<String> = steps(&params).into_iter().map(|(_, n)| n).collect();
     let json = serde_json::to_value(&params)
@@ -500,6 +505,12 @@ pub async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<Step, Stri
     let Some((step, _)) = all.get(seq).cloned() else {
         return Err(format!("job {}: no task {seq}", job.id));
     };
+    // A task before a manual action that waited runs again only when the job was
+    // restarted: that action must wait anew.
+    if params.waited.iter().any(|&w| w > seq) {
+        params.waited.retain(|&w| w <= seq);
+        save_params(&ctx.db, job, &owner, &params).await?;
+    }
     let skip = job
         .input
         .as_ref()
@@ -528,16 +539,22 @@ pub async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<Step, Stri
             }
             match action {
                 Action::Manual { text, .. } => {
-                    // The operator's resume (with an input) is the go-ahead.
-                    if job.input.is_some() {
-                        Ok(Step::Done)
-                    } else {
-                        Ok(Step::Wait(format!(
-                            "group {}: {}: {text} (resume with {{}} to go on)",
-                            g.name,
-                            action.name()
-                        )))
+                    let prompt = format!(
+                        "group {}: {}: {text} (resume the job to go on)",
+                        g.name,
+                        action.name()
+                    );
+                    // The operator's resume is the go-ahead: the task runs again only
+                    // then, having recorded that it waited.
+                    if job.input.is_some() || params.waited.contains(&seq) {
+                        if params.waited.remove(&seq) {
+                            save_params(&ctx.db, job, &owner, &params).await?;
+                        }
+                        return Ok(Step::Done);
                     }
+                    params.waited.insert(seq);
+                    save_params(&ctx.db, job, &owner, &params).await?;
+                    Ok(Step::Wait(prompt))
                 }
                 Action::Script { .. } => {
                     actions::run_script(ctx, job, seq, &params, group, action).await?;

@@ -413,15 +413,8 @@ async fn two_groups_then_cleanup(s: &Site) {
     }
     // The manual action takes {} or a skip, not a verdict.
     assert!(crate::jobs::check_input(&waiting, &json!({"verdict": "passed"})).is_err());
-    // A resume without input shows the text again; with {} it goes on.
+    // A resume, with or without input, goes on.
     s.resume(&job.id, None).await;
-    let again = s.until_state(&job.id, JobState::WaitingForInput).await;
-    assert!(again
-        .prompt
-        .as_deref()
-        .unwrap()
-        .contains("check the database"));
-    s.resume(&job.id, Some(json!({}))).await;
     let up = s
         .until(&job.id, "waiting for cleanup", |j| {
             j.state == JobState::WaitingForInput && j.tasks[6].started_at.is_some()
@@ -576,3 +569,39 @@ async fn a_hanging_script_is_killed_at_its_timeout_and_fails_the_job() {
 }
 
 mod points_and_hosts;
+
+/// A manual action waits once per run of its job: resumed (with `{}` or no input) it
+/// goes on; the job restarted, it waits again.
+#[tokio::test]
+async fn a_manual_action_waits_until_resumed_and_again_after_a_restart() {
+    let s = site().await;
+    s.plan(
+        json!({"name": "ask", "groups": [{"name": "g", "machines": [],
+        "before": [{"kind": "manual", "name": "call", "text": "call the DBA"}]}]}),
+    )
+    .await;
+    let job = job::enqueue(&s.ctx, "ask", unplanned(), Some("latest"))
+        .await
+        .unwrap();
+    let waiting = s.until_state(&job.id, JobState::WaitingForInput).await;
+    assert_eq!(
+        waiting.prompt.as_deref(),
+        Some("group g: call: call the DBA (resume the job to go on)")
+    );
+    s.resume(&job.id, Some(json!({}))).await;
+    let done = s.until_state(&job.id, JobState::Succeeded).await;
+    assert_eq!(done.params["waited"], json!([]));
+    assert!(matches!(
+        queue::restart(&s.db, &job.id).await.unwrap(),
+        queue::Outcome::Done(_)
+    ));
+    s.ctx.wake.notify_one();
+    let again = s
+        .until(&job.id, "waiting again", |j| {
+            j.state == JobState::WaitingForInput && j.started_at.is_some()
+        })
+        .await;
+    assert!(again.prompt.as_deref().unwrap().contains("call the DBA"));
+    s.resume(&job.id, None).await;
+    s.until_state(&job.id, JobState::Succeeded).await;
+}

@@ -13,6 +13,7 @@
 //! - `health`: health and RPO of machines and process servers, and the sweep that
 //!   records each change as an event.
 //! - `jobs`: durable jobs with leases, their runner, and the retention job.
+//! - `plans`: recovery plans and the plan jobs that drive machine recovery jobs.
 //! - `fleet`: automatic rebalancing: the machines of a lost, critical or overloaded
 //!   process server move to the others, rate limited.
 //! - `webhooks`: events POSTed, signed, to the URLs operators configure; the
@@ -36,6 +37,7 @@ pub mod error;
 pub mod fleet;
 pub mod health;
 pub mod jobs;
+pub mod plans;
 pub mod policy;
 pub mod recovery;
 pub mod registry;

@@ -5,6 +5,7 @@ pub mod client;
 mod events;
 mod jobs;
 mod machines;
+mod plans;
 mod points;
 mod policies;
 mod process_servers;
@@ -52,6 +53,10 @@ enum Resource {
     /// Webhooks: events POSTed, signed, to URLs (admin to change)
     #[command(subcommand)]
     Webhooks(webhooks::Verb),
+    /// Recovery plans: ordered groups of machines with actions; their test failover,
+    /// cleanup, failover, commit and cancel
+    #[command(subcommand)]
+    Plans(plans::Verb),
 }
 
 pub fn cp(a: CpArgs) -> Result<()> {
@@ -65,6 +70,7 @@ pub fn cp(a: CpArgs) -> Result<()> {
         Resource::Events(v) => events::run(&conn, v),
         Resource::Jobs(v) => jobs::run(&conn, v),
         Resource::Webhooks(v) => webhooks::run(&conn, v),
+        Resource::Plans(v) => plans::run(&conn, v),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod machines;
 pub mod meta;
 pub mod peer;
+pub mod plans;
 pub mod points;
 pub mod policies;
 pub mod process_servers;
@@ -165,6 +166,9 @@ impl Page {
         webhooks::list, webhooks::create, webhooks::get, webhooks::delete,
         recovery::test_failover, recovery::test_failover_cleanup, recovery::failover,
         recovery::change_point, recovery::commit, recovery::cancel,
+        plans::list, plans::create, plans::get, plans::replace, plans::delete,
+        plans::test_failover, plans::test_failover_cleanup, plans::failover, plans::commit,
+        plans::cancel,
     ),
     components(schemas(error::Problem)),
     modifiers(&BearerAuth),
@@ -305,6 +309,24 @@ fn routes() -> Routes {
     )
     .add(Post, "/v1/machines/{name}/commit", recovery::commit)
     .add(Post, "/v1/machines/{name}/cancel", recovery::cancel)
+    .add(Get, "/v1/recovery-plans", plans::list)
+    .add(Post, "/v1/recovery-plans", plans::create)
+    .add(Get, "/v1/recovery-plans/{name}", plans::get)
+    .add(Patch, "/v1/recovery-plans/{name}", plans::replace)
+    .add(Delete, "/v1/recovery-plans/{name}", plans::delete)
+    .add(
+        Post,
+        "/v1/recovery-plans/{name}/test-failover",
+        plans::test_failover,
+    )
+    .add(
+        Post,
+        "/v1/recovery-plans/{name}/test-failover-cleanup",
+        plans::test_failover_cleanup,
+    )
+    .add(Post, "/v1/recovery-plans/{name}/failover", plans::failover)
+    .add(Post, "/v1/recovery-plans/{name}/commit", plans::commit)
+    .add(Post, "/v1/recovery-plans/{name}/cancel", plans::cancel)
 }
 
 /// The whole service, ready to serve.

@@ -42,6 +42,9 @@ pub fn check_input(job: &Job, input: &serde_json::Value) -> Result<(), String> {
     if crate::recovery::jobs::KINDS.contains(&job.kind.as_str()) {
         return crate::recovery::jobs::check_input(job, input);
     }
+    if crate::plans::job::KINDS.contains(&job.kind.as_str()) {
+        return crate::plans::job::check_input(job, input);
+    }
     Ok(())
 }
 

@@ -286,6 +286,9 @@ async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<Step, String> 
         kind if crate::recovery::jobs::KINDS.contains(&kind) => {
             crate::recovery::jobs::tasks::run_task(ctx, job, seq).await
         }
+        k if crate::plans::job::KINDS.contains(&k) => {
+            crate::plans::job::run_task(ctx, job, seq).await
+        }
         other => Err(format!("no runner for jobs of kind {other:?}")),
     }
 }

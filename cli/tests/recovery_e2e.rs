@@ -159,6 +159,25 @@ struct Site {
     m2: Agent,
 }
 
+/// Kill -9 of the control plane while job `id` runs (its tasks pause 300 ms each, so
+/// it is caught between two), and a start on the same state: the job must go on.
+fn kill_cp_while_running(site: &mut Site, id: &str) {
+    let state = wait_ok(
+        &format!("job {id} running"),
+        Duration::from_secs(60),
+        || {
+            let j = job(&site.cp, id);
+            match j["state"].as_str() {
+                Some("queued") => Err(j),
+                Some(s) => Ok(s.to_string()),
+                None => Err(j),
+            }
+        },
+    );
+    assert_eq!(state, "running", "job {id} was not caught running");
+    site.restart_cp();
+}
+
 impl Site {
     fn d(&self) -> &Path {
         self.dir.path()
@@ -234,6 +253,9 @@ impl Site {
             m1,
             m2,
         };
+        // Points only once the initial copies are done.
+        wait_uploaded(bin(), &site.m1.sock);
+        wait_uploaded(bin(), &site.m2.sock);
         site.m1.write_and_point(bin(), &mut site.rng, "first");
         site.m2.write_and_point(bin(), &mut site.rng, "first");
         wait_uploaded(bin(), &site.m1.sock);
@@ -260,11 +282,127 @@ impl Site {
 #[test]
 fn recovery_end_to_end() {
     let mut site = Site::start();
+    a_plan_of_two_groups_is_drilled_through_a_control_plane_kill(&mut site);
     test_failover_of_a_group_to_nbd(&mut site);
     test_failover_to_files_through_a_control_plane_kill(&mut site);
     planned_failover_then_commit(&mut site);
     planned_failover_cancelled(&mut site);
     unplanned_failover_and_the_source_refused(&mut site);
+}
+
+/// A recovery plan of two groups (a script before the first on the control plane, one
+/// after it on the recovery host, a manual pause before the second, a script after
+/// it) test-fails both machines over to NBD at one group point, the control plane
+/// killed (-9) while the plan job runs: the scripts ran in order, each disk is the
+/// source at that point, and the cleanup leaves nothing.
+fn a_plan_of_two_groups_is_drilled_through_a_control_plane_kill(site: &mut Site) {
+    let quiet_since = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let d = site.d().to_path_buf();
+    let m1_copy = copy_of(&site.m1, &d, "m1.plan-copy");
+    let m2_copy = copy_of(&site.m2, &d, "m2.plan-copy");
+    let gp = group_point_after(&site.cp, &["m1", "m2"], "g1", &quiet_since);
+    let order = d.join("order.log");
+    let append = |what: &str| {
+        format!(
+            "echo \"{what} $FERRY_GROUP $FERRY_FAILOVER_TYPE $FERRY_DIRECTION\" >> {}",
+            s(&order)
+        )
+    };
+    let plan = json!({
+        "name": "app",
+        "max_parallel": 2,
+        "groups": [
+            {"name": "db", "machines": ["m1"],
+             "before": [{"kind": "script", "name": "stop-app", "command": append("db-before"),
+                         "timeout_s": 30, "run_on": "control-plane"}],
+             "after": [{"kind": "script", "name": "check-db", "command": append("db-after"),
+                        "timeout_s": 30, "run_on": "recovery-host:rh1"}]},
+            {"name": "web", "machines": ["m2"],
+             "before": [{"kind": "manual", "name": "look", "text": "check the database"}],
+             "after": [{"kind": "script", "name": "start-web", "command": append("web-after"),
+                        "timeout_s": 30, "run_on": "control-plane"}]}
+        ]
+    });
+    let (st, v) = site.cp.api("POST", "/v1/recovery-plans", Some(plan));
+    assert_eq!(st, 201, "{v}");
+    // A plan naming a machine nobody knows.
+    let (st, v) = site.cp.api(
+        "POST",
+        "/v1/recovery-plans",
+        Some(json!({"name": "bad", "groups": [{"name": "g", "machines": ["nobody"]}]})),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("nobody"), "{v}");
+    let pj = post(
+        &site.cp,
+        "/v1/recovery-plans/app/test-failover",
+        json!({"point": "latest-group", "target": {"kind": "nbd"}}),
+    );
+    let pj_id = pj["id"].as_str().unwrap().to_string();
+    kill_cp_while_running(site, &pj_id);
+    let cp = &site.cp;
+    let waiting = wait_job(cp, &pj_id, "waiting-for-input");
+    assert!(
+        waiting["prompt"]
+            .as_str()
+            .unwrap_or("")
+            .contains("check the database"),
+        "{waiting}"
+    );
+    let ran = std::fs::read_to_string(&order).unwrap();
+    assert_eq!(
+        ran.lines().collect::<Vec<_>>(),
+        ["db-before db test forward", "db-after db test forward"],
+        "{ran}"
+    );
+    post(cp, &format!("/v1/jobs/{pj_id}/resume"), json!({}));
+    wait_ok(
+        "the plan waits for its cleanup",
+        Duration::from_secs(120),
+        || {
+            let j = job(cp, &pj_id);
+            let prompt = j["prompt"].as_str().unwrap_or("").to_string();
+            assert!(j["state"] != "failed", "{j}");
+            if j["state"] == "waiting-for-input" && prompt.contains("verdict") {
+                Ok(())
+            } else {
+                Err(j)
+            }
+        },
+    );
+    let ran = std::fs::read_to_string(&order).unwrap();
+    assert_eq!(ran.lines().count(), 3, "{ran}");
+    assert_eq!(
+        ran.lines().last(),
+        Some("web-after web test forward"),
+        "{ran}"
+    );
+    // Each machine's test disk is the source at the group point.
+    let (_, tests) = cp.api("GET", "/v1/jobs?state=waiting-for-input&limit=1000", None);
+    let mut seen = 0;
+    for j in tests["items"].as_array().unwrap() {
+        if j["kind"] != "test-failover" {
+            continue;
+        }
+        for disk in j["disks"].as_array().unwrap() {
+            assert_eq!(disk["point"], json!(gp), "{j}");
+            let copy = if disk["machine"] == "m1" {
+                &m1_copy
+            } else {
+                &m2_copy
+            };
+            assert_same(disk["nbd_url"].as_str().unwrap(), copy);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 2, "{tests}");
+    post(
+        cp,
+        "/v1/recovery-plans/app/test-failover-cleanup",
+        json!({"verdict": "passed", "notes": "both up"}),
+    );
+    wait_job(cp, &pj_id, "succeeded");
+    site.assert_host_empty();
 }
 
 /// Both machines at one group point, each disk the source at that point; replication
@@ -327,8 +465,7 @@ fn test_failover_to_files_through_a_control_plane_kill(site: &mut Site) {
         Some(json!({"planned": true, "target": {"kind": "nbd"}})),
     );
     assert_eq!(st, 409, "{v}");
-    wait_job(&site.cp, &tj_id, "running");
-    site.restart_cp();
+    kill_cp_while_running(site, &tj_id);
     let cp = &site.cp;
     let up = wait_job(cp, &tj_id, "waiting-for-input");
     let disk = &up["disks"][0];
@@ -400,9 +537,32 @@ fn planned_failover_then_commit(site: &mut Site) {
         Some(json!({"planned": false, "target": {"kind": "nbd"}})),
     );
     assert_eq!(st, 409, "{v}");
+    // Fail over again, to m1's first point, the control plane killed meanwhile.
+    let (first, first_disk) = site.m1.expected[0].clone();
+    let first_file = site.d().join("m1.first");
+    std::fs::write(&first_file, &first_disk).unwrap();
+    let xj = post(
+        cp,
+        "/v1/machines/m1/change-point",
+        json!({"point": first, "target": {"kind": "nbd"}}),
+    );
+    let xj_id = xj["id"].as_str().unwrap().to_string();
+    kill_cp_while_running(site, &xj_id);
+    let cp = &site.cp;
+    let changed = wait_job(cp, &xj_id, "succeeded");
+    let new_url = changed["disks"][0]["nbd_url"].as_str().unwrap().to_string();
+    assert_eq!(changed["disks"][0]["point"], json!(first), "{changed}");
+    assert_same(&new_url, &first_file);
+    // Commit, the control plane killed meanwhile.
     let cj = post(cp, "/v1/machines/m1/commit", json!({}));
-    wait_job(cp, cj["id"].as_str().unwrap(), "succeeded");
+    let cj_id = cj["id"].as_str().unwrap().to_string();
+    kill_cp_while_running(site, &cj_id);
+    let cp = &site.cp;
+    wait_job(cp, &cj_id, "succeeded");
     assert_eq!(cp.machine("m1")["recovery"]["state"], "committed");
+    // No cancel once committed.
+    let (st, v) = cp.api("POST", "/v1/machines/m1/cancel", Some(json!({})));
+    assert_eq!(st, 409, "{v}");
 }
 
 /// A planned failover cancelled: what it brought up is removed, the source writes again.
@@ -416,7 +576,10 @@ fn planned_failover_cancelled(site: &mut Site) {
     wait_job(cp, fj["id"].as_str().unwrap(), "succeeded");
     assert!(!write_works(&site.m2.nbd()));
     let xj = post(cp, "/v1/machines/m2/cancel", json!({}));
-    wait_job(cp, xj["id"].as_str().unwrap(), "succeeded");
+    let xj_id = xj["id"].as_str().unwrap().to_string();
+    kill_cp_while_running(site, &xj_id);
+    let cp = &site.cp;
+    wait_job(cp, &xj_id, "succeeded");
     assert_eq!(cp.machine("m2")["recovery"], Value::Null);
     let url = site.m2.nbd();
     wait_ok("m2 writes again", Duration::from_secs(30), || {

@@ -1,4 +1,4 @@
-//! No split brain, the source agent's side (docs/recovery-split-brain.md), with a
+//! No split brain, the source agent's side (docs/recovery.md, "No split brain"), with a
 //! process server in-process and the orders applied as the heartbeat thread applies
 //! them: a planned failover's prepare holds writes (NBD writes fail, reads work) and
 //! reports a final point that holds the last acknowledged write once the process

@@ -39,6 +39,7 @@ pub struct RecoveryHostArgs {
     /// Blob store: file:///abs/path, az://container or s3://bucket
     #[arg(long, value_name = "URL")]
     store: String,
+    /// The store's vault key file (`ferry keygen`): the replica is decrypted with it
     #[arg(long, value_name = "FILE")]
     key_file: PathBuf,
     /// Where the NBD server listens for the disks it serves (port 0: any free port)

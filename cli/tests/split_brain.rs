@@ -1,4 +1,4 @@
-//! No split brain, with real processes (docs/recovery-split-brain.md): a control
+//! No split brain, with real processes (docs/recovery.md, "No split brain"): a control
 //! plane, an enrolled process server and an enrolled agent written through NBD with
 //! qemu-io. A machine's failover row is set in the control plane's database by hand
 //! (the recovery jobs that set it are tested apart): `preparing` holds the agent's

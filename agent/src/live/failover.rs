@@ -1,4 +1,4 @@
-//! No split brain (docs/recovery-split-brain.md): the source agent's side of a
+//! No split brain (docs/recovery.md, "No split brain"): the source agent's side of a
 //! failover. A planned failover's `prepare` order holds every write (NBD writes and
 //! trims answered with an error, reads served), flushes, takes a final point on every
 //! disk and reports it once the process server acknowledged it durable. Once the

@@ -46,7 +46,7 @@ pub struct Machine {
     pub actions: Actions,
 }
 
-/// A machine's failover (docs/recovery-jobs.md).
+/// A machine's failover (docs/recovery.md, "Jobs on machines").
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MachineRecovery {
     /// `preparing`, `failed-over` or `committed`.

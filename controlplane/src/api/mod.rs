@@ -290,7 +290,7 @@ fn routes() -> Routes {
     .add(Post, "/v1/webhooks", webhooks::create)
     .add(Get, "/v1/webhooks/{name}", webhooks::get)
     .add(Delete, "/v1/webhooks/{name}", webhooks::delete)
-    // The recovery jobs of one machine (issue 15, docs/recovery-jobs.md).
+    // The recovery jobs of one machine (issue 15, docs/recovery.md, "Jobs on machines").
     .add(
         Post,
         "/v1/machines/{name}/test-failover",

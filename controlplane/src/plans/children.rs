@@ -1,4 +1,4 @@
-//! A plan job's children: the machine jobs (docs/recovery-jobs.md) it queues, one per
+//! A plan job's children: the machine jobs (docs/recovery.md, "Jobs on machines") it queues, one per
 //! machine, and the states it waits for. Everything a plan knows of machine jobs is in
 //! this file, so that joining it with the machine jobs' own module is one change.
 

@@ -1,4 +1,4 @@
-//! No split brain (docs/recovery-split-brain.md): what a machine's failover
+//! No split brain (docs/recovery.md, "No split brain"): what a machine's failover
 //! (`machine_recovery`, made and moved on by the recovery jobs) means for its source
 //! agent and for the process servers. While the failover prepares, the agent's orders
 //! say `prepare` (stop accepting writes, take a final point and report it); once the

@@ -1,5 +1,5 @@
 //! Machines that failed over to the recovery site, as the process server's heartbeat
-//! brings them (`ProcessServerOrders::failed_over`; docs/recovery-split-brain.md): a
+//! brings them (`ProcessServerOrders::failed_over`; docs/recovery.md, "No split brain"): a
 //! Hello for one of their disks is refused with Error(failed over), and an open
 //! session of one is closed before its next frame reaches the cache. The source of a
 //! failed-over machine must not write to the replica any more: the machine runs at

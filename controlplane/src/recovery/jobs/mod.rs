@@ -1,4 +1,4 @@
-//! The recovery jobs of one machine (docs/recovery-jobs.md): test failover and its
+//! The recovery jobs of one machine (docs/recovery.md, "Jobs on machines"): test failover and its
 //! cleanup, planned and unplanned failover, change-point, commit and cancel. Each is
 //! a job of the control plane's framework (`crate::jobs`) whose tasks give work
 //! items to a recovery host (`recovery::work`) and move the machine's failover

@@ -247,6 +247,17 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
     transmit(r, w, dev.as_ref())
 }
 
+/// Whether `e` is a device refusing writes on purpose rather than failing: a
+/// failed-over disk is read-only (`ReadOnlyFilesystem`), a disk whose planned
+/// failover prepares holds its writes (`ResourceBusy`). A guest retries such writes
+/// for as long as it runs, so they are logged once per connection, not each time.
+pub fn is_refusal(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ReadOnlyFilesystem | io::ErrorKind::ResourceBusy
+    )
+}
+
 fn errno(e: &io::Error) -> u32 {
     match e.raw_os_error() {
         Some(n) if n == ENOSPC as i32 => ENOSPC,
@@ -258,6 +269,8 @@ fn errno(e: &io::Error) -> u32 {
 fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(), NbdError> {
     let size = dev.size();
     let mut data = Vec::new();
+    // The refusal kinds this connection was warned about (at most two).
+    let mut warned: Vec<io::ErrorKind> = Vec::new();
     loop {
         let mut h = [0u8; 28];
         match r.read_exact(&mut h) {
@@ -307,6 +320,14 @@ fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(
         let err = match &result {
             Ok(()) => 0,
             Err(e) if e.raw_os_error() == Some(EINVAL as i32) => EINVAL,
+            Err(e) if is_refusal(e) => {
+                if !warned.contains(&e.kind()) {
+                    warned.push(e.kind());
+                    tracing::warn!(reason = %e, offset = req.offset, len = req.length,
+                        "NBD write refused (once per connection: later refusals are not logged)");
+                }
+                errno(e)
+            }
             Err(e) => {
                 tracing::error!(error = %e, offset = req.offset, len = req.length, "NBD request failed");
                 errno(e)

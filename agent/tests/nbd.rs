@@ -285,3 +285,134 @@ fn exports_come_and_go_while_the_server_serves() {
     c.disconnect().unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
 }
+
+/// A device that refuses every write as a failed-over disk does (read-only), every
+/// zeroing as a preparing one does (held), and fails every read.
+struct Refusing;
+
+impl Device for Refusing {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn read(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other("the disk is gone"))
+    }
+    fn write(&self, _: u64, _: &[u8], _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ReadOnlyFilesystem,
+            "disk sda is read-only: the machine failed over",
+        ))
+    }
+    fn zero(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            "disk sda: writes are held",
+        ))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The log lines written through one `tracing` subscriber, kept in memory.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A guest retrying writes on a read-only or held disk gets an error reply every
+/// time, over one connection or a new connection each time (qemu-io in a loop), but
+/// the log says so once per export and kind of refusal (WARN, with the device's
+/// reason, then at most once a minute); other failures are still logged at ERROR each
+/// time.
+#[test]
+fn refused_writes_are_errors_but_logged_once() {
+    let mut exports = Exports::default();
+    exports.add("d", Arc::new(Refusing));
+    // The client's side, all at once: flags (no zeroes), the export by name, then
+    // 5 writes, 3 write-zeroes, 2 reads, and a disconnect.
+    let mut input = 3u32.to_be_bytes().to_vec();
+    input.extend_from_slice(b"IHAVEOPT");
+    input.extend_from_slice(&1u32.to_be_bytes());
+    input.extend_from_slice(&1u32.to_be_bytes());
+    input.extend_from_slice(b"d");
+    let req = |input: &mut Vec<u8>, kind: u16, handle: u64, len: u32| {
+        input.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        input.extend_from_slice(&0u16.to_be_bytes());
+        input.extend_from_slice(&kind.to_be_bytes());
+        input.extend_from_slice(&handle.to_be_bytes());
+        input.extend_from_slice(&0u64.to_be_bytes());
+        input.extend_from_slice(&len.to_be_bytes());
+    };
+    let mut handle = 0;
+    let mut sent = Vec::new();
+    for (kind, n) in [(1u16, 5), (6, 3), (0, 2)] {
+        for _ in 0..n {
+            handle += 1;
+            req(&mut input, kind, handle, 4096);
+            if kind == 1 {
+                input.extend_from_slice(&[0x5a; 4096]);
+            }
+            sent.push(handle);
+        }
+    }
+    req(&mut input, 2, 99, 0);
+
+    let log = LogBuf::default();
+    let to = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || to.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // Three connections, one after the other, as a polling client makes them.
+    let connections = 3;
+    tracing::subscriber::with_default(subscriber, || {
+        for _ in 0..connections {
+            let mut output = Vec::new();
+            ferry_agent::nbd::server::session(
+                &mut std::io::Cursor::new(input.clone()),
+                &mut output,
+                &exports,
+            )
+            .unwrap();
+            // Greeting (18 bytes), export reply (size and flags, no zeroes: 10),
+            // then one simple reply of 16 bytes per request, each an error.
+            let replies = &output[28..];
+            assert_eq!(replies.len(), 16 * sent.len(), "one reply per request");
+            for (r, h) in replies.chunks(16).zip(&sent) {
+                assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), *h);
+                let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
+                assert_ne!(err, 0, "request {h} was refused, its reply must say so");
+            }
+        }
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let lines = |what: &str| text.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(
+        lines("NBD write refused"),
+        2,
+        "one per kind of refusal: {text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(" WARN ") && l.contains("read-only: the machine failed over"))
+            .count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(lines("writes are held"), 1, "{text}");
+    assert_eq!(
+        lines("NBD request failed"),
+        2 * connections,
+        "other errors as before: {text}"
+    );
+}

@@ -85,16 +85,23 @@ impl Gate {
         self.0.store(w as u8, Ordering::SeqCst);
     }
 
-    /// The error a write gets while the gate is not open.
+    /// The error a write gets while the gate is not open. Its kind is one the NBD
+    /// server knows for a refusal (`nbd::server::is_refusal`): a guest retrying such
+    /// writes is warned about once a minute per export, not logged at every retry.
     pub fn refusal(&self, disk: &str) -> io::Result<()> {
         match self.get() {
             Writes::Open => Ok(()),
-            Writes::Held => Err(io::Error::other(format!(
-                "disk {disk}: writes are held: the machine is being failed over (planned failover)"
-            ))),
-            Writes::ReadOnly => Err(io::Error::other(format!(
-                "disk {disk} is read-only: the machine failed over to the recovery site"
-            ))),
+            Writes::Held => Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "disk {disk}: writes are held: the machine is being failed over \
+                     (planned failover)"
+                ),
+            )),
+            Writes::ReadOnly => Err(io::Error::new(
+                io::ErrorKind::ReadOnlyFilesystem,
+                format!("disk {disk} is read-only: the machine failed over to the recovery site"),
+            )),
         }
     }
 }

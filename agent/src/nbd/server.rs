@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use super::wire::*;
 use crate::error::NbdError;
@@ -35,6 +36,53 @@ pub trait Device: Send + Sync {
 #[derive(Default)]
 pub struct Exports {
     map: RwLock<HashMap<String, Arc<dyn Device>>>,
+    /// What this server logged of its devices' refusals, across connections.
+    refusals: Refusals,
+}
+
+/// How often one export's refusals of one kind are logged: the first at once, then
+/// at most one line a minute, counting those not logged. A guest retries a refused
+/// write for as long as it runs, and a client polling with a new connection each
+/// time (qemu-io in a loop) does too: neither may flood the log.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// The (export, kind) pairs remembered at most; past it they are forgotten at once
+/// (the worst case: one more line each).
+const REFUSAL_KEYS: usize = 1024;
+
+/// Per export and kind of refusal: when it was last logged, and how many refusals
+/// since were not.
+#[derive(Default)]
+struct Refusals {
+    seen: Mutex<HashMap<(String, io::ErrorKind), (Instant, u64)>>,
+}
+
+impl Refusals {
+    /// Whether a refusal of `kind` on `export` at `now` is logged, with the number of
+    /// refusals like it that were not logged since the last line.
+    fn note(
+        &self,
+        export: &str,
+        kind: io::ErrorKind,
+        now: Instant,
+        every: Duration,
+    ) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (export.to_string(), kind);
+        if let Some((last, skipped)) = seen.get_mut(&key) {
+            if now.saturating_duration_since(*last) < every {
+                *skipped += 1;
+                return None;
+            }
+            let n = *skipped;
+            (*last, *skipped) = (now, 0);
+            return Some(n);
+        }
+        if seen.len() >= REFUSAL_KEYS {
+            seen.clear();
+        }
+        seen.insert(key, (now, 0));
+        Some(0)
+    }
 }
 
 impl Exports {
@@ -159,7 +207,7 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
         .map_err(|e| io("greeting", e))?;
     let client = read_u32(r).map_err(|e| io("client flags", e))?;
     let no_zeroes = client & CLIENT_NO_ZEROES != 0;
-    let dev = loop {
+    let (name, dev) = loop {
         let magic = read_u64(r).map_err(|e| io("option", e))?;
         if magic != IHAVEOPT {
             return Err(NbdError::BadMagic {
@@ -197,7 +245,7 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
                     })
                     .and_then(|_| w.flush())
                     .map_err(|e| io("export reply", e))?;
-                break dev;
+                break (name, dev);
             }
             OPT_GO | OPT_INFO => {
                 if data.len() < 6 {
@@ -226,7 +274,7 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
                 reply(REP_INFO, &bs)?;
                 reply(REP_ACK, b"")?;
                 if opt == OPT_GO {
-                    break dev;
+                    break (name, dev);
                 }
             }
             OPT_LIST => {
@@ -244,7 +292,18 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
             _ => reply(REP_ERR_UNSUP, b"")?,
         }
     };
-    transmit(r, w, dev.as_ref())
+    transmit(r, w, &name, dev.as_ref(), &exports.refusals)
+}
+
+/// Whether `e` is a device refusing writes on purpose rather than failing: a
+/// failed-over disk is read-only (`ReadOnlyFilesystem`), a disk whose planned
+/// failover prepares holds its writes (`ResourceBusy`). They are logged at WARN at
+/// most once a minute per export and kind (`REFUSAL_LOG_EVERY`), not each time.
+pub fn is_refusal(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ReadOnlyFilesystem | io::ErrorKind::ResourceBusy
+    )
 }
 
 fn errno(e: &io::Error) -> u32 {
@@ -255,7 +314,13 @@ fn errno(e: &io::Error) -> u32 {
     }
 }
 
-fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(), NbdError> {
+fn transmit(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    export: &str,
+    dev: &dyn Device,
+    refusals: &Refusals,
+) -> Result<(), NbdError> {
     let size = dev.size();
     let mut data = Vec::new();
     loop {
@@ -307,6 +372,14 @@ fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(
         let err = match &result {
             Ok(()) => 0,
             Err(e) if e.raw_os_error() == Some(EINVAL as i32) => EINVAL,
+            Err(e) if is_refusal(e) => {
+                let now = Instant::now();
+                if let Some(not_logged) = refusals.note(export, e.kind(), now, REFUSAL_LOG_EVERY) {
+                    tracing::warn!(export, reason = %e, offset = req.offset, len = req.length,
+                        not_logged, "NBD write refused (logged at most once a minute per export)");
+                }
+                errno(e)
+            }
             Err(e) => {
                 tracing::error!(error = %e, offset = req.offset, len = req.length, "NBD request failed");
                 errno(e)
@@ -322,5 +395,53 @@ fn transmit(r: &mut impl Read, w: &mut impl Write, dev: &dyn Device) -> Result<(
             })
             .and_then(|_| w.flush())
             .map_err(NbdError::io("reply"))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_first_then_once_per_window_with_the_count_between() {
+        let r = Refusals::default();
+        let every = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let ro = io::ErrorKind::ReadOnlyFilesystem;
+        assert_eq!(
+            r.note("m1/sda", ro, t0, every),
+            Some(0),
+            "the first is logged"
+        );
+        assert_eq!(
+            r.note("m1/sda", ro, t0 + Duration::from_secs(1), every),
+            None
+        );
+        assert_eq!(
+            r.note("m1/sda", ro, t0 + Duration::from_secs(59), every),
+            None
+        );
+        // Another export, another kind: each logged at once.
+        assert_eq!(r.note("m1/sdb", ro, t0, every), Some(0));
+        let held = io::ErrorKind::ResourceBusy;
+        assert_eq!(r.note("m1/sda", held, t0, every), Some(0));
+        // A minute on: logged again, saying how many were not.
+        assert_eq!(r.note("m1/sda", ro, t0 + every, every), Some(2));
+        assert_eq!(r.note("m1/sda", ro, t0 + every, every), None);
+    }
+
+    #[test]
+    fn refusals_remember_a_bounded_number_of_exports() {
+        let r = Refusals::default();
+        let (t, every) = (Instant::now(), Duration::from_secs(60));
+        for i in 0..REFUSAL_KEYS * 3 {
+            r.note(
+                &format!("m{i}/sda"),
+                io::ErrorKind::ReadOnlyFilesystem,
+                t,
+                every,
+            );
+            assert!(r.seen.lock().unwrap().len() <= REFUSAL_KEYS);
+        }
     }
 }

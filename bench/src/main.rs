@@ -11,6 +11,7 @@ mod load;
 mod machine;
 mod peers;
 mod rebuild;
+mod recovery_plan;
 mod sample;
 mod seal;
 
@@ -147,6 +148,25 @@ enum Command {
         #[arg(long)]
         no_pin: bool,
     },
+    /// A recovery plan of real agents (small disks, two groups) test-failed-over to
+    /// NBD and cleaned up, against one machine's drill alone in the same run; every
+    /// test disk compared with its source, the recovery host empty after
+    RecoveryPlan {
+        /// The ferry binary to run
+        #[arg(long)]
+        ferry: PathBuf,
+        /// Where the run's files go (removed at its end)
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        machines: usize,
+        /// Each machine's disk
+        #[arg(long, default_value_t = 16)]
+        disk_mib: u64,
+        /// The plan's `max_parallel`; the control plane runs this many jobs plus 4
+        #[arg(long, default_value_t = 4)]
+        max_parallel: u32,
+    },
     /// All of the above, ending with the one-line summary
     All {
         #[command(flatten)]
@@ -260,6 +280,23 @@ fn run(command: Command) -> Result<()> {
                 more_steps,
                 pin: !no_pin,
             })?;
+        }
+        Command::RecoveryPlan {
+            ferry,
+            work,
+            machines,
+            disk_mib,
+            max_parallel,
+        } => {
+            machine::print();
+            let f = recovery_plan::run(&recovery_plan::Options {
+                ferry,
+                work,
+                machines,
+                disk_mib,
+                max_parallel,
+            })?;
+            recovery_plan::print(&f);
         }
         Command::All {
             peer: PeerArgs { image, ferry, work },

@@ -36,6 +36,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/act/machines/{name}/{action}", post(machine))
         .route("/act/jobs/{id}/cancel", post(cancel_job))
+        .route("/act/jobs/{id}/resume", post(resume_job))
 }
 
 /// What a machine's buttons do.
@@ -381,6 +382,63 @@ pub async fn cancel_job(
     .await
 }
 
+/// The body a resume button sends: the verdict and notes of a cleanup, or nothing
+/// (a plan's manual action done).
+fn resume_body(form: &Form) -> Result<serde_json::Value, String> {
+    match form.verdict.as_deref() {
+        None => Ok(json!({})),
+        Some(v @ ("passed" | "failed")) => {
+            let notes = form.notes.as_deref().unwrap_or("").trim();
+            if notes.chars().count() > NOTES_MAX_CHARS {
+                return Err(format!("Notes are at most {NOTES_MAX_CHARS} characters."));
+            }
+            Ok(json!({"verdict": v, "notes": notes}))
+        }
+        Some(other) => Err(format!(
+            "The verdict {other:?} is neither passed nor failed."
+        )),
+    }
+}
+
+/// `POST /act/jobs/{id}/resume`.
+pub async fn resume_job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let form = Form::parse(&body);
+    let caller = match caller(&state, &headers, &form).await {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let what = format!("Resume job {id}");
+    let checked = if id.is_empty()
+        || id.len() > 64
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        Err("A job id is letters, digits and '-'.".to_string())
+    } else {
+        resume_body(&form)
+    };
+    match checked {
+        Ok(api_body) => {
+            send(
+                &state,
+                caller,
+                &what,
+                &format!("/v1/jobs/{id}/resume"),
+                &api_body,
+            )
+            .await
+        }
+        Err(e) => html(
+            StatusCode::BAD_REQUEST,
+            forms::message(&format!("{what}: refused"), &e),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,6 +490,18 @@ mod tests {
             assert_eq!(MachineAction::parse(a.slug()), Some(a));
             assert_eq!(a.needs_confirmation(), !a.consequence().is_empty());
         }
+    }
+
+    #[test]
+    fn a_resume_sends_the_verdict_or_nothing() {
+        assert_eq!(resume_body(&Form::default()).unwrap(), json!({}));
+        let f = Form::parse(b"verdict=passed&notes=+ok+");
+        assert_eq!(
+            resume_body(&f).unwrap(),
+            json!({"verdict": "passed", "notes": "ok"})
+        );
+        let e = resume_body(&Form::parse(b"verdict=maybe")).unwrap_err();
+        assert!(e.contains("maybe"), "{e}");
     }
 
     #[test]

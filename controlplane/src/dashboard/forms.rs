@@ -63,6 +63,31 @@ pub fn job_cancel_button(job_id: &str, form_token: &str) -> String {
     )
 }
 
+/// The resume buttons of a job waiting for input: a verdict (passed or failed, with
+/// notes) when it waits for a cleanup, else one button that lets it go on (a plan's
+/// manual action done).
+pub fn job_resume_buttons(job_id: &str, wants_verdict: bool, form_token: &str) -> String {
+    let url = format!("/act/jobs/{}/resume", esc(job_id));
+    if wants_verdict {
+        format!(
+            "<form class=\"act\" method=\"post\" action=\"{url}\">{}\
+             <input name=\"notes\" maxlength=\"{NOTES_MAX_CHARS}\" placeholder=\"notes\" \
+             aria-label=\"notes on the test\">\
+             <button type=\"submit\" name=\"verdict\" value=\"passed\" \
+             data-action=\"job-cleanup-passed\">Clean up: passed</button>\
+             <button type=\"submit\" name=\"verdict\" value=\"failed\" \
+             data-action=\"job-cleanup-failed\">Clean up: failed</button></form>",
+            token_field(form_token)
+        )
+    } else {
+        format!(
+            "<form class=\"act\" method=\"post\" action=\"{url}\">{}\
+             <button type=\"submit\" data-action=\"resume-job\">Done: resume</button></form>",
+            token_field(form_token)
+        )
+    }
+}
+
 /// A page with one message and the way back.
 pub fn message(title: &str, text: &str) -> String {
     let mut out = String::new();
@@ -117,6 +142,12 @@ mod tests {
         assert!(html.contains("name=\"verdict\" value=\"failed\""));
         assert!(html.contains("name=\"notes\""));
         assert!(machine_buttons("db1", &[], "tok").is_empty());
+        let html = job_resume_buttons("j1-a", false, "tok");
+        assert!(html.contains("action=\"/act/jobs/j1-a/resume\""));
+        assert!(html.contains("data-action=\"resume-job\"") && !html.contains("verdict"));
+        let html = job_resume_buttons("j1-a", true, "tok");
+        assert!(html.contains("name=\"verdict\" value=\"passed\""));
+        assert!(html.contains("name=\"notes\"") && html.contains("value=\"tok\""));
     }
 
     #[test]

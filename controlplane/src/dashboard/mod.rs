@@ -270,6 +270,8 @@ pub async fn view(
         for j in queue::list(db, Some(st), None, JOBS).await? {
             jobs.push(JobLine {
                 cancellable: j.actions.contains(&crate::jobs::Action::Cancel),
+                resumable: j.state == JobState::WaitingForInput
+                    && j.actions.contains(&crate::jobs::Action::Resume),
                 prompt: j.prompt.clone(),
                 progress: progress(&j),
                 task: j

@@ -114,6 +114,8 @@ pub struct JobLine {
     pub prompt: Option<String>,
     /// Whether it may be cancelled now.
     pub cancellable: bool,
+    /// Whether it waits for an operator to resume it.
+    pub resumable: bool,
 }
 
 /// An event's row.
@@ -394,7 +396,7 @@ fn jobs(out: &mut String, v: &View) {
             out,
             "<tr data-job=\"{id}\"><td>{id}</td><td>{}</td><td>{}</td><td>{}</td>\
              <td><progress max=\"100\" value=\"{pct:.0}\"></progress> \
-             <span class=\"pct\">{pct:.0} %</span></td><td>{}{}{}</td></tr>",
+             <span class=\"pct\">{pct:.0} %</span></td><td>{}{}{}{}</td></tr>",
             esc(&j.kind),
             esc(&j.subject),
             esc(&j.state),
@@ -403,6 +405,18 @@ fn jobs(out: &mut String, v: &View) {
                 .as_deref()
                 .map(|p| format!("<div class=\"prompt\">{}</div>", esc(p)))
                 .unwrap_or_default(),
+            match (&v.form_token, j.resumable) {
+                (Some(t), true) => {
+                    // A cleanup's prompt asks for a verdict; any other (a plan's manual
+                    // action) for a resume alone.
+                    let verdict = j.prompt.as_deref().is_some_and(|p| p.contains("verdict"));
+                    format!(
+                        "<div>{}</div>",
+                        forms::job_resume_buttons(&j.id, verdict, t)
+                    )
+                }
+                _ => String::new(),
+            },
             match (&v.form_token, j.cancellable) {
                 (Some(t), true) => format!("<div>{}</div>", forms::job_cancel_button(&j.id, t)),
                 _ => String::new(),
@@ -466,6 +480,7 @@ mod tests {
                 task: Some("compact".into()),
                 prompt: None,
                 cancellable: true,
+                resumable: false,
             }],
             events: vec![EventLine {
                 time: "t".into(),

@@ -237,10 +237,16 @@ fn a_killed_process_server_loses_its_machines_and_commits_nothing_after(database
 
     for &i in &evacuated {
         let name = agents[i].name.clone();
+        // The move's event is written just after the move itself: wait for both.
         wait_for(
             &format!("{name} moved off {victim}"),
             Duration::from_secs(60).saturating_sub(killed.elapsed()),
-            || cp.machine(&name)["process_server"] == json!(other),
+            || {
+                cp.machine(&name)["process_server"] == json!(other)
+                    && events_about(&cp, mark, &format!("machine {name}"))
+                        .iter()
+                        .any(|(k, _)| k == "move")
+            },
         );
         let evs = events_about(&cp, mark, &format!("machine {name}"));
         let moved: Vec<&String> = evs

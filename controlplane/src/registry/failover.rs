@@ -117,7 +117,7 @@ pub async fn record_report(db: &Db, machine: &str, r: &FailoverReport, now: i64)
         op: "recording a failover report",
         source: sqlx::Error::Decode(Box::new(e)),
     })?;
-    let mut tx = db.begin_write("recording a failover report").await?;
+    // One conditional statement: atomic on its own, no transaction needed.
     let done = sqlx::query(
         "UPDATE machine_recovery SET prepared = $1, updated_at = $2 \
          WHERE machine = $3 AND state = 'preparing' AND prepare_id = $4 AND prepared IS NULL",
@@ -126,12 +126,9 @@ pub async fn record_report(db: &Db, machine: &str, r: &FailoverReport, now: i64)
     .bind(now)
     .bind(machine.to_string())
     .bind(r.id.clone())
-    .execute(&mut *tx)
+    .execute(db.pool())
     .await
     .map_err(q("recording a failover report"))?;
-    tx.commit()
-        .await
-        .map_err(q("recording a failover report"))?;
     Ok(done.rows_affected() > 0)
 }
 

@@ -6,57 +6,39 @@
 //! the recovery site, and writes of the old source would be a second, diverging
 //! history (split brain).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use super::listed::Listed;
 
 #[derive(Debug, Default)]
 pub struct FailedOver {
-    machines: RwLock<HashSet<String>>,
-    /// Bumped at every change: sessions look again only then (one atomic load a
-    /// frame, no lock on the data path).
-    generation: AtomicU64,
+    machines: Listed,
 }
 
 impl FailedOver {
     /// Replaces the list; returns whether it changed.
     pub fn replace(&self, machines: &[String]) -> bool {
-        let new: HashSet<String> = machines.iter().cloned().collect();
-        let mut cur = self.machines.write().expect("failed-over lock");
-        if *cur == new {
-            return false;
-        }
-        *cur = new;
-        // Under the write lock: a session that sees the new generation reads the new
-        // list.
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        true
+        self.machines.replace(machines.iter().cloned())
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
+        self.machines.generation()
     }
 
     pub fn len(&self) -> usize {
-        self.machines.read().expect("failed-over lock").len()
+        self.machines.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.machines.is_empty()
     }
 
     /// Why `machine`'s agent is refused, if it failed over.
     pub fn refusal(&self, machine: &str) -> Option<String> {
-        self.machines
-            .read()
-            .expect("failed-over lock")
-            .contains(machine)
-            .then(|| {
-                format!(
-                    "machine {machine} failed over to the recovery site: its source may not \
+        self.machines.contains(machine).then(|| {
+            format!(
+                "machine {machine} failed over to the recovery site: its source may not \
                      replicate any more (stop writing; its disks are read-only)"
-                )
-            })
+            )
+        })
     }
 }
 

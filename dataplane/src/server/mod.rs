@@ -9,6 +9,7 @@ mod end;
 pub mod failed_over;
 mod hello;
 pub mod http;
+pub mod listed;
 pub mod options;
 pub mod registry;
 pub mod revoked;

@@ -2,53 +2,39 @@
 //! as the process server's heartbeat brings them: a Hello from one is refused, and an
 //! open session from one is closed at its next frame (agents ping every few seconds).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
-
 use ferry_link::tls::certs::{cert_serial, normal_serial};
+
+use super::listed::Listed;
 
 #[derive(Debug, Default)]
 pub struct Revoked {
-    serials: RwLock<HashSet<String>>,
-    /// Bumped at every change: sessions look again only then.
-    generation: AtomicU64,
+    serials: Listed,
 }
 
 impl Revoked {
     /// Replaces the list (serials in hex, any case or padding); returns whether it
     /// changed.
     pub fn replace(&self, serials: &[String]) -> bool {
-        let new: HashSet<String> = serials.iter().map(|s| normal_serial(s)).collect();
-        let mut cur = self.serials.write().expect("revoked lock");
-        if *cur == new {
-            return false;
-        }
-        *cur = new;
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        true
+        self.serials
+            .replace(serials.iter().map(|s| normal_serial(s)))
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
+        self.serials.generation()
     }
 
     pub fn len(&self) -> usize {
-        self.serials.read().expect("revoked lock").len()
+        self.serials.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.serials.is_empty()
     }
 
     /// Why a peer with this certificate is refused, if its serial is revoked.
     pub fn refusal(&self, peer_cert: Option<&[u8]>) -> Option<String> {
         let serial = cert_serial(peer_cert?)?;
-        self.serials
-            .read()
-            .expect("revoked lock")
-            .contains(&serial)
-            .then(|| format!("the client certificate (serial {serial}) was revoked by the control plane: its machine was removed"))
+        self.serials.contains(&serial).then(|| format!("the client certificate (serial {serial}) was revoked by the control plane: its machine was removed"))
     }
 }
 

@@ -416,3 +416,138 @@ fn refused_writes_are_errors_but_logged_once() {
         "other errors as before: {text}"
     );
 }
+
+/// A file device that counts reads running at once, notes any write that starts
+/// while a read runs, and holds each read until `gate` reads are inside together
+/// (or 5 s pass: then the read fails, so a server that serialises reads fails the
+/// test instead of hanging it).
+struct Concurrent {
+    inner: FileDevice,
+    gate: usize,
+    state: Mutex<(usize, usize, bool)>, // (inside now, most inside at once, a write overlapped)
+    cv: std::sync::Condvar,
+}
+
+impl Concurrent {
+    fn new(path: &Path, gate: usize) -> Concurrent {
+        Concurrent {
+            inner: FileDevice::open(path).unwrap(),
+            gate,
+            state: Mutex::new((0, 0, false)),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl Device for Concurrent {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        s.0 += 1;
+        s.1 = s.1.max(s.0);
+        self.cv.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while s.1 < self.gate {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.0 -= 1;
+                return Err(std::io::Error::other("reads were not served at once"));
+            }
+            s = self.cv.wait_timeout(s, left).unwrap().0;
+        }
+        drop(s);
+        // Long enough that a write sent behind the reads would overlap one if the
+        // server let it.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let r = self.inner.read(o, b);
+        self.state.lock().unwrap().0 -= 1;
+        r
+    }
+    fn write(&self, o: u64, d: &[u8], fua: bool) -> std::io::Result<()> {
+        if self.state.lock().unwrap().0 > 0 {
+            self.state.lock().unwrap().2 = true;
+        }
+        self.inner.write(o, d, fua)
+    }
+    fn zero(&self, o: u64, l: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.zero(o, l, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn serving(dev: Arc<dyn Device>) -> std::net::SocketAddr {
+    let mut exports = Exports::default();
+    exports.add("d", dev);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    std::thread::spawn(move || serve(listener, Arc::new(exports), stop));
+    addr
+}
+
+/// A client that keeps four reads in flight gets them served at once (the device
+/// holds each read until four are inside), each with its own bytes; and QEMU's
+/// asynchronous reads and a write sent behind them: the reads overlap each other,
+/// the write never overlaps a read, and every read sees the bytes from before it.
+#[test]
+fn reads_in_flight_are_served_together_and_writes_wait_for_them() {
+    use ferry_agent::nbd::client::Client;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    disk(&path);
+    let mut pattern = vec![0u8; SIZE as usize];
+    for (i, b) in pattern.iter_mut().enumerate() {
+        *b = (i / 4096) as u8;
+    }
+    std::fs::write(&path, &pattern).unwrap();
+
+    let dev = Arc::new(Concurrent::new(&path, 4));
+    let addr = serving(dev.clone());
+    let mut c = Client::connect(addr, "d").unwrap();
+    let offsets: Vec<u64> = (0..16).map(|i| i * (256 << 10)).collect();
+    let mut seen = Vec::new();
+    c.read_pipelined(&offsets, 64 << 10, 4, |o, b| {
+        assert_eq!(
+            b,
+            &pattern[o as usize..o as usize + (64 << 10)],
+            "read at {o}"
+        );
+        seen.push(o);
+    })
+    .unwrap();
+    seen.sort();
+    assert_eq!(seen, offsets);
+    assert_eq!(
+        dev.state.lock().unwrap().1,
+        4,
+        "four reads at once, no more"
+    );
+    c.disconnect().unwrap();
+
+    // qemu-io's aio: four reads and a write of new bytes over the first one, sent
+    // together; then the first range read again.
+    let dev = Arc::new(Concurrent::new(&path, 2));
+    let addr = serving(dev.clone());
+    let url = format!("nbd://{addr}/d");
+    let out = qemu_io(
+        &url,
+        &[
+            "aio_read -P 0 0 4k",
+            "aio_read -P 16 64k 4k",
+            "aio_read -P 32 128k 4k",
+            "aio_read -P 48 192k 4k",
+            "aio_write -P 0xee 0 4k",
+            "aio_flush",
+            "read -P 0xee 0 4k",
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.contains("error"), "{out}");
+    let s = dev.state.lock().unwrap();
+    assert!(s.1 >= 2, "QEMU's reads were served together: {out}");
+    assert!(!s.2, "a write ran while a read did");
+}

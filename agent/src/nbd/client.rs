@@ -111,6 +111,52 @@ impl Client {
         self.conn.read_exact(buf)
     }
 
+    /// Reads `len` bytes at each of `offsets` with up to `depth` requests in flight,
+    /// as QEMU and the kernel's client keep them; `each` gets every range's offset
+    /// and bytes in the order the replies come (a server may answer out of order).
+    pub fn read_pipelined(
+        &mut self,
+        offsets: &[u64],
+        len: u32,
+        depth: usize,
+        mut each: impl FnMut(u64, &[u8]),
+    ) -> io::Result<()> {
+        let depth = depth.max(1);
+        let mut sent = 0usize;
+        let mut pending = std::collections::HashMap::new();
+        let mut buf = vec![0u8; len as usize];
+        let mut done = 0usize;
+        while done < offsets.len() {
+            while sent < offsets.len() && pending.len() < depth {
+                self.handle += 1;
+                let r = Request {
+                    flags: 0,
+                    kind: CMD_READ,
+                    handle: self.handle,
+                    offset: offsets[sent],
+                    length: len,
+                };
+                self.conn.write_all(&r.encode())?;
+                pending.insert(self.handle, offsets[sent]);
+                sent += 1;
+            }
+            let mut rep = [0u8; 16];
+            self.conn.read_exact(&mut rep)?;
+            let err = u32::from_be_bytes(rep[4..8].try_into().expect("4"));
+            let handle = u64::from_be_bytes(rep[8..16].try_into().expect("8"));
+            let offset = pending
+                .remove(&handle)
+                .ok_or_else(|| bad(format!("a reply to handle {handle}, never sent")))?;
+            if err != 0 {
+                return Err(io::Error::from_raw_os_error(err as i32));
+            }
+            self.conn.read_exact(&mut buf)?;
+            each(offset, &buf);
+            done += 1;
+        }
+        Ok(())
+    }
+
     pub fn disconnect(mut self) -> io::Result<()> {
         self.handle += 1;
         let r = Request {

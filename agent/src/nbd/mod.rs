@@ -3,6 +3,7 @@
 pub mod client;
 pub mod device;
 pub mod server;
+mod transmit;
 pub mod wire;
 
 pub use device::FileDevice;

@@ -1,7 +1,8 @@
 //! An NBD server (fixed newstyle handshake, simple replies) exporting `Device`s by
 //! name, so QEMU, qemu-img, qemu-io and qemu-nbd attach to a protected disk as to any
-//! NBD server. One thread per connection: the agent serves a handful of disks, and a
-//! write must be applied and captured before its reply anyway.
+//! NBD server. One thread per connection for the handshake and the requests, and up to
+//! a few more for its reads (`transmit.rs`): the agent serves a handful of disks, and
+//! a write must be applied and captured before its reply anyway.
 //!
 //! A client's mistakes get an NBD error reply where the protocol allows one and close
 //! the connection where it does not (an oversized request whose payload we will not
@@ -44,7 +45,7 @@ pub struct Exports {
 /// at most one line a minute, counting those not logged. A guest retries a refused
 /// write for as long as it runs, and a client polling with a new connection each
 /// time (qemu-io in a loop) does too: neither may flood the log.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+pub(super) const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// The (export, kind) pairs remembered at most; past it they are forgotten at once
 /// (the worst case: one more line each).
 const REFUSAL_KEYS: usize = 1024;
@@ -52,14 +53,14 @@ const REFUSAL_KEYS: usize = 1024;
 /// Per export and kind of refusal: when it was last logged, and how many refusals
 /// since were not.
 #[derive(Default)]
-struct Refusals {
+pub(super) struct Refusals {
     seen: Mutex<HashMap<(String, io::ErrorKind), (Instant, u64)>>,
 }
 
 impl Refusals {
     /// Whether a refusal of `kind` on `export` at `now` is logged, with the number of
     /// refusals like it that were not logged since the last line.
-    fn note(
+    pub(super) fn note(
         &self,
         export: &str,
         kind: io::ErrorKind,
@@ -198,7 +199,11 @@ fn handle(conn: TcpStream, exports: &Exports) -> Result<(), NbdError> {
 /// One client from greeting to disconnect: the handshake's option haggling, then
 /// requests until the client leaves. Over any reader and writer, so the fuzz target
 /// can play a hostile client from memory.
-pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Result<(), NbdError> {
+pub fn session(
+    r: &mut impl Read,
+    w: &mut (impl Write + Send),
+    exports: &Exports,
+) -> Result<(), NbdError> {
     let io = |what: &'static str, e: io::Error| NbdError::io(what)(e);
     w.write_all(&NBDMAGIC.to_be_bytes())
         .and_then(|_| w.write_all(&IHAVEOPT.to_be_bytes()))
@@ -292,7 +297,7 @@ pub fn session(r: &mut impl Read, w: &mut impl Write, exports: &Exports) -> Resu
             _ => reply(REP_ERR_UNSUP, b"")?,
         }
     };
-    transmit(r, w, &name, dev.as_ref(), &exports.refusals)
+    super::transmit::transmit(r, w, &name, dev.as_ref(), &exports.refusals)
 }
 
 /// Whether `e` is a device refusing writes on purpose rather than failing: a
@@ -306,95 +311,11 @@ pub fn is_refusal(e: &io::Error) -> bool {
     )
 }
 
-fn errno(e: &io::Error) -> u32 {
+pub(super) fn errno(e: &io::Error) -> u32 {
     match e.raw_os_error() {
         Some(n) if n == ENOSPC as i32 => ENOSPC,
         Some(n) if n == ENOMEM as i32 => ENOMEM,
         _ => EIO,
-    }
-}
-
-fn transmit(
-    r: &mut impl Read,
-    w: &mut impl Write,
-    export: &str,
-    dev: &dyn Device,
-    refusals: &Refusals,
-) -> Result<(), NbdError> {
-    let size = dev.size();
-    let mut data = Vec::new();
-    loop {
-        let mut h = [0u8; 28];
-        match r.read_exact(&mut h) {
-            Ok(()) => {}
-            // A client that goes away without NBD_CMD_DISC.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(NbdError::io("request")(e)),
-        }
-        let req = Request::parse(&h)?;
-        let fua = req.flags & CMD_FLAG_FUA != 0;
-        let in_range = req
-            .offset
-            .checked_add(req.length as u64)
-            .is_some_and(|end| end <= size);
-        let carries_data = req.kind == CMD_WRITE;
-        if carries_data || req.kind == CMD_READ {
-            if req.length > MAX_REQUEST_BYTES {
-                // Its payload would not be read: reply, then close.
-                let _ = w.write_all(&simple_reply(EOVERFLOW, req.handle));
-                let _ = w.flush();
-                return Err(NbdError::TooLarge {
-                    len: req.length,
-                    max: MAX_REQUEST_BYTES,
-                });
-            }
-            data.resize(req.length as usize, 0);
-        }
-        if carries_data {
-            r.read_exact(&mut data)
-                .map_err(NbdError::io("write payload"))?;
-        }
-        let result: io::Result<()> = if !in_range && req.kind != CMD_FLUSH && req.kind != CMD_DISC {
-            Err(io::Error::from_raw_os_error(EINVAL as i32))
-        } else {
-            match req.kind {
-                CMD_READ => dev.read(req.offset, &mut data),
-                CMD_WRITE => dev.write(req.offset, &data, fua),
-                CMD_TRIM | CMD_WRITE_ZEROES => dev.zero(req.offset, req.length as u64, fua),
-                CMD_FLUSH => dev.flush(),
-                CMD_DISC => {
-                    let _ = w.flush();
-                    return Ok(());
-                }
-                _ => Err(io::Error::from_raw_os_error(EINVAL as i32)),
-            }
-        };
-        let err = match &result {
-            Ok(()) => 0,
-            Err(e) if e.raw_os_error() == Some(EINVAL as i32) => EINVAL,
-            Err(e) if is_refusal(e) => {
-                let now = Instant::now();
-                if let Some(not_logged) = refusals.note(export, e.kind(), now, REFUSAL_LOG_EVERY) {
-                    tracing::warn!(export, reason = %e, offset = req.offset, len = req.length,
-                        not_logged, "NBD write refused (logged at most once a minute per export)");
-                }
-                errno(e)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, offset = req.offset, len = req.length, "NBD request failed");
-                errno(e)
-            }
-        };
-        w.write_all(&simple_reply(err, req.handle))
-            .and_then(|_| {
-                if req.kind == CMD_READ && err == 0 {
-                    w.write_all(&data)
-                } else {
-                    Ok(())
-                }
-            })
-            .and_then(|_| w.flush())
-            .map_err(NbdError::io("reply"))?;
     }
 }
 

@@ -17,11 +17,13 @@ pub mod overlay;
 pub mod ranges;
 pub mod saved;
 pub mod served;
+pub mod sync;
 
 use std::path::Path;
 
 pub use overlay::Overlay;
 pub use served::{DiskStatus, ServedDisk};
+pub use sync::{sync_disk, sync_to_point, SyncOptions, SyncReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +42,9 @@ pub enum Error {
     /// The overlay directory belongs to another disk or point.
     #[error("overlay {path}: {why}")]
     Overlay { path: String, why: String },
+    /// The disk a sync writes cannot be used (in use, too small, not a disk).
+    #[error("target {path}: {why}")]
+    Target { path: String, why: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -10,6 +10,10 @@
 //! the log segments up to the point (decoded at start, on several threads, into a
 //! local file and an interval index: `log`), and the overlay (the writes made since, journaled locally). The
 //! replica is only read.
+//!
+//! `sync` uses a served disk the other way round: to make an existing disk (failback's
+//! home disk) equal to a point by checksum, fetching only what differs
+//! (`ferry sync-point`).
 
 pub mod flight;
 pub mod log;

@@ -452,6 +452,24 @@ fn a_wrong_target_point_or_disk_is_refused_naming_it() {
         "{e}"
     );
     drop(f);
+    // A byte-range lock as QEMU takes on an image it runs (a shared lock on a few
+    // bytes, on an open file description): in use too.
+    let f = std::fs::File::open(&held).unwrap();
+    let lock = libc::flock {
+        l_type: libc::F_RDLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 100,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: an OFD lock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &lock) },
+        0
+    );
+    let e = env.sync("d1", &p, &held, false).report.unwrap_err();
+    assert!(e.contains("in use") && e.contains("byte-range"), "{e}");
+    drop(f);
     // Released: the same target syncs.
     let r = env.sync("d1", &p, &held, true).report.unwrap();
     assert_eq!(r.identical, Some(true));

@@ -112,7 +112,8 @@ fn target_err(path: &Path, why: impl Into<String>) -> Error {
 }
 
 /// Opens the target for reading and writing, held exclusively for the sync: a
-/// regular file under flock(LOCK_EX|LOCK_NB), a block device with O_EXCL (which the
+/// regular file under flock(LOCK_EX|LOCK_NB) and a whole-file write lock (fcntl
+/// F_OFD_SETLK), a block device with O_EXCL (which the
 /// kernel refuses while the device is mounted or held by another exclusive open).
 /// Returns the file and its size.
 pub fn open_target(path: &Path) -> Result<(File, u64)> {
@@ -152,6 +153,28 @@ pub fn open_target(path: &Path) -> Result<(File, u64)> {
         let e = io::Error::last_os_error();
         return Err(match e.raw_os_error() {
             Some(libc::EWOULDBLOCK) => target_err(path, "in use (locked by another open)"),
+            _ => io_err("lock target", path)(e),
+        });
+    }
+    // QEMU (and others) lock image files with byte-range open file description
+    // locks, which flock does not see: a write lock on the whole file conflicts with
+    // any of them.
+    let whole = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK with a valid lock description on a descriptor owned here;
+    // the lock lasts as long as `f`'s open file description.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &whole) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => target_err(
+                path,
+                "in use (a byte-range lock is held on it, as QEMU holds its images)",
+            ),
             _ => io_err("lock target", path)(e),
         });
     }

@@ -92,6 +92,10 @@ enum Command {
     /// Serve every disk of a machine at a recovery point over NBD at once (instant
     /// recovery): reads fetch what they cover, writes go to a local journaled overlay
     ServePoint(Box<crate::serve_point_cmd::ServePointArgs>),
+    /// Make a disk (a file or a block device) equal to one disk of a machine at a
+    /// recovery point, by checksum: only the blocks that differ are fetched and
+    /// rewritten (failback's master target)
+    SyncPoint(Box<crate::sync_point_cmd::SyncPointArgs>),
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
     ProcessServer(Box<crate::server_cmd::ProcessServerArgs>),
@@ -284,6 +288,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::ServePoint(a) => crate::serve_point_cmd::run(*a)?,
+        Command::SyncPoint(a) => crate::sync_point_cmd::run(*a)?,
         Command::ProcessServer(a) => crate::server_cmd::process_server(*a)?,
         Command::RecoveryHost(a) => crate::recovery_host_cmd::run(*a)?,
         Command::Quickstart { dir } => crate::quickstart::run(dir)?,

@@ -12,6 +12,7 @@ mod recovery_host;
 mod recovery_host_cmd;
 mod serve_point_cmd;
 mod server_cmd;
+mod sync_point_cmd;
 
 use std::process::ExitCode;
 

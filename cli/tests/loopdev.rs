@@ -5,6 +5,7 @@
 //! Needs root and /dev/loop-control (`.ci/run` runs as root); elsewhere each test says
 //! why it skips.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -281,5 +282,75 @@ fn a_loop_device_seeded_offline_fails_over_to_itself() {
         ),
         &dev.read(),
         "the resync",
+    );
+}
+
+/// `ferry sync-point` onto a block device (failback's master target writing a home
+/// disk): a seeded image synced onto an empty loop device equals it, only the
+/// non-zero blocks written; the device held by another exclusive open is refused as
+/// in use, naming it.
+#[test]
+fn sync_point_makes_a_loop_device_equal_to_a_point() {
+    let mut rng = seed_rng();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |s: &str| d.join(s).display().to_string();
+    backing(&d.join("image.img"), &mut rng);
+    let empty = d.join("home.img");
+    std::fs::File::create(&empty)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let Some(dev) = LoopDevice::attach(&empty) else {
+        return;
+    };
+    ferry(&["keygen", "--out", &p("vault.key")]);
+    let store = format!("file://{}", p("store"));
+    let common = [
+        "--store",
+        &store,
+        "--key-file",
+        &p("vault.key"),
+        "--machine",
+        "m",
+        "--disk",
+        "sdc",
+    ];
+    let image = p("image.img");
+    let mut seed = vec!["seed", "--image", &image];
+    seed.extend(common);
+    ferry(&seed);
+    let target = dev.path();
+    let mut sync = vec!["sync-point", "--target", &target, "--verify"];
+    sync.extend(common);
+
+    // Held exclusively by another open (as a mount holds it): refused.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&dev.dev)
+        .unwrap();
+    let out = ferry_testkit::process::run(Path::new(FERRY), &sync);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&target) && err.contains("in use"),
+        "{err}"
+    );
+    drop(held);
+
+    // The first quarter is data, the rest zero on both sides.
+    let out = ferry(&sync);
+    let blocks = SIZE / 65536;
+    assert!(
+        out.contains(&format!(
+            ": {blocks} blocks compared, {} differed, ",
+            blocks / 4
+        )) && out.trim_end().ends_with("; identical"),
+        "{out}"
+    );
+    same(
+        &dev.read(),
+        &std::fs::read(&image).unwrap(),
+        "the synced device",
     );
 }

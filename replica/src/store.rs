@@ -6,6 +6,7 @@
 //! permit before their work is queued, so memory stays bounded under load.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +55,9 @@ pub struct Store {
     handle: tokio::runtime::Handle,
     name: Arc<str>,
     permits: Arc<Semaphore>,
+    /// Bytes of object bodies this handle (and its clones) got: what a sync or a
+    /// restore reports as fetched from the store.
+    fetched: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -228,7 +232,23 @@ impl Store {
             handle,
             name: name.into(),
             permits: Arc::new(Semaphore::new(DEFAULT_IN_FLIGHT)),
+            fetched: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// A handle on the same store (runtime, request bound) whose fetched-bytes count
+    /// starts at zero and is its own: one operation's figure, exact even while other
+    /// users of the store fetch beside it.
+    pub fn counted(&self) -> Store {
+        Store {
+            fetched: Arc::new(AtomicU64::new(0)),
+            ..self.clone()
+        }
+    }
+
+    /// Bytes of object bodies fetched through this handle and its clones.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &str {
@@ -289,7 +309,10 @@ impl Store {
                 }
             })
             .await;
-        r.map_err(|e| self.err("get", path, e))
+        let bytes = r.map_err(|e| self.err("get", path, e))?;
+        self.fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
     }
 
     /// Like `get`, but a missing object is `None`.
@@ -362,5 +385,29 @@ impl Store {
             .collect();
         out.sort();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of bodies got, counted per handle family: a `counted` handle starts
+    /// at zero and counts only its own gets; missing objects and puts count nothing.
+    #[test]
+    fn fetched_bytes_count_the_bodies_got_through_a_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+        store
+            .block(store.put_new("a", Bytes::from(vec![1u8; 1000])))
+            .unwrap();
+        assert_eq!(store.fetched_bytes(), 0);
+        store.block(store.get("a")).unwrap();
+        let own = store.counted();
+        let clone = own.clone();
+        clone.block(clone.get("a")).unwrap();
+        assert_eq!(own.block(own.get_opt("missing")).unwrap(), None);
+        assert_eq!(store.fetched_bytes(), 1000);
+        assert_eq!((own.fetched_bytes(), clone.fetched_bytes()), (1000, 1000));
     }
 }

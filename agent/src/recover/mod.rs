@@ -10,6 +10,10 @@
 //! the log segments up to the point (decoded at start, on several threads, into a
 //! local file and an interval index: `log`), and the overlay (the writes made since, journaled locally). The
 //! replica is only read.
+//!
+//! `sync` uses a served disk the other way round: to make an existing disk (failback's
+//! home disk) equal to a point by checksum, fetching only what differs
+//! (`ferry sync-point`).
 
 pub mod flight;
 pub mod log;
@@ -17,11 +21,13 @@ pub mod overlay;
 pub mod ranges;
 pub mod saved;
 pub mod served;
+pub mod sync;
 
 use std::path::Path;
 
 pub use overlay::Overlay;
 pub use served::{DiskStatus, ServedDisk};
+pub use sync::{sync_disk, sync_to_point, SyncOptions, SyncReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +46,9 @@ pub enum Error {
     /// The overlay directory belongs to another disk or point.
     #[error("overlay {path}: {why}")]
     Overlay { path: String, why: String },
+    /// The disk a sync writes cannot be used (in use, too small, not a disk).
+    #[error("target {path}: {why}")]
+    Target { path: String, why: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

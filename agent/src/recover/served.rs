@@ -462,6 +462,19 @@ impl ServedDisk {
             let idx = at / self.extent_bytes;
             let ext_end = ((idx + 1) * self.extent_bytes).min(end);
             let piece = &mut buf[(at - offset) as usize..(ext_end - offset) as usize];
+            // The log overrides the base below, byte by byte: where it covers the
+            // whole piece the base extent is not fetched at all (a sync to a point
+            // reads the blocks the log wrote at the cost of the log alone).
+            let logged: u64 = self
+                .log
+                .overlapping(at, ext_end)
+                .iter()
+                .map(|(s, e, _)| e - s)
+                .sum();
+            if logged == ext_end - at {
+                at = ext_end;
+                continue;
+            }
             if self.is_hydrated(idx) {
                 self.hydrated_file
                     .read_exact_at(piece, at)
@@ -486,6 +499,26 @@ impl ServedDisk {
             }
         }
         Ok(())
+    }
+
+    /// The disk ranges the point's log (its records above the base) writes, data or
+    /// zero, in order: every byte outside them is the base's.
+    pub fn log_ranges(&self) -> Vec<(u64, u64)> {
+        self.log.ranges()
+    }
+
+    /// Whether base extent `idx` holds data at the point (an absent one reads as zero).
+    pub fn has_extent(&self, idx: u64) -> bool {
+        self.extents.contains_key(&idx)
+    }
+
+    pub fn extent_bytes(&self) -> u64 {
+        self.extent_bytes
+    }
+
+    /// The point this disk serves.
+    pub fn point(&self) -> &Point {
+        &self.point
     }
 
     /// Extents not yet copied locally.

@@ -587,6 +587,7 @@ async fn seed_recovery(state_dir: &Path) -> String {
             }],
             ..WorkResult::default()
         }),
+        disks: Vec::new(),
     };
     work::record_reports(&db, "rh1", std::slice::from_ref(&served), now)
         .await

@@ -161,9 +161,8 @@ fn answers(method: &str, path: &str, n: usize) -> (u16, Value) {
                 ],
             ),
         ),
-        ("GET", p) if p == format!("/v1/jobs/{tf}") && n == 0 => (
-            200,
-            job(
+        ("GET", p) if p == format!("/v1/jobs/{tf}") && n == 0 => {
+            let mut j = job(
                 tf,
                 "test-failover",
                 "running",
@@ -171,8 +170,21 @@ fn answers(method: &str, path: &str, n: usize) -> (u16, Value) {
                     task("bring up disks", "running", 0.5),
                     task("wait for cleanup", "pending", 0.0),
                 ],
-            ),
-        ),
+            );
+            // A build half done: its first disk built, the second at 42 %.
+            j["work"] = json!([
+                {"id": format!("{tf}-0-m1"), "host": "rh1", "machine": "m1",
+                 "kind": "build", "state": "running", "progress": 0.5,
+                 "bytes_per_s": 1.1e8, "error": null,
+                 "disks": [
+                    {"disk": "sda", "percent": 100.0, "mb_per_s": 97.4,
+                     "bytes_done": 1000, "bytes": 1000},
+                    {"disk": "sdb", "percent": 42.0, "mb_per_s": 118.2,
+                     "bytes_done": 420, "bytes": 1000}
+                 ]}
+            ]);
+            (200, j)
+        }
         ("GET", p) if p == format!("/v1/jobs/{tf}") => {
             let mut j = job(
                 tf,
@@ -419,6 +431,7 @@ fn test_failover_waits_until_it_waits_for_cleanup_and_prints_its_disks() {
     assert_eq!(got.len(), 3, "polled until waiting: {got:?}");
     for want in [
         "task 0 bring up disks: running 50%",
+        "  m1/sdb  42.0 %  118 MB/s",
         "task 0 bring up disks: succeeded 100%",
         "(test-failover): waiting-for-input",
         "waiting for: Test m1, then clean up with a verdict",
@@ -611,4 +624,31 @@ fn against_a_control_plane_an_unknown_machine_is_a_404() {
         err.contains("POST") && err.contains("/v1/machines/nosuch/test-failover: 404"),
         "{err}"
     );
+}
+
+#[test]
+fn jobs_show_prints_each_disk_of_its_work_with_percent_and_rate() {
+    let s = Site::new();
+    let out = s.cp(&["jobs", "show", "j0000000000001-0000000a"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let work: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("work "))
+        .collect();
+    assert_eq!(
+        work,
+        [
+            "work build j0000000000001-0000000a-0-m1 on rh1: running 50%",
+            "  m1/sda  100.0 %  97 MB/s",
+            "  m1/sdb  42.0 %  118 MB/s",
+        ],
+        "{stdout}"
+    );
+    // --json: the API's fields as they are (a new site: its first answer again).
+    let s = Site::new();
+    let out = s.cp(&["--json", "jobs", "show", "j0000000000001-0000000a"]);
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["work"][0]["disks"][1]["percent"], 42.0);
+    assert_eq!(j["work"][0]["disks"][1]["bytes_done"], 420);
 }

@@ -217,6 +217,15 @@ fn a_recovery_host_builds_serves_runs_survives_a_kill_and_removes_everything() {
     });
     let row = site.ended(&build, Duration::from_secs(60));
     assert_eq!(row.state, "succeeded", "{row:?}");
+    // Each disk's own progress came with it through the heartbeat: both built.
+    let names: Vec<&str> = row.disks.iter().map(|d| d.disk.as_str()).collect();
+    assert_eq!(names, ["sda", "sdb"], "{row:?}");
+    assert!(
+        row.disks
+            .iter()
+            .all(|d| d.progress == 1.0 && d.bytes > 0 && d.bytes_done == d.bytes),
+        "{row:?}"
+    );
     let disks = row.result.unwrap().disks;
     assert_eq!(disks.len(), 2);
     for d in &disks {

@@ -113,6 +113,46 @@ pub(super) fn task_line(seq: usize, t: &Value) -> String {
     )
 }
 
+/// A recovery job's work items, each followed by its disks, one line each:
+/// `  m1/d0  42.0 %  118 MB/s`.
+pub(super) fn work_lines(job: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let items = job
+        .get("work")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    for w in items {
+        let progress = w.get("progress").and_then(Value::as_f64).unwrap_or(0.0);
+        let error = match cell(w, "error").as_str() {
+            "-" => String::new(),
+            e => format!(": {e}"),
+        };
+        out.push(format!(
+            "work {} {} on {}: {} {:.0}%{error}",
+            cell(w, "kind"),
+            cell(w, "id"),
+            cell(w, "host"),
+            cell(w, "state"),
+            progress * 100.0
+        ));
+        let disks = w
+            .get("disks")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        for d in disks {
+            let figure = |k: &str| d.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+            out.push(format!(
+                "  {}/{}  {:.1} %  {:.0} MB/s",
+                cell(w, "machine"),
+                cell(d, "disk"),
+                figure("percent"),
+                figure("mb_per_s")
+            ));
+        }
+    }
+    out
+}
+
 fn show(conn: &Conn, job: &Value) -> Result<()> {
     if conn.json {
         return print_json(job);
@@ -157,6 +197,9 @@ fn show(conn: &Conn, job: &Value) -> Result<()> {
         ],
         &rows,
     );
+    for line in work_lines(job) {
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -242,4 +285,33 @@ fn act(conn: &Conn, id: &str, action: &str) -> Result<()> {
         .call(Method::POST, &format!("{}/{action}", path(id)?), None)?
         .ok_or_else(|| anyhow!("POST /v1/jobs/{id}/{action}: empty answer"))?;
     show(conn, &job)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn work_items_show_one_line_per_disk_with_percent_and_rate() {
+        let job = json!({"work": [
+            {"id": "j1-0-m1", "host": "rh1", "machine": "m1", "kind": "build",
+             "state": "running", "progress": 0.71, "bytes_per_s": 1e8, "error": null,
+             "disks": [
+                {"disk": "d0", "percent": 100.0, "mb_per_s": 97.4, "bytes_done": 4, "bytes": 4},
+                {"disk": "d1", "percent": 42.0, "mb_per_s": 118.2, "bytes_done": 1, "bytes": 3}
+             ]},
+            {"id": "j1-1-m1", "host": "rh1", "machine": "m1", "kind": "start",
+             "state": "pending", "progress": 0.0, "bytes_per_s": 0.0, "error": null}
+        ]});
+        assert_eq!(
+            super::work_lines(&job),
+            [
+                "work build j1-0-m1 on rh1: running 71%",
+                "  m1/d0  100.0 %  97 MB/s",
+                "  m1/d1  42.0 %  118 MB/s",
+                "work start j1-1-m1 on rh1: pending 0%",
+            ]
+        );
+        assert!(super::work_lines(&json!({"id": "j2"})).is_empty());
+    }
 }

@@ -12,7 +12,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::client::{cell, print_json, Conn};
-use super::jobs::task_line;
+use super::jobs::{task_line, work_lines};
 use super::print_table;
 
 /// Where a recovered machine's disks go.
@@ -323,6 +323,7 @@ fn follow(conn: &Conn, first: &Value, every: Duration) -> Result<()> {
         bail!("the API answered a job without a usable id: {first}");
     }
     let mut seen: Vec<String> = Vec::new();
+    let mut seen_work: Vec<String> = Vec::new();
     let mut last_state = String::new();
     let mut job = first.clone();
     loop {
@@ -343,6 +344,14 @@ fn follow(conn: &Conn, first: &Value, every: Duration) -> Result<()> {
                     }
                 }
             }
+            // The work items and their disks: each line as it changes.
+            let work = work_lines(&job);
+            for (i, line) in work.iter().enumerate() {
+                if seen_work.get(i) != Some(line) {
+                    println!("{line}");
+                }
+            }
+            seen_work = work;
             if state != last_state {
                 println!("job {id} ({}): {state}", cell(&job, "kind"));
                 last_state = state.clone();

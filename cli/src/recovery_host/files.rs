@@ -113,6 +113,7 @@ mod tests {
             bytes_per_s: 0.0,
             error: None,
             result: None,
+            disks: Vec::new(),
         };
         save_report(&dir, &report).unwrap();
         assert_eq!(load_all(&items).unwrap(), vec![(item, Some(report))]);

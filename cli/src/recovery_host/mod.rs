@@ -15,6 +15,7 @@ pub mod files;
 pub mod heartbeat;
 pub mod ops;
 pub mod procs;
+pub mod progress;
 pub mod remove;
 pub mod serve;
 
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use anyhow::Result;
 use ferry_agent::nbd::Exports;
 use ferry_link::control::limits::{trimmed, MAX_TEXT_BYTES, MAX_WORK_ITEMS};
-use ferry_link::control::wire::{WorkItem, WorkOp, WorkReport, WorkResult};
+use ferry_link::control::wire::{DiskProgress, WorkItem, WorkOp, WorkReport, WorkResult};
 use ferry_replica::{Store, VaultKey};
 
 /// Builds at once: each reads the store and writes whole disks, so more would only
@@ -35,11 +36,13 @@ pub const MAX_BUILDS: usize = 2;
 pub const MAX_SCRIPTS: usize = 4;
 
 /// How an op ended: `error` set means failed; `result` is reported either way (a
-/// failed script's exit code and output).
+/// failed script's exit code and output), and so is `disks` (build, serve: how far
+/// each disk got).
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub error: Option<String>,
     pub result: WorkResult,
+    pub disks: Vec<DiskProgress>,
 }
 
 impl Outcome {
@@ -47,6 +50,7 @@ impl Outcome {
         Outcome {
             error: None,
             result,
+            disks: Vec::new(),
         }
     }
 
@@ -54,6 +58,7 @@ impl Outcome {
         Outcome {
             error: Some(error.into()),
             result: WorkResult::default(),
+            disks: Vec::new(),
         }
     }
 }
@@ -128,6 +133,7 @@ fn running(id: &str) -> WorkReport {
         bytes_per_s: 0.0,
         error: None,
         result: None,
+        disks: Vec::new(),
     }
 }
 
@@ -249,12 +255,13 @@ impl Host {
         e.changed = clock;
     }
 
-    /// A running build's progress (0..1) and rate: in memory only, reported at the
-    /// next heartbeat.
-    pub fn progress(&self, id: &str, progress: f64, bytes_per_s: f64) {
+    /// A running build's progress (0..1) and rate, and each disk's: in memory only,
+    /// reported at the next heartbeat.
+    pub fn progress(&self, id: &str, progress: f64, bytes_per_s: f64, disks: Vec<DiskProgress>) {
         let mut r = running(id);
         r.progress = progress;
         r.bytes_per_s = bytes_per_s;
+        r.disks = disks;
         self.set_report(id, r, false);
     }
 
@@ -290,6 +297,7 @@ impl Host {
             bytes_per_s: 0.0,
             error: o.error.map(|e| trimmed(&e, MAX_TEXT_BYTES)),
             result: Some(o.result),
+            disks: o.disks,
         };
         if let Some(e) = self.table().entries.get_mut(id) {
             e.served = served;
@@ -452,7 +460,13 @@ impl Host {
                 (ops::build(self, item, disks, format, &dir), Vec::new())
             }
             WorkOp::Serve { disks } => match serve::serve(self, item, disks, &dir) {
-                Ok((result, gates)) => (Outcome::ok(result), gates),
+                Ok((result, gates)) => (
+                    Outcome {
+                        disks: progress::served(&result.disks),
+                        ..Outcome::ok(result)
+                    },
+                    gates,
+                ),
                 Err(e) => (Outcome::failed(e), Vec::new()),
             },
             WorkOp::Start { command, env } => {

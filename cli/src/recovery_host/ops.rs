@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ferry_controlplane::recovery::failover::{self, FailoverPlan};
@@ -11,6 +11,7 @@ use ferry_link::control::wire::{DiskPoint, ReadyDisk, WorkItem, WorkResult};
 use ferry_replica::export::Format;
 use ferry_replica::Point;
 
+use super::progress::BuildTally;
 use super::{procs, Host, Outcome};
 
 /// A started command must still run after this to count as started.
@@ -51,8 +52,8 @@ pub fn disks_at(
 }
 
 /// Rebuilds each disk at its point into `dir/DISK.{raw|vhd}`, reporting progress
-/// (stored bytes read over those the points need) and rate. A build run again (after
-/// a restart) starts over in the files it made.
+/// (stored bytes read over those the points need) and rate, of the item and of each
+/// disk. A build run again (after a restart) starts over in the files it made.
 pub fn build(
     host: &Host,
     item: &WorkItem,
@@ -74,27 +75,34 @@ pub fn build(
         note: None,
         overwrite: true,
     };
-    let total = plan.stored_bytes().max(1);
-    let done = AtomicU64::new(0);
-    let started = Instant::now();
-    let last = std::sync::Mutex::new(Instant::now());
-    let progress = |n: u64| {
-        let d = done.fetch_add(n, Ordering::Relaxed) + n;
-        let mut last = last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.elapsed() < PROGRESS_EVERY {
+    let names = plan.disks.iter().map(|(md, _)| md.name.clone());
+    let tally = Mutex::new(BuildTally::new(
+        names.zip(plan.stored_bytes_per_disk()).collect(),
+        Instant::now(),
+    ));
+    let last = Mutex::new(Instant::now());
+    let progress = |i: usize, n: u64| {
+        let now = Instant::now();
+        let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
+        if n == 0 {
+            t.start(i, now);
+        }
+        t.read(i, n);
+        let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+        if now.duration_since(*last) < PROGRESS_EVERY {
             return;
         }
-        *last = Instant::now();
-        let secs = started.elapsed().as_secs_f64().max(1e-3);
-        host.progress(
-            &item.id,
-            (d as f64 / total as f64).min(1.0),
-            d as f64 / secs,
-        );
+        *last = now;
+        let (progress, rate) = t.item(now);
+        host.progress(&item.id, progress, rate, t.disks(now));
     };
-    match failover::run(plan, format, dir, &progress) {
+    let built = failover::run_per_disk(plan, format, dir, &progress);
+    let mut tally = tally.into_inner().unwrap_or_else(PoisonError::into_inner);
+    if built.is_ok() {
+        tally.finish(Instant::now());
+    }
+    let disks = tally.disks(Instant::now());
+    let outcome = match built {
         Ok(built) => Outcome::ok(WorkResult {
             disks: built
                 .into_iter()
@@ -109,7 +117,9 @@ pub fn build(
             ..WorkResult::default()
         }),
         Err(e) => Outcome::failed(format!("building into {}: {e}", dir.display())),
-    }
+    };
+    // A failed build still says how far each disk got.
+    Outcome { disks, ..outcome }
 }
 
 /// Starts `sh -c command` detached in its own process group, its output in
@@ -146,6 +156,7 @@ pub fn start(
                         exit_code: status.code(),
                         ..WorkResult::default()
                     },
+                    disks: Vec::new(),
                 };
             }
             Ok(None) => std::thread::sleep(POLL),
@@ -214,6 +225,7 @@ pub fn script(
                 output,
                 ..WorkResult::default()
             },
+            disks: Vec::new(),
         },
         Some(s) => {
             let result = WorkResult {
@@ -230,6 +242,7 @@ pub fn script(
                         None => format!("ended by a signal ({s})"),
                     }),
                     result,
+                    disks: Vec::new(),
                 }
             }
         }

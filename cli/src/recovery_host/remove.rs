@@ -130,6 +130,7 @@ pub fn remove(host: &Host, ids: &[String]) -> Outcome {
         Outcome {
             error: Some(format!("left after removal: {}", left.join("; "))),
             result,
+            disks: Vec::new(),
         }
     }
 }

@@ -127,7 +127,7 @@ fn changed_reports_go_first_and_what_does_not_fit_waits_unacknowledged() {
     assert_eq!(all.len(), 3);
     h.acked(&sent);
     // One changes: it comes first.
-    h.progress("j-2-m1", 0.5, 1.0);
+    h.progress("j-2-m1", 0.5, 1.0, Vec::new());
     let (first, _) = h.reports(1 << 20);
     assert_eq!(first[0].id, "j-2-m1");
     assert_eq!(first.len(), 3);
@@ -137,8 +137,8 @@ fn changed_reports_go_first_and_what_does_not_fit_waits_unacknowledged() {
     assert_eq!(cut.len(), 1);
     assert_eq!(cut[0].id, "j-2-m1");
     h.acked(&sent);
-    h.progress("j-0-m1", 0.5, 1.0);
-    h.progress("j-1-m1", 0.5, 1.0);
+    h.progress("j-0-m1", 0.5, 1.0, Vec::new());
+    h.progress("j-1-m1", 0.5, 1.0, Vec::new());
     // Two changed, room for one: the one left out goes first next time.
     let (cut, sent) = h.reports(one);
     assert_eq!(cut.len(), 1);
@@ -166,6 +166,7 @@ fn a_restart_runs_a_half_done_build_again_and_kills_a_running_script() {
             pid: Some(p),
             ..WorkResult::default()
         }),
+        disks: Vec::new(),
     };
     let build = WorkItem {
         id: "j-0-m1".into(),
@@ -262,4 +263,131 @@ fn an_item_removed_stays_removed_while_the_orders_still_list_it() {
     for id in [&r.id, &selfish.id] {
         assert!(!files::item_dir(&h.items, id).unwrap().exists(), "{id}");
     }
+}
+
+/// Writes point `id` of `machine/disk`: `blocks` blocks of data at `seq`, as a
+/// process server's upload would.
+fn write_point(h: &Host, machine: &str, disk: &str, id: &str, blocks: u64) {
+    use ferry_replica::object::SealContext;
+    use ferry_replica::writer::{append_writes, Payload, Write};
+    use ferry_replica::{Disk, Point, PointKind};
+    let d = h
+        .store
+        .block(Disk::open_or_create(
+            &h.store,
+            machine,
+            disk,
+            &h.vault,
+            4096,
+            256 << 10,
+        ))
+        .unwrap();
+    let mut st = h.store.block(d.load_state()).unwrap();
+    // Not compressible to nothing: each block differs.
+    let data: Vec<Vec<u8>> = (0..blocks)
+        .map(|b| (0..4096).map(|i| (i * 7 + b as usize * 13) as u8).collect())
+        .collect();
+    let writes: Vec<Write> = data
+        .iter()
+        .enumerate()
+        .map(|(b, data)| Write {
+            seq: 1,
+            offset: 4096 * b as u64,
+            payload: Payload::Data(data),
+        })
+        .collect();
+    let p = Point {
+        id: id.to_string(),
+        kind: PointKind::Crash,
+        time: chrono::Utc::now(),
+        seq: 1,
+        disk_bytes: 1 << 20,
+        label: None,
+        group: None,
+        sums: None,
+    };
+    h.store
+        .block(append_writes(
+            &d,
+            &mut st,
+            &mut SealContext::default(),
+            &writes,
+            vec![p],
+            2,
+            ferry_replica::grace::ORPHAN_GRACE,
+        ))
+        .unwrap();
+}
+
+#[test]
+fn a_build_of_two_disks_reports_each_disk_done_with_its_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = host(tmp.path());
+    write_point(&h, "m1", "d0", "p1", 4);
+    write_point(&h, "m1", "d1", "p1", 16);
+    let item = WorkItem {
+        id: "j-0-m1".into(),
+        machine: "m1".into(),
+        op: WorkOp::Build {
+            disks: ["d0", "d1"]
+                .map(|d| DiskPoint {
+                    disk: d.into(),
+                    point: "p1".into(),
+                })
+                .to_vec(),
+            format: "raw".into(),
+        },
+    };
+    h.apply(vec![item.clone()]);
+    ferry_testkit::wait_for("the build", Duration::from_secs(30), || {
+        state(&h, &item.id).as_deref() == Some("succeeded")
+    });
+    let (reports, _) = h.reports(1 << 20);
+    let r = &reports[0];
+    assert_eq!(r.progress, 1.0);
+    let names: Vec<&str> = r.disks.iter().map(|d| d.disk.as_str()).collect();
+    assert_eq!(names, ["d0", "d1"]);
+    for d in &r.disks {
+        assert_eq!(d.progress, 1.0, "{d:?}");
+        assert!(d.bytes > 0, "{d:?}");
+        assert_eq!(d.bytes_done, d.bytes, "{d:?}");
+        assert!(d.bytes_per_s > 0.0, "{d:?}");
+    }
+    assert!(
+        r.disks[1].bytes > r.disks[0].bytes,
+        "each disk its own bytes: {:?}",
+        r.disks
+    );
+}
+
+#[test]
+fn a_served_item_reports_each_disk_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = host(tmp.path());
+    write_point(&h, "m1", "d0", "p1", 1);
+    write_point(&h, "m1", "d1", "p1", 1);
+    let item = WorkItem {
+        id: "j-0-m1".into(),
+        machine: "m1".into(),
+        op: WorkOp::Serve {
+            disks: ["d0", "d1"]
+                .map(|d| DiskPoint {
+                    disk: d.into(),
+                    point: "p1".into(),
+                })
+                .to_vec(),
+        },
+    };
+    h.apply(vec![item.clone()]);
+    ferry_testkit::wait_for("served", Duration::from_secs(30), || {
+        state(&h, &item.id).as_deref() == Some("succeeded")
+    });
+    let (reports, _) = h.reports(1 << 20);
+    let d = &reports[0].disks;
+    assert_eq!(d.len(), 2);
+    assert!(
+        d.iter()
+            .all(|d| d.progress == 1.0 && d.bytes == 1 << 20 && d.bytes_done == d.bytes),
+        "{d:?}"
+    );
 }

@@ -3,6 +3,7 @@
 
 use axum::extract::{Path, State};
 use axum::Json;
+use ferry_link::control::wire::DiskProgress;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -56,6 +57,38 @@ pub struct JobWork {
     pub progress: f64,
     pub bytes_per_s: f64,
     pub error: Option<String>,
+    /// build, serve: each disk's progress, as the recovery host last reported it
+    /// (empty from a host that does not report it).
+    #[serde(default)]
+    pub disks: Vec<JobWorkDisk>,
+}
+
+/// One disk of a work item: how far it is.
+#[derive(Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobWorkDisk {
+    pub disk: String,
+    /// 0.0 to 100.0, one decimal.
+    pub percent: f64,
+    /// Its own rate while it was worked on, MB/s (10^6 bytes).
+    pub mb_per_s: f64,
+    pub bytes_done: u64,
+    /// A build: the stored bytes its point reads; a serve: the disk's size.
+    pub bytes: u64,
+}
+
+impl JobWorkDisk {
+    pub fn of(d: &DiskProgress) -> JobWorkDisk {
+        // Stored figures are checked (`work::record_reports`); NaN would still not
+        // be JSON.
+        let finite = |x: f64| if x.is_finite() { x.max(0.0) } else { 0.0 };
+        JobWorkDisk {
+            disk: d.disk.clone(),
+            percent: (finite(d.progress).min(1.0) * 1000.0).round() / 10.0,
+            mb_per_s: (finite(d.bytes_per_s) / 1e5).round() / 10.0,
+            bytes_done: d.bytes_done,
+            bytes: d.bytes,
+        }
+    }
 }
 
 /// `job` with its disks and work items when it is a recovery job.
@@ -91,6 +124,7 @@ pub async fn view(db: &crate::db::Db, job: Job) -> Result<JobView, ApiError> {
             progress: w.progress,
             bytes_per_s: w.bytes_per_s,
             error: w.error,
+            disks: w.disks.iter().map(JobWorkDisk::of).collect(),
         })
         .collect();
     Ok(JobView { job, disks, work })

@@ -39,7 +39,8 @@ pub struct RecoveryHostHeartbeatBody {
     /// HOST:PORT of its NBD listener.
     nbd_address: String,
     work_dir_free_bytes: u64,
-    /// `wire::WorkReport`s: `{id, state, progress, bytes_per_s, error?, result?}`.
+    /// `wire::WorkReport`s: `{id, state, progress, bytes_per_s, error?, result?,
+    /// disks?}` (`disks`: `{disk, progress, bytes_per_s, bytes_done, bytes}` each).
     reports: Vec<serde_json::Value>,
 }
 
@@ -93,6 +94,17 @@ fn check_report(r: &WorkReport) -> Result<(), String> {
     }
     if let Some(e) = &r.error {
         too_long(&format!("report {}: error", r.id), e, MAX_TEXT_BYTES)?;
+    }
+    if r.disks.len() > crate::registry::MAX_DISKS {
+        return Err(format!(
+            "report {}: progress of {} disks; at most {}",
+            r.id,
+            r.disks.len(),
+            crate::registry::MAX_DISKS
+        ));
+    }
+    for d in &r.disks {
+        ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
     }
     if let Some(res) = &r.result {
         too_long(
@@ -258,6 +270,7 @@ mod tests {
             bytes_per_s: 0.0,
             error: None,
             result: None,
+            disks: Vec::new(),
         }
     }
 
@@ -297,6 +310,23 @@ mod tests {
             ..WorkResult::default()
         });
         assert!(check_heartbeat(&beat(vec![bad_disk])).is_err());
+        let progress = |name: &str| ferry_link::control::wire::DiskProgress {
+            disk: name.into(),
+            progress: 0.5,
+            bytes_per_s: 1.0,
+            bytes_done: 1,
+            bytes: 2,
+        };
+        let mut per_disk = report("j-0-m", "running");
+        per_disk.disks = vec![progress("sda")];
+        assert_eq!(check_heartbeat(&beat(vec![per_disk.clone()])), Ok(()));
+        per_disk.disks = vec![progress("../sda")];
+        assert!(check_heartbeat(&beat(vec![per_disk.clone()])).is_err());
+        per_disk.disks = (0..=crate::registry::MAX_DISKS)
+            .map(|i| progress(&format!("d{i}")))
+            .collect();
+        let e = check_heartbeat(&beat(vec![per_disk])).unwrap_err();
+        assert!(e.contains("disks"), "{e}");
         let mut hb = beat(Vec::new());
         hb.name = "no/slash".into();
         assert!(check_heartbeat(&hb).is_err());

@@ -51,6 +51,8 @@ pub struct RecoveryLine {
     pub prompt: Option<String>,
     /// `sda @ POINT: nbd://...` or `... : /path`.
     pub disks: Vec<String>,
+    /// Each disk of its build and serve work: `sda 42.0 % 118 MB/s`.
+    pub disk_progress: Vec<String>,
 }
 
 /// A recovery host's row.
@@ -218,7 +220,7 @@ form.act button{font:inherit;font-size:13px;border:1px solid #b9bfcc;background:
 form.act button.danger{border-color:#d9a3a1;color:#9b1c1c}\
 form.act input{font:inherit;font-size:13px;width:150px;padding:2px 5px}\
 .prompt{background:#fff1cc;color:#5c3d00;padding:3px 8px;border-radius:4px;font-size:13px;display:inline-block;margin:2px 0}\
-.disk{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}\
+.disk,.disk-progress{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}\
 .site-recovery{background:#e3e9fd;color:#1f3b99}.site-home{background:#dcf3e3;color:#14632d}";
 
 pub(super) fn head(out: &mut String, title: &str, refresh: bool) {
@@ -556,6 +558,7 @@ mod tests {
             job_error: None,
             prompt: Some("Check <db1>, then clean up".into()),
             disks: vec!["sda @ p9: nbd://10.0.0.5:10809/db1/sda".into()],
+            disk_progress: vec!["<sda> 42.0 % 118 MB/s".into()],
         }];
         v.recovery_hosts = vec![HostLine {
             name: "rh1".into(),
@@ -577,6 +580,10 @@ mod tests {
         assert!(html.contains("unplanned; point sda=p9; host rh1"), "{html}");
         assert!(html.contains("Check &lt;db1&gt;, then clean up"), "{html}");
         assert!(html.contains("nbd://10.0.0.5:10809/db1/sda"));
+        assert!(
+            html.contains("<div class=\"disk-progress\">&lt;sda&gt; 42.0 % 118 MB/s</div>"),
+            "{html}"
+        );
         assert!(html.contains("<progress max=\"100\" value=\"60\"></progress>"));
         assert!(html.contains("data-recovery-host=\"rh1\"") && html.contains("10.0 GiB"));
         assert!(html.contains("data-plan=\"erp\""), "{html}");

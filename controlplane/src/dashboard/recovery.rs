@@ -138,25 +138,42 @@ pub async fn line(
 ) -> Result<RecoveryLine> {
     // A failover's disks are its live items (whichever job made them: the failover,
     // a change of point); a test's, its job's.
-    let mut ready = Vec::new();
+    let mut items = Vec::new();
     match failover.filter(|f| !f.items.is_empty()) {
         Some(f) => {
             for id in &f.items {
                 if let Some(w) = work::get(db, id).await? {
-                    if w.state == "succeeded" && matches!(w.op.kind(), "build" | "serve") {
-                        ready.extend(w.result.map(|r| r.disks).unwrap_or_default());
-                    }
+                    items.push(w);
                 }
             }
         }
         None => {
             if let Some(j) = job {
-                for (m, d) in work::ready_disks(db, &j.id).await? {
-                    if m == machine {
-                        ready.push(d);
-                    }
-                }
+                items.extend(
+                    work::for_job(db, &j.id)
+                        .await?
+                        .into_iter()
+                        .filter(|w| w.machine == machine)
+                        .take(ITEMS),
+                );
             }
+        }
+    }
+    let mut ready = Vec::new();
+    let mut disk_progress = Vec::new();
+    for w in items {
+        if !matches!(w.op.kind(), "build" | "serve") || w.state == "removed" {
+            continue;
+        }
+        // As the job's JSON shows them (`JobWorkDisk`).
+        for d in w.disks.iter().map(crate::api::jobs::JobWorkDisk::of) {
+            disk_progress.push(format!(
+                "{} {:.1} % {:.0} MB/s",
+                d.disk, d.percent, d.mb_per_s
+            ));
+        }
+        if w.state == "succeeded" {
+            ready.extend(w.result.map(|r| r.disks).unwrap_or_default());
         }
     }
     let disks = ready
@@ -188,6 +205,7 @@ pub async fn line(
             .filter(|j| j.state == JobState::WaitingForInput)
             .and_then(|j| j.prompt.clone()),
         disks,
+        disk_progress,
     })
 }
 

@@ -83,14 +83,19 @@ pub fn recovery(out: &mut String, v: &View) {
                 )
             }
         };
-        let disks = if r.disks.is_empty() {
-            "<span class=\"why\">none up</span>".to_string()
-        } else {
-            r.disks
-                .iter()
-                .map(|d| format!("<div class=\"disk\">{}</div>", esc(d)))
-                .collect()
-        };
+        // The disks up, then how far each disk of the work is (a build still
+        // running has none up yet).
+        let mut disks: String = r
+            .disks
+            .iter()
+            .map(|d| format!("<div class=\"disk\">{}</div>", esc(d)))
+            .collect();
+        for d in &r.disk_progress {
+            let _ = write!(disks, "<div class=\"disk-progress\">{}</div>", esc(d));
+        }
+        if disks.is_empty() {
+            disks = "<span class=\"why\">none up</span>".to_string();
+        }
         let _ = write!(
             out,
             "<tr data-recovery=\"{name}\"><td>{name}</td><td>{failover}</td><td>{}</td>\

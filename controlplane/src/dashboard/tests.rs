@@ -421,7 +421,9 @@ async fn an_operators_button_runs_the_api_as_its_session_and_a_viewers_is_refuse
 /// first task's item): the item's id.
 async fn served(db: &Db, job: &str, machine: &str, point: &str) -> String {
     use crate::recovery::work;
-    use ferry_link::control::wire::{DiskPoint, ReadyDisk, WorkOp, WorkReport, WorkResult};
+    use ferry_link::control::wire::{
+        DiskPoint, DiskProgress, ReadyDisk, WorkOp, WorkReport, WorkResult,
+    };
     let now = crate::db::now_s();
     let item = work::item_id(job, 0, machine);
     let op = WorkOp::Serve {
@@ -449,6 +451,13 @@ async fn served(db: &Db, job: &str, machine: &str, point: &str) -> String {
             }],
             ..WorkResult::default()
         }),
+        disks: vec![DiskProgress {
+            disk: "sda".into(),
+            progress: 1.0,
+            bytes_per_s: 118e6,
+            bytes_done: 1 << 20,
+            bytes: 1 << 20,
+        }],
     };
     work::record_reports(db, "rh1", &[report], now)
         .await
@@ -561,6 +570,11 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
         r1.contains("sda @ p7: nbd://127.0.0.1:10809/m1/sda"),
         "{r1}"
     );
+    // Each disk's progress, as the job's JSON gives it.
+    assert!(
+        r1.contains("<div class=\"disk-progress\">sda 100.0 % 118 MB/s</div>"),
+        "{r1}"
+    );
     let r2 = row("data-recovery=\"m2\"");
     assert!(
         r2.contains("waiting-for-input") && r2.contains("Test m2, then clean up"),
@@ -570,6 +584,7 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
         r2.contains("sda @ p3: nbd://127.0.0.1:10809/m2/sda"),
         "{r2}"
     );
+    assert!(r2.contains("sda 100.0 % 118 MB/s"), "{r2}");
     assert!(r2.contains("value=\"40\""), "two of five tasks: {r2}");
     assert!(!html.contains("data-recovery=\"m3\""), "{html}");
     let h = row("data-recovery-host=\"rh1\"");

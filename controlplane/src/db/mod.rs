@@ -87,6 +87,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "recovery",
         include_str!("../../migrations/0008_recovery.sql"),
     ),
+    (
+        9,
+        "work disk progress",
+        include_str!("../../migrations/0009_work_disk_progress.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

@@ -35,7 +35,15 @@ impl FailoverPlan {
         self.disks
             .iter()
             .map(|(d, p)| d.state.stored_bytes_up_to(p.seq))
-            .sum()
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Each disk's stored bytes its point reads, in the plan's order.
+    pub fn stored_bytes_per_disk(&self) -> Vec<u64> {
+        self.disks
+            .iter()
+            .map(|(d, p)| d.state.stored_bytes_up_to(p.seq))
+            .collect()
     }
 }
 
@@ -55,12 +63,26 @@ pub fn plan(
     })
 }
 
-/// Rebuilds each planned disk as `out/{disk}.{raw|vhd}`.
+/// Rebuilds each planned disk as `out/{disk}.{raw|vhd}`; `progress` gets the stored
+/// bytes read.
 pub fn run(
     plan: FailoverPlan,
     format: Format,
     out: &Path,
     progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<FailedOverDisk>> {
+    run_per_disk(plan, format, out, &|_, n| progress(n))
+}
+
+/// As `run`, telling `progress` which disk (its index in `plan.disks`) each read is
+/// of. The disks are rebuilt in turn, and each gets a `(i, 0)` as it starts, so that
+/// one with nothing stored is seen starting too. A retry after a compaction reads
+/// again: a disk's bytes may add up to more than its share of `stored_bytes`.
+pub fn run_per_disk(
+    plan: FailoverPlan,
+    format: Format,
+    out: &Path,
+    progress: &(dyn Fn(usize, u64) + Sync),
 ) -> Result<Vec<FailedOverDisk>> {
     // The images hold the disks in the clear: a directory we make is the owner's only.
     ferry_replica::local::create_private_dir(out).map_err(|source| Error::Io {
@@ -69,11 +91,13 @@ pub fn run(
         source,
     })?;
     let mut done = Vec::new();
-    for (mut md, point) in plan.disks {
+    for (i, (mut md, point)) in plan.disks.into_iter().enumerate() {
         let mut attempt = 0;
         // Created once: a retry starts over in the file this run made, which must not
         // be refused as one that existed before.
         let output = Output::create(out, &md.name, format, point.disk_bytes, plan.overwrite)?;
+        progress(i, 0);
+        let read = |n: u64| progress(i, n);
         let path_of_failed = output.path.clone();
         let rebuilt = loop {
             attempt += 1;
@@ -84,7 +108,7 @@ pub fn run(
                 file: &output.file,
                 path: output.shown(),
             };
-            match rebuild_point(&md.disk, &md.state, &point, &sink, progress) {
+            match rebuild_point(&md.disk, &md.state, &point, &sink, &read) {
                 Ok(stats) => break Ok(stats),
                 Err(e) if e.is_missing() && attempt < ATTEMPTS => {
                     // A compaction replaced objects since we read the state: read it

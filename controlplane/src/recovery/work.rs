@@ -8,7 +8,9 @@
 //! does one item twice.
 
 use ferry_link::control::limits::MAX_WORK_ITEMS;
-use ferry_link::control::wire::{ReadyDisk, WorkItem, WorkOp, WorkReport, WorkResult};
+use ferry_link::control::wire::{
+    DiskProgress, ReadyDisk, WorkItem, WorkOp, WorkReport, WorkResult,
+};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -31,6 +33,9 @@ pub struct WorkRow {
     pub bytes_per_s: f64,
     pub result: Option<WorkResult>,
     pub error: Option<String>,
+    /// build, serve: each disk's progress as the host last reported it (checked
+    /// against the item's disks).
+    pub disks: Vec<DiskProgress>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -59,7 +64,7 @@ pub fn item_id(job_id: &str, seq: usize, machine: &str) -> String {
 }
 
 const COLUMNS: &str = "id, host, job_id, machine, op, state, progress, bytes_per_s, result, \
-                       error, created_at, updated_at";
+                       error, disk_progress, created_at, updated_at";
 
 fn decode(op: &'static str, what: String) -> Error {
     Error::Query {
@@ -80,6 +85,9 @@ fn from_row(r: &AnyRow) -> Result<WorkRow> {
         .map(|s| serde_json::from_str(&s))
         .transpose()
         .map_err(|e| decode(op_name, format!("work item {id}: its result: {e}")))?;
+    let disks: String = r.try_get("disk_progress").map_err(get)?;
+    let disks = serde_json::from_str(&disks)
+        .map_err(|e| decode(op_name, format!("work item {id}: its disk progress: {e}")))?;
     Ok(WorkRow {
         host: r.try_get("host").map_err(get)?,
         job_id: r.try_get("job_id").map_err(get)?,
@@ -90,6 +98,7 @@ fn from_row(r: &AnyRow) -> Result<WorkRow> {
         bytes_per_s: r.try_get("bytes_per_s").map_err(get)?,
         result,
         error: r.try_get("error").map_err(get)?,
+        disks,
         created_at: r.try_get("created_at").map_err(get)?,
         updated_at: r.try_get("updated_at").map_err(get)?,
         id,
@@ -182,6 +191,44 @@ pub async fn for_host(db: &Db, host: &str) -> Result<Vec<WorkItem>> {
         .collect()
 }
 
+/// A figure as stored: finite and not negative (0 otherwise).
+fn figure(x: f64) -> f64 {
+    if x.is_finite() {
+        x.max(0.0)
+    } else {
+        0.0
+    }
+}
+
+/// The per-disk progress of a report as kept: only disks the item has, each once, in
+/// the host's order (so at most as many as the item has disks), each figure in its
+/// range.
+fn checked_disks(op: &WorkOp, reported: &[DiskProgress]) -> Vec<DiskProgress> {
+    let names: Vec<&str> = match op {
+        WorkOp::Build { disks, .. } | WorkOp::Serve { disks } => {
+            disks.iter().map(|d| d.disk.as_str()).collect()
+        }
+        _ => Vec::new(),
+    };
+    let mut out: Vec<DiskProgress> = Vec::with_capacity(names.len());
+    for d in reported {
+        if out.len() == names.len() {
+            break;
+        }
+        if !names.contains(&d.disk.as_str()) || out.iter().any(|o| o.disk == d.disk) {
+            continue;
+        }
+        out.push(DiskProgress {
+            disk: d.disk.clone(),
+            progress: figure(d.progress).min(1.0),
+            bytes_per_s: figure(d.bytes_per_s),
+            bytes_done: d.bytes_done.min(d.bytes),
+            bytes: d.bytes,
+        });
+    }
+    out
+}
+
 /// Records what `host` reports of its items. A report about an item of another host,
 /// an unknown or a removed one is ignored; an ended item keeps its end (the host
 /// re-reports results after a restart, and the first word counts).
@@ -190,25 +237,30 @@ pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i6
         if !matches!(r.state.as_str(), "running" | "succeeded" | "failed") {
             continue;
         }
+        // Checked against the item's own disks, which only its row knows. An ended
+        // item (re-reported at every heartbeat while it is ordered) is not updated
+        // below either: its read replaces the update.
+        let disks = if r.disks.is_empty() {
+            Vec::new()
+        } else {
+            match get(db, &r.id).await? {
+                Some(w) if w.host == host && !w.is_ended() => checked_disks(&w.op, &r.disks),
+                _ => continue,
+            }
+        };
+        let disks = serde_json::to_string(&disks)
+            .map_err(|e| decode("recording a work report", e.to_string()))?;
         let result = r
             .result
             .as_ref()
             .map(serde_json::to_string)
             .transpose()
             .map_err(|e| decode("recording a work report", e.to_string()))?;
-        let progress = if r.progress.is_finite() {
-            r.progress.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        let rate = if r.bytes_per_s.is_finite() {
-            r.bytes_per_s.max(0.0)
-        } else {
-            0.0
-        };
+        let progress = figure(r.progress).min(1.0);
+        let rate = figure(r.bytes_per_s);
         sqlx::query(
             "UPDATE recovery_work SET state = $1, progress = $2, bytes_per_s = $3, \
-             result = $4, error = $5, updated_at = $6 \
+             result = $4, error = $5, updated_at = $6, disk_progress = $9 \
              WHERE id = $7 AND host = $8 AND state IN ('pending', 'running')",
         )
         .bind(r.state.clone())
@@ -219,6 +271,7 @@ pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i6
         .bind(now)
         .bind(r.id.clone())
         .bind(host.to_string())
+        .bind(disks)
         .execute(db.pool())
         .await
         .map_err(q("recording a work report"))?;
@@ -393,6 +446,7 @@ mod tests {
                 }],
                 ..WorkResult::default()
             }),
+            disks: Vec::new(),
         };
         // Another host's word about it changes nothing.
         record_reports(&db, "rh2", std::slice::from_ref(&done), 106)
@@ -437,10 +491,124 @@ mod tests {
             bytes_per_s: 0.0,
             error: None,
             result: None,
+            disks: Vec::new(),
         };
         record_reports(&db, "rh1", &[ran], 111).await.unwrap();
         assert!(for_host(&db, "rh1").await.unwrap().is_empty());
         // A host not heard from lately gets no new work.
         assert_eq!(least_loaded_host(&db, 200).await.unwrap(), None);
+    }
+
+    fn disk(name: &str, progress: f64, bytes_per_s: f64) -> DiskProgress {
+        DiskProgress {
+            disk: name.into(),
+            progress,
+            bytes_per_s,
+            bytes_done: 50,
+            bytes: 100,
+        }
+    }
+
+    /// A report's per-disk progress is stored and read back, checked against the
+    /// item's disks: unknown and repeated disks dropped, figures clamped.
+    async fn disk_progress_is_kept_checked(url: &str) {
+        let db = Db::open(url).await.unwrap();
+        host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 100)
+            .await
+            .unwrap();
+        let op = WorkOp::Build {
+            disks: ["sda", "sdb"]
+                .map(|d| DiskPoint {
+                    disk: d.into(),
+                    point: "p1".into(),
+                })
+                .to_vec(),
+            format: "raw".into(),
+        };
+        let id = item_id("j1", 0, "m1");
+        submit(&db, &id, "rh1", "j1", "m1", &op, 101).await.unwrap();
+        assert!(get(&db, &id).await.unwrap().unwrap().disks.is_empty());
+        let running = WorkReport {
+            id: id.clone(),
+            state: "running".into(),
+            progress: 0.4,
+            bytes_per_s: 10.0,
+            error: None,
+            result: None,
+            disks: vec![
+                disk("sda", 1.5, 20.0),
+                disk("sdz", 0.5, 1.0),
+                disk("sdb", f64::NAN, f64::INFINITY),
+                disk("sda", 0.1, 1.0),
+            ],
+        };
+        // Another host's word is not kept.
+        record_reports(&db, "rh2", std::slice::from_ref(&running), 102)
+            .await
+            .unwrap();
+        assert!(get(&db, &id).await.unwrap().unwrap().disks.is_empty());
+        record_reports(&db, "rh1", std::slice::from_ref(&running), 103)
+            .await
+            .unwrap();
+        let row = for_job(&db, "j1").await.unwrap().remove(0);
+        assert_eq!(
+            row.disks,
+            vec![disk("sda", 1.0, 20.0), disk("sdb", 0.0, 0.0)]
+        );
+        // A host that sends none (one from before per-disk progress) clears them.
+        let plain = WorkReport {
+            disks: Vec::new(),
+            ..running.clone()
+        };
+        record_reports(&db, "rh1", &[plain], 104).await.unwrap();
+        assert!(get(&db, &id).await.unwrap().unwrap().disks.is_empty());
+        // Too many entries for the item: at most its two disks.
+        let many = WorkReport {
+            disks: (0..300)
+                .map(|i| disk(if i % 2 == 0 { "sdb" } else { "sda" }, 0.5, 1.0))
+                .collect(),
+            ..running
+        };
+        record_reports(&db, "rh1", std::slice::from_ref(&many), 105)
+            .await
+            .unwrap();
+        let kept = get(&db, &id).await.unwrap().unwrap().disks;
+        assert_eq!(kept, vec![disk("sdb", 0.5, 1.0), disk("sda", 0.5, 1.0)]);
+        // An ended item keeps the disks of its end, whatever is reported after.
+        let done = WorkReport {
+            state: "succeeded".into(),
+            disks: vec![disk("sda", 1.0, 3.0), disk("sdb", 1.0, 3.0)],
+            ..many.clone()
+        };
+        record_reports(&db, "rh1", std::slice::from_ref(&done), 106)
+            .await
+            .unwrap();
+        let late = WorkReport {
+            state: "running".into(),
+            disks: vec![disk("sda", 0.1, 1.0)],
+            ..done.clone()
+        };
+        record_reports(&db, "rh1", &[late], 107).await.unwrap();
+        assert_eq!(get(&db, &id).await.unwrap().unwrap().disks, done.disks);
+    }
+
+    #[tokio::test]
+    async fn disk_progress_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        disk_progress_is_kept_checked(&Db::default_url(dir.path())).await;
+    }
+
+    /// PostgreSQL when FERRY_TEST_DATABASE names one, as in `db::tests`.
+    #[tokio::test]
+    async fn disk_progress_on_the_test_database() {
+        let Ok(url) = std::env::var("FERRY_TEST_DATABASE") else {
+            if std::env::var("FERRY_TEST_REQUIRE_REMOTE").is_ok_and(|v| v == "1") {
+                panic!("FERRY_TEST_DATABASE is not set but FERRY_TEST_REQUIRE_REMOTE=1");
+            }
+            eprintln!("FERRY_TEST_DATABASE not set: PostgreSQL not tested");
+            return;
+        };
+        let _only = crate::db::tests::drop_all(&url).await;
+        disk_progress_is_kept_checked(&url).await;
     }
 }

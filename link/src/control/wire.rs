@@ -78,6 +78,30 @@ mod tests {
         assert!(!shown.contains("0123456789abcdef"), "{shown}");
         assert!(shown.contains("web1"), "{shown}");
     }
+
+    #[test]
+    fn a_work_report_without_disks_still_reads_and_one_with_disks_round_trips() {
+        // What a recovery host from before per-disk progress sends.
+        let old: WorkReport =
+            serde_json::from_str(r#"{"id":"i1","state":"running","progress":0.5,"bytes_per_s":9}"#)
+                .unwrap();
+        assert!(old.disks.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("disks"));
+        let new = WorkReport {
+            disks: vec![DiskProgress {
+                disk: "d0".into(),
+                progress: 0.25,
+                bytes_per_s: 100.0,
+                bytes_done: 1,
+                bytes: 4,
+            }],
+            ..old
+        };
+        let text = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<WorkReport>(&text).unwrap(), new);
+        let unknown = text.replace("\"bytes\":4", "\"bytes\":4,\"eta\":1");
+        assert!(serde_json::from_str::<WorkReport>(&unknown).is_err());
+    }
 }
 
 /// The answer to enrollment and to renewal.
@@ -388,6 +412,25 @@ pub struct WorkReport {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<WorkResult>,
+    /// build, serve: each disk's own progress (`progress` above is their mean weighted
+    /// by bytes). Absent from hosts that predate it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskProgress>,
+}
+
+/// One disk of a build or serve item: how far it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskProgress {
+    pub disk: String,
+    /// 0.0 to 1.0: 0 until the disk is started, 1 once it is built or served.
+    pub progress: f64,
+    /// This disk's own rate while it was worked on.
+    pub bytes_per_s: f64,
+    pub bytes_done: u64,
+    /// What the work moves for this disk: a build, the stored bytes its point reads;
+    /// a serve, the disk's size.
+    pub bytes: u64,
 }
 
 /// What a succeeded item made; each field is filled by the ops it concerns.

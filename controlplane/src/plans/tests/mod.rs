@@ -131,6 +131,7 @@ async fn play(db: &Db, job: &Job, me: &Arc<Mutex<FakeJ>>) {
                     }],
                     ..WorkResult::default()
                 }),
+                disks: Vec::new(),
             };
             work::record_reports(db, "rh1", &[report], 2).await.unwrap();
             tasks_done(db, job, 2).await;

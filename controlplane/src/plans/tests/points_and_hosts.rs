@@ -181,6 +181,7 @@ async fn a_script_on_a_recovery_host_is_a_work_item_and_its_failure_shows_its_ou
             output: "app said no".into(),
             ..WorkResult::default()
         }),
+        disks: Vec::new(),
     };
     work::record_reports(
         &s.db,

@@ -74,6 +74,22 @@ async fn test_failover_to_the_verdict(s: &Site) {
     assert_eq!(disks[0]["nbd_url"], format!("nbd://{NBD}/m1/sda"));
     assert_eq!(disks[0]["point"], point_id("P1"));
     assert_eq!(v["work"].as_array().unwrap().len(), 2, "{v}");
+    // The serve item's disks, each with its own progress and rate.
+    assert_eq!(
+        v["work"][0]["disks"],
+        json!([
+            {"disk": "sda", "percent": 100.0, "mb_per_s": 118.0, "bytes_done": SIZE,
+             "bytes": SIZE},
+            {"disk": "sdb", "percent": 100.0, "mb_per_s": 118.0, "bytes_done": SIZE,
+             "bytes": SIZE},
+        ]),
+        "{v}"
+    );
+    assert_eq!(
+        v["work"][1]["disks"],
+        json!([]),
+        "a start item has none: {v}"
+    );
     let start = s
         .play
         .seen

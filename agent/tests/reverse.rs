@@ -472,4 +472,18 @@ fn a_large_round_goes_in_several_segments_and_commits() {
         e.contains("no point nope") && e.contains(&r.point_id),
         "{e}"
     );
+
+    // A marker saying the target holds deltas over another point (it was synced to
+    // another one since): refused naming both, the target untouched.
+    let marker = marker_path(&home, "d0", None).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
+    m["over"]["point"] = "20250101T000000000Z-00000000".into();
+    std::fs::write(&marker, m.to_string()).unwrap();
+    let e = env.apply(&point, &home).unwrap_err();
+    assert!(
+        e.contains("20250101T000000000Z-00000000") && e.contains(&p) && e.contains("marker"),
+        "{e}"
+    );
+    assert!(home_equals(&home, &model));
 }

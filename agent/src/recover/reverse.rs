@@ -207,37 +207,70 @@ fn load_cursor(path: &Path, over: &Over, reverse_disk_id: &str) -> Result<u64> {
         .ok_or_else(|| bad("holds no journal_bytes".into()))
 }
 
-/// Writes accumulated for one segment: their data bytes and count bound it.
-#[derive(Default)]
-struct Pending {
+/// The round being sealed: writes accumulate for one segment (bounded by data bytes
+/// and count), sealed segments for one commit; the replica's state follows each
+/// commit.
+struct Round<'a> {
+    d: &'a Disk,
+    state: DiskState,
+    ctx: SealContext,
+    /// Sequence number of the next record.
+    seq: u64,
     writes: Vec<(u64, Option<Vec<u8>>, u64)>,
     data_bytes: u64,
+    sealed: Vec<Sealed>,
+    /// Sealed bytes committed so far.
+    sent: u64,
 }
 
-impl Pending {
-    fn full_for(&self, more: u64) -> bool {
-        !self.writes.is_empty()
-            && (self.data_bytes + more > SEGMENT_DATA_BYTES || self.writes.len() >= SEGMENT_RECORDS)
+impl Round<'_> {
+    /// Adds a write (offset, data or None for zero, length), sealing the segment
+    /// before it when it would overflow, and committing full batches of segments.
+    fn push(&mut self, w: (u64, Option<Vec<u8>>, u64)) -> Result<()> {
+        let more = w.1.as_ref().map_or(0, |b| b.len() as u64);
+        let full =
+            self.data_bytes + more > SEGMENT_DATA_BYTES || self.writes.len() >= SEGMENT_RECORDS;
+        if !self.writes.is_empty() && full {
+            self.seal()?;
+            if self.sealed.len() >= SEGMENTS_PER_COMMIT {
+                self.commit(Vec::new(), self.seq)?;
+            }
+        }
+        self.data_bytes += more;
+        self.writes.push(w);
+        Ok(())
     }
 
-    /// Seals the pending writes with consecutive sequence numbers from `*seq`.
-    fn seal(&mut self, d: &Disk, ctx: &mut SealContext, seq: &mut u64) -> Result<Sealed> {
+    /// Seals the pending writes with consecutive sequence numbers.
+    fn seal(&mut self) -> Result<()> {
         let mut writes = Vec::with_capacity(self.writes.len());
         for (offset, data, len) in &self.writes {
             writes.push(Write {
-                seq: *seq,
+                seq: self.seq,
                 offset: *offset,
                 payload: match data {
                     Some(b) => Payload::Data(b),
                     None => Payload::Zero(*len),
                 },
             });
-            *seq += 1;
+            self.seq += 1;
         }
-        let sealed = seal_segment(d, ctx, &writes)?;
+        let sealed = seal_segment(self.d, &mut self.ctx, &writes)?;
+        self.sealed.push(sealed);
         self.writes.clear();
         self.data_bytes = 0;
-        Ok(sealed)
+        Ok(())
+    }
+
+    /// Uploads the sealed segments and commits them with `points`.
+    fn commit(&mut self, points: Vec<Point>, next_seq: u64) -> Result<()> {
+        let sealed = std::mem::take(&mut self.sealed);
+        let bytes: u64 = sealed.iter().map(|s| s.bytes.len() as u64).sum();
+        let d = self.d;
+        d.store
+            .block(append(d, &mut self.state, sealed, points, next_seq))?;
+        self.sent += bytes;
+        Ok(())
     }
 }
 
@@ -271,7 +304,7 @@ pub fn send_delta(
         DEFAULT_BLOCK_BYTES,
         DEFAULT_EXTENT_BYTES,
     ))?;
-    let mut state = store.block(d.load_state())?;
+    let state = store.block(d.load_state())?;
     check_over(&d, &state, &over)?;
 
     ferry_replica::local::create_private_dir(cursor_dir).map_err(io_err("create", cursor_dir))?;
@@ -298,10 +331,6 @@ pub fn send_delta(
         changed.insert(offset, end, if zero { Src::Zero } else { Src::At(0) });
     })?;
 
-    let mut ctx = SealContext::new(1);
-    let mut seq = state.next_seq;
-    let mut pending = Pending::default();
-    let mut sealed: Vec<Sealed> = Vec::new();
     let mut report = DeltaReport {
         ranges: 0,
         bytes_data: 0,
@@ -310,36 +339,21 @@ pub fn send_delta(
         point_id: String::new(),
         cursor: to,
     };
-    let mut push = |pending: &mut Pending,
-                    sealed: &mut Vec<Sealed>,
-                    state: &mut DiskState,
-                    seq: &mut u64,
-                    sent: &mut u64,
-                    w: (u64, Option<Vec<u8>>, u64)|
-     -> Result<()> {
-        let more = w.1.as_ref().map_or(0, |b| b.len() as u64);
-        if pending.full_for(more) {
-            sealed.push(pending.seal(&d, &mut ctx, seq)?);
-            if sealed.len() >= SEGMENTS_PER_COMMIT {
-                *sent += commit(&d, state, std::mem::take(sealed), Vec::new(), *seq)?;
-            }
-        }
-        pending.data_bytes += more;
-        pending.writes.push(w);
-        Ok(())
+    let mut round = Round {
+        d: &d,
+        seq: state.next_seq,
+        state,
+        ctx: SealContext::new(1),
+        writes: Vec::new(),
+        data_bytes: 0,
+        sealed: Vec::new(),
+        sent: 0,
     };
     for (s, e, src) in changed.overlapping(0, size) {
         report.ranges += 1;
         if src == Src::Zero {
             report.bytes_zero += e - s;
-            push(
-                &mut pending,
-                &mut sealed,
-                &mut state,
-                &mut seq,
-                &mut report.bytes_sent,
-                (s, None, e - s),
-            )?;
+            round.push((s, None, e - s))?;
             continue;
         }
         let mut at = s;
@@ -354,33 +368,27 @@ pub fn send_delta(
                 source: e,
             })?;
             report.bytes_data += n;
-            push(
-                &mut pending,
-                &mut sealed,
-                &mut state,
-                &mut seq,
-                &mut report.bytes_sent,
-                (at, Some(buf), n),
-            )?;
+            round.push((at, Some(buf), n))?;
             at += n;
         }
     }
-    if !pending.writes.is_empty() {
-        sealed.push(pending.seal(&d, &mut ctx, &mut seq)?);
+    if !round.writes.is_empty() {
+        round.seal()?;
     }
     let now = Utc::now();
     let p = Point {
         id: ferry_replica::disk::new_point_id(now),
         kind: PointKind::Crash,
         time: now,
-        seq,
+        seq: round.seq,
         disk_bytes: size,
         label: Some(over.label()),
         group: None,
         sums: None,
     };
     report.point_id = p.id.clone();
-    report.bytes_sent += commit(&d, &mut state, sealed, vec![p], seq + 1)?;
+    round.commit(vec![p], round.seq + 1)?;
+    report.bytes_sent = round.sent;
 
     // Only now: a crash before this line sends the same ranges again next round.
     let cursor = serde_json::json!({
@@ -392,21 +400,6 @@ pub fn send_delta(
     });
     replace(&cursor_file, cursor.to_string().as_bytes())?;
     Ok(report)
-}
-
-/// Uploads `sealed` and commits them with `points`; returns the bytes put.
-fn commit(
-    d: &Disk,
-    state: &mut DiskState,
-    sealed: Vec<Sealed>,
-    points: Vec<Point>,
-    next_seq: u64,
-) -> Result<u64> {
-    let bytes = sealed.iter().map(|s| s.bytes.len() as u64).sum();
-    d.store
-        .block(append(d, state, sealed, points, next_seq))
-        .map(|_| bytes)
-        .map_err(Error::from)
 }
 
 #[derive(Debug, Clone, Default)]

@@ -96,6 +96,12 @@ enum Command {
     /// recovery point, by checksum: only the blocks that differ are fetched and
     /// rewritten (failback's master target)
     SyncPoint(Box<crate::sync_point_cmd::SyncPointArgs>),
+    /// Failback by hand, one round: seal the writes a served disk's overlay made since
+    /// the last round as a point of the reverse replica MACHINE.reverse
+    ReverseSend(Box<crate::reverse_cmd::ReverseSendArgs>),
+    /// Failback by hand: apply the reverse replica's points onto the home disk, which
+    /// sync-point made equal to the failover point first
+    ReverseApply(Box<crate::reverse_cmd::ReverseApplyArgs>),
     /// Run a process server: agents' writes in over mutual TLS, into a durable cache,
     /// sealed and uploaded to the store
     ProcessServer(Box<crate::server_cmd::ProcessServerArgs>),
@@ -289,6 +295,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::ServePoint(a) => crate::serve_point_cmd::run(*a)?,
         Command::SyncPoint(a) => crate::sync_point_cmd::run(*a)?,
+        Command::ReverseSend(a) => crate::reverse_cmd::send(*a)?,
+        Command::ReverseApply(a) => crate::reverse_cmd::apply(*a)?,
         Command::ProcessServer(a) => crate::server_cmd::process_server(*a)?,
         Command::RecoveryHost(a) => crate::recovery_host_cmd::run(*a)?,
         Command::Quickstart { dir } => crate::quickstart::run(dir)?,

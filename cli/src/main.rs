@@ -10,6 +10,7 @@ mod progress;
 mod quickstart;
 mod recovery_host;
 mod recovery_host_cmd;
+mod reverse_cmd;
 mod serve_point_cmd;
 mod server_cmd;
 mod sync_point_cmd;

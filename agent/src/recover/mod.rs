@@ -13,12 +13,15 @@
 //!
 //! `sync` uses a served disk the other way round: to make an existing disk (failback's
 //! home disk) equal to a point by checksum, fetching only what differs
-//! (`ferry sync-point`).
+//! (`ferry sync-point`). `reverse` then carries the overlay's writes home: each
+//! round seals the ranges written since the last one as a point of a reverse replica
+//! (`{machine}.reverse`), which the home disk applies over the failover point.
 
 pub mod flight;
 pub mod log;
 pub mod overlay;
 pub mod ranges;
+pub mod reverse;
 pub mod saved;
 pub mod served;
 pub mod sync;
@@ -26,6 +29,7 @@ pub mod sync;
 use std::path::Path;
 
 pub use overlay::Overlay;
+pub use reverse::{apply_deltas, send_delta, ApplyOptions, ApplyReport, DeltaReport};
 pub use served::{DiskStatus, ServedDisk};
 pub use sync::{sync_disk, sync_to_point, SyncOptions, SyncReport};
 
@@ -49,6 +53,9 @@ pub enum Error {
     /// The disk a sync writes cannot be used (in use, too small, not a disk).
     #[error("target {path}: {why}")]
     Target { path: String, why: String },
+    /// A reverse replica (failback's deltas) that does not fit what it is used with.
+    #[error("reverse replica {disk}: {why}")]
+    Reverse { disk: String, why: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

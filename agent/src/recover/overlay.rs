@@ -19,6 +19,10 @@ use super::ranges::{RangeMap, Src};
 use super::{io_err, Result};
 
 const RECORD: usize = 32;
+/// Bytes of one journal record: a journal position (failback's cursor) is a multiple.
+pub const JOURNAL_RECORD_BYTES: u64 = RECORD as u64;
+/// Journal bytes read at once when the journal is walked from a position.
+const JOURNAL_READ: usize = 2048 * RECORD;
 const KIND_DATA: u8 = 1;
 const KIND_ZERO: u8 = 2;
 
@@ -194,6 +198,62 @@ impl Overlay {
     pub fn written_bytes(&self) -> u64 {
         self.lock().written.bytes()
     }
+
+    /// Syncs the overlay and returns the journal's length in bytes: every record
+    /// below it is durable, so a position saved at it (failback's cursor) can never
+    /// lie past the journal that a restart replays.
+    pub fn synced_journal_bytes(&self) -> io::Result<u64> {
+        let j = self.lock();
+        self.sync(&j)?;
+        j.file.metadata().map(|m| m.len()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("stat {}: {e}", self.journal_path.display()),
+            )
+        })
+    }
+
+    /// Hands the journal records in bytes `[from, to)` (record boundaries, below
+    /// `synced_journal_bytes`) to `f` as (offset, length, whether a zero write), in
+    /// the order the writes were applied; reads a bounded piece at a time, taking
+    /// the lock only for each read (records below the end are never rewritten).
+    pub fn journal_records(
+        &self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(u64, u64, bool),
+    ) -> Result<()> {
+        let bad = |why: String| super::Error::Overlay {
+            path: self.journal_path.display().to_string(),
+            why,
+        };
+        if !from.is_multiple_of(JOURNAL_RECORD_BYTES)
+            || !to.is_multiple_of(JOURNAL_RECORD_BYTES)
+            || from > to
+        {
+            return Err(bad(format!("bytes {from}..{to} are not whole records")));
+        }
+        let mut buf = vec![0u8; JOURNAL_READ];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(JOURNAL_READ as u64) as usize;
+            self.lock()
+                .file
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(io_err("read", &self.journal_path))?;
+            for (i, r) in buf[..n].chunks_exact(RECORD).enumerate() {
+                let (offset, len, kind) = parse(r).ok_or_else(|| {
+                    bad(format!(
+                        "record at byte {} is torn or foreign, below the synced end {to}",
+                        at + (i * RECORD) as u64
+                    ))
+                })?;
+                f(offset, len, kind == KIND_ZERO);
+            }
+            at += n as u64;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -224,5 +284,13 @@ mod tests {
         want[46..146].fill(7);
         want[50..60].fill(0);
         assert_eq!(buf, want);
+        // The journal walked from its second record: what came after, kinds kept.
+        let end = o.synced_journal_bytes().unwrap();
+        assert_eq!(end, 3 * JOURNAL_RECORD_BYTES);
+        let mut seen = Vec::new();
+        o.journal_records(JOURNAL_RECORD_BYTES, end, |s, n, z| seen.push((s, n, z)))
+            .unwrap();
+        assert_eq!(seen, vec![(4100, 10, true), (8000, 10, false)]);
+        assert!(o.journal_records(5, end, |_, _, _| {}).is_err());
     }
 }

@@ -40,7 +40,7 @@ pub fn index_path(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Replaces `path` with `bytes`: written aside, synced, renamed, the directory synced.
-fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
     // Beside it, named after the whole file name: two disks' files never share one.
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");

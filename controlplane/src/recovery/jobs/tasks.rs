@@ -221,7 +221,10 @@ async fn remove(
         .map_err(db_err("marking work items removed"))
 }
 
-/// `record verdict`: an event saying how the test went.
+/// `record verdict`: an event saying how the test went, written once: the message
+/// names the job, so a run of this task again (a kill -9 between the event and the
+/// task's end) finds the event its first run wrote. Only the job's lease holder
+/// runs it, so nothing races the look and the write.
 async fn record_verdict(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
     let verdict = p
         .verdict
@@ -232,15 +235,16 @@ async fn record_verdict(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
         message.push_str(": ");
         message.push_str(n);
     }
-    crate::registry::events::add(
-        &w.ctx.db,
-        &format!("test-failover-{verdict}"),
-        &format!("machine {}", p.machine),
-        &message,
-        crate::db::now_s(),
-    )
-    .await
-    .map_err(db_err("recording the verdict"))?;
+    let kind = format!("test-failover-{verdict}");
+    let subject = format!("machine {}", p.machine);
+    let db = &w.ctx.db;
+    let events = crate::registry::events::exists(db, &kind, &subject, &message);
+    if events.await.map_err(db_err("looking for the verdict"))? {
+        return Ok(());
+    }
+    crate::registry::events::add(db, &kind, &subject, &message, crate::db::now_s())
+        .await
+        .map_err(db_err("recording the verdict"))?;
     Ok(())
 }
 

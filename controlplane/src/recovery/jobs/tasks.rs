@@ -163,6 +163,7 @@ async fn wait_for_cleanup(w: &Waiter<'_>, p: &Params) -> Result<Step, String> {
     let mut params = p.clone();
     params.verdict = Some(v.verdict);
     params.notes = Some(v.notes);
+    params.verdict_at = Some(crate::db::now_s());
     let json = serde_json::to_value(&params).map_err(|e| e.to_string())?;
     let owner = w.job.lease_owner.clone().unwrap_or_default();
     if !state::record_params(&w.ctx.db, &w.job.id, &owner, &json)
@@ -223,8 +224,9 @@ async fn remove(
 
 /// `record verdict`: an event saying how the test went, written once: the message
 /// names the job, so a run of this task again (a kill -9 between the event and the
-/// task's end) finds the event its first run wrote. Only the job's lease holder
-/// runs it, so nothing races the look and the write.
+/// task's end) finds the event its first run wrote since the verdict was taken (a
+/// restarted test's new verdict is a new event). Only the job's lease holder runs
+/// it, so nothing races the look and the write.
 async fn record_verdict(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
     let verdict = p
         .verdict
@@ -238,7 +240,8 @@ async fn record_verdict(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
     let kind = format!("test-failover-{verdict}");
     let subject = format!("machine {}", p.machine);
     let db = &w.ctx.db;
-    let events = crate::registry::events::exists(db, &kind, &subject, &message);
+    let since = p.verdict_at.unwrap_or(0);
+    let events = crate::registry::events::exists(db, &kind, &subject, &message, since);
     if events.await.map_err(db_err("looking for the verdict"))? {
         return Ok(());
     }

@@ -170,7 +170,8 @@ async fn a_running_failover_asked_to_cancel_ends_cancelled() {
 }
 
 /// `record verdict` run again (a control plane killed -9 after it wrote the event
-/// but before the task was marked done) records the verdict once.
+/// but before the task was marked done) records the verdict once; the test
+/// restarted and given the same verdict again records it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_verdict_recorded_again_is_one_event() {
     let s = site(None, true, true).await;
@@ -207,6 +208,27 @@ async fn a_verdict_recorded_again_is_one_event() {
         .collect();
     assert_eq!(verdicts.len(), 1, "{verdicts:?}");
     assert!(verdicts[0].message.contains("no network"), "{verdicts:?}");
+    // A new test of the same job: its verdict is taken (and dated) anew.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (st, v) = s
+        .send("POST", &format!("/v1/jobs/{id}/restart"), None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    s.until(&id, JobState::WaitingForInput).await;
+    s.post(
+        "/v1/machines/m1/test-failover-cleanup",
+        json!({"verdict": "failed", "notes": "no network"}),
+        200,
+    )
+    .await;
+    s.until(&id, JobState::Succeeded).await;
+    let verdicts = crate::registry::events::list(&s.db, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind.starts_with("test-failover-"))
+        .count();
+    assert_eq!(verdicts, 2);
 }
 
 /// The failover row's writes move it only from the state they expect: a task run

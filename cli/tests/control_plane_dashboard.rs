@@ -464,6 +464,12 @@ fn operators_see_a_killed_process_server_on_the_dashboard_and_in_a_webhook() {
             erp.contains("data-action=\"commit\"") && erp.contains("data-action=\"cancel\""),
             "{erp}"
         );
+        // Not committed: its point can change, the browser showing the form's field.
+        assert!(
+            erp.contains("data-action=\"change-point\"")
+                && erp.contains("name=\"point\" value=\"latest\""),
+            "{erp}"
+        );
         let web1 = row_with(&dom, "data-machine=\"web1\"");
         assert!(web1.contains("data-action=\"cleanup-passed\""), "{web1}");
         assert!(

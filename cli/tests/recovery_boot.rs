@@ -36,27 +36,6 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A POST that must be accepted; the job it answers with.
-fn post(cp: &Cp, path: &str, body: Value) -> Value {
-    let (st, v) = cp.api("POST", path, Some(body));
-    assert!((200..300).contains(&st), "POST {path}: {st} {v}");
-    v
-}
-
-/// Waits until job `id` succeeded; one that fails or is cancelled ends the test with
-/// its error.
-fn wait_succeeded(cp: &Cp, id: &str) -> Value {
-    wait_ok(&format!("job {id} succeeded"), DEADLINE, || {
-        let (st, j) = cp.api("GET", &format!("/v1/jobs/{id}"), None);
-        assert_eq!(st, 200, "{j}");
-        match j["state"].as_str().unwrap_or("") {
-            "succeeded" => Ok(j),
-            "failed" | "cancelled" => panic!("job {id} ended: {j}"),
-            _ => Err(j),
-        }
-    })
-}
-
 /// Every live process whose command line holds `needle`: pid and command line.
 /// Zombies have an empty command line, so a killed process not yet reaped is gone.
 fn processes_with(needle: &str) -> Vec<(u32, String)> {
@@ -150,12 +129,11 @@ fn a_failed_over_machine_boots_on_the_recovery_host() {
     assert_eq!(st, 200, "{v}");
 
     let posted = Instant::now();
-    let job = post(
-        &cp,
+    let job = cp.post(
         "/v1/machines/m1/failover",
         json!({"planned": true, "target": {"kind": "nbd"}}),
     );
-    let done = wait_succeeded(&cp, job["id"].as_str().unwrap());
+    let done = cp.wait_job(job["id"].as_str().unwrap(), "succeeded");
     let url = done["disks"][0]["nbd_url"].as_str().unwrap_or("");
     assert!(url.ends_with("/m1/sda"), "{done}");
     let job_done = posted.elapsed();
@@ -207,8 +185,8 @@ fn a_failed_over_machine_boots_on_the_recovery_host() {
     );
 
     // Cancel: the recovery host kills what it started and removes the served disk.
-    let cancel = post(&cp, "/v1/machines/m1/cancel", json!({}));
-    wait_succeeded(&cp, cancel["id"].as_str().unwrap());
+    let cancel = cp.post("/v1/machines/m1/cancel", json!({}));
+    cp.wait_job(cancel["id"].as_str().unwrap(), "succeeded");
     let left = processes_with(&needle);
     assert!(
         left.is_empty(),

@@ -12,6 +12,8 @@
 //! - A planned failover cancelled: the source writes again.
 //! - An unplanned failover with the process server killed first; the process server
 //!   comes back and the source agent is refused: its disk is read-only.
+//! - A recovery plan of two fresh machines: its planned failover, its cancel, and its
+//!   commit, the control plane killed -9 in the middle of each; disks equal the sources.
 //! - Bad input on the way: a second job on a busy machine, failover of a machine
 //!   already failed over, a point that does not exist, cleanup without a test.
 
@@ -37,40 +39,6 @@ fn bin() -> &'static Path {
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// A POST that must be accepted; the job it answers with.
-fn post(cp: &Cp, path: &str, body: Value) -> Value {
-    let (st, v) = cp.api("POST", path, Some(body));
-    assert!((200..300).contains(&st), "POST {path}: {st} {v}");
-    v
-}
-
-fn job(cp: &Cp, id: &str) -> Value {
-    let (st, v) = cp.api("GET", &format!("/v1/jobs/{id}"), None);
-    assert_eq!(st, 200, "{v}");
-    v
-}
-
-/// Waits until job `id` is in `state`; a job that fails or is cancelled instead ends
-/// the test with its error.
-fn wait_job(cp: &Cp, id: &str, state: &str) -> Value {
-    wait_ok(
-        &format!("job {id} {state}"),
-        Duration::from_secs(120),
-        || {
-            let j = job(cp, id);
-            let now = j["state"].as_str().unwrap_or("");
-            if now == state {
-                return Ok(j);
-            }
-            assert!(
-                !matches!(now, "failed" | "cancelled") || now == state,
-                "job {id} ended {now}: {j}"
-            );
-            Err(j)
-        },
-    )
 }
 
 /// `qemu-img compare` of a recovered disk (NBD URL or file) with a copy of the source.
@@ -144,6 +112,27 @@ fn items_left(work_dir: &Path) -> Vec<String> {
     }
 }
 
+/// The machine job plan job `id` queued for `machine`, once it is running: the
+/// plan is then in the middle of its machines.
+fn child_running(cp: &Cp, id: &str, machine: &str) -> String {
+    wait_ok(
+        &format!("plan job {id}'s job for {machine} running"),
+        Duration::from_secs(60),
+        || {
+            let pj = cp.job(id);
+            let child = pj["params"]["children"][machine]
+                .as_str()
+                .ok_or(pj.clone())?;
+            let cj = cp.job(child);
+            if cj["state"] == "running" {
+                Ok(child.to_string())
+            } else {
+                Err(cj)
+            }
+        },
+    )
+}
+
 /// The site every step works on.
 struct Site {
     dir: tempfile::TempDir,
@@ -166,7 +155,7 @@ fn kill_cp_while_running(site: &mut Site, id: &str) {
         &format!("job {id} running"),
         Duration::from_secs(60),
         || {
-            let j = job(&site.cp, id);
+            let j = site.cp.job(id);
             match j["state"].as_str() {
                 Some("queued") => Err(j),
                 Some(s) => Ok(s.to_string()),
@@ -288,6 +277,7 @@ fn recovery_end_to_end() {
     planned_failover_then_commit(&mut site);
     planned_failover_cancelled(&mut site);
     unplanned_failover_and_the_source_refused(&mut site);
+    a_plans_failover_cancel_and_commit_through_control_plane_kills(&mut site);
 }
 
 /// A recovery plan of two groups (a script before the first on the control plane, one
@@ -333,15 +323,14 @@ fn a_plan_of_two_groups_is_drilled_through_a_control_plane_kill(site: &mut Site)
     );
     assert_eq!(st, 400, "{v}");
     assert!(v.to_string().contains("nobody"), "{v}");
-    let pj = post(
-        &site.cp,
+    let pj = site.cp.post(
         "/v1/recovery-plans/app/test-failover",
         json!({"point": "latest-group", "target": {"kind": "nbd"}}),
     );
     let pj_id = pj["id"].as_str().unwrap().to_string();
     kill_cp_while_running(site, &pj_id);
     let cp = &site.cp;
-    let waiting = wait_job(cp, &pj_id, "waiting-for-input");
+    let waiting = cp.wait_job(&pj_id, "waiting-for-input");
     assert!(
         waiting["prompt"]
             .as_str()
@@ -355,12 +344,12 @@ fn a_plan_of_two_groups_is_drilled_through_a_control_plane_kill(site: &mut Site)
         ["db-before db test forward", "db-after db test forward"],
         "{ran}"
     );
-    post(cp, &format!("/v1/jobs/{pj_id}/resume"), json!({}));
+    cp.post(&format!("/v1/jobs/{pj_id}/resume"), json!({}));
     wait_ok(
         "the plan waits for its cleanup",
         Duration::from_secs(120),
         || {
-            let j = job(cp, &pj_id);
+            let j = cp.job(&pj_id);
             let prompt = j["prompt"].as_str().unwrap_or("").to_string();
             assert!(j["state"] != "failed", "{j}");
             if j["state"] == "waiting-for-input" && prompt.contains("verdict") {
@@ -396,12 +385,11 @@ fn a_plan_of_two_groups_is_drilled_through_a_control_plane_kill(site: &mut Site)
         }
     }
     assert_eq!(seen, 2, "{tests}");
-    post(
-        cp,
+    cp.post(
         "/v1/recovery-plans/app/test-failover-cleanup",
         json!({"verdict": "passed", "notes": "both up"}),
     );
-    wait_job(cp, &pj_id, "succeeded");
+    cp.wait_job(&pj_id, "succeeded");
     site.assert_host_empty();
 }
 
@@ -416,15 +404,14 @@ fn test_failover_of_a_group_to_nbd(site: &mut Site) {
     let gp = group_point_after(cp, &["m1", "m2"], "g1", &quiet_since);
     let mut jobs = Vec::new();
     for m in ["m1", "m2"] {
-        let j = post(
-            cp,
+        let j = cp.post(
             &format!("/v1/machines/{m}/test-failover"),
             json!({"point": "latest-group", "target": {"kind": "nbd"}}),
         );
         jobs.push(j["id"].as_str().unwrap().to_string());
     }
     for (id, copy) in jobs.iter().zip([&m1_copy, &m2_copy]) {
-        let up = wait_job(cp, id, "waiting-for-input");
+        let up = cp.wait_job(id, "waiting-for-input");
         let disk = &up["disks"][0];
         assert_eq!(disk["point"], json!(gp), "{up}");
         assert_same(disk["nbd_url"].as_str().unwrap(), copy);
@@ -434,14 +421,13 @@ fn test_failover_of_a_group_to_nbd(site: &mut Site) {
     wait_uploaded(bin(), &site.m1.sock);
     let cp = &site.cp;
     for m in ["m1", "m2"] {
-        post(
-            cp,
+        cp.post(
             &format!("/v1/machines/{m}/test-failover-cleanup"),
             json!({"verdict": "passed", "notes": "up"}),
         );
     }
     for id in &jobs {
-        wait_job(cp, id, "succeeded");
+        cp.wait_job(id, "succeeded");
     }
     site.assert_host_empty();
 }
@@ -452,8 +438,7 @@ fn test_failover_to_files_through_a_control_plane_kill(site: &mut Site) {
     let (point, want) = site.m1.expected.last().cloned().unwrap();
     let want_file = site.d().join("m1.at-point");
     std::fs::write(&want_file, &want).unwrap();
-    let tj = post(
-        &site.cp,
+    let tj = site.cp.post(
         "/v1/machines/m1/test-failover",
         json!({"point": point, "target": {"kind": "dir", "format": "raw"}}),
     );
@@ -467,7 +452,7 @@ fn test_failover_to_files_through_a_control_plane_kill(site: &mut Site) {
     assert_eq!(st, 409, "{v}");
     kill_cp_while_running(site, &tj_id);
     let cp = &site.cp;
-    let up = wait_job(cp, &tj_id, "waiting-for-input");
+    let up = cp.wait_job(&tj_id, "waiting-for-input");
     let disk = &up["disks"][0];
     assert_eq!(disk["point"], json!(point), "{up}");
     let path = disk["path"].as_str().unwrap().to_string();
@@ -475,12 +460,11 @@ fn test_failover_to_files_through_a_control_plane_kill(site: &mut Site) {
     // A test failover is not cancelled: that would leave its disks.
     let (st, v) = cp.api("POST", &format!("/v1/jobs/{tj_id}/cancel"), None);
     assert_eq!(st, 409, "{v}");
-    post(
-        cp,
+    cp.post(
         "/v1/machines/m1/test-failover-cleanup",
         json!({"verdict": "failed", "notes": "app did not start"}),
     );
-    let done = wait_job(cp, &tj_id, "succeeded");
+    let done = cp.wait_job(&tj_id, "succeeded");
     assert_eq!(done["params"]["verdict"], "failed", "{done}");
     assert!(done.to_string().contains("app did not start"), "{done}");
     assert!(!Path::new(&path).exists(), "{path} is left");
@@ -505,17 +489,16 @@ fn test_failover_to_files_through_a_control_plane_kill(site: &mut Site) {
 /// control plane killed while it runs; the source is read-only after; commit.
 fn planned_failover_then_commit(site: &mut Site) {
     qemu_io(&site.m1.nbd(), &["write -P 0x7e 4096 65536"]);
-    let fj = post(
-        &site.cp,
+    let fj = site.cp.post(
         "/v1/machines/m1/failover",
         json!({"planned": true, "target": {"kind": "nbd"}}),
     );
     let fj_id = fj["id"].as_str().unwrap().to_string();
-    wait_job(&site.cp, &fj_id, "running");
+    site.cp.wait_job(&fj_id, "running");
     std::thread::sleep(Duration::from_millis(700));
     site.restart_cp();
     let cp = &site.cp;
-    let failed_over = wait_job(cp, &fj_id, "succeeded");
+    let failed_over = cp.wait_job(&fj_id, "succeeded");
     // The source stopped writing when the failover began: its disk is the final point.
     assert!(
         !write_works(&site.m1.nbd()),
@@ -541,24 +524,23 @@ fn planned_failover_then_commit(site: &mut Site) {
     let (first, first_disk) = site.m1.expected[0].clone();
     let first_file = site.d().join("m1.first");
     std::fs::write(&first_file, &first_disk).unwrap();
-    let xj = post(
-        cp,
+    let xj = cp.post(
         "/v1/machines/m1/change-point",
         json!({"point": first, "target": {"kind": "nbd"}}),
     );
     let xj_id = xj["id"].as_str().unwrap().to_string();
     kill_cp_while_running(site, &xj_id);
     let cp = &site.cp;
-    let changed = wait_job(cp, &xj_id, "succeeded");
+    let changed = cp.wait_job(&xj_id, "succeeded");
     let new_url = changed["disks"][0]["nbd_url"].as_str().unwrap().to_string();
     assert_eq!(changed["disks"][0]["point"], json!(first), "{changed}");
     assert_same(&new_url, &first_file);
     // Commit, the control plane killed meanwhile.
-    let cj = post(cp, "/v1/machines/m1/commit", json!({}));
+    let cj = cp.post("/v1/machines/m1/commit", json!({}));
     let cj_id = cj["id"].as_str().unwrap().to_string();
     kill_cp_while_running(site, &cj_id);
     let cp = &site.cp;
-    wait_job(cp, &cj_id, "succeeded");
+    cp.wait_job(&cj_id, "succeeded");
     assert_eq!(cp.machine("m1")["recovery"]["state"], "committed");
     // No cancel once committed.
     let (st, v) = cp.api("POST", "/v1/machines/m1/cancel", Some(json!({})));
@@ -568,18 +550,17 @@ fn planned_failover_then_commit(site: &mut Site) {
 /// A planned failover cancelled: what it brought up is removed, the source writes again.
 fn planned_failover_cancelled(site: &mut Site) {
     let cp = &site.cp;
-    let fj = post(
-        cp,
+    let fj = cp.post(
         "/v1/machines/m2/failover",
         json!({"planned": true, "target": {"kind": "nbd"}}),
     );
-    wait_job(cp, fj["id"].as_str().unwrap(), "succeeded");
+    cp.wait_job(fj["id"].as_str().unwrap(), "succeeded");
     assert!(!write_works(&site.m2.nbd()));
-    let xj = post(cp, "/v1/machines/m2/cancel", json!({}));
+    let xj = cp.post("/v1/machines/m2/cancel", json!({}));
     let xj_id = xj["id"].as_str().unwrap().to_string();
     kill_cp_while_running(site, &xj_id);
     let cp = &site.cp;
-    wait_job(cp, &xj_id, "succeeded");
+    cp.wait_job(&xj_id, "succeeded");
     assert_eq!(cp.machine("m2")["recovery"], Value::Null);
     let url = site.m2.nbd();
     wait_ok("m2 writes again", Duration::from_secs(30), || {
@@ -600,12 +581,11 @@ fn unplanned_failover_and_the_source_refused(site: &mut Site) {
     let m2_last = copy_of(&site.m2, site.d(), "m2.last");
     site.ps.kill();
     site.m2.child.kill();
-    let uj = post(
-        &site.cp,
+    let uj = site.cp.post(
         "/v1/machines/m2/failover",
         json!({"planned": false, "point": "latest", "target": {"kind": "nbd"}}),
     );
-    let up = wait_job(&site.cp, uj["id"].as_str().unwrap(), "succeeded");
+    let up = site.cp.wait_job(uj["id"].as_str().unwrap(), "succeeded");
     assert_same(up["disks"][0]["nbd_url"].as_str().unwrap(), &m2_last);
     let d = site.d().to_path_buf();
     let (ps, _) = process_server(&site.cp, &d, "ps1", &site.store_url, None);
@@ -621,4 +601,99 @@ fn unplanned_failover_and_the_source_refused(site: &mut Site) {
     });
     let status = ferry_testkit::cli::status(bin(), &site.m2.sock);
     assert!(status.to_string().contains("read-only"), "{status}");
+}
+
+/// A recovery plan of two fresh machines (m3, m4: the others are failed over by
+/// now) in one group: its planned failover, the plan's cancel of it, and (failed
+/// over again) its commit, the control plane killed -9 in the middle of each plan
+/// job (while a machine job of it runs). Each ends as it would have: both sources
+/// stopped and their disks, served from the replica, equal to the sources' final
+/// point; after the cancel both write again; after the commit both stay failed over.
+fn a_plans_failover_cancel_and_commit_through_control_plane_kills(site: &mut Site) {
+    let d = site.d().to_path_buf();
+    let agents: Vec<Agent> = ["m3", "m4"]
+        .iter()
+        .map(|m| Agent::enroll(&site.cp, &d, m, DISK_BYTES, &mut site.rng))
+        .collect();
+    for a in &agents {
+        wait_uploaded(bin(), &a.sock);
+    }
+    let plan = json!({"name": "pair", "max_parallel": 2,
+        "groups": [{"name": "both", "machines": ["m3", "m4"]}]});
+    let (st, v) = site.cp.api("POST", "/v1/recovery-plans", Some(plan));
+    assert_eq!(st, 201, "{v}");
+    let failover = |site: &mut Site, kill: bool| {
+        let pj = site.cp.post(
+            "/v1/recovery-plans/pair/failover",
+            json!({"planned": true, "target": {"kind": "nbd"}}),
+        );
+        let id = pj["id"].as_str().unwrap().to_string();
+        if kill {
+            child_running(&site.cp, &id, "m4");
+            site.restart_cp();
+        }
+        let done = site.cp.wait_job(&id, "succeeded");
+        for a in &agents {
+            assert!(!write_works(&a.nbd()), "{} still takes writes", a.name);
+            let m = site.cp.machine(&a.name);
+            assert_eq!(m["recovery"]["state"], "failed-over", "{m}");
+            let child = site
+                .cp
+                .job(done["params"]["children"][&a.name].as_str().unwrap());
+            assert_eq!(child["state"], "succeeded", "{child}");
+            let url = child["disks"][0]["nbd_url"].as_str().unwrap().to_string();
+            let final_copy = copy_of(a, &d, &format!("{}.final", a.name));
+            assert_same(&url, &final_copy);
+        }
+        done
+    };
+    failover(site, true);
+    // The plan's cancel, killed while its machines' cancels run: both write again.
+    let xj = site.cp.post("/v1/recovery-plans/pair/cancel", json!({}));
+    let xj_id = xj["id"].as_str().unwrap().to_string();
+    child_running(&site.cp, &xj_id, "m3");
+    site.restart_cp();
+    site.cp.wait_job(&xj_id, "succeeded");
+    for a in &agents {
+        assert_eq!(site.cp.machine(&a.name)["recovery"], Value::Null);
+        let url = a.nbd();
+        wait_ok(
+            &format!("{} writes again", a.name),
+            Duration::from_secs(30),
+            || if write_works(&url) { Ok(()) } else { Err(()) },
+        );
+    }
+    // m1 and m2 are still failed over there: only m3's and m4's items must be gone.
+    wait_ok(
+        "the recovery host holds nothing of m3 and m4",
+        Duration::from_secs(30),
+        || {
+            let left: Vec<String> = items_left(&site.rh_dir)
+                .into_iter()
+                .filter(|i| i.ends_with("-m3") || i.ends_with("-m4"))
+                .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left)
+            }
+        },
+    );
+    // Failed over again (no kill), then the commit, killed while it runs.
+    let done = failover(site, false);
+    let cj = site.cp.post("/v1/recovery-plans/pair/commit", json!({}));
+    let cj_id = cj["id"].as_str().unwrap().to_string();
+    child_running(&site.cp, &cj_id, "m3");
+    site.restart_cp();
+    site.cp.wait_job(&cj_id, "succeeded");
+    for a in &agents {
+        let m = site.cp.machine(&a.name);
+        assert_eq!(m["recovery"]["state"], "committed", "{m}");
+        // Committed, its disks are still the final point.
+        let child = site
+            .cp
+            .job(done["params"]["children"][&a.name].as_str().unwrap());
+        let url = child["disks"][0]["nbd_url"].as_str().unwrap().to_string();
+        assert_same(&url, &d.join(format!("{}.final", a.name)));
+    }
 }

@@ -135,7 +135,43 @@ impl Cp {
         assert_eq!(st, 200, "{list}");
         list["items"].as_array().cloned().unwrap_or_default()
     }
+
+    /// A POST that must be accepted (2xx); its answer (a job, for the recovery POSTs).
+    pub fn post(&self, path: &str, body: Value) -> Value {
+        let (st, v) = self.api("POST", path, Some(body));
+        assert!((200..300).contains(&st), "POST {path}: {st} {v}");
+        v
+    }
+
+    /// `GET /v1/jobs/{id}`, which must answer 200.
+    pub fn job(&self, id: &str) -> Value {
+        let (st, v) = self.api("GET", &format!("/v1/jobs/{id}"), None);
+        assert_eq!(st, 200, "job {id}: {v}");
+        v
+    }
+
+    /// Waits (up to `JOB_DEADLINE`) until job `id` is in `state`; one that fails or is
+    /// cancelled instead ends the test with its error, unless that is the state
+    /// waited for.
+    pub fn wait_job(&self, id: &str, state: &str) -> Value {
+        crate::wait_ok(&format!("job {id} {state}"), JOB_DEADLINE, || {
+            let j = self.job(id);
+            let now = j["state"].as_str().unwrap_or("");
+            if now == state {
+                return Ok(j);
+            }
+            assert!(
+                !matches!(now, "failed" | "cancelled" | "succeeded"),
+                "job {id} ended {now}, not {state}: {j}"
+            );
+            Err(j)
+        })
+    }
 }
+
+/// How long `Cp::wait_job` waits: a loaded CI host runs a recovery job in seconds,
+/// a boot through one in tens of them.
+pub const JOB_DEADLINE: Duration = Duration::from_secs(120);
 
 /// An HTTPS client (HTTP/1.1, 10 s deadline) that trusts the CA certificates in `pem`.
 pub fn client_trusting(pem: &[u8]) -> reqwest::Client {

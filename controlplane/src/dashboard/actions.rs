@@ -8,8 +8,8 @@
 //! Cross-site requests: the session cookie is SameSite=Strict, so another site's
 //! page cannot make the browser send it; each form also carries a token derived
 //! from the session (`form_token`), which a page of another origin cannot read.
-//! Failover, commit and cancel ask for a confirmation first (a second form), since
-//! the page has no script for a `confirm()`.
+//! Failover, change-point, commit and cancel ask for a confirmation first (a second
+//! form, carrying the first's fields), since the page has no script for a `confirm()`.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
@@ -30,6 +30,9 @@ const ANSWER_MAX_BYTES: usize = 256 * 1024;
 /// The longest notes a cleanup form takes: within the API's 4096 bytes whatever
 /// the script.
 pub const NOTES_MAX_CHARS: usize = 1000;
+/// The longest point a change-point form takes: a point id or an RFC 3339 time is
+/// far shorter.
+pub const POINT_MAX_CHARS: usize = 128;
 
 /// `/act/...`: the forms' targets.
 pub fn routes() -> Router<AppState> {
@@ -48,16 +51,19 @@ pub enum MachineAction {
     Cleanup,
     FailoverPlanned,
     FailoverUnplanned,
+    /// The failed-over machine's disks brought up again at the form's point.
+    ChangePoint,
     Commit,
     Cancel,
 }
 
 impl MachineAction {
-    pub const ALL: [MachineAction; 6] = [
+    pub const ALL: [MachineAction; 7] = [
         MachineAction::TestFailover,
         MachineAction::Cleanup,
         MachineAction::FailoverPlanned,
         MachineAction::FailoverUnplanned,
+        MachineAction::ChangePoint,
         MachineAction::Commit,
         MachineAction::Cancel,
     ];
@@ -69,6 +75,7 @@ impl MachineAction {
             MachineAction::Cleanup => "test-failover-cleanup",
             MachineAction::FailoverPlanned => "failover-planned",
             MachineAction::FailoverUnplanned => "failover-unplanned",
+            MachineAction::ChangePoint => "change-point",
             MachineAction::Commit => "commit",
             MachineAction::Cancel => "cancel",
         }
@@ -85,6 +92,7 @@ impl MachineAction {
             MachineAction::Cleanup => "Clean up",
             MachineAction::FailoverPlanned => "Fail over (planned)",
             MachineAction::FailoverUnplanned => "Fail over (unplanned)",
+            MachineAction::ChangePoint => "Change point",
             MachineAction::Commit => "Commit",
             MachineAction::Cancel => "Cancel failover",
         }
@@ -107,6 +115,11 @@ impl MachineAction {
                  read-only) and the machine comes up on a recovery host (NBD) from its \
                  latest point. Writes after that point are lost."
             }
+            MachineAction::ChangePoint => {
+                "The machine's recovery disks are removed (with any writes made to them), \
+                 then brought up again at the point given, on the same target, and the \
+                 machine is started on them."
+            }
             MachineAction::Commit => {
                 "The failover becomes final: the machine runs at the recovery site from \
                  now on, and cancel is no longer possible."
@@ -120,7 +133,7 @@ impl MachineAction {
     }
 
     /// The API request it stands for: path and JSON body. `form` gives a cleanup's
-    /// verdict and notes.
+    /// verdict and notes, a change of point its point.
     pub fn request(self, machine: &str, form: &Form) -> Result<(String, Value), String> {
         ferry_replica::layout::check_name("machine", machine).map_err(|e| e.to_string())?;
         let nbd = json!({"kind": "nbd"});
@@ -153,6 +166,18 @@ impl MachineAction {
                 "failover",
                 json!({"planned": false, "point": "latest", "target": nbd}),
             ),
+            MachineAction::ChangePoint => {
+                // `latest`, an id or a time: the API resolves it (and says what is
+                // wrong with it); the target stays the failover's.
+                let point = form.point.as_deref().unwrap_or("").trim();
+                if point.is_empty() || point.chars().count() > POINT_MAX_CHARS {
+                    return Err(format!(
+                        "the point must be latest, a point id or an RFC 3339 time (at most \
+                         {POINT_MAX_CHARS} characters), not {point:?}"
+                    ));
+                }
+                ("change-point", json!({"point": point}))
+            }
             MachineAction::Commit => ("commit", json!({})),
             MachineAction::Cancel => ("cancel", json!({})),
         };
@@ -167,6 +192,7 @@ pub struct Form {
     pub confirm: bool,
     pub verdict: Option<String>,
     pub notes: Option<String>,
+    pub point: Option<String>,
 }
 
 impl Form {
@@ -178,6 +204,7 @@ impl Form {
                 "confirm" => f.confirm = v == "yes",
                 "verdict" => f.verdict = Some(v.into_owned()),
                 "notes" => f.notes = Some(v.into_owned()),
+                "point" => f.point = Some(v.into_owned()),
                 _ => {}
             }
         }
@@ -327,10 +354,17 @@ pub async fn machine(
     };
     if action.needs_confirmation() && !form.confirm {
         let url = format!("/act/machines/{name}/{}", action.slug());
-        let token = form.form_token.unwrap_or_default();
+        let token = form.form_token.as_deref().unwrap_or_default();
+        // The confirmation sends again what the first form said.
+        let point = form.point.as_deref().map(|p| ("point", p.trim()));
+        let consequence = match point {
+            Some((_, p)) => format!("{} Point: {p}.", action.consequence()),
+            None => action.consequence().to_string(),
+        };
+        let hidden: Vec<(&str, &str)> = point.into_iter().collect();
         return html(
             StatusCode::OK,
-            forms::confirm(&what, action.consequence(), &url, &token),
+            forms::confirm(&what, &consequence, &url, token, &hidden),
         );
     }
     send(&state, caller, &what, &path, &api_body).await
@@ -369,6 +403,7 @@ pub async fn cancel_job(
                 "A queued or waiting job stops at once, a running one before its next task.",
                 &url,
                 &token,
+                &[],
             ),
         );
     }
@@ -473,6 +508,23 @@ mod tests {
             req(MachineAction::Cancel, &none).0,
             "/v1/machines/db1/cancel"
         );
+        let form = Form::parse(b"form_token=t&point=+2026-01-01T00%3A00%3A00Z+");
+        assert_eq!(
+            req(MachineAction::ChangePoint, &form),
+            (
+                "/v1/machines/db1/change-point".to_string(),
+                json!({"point": "2026-01-01T00:00:00Z"})
+            )
+        );
+        for bad in [&none, &Form::parse(b"point=+")] {
+            let e = MachineAction::ChangePoint.request("db1", bad).unwrap_err();
+            assert!(e.contains("the point must be"), "{e}");
+        }
+        let long = format!("point={}", "p".repeat(POINT_MAX_CHARS + 1));
+        let e = MachineAction::ChangePoint
+            .request("db1", &Form::parse(long.as_bytes()))
+            .unwrap_err();
+        assert!(e.contains("at most"), "{e}");
         let form = Form::parse(b"form_token=t&verdict=failed&notes=+no+login+prompt+&confirm=yes");
         assert!(form.confirm);
         assert_eq!(

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::actions::{MachineAction, NOTES_MAX_CHARS};
+use super::actions::{MachineAction, NOTES_MAX_CHARS, POINT_MAX_CHARS};
 use super::page::{esc, head};
 
 /// A hidden field with the form token.
@@ -16,7 +16,8 @@ fn token_field(form_token: &str) -> String {
 }
 
 /// The buttons of a machine's `actions`: the cleanup as one form with its notes and
-/// a button per verdict, the others one form each.
+/// a button per verdict, the change of point one form with its point, the others
+/// one form each.
 pub fn machine_buttons(machine: &str, actions: &[MachineAction], form_token: &str) -> String {
     let mut out = String::new();
     for a in actions {
@@ -32,6 +33,20 @@ pub fn machine_buttons(machine: &str, actions: &[MachineAction], form_token: &st
                  <button type=\"submit\" name=\"verdict\" value=\"failed\" \
                  data-action=\"cleanup-failed\">Clean up: failed</button></form>",
                 token_field(form_token)
+            );
+            continue;
+        }
+        if *a == MachineAction::ChangePoint {
+            let _ = write!(
+                out,
+                "<form class=\"act\" method=\"post\" action=\"{url}\">{}\
+                 <input name=\"point\" value=\"latest\" required maxlength=\"{POINT_MAX_CHARS}\" \
+                 placeholder=\"latest, a point id or an RFC 3339 time\" \
+                 aria-label=\"the point to change to: latest, a point id or an RFC 3339 time\">\
+                 <button type=\"submit\" class=\"danger\" data-action=\"change-point\">{}\
+                 </button></form>",
+                token_field(form_token),
+                esc(a.label())
             );
             continue;
         }
@@ -102,14 +117,31 @@ pub fn message(title: &str, text: &str) -> String {
     out
 }
 
-/// Asks again before `what`: a form posting to `url` with `confirm=yes`.
-pub fn confirm(what: &str, consequence: &str, url: &str, form_token: &str) -> String {
+/// Asks again before `what`: a form posting to `url` with `confirm=yes` and the
+/// `hidden` fields the first form sent (a change of point's point).
+pub fn confirm(
+    what: &str,
+    consequence: &str,
+    url: &str,
+    form_token: &str,
+    hidden: &[(&str, &str)],
+) -> String {
+    let fields: String = hidden
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+                esc(k),
+                esc(v)
+            )
+        })
+        .collect();
     let mut out = String::new();
     head(&mut out, &format!("Ferry: {what}?"), false);
     let _ = write!(
         out,
         "<div class=\"signin\"><h1>{}?</h1><p>{}</p>\
-         <form method=\"post\" action=\"{}\">{}\
+         <form method=\"post\" action=\"{}\">{}{fields}\
          <input type=\"hidden\" name=\"confirm\" value=\"yes\">\
          <button type=\"submit\" id=\"confirm\">Yes: {}</button></form>\
          <p><a href=\"/\">No, back to the dashboard</a></p></div></body></html>",
@@ -141,6 +173,11 @@ mod tests {
         assert!(html.contains("name=\"verdict\" value=\"passed\""));
         assert!(html.contains("name=\"verdict\" value=\"failed\""));
         assert!(html.contains("name=\"notes\""));
+        let html = machine_buttons("db1", &[MachineAction::ChangePoint], "tok");
+        assert!(html.contains("action=\"/act/machines/db1/change-point\""));
+        assert!(html.contains("name=\"point\" value=\"latest\""));
+        assert!(html.contains("class=\"danger\" data-action=\"change-point\""));
+        assert!(html.contains("name=\"form_token\" value=\"tok\""));
         assert!(machine_buttons("db1", &[], "tok").is_empty());
         let html = job_resume_buttons("j1-a", false, "tok");
         assert!(html.contains("action=\"/act/jobs/j1-a/resume\""));
@@ -157,11 +194,14 @@ mod tests {
             "final",
             "/act/machines/x/commit",
             "t\"",
+            &[],
         );
         assert!(html.contains("name=\"confirm\" value=\"yes\""));
         assert!(html.contains("action=\"/act/machines/x/commit\""));
         assert!(html.contains("value=\"t&quot;\""));
         assert!(!html.contains("<x>"));
+        let html = confirm("Change point", "again", "/act/x", "t", &[("point", "p\"1")]);
+        assert!(html.contains("<input type=\"hidden\" name=\"point\" value=\"p&quot;1\">"));
         let html = message("Refused", "409 <b>busy</b>");
         assert!(html.contains("409 &lt;b&gt;busy&lt;/b&gt;") && html.contains("href=\"/\""));
     }

@@ -123,7 +123,11 @@ pub fn actions(failover: Option<&Failover>, job: Option<&Job>) -> Vec<MachineAct
             MachineAction::FailoverUnplanned,
         ],
         Some("preparing") => vec![MachineAction::Cancel],
-        Some("failed-over") => vec![MachineAction::Commit, MachineAction::Cancel],
+        Some("failed-over") => vec![
+            MachineAction::ChangePoint,
+            MachineAction::Commit,
+            MachineAction::Cancel,
+        ],
         Some(_) => Vec::new(),
     }
 }
@@ -352,7 +356,7 @@ mod tests {
         assert!(actions(None, Some(&running)).is_empty());
         let fo = failover("failed-over");
         assert!(actions(Some(&fo), Some(&job("failover", JobState::Queued))).is_empty());
-        assert_eq!(actions(Some(&fo), None), vec![Commit, Cancel]);
+        assert_eq!(actions(Some(&fo), None), vec![ChangePoint, Commit, Cancel]);
         assert_eq!(actions(Some(&failover("preparing")), None), vec![Cancel]);
         assert!(actions(Some(&failover("committed")), None).is_empty());
     }

@@ -552,6 +552,12 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
         "{m1}"
     );
     assert!(!m1.contains("/act/machines/m1/test-failover\""), "{m1}");
+    // Not committed yet: its point can change, the form asking which.
+    assert!(
+        m1.contains("action=\"/act/machines/m1/change-point\"")
+            && m1.contains("name=\"point\" value=\"latest\""),
+        "{m1}"
+    );
     let m2 = row("data-machine=\"m2\"");
     assert!(
         m2.contains("at home; test-failover waiting-for-input")
@@ -597,6 +603,46 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
         p.contains("<td class=\"num\">2</td><td class=\"num\">3</td>"),
         "{p}"
     );
+    assert!(!m2.contains("change-point") && !m3.contains("change-point"));
+    // The change of point: confirmed first (the point carried along), then sent
+    // through the API as the session: this control plane has no store to find the
+    // point in, and the API says so.
+    let token = super::actions::form_token(&ops);
+    let url = "/act/machines/m1/change-point";
+    let point = "2026-01-01T00:00:00Z";
+    let (st, _, html) = s
+        .post_form(url, &ops, &[("form_token", &token), ("point", point)])
+        .await;
+    assert_eq!(st, 200, "{html}");
+    assert!(
+        html.contains(&format!("action=\"{url}\""))
+            && html.contains("name=\"confirm\" value=\"yes\"")
+            && html.contains(&format!("name=\"point\" value=\"{point}\"")),
+        "{html}"
+    );
+    let confirmed = [
+        ("form_token", token.as_str()),
+        ("point", point),
+        ("confirm", "yes"),
+    ];
+    let (st, _, html) = s.post_form(url, &ops, &confirmed).await;
+    assert_eq!(st, 503, "{html}");
+    assert!(
+        html.contains("Change point of machine m1: ") && html.contains("no store"),
+        "{html}"
+    );
+    // A machine with no failover: the API's 409.
+    let (st, _, html) = s
+        .post_form("/act/machines/m3/change-point", &ops, &confirmed)
+        .await;
+    assert_eq!(st, 409, "{html}");
+    assert!(html.contains("Change point of machine m3: "), "{html}");
+    // An empty point is the dashboard's own refusal.
+    let (st, _, html) = s
+        .post_form(url, &ops, &[("form_token", &token), ("point", " ")])
+        .await;
+    assert_eq!(st, 400, "{html}");
+    assert!(html.contains("the point must be"), "{html}");
     // The waiting job is listed first among the jobs, with its prompt.
     let j = row(&format!("data-job=\"{id}\""));
     assert!(

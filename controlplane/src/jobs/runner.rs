@@ -267,11 +267,16 @@ async fn steps(
                     return Ok(None);
                 }
                 let error = format!("task {name}: {e}");
-                return Ok(
-                    queue::finish(&ctx.db, id, owner, JobState::Failed, Some(&error))
-                        .await?
-                        .then_some(JobState::Failed),
-                );
+                // A task that stopped because an operator asked the job to cancel
+                // (a wait sees `cancel_requested`) ends it cancelled, not failed:
+                // the failure is the cancel, and the error still says where it stopped.
+                let ended = match queue::get(&ctx.db, id).await? {
+                    Some(j) if j.cancel_requested => JobState::Cancelled,
+                    _ => JobState::Failed,
+                };
+                return Ok(queue::finish(&ctx.db, id, owner, ended, Some(&error))
+                    .await?
+                    .then_some(ended));
             }
         }
     }

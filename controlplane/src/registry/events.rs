@@ -48,6 +48,24 @@ pub async fn add(db: &Db, kind: &str, subject: &str, message: &str, now: i64) ->
     })
 }
 
+/// Whether an event of `kind` about `subject` saying exactly `message` was written
+/// at `since` (Unix seconds) or later: how a task run again after a kill -9 finds
+/// the event its first run wrote.
+pub async fn exists(db: &Db, kind: &str, subject: &str, message: &str, since: i64) -> Result<bool> {
+    let row = sqlx::query(
+        "SELECT id FROM events WHERE kind = $1 AND subject = $2 AND message = $3 \
+         AND time >= $4 LIMIT 1",
+    )
+    .bind(kind.to_string())
+    .bind(subject.to_string())
+    .bind(message.to_string())
+    .bind(since)
+    .fetch_optional(db.pool())
+    .await
+    .map_err(q("looking for an event"))?;
+    Ok(row.is_some())
+}
+
 /// How long events are kept: a machine whose health flaps writes two every sweep, and
 /// nothing else would ever delete them.
 pub const KEPT_S: i64 = 30 * 86_400;

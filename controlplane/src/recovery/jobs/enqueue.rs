@@ -118,6 +118,7 @@ pub async fn enqueue_machine_job(
         note: None,
         verdict: None,
         notes: None,
+        verdict_at: None,
     };
     let tasks: Vec<&str> = match kind {
         TEST_FAILOVER => {

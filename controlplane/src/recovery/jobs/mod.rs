@@ -140,6 +140,10 @@ pub struct Params {
     pub verdict: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
+    /// When the verdict was taken (Unix seconds): its event is one written since, so
+    /// that a restarted test given the same verdict again records it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict_at: Option<i64>,
 }
 
 /// The input a test failover waits for: `POST /v1/jobs/{id}/resume` or

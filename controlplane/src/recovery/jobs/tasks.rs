@@ -163,6 +163,7 @@ async fn wait_for_cleanup(w: &Waiter<'_>, p: &Params) -> Result<Step, String> {
     let mut params = p.clone();
     params.verdict = Some(v.verdict);
     params.notes = Some(v.notes);
+    params.verdict_at = Some(crate::db::now_s());
     let json = serde_json::to_value(&params).map_err(|e| e.to_string())?;
     let owner = w.job.lease_owner.clone().unwrap_or_default();
     if !state::record_params(&w.ctx.db, &w.job.id, &owner, &json)
@@ -221,7 +222,11 @@ async fn remove(
         .map_err(db_err("marking work items removed"))
 }
 
-/// `record verdict`: an event saying how the test went.
+/// `record verdict`: an event saying how the test went, written once: the message
+/// names the job, so a run of this task again (a kill -9 between the event and the
+/// task's end) finds the event its first run wrote since the verdict was taken (a
+/// restarted test's new verdict is a new event). Only the job's lease holder runs
+/// it, so nothing races the look and the write.
 async fn record_verdict(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
     let verdict = p
         .verdict
@@ -232,15 +237,17 @@ async fn record_verdict(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
         message.push_str(": ");
         message.push_str(n);
     }
-    crate::registry::events::add(
-        &w.ctx.db,
-        &format!("test-failover-{verdict}"),
-        &format!("machine {}", p.machine),
-        &message,
-        crate::db::now_s(),
-    )
-    .await
-    .map_err(db_err("recording the verdict"))?;
+    let kind = format!("test-failover-{verdict}");
+    let subject = format!("machine {}", p.machine);
+    let db = &w.ctx.db;
+    let since = p.verdict_at.unwrap_or(0);
+    let events = crate::registry::events::exists(db, &kind, &subject, &message, since);
+    if events.await.map_err(db_err("looking for the verdict"))? {
+        return Ok(());
+    }
+    crate::registry::events::add(db, &kind, &subject, &message, crate::db::now_s())
+        .await
+        .map_err(db_err("recording the verdict"))?;
     Ok(())
 }
 

@@ -74,8 +74,9 @@ impl<'a> Waiter<'a> {
     }
 
     /// The item this task gives `host` for `machine`: the one it gave before (a re-run
-    /// after a kill -9 finds it), or a new attempt when the last one failed and the
-    /// task runs again because an operator resumed the job. Then waits until it ended:
+    /// after a kill -9 finds it), or a new attempt when the last one failed, or was
+    /// removed (a cleanup, a cancel), and the task runs again because an operator
+    /// resumed or restarted the job. Then waits until it ended:
     /// succeeded, or an error naming the host and what it said. `failover`: the
     /// machine's failover states in which the item is one of its live items (added at
     /// once, so that a cancel removes it even if it never finishes).
@@ -122,7 +123,10 @@ impl<'a> Waiter<'a> {
             .max_by_key(|(n, _)| *n);
         Ok(match latest {
             None => base,
-            Some((n, r)) if r.state == "failed" && !self.rerun_after_takeover() => {
+            Some((n, r))
+                if matches!(r.state.as_str(), "failed" | "removed")
+                    && !self.rerun_after_takeover() =>
+            {
                 format!("{base}-r{}", n + 1)
             }
             Some((_, r)) => r.id.clone(),

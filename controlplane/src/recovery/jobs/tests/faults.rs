@@ -85,7 +85,8 @@ async fn a_task_fails_once_its_host_is_not_seen_for_a_minute() {
 }
 
 /// A planned failover whose source never answers: its job is asked to cancel and
-/// stops waiting (failed, saying so); the machine's cancel then lets the source resume.
+/// stops waiting (cancelled, saying where); the machine's cancel then lets the
+/// source resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_planned_failover_waiting_for_its_source_stops_at_a_cancel() {
     let s = site(None, true, true).await;
@@ -108,7 +109,7 @@ async fn a_planned_failover_waiting_for_its_source_stops_at_a_cancel() {
     .await;
     let (st, v) = s.send("POST", &format!("/v1/jobs/{id}/cancel"), None).await;
     assert_eq!(st, 200, "{v}");
-    let job = s.until(&id, JobState::Failed).await;
+    let job = s.until(&id, JobState::Cancelled).await;
     assert!(
         job.error
             .as_deref()
@@ -124,6 +125,110 @@ async fn a_planned_failover_waiting_for_its_source_stops_at_a_cancel() {
     s.until(c["id"].as_str().unwrap(), JobState::Succeeded)
         .await;
     assert_eq!(state::get(&s.db, "m1").await.unwrap(), None);
+}
+
+/// An unplanned failover cancelled while its host builds (`bring up disks`
+/// running) ends cancelled, not failed; the item it gave is one of the failover's,
+/// so the machine's cancel removes it and the source resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_failover_asked_to_cancel_ends_cancelled() {
+    let s = site(None, true, true).await;
+    s.play.hold.store(true, Ordering::SeqCst);
+    let job = s
+        .post(
+            "/v1/machines/m1/failover",
+            json!({"planned": false, "target": {"kind": "nbd"}}),
+            202,
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    s.at_task(&id, "bring up disks").await;
+    wait_for("the serve item", || async {
+        !s.live_items(&id).await.is_empty()
+    })
+    .await;
+    let (st, v) = s.send("POST", &format!("/v1/jobs/{id}/cancel"), None).await;
+    assert_eq!(st, 200, "{v}");
+    let job = s.until(&id, JobState::Cancelled).await;
+    let e = job.error.as_deref().unwrap();
+    assert!(e.contains("task bring up disks: cancel asked"), "{e}");
+    let row = state::get(&s.db, "m1").await.unwrap().unwrap();
+    assert_eq!(row.items.len(), 1, "{row:?}");
+    let events = crate::registry::events::list(&s.db, 0, 1000).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "job-cancelled" && e.subject == format!("job {id}")),
+        "{events:?}"
+    );
+    s.play.hold.store(false, Ordering::SeqCst);
+    let c = s.post("/v1/machines/m1/cancel", json!({}), 202).await;
+    s.until(c["id"].as_str().unwrap(), JobState::Succeeded)
+        .await;
+    assert_eq!(state::get(&s.db, "m1").await.unwrap(), None);
+    assert!(s.live_items(&id).await.is_empty());
+}
+
+/// `record verdict` run again (a control plane killed -9 after it wrote the event
+/// but before the task was marked done) records the verdict once; the test
+/// restarted and given the same verdict again records it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_verdict_recorded_again_is_one_event() {
+    let s = site(None, true, true).await;
+    let job = s
+        .post(
+            "/v1/machines/m1/test-failover",
+            json!({"point": "latest", "target": {"kind": "nbd"}}),
+            202,
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    s.until(&id, JobState::WaitingForInput).await;
+    s.post(
+        "/v1/machines/m1/test-failover-cleanup",
+        json!({"verdict": "failed", "notes": "no network"}),
+        200,
+    )
+    .await;
+    let job = s.until(&id, JobState::Succeeded).await;
+    let seq = job
+        .tasks
+        .iter()
+        .position(|t| t.name == super::super::RECORD_VERDICT)
+        .unwrap();
+    // The task as a takeover runs it again.
+    super::super::tasks::run_task(&s.ctx, &job, seq)
+        .await
+        .unwrap();
+    let verdicts: Vec<_> = crate::registry::events::list(&s.db, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind.starts_with("test-failover-"))
+        .collect();
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+    assert!(verdicts[0].message.contains("no network"), "{verdicts:?}");
+    // A new test of the same job: its verdict is taken (and dated) anew.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (st, v) = s
+        .send("POST", &format!("/v1/jobs/{id}/restart"), None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    s.until(&id, JobState::WaitingForInput).await;
+    s.post(
+        "/v1/machines/m1/test-failover-cleanup",
+        json!({"verdict": "failed", "notes": "no network"}),
+        200,
+    )
+    .await;
+    s.until(&id, JobState::Succeeded).await;
+    let verdicts = crate::registry::events::list(&s.db, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind.starts_with("test-failover-"))
+        .count();
+    assert_eq!(verdicts, 2);
 }
 
 /// The failover row's writes move it only from the state they expect: a task run

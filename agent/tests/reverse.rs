@@ -9,10 +9,12 @@
 //! applying twice changes nothing; a reverse replica over another point is refused
 //! naming both.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+mod common;
 
-use chrono::Utc;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::*;
 use ferry_agent::nbd::Device;
 use ferry_agent::recover::reverse::{
     cursor_path, marker_path, open_served, SEGMENTS_PER_COMMIT, SEGMENT_DATA_BYTES,
@@ -21,19 +23,10 @@ use ferry_agent::recover::{
     apply_deltas, send_delta, sync_to_point, ApplyOptions, ApplyReport, DeltaReport, ServedDisk,
     SyncOptions,
 };
-use ferry_agent::{seed, SeedOptions};
-use ferry_replica::meta::PointKind;
-use ferry_replica::object::SealContext;
-use ferry_replica::writer::{append, seal_segment, Payload, Write};
-use ferry_replica::{Disk, Point, Store, VaultKey};
+use ferry_replica::Point;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const MIB: u64 = 1 << 20;
-const SIZE: u64 = 64 * MIB;
-const BLOCK: u64 = 64 << 10;
-const EXTENT: u64 = 256 << 10;
-const BLOCKS: u64 = SIZE / BLOCK;
 /// The unit the served disk's writes are aligned to and counted in.
 const UNIT: u64 = 4096;
 /// Sealing overhead a round may add to its data: headers, record headers, the
@@ -41,145 +34,17 @@ const UNIT: u64 = 4096;
 const METADATA: u64 = 64 << 10;
 const REVERSE: &str = "m.reverse";
 
-struct Env {
-    tmp: tempfile::TempDir,
-    store: Store,
-    vault: VaultKey,
-}
-
-impl Env {
-    fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let store_dir = tmp.path().join("store");
-        let store = Store::open(&format!("file://{}", store_dir.display())).unwrap();
-        Env {
-            tmp,
-            store,
-            vault: VaultKey::generate(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn open(&self, machine: &str, disk: &str) -> Disk {
-        self.store
-            .block(Disk::open(&self.store, machine, disk, Some(&self.vault)))
-            .unwrap()
-    }
-
-    fn point(&self, id: &str) -> Point {
-        let d = self.open("m", "d0");
-        let state = self.store.block(d.load_state()).unwrap();
-        state.point(id).unwrap().clone()
-    }
-
-    fn apply(&self, over: &Point, target: &Path) -> Result<ApplyReport, String> {
-        apply_deltas(
-            &self.store,
-            &self.vault,
-            REVERSE,
-            "d0",
-            over,
-            target,
-            &ApplyOptions::default(),
-        )
-        .map_err(|e| e.to_string())
-    }
-}
-
-/// Appends one segment of `writes` (offset, data or None for zero, length) and a
-/// crash point after it; applies them to `model`. Returns the point's id.
-fn append_point(env: &Env, writes: &[(u64, Option<Vec<u8>>, u64)], model: &mut [u8]) -> String {
-    let d = env.open("m", "d0");
-    let mut state = env.store.block(d.load_state()).unwrap();
-    let mut seq = state.next_seq;
-    let mut ws = Vec::new();
-    for (offset, data, len) in writes {
-        let at = *offset as usize;
-        let payload = match data {
-            Some(b) => {
-                model[at..at + b.len()].copy_from_slice(b);
-                Payload::Data(b)
-            }
-            None => {
-                model[at..at + *len as usize].fill(0);
-                Payload::Zero(*len)
-            }
-        };
-        ws.push(Write {
-            seq,
-            offset: *offset,
-            payload,
-        });
-        seq += 1;
-    }
-    let sealed = vec![seal_segment(&d, &mut SealContext::new(1), &ws).unwrap()];
-    let id = ferry_replica::disk::new_point_id(Utc::now());
-    let point = Point {
-        id: id.clone(),
-        kind: PointKind::Crash,
-        time: Utc::now(),
-        seq,
-        disk_bytes: model.len() as u64,
-        label: None,
-        group: None,
-        sums: None,
-    };
-    env.store
-        .block(append(&d, &mut state, sealed, vec![point], seq + 1))
-        .unwrap();
-    id
-}
-
-fn random_bytes(rng: &mut StdRng, n: u64) -> Vec<u8> {
-    let mut b = vec![0u8; n as usize];
-    rng.fill(&mut b[..]);
-    b
-}
-
-/// A seeded disk "d0" (half its 256 KiB regions random), a log of whole blocks and
-/// one zeroed after it up to point P, and one more point after P. Returns the disk
-/// at P, P's id and the later point's id.
-fn seeded_disk(env: &Env, rng: &mut StdRng) -> (Vec<u8>, String, String) {
-    env.store
-        .block(Disk::open_or_create(
-            &env.store, "m", "d0", &env.vault, BLOCK, EXTENT,
-        ))
-        .unwrap();
-    let mut model = vec![0u8; SIZE as usize];
-    for region in 0..SIZE / EXTENT {
-        if rng.gen_bool(0.5) {
-            let at = (region * EXTENT) as usize;
-            rng.fill(&mut model[at..at + EXTENT as usize]);
-        }
-    }
-    let image = env.path("seed.img");
-    std::fs::write(&image, &model).unwrap();
-    let opts = SeedOptions {
-        machine: "m",
-        disk: "d0",
-        image: &image,
-        label: None,
-        time: Utc::now(),
-        workers: 2,
-        orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
-    };
-    seed(&env.store, &env.vault, &opts, &|_| {}).unwrap();
-    std::fs::remove_file(&image).unwrap();
-    let mut writes: Vec<(u64, Option<Vec<u8>>, u64)> = (0..20)
-        .map(|_| {
-            let b = rng.gen_range(0..BLOCKS);
-            (b * BLOCK, Some(random_bytes(rng, BLOCK)), BLOCK)
-        })
-        .collect();
-    writes.push((rng.gen_range(0..BLOCKS) * BLOCK, None, BLOCK));
-    let p = append_point(env, &writes, &mut model);
-    let mut after = model.clone();
-    let later = vec![(0, Some(random_bytes(rng, BLOCK)), BLOCK)];
-    let p2 = append_point(env, &later, &mut after);
-    (model, p, p2)
+fn apply(env: &Env, over: &Point, target: &Path) -> Result<ApplyReport, String> {
+    apply_deltas(
+        &env.store,
+        &env.vault,
+        REVERSE,
+        "d0",
+        over,
+        target,
+        &ApplyOptions::default(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Writes through the served disk until `share` of the disk's bytes are touched:
@@ -284,7 +149,7 @@ fn rounds_of_deltas_make_a_synced_home_disk_equal_the_served_one() {
     let s = sync_to_point(&env.store, &env.vault, "m", "d0", &p, &home, &opts, &|_| {}).unwrap();
     assert!(s.blocks_differing > 0);
     assert!(home_equals(&home, &at_p), "sync-point made home equal P");
-    let a1 = env.apply(&point, &home).unwrap();
+    let a1 = apply(&env, &point, &home).unwrap();
     println!(
         "apply 1: {} points, {} records, {} written, {} fetched",
         a1.points, a1.records, a1.bytes_written, a1.bytes_fetched
@@ -302,7 +167,7 @@ fn rounds_of_deltas_make_a_synced_home_disk_equal_the_served_one() {
     let r2 = send();
     check_round("round 2", &r2, &second);
     assert!(r2.cursor > r1.cursor);
-    let a2 = env.apply(&point, &home).unwrap();
+    let a2 = apply(&env, &point, &home).unwrap();
     assert_eq!(
         (a2.points, a2.applied.as_deref()),
         (1, Some(r2.point_id.as_str()))
@@ -327,7 +192,7 @@ fn rounds_of_deltas_make_a_synced_home_disk_equal_the_served_one() {
         (r3b.ranges, r3b.bytes_data, r3b.cursor),
         (r3.ranges, r3.bytes_data, r3.cursor)
     );
-    let a3 = env.apply(&point, &home).unwrap();
+    let a3 = apply(&env, &point, &home).unwrap();
     assert_eq!(
         (a3.points, a3.applied.as_deref()),
         (2, Some(r3b.point_id.as_str()))
@@ -338,10 +203,10 @@ fn rounds_of_deltas_make_a_synced_home_disk_equal_the_served_one() {
     );
 
     // Nothing new: nothing applied. Applied twice (the marker lost): the same disk.
-    let again = env.apply(&point, &home).unwrap();
+    let again = apply(&env, &point, &home).unwrap();
     assert_eq!((again.points, again.bytes_written), (0, 0));
     std::fs::remove_file(marker_path(&home, "d0", None).unwrap()).unwrap();
-    let twice = env.apply(&point, &home).unwrap();
+    let twice = apply(&env, &point, &home).unwrap();
     assert_eq!(twice.points, 4);
     assert!(
         home_equals(&home, &model),
@@ -351,13 +216,13 @@ fn rounds_of_deltas_make_a_synced_home_disk_equal_the_served_one() {
     // A round with no writes still makes a point (failback's final one), empty.
     let empty = send();
     assert_eq!((empty.ranges, empty.bytes_sent), (0, 0));
-    let a4 = env.apply(&point, &home).unwrap();
+    let a4 = apply(&env, &point, &home).unwrap();
     assert_eq!((a4.points, a4.records), (1, 0));
     assert!(home_equals(&home, &model));
 
     // Over another point: refused, naming both, and the target untouched.
     let other = env.point(&p2);
-    let e = env.apply(&other, &home).unwrap_err();
+    let e = apply(&env, &other, &home).unwrap_err();
     assert!(
         e.contains(&p) && e.contains(&p2) && e.contains(REVERSE),
         "{e}"
@@ -372,7 +237,7 @@ fn rounds_of_deltas_make_a_synced_home_disk_equal_the_served_one() {
     let fourth = write_round(&reopened, &mut model, &mut rng, 0.005);
     let r4 = send_delta(&reopened, &env.store, &env.vault, REVERSE, &cursors).unwrap();
     check_round("round 4, reopened", &r4, &fourth);
-    env.apply(&point, &home).unwrap();
+    apply(&env, &point, &home).unwrap();
     assert!(home_equals(&home, &model));
 
     // A disk served at another point (a later failover) cannot send into this
@@ -432,7 +297,7 @@ fn a_large_round_goes_in_several_segments_and_commits() {
     std::fs::File::create(&home).unwrap().set_len(SIZE).unwrap();
     let opts = SyncOptions::default();
     sync_to_point(&env.store, &env.vault, "m", "d0", &p, &home, &opts, &|_| {}).unwrap();
-    let a = env.apply(&point, &home).unwrap();
+    let a = apply(&env, &point, &home).unwrap();
     assert_eq!(a.points, 1);
     assert!(home_equals(&home, &model));
 
@@ -480,7 +345,7 @@ fn a_large_round_goes_in_several_segments_and_commits() {
         serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
     m["over"]["point"] = "20250101T000000000Z-00000000".into();
     std::fs::write(&marker, m.to_string()).unwrap();
-    let e = env.apply(&point, &home).unwrap_err();
+    let e = apply(&env, &point, &home).unwrap_err();
     assert!(
         e.contains("20250101T000000000Z-00000000") && e.contains(&p) && e.contains("marker"),
         "{e}"

@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::server::Device;
+use super::server::{Device, Piece};
 
 pub struct FileDevice {
     file: File,
@@ -53,5 +53,13 @@ impl Device for FileDevice {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn pieces(&self, offset: u64, len: u64) -> Option<Vec<Piece<'_>>> {
+        Some(vec![Piece::File {
+            file: &self.file,
+            offset,
+            len,
+        }])
     }
 }

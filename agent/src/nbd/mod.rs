@@ -7,4 +7,5 @@ mod transmit;
 pub mod wire;
 
 pub use device::FileDevice;
-pub use server::{serve, Device, Exports};
+pub use server::{serve, Device, Exports, Piece};
+pub use transmit::Sink;

@@ -9,7 +9,7 @@
 //! read); they never take the server down.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -28,6 +28,27 @@ pub trait Device: Send + Sync {
     fn zero(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Where the bytes of `[offset, offset + len)` lie when every one of them is in a
+    /// local file or zero: the server then sends them from the page cache with
+    /// sendfile(2), never copying them through its own memory (on a loaded host the
+    /// copies, not the disk, bound a hydrated disk's reads). None, the default, when
+    /// any part needs work first (a fetch, a decode, a lock): the server calls `read`.
+    fn pieces(&self, _offset: u64, _len: u64) -> Option<Vec<Piece<'_>>> {
+        None
+    }
+}
+
+/// A part of a read, in order.
+#[derive(Debug)]
+pub enum Piece<'a> {
+    /// `len` bytes of `file` at `offset`.
+    File {
+        file: &'a std::fs::File,
+        offset: u64,
+        len: u64,
+    },
+    /// `len` zero bytes.
+    Zero(u64),
 }
 
 /// The exports by name. Behind a lock so that a server that is already serving can
@@ -201,7 +222,7 @@ fn handle(conn: TcpStream, exports: &Exports) -> Result<(), NbdError> {
 /// can play a hostile client from memory.
 pub fn session(
     r: &mut impl Read,
-    w: &mut (impl Write + Send),
+    w: &mut impl super::transmit::Sink,
     exports: &Exports,
 ) -> Result<(), NbdError> {
     let io = |what: &'static str, e: io::Error| NbdError::io(what)(e);

@@ -19,12 +19,16 @@
 //! Bounds: at most `READERS` reads in flight and `IN_FLIGHT_BYTES` of their buffers
 //! per connection; the request loop stops reading requests until one is answered.
 
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Instant;
 
-use super::server::{errno, is_refusal, Device, Refusals, REFUSAL_LOG_EVERY};
+use super::server::{errno, is_refusal, Device, Piece, Refusals, REFUSAL_LOG_EVERY};
 use super::wire::*;
 use crate::error::NbdError;
 
@@ -33,6 +37,59 @@ pub const READERS: usize = 8;
 /// Bytes of reads in flight per connection at most (one larger read still goes
 /// alone): the bound on this connection's read buffers.
 const IN_FLIGHT_BYTES: usize = 64 << 20;
+
+/// Where replies go: a writer that can also send a file's bytes.
+pub trait Sink: Write + Send {
+    /// Writes `len` bytes of `file` at `offset`. The default reads and writes them; a
+    /// socket sends them with sendfile(2), from the page cache straight to the socket.
+    fn send_file(&mut self, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], offset + done)?;
+            self.write_all(&buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for Vec<u8> {}
+impl Sink for io::Sink {}
+
+impl Sink for BufWriter<TcpStream> {
+    fn send_file(&mut self, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        // What is buffered goes first: the file's bytes follow it on the wire.
+        self.flush()?;
+        let sock = self.get_ref().as_raw_fd();
+        let mut off = offset as libc::off_t;
+        let end = offset + len;
+        while (off as u64) < end {
+            let left = (end - off as u64).min(1 << 30) as usize;
+            // SAFETY: both descriptors are open for the call (the socket is borrowed
+            // from self, the file from the caller) and `off` is a valid off_t.
+            let n = unsafe { libc::sendfile(sock, file.as_raw_fd(), &mut off, left) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ends before byte {end} (sendfile)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Zeroes sent from here, a piece at a time.
+static ZEROES: [u8; 64 << 10] = [0u8; 64 << 10];
 
 /// A read handed to a reader thread.
 struct ReadJob {
@@ -54,7 +111,7 @@ struct Shared<'a, W> {
     refusals: &'a Refusals,
 }
 
-impl<W: Write> Shared<'_, W> {
+impl<W: Sink> Shared<'_, W> {
     /// The NBD error for `result`, logging what deserves it.
     fn error_of(&self, result: &io::Result<()>, req: &Request) -> u32 {
         match result {
@@ -89,6 +146,30 @@ impl<W: Write> Shared<'_, W> {
             })
             .and_then(|_| w.flush())
             .map_err(NbdError::io("reply"))
+    }
+
+    /// A read's reply sent from where its bytes lie. Once its header is out a failure
+    /// cannot be told to the client any more: it ends the connection (the client
+    /// retries on a new one), as any failed send does.
+    fn reply_pieces(&self, handle: u64, pieces: &[Piece<'_>]) -> Result<(), NbdError> {
+        let mut w = self.w.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut send = || -> io::Result<()> {
+            w.write_all(&simple_reply(0, handle))?;
+            for p in pieces {
+                match *p {
+                    Piece::File { file, offset, len } => w.send_file(file, offset, len)?,
+                    Piece::Zero(mut len) => {
+                        while len > 0 {
+                            let n = len.min(ZEROES.len() as u64) as usize;
+                            w.write_all(&ZEROES[..n])?;
+                            len -= n as u64;
+                        }
+                    }
+                }
+            }
+            w.flush()
+        };
+        send().map_err(NbdError::io("reply from the disk's files"))
     }
 
     /// Waits until a read of `len` bytes may go: fewer than `READERS` in flight and
@@ -132,6 +213,14 @@ impl<W: Write> Shared<'_, W> {
                 Ok(j) => j,
                 Err(_) => return,
             };
+            if let Some(pieces) = self.dev.pieces(job.offset, job.len as u64) {
+                if let Err(e) = self.reply_pieces(job.handle, &pieces) {
+                    let mut b = self.broken.lock().unwrap_or_else(PoisonError::into_inner);
+                    b.get_or_insert(e);
+                }
+                self.landed(job.len);
+                continue;
+            }
             buf.resize(job.len, 0);
             let result = self.dev.read(job.offset, &mut buf);
             let req = Request {
@@ -158,7 +247,7 @@ impl<W: Write> Shared<'_, W> {
 }
 
 /// Serves requests on `dev` until the client disconnects or the connection breaks.
-pub fn transmit<W: Write + Send>(
+pub fn transmit<W: Sink>(
     r: &mut impl Read,
     w: &mut W,
     export: &str,
@@ -219,7 +308,7 @@ pub fn transmit<W: Write + Send>(
 }
 
 /// The request loop: parses requests, hands reads to `read`, runs the rest itself.
-fn requests<W: Write>(
+fn requests<W: Sink>(
     r: &mut impl Read,
     shared: &Shared<'_, W>,
     mut read: impl FnMut(ReadJob) -> Result<(), NbdError>,

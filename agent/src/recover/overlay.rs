@@ -182,6 +182,11 @@ impl Overlay {
         Ok(())
     }
 
+    /// Whether any write since the point was first served touches `[start, end)`.
+    pub fn touches(&self, start: u64, end: u64) -> bool {
+        !self.lock().written.overlapping(start, end).is_empty()
+    }
+
     /// The byte ranges written since the point was first served, merged where they
     /// touch: exactly what failback must send.
     pub fn written(&self) -> Vec<(u64, u64)> {

@@ -30,7 +30,7 @@ use super::saved::{
     base_path, index_path, load_base, load_index, save_base, save_index, SavedBase,
 };
 use super::{io_err, Error, Result};
-use crate::nbd::Device;
+use crate::nbd::{Device, Piece};
 
 /// What a served disk has done, for progress lines and the status file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -634,6 +634,58 @@ impl Device for ServedDisk {
 
     fn flush(&self) -> io::Result<()> {
         self.overlay.flush()
+    }
+
+    /// Hydrated base extents, absent ones (zero) and the decoded log, in order: all
+    /// local. A range the overlay touches, or one in an extent not yet hydrated, is
+    /// read the usual way.
+    fn pieces(&self, offset: u64, len: u64) -> Option<Vec<Piece<'_>>> {
+        let end = offset.checked_add(len)?;
+        if self.overlay.touches(offset, end) {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut at = offset;
+        for (s, e, src) in self.log.overlapping(offset, end) {
+            self.base_pieces(at, s, &mut out)?;
+            out.push(match src {
+                Src::Zero => Piece::Zero(e - s),
+                Src::At(p) => Piece::File {
+                    file: &self.log_file,
+                    offset: p,
+                    len: e - s,
+                },
+            });
+            at = e;
+        }
+        self.base_pieces(at, end, &mut out)?;
+        Some(out)
+    }
+}
+
+impl ServedDisk {
+    /// The base's bytes of `[start, end)` as pieces, if every extent it spans is
+    /// hydrated or absent.
+    fn base_pieces<'a>(&'a self, start: u64, end: u64, out: &mut Vec<Piece<'a>>) -> Option<()> {
+        let mut at = start;
+        while at < end {
+            let idx = at / self.extent_bytes;
+            let ext_end = ((idx + 1) * self.extent_bytes).min(end);
+            let len = ext_end - at;
+            if self.is_hydrated(idx) {
+                out.push(Piece::File {
+                    file: &self.hydrated_file,
+                    offset: at,
+                    len,
+                });
+            } else if self.extents.contains_key(&idx) {
+                return None;
+            } else {
+                out.push(Piece::Zero(len));
+            }
+            at = ext_end;
+        }
+        Some(())
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ferry_agent::nbd::Device;
+use ferry_agent::nbd::{Device, Piece};
 use ferry_agent::recover::ServedDisk;
 use ferry_link::control::wire::{DiskPoint, ReadyDisk, WorkItem, WorkResult};
 
@@ -60,6 +60,11 @@ impl Device for Gate {
     fn flush(&self) -> io::Result<()> {
         self.check()?;
         self.disk.flush()
+    }
+    fn pieces(&self, offset: u64, len: u64) -> Option<Vec<Piece<'_>>> {
+        // A removed item's read goes the usual way, to be refused there.
+        self.check().ok()?;
+        self.disk.pieces(offset, len)
     }
 }
 

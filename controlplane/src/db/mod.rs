@@ -87,6 +87,12 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "recovery",
         include_str!("../../migrations/0008_recovery.sql"),
     ),
+    // 9 is helper G's (merged by the lead); sqlx runs the list in order, a gap is fine.
+    (
+        10,
+        "failback",
+        include_str!("../../migrations/0010_failback.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

@@ -197,7 +197,7 @@ fn reprotect_rewrites_only_the_home_blocks_that_differ_from_the_failover_point()
     assert_eq!(m["recovery"]["home_disks"]["sda"], s(&home));
     let shown = cp.cli(&["machines", "show", "m1"]);
     assert!(
-        shown.contains("committed (recovery site, reverse)"),
+        shown.contains("committed (recovery site), reverse"),
         "{shown}"
     );
     assert!(

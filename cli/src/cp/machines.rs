@@ -98,7 +98,7 @@ fn recovery_cell(m: &Value) -> String {
     match m.get("recovery") {
         Some(r) if r.is_object() => {
             format!(
-                "{} ({} site, {})",
+                "{} ({} site), {}",
                 cell(r, "state"),
                 cell(r, "active_site"),
                 cell(r, "direction")
@@ -146,7 +146,7 @@ fn show(conn: &Conn, m: &Value) -> Result<()> {
             _ => "-",
         };
         println!(
-            "recovery: {}, active site {}, direction {}, {planned}, point {}, host {}, job {}",
+            "recovery: {}, active site {}, {planned}, direction {}, point {}, host {}, job {}",
             cell(r, "state"),
             cell(r, "active_site"),
             cell(r, "direction"),

@@ -203,7 +203,7 @@ pub async fn view(
             let text = match (&r.state, &r.job_kind) {
                 (Some(state), _) => {
                     format!(
-                        "{state} ({} site, {})",
+                        "{state} ({} site), {}",
                         r.active_site.as_deref().unwrap_or("?"),
                         r.direction.as_deref().unwrap_or("?")
                     )

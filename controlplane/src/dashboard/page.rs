@@ -544,7 +544,7 @@ mod tests {
     #[test]
     fn recovery_shows_the_failover_its_job_disks_and_prompt() {
         let mut v = view();
-        v.machines[0].recovery = Some("committed (recovery site, reverse)".into());
+        v.machines[0].recovery = Some("committed (recovery site), reverse".into());
         v.recovery = vec![RecoveryLine {
             machine: "db1".into(),
             state: Some("failed-over".into()),
@@ -579,7 +579,7 @@ mod tests {
         }];
         let html = dashboard(&v);
         assert!(
-            html.contains("committed (recovery site, reverse)"),
+            html.contains("committed (recovery site), reverse"),
             "{html}"
         );
         assert!(html.contains("<span class=\"badge site-recovery\">recovery site</span> reverse"));

@@ -226,3 +226,56 @@ async fn reprotect_on_sqlite() {
     a_refused_sync_fails_the_job_and_a_resume_finishes_it(&s).await;
     an_active_reprotect_holds_its_home_disks(&s).await;
 }
+
+/// A runner killed while the master target syncs (its runtime dropped), and another
+/// that takes the job over once the lease ran out: it finds the sync item the first
+/// gave instead of giving a second, and the machine goes reverse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_killed_mid_sync_is_taken_over_and_the_reprotect_finishes() {
+    let s = site(None, true, false).await;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ctx = s.ctx.clone();
+    rt.spawn(async move {
+        let cfg = runner_cfg("cp-dies", Duration::from_secs(1));
+        let scheduler = Singleton::start(ctx.db.clone(), SCHEDULER, &cfg.owner, cfg.lease).await;
+        runner::run(ctx, cfg, scheduler).await;
+    });
+    run(
+        &s,
+        "/v1/machines/m1/failover",
+        json!({"planned": false, "point": point_id("P2"), "target": {"kind": "dir"}}),
+    )
+    .await;
+    run(&s, "/v1/machines/m1/commit", Value::Null).await;
+    s.play.hold.store(true, Ordering::SeqCst);
+    let job = s.post(RP, home(), 202).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    s.at_task(&id, "sync home disks").await;
+    wait_for("the sync item", || async {
+        s.live_items(&id)
+            .await
+            .iter()
+            .any(|w| w.op.kind() == "sync")
+    })
+    .await;
+    rt.shutdown_background();
+    let runner_b = start_runner(&s.ctx, "cp-b", Duration::from_secs(30)).await;
+    s.play.hold.store(false, Ordering::SeqCst);
+    let job = s.until(&id, JobState::Succeeded).await;
+    runner_b.abort();
+    let syncs: Vec<work::WorkRow> = work::for_job(&s.db, &id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.op.kind() == "sync")
+        .collect();
+    assert_eq!(syncs.len(), 1, "one sync item, found again: {syncs:?}");
+    assert_eq!(job.params["synced"].as_array().unwrap().len(), 2);
+    let row = state::get(&s.db, "m1").await.unwrap().unwrap();
+    assert_eq!(row.direction, state::REVERSE);
+    assert_eq!(row.job_id.as_deref(), Some(id.as_str()));
+}

@@ -72,6 +72,14 @@ pub enum Verb {
     /// Set or clear the command that starts the machine once a failover brought its
     /// disks up (its `actions.start`)
     SetStart(recovery::SetStart),
+    /// Reprotect a failed-over, committed machine: replication goes home, in reverse
+    ///
+    /// The master target (a recovery host at the home site) makes each home disk
+    /// equal to the failover point by checksum, writing only the blocks that differ
+    /// (the original disk keeps nearly all of them; a new, empty one gets a full
+    /// copy); then the machine's direction is reverse. Nothing of the home disks is
+    /// ever deleted. See docs/failback.md.
+    Reprotect(super::failback::Reprotect),
 }
 
 const HEADER: [&str; 8] = [
@@ -89,7 +97,12 @@ const HEADER: [&str; 8] = [
 fn recovery_cell(m: &Value) -> String {
     match m.get("recovery") {
         Some(r) if r.is_object() => {
-            format!("{} ({} site)", cell(r, "state"), cell(r, "active_site"))
+            format!(
+                "{} ({} site), {}",
+                cell(r, "state"),
+                cell(r, "active_site"),
+                cell(r, "direction")
+            )
         }
         _ => "-".to_string(),
     }
@@ -133,13 +146,28 @@ fn show(conn: &Conn, m: &Value) -> Result<()> {
             _ => "-",
         };
         println!(
-            "recovery: {}, active site {}, {planned}, point {}, host {}, job {}",
+            "recovery: {}, active site {}, {planned}, direction {}, point {}, host {}, job {}",
             cell(r, "state"),
             cell(r, "active_site"),
+            cell(r, "direction"),
             cell(r, "point"),
             cell(r, "host"),
             cell(r, "job")
         );
+        if let Some(Value::Object(home)) = r
+            .get("home_disks")
+            .filter(|h| h.as_object().is_some_and(|h| !h.is_empty()))
+        {
+            let disks: Vec<String> = home
+                .iter()
+                .map(|(d, p)| format!("{d}={}", p.as_str().unwrap_or("?")))
+                .collect();
+            println!(
+                "reprotected: master target {}, home disks {}",
+                cell(r, "master_target"),
+                disks.join(" ")
+            );
+        }
     }
     if let Some(start) = m
         .get("actions")
@@ -238,6 +266,7 @@ pub fn run(conn: &Conn, verb: Verb) -> Result<()> {
             let p = format!("{}/cancel", path(&a.name)?);
             recovery::submit(conn, (p, json!({})), &a.wait)?
         }
+        Verb::Reprotect(a) => recovery::submit(conn, super::failback::reprotect(&a)?, &a.wait)?,
         Verb::SetStart(a) => {
             if let Some(m) = recovery::set_start(conn, &a)? {
                 show(conn, &m)?;

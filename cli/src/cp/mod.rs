@@ -3,6 +3,7 @@
 
 pub mod client;
 mod events;
+mod failback;
 mod jobs;
 mod machines;
 mod plans;

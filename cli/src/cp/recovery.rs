@@ -290,6 +290,9 @@ fn print_job(job: &Value) {
     for line in disk_lines(job) {
         println!("{line}");
     }
+    for line in super::failback::synced_lines(job) {
+        println!("{line}");
+    }
 }
 
 /// `MACHINE DISK POINT NBD_URL|PATH`, one per disk of the job's `disks`.
@@ -374,6 +377,9 @@ fn follow(conn: &Conn, first: &Value, every: Duration) -> Result<()> {
             println!("waiting for: {p}");
         }
         for line in disk_lines(&job) {
+            println!("{line}");
+        }
+        for line in super::failback::synced_lines(&job) {
             println!("{line}");
         }
     }

@@ -7,8 +7,8 @@
 //! written to the item's `state.json` first (`files`), so that a restart (kill -9)
 //! resumes from the table as it was: served items are served again, results are
 //! re-reported, a build that was running starts over. The ops themselves run on their
-//! own threads (`ops`, `serve`, `remove`), at most `MAX_BUILDS` builds and
-//! `MAX_SCRIPTS` scripts at once; the rest wait in the table for their turn, which
+//! own threads (`ops`, `serve`, `remove`, `sync`), at most `MAX_BUILDS` builds and
+//! syncs together and `MAX_SCRIPTS` scripts at once; the rest wait in the table for their turn, which
 //! the next heartbeat answer (one a second) gives them.
 
 pub mod files;
@@ -18,6 +18,7 @@ pub mod procs;
 pub mod progress;
 pub mod remove;
 pub mod serve;
+pub mod sync;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,8 +30,8 @@ use ferry_link::control::limits::{trimmed, MAX_TEXT_BYTES, MAX_WORK_ITEMS};
 use ferry_link::control::wire::{DiskProgress, WorkItem, WorkOp, WorkReport, WorkResult};
 use ferry_replica::{Store, VaultKey};
 
-/// Builds at once: each reads the store and writes whole disks, so more would only
-/// share the same bandwidth and disk.
+/// Builds and syncs at once: each reads the store and writes whole disks, so more
+/// would only share the same bandwidth and disk.
 pub const MAX_BUILDS: usize = 2;
 /// Scripts at once.
 pub const MAX_SCRIPTS: usize = 4;
@@ -174,7 +175,8 @@ impl Host {
                     e.reserve = kind == "serve" && r.state == "succeeded";
                     Some(r)
                 }
-                (Some(_), "build" | "serve" | "remove") => None,
+                // A sync run again compares again: what it wrote already matches.
+                (Some(_), "build" | "serve" | "remove" | "sync") => None,
                 (Some(mut r), "start") => {
                     match pid.filter(|p| procs::group_alive(*p)) {
                         Some(_) => r.state = "succeeded".into(),
@@ -362,7 +364,8 @@ impl Host {
                     .filter(|e| e.busy && e.item.op.kind() == kind)
                     .count()
             };
-            let (mut builds, mut scripts) = (busy(&t, "build"), busy(&t, "script"));
+            let (mut builds, mut scripts) =
+                (busy(&t, "build") + busy(&t, "sync"), busy(&t, "script"));
             let ordered = t.ordered.clone();
             for id in &ordered {
                 if gone.contains(id) {
@@ -375,8 +378,8 @@ impl Host {
                     continue;
                 }
                 match e.item.op.kind() {
-                    "build" if builds >= MAX_BUILDS => continue,
-                    "build" => builds += 1,
+                    "build" | "sync" if builds >= MAX_BUILDS => continue,
+                    "build" | "sync" => builds += 1,
                     "script" if scripts >= MAX_SCRIPTS => continue,
                     "script" => scripts += 1,
                     _ => {}
@@ -392,8 +395,9 @@ impl Host {
         }
     }
 
-    /// Forgets ended items that left the orders and hold nothing (script and remove
-    /// items: what the others made is taken only by a remove), with their folder.
+    /// Forgets ended items that left the orders and hold nothing (script, remove and
+    /// sync items: what the others made is taken only by a remove; a sync's targets
+    /// are the user's), with their folder.
     /// Only when the orders were whole: a cut list says nothing of what it left out.
     fn prune(&self, t: &mut Table) {
         if t.ordered.len() >= MAX_WORK_ITEMS {
@@ -406,7 +410,7 @@ impl Host {
             .filter(|e| {
                 !e.busy
                     && !ordered.contains(&e.item.id)
-                    && matches!(e.item.op.kind(), "script" | "remove")
+                    && matches!(e.item.op.kind(), "script" | "remove" | "sync")
                     && e.report.as_ref().is_some_and(|r| r.state != "running")
             })
             .map(|e| e.item.id.clone())
@@ -485,6 +489,7 @@ impl Host {
                 Vec::new(),
             ),
             WorkOp::Remove { items } => (remove::remove(self, items), Vec::new()),
+            WorkOp::Sync { disks } => (sync::sync(self, item, disks, &dir), Vec::new()),
         }
     }
 

@@ -19,7 +19,7 @@ pub const START_SETTLE: Duration = Duration::from_secs(1);
 const POLL: Duration = Duration::from_millis(50);
 /// The least time between two progress reports of a build (each takes the table's
 /// lock; the heartbeat reads one a second anyway).
-const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// Each named disk of `machine` at its point, opened; an error names the disk or
 /// point missing.

@@ -391,3 +391,104 @@ fn a_served_item_reports_each_disk_whole() {
         "{d:?}"
     );
 }
+
+fn sync_item(id: &str, target: &std::path::Path) -> WorkItem {
+    WorkItem {
+        id: id.into(),
+        machine: "m1".into(),
+        op: WorkOp::Sync {
+            disks: vec![ferry_link::control::wire::SyncDisk {
+                disk: "sda".into(),
+                point: "p1".into(),
+                target: target.display().to_string(),
+            }],
+        },
+    }
+}
+
+#[test]
+fn a_remove_of_a_sync_item_never_deletes_its_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = host(tmp.path());
+    let home = tmp.path().join("home-sda.raw");
+    std::fs::write(&home, vec![7u8; 8192]).unwrap();
+    // A sync of a machine the store lacks: it fails once started, its target untouched.
+    let s = sync_item("j-0-m1", &home);
+    h.apply(vec![s.clone()]);
+    ferry_testkit::wait_for("the sync ended", Duration::from_secs(10), || {
+        state(&h, &s.id).as_deref() == Some("failed")
+    });
+    let r = h.table().entries[&s.id].report.clone().unwrap();
+    assert!(
+        r.error.unwrap().contains("m1"),
+        "the error names the machine"
+    );
+    let rm = WorkItem {
+        id: "j-1-m1".into(),
+        machine: "m1".into(),
+        op: WorkOp::Remove {
+            items: vec![s.id.clone()],
+        },
+    };
+    h.apply(vec![s.clone(), rm.clone()]);
+    ferry_testkit::wait_for("the remove ended", Duration::from_secs(10), || {
+        state(&h, &rm.id).as_deref() == Some("succeeded")
+    });
+    let deleted = h.table().entries[&rm.id]
+        .report
+        .as_ref()
+        .and_then(|r| r.result.clone())
+        .unwrap()
+        .deleted;
+    assert!(
+        !deleted.iter().any(|d| d.contains("home-sda")),
+        "{deleted:?}"
+    );
+    assert!(!files::item_dir(&h.items, &s.id).unwrap().exists());
+    assert_eq!(std::fs::read(&home).unwrap(), vec![7u8; 8192]);
+
+    // A target the host's items folder holds (which a remove deletes) is refused.
+    let inside = h.items.join("j-2-m1").join("sda.raw");
+    let bad = sync_item("j-2-m1", &inside);
+    h.apply(vec![bad.clone()]);
+    ferry_testkit::wait_for("refused", Duration::from_secs(10), || {
+        state(&h, &bad.id).as_deref() == Some("failed")
+    });
+    let r = h.table().entries[&bad.id].report.clone().unwrap();
+    assert!(r
+        .error
+        .unwrap()
+        .contains("inside the recovery host's items folder"));
+}
+
+#[test]
+fn syncs_share_the_bound_on_builds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = host(tmp.path());
+    let home = tmp.path().join("home.raw");
+    std::fs::write(&home, [0u8; 4096]).unwrap();
+    // A build, then two syncs: the build and one sync run, the other sync waits.
+    let mut items = vec![WorkItem {
+        id: "j-0-m1".into(),
+        machine: "m1".into(),
+        op: WorkOp::Build {
+            disks: vec![DiskPoint {
+                disk: "sda".into(),
+                point: "p1".into(),
+            }],
+            format: "raw".into(),
+        },
+    }];
+    items.extend((1..3).map(|i| sync_item(&format!("j-{i}-m1"), &home)));
+    h.apply(items.clone());
+    assert_eq!(state(&h, "j-2-m1"), None, "the second sync waits its turn");
+    let started = items.iter().filter(|i| state(&h, &i.id).is_some()).count();
+    assert_eq!(started, MAX_BUILDS);
+    ferry_testkit::wait_for("two failed", Duration::from_secs(10), || {
+        count(&h, &items, "failed") == MAX_BUILDS
+    });
+    h.apply(items.clone());
+    ferry_testkit::wait_for("the third", Duration::from_secs(10), || {
+        count(&h, &items, "failed") == 3
+    });
+}

@@ -41,6 +41,11 @@ pub struct Machine {
     #[schema(value_type = Vec<Object>)]
     pub disks: Vec<ferry_link::control::wire::DiskReport>,
     pub last_error: Option<String>,
+    /// `home` or `recovery`: where it runs (its failover's; `home` without one).
+    pub active_site: String,
+    /// `forward` (home -> recovery site) or `reverse` (once reprotected:
+    /// docs/failback.md); `forward` without a failover.
+    pub direction: String,
     /// Its failover; null while it is protected at home with nothing failed over.
     pub recovery: Option<MachineRecovery>,
     pub actions: Actions,
@@ -60,6 +65,12 @@ pub struct MachineRecovery {
     pub host: Option<String>,
     /// The job that last worked on it.
     pub job: Option<String>,
+    /// `forward` or `reverse` (reprotected).
+    pub direction: String,
+    /// Reprotect: the recovery host that wrote its home disks.
+    pub master_target: Option<String>,
+    /// Reprotect: `{disk: path on the master target}`.
+    pub home_disks: std::collections::BTreeMap<String, String>,
 }
 
 /// What the control plane runs for a machine.
@@ -114,7 +125,14 @@ fn view(m: MachineRow, policies: &HashMap<String, Policy>, now: f64, x: &mut Ext
         point: r.point,
         host: r.host,
         job: r.job_id,
+        direction: r.direction,
+        master_target: r.master_target,
+        home_disks: r.home_disks,
     });
+    let (active_site, direction) = recovery.as_ref().map_or_else(
+        || ("home".to_string(), recovery_state::FORWARD.to_string()),
+        |r| (r.active_site.clone(), r.direction.clone()),
+    );
     let actions = Actions {
         start: Some(x.start.remove(&m.name)),
     };
@@ -140,6 +158,8 @@ fn view(m: MachineRow, policies: &HashMap<String, Policy>, now: f64, x: &mut Ext
         last_seen: rfc3339(m.last_seen),
         disks: m.disks,
         last_error: m.last_error,
+        active_site,
+        direction,
         recovery,
         actions,
     }

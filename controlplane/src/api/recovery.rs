@@ -1,5 +1,5 @@
 //! `/v1/machines/{name}/...`: the recovery jobs of one machine (operator): test
-//! failover and its cleanup, failover, change-point, commit, cancel. Each POST
+//! failover and its cleanup, failover, change-point, commit, cancel, reprotect. Each POST
 //! answers the job it queued (then `GET /v1/jobs/{id}` follows it); what can be
 //! refused is refused before a job exists (`recovery::jobs::enqueue`).
 
@@ -13,7 +13,7 @@ use super::{AppState, Body};
 use crate::jobs::queue::{self, Outcome};
 use crate::jobs::{Job, JobState};
 use crate::recovery::jobs::enqueue::{
-    busy, ChangePointRequest, FailoverRequest, NoParams, TestFailoverRequest,
+    busy, ChangePointRequest, FailoverRequest, NoParams, ReprotectRequest, TestFailoverRequest,
 };
 use crate::recovery::jobs::{self, state, Verdict};
 
@@ -138,6 +138,20 @@ pub async fn change_point(
     Body(req): Body<ChangePointRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     queue_job(&state, &caller, jobs::CHANGE_POINT, &name, to_json(&req)?).await
+}
+
+#[utoipa::path(post, path = "/v1/machines/{name}/reprotect", tag = "recovery",
+    params(("name" = String, Path)), request_body = ReprotectRequest,
+    security(("bearer" = [])),
+    responses((status = 202, body = Job, description = "queued: the master target makes each home disk equal to the failover point, then the machine replicates in reverse"),
+        (status = 400, body = Problem), (status = 409, body = Problem)))]
+pub async fn reprotect(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(req): Body<ReprotectRequest>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
+    queue_job(&state, &caller, jobs::REPROTECT, &name, to_json(&req)?).await
 }
 
 /// An empty body or `{}`.

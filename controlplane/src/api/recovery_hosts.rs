@@ -126,6 +126,16 @@ fn check_report(r: &WorkReport) -> Result<(), String> {
                 MAX_TEXT_BYTES,
             )?;
         }
+        if res.synced.len() > MAX_WORK_ITEMS {
+            return Err(format!(
+                "report {}: {} synced disks; at most {MAX_WORK_ITEMS}",
+                r.id,
+                res.synced.len()
+            ));
+        }
+        for d in &res.synced {
+            ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
+        }
         for d in &res.disks {
             ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
             too_long("a disk's point", &d.point, MAX_POINT_ID_BYTES)?;

@@ -202,7 +202,11 @@ pub async fn view(
         .filter_map(|r| {
             let text = match (&r.state, &r.job_kind) {
                 (Some(state), _) => {
-                    format!("{state} ({} site)", r.active_site.as_deref().unwrap_or("?"))
+                    format!(
+                        "{state} ({} site), {}",
+                        r.active_site.as_deref().unwrap_or("?"),
+                        r.direction.as_deref().unwrap_or("?")
+                    )
                 }
                 (None, Some(kind)) => {
                     format!("at home; {kind} {}", r.job_state.as_deref().unwrap_or(""))

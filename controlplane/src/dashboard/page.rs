@@ -37,6 +37,10 @@ pub struct RecoveryLine {
     pub state: Option<String>,
     /// home or recovery.
     pub active_site: Option<String>,
+    /// forward, or reverse once reprotected.
+    pub direction: Option<String>,
+    /// Reprotect's master target.
+    pub master_target: Option<String>,
     pub planned: Option<bool>,
     /// `sda=p1, sdb=p1`.
     pub point: Option<String>,
@@ -542,11 +546,13 @@ mod tests {
     #[test]
     fn recovery_shows_the_failover_its_job_disks_and_prompt() {
         let mut v = view();
-        v.machines[0].recovery = Some("failed-over (recovery site)".into());
+        v.machines[0].recovery = Some("committed (recovery site), reverse".into());
         v.recovery = vec![RecoveryLine {
             machine: "db1".into(),
             state: Some("failed-over".into()),
             active_site: Some("recovery".into()),
+            direction: Some("reverse".into()),
+            master_target: Some("home-rh".into()),
             planned: Some(false),
             point: Some("sda=p9".into()),
             host: Some("rh1".into()),
@@ -575,9 +581,15 @@ mod tests {
             ..PlanLine::default()
         }];
         let html = dashboard(&v);
-        assert!(html.contains("failed-over (recovery site)"), "{html}");
-        assert!(html.contains("<span class=\"badge site-recovery\">recovery site</span>"));
-        assert!(html.contains("unplanned; point sda=p9; host rh1"), "{html}");
+        assert!(
+            html.contains("committed (recovery site), reverse"),
+            "{html}"
+        );
+        assert!(html.contains("<span class=\"badge site-recovery\">recovery site</span> reverse"));
+        assert!(
+            html.contains("unplanned; point sda=p9; host rh1; master target home-rh"),
+            "{html}"
+        );
         assert!(html.contains("Check &lt;db1&gt;, then clean up"), "{html}");
         assert!(html.contains("nbd://10.0.0.5:10809/db1/sda"));
         assert!(

@@ -23,6 +23,10 @@ pub const DETAILED: usize = 50;
 pub struct Failover {
     pub state: String,
     pub active_site: String,
+    /// forward, or reverse once reprotected.
+    pub direction: String,
+    /// Reprotect's master target.
+    pub master_target: Option<String>,
     pub planned: bool,
     /// `{disk: point}` as `sda=p1, sdb=p1`.
     pub point: Option<String>,
@@ -39,7 +43,8 @@ pub const ITEMS: usize = 16;
 pub async fn failovers(db: &Db) -> Result<HashMap<String, Failover>> {
     let op = "reading machines' failovers";
     let rows = sqlx::query(
-        "SELECT machine, state, active_site, planned, point, host, job_id, items \
+        "SELECT machine, state, active_site, direction, master_target, planned, point, host, \
+         job_id, items \
          FROM machine_recovery ORDER BY machine LIMIT $1",
     )
     .bind(i64::from(ROWS))
@@ -59,6 +64,8 @@ pub async fn failovers(db: &Db) -> Result<HashMap<String, Failover>> {
             Failover {
                 state: r.try_get("state").map_err(q(op))?,
                 active_site: r.try_get("active_site").map_err(q(op))?,
+                direction: r.try_get("direction").map_err(q(op))?,
+                master_target: r.try_get("master_target").map_err(q(op))?,
                 planned: planned != 0,
                 point: point.map(|p| points_text(&p)),
                 host: r.try_get("host").map_err(q(op))?,
@@ -191,6 +198,8 @@ pub async fn line(
         machine: machine.to_string(),
         state: failover.map(|f| f.state.clone()),
         active_site: failover.map(|f| f.active_site.clone()),
+        direction: failover.map(|f| f.direction.clone()),
+        master_target: failover.and_then(|f| f.master_target.clone()),
         planned: failover.map(|f| f.planned),
         point: failover.and_then(|f| f.point.clone()),
         host: failover.and_then(|f| f.host.clone()),
@@ -334,6 +343,8 @@ mod tests {
         Failover {
             state: state.into(),
             active_site: "recovery".into(),
+            direction: "forward".into(),
+            master_target: None,
             planned: false,
             point: None,
             host: None,

@@ -73,11 +73,17 @@ pub fn recovery(out: &mut String, v: &View) {
                     Some(false) => "unplanned",
                     None => "",
                 };
+                let master = r
+                    .master_target
+                    .as_deref()
+                    .map(|m| format!("; master target {}", esc(m)))
+                    .unwrap_or_default();
                 format!(
-                    "<div>{} <span class=\"badge {class}\">{} site</span></div>\
-                     <div class=\"why\">{how}; point {}; host {}</div>",
+                    "<div>{} <span class=\"badge {class}\">{} site</span> {}</div>\
+                     <div class=\"why\">{how}; point {}; host {}{master}</div>",
                     esc(state),
                     esc(site),
+                    opt(&r.direction),
                     opt(&r.point),
                     opt(&r.host)
                 )

@@ -546,7 +546,7 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
     };
     // The machines' rows: where each runs, and its buttons by its state.
     let m1 = row("data-machine=\"m1\"");
-    assert!(m1.contains("failed-over (recovery site)"), "{m1}");
+    assert!(m1.contains("failed-over (recovery site), forward"), "{m1}");
     assert!(
         m1.contains("/act/machines/m1/commit") && m1.contains("/act/machines/m1/cancel"),
         "{m1}"

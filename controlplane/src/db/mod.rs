@@ -92,6 +92,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "work disk progress",
         include_str!("../../migrations/0009_work_disk_progress.sql"),
     ),
+    (
+        10,
+        "failback",
+        include_str!("../../migrations/0010_failback.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

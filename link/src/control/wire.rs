@@ -382,6 +382,21 @@ pub enum WorkOp {
     },
     /// Stop and delete what these items made, then check that nothing is left.
     Remove { items: Vec<String> },
+    /// Make each target (a file or block device on the host, the user's: a remove
+    /// never deletes it) equal to its disk at its point by checksum, writing only the
+    /// blocks that differ (failback's master target, docs/failback.md).
+    Sync { disks: Vec<SyncDisk> },
+}
+
+/// One disk a sync item makes equal to a point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncDisk {
+    pub disk: String,
+    /// The point's id.
+    pub point: String,
+    /// The path of the disk on the recovery host.
+    pub target: String,
 }
 
 impl WorkOp {
@@ -392,6 +407,7 @@ impl WorkOp {
             WorkOp::Start { .. } => "start",
             WorkOp::Script { .. } => "script",
             WorkOp::Remove { .. } => "remove",
+            WorkOp::Sync { .. } => "sync",
         }
     }
 }
@@ -452,6 +468,25 @@ pub struct WorkResult {
     /// start: the process group's leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// sync: what each disk took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub synced: Vec<SyncedDisk>,
+}
+
+/// A disk a sync item made equal to its point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncedDisk {
+    pub disk: String,
+    /// Blocks compared.
+    pub blocks: u64,
+    /// Blocks whose checksum differed from the point's, each rewritten.
+    pub blocks_differing: u64,
+    pub bytes_written: u64,
+    /// Bytes of objects read from the store.
+    pub bytes_fetched: u64,
+    /// The target read back equal to the point.
+    pub identical: bool,
 }
 
 /// A recovered disk, ready.

@@ -57,6 +57,20 @@ pub struct ChangePointRequest {
     pub target: Option<Target>,
 }
 
+/// `POST /v1/machines/{name}/reprotect` (docs/failback.md).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReprotectRequest {
+    /// The recovery host at the home site that writes the home disks.
+    pub master_target: String,
+    /// Every disk of the machine: its path on the master target (the original disk,
+    /// or a new one at least the disk's size).
+    pub disks: std::collections::BTreeMap<String, String>,
+}
+
+/// The longest home disk path taken.
+pub const MAX_HOME_PATH_BYTES: usize = 1024;
+
 /// `commit` and `cancel` take no parameters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +133,9 @@ pub async fn enqueue_machine_job(
         verdict: None,
         notes: None,
         verdict_at: None,
+        master_target: None,
+        home_disks: Default::default(),
+        synced: Vec::new(),
     };
     let tasks: Vec<&str> = match kind {
         TEST_FAILOVER => {
@@ -218,6 +235,11 @@ pub async fn enqueue_machine_job(
                 p.host = Some(failover_host(db, machine, current).await?);
             }
             vec![REMOVE_RECOVERY, RESUME_SOURCE]
+        }
+        REPROTECT => {
+            let r: ReprotectRequest = parse(kind, request)?;
+            reprotect(db, machine, &row, r, &mut p).await?;
+            vec![CHECK_REPROTECT, SYNC_HOME, MARK_REVERSE]
         }
         other => {
             return Err(ApiError::BadRequest(format!(
@@ -399,4 +421,104 @@ async fn current_target(db: &Db, row: &RecoveryRow) -> Result<Option<Target>, Ap
         }
     }
     Ok(None)
+}
+
+/// Checks a reprotect of `machine` and fills its params: the machine is failed over
+/// and committed, not reprotected yet (409); the master target is a live recovery
+/// host (400 unknown, 409 not live); `disks` names every disk of the failover point
+/// and no other, each at an absolute path (400) that no other machine's reprotect,
+/// done or queued, uses on that host (409).
+async fn reprotect(
+    db: &Db,
+    machine: &str,
+    row: &Option<RecoveryRow>,
+    r: ReprotectRequest,
+    p: &mut Params,
+) -> Result<(), ApiError> {
+    let Some(current) = row.as_ref().filter(|r| r.state == COMMITTED) else {
+        return Err(conflict_state(
+            machine,
+            row,
+            "reprotect needs a failover committed (`ferry cp machines commit`)",
+        ));
+    };
+    if current.direction != state::FORWARD {
+        return Err(ApiError::Conflict(format!(
+            "machine {machine} is already reprotected ({} to master target {})",
+            current.direction,
+            current.master_target.as_deref().unwrap_or("?")
+        )));
+    }
+    let points = current
+        .point
+        .clone()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "machine {machine}'s failover records no point: nothing to reprotect from"
+            ))
+        })?;
+    crate::api::machines::checked("master target", &r.master_target)?;
+    live_host(db, &r.master_target).await?;
+    if let Some(d) = r.disks.keys().find(|d| !points.contains_key(*d)) {
+        return Err(ApiError::BadRequest(format!(
+            "machine {machine} has no disk {d} (its disks: {})",
+            points.keys().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    if let Some(d) = points.keys().find(|d| !r.disks.contains_key(*d)) {
+        return Err(ApiError::BadRequest(format!(
+            "disk {d} of machine {machine} has no home disk: give each disk's path \
+             (--disk {d}=PATH)"
+        )));
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for (disk, path) in &r.disks {
+        if !path.starts_with('/') || path.contains('\0') || path.len() > MAX_HOME_PATH_BYTES {
+            return Err(ApiError::BadRequest(format!(
+                "disk {disk}: home disk path {path:?} must be absolute, without NUL, at most \
+                 {MAX_HOME_PATH_BYTES} bytes"
+            )));
+        }
+        if let Some(other) = seen.insert(path.as_str(), disk.as_str()) {
+            return Err(ApiError::BadRequest(format!(
+                "disks {other} and {disk} of machine {machine} both name home disk {path}"
+            )));
+        }
+    }
+    for (m, host, disk, path) in state::home_disks(db).await? {
+        if m != machine && host == r.master_target && seen.contains_key(path.as_str()) {
+            return Err(ApiError::Conflict(format!(
+                "home disk {path} on {host} is disk {disk} of machine {m}, reprotected: \
+                 one machine's disk per path"
+            )));
+        }
+    }
+    for (job, m, params) in state::active_reprotects(db).await? {
+        let Ok(other) = serde_json::from_value::<Params>(params) else {
+            continue;
+        };
+        if m == machine || other.master_target.as_deref() != Some(r.master_target.as_str()) {
+            continue;
+        }
+        if let Some((disk, path)) = other
+            .home_disks
+            .iter()
+            .find(|(_, path)| seen.contains_key(path.as_str()))
+        {
+            return Err(ApiError::Conflict(format!(
+                "home disk {path} on {} is disk {disk} of machine {m}, whose reprotect job \
+                 {job} is active: one machine's disk per path",
+                r.master_target
+            )));
+        }
+    }
+    p.points = points
+        .into_iter()
+        .map(|(disk, point)| DiskPoint { disk, point })
+        .collect();
+    p.host = current.host.clone();
+    p.master_target = Some(r.master_target);
+    p.home_disks = r.disks;
+    Ok(())
 }

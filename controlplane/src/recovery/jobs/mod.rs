@@ -1,5 +1,6 @@
 //! The recovery jobs of one machine (docs/recovery.md, "Jobs on machines"): test failover and its
 //! cleanup, planned and unplanned failover, change-point, commit and cancel. Each is
+//! (and reprotect, the first step of failback: docs/failback.md) is
 //! a job of the control plane's framework (`crate::jobs`) whose tasks give work
 //! items to a recovery host (`recovery::work`) and move the machine's failover
 //! (`state`, the `machine_recovery` row the split-brain orders are read from).
@@ -12,6 +13,7 @@
 //! - `template`: the machine's start action.
 
 pub mod enqueue;
+pub mod reprotect;
 pub mod state;
 pub mod tasks;
 pub mod template;
@@ -20,7 +22,9 @@ pub mod wait;
 #[cfg(test)]
 mod tests;
 
-use ferry_link::control::wire::{DiskPoint, WorkOp};
+use std::collections::BTreeMap;
+
+use ferry_link::control::wire::{DiskPoint, SyncedDisk, WorkOp};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -31,14 +35,16 @@ pub const FAILOVER: &str = "failover";
 pub const CHANGE_POINT: &str = "change-point";
 pub const COMMIT: &str = "commit";
 pub const CANCEL_FAILOVER: &str = "cancel-failover";
+pub const REPROTECT: &str = "reprotect";
 
 /// Every kind this module runs.
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 6] = [
     TEST_FAILOVER,
     FAILOVER,
     CHANGE_POINT,
     COMMIT,
     CANCEL_FAILOVER,
+    REPROTECT,
 ];
 
 /// Task names; a task is dispatched by its job's kind and its name.
@@ -55,6 +61,9 @@ pub const REMOVE_PREVIOUS: &str = "remove previous disks";
 pub const MARK_COMMITTED: &str = "mark committed";
 pub const REMOVE_RECOVERY: &str = "remove recovery disks";
 pub const RESUME_SOURCE: &str = "resume source";
+pub const CHECK_REPROTECT: &str = "check reprotect";
+pub const SYNC_HOME: &str = "sync home disks";
+pub const MARK_REVERSE: &str = "mark reverse";
 
 /// The key that keeps one recovery job per machine active, whatever its kind.
 pub fn job_key(machine: &str) -> String {
@@ -144,6 +153,15 @@ pub struct Params {
     /// that a restarted test given the same verdict again records it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict_at: Option<i64>,
+    /// Reprotect: the recovery host at the home site that writes the home disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_target: Option<String>,
+    /// Reprotect: `{disk: path on the master target}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub home_disks: BTreeMap<String, String>,
+    /// Reprotect: what the sync of each home disk took, once done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub synced: Vec<SyncedDisk>,
 }
 
 /// The input a test failover waits for: `POST /v1/jobs/{id}/resume` or

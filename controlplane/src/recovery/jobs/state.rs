@@ -39,11 +39,21 @@ pub struct RecoveryRow {
     /// The job that last worked on it.
     pub job_id: Option<String>,
     pub updated_at: i64,
+    /// forward, or reverse once reprotected (docs/failback.md).
+    pub direction: String,
+    /// The recovery host that wrote the home disks (reprotect).
+    pub master_target: Option<String>,
+    /// `{disk: path on the master target}` (reprotect).
+    pub home_disks: BTreeMap<String, String>,
 }
+
+/// `machine_recovery.direction` values.
+pub const FORWARD: &str = "forward";
+pub const REVERSE: &str = "reverse";
 
 const COLUMNS: &str =
     "machine, state, active_site, planned, prepare_id, prepared, point, host, items, job_id, \
-     updated_at";
+     updated_at, direction, master_target, home_disks";
 
 fn decode(what: String) -> Error {
     Error::Query {
@@ -78,6 +88,14 @@ fn from_row(r: &AnyRow) -> Result<RecoveryRow> {
         items: json_of(&machine, "items", Some(items))?.unwrap_or_default(),
         job_id: r.try_get("job_id").map_err(get)?,
         updated_at: r.try_get("updated_at").map_err(get)?,
+        direction: r.try_get("direction").map_err(get)?,
+        master_target: r.try_get("master_target").map_err(get)?,
+        home_disks: json_of(
+            &machine,
+            "home_disks",
+            r.try_get("home_disks").map_err(get)?,
+        )?
+        .unwrap_or_default(),
         machine,
     })
 }
@@ -283,6 +301,80 @@ pub async fn commit(db: &Db, machine: &str, job_id: &str) -> Result<bool> {
     Ok(get(db, machine)
         .await?
         .is_some_and(|r| r.state == COMMITTED))
+}
+
+/// Reprotect, once the master target wrote the home disks: a committed failover of
+/// `machine` goes `reverse`, recording its master target and home disks. True when
+/// it is reverse with these (now or before: a task run again changes nothing).
+pub async fn set_reverse(
+    db: &Db,
+    machine: &str,
+    job_id: &str,
+    master_target: &str,
+    home_disks: &BTreeMap<String, String>,
+) -> Result<bool> {
+    let disks = serde_json::to_string(home_disks).map_err(|e| decode(e.to_string()))?;
+    sqlx::query(
+        "UPDATE machine_recovery SET direction = 'reverse', master_target = $2, \
+         home_disks = $3, job_id = $4, updated_at = $5 \
+         WHERE machine = $1 AND state = 'committed' AND direction = 'forward'",
+    )
+    .bind(machine.to_string())
+    .bind(master_target.to_string())
+    .bind(disks)
+    .bind(job_id.to_string())
+    .bind(now_s())
+    .execute(db.pool())
+    .await
+    .map_err(q("recording a machine reprotected"))?;
+    Ok(get(db, machine).await?.is_some_and(|r| {
+        r.direction == REVERSE
+            && r.master_target.as_deref() == Some(master_target)
+            && r.home_disks == *home_disks
+    }))
+}
+
+/// Every home disk of a reprotected machine: (machine, master target, disk, path).
+/// A site has few failed-over machines: all of them are read.
+pub async fn home_disks(db: &Db) -> Result<Vec<(String, String, String, String)>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM machine_recovery WHERE master_target IS NOT NULL ORDER BY machine"
+    );
+    let rows = sqlx::query(&sql)
+        .fetch_all(db.pool())
+        .await
+        .map_err(q("reading machines' home disks"))?;
+    let mut out = Vec::new();
+    for r in rows.iter().map(from_row) {
+        let r = r?;
+        let host = r.master_target.clone().unwrap_or_default();
+        for (disk, path) in r.home_disks {
+            out.push((r.machine.clone(), host.clone(), disk, path));
+        }
+    }
+    Ok(out)
+}
+
+/// The reprotect jobs active now: id, machine, params.
+pub async fn active_reprotects(db: &Db) -> Result<Vec<(String, String, serde_json::Value)>> {
+    let op = "reading the active reprotect jobs";
+    let rows = sqlx::query(
+        "SELECT id, subject, params FROM jobs WHERE kind = $1 AND active_key IS NOT NULL",
+    )
+    .bind(super::REPROTECT)
+    .fetch_all(db.pool())
+    .await
+    .map_err(q(op))?;
+    rows.iter()
+        .map(|r| {
+            let params: String = r.try_get("params").map_err(q(op))?;
+            Ok((
+                r.try_get("id").map_err(q(op))?,
+                r.try_get("subject").map_err(q(op))?,
+                serde_json::from_str(&params).map_err(|e| decode(format!("{op}: {e}")))?,
+            ))
+        })
+        .collect()
 }
 
 /// Deletes a failover not committed: the source resumes. True when no row is left

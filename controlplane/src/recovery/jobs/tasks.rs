@@ -45,6 +45,9 @@ pub async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<Step, Stri
         (COMMIT, MARK_COMMITTED) => done(commit(&w, &p).await),
         (CANCEL_FAILOVER, REMOVE_RECOVERY) => done(remove_failover_items(&mut w, &p, true).await),
         (CANCEL_FAILOVER, RESUME_SOURCE) => done(resume_source(&w, &p).await),
+        (REPROTECT, CHECK_REPROTECT) => done(super::reprotect::check(&w, &p).await),
+        (REPROTECT, SYNC_HOME) => done(super::reprotect::sync_home(&mut w, &p).await),
+        (REPROTECT, MARK_REVERSE) => done(super::reprotect::mark_reverse(&w, &p).await),
         (kind, task) => Err(format!("a {kind} job has no task {task:?}")),
     }
 }

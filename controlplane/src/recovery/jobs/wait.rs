@@ -163,7 +163,7 @@ impl<'a> Waiter<'a> {
         }
     }
 
-    async fn host_alive(&self, host: &str, what: &str) -> Result<(), String> {
+    pub async fn host_alive(&self, host: &str, what: &str) -> Result<(), String> {
         let hosts = work::hosts(&self.ctx.db)
             .await
             .map_err(|e| format!("reading recovery hosts while waiting for {what}: {e}"))?;

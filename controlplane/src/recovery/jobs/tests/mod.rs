@@ -26,6 +26,7 @@ use crate::recovery::work;
 use super::state;
 
 mod faults;
+mod reprotect;
 mod scenarios;
 
 const SIZE: u64 = 1 << 20;
@@ -86,7 +87,12 @@ struct HostPlay {
     fail_removes: AtomicBool,
     /// Stop heartbeating.
     silent: AtomicBool,
+    /// Fail sync items with this error (a home disk too small, say).
+    fail_syncs: Mutex<Option<String>>,
 }
+
+/// What the fake host reports a sync wrote on each disk: three blocks.
+const SYNC_BLOCKS_WRITTEN: u64 = 3;
 
 async fn play_host(db: Db, play: Arc<HostPlay>) {
     let mut reported: BTreeMap<String, ()> = BTreeMap::new();
@@ -175,6 +181,27 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                     Some("no scripts here".into()),
                     WorkResult::default(),
                 ),
+                WorkOp::Sync { disks } => match play.fail_syncs.lock().unwrap().clone() {
+                    Some(e) => ("failed", Some(e), WorkResult::default()),
+                    None => (
+                        "succeeded",
+                        None,
+                        WorkResult {
+                            synced: disks
+                                .iter()
+                                .map(|d| ferry_link::control::wire::SyncedDisk {
+                                    disk: d.disk.clone(),
+                                    blocks: SIZE / 4096,
+                                    blocks_differing: SYNC_BLOCKS_WRITTEN,
+                                    bytes_written: SYNC_BLOCKS_WRITTEN * 4096,
+                                    bytes_fetched: 10_000,
+                                    identical: true,
+                                })
+                                .collect(),
+                            ..WorkResult::default()
+                        },
+                    ),
+                },
             };
             // Each disk done, at the rate the job view shows as 118 MB/s.
             let per_disk = match &item.op {

@@ -1,0 +1,148 @@
+//! The failback verbs of `ferry cp machines` (docs/failback.md): reprotect. It POSTs
+//! to `/v1/machines/{name}/reprotect` and follows the job like the recovery verbs.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use ferry_replica::layout::check_name;
+use serde_json::{json, Value};
+
+use super::client::cell;
+use super::recovery::Wait;
+
+#[derive(clap::Args, Debug)]
+pub struct Reprotect {
+    /// The machine, failed over and committed
+    pub name: String,
+    /// The recovery host at the home site that writes the home disks (`ferry cp
+    /// recovery-hosts list`)
+    #[arg(long, value_name = "HOST")]
+    pub master_target: String,
+    /// A disk and its home disk on the master target (the original, or a new disk at
+    /// least its size), as DISK=PATH; one for every disk of the machine
+    #[arg(long = "disk", value_name = "DISK=PATH")]
+    pub disks: Vec<String>,
+    #[command(flatten)]
+    pub wait: Wait,
+}
+
+/// The request `reprotect` makes: its path and JSON body.
+pub fn reprotect(a: &Reprotect) -> Result<(String, Value)> {
+    check_name("machine", &a.name)?;
+    check_name("master target", &a.master_target)?;
+    let mut disks = BTreeMap::new();
+    for d in &a.disks {
+        let Some((disk, path)) = d.split_once('=') else {
+            bail!("--disk {d:?} must be DISK=PATH");
+        };
+        check_name("disk", disk)?;
+        if !path.starts_with('/') {
+            bail!("--disk {d}: the home disk's path must be absolute");
+        }
+        if disks.insert(disk.to_string(), path.to_string()).is_some() {
+            bail!("--disk {disk} is given twice");
+        }
+    }
+    Ok((
+        format!("/v1/machines/{}/reprotect", a.name),
+        json!({"master_target": a.master_target, "disks": disks}),
+    ))
+}
+
+/// `MACHINE DISK synced: ...`, one per disk a reprotect job synced (its
+/// `params.synced`).
+pub fn synced_lines(job: &Value) -> Vec<String> {
+    let machine = job
+        .get("params")
+        .map_or_else(|| "-".to_string(), |p| cell(p, "machine"));
+    job.get("params")
+        .and_then(|p| p.get("synced"))
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|d| {
+            let n = |k: &str| d.get(k).and_then(Value::as_u64).unwrap_or(0);
+            format!(
+                "{machine} {} synced: {} of {} blocks differed, {} bytes written, {} bytes \
+                 fetched{}",
+                cell(d, "disk"),
+                n("blocks_differing"),
+                n("blocks"),
+                n("bytes_written"),
+                n("bytes_fetched"),
+                if d.get("identical") == Some(&Value::Bool(true)) {
+                    ", identical"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        r: Reprotect,
+    }
+
+    fn parse(args: &[&str]) -> Result<(String, Value)> {
+        let mut all = vec!["x"];
+        all.extend_from_slice(args);
+        reprotect(&Cli::try_parse_from(all).unwrap().r)
+    }
+
+    #[test]
+    fn the_body_follows_the_api_and_bad_disks_are_refused_before_sending() {
+        let (path, body) = parse(&[
+            "m1",
+            "--master-target",
+            "rh1",
+            "--disk",
+            "sda=/dev/sdb",
+            "--disk",
+            "sdb=/h/b.raw",
+        ])
+        .unwrap();
+        assert_eq!(path, "/v1/machines/m1/reprotect");
+        assert_eq!(
+            body,
+            json!({"master_target": "rh1", "disks": {"sda": "/dev/sdb", "sdb": "/h/b.raw"}})
+        );
+        for (bad, says) in [
+            ("sda", "DISK=PATH"),
+            ("sda=rel", "absolute"),
+            ("../x=/a", "disk"),
+        ] {
+            let e = parse(&["m1", "--master-target", "rh1", "--disk", bad]).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+        }
+        let e = parse(&[
+            "m1",
+            "--master-target",
+            "rh1",
+            "--disk",
+            "sda=/a",
+            "--disk",
+            "sda=/b",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn synced_disks_print_what_they_took() {
+        let job = json!({"params": {"machine": "m1", "synced": [{"disk": "sda", "blocks": 256,
+            "blocks_differing": 3, "bytes_written": 12288, "bytes_fetched": 99,
+            "identical": true}]}});
+        assert_eq!(
+            synced_lines(&job),
+            ["m1 sda synced: 3 of 256 blocks differed, 12288 bytes written, 99 bytes fetched, identical"]
+        );
+    }
+}

@@ -139,6 +139,14 @@ fn a_planned_failover_holds_writes_reports_its_final_point_and_a_failover_stays_
     assert_eq!(failover_of(&mut c), None);
     qemu_io(&url, &["write -P 0x22 0 4096"]);
     wait_uploaded(&[&agent]);
+    // Nothing changed underneath a cancelled prepare: its journal was sent as it
+    // was, and nothing compared (a completed failover's lift resyncs:
+    // tests/reenable.rs).
+    assert_eq!(
+        c.report().disks[0].resync,
+        None,
+        "a cancelled prepare resyncs nothing"
+    );
 
     // Failed over: read-only, replication stopped.
     c.apply(orders(server.addr, Some(("job-9", "failed-over"))));

@@ -404,6 +404,7 @@ fn agent_beat(name: &str, disks: usize, ps: Option<String>, k: u64) -> AgentHear
                 unacked_bytes: (k % 7) * 65_536,
                 newest_point: Some(point(1_000, "crash")),
                 newest_uploaded_point: Some(point(20_000, "crash")),
+                resync: None,
             })
             .collect(),
         process_server: ps,

@@ -138,6 +138,7 @@ fn initial_reports(disks: &[DiskSpec]) -> Vec<DiskReport> {
             unacked_bytes: 0,
             newest_point: None,
             newest_uploaded_point: None,
+            resync: None,
         })
         .collect()
 }

@@ -5,7 +5,7 @@
 //! writes and brings its final point, acknowledged, into the row, and that point
 //! rebuilds the disk with the last write acknowledged before; no row resumes writes;
 //! `failed-over` turns the agent read-only, also after a kill -9 and restart, until
-//! the row goes. SQLite.
+//! the row goes, and then it resyncs by checksum before its next point. SQLite.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -136,12 +136,12 @@ fn a_failed_over_source_stops_writing_and_its_final_point_holds_every_acknowledg
     assert_eq!(prepared["state"], "prepared", "{prepared}");
     assert_eq!(prepared["points"][0]["disk"], "sda", "{prepared}");
     let point = prepared["points"][0]["point"].as_str().unwrap().to_string();
-    assert!(
+    // The event is added just after the row is written: waited for, not raced.
+    wait_for("an event says so", Duration::from_secs(10), || {
         cp.events()
             .iter()
-            .any(|e| e["kind"] == "prepared" && e["subject"] == "machine m1"),
-        "an event says so"
-    );
+            .any(|e| e["kind"] == "prepared" && e["subject"] == "machine m1")
+    });
     // The recovery job then waits until the store holds it: it rebuilds the disk as
     // it was acknowledged.
     let rebuilt = wait_ok(
@@ -204,6 +204,16 @@ fn a_failed_over_source_stops_writing_and_its_final_point_holds_every_acknowledg
         "writes resumed after the restart",
         Duration::from_secs(20),
         || try_io(&a.nbd(), "write -P 0x51 0 4096"),
+    );
+    // Lifted from read-only, the agent dropped its journal and compares its disk with
+    // the replica (a failback may have rewritten it): no point until that is done.
+    wait_for(
+        "the re-enable's resync done",
+        Duration::from_secs(60),
+        || {
+            let st = status(bin(), &a.sock);
+            st["resync"].is_null() && st["last_resync"]["reenable"] == true
+        },
     );
     a.write_and_point(bin(), &mut rng, "after-restart");
     wait_uploaded(bin(), &a.sock);

@@ -38,6 +38,9 @@ pub struct Capture {
     closed: AtomicBool,
     /// Writes held or refused while the machine fails over (`failover::Switch`).
     gate: super::failover::Gate,
+    /// Set when the journal was dropped outside the sender (a re-enable): where the
+    /// journal and the numbering start now. The sender takes it and reads from there.
+    reset: Mutex<Option<(Position, u64)>>,
 }
 
 pub const NO_CONTACT: u64 = u64::MAX;
@@ -144,6 +147,7 @@ impl Capture {
             contact: AtomicU64::new(NO_CONTACT),
             closed: AtomicBool::new(false),
             gate: Default::default(),
+            reset: Mutex::new(None),
         })
     }
 
@@ -258,16 +262,61 @@ impl Capture {
             tracing::warn!(disk = %self.disk, error = %e, "could not drop the journal");
         }
         st.next_seq = seq;
+        // Their bookmarks went with the journal, and their numbers go to new frames.
+        st.points.forget_from(seq);
+        if st.last_point.as_ref().is_some_and(|p| p.1 >= seq) {
+            st.last_point = None;
+        }
         let at = st.journal.end_position();
         if let Err(e) = self.owe(&mut st, Owed::Full) {
             tracing::error!(disk = %self.disk, error = %e, "could not record the comparison as owed");
         }
         drop(st);
+        if self.resync.reenabling() {
+            // Expected after a re-enable: the journal from before the failover was
+            // dropped, and its numbers past what the server holds never reached it.
+            tracing::info!(disk = %self.disk, seq, "re-enabled after a failover: numbering on from the process server's watermark");
+        } else {
+            tracing::error!(disk = %self.disk, seq, "the process server lost writes: dropping the journal and resyncing by checksum");
+        }
         // From the start even if a resync was under way: what it journaled is gone.
         self.resync
             .restart("the process server lost writes this agent no longer holds");
-        tracing::error!(disk = %self.disk, seq, "the process server lost writes: dropping the journal and resyncing by checksum");
         at
+    }
+
+    /// The failover was lifted (re-enable): the disk may have been rewritten
+    /// underneath (a failback's master target), and the journal may hold writes from
+    /// before the failover that never reached the replica, which must never be sent
+    /// over what the disk holds now. So, under the capture lock and before writes
+    /// open: the comparison is owed durably (a restart resumes it as a re-enable's),
+    /// the journal is dropped (numbering goes on; a process server holding less says
+    /// where to number from) and a checksum resync of the whole disk is wanted. A
+    /// write accepted after this is journaled after the drop and is either in what
+    /// the resync reads or after it, as in any resync.
+    pub fn reenable(&self) -> io::Result<()> {
+        let mut st = self.state();
+        last_stop::owe_reenable(&self.dir)?;
+        st.owed = Owed::Full;
+        // The number first, as in `trim`: a kill must not leave an empty journal with
+        // a stale number.
+        write_seq(&self.dir, st.next_seq)?;
+        let end = st.journal.end_position();
+        st.journal.release_before(end).map_err(journal_err)?;
+        // The whole disk is compared: the dirty regions of an overflow are in it.
+        st.overflowed = false;
+        st.dirty.clear();
+        let at = st.journal.end_position();
+        *self.reset.lock().expect("reset lock") = Some((at, st.next_seq));
+        self.resync.reenable(
+            "re-enabled after a failover: the disk may have been rewritten by a failback",
+        );
+        Ok(())
+    }
+
+    /// Where the sender reads from after a journal dropped outside it, once.
+    pub fn take_reset(&self) -> Option<(Position, u64)> {
+        self.reset.lock().expect("reset lock").take()
     }
 
     /// Checksum resync: compares `len` bytes at `offset` (whole blocks of the map)

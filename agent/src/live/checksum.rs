@@ -28,6 +28,18 @@ pub enum Phase {
     Comparing,
 }
 
+impl Phase {
+    /// As the heartbeat names it (`idle` when none runs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Wanted => "wanted",
+            Phase::Asked => "asked",
+            Phase::Comparing => "comparing",
+        }
+    }
+}
+
 /// Figures of a resync, running or done.
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
@@ -38,6 +50,9 @@ pub struct Figures {
     /// Bytes journaled because they differed (data and zeroed ranges).
     pub sent: u64,
     pub seconds: f64,
+    /// A re-enable's resync: the failover was lifted and the disk may have been
+    /// rewritten underneath by a failback (the control plane waits for this one).
+    pub reenable: bool,
 }
 
 struct Inner {
@@ -91,19 +106,34 @@ impl Resync {
         if i.phase != Phase::Idle {
             return false;
         }
-        Self::start(&mut i, why);
+        Self::start(&mut i, why, false);
         true
     }
 
     /// Asks for a resync from the start, even if one is under way: what it journaled
     /// so far may never reach the replica (the journal was dropped, or its numbers
-    /// are below the server's and will be ignored).
+    /// are below the server's and will be ignored). A re-enable's resync started
+    /// over stays one: it is what the control plane waits for.
     pub fn restart(&self, why: &str) {
-        Self::start(&mut self.lock(), why);
+        let mut i = self.lock();
+        let reenable = i.phase != Phase::Idle && i.now.reenable;
+        Self::start(&mut i, why, reenable);
+    }
+
+    /// A re-enable's resync (the failover was lifted), from the start even if one is
+    /// under way: the journal it journaled into was dropped.
+    pub fn reenable(&self, why: &str) {
+        Self::start(&mut self.lock(), why, true);
+    }
+
+    /// Whether the resync under way is a re-enable's.
+    pub fn reenabling(&self) -> bool {
+        let i = self.lock();
+        i.phase != Phase::Idle && i.now.reenable
     }
 
     /// A new resync, wanted now: no map, no backoff left from an earlier one.
-    fn start(i: &mut Inner, why: &str) {
+    fn start(i: &mut Inner, why: &str, reenable: bool) {
         i.phase = Phase::Wanted;
         i.map = None;
         i.retry_at = None;
@@ -111,6 +141,7 @@ impl Resync {
         i.started = Some(Instant::now());
         i.now = Figures {
             why: why.to_string(),
+            reenable,
             ..Figures::default()
         };
     }
@@ -219,6 +250,7 @@ pub fn figures_json(f: &Figures) -> serde_json::Value {
     j["why"] = f.why.clone().into();
     j["compared_bytes"] = f.compared.into();
     j["sent_bytes"] = f.sent.into();
+    j["reenable"] = f.reenable.into();
     j
 }
 
@@ -279,5 +311,32 @@ mod tests {
         assert_eq!(r.phase(), Phase::Wanted);
         assert!(r.next_range(8).is_none());
         assert_eq!(r.figures().1.compared, 0);
+        assert!(!r.reenabling());
+    }
+
+    #[test]
+    fn a_reenables_resync_stays_one_when_started_over_and_once_done() {
+        let r = Resync::default();
+        r.reenable("lifted");
+        assert!(r.reenabling());
+        assert!(!r.want("asked"), "one resync at a time");
+        r.restart("the process server holds less");
+        assert!(r.reenabling(), "started over, still the re-enable's");
+        assert!(r.take_wanted());
+        r.got_map(
+            BlockSums {
+                block_bytes: 4,
+                disk_bytes: 4,
+                sums: vec![[0; 16]; 1],
+            },
+            4,
+        );
+        let done = r.advance(4, 4).unwrap();
+        assert!(done.reenable);
+        assert!(!r.reenabling());
+        assert!(r.figures().2.unwrap().reenable);
+        // A restart with none under way is another resync's.
+        r.restart("lost");
+        assert!(!r.reenabling());
     }
 }

@@ -20,6 +20,7 @@ use ferry_link::control::client::{Heartbeater, IdentityFiles};
 use ferry_link::control::limits::{trimmed, MAX_TEXT_BYTES};
 use ferry_link::control::wire::{
     AgentHeartbeat, AgentOrders, DiskReport, FailoverOrder, PointRef, ProcessServerRef,
+    ResyncReport,
 };
 use ferry_link::protocol::PointKindWire;
 use ferry_link::tls::certs::{client_config, server_name};
@@ -108,7 +109,8 @@ impl Agent {
                 };
                 let CopyProgress { done, total, .. } = *d.copy.lock().expect("copy lock");
                 let copying = total > 0 && done < total;
-                let resyncing = overflowed || d.capture.resync.figures().0 != checksum::Phase::Idle;
+                let (phase, now, last) = d.capture.resync.figures();
+                let resyncing = overflowed || phase != checksum::Phase::Idle;
                 DiskReport {
                     name: d.capture.disk.clone(),
                     size_bytes: d.capture.size(),
@@ -131,10 +133,31 @@ impl Agent {
                     unacked_bytes: journal,
                     newest_point: newest.as_ref().map(point_ref),
                     newest_uploaded_point: newest_uploaded.as_ref().map(point_ref),
+                    resync: resync_report(phase, &now, last.as_ref()),
                 }
             })
             .collect()
     }
+}
+
+/// The resync under way, else the last one done, as the heartbeat reports it.
+fn resync_report(
+    phase: checksum::Phase,
+    now: &checksum::Figures,
+    last: Option<&checksum::Figures>,
+) -> Option<ResyncReport> {
+    let (f, phase) = match (phase, last) {
+        (checksum::Phase::Idle, None) => return None,
+        (checksum::Phase::Idle, Some(f)) => (f, "done"),
+        (p, _) => (now, p.as_str()),
+    };
+    Some(ResyncReport {
+        reason: if f.reenable { "re-enable" } else { "other" }.to_string(),
+        phase: phase.to_string(),
+        compared_bytes: f.compared,
+        total_bytes: f.total,
+        sent_bytes: f.sent,
+    })
 }
 
 fn point_ref(p: &PointMark) -> PointRef {

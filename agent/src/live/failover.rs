@@ -6,8 +6,9 @@
 //! because it did), the agent stops replicating and its disks stay read-only. Both
 //! are kept in the journal directory, so a restart holds writes or stays read-only
 //! from its start until the control plane's orders carry no failover any more (a
-//! cancelled failover): a write accepted after a final point was reported would be
-//! acknowledged and lost.
+//! cancelled failover, or a re-enable after failback): a write accepted after a final
+//! point was reported would be acknowledged and lost. Lifted from read-only, each
+//! disk drops its journal and is compared with its replica by checksum first.
 //!
 //! The switch is one per agent, shared by the heartbeat (orders), the senders (a
 //! process server's refusal) and the captures (each disk's write gate).
@@ -250,11 +251,26 @@ impl Switch {
         true
     }
 
-    /// No failover any more (cancelled): writes and replication resume.
+    /// No failover any more: writes and replication resume. After a failover that
+    /// completed (read-only), the disk may have been rewritten underneath by a
+    /// failback and the journal may hold writes the replica never got: each disk's
+    /// journal is dropped and a checksum resync wanted (`Capture::reenable`) before
+    /// anything is sent or written. A cancelled planned failover (held) changed
+    /// nothing underneath: its journal is sent as it is.
     pub fn lift(&self) {
         let mut mode = self.mode.lock().expect("failover lock");
         if *mode == Mode::Normal {
             return;
+        }
+        if matches!(*mode, Mode::ReadOnly { .. }) {
+            for c in self.captures.lock().expect("failover lock").iter() {
+                if let Err(e) = c.reenable() {
+                    // Read-only stays, marker and all: the next answer without a
+                    // failover tries again.
+                    tracing::error!(machine = %self.machine, disk = %c.disk, error = %e, "cannot drop the journal from before the failover: staying read-only");
+                    return;
+                }
+            }
         }
         self.unpersist();
         *self.lifted.lock().expect("failover lock") = Some(Instant::now());

@@ -80,6 +80,25 @@ pub fn owes_compare(journal: &Path) -> bool {
     journal.join(OWED).exists()
 }
 
+/// What `compare-owed` holds when a re-enable owes the comparison: a restart before
+/// it is done resumes it as a re-enable's (the control plane waits for that one).
+const REENABLE: &[u8] = b"re-enable";
+
+/// Records, durably, that a re-enable owes a comparison of the disk whose journal is
+/// `journal` (its journal from before the failover was dropped).
+pub fn owe_reenable(journal: &Path) -> io::Result<()> {
+    let tmp = journal.join(format!("{OWED}.tmp"));
+    fs::write(&tmp, REENABLE)?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, journal.join(OWED))?;
+    File::open(journal)?.sync_all()
+}
+
+/// Whether the comparison owed is a re-enable's.
+pub fn owed_by_reenable(journal: &Path) -> bool {
+    fs::read(journal.join(OWED)).is_ok_and(|b| b == REENABLE)
+}
+
 /// A whole comparison is done and journaled (the journal synced): nothing is owed.
 pub fn compared(journal: &Path) -> io::Result<()> {
     match fs::remove_file(journal.join(OWED)) {
@@ -134,5 +153,12 @@ mod tests {
         compared(dir.path()).unwrap();
         assert!(!owes_compare(dir.path()));
         compared(dir.path()).unwrap();
+        // A re-enable's is told apart, and cleared the same way.
+        owe_compare(dir.path()).unwrap();
+        assert!(!owed_by_reenable(dir.path()));
+        owe_reenable(dir.path()).unwrap();
+        assert!(owes_compare(dir.path()) && owed_by_reenable(dir.path()));
+        compared(dir.path()).unwrap();
+        assert!(!owes_compare(dir.path()) && !owed_by_reenable(dir.path()));
     }
 }

@@ -261,7 +261,12 @@ impl Agent {
             // one restarted while its journal had overflowed, or after it lost its
             // numbers or its journal).
             if copied && cap.owes_compare() {
-                cap.resync.want("a comparison with the replica is owed: the host went down, or the journal overflowed or was lost, before the last one finished");
+                if last_stop::owed_by_reenable(&jdir) {
+                    // Still the re-enable's: the control plane waits for that one.
+                    cap.resync.reenable("re-enabled after a failover: the comparison did not finish before this start");
+                } else {
+                    cap.resync.want("a comparison with the replica is owed: the host went down, or the journal overflowed or was lost, before the last one finished");
+                }
             }
             switch.add(cap.clone());
             exports.add(&d.name, cap.clone());

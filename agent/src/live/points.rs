@@ -36,6 +36,20 @@ impl PointLog {
         self.waiting.push_back(p);
     }
 
+    /// Forgets the points from sequence `seq` on: their frames were dropped with the
+    /// journal and the numbers go to other frames, so they will never be in the
+    /// store (a later watermark past them must not claim them uploaded).
+    pub fn forget_from(&mut self, seq: u64) {
+        self.waiting.retain(|p| p.seq < seq);
+        if self.newest.as_ref().is_some_and(|p| p.seq >= seq) {
+            self.newest = self
+                .waiting
+                .back()
+                .or(self.newest_uploaded.as_ref())
+                .cloned();
+        }
+    }
+
     /// The newest point, and the newest with every frame below `uploaded` in the
     /// store (the uploaded watermark the process server reports).
     pub fn report(&mut self, uploaded: u64) -> (Option<PointMark>, Option<PointMark>) {
@@ -75,6 +89,20 @@ mod tests {
         assert_eq!(log.report(21), (Some(mark(20)), Some(mark(20))));
         log.push(mark(30));
         assert_eq!(log.report(21), (Some(mark(30)), Some(mark(20))), "kept");
+    }
+
+    #[test]
+    fn points_dropped_with_the_journal_are_never_claimed_uploaded() {
+        let mut log = PointLog::default();
+        log.push(mark(10));
+        assert_eq!(log.report(11), (Some(mark(10)), Some(mark(10))));
+        log.push(mark(20));
+        log.push(mark(30));
+        log.forget_from(20);
+        assert_eq!(log.report(100), (Some(mark(10)), Some(mark(10))));
+        log.push(mark(25));
+        log.forget_from(25);
+        assert_eq!(log.report(100), (Some(mark(10)), Some(mark(10))));
     }
 
     #[test]

@@ -130,6 +130,18 @@ impl Sender {
                 compio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
+            // Replication resumes only once a re-enable dropped the journal (before
+            // `replicating` turns true): nothing read or unacknowledged from before
+            // the drop is sent, and the session starts from the new numbering.
+            if let Some((at, seq)) = self.capture.take_reset() {
+                tail = Tailer::new(&self.journal_dir, at);
+                tail_next = seq;
+                unacked.clear();
+                if let Some(l) = link.take() {
+                    let _ = compio::time::timeout(Duration::from_secs(2), l.bye()).await;
+                    self.set(|s| s.connected = false);
+                }
+            }
             if let (Some(to), Some(_)) = (&linked_to, &link) {
                 let now = self.target.get();
                 if now.addr != to.addr || now.server_name != to.server_name {

@@ -294,6 +294,7 @@ mod tests {
             unacked_bytes: 0,
             newest_point: None,
             newest_uploaded_point: None,
+            resync: None,
         }
     }
 

@@ -171,6 +171,7 @@ mod tests {
                 unacked_bytes: 0,
                 newest_point: None,
                 newest_uploaded_point: None,
+                resync: None,
             }],
             process_server: None,
             last_error: None,

@@ -51,6 +51,7 @@ fn agent_beat(machine: &str, state: &str, uploaded: Option<&str>) -> AgentHeartb
                 kind: "crash".into(),
                 time: t.into(),
             }),
+            resync: None,
         }],
         process_server: None,
         last_error: None,

@@ -148,6 +148,31 @@ pub struct DiskReport {
     pub newest_point: Option<PointRef>,
     /// The newest point the process server reported uploaded (durable in the store).
     pub newest_uploaded_point: Option<PointRef>,
+    /// The checksum resync under way, else the last one done since the agent started;
+    /// absent when none ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncReport>,
+}
+
+/// A disk's checksum resync against its replica (docs/architecture.md, "Checksum
+/// resync"), in an agent's heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncReport {
+    /// `re-enable`: the failover was lifted, the journal from before it dropped, and
+    /// the disk compared (a re-enable waits for it, `phase` `done`, on every disk);
+    /// `other`: lost state, a host that went down, an operator's request, a replica
+    /// that already held the disk.
+    pub reason: String,
+    /// `wanted` (waiting for the process server's checksums), `asked`, `comparing`,
+    /// or `done`.
+    pub phase: String,
+    /// Bytes of the disk compared so far, of `total_bytes` (known once the checksums
+    /// arrived).
+    pub compared_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes journaled to be sent because they differed.
+    pub sent_bytes: u64,
 }
 
 /// `POST /v1/heartbeat/agent`, over mutual TLS: the certificate names `machine`.

@@ -167,3 +167,49 @@ fn a_restart_while_preparing_holds_writes_from_its_start() {
     assert!(!jdir.join(MARKER).exists());
     c.write(0, &[1; 512], false).unwrap();
 }
+
+#[test]
+fn the_lift_of_a_failover_drops_the_journal_and_resyncs_that_of_a_prepare_does_not() {
+    use crate::live::checksum::Phase;
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("journal");
+    let c = capture(dir.path());
+    let s = Switch::open("m1", &jdir).unwrap();
+    s.add(c.clone());
+
+    // A cancelled planned failover: nothing changed underneath, the journal stays.
+    c.write(0, &[1; 512], false).unwrap();
+    s.prepare("prep-1");
+    s.lift();
+    assert!(c.journal_bytes() > 0, "the journal is sent as it is");
+    assert_eq!(c.resync.phase(), Phase::Idle, "no resync");
+    assert_eq!(c.take_reset(), None);
+    assert!(!crate::live::last_stop::owes_compare(&jdir.join("sda")));
+
+    // A failover that completed: the journal goes before writes open.
+    c.write(512, &[2; 512], false).unwrap();
+    let next = c.state().next_seq;
+    s.read_only("job-1", "test");
+    s.lift();
+    assert_eq!(
+        c.journal_bytes(),
+        0,
+        "nothing from before the failover is sent"
+    );
+    assert_eq!(c.state().next_seq, next, "numbering goes on");
+    let (at, seq) = c.take_reset().expect("the sender reads from the drop");
+    assert_eq!(seq, next);
+    assert_eq!(at, crate::live::capture::journal_end(&c));
+    assert_eq!(c.resync.phase(), Phase::Wanted);
+    assert!(c.resync.reenabling());
+    // Owed durably as a re-enable's: a restart resumes it as one.
+    assert!(crate::live::last_stop::owed_by_reenable(&jdir.join("sda")));
+    c.write(0, &[3; 512], false).unwrap();
+    assert!(
+        c.journal_bytes() > 0,
+        "writes open once the resync is wanted"
+    );
+    // The server holds less than the numbering: started over, still a re-enable's.
+    c.restart_at(next - 1);
+    assert!(c.resync.reenabling());
+}

@@ -5,6 +5,7 @@
 mod cache_io;
 mod ceilings;
 mod control_plane;
+mod failback;
 mod ingest;
 mod instant;
 mod load;
@@ -167,6 +168,20 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         max_parallel: u32,
     },
+    /// The failback cycle (reprotect, failback, re-enable, a second failover) of one
+    /// machine with real processes: each step's bytes over the wire against the bytes
+    /// changed, onto the original home disk and onto a new, empty one
+    Failback {
+        /// The ferry binary to run
+        #[arg(long)]
+        ferry: PathBuf,
+        /// Where the run's files go (removed at its end)
+        #[arg(long)]
+        work: PathBuf,
+        /// The disk's size
+        #[arg(long, default_value_t = 1024)]
+        disk_mib: u64,
+    },
     /// All of the above, ending with the one-line summary
     All {
         #[command(flatten)]
@@ -297,6 +312,14 @@ fn run(command: Command) -> Result<()> {
                 max_parallel,
             })?;
             recovery_plan::print(&f);
+        }
+        Command::Failback {
+            ferry,
+            work,
+            disk_mib,
+        } => {
+            machine::print();
+            failback::run(ferry, work, disk_mib)?;
         }
         Command::All {
             peer: PeerArgs { image, ferry, work },

@@ -7,9 +7,10 @@
 //! deployment with agents, `disk` random disk images, `wait` polls a condition with a
 //! deadline instead of sleeping, and `sim` is the simulated agent (a model disk and
 //! its journal) that the data plane's tests and the load benchmark drive;
-//! `postgres` makes a throwaway PostgreSQL database per test, and `control` a site
+//! `postgres` makes a throwaway PostgreSQL database per test, `control` a site
 //! driven through its control plane (the control plane, enrolled process servers and
-//! agents).
+//! agents), and `failback` the whole failback cycle on such a site (its test and its
+//! benchmark).
 //!
 //! Test code only: a dev-dependency (the benchmarks' load generator aside), never
 //! shipped, so it may panic on a failed set-up step: that fails the test, naming it.
@@ -18,6 +19,7 @@ pub mod boot;
 pub mod cli;
 pub mod control;
 pub mod disk;
+pub mod failback;
 pub mod net;
 pub mod pki;
 pub mod postgres;

@@ -1,7 +1,7 @@
 //! The recovery host (`ferry recovery-host`, docs/recovery-hosts.md): it executes the
 //! work items the control plane gives it in its heartbeat answers (build, serve,
-//! start, script, remove), each once by id, and reports their state in its next
-//! heartbeats.
+//! start, script, remove, sync, and failback's reverse and apply, which run until
+//! removed), each once by id, and reports their state in its next heartbeats.
 //!
 //! One table holds every item the host knows, with its last report; each change is
 //! written to the item's `state.json` first (`files`), so that a restart (kill -9)

@@ -347,3 +347,35 @@ fn an_apply_item_found_running_after_a_restart_resumes_from_its_marker() {
             .is_some_and(|a| a.total_bytes_written == 9000)
     });
 }
+
+#[test]
+fn a_frozen_disk_stays_frozen_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = keyed_host(tmp.path());
+    write_point(&h, "m1", "d0", "p1", 2);
+    let orders = vec![serve("s1"), reverse("r1", "item:s1", true)];
+    h.apply(orders[..1].to_vec());
+    assert_eq!(ended(&h, "s1"), "succeeded");
+    gate(&h, "s1").write(8192, &[9; 4096], false).unwrap();
+    h.apply(orders.clone());
+    assert_eq!(ended(&h, "r1"), "succeeded", "{:?}", report(&h, "r1"));
+    let first = result(&h, "r1").rounds;
+    assert_eq!(first[0].bytes_data, 4096, "{first:?}");
+
+    let again = keyed_host(tmp.path());
+    again.apply(orders);
+    ferry_testkit::wait_for("s1 served again", Duration::from_secs(30), || {
+        again
+            .table()
+            .entries
+            .get("s1")
+            .is_some_and(|e| !e.served.is_empty())
+    });
+    let g = gate(&again, "s1");
+    let e = g.write(0, &[1; 512], false).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ReadOnlyFilesystem);
+    // Reads go on, with the writes made before the freeze.
+    assert_eq!(whole(&*g)[8192..8192 + 4096], [9; 4096]);
+    // The last item that ended is reported again as it ended, not run again.
+    assert_eq!(result(&again, "r1").rounds, first);
+}

@@ -113,6 +113,14 @@ fn freeze(host: &Host, item: &WorkItem, sources: &[Source], dir: &Path) -> Resul
     Ok(())
 }
 
+/// Whether a serve item a source names was frozen by a last item.
+fn frozen(host: &Host, sources: &[Source]) -> bool {
+    sources.iter().any(|s| match s {
+        Source::Served(id) => host.dir(id).is_ok_and(|d| d.join(FROZEN).exists()),
+        Source::File(_) => false,
+    })
+}
+
 /// One round of one disk.
 fn round(
     host: &Host,
@@ -234,6 +242,10 @@ pub fn reverse(
         if let Err(e) = freeze(host, item, &sources, dir) {
             return Outcome::failed(e);
         }
+    } else if frozen(host, &sources) {
+        // Resumed after a restart while a last item froze the machine: the last
+        // round carries what is left, and a later point would only follow it.
+        return Outcome::ok(WorkResult::default());
     }
     // Stopped by a remove (which then forgets the item) or by a last item.
     let stopped = |newest: &[Option<RoundDisk>]| Outcome::ok(result(newest));

@@ -378,4 +378,45 @@ fn a_frozen_disk_stays_frozen_after_a_restart() {
     assert_eq!(whole(&*g)[8192..8192 + 4096], [9; 4096]);
     // The last item that ended is reported again as it ended, not run again.
     assert_eq!(result(&again, "r1").rounds, first);
+    // A reverse item of a frozen machine (one the restart resumed) makes no round.
+    again.apply(vec![serve("s1"), reverse("r0", "item:s1", false)]);
+    assert_eq!(ended(&again, "r0"), "succeeded");
+    assert!(result(&again, "r0").rounds.is_empty());
+}
+
+#[test]
+fn an_apply_up_to_a_point_without_a_final_map_says_it_is_not_verified() {
+    // Unplanned failback: the recovery site was lost before a last round.
+    let tmp = tempfile::tempdir().unwrap();
+    let h = host(tmp.path());
+    write_point(&h, "m1", "d0", "p1", 2);
+    let home = home_file(tmp.path());
+    let mut orders = vec![sync("y1", &home), serve("s1")];
+    h.apply(orders.clone());
+    assert_eq!(ended(&h, "y1"), "succeeded");
+    assert_eq!(ended(&h, "s1"), "succeeded");
+    gate(&h, "s1").write(4096, &[3; 100], false).unwrap();
+    orders.push(reverse("r1", "item:s1", false));
+    h.apply(orders.clone());
+    ferry_testkit::wait_for("a round", Duration::from_secs(30), || {
+        !result(&h, "r1").rounds.is_empty()
+    });
+    let point = result(&h, "r1").rounds[0].point.clone();
+    orders.push(apply(
+        "a1",
+        &home,
+        vec![DiskPoint {
+            disk: "d0".into(),
+            point: point.clone(),
+        }],
+        true,
+    ));
+    h.apply(orders);
+    assert_eq!(ended(&h, "a1"), "succeeded", "{:?}", report(&h, "a1"));
+    let a = &result(&h, "a1").applied[0];
+    assert_eq!(
+        (a.point.as_str(), a.verified),
+        (point.as_str(), Some(false))
+    );
+    assert_eq!(std::fs::read(&home).unwrap()[4096..4196], [3; 100]);
 }

@@ -220,19 +220,19 @@ pub fn served_map(
         path: served.name().to_string(),
         source: e,
     })?;
-    let mut ranges = Vec::new();
+    // One bit per block: bounded by the disk, however long the journal grew.
+    let blocks = map.sums.len() as u64;
+    let mut touched = vec![0u64; blocks.div_ceil(64) as usize];
     overlay.journal_records(0, end, |offset, len, _| {
-        ranges.push((offset, offset.saturating_add(len).min(size)));
+        let e = offset.saturating_add(len).min(size);
+        if offset < e {
+            for b in offset / block_bytes..=(e - 1) / block_bytes {
+                touched[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
     })?;
     let mut buf = vec![0u8; block_bytes as usize];
-    let mut blocks: Vec<u64> = ranges
-        .iter()
-        .filter(|(s, e)| s < e)
-        .flat_map(|(s, e)| s / block_bytes..=(e - 1) / block_bytes)
-        .collect();
-    blocks.sort_unstable();
-    blocks.dedup();
-    for b in blocks {
+    for b in (0..blocks).filter(|b| touched[(b / 64) as usize] & (1 << (b % 64)) != 0) {
         let at = b * block_bytes;
         let n = block_bytes.min(size - at) as usize;
         served.read(at, &mut buf[..n]).map_err(|e| Error::Io {

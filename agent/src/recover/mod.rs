@@ -22,6 +22,7 @@ pub mod log;
 pub mod overlay;
 pub mod ranges;
 pub mod reverse;
+pub mod reverse_map;
 pub mod saved;
 pub mod served;
 pub mod sync;
@@ -29,7 +30,9 @@ pub mod sync;
 use std::path::Path;
 
 pub use overlay::Overlay;
-pub use reverse::{apply_deltas, send_delta, ApplyOptions, ApplyReport, DeltaReport};
+pub use reverse::{
+    apply_deltas, send_delta, send_final_delta, ApplyOptions, ApplyReport, DeltaReport,
+};
 pub use served::{DiskStatus, ServedDisk};
 pub use sync::{sync_disk, sync_to_point, SyncOptions, SyncReport};
 

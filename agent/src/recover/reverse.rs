@@ -32,6 +32,7 @@ use ferry_replica::meta::PointKind;
 use ferry_replica::object::{open_object, Expect, ObjectKind, OpenContext, SealContext};
 use ferry_replica::rebuild::zero_range;
 use ferry_replica::record::decode_records;
+use ferry_replica::sums::BlockSums;
 use ferry_replica::writer::{append, seal_segment, Payload, Sealed, Write};
 use ferry_replica::{
     Disk, DiskState, Point, Store, VaultKey, DEFAULT_BLOCK_BYTES, DEFAULT_EXTENT_BYTES,
@@ -116,7 +117,7 @@ impl std::fmt::Display for Over {
 }
 
 /// Refuses a reverse disk with a point over anything but `over`, naming both.
-fn check_over(d: &Disk, state: &DiskState, over: &Over) -> Result<()> {
+pub(super) fn check_over(d: &Disk, state: &DiskState, over: &Over) -> Result<()> {
     for p in &state.points {
         let theirs = p.label.as_deref().and_then(Over::parse);
         if theirs.as_ref() != Some(over) {
@@ -135,7 +136,7 @@ fn check_over(d: &Disk, state: &DiskState, over: &Over) -> Result<()> {
     Ok(())
 }
 
-fn over_json(over: &Over) -> serde_json::Value {
+pub(super) fn over_json(over: &Over) -> serde_json::Value {
     serde_json::json!({
         "machine": over.machine,
         "disk": over.disk,
@@ -176,8 +177,10 @@ pub struct DeltaReport {
     pub bytes_sent: u64,
     /// The reverse point committed.
     pub point_id: String,
-    /// The journal position saved: the next round starts there.
+    /// The journal position saved: the next round starts there (a file round: 0).
     pub cursor: u64,
+    /// The point's time, unix seconds.
+    pub at: i64,
 }
 
 /// The journal position a round starts at: the cursor saved by the last round of
@@ -210,7 +213,7 @@ fn load_cursor(path: &Path, over: &Over, reverse_disk_id: &str) -> Result<u64> {
 /// The round being sealed: writes accumulate for one segment (bounded by data bytes
 /// and count), sealed segments for one commit; the replica's state follows each
 /// commit.
-struct Round<'a> {
+pub(super) struct Round<'a> {
     d: &'a Disk,
     state: DiskState,
     ctx: SealContext,
@@ -220,13 +223,65 @@ struct Round<'a> {
     data_bytes: u64,
     sealed: Vec<Sealed>,
     /// Sealed bytes committed so far.
-    sent: u64,
+    pub(super) sent: u64,
 }
 
-impl Round<'_> {
+impl<'a> Round<'a> {
+    pub(super) fn new(d: &'a Disk, state: DiskState) -> Round<'a> {
+        Round {
+            d,
+            seq: state.next_seq,
+            state,
+            ctx: SealContext::new(1),
+            writes: Vec::new(),
+            data_bytes: 0,
+            sealed: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Seals what is pending and commits it with the round's point, labelled over
+    /// `over`; with `final_map` (the disk's checksum map at this point, failback's
+    /// last round) the map is stored first and the point references it, as a seed's
+    /// point references its map (docs/storage-format.md 4.2). Returns the point's id
+    /// and its time (unix seconds).
+    pub(super) fn finish(
+        &mut self,
+        over: &Over,
+        size: u64,
+        final_map: Option<&BlockSums>,
+    ) -> Result<(String, i64)> {
+        if !self.writes.is_empty() {
+            self.seal()?;
+        }
+        let sums = match final_map {
+            Some(map) => {
+                let (object, bytes) = map.seal(self.d, &mut self.ctx)?;
+                self.sent += bytes.len() as u64;
+                self.d.store.block(self.d.upload(&object, bytes.into()))?;
+                Some(object)
+            }
+            None => None,
+        };
+        let now = Utc::now();
+        let p = Point {
+            id: ferry_replica::disk::new_point_id(now),
+            kind: PointKind::Crash,
+            time: now,
+            seq: self.seq,
+            disk_bytes: size,
+            label: Some(over.label()),
+            group: None,
+            sums,
+        };
+        let id = p.id.clone();
+        self.commit(vec![p], self.seq + 1)?;
+        Ok((id, now.timestamp()))
+    }
+
     /// Adds a write (offset, data or None for zero, length), sealing the segment
     /// before it when it would overflow, and committing full batches of segments.
-    fn push(&mut self, w: (u64, Option<Vec<u8>>, u64)) -> Result<()> {
+    pub(super) fn push(&mut self, w: (u64, Option<Vec<u8>>, u64)) -> Result<()> {
         let more = w.1.as_ref().map_or(0, |b| b.len() as u64);
         let full =
             self.data_bytes + more > SEGMENT_DATA_BYTES || self.writes.len() >= SEGMENT_RECORDS;
@@ -286,6 +341,38 @@ pub fn send_delta(
     reverse_machine: &str,
     cursor_dir: &Path,
 ) -> Result<DeltaReport> {
+    send_round(served, store, vault, reverse_machine, cursor_dir, None)
+}
+
+/// Failback's last round of `served` (which no longer takes writes): `send_delta`,
+/// with the disk's checksum map at the new point (`served_map`) stored and named by
+/// the point, for the home disk to be verified against.
+pub fn send_final_delta(
+    served: &ServedDisk,
+    store: &Store,
+    vault: &VaultKey,
+    reverse_machine: &str,
+    cursor_dir: &Path,
+    final_map: &BlockSums,
+) -> Result<DeltaReport> {
+    send_round(
+        served,
+        store,
+        vault,
+        reverse_machine,
+        cursor_dir,
+        Some(final_map),
+    )
+}
+
+fn send_round(
+    served: &ServedDisk,
+    store: &Store,
+    vault: &VaultKey,
+    reverse_machine: &str,
+    cursor_dir: &Path,
+    final_map: Option<&BlockSums>,
+) -> Result<DeltaReport> {
     let forward = forward_machine(reverse_machine)?;
     let name = served.name();
     let point = served.point().clone();
@@ -338,17 +425,9 @@ pub fn send_delta(
         bytes_sent: 0,
         point_id: String::new(),
         cursor: to,
+        at: 0,
     };
-    let mut round = Round {
-        d: &d,
-        seq: state.next_seq,
-        state,
-        ctx: SealContext::new(1),
-        writes: Vec::new(),
-        data_bytes: 0,
-        sealed: Vec::new(),
-        sent: 0,
-    };
+    let mut round = Round::new(&d, state);
     for (s, e, src) in changed.overlapping(0, size) {
         report.ranges += 1;
         if src == Src::Zero {
@@ -372,22 +451,9 @@ pub fn send_delta(
             at += n;
         }
     }
-    if !round.writes.is_empty() {
-        round.seal()?;
-    }
-    let now = Utc::now();
-    let p = Point {
-        id: ferry_replica::disk::new_point_id(now),
-        kind: PointKind::Crash,
-        time: now,
-        seq: round.seq,
-        disk_bytes: size,
-        label: Some(over.label()),
-        group: None,
-        sums: None,
-    };
-    report.point_id = p.id.clone();
-    round.commit(vec![p], round.seq + 1)?;
+    let (point_id, at) = round.finish(&over, size, final_map)?;
+    report.point_id = point_id;
+    report.at = at;
     report.bytes_sent = round.sent;
 
     // Only now: a crash before this line sends the same ranges again next round.

@@ -1,7 +1,7 @@
 //! The recovery host (`ferry recovery-host`, docs/recovery-hosts.md): it executes the
 //! work items the control plane gives it in its heartbeat answers (build, serve,
-//! start, script, remove), each once by id, and reports their state in its next
-//! heartbeats.
+//! start, script, remove, sync, and failback's reverse and apply, which run until
+//! removed), each once by id, and reports their state in its next heartbeats.
 //!
 //! One table holds every item the host knows, with its last report; each change is
 //! written to the item's `state.json` first (`files`), so that a restart (kill -9)
@@ -11,17 +11,20 @@
 //! syncs together and `MAX_SCRIPTS` scripts at once; the rest wait in the table for their turn, which
 //! the next heartbeat answer (one a second) gives them.
 
+pub mod apply;
 pub mod files;
 pub mod heartbeat;
 pub mod ops;
 pub mod procs;
 pub mod progress;
 pub mod remove;
+pub mod reverse;
 pub mod serve;
 pub mod sync;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use anyhow::Result;
@@ -35,6 +38,9 @@ use ferry_replica::{Store, VaultKey};
 pub const MAX_BUILDS: usize = 2;
 /// Scripts at once.
 pub const MAX_SCRIPTS: usize = 4;
+/// How long a last reverse or final apply item waits for the machine's running one
+/// to end its round.
+pub const SUPERSEDE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How an op ended: `error` set means failed; `result` is reported either way (a
 /// failed script's exit code and output), and so is `disks` (build, serve: how far
@@ -80,6 +86,8 @@ struct Entry {
     pgid: Option<i32>,
     /// A succeeded serve item found at start-up: served again once ordered.
     reserve: bool,
+    /// Set by a remove: a reverse or apply item's loop ends at its next look.
+    stop: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -168,6 +176,7 @@ impl Host {
                 served: Vec::new(),
                 pgid: pid,
                 reserve: false,
+                stop: Arc::default(),
             };
             e.report = match (report, e.item.op.kind()) {
                 (None, _) => None,
@@ -176,7 +185,8 @@ impl Host {
                     Some(r)
                 }
                 // A sync run again compares again: what it wrote already matches.
-                (Some(_), "build" | "serve" | "remove" | "sync") => None,
+                // Reverse and apply resume from their cursors and markers.
+                (Some(_), "build" | "serve" | "remove" | "sync" | "reverse" | "apply") => None,
                 (Some(mut r), "start") => {
                     match pid.filter(|p| procs::group_alive(*p)) {
                         Some(_) => r.state = "succeeded".into(),
@@ -284,6 +294,51 @@ impl Host {
         self.set_report(id, r, true);
     }
 
+    /// A running reverse or apply item's newest figures (and the error of its last
+    /// round, if it failed): in memory only, reported at the next heartbeat.
+    pub fn running_result(&self, id: &str, result: WorkResult, error: Option<String>) {
+        let mut r = running(id);
+        r.result = Some(result);
+        r.error = error.map(|e| trimmed(&e, MAX_TEXT_BYTES));
+        self.set_report(id, r, false);
+    }
+
+    /// Whether a remove asked item `id` to stop (or took it already).
+    pub fn stopping(&self, id: &str) -> bool {
+        self.table()
+            .entries
+            .get(id)
+            .is_none_or(|e| e.stop.load(Ordering::SeqCst))
+    }
+
+    /// Stops the running items of kind `kind` of `machine` but `id`, and waits until
+    /// they ended (failback's last reverse round and final apply take over from the
+    /// machine's running ones).
+    pub fn supersede(&self, id: &str, machine: &str, kind: &str) -> Result<(), String> {
+        let mut others = Vec::new();
+        for e in self.table().entries.values() {
+            if e.item.op.kind() == kind && e.item.machine == machine && e.item.id != id && e.busy {
+                e.stop.store(true, Ordering::SeqCst);
+                others.push(e.item.id.clone());
+            }
+        }
+        let end = std::time::Instant::now() + SUPERSEDE_WAIT;
+        while others
+            .iter()
+            .any(|o| self.table().entries.get(o).is_some_and(|e| e.busy))
+        {
+            if std::time::Instant::now() >= end {
+                return Err(format!(
+                    "{kind} items {} of {machine} did not end within {} s",
+                    others.join(", "),
+                    SUPERSEDE_WAIT.as_secs()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     pub fn clear_pgid(&self, id: &str) {
         if let Some(e) = self.table().entries.get_mut(id) {
             e.pgid = None;
@@ -340,6 +395,7 @@ impl Host {
                     served: Vec::new(),
                     pgid: None,
                     reserve: false,
+                    stop: Arc::default(),
                 };
                 let saved = files::item_dir(&self.items, &id)
                     .and_then(|dir| files::save_item(&dir, &e.item));
@@ -490,6 +546,23 @@ impl Host {
             ),
             WorkOp::Remove { items } => (remove::remove(self, items), Vec::new()),
             WorkOp::Sync { disks } => (sync::sync(self, item, disks, &dir), Vec::new()),
+            WorkOp::Reverse {
+                disks,
+                interval_s,
+                last,
+            } => (
+                reverse::reverse(self, item, disks, *interval_s, *last, &dir),
+                Vec::new(),
+            ),
+            WorkOp::Apply {
+                disks,
+                interval_s,
+                until,
+                verify,
+            } => (
+                apply::apply(self, item, disks, *interval_s, until, *verify, &dir),
+                Vec::new(),
+            ),
         }
     }
 
@@ -538,3 +611,5 @@ impl Host {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_reverse;

@@ -49,6 +49,10 @@ fn remove_one(host: &Host, id: &str, deleted: &mut Vec<String>, left: &mut Vec<S
             deleted.push(format!("process {p}"));
         }
     }
+    // A reverse or apply item runs until told: it ends at its next look.
+    if let Some(e) = host.table().entries.get(id) {
+        e.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let end = Instant::now() + BUSY_WAIT;
     loop {
         let t = host.table();

@@ -4,7 +4,10 @@
 //!
 //! Each export goes through a `Gate`: removing an item closes it, so a client still
 //! attached to a removed export gets errors instead of reading a disk whose files are
-//! being deleted under it.
+//! being deleted under it. Failback's last reverse round freezes it (`freeze`):
+//! writes are refused as a failed-over agent's export refuses them
+//! (`ReadOnlyFilesystem`), and the freeze is kept in the item's folder (`FROZEN`), so
+//! that a restart serves the disk read-only again.
 
 use std::io;
 use std::path::Path;
@@ -22,11 +25,38 @@ use super::Host;
 pub struct Gate {
     disk: ServedDisk,
     open: AtomicBool,
+    read_only: AtomicBool,
 }
+
+/// The file in a serve item's folder that says its disks take no more writes.
+pub const FROZEN: &str = "frozen";
 
 impl Gate {
     pub fn close(&self) {
         self.open.store(false, Ordering::SeqCst);
+    }
+
+    /// Refuses every later write (failback's freeze); reads go on.
+    pub fn freeze(&self) {
+        self.read_only.store(true, Ordering::SeqCst);
+    }
+
+    pub fn disk(&self) -> &ServedDisk {
+        &self.disk
+    }
+
+    fn check_write(&self) -> io::Result<()> {
+        self.check()?;
+        if self.read_only.load(Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::ReadOnlyFilesystem,
+                format!(
+                    "disk {} is frozen for failback: it takes no more writes",
+                    self.disk.name()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check(&self) -> io::Result<()> {
@@ -50,11 +80,11 @@ impl Device for Gate {
         self.disk.read(offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.check()?;
+        self.check_write()?;
         self.disk.write(offset, data, fua)
     }
     fn zero(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.check()?;
+        self.check_write()?;
         self.disk.zero(offset, len, fua)
     }
     fn flush(&self) -> io::Result<()> {
@@ -104,6 +134,7 @@ pub fn serve(
         })?;
         opened.push((point, disk));
     }
+    let frozen = dir.join(FROZEN).exists();
     let mut gates: Exported = Vec::with_capacity(opened.len());
     let mut ready = Vec::with_capacity(opened.len());
     for (point, disk) in opened {
@@ -113,6 +144,7 @@ pub fn serve(
         let gate = Arc::new(Gate {
             disk,
             open: AtomicBool::new(true),
+            read_only: AtomicBool::new(frozen),
         });
         if !host.exports.insert(&name, gate.clone()) {
             for (n, g) in &gates {

@@ -26,19 +26,20 @@ fn resolved(path: &Path) -> PathBuf {
 /// Refuses a target that a remove of an item would delete: one inside the host's
 /// items folder.
 fn check_target(host: &Host, d: &SyncDisk) -> Result<PathBuf, String> {
-    let path = PathBuf::from(&d.target);
+    check_home_target(host, &d.disk, &d.target)
+}
+
+/// Refuses a home target (sync, apply) that is not absolute or that a remove of an
+/// item would delete: one inside the host's items folder.
+pub fn check_home_target(host: &Host, disk: &str, target: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(target);
     if !path.is_absolute() {
-        return Err(format!(
-            "disk {}: target {} is not absolute",
-            d.disk, d.target
-        ));
+        return Err(format!("disk {disk}: target {target} is not absolute"));
     }
     if resolved(&path).starts_with(resolved(&host.items)) {
         return Err(format!(
-            "disk {}: target {} is inside the recovery host's items folder {}: a home disk \
+            "disk {disk}: target {target} is inside the recovery host's items folder {}: a home disk \
              must live outside what the host removes",
-            d.disk,
-            d.target,
             host.items.display()
         ));
     }

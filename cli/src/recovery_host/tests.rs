@@ -11,7 +11,7 @@ use ferry_replica::{Store, VaultKey};
 
 use super::*;
 
-fn host(dir: &std::path::Path) -> Arc<Host> {
+pub(super) fn host(dir: &std::path::Path) -> Arc<Host> {
     let store_dir = dir.join("store");
     std::fs::create_dir_all(&store_dir).unwrap();
     Host::open(
@@ -37,7 +37,7 @@ fn script(id: &str, command: &str) -> WorkItem {
     }
 }
 
-fn state(h: &Host, id: &str) -> Option<String> {
+pub(super) fn state(h: &Host, id: &str) -> Option<String> {
     h.table()
         .entries
         .get(id)
@@ -267,7 +267,7 @@ fn an_item_removed_stays_removed_while_the_orders_still_list_it() {
 
 /// Writes point `id` of `machine/disk`: `blocks` blocks of data at `seq`, as a
 /// process server's upload would.
-fn write_point(h: &Host, machine: &str, disk: &str, id: &str, blocks: u64) {
+pub(super) fn write_point(h: &Host, machine: &str, disk: &str, id: &str, blocks: u64) {
     use ferry_replica::object::SealContext;
     use ferry_replica::writer::{append_writes, Payload, Write};
     use ferry_replica::{Disk, Point, PointKind};

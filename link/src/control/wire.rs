@@ -102,6 +102,89 @@ mod tests {
         let unknown = text.replace("\"bytes\":4", "\"bytes\":4,\"eta\":1");
         assert!(serde_json::from_str::<WorkReport>(&unknown).is_err());
     }
+
+    #[test]
+    fn reverse_and_apply_items_and_their_results_round_trip() {
+        let reverse = WorkOp::Reverse {
+            disks: vec![ReverseDisk {
+                disk: "d0".into(),
+                over: "p1".into(),
+                source: "item:s1".into(),
+            }],
+            interval_s: 5,
+            last: true,
+        };
+        let text = serde_json::to_string(&reverse).unwrap();
+        assert!(text.contains(r#""kind":"reverse""#), "{text}");
+        assert_eq!(serde_json::from_str::<WorkOp>(&text).unwrap(), reverse);
+        assert_eq!(reverse.kind(), "reverse");
+        // `last` may be left out.
+        let plain: WorkOp = serde_json::from_str(
+            r#"{"kind":"reverse","disks":[{"disk":"d0","over":"p1","source":"/w/d0.raw"}],"interval_s":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(plain, WorkOp::Reverse { last: false, .. }));
+
+        let apply = WorkOp::Apply {
+            disks: vec![ApplyDisk {
+                disk: "d0".into(),
+                over: "p1".into(),
+                target: "/dev/sdb".into(),
+            }],
+            interval_s: 1,
+            until: Vec::new(),
+            verify: false,
+        };
+        let text = serde_json::to_string(&apply).unwrap();
+        assert!(!text.contains("until"), "{text}");
+        assert_eq!(serde_json::from_str::<WorkOp>(&text).unwrap(), apply);
+        assert_eq!(apply.kind(), "apply");
+        let last = WorkOp::Apply {
+            disks: Vec::new(),
+            interval_s: 1,
+            until: vec![DiskPoint {
+                disk: "d0".into(),
+                point: "r9".into(),
+            }],
+            verify: true,
+        };
+        let text = serde_json::to_string(&last).unwrap();
+        assert_eq!(serde_json::from_str::<WorkOp>(&text).unwrap(), last);
+
+        let result = WorkResult {
+            rounds: vec![RoundDisk {
+                disk: "d0".into(),
+                point: "r2".into(),
+                at: 1_700_000_000,
+                bytes_data: 4096,
+                bytes_sent: 4200,
+                total_bytes_sent: 9000,
+            }],
+            applied: vec![AppliedDisk {
+                disk: "d0".into(),
+                point: "r2".into(),
+                at: 1_700_000_000,
+                bytes_written: 4096,
+                bytes_fetched: 4200,
+                total_bytes_written: 8192,
+                verified: Some(true),
+            }],
+            ..WorkResult::default()
+        };
+        let text = serde_json::to_string(&result).unwrap();
+        assert_eq!(serde_json::from_str::<WorkResult>(&text).unwrap(), result);
+        // Results without them (every other op) leave them out and read back.
+        let empty = serde_json::to_string(&WorkResult::default()).unwrap();
+        assert!(
+            !empty.contains("rounds") && !empty.contains("applied"),
+            "{empty}"
+        );
+        let older: AppliedDisk = serde_json::from_str(
+            r#"{"disk":"d0","point":"r2","at":1,"bytes_written":0,"bytes_fetched":0,"total_bytes_written":0}"#,
+        )
+        .unwrap();
+        assert_eq!(older.verified, None);
+    }
 }
 
 /// The answer to enrollment and to renewal.
@@ -411,6 +494,50 @@ pub enum WorkOp {
     /// never deletes it) equal to its disk at its point by checksum, writing only the
     /// blocks that differ (failback's master target, docs/failback.md).
     Sync { disks: Vec<SyncDisk> },
+    /// Every `interval_s`, send each disk's writes since the last round as the next
+    /// point of the reverse replica `MACHINE.reverse` (failback, docs/recovery-hosts.md).
+    /// `last`: first freeze the machine (its start item stopped, its exports
+    /// read-only), then one round, the final checksum maps, and end.
+    Reverse {
+        disks: Vec<ReverseDisk>,
+        interval_s: u64,
+        #[serde(default)]
+        last: bool,
+    },
+    /// Every `interval_s`, apply each disk's reverse points above the last applied
+    /// onto its home target. `until`: apply exactly up to those points and end
+    /// (`verify`: then check every block against the final map).
+    Apply {
+        disks: Vec<ApplyDisk>,
+        interval_s: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        until: Vec<DiskPoint>,
+        #[serde(default)]
+        verify: bool,
+    },
+}
+
+/// One disk a reverse item replicates back home.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseDisk {
+    pub disk: String,
+    /// The forward point id P the recovered disk started from.
+    pub over: String,
+    /// "item:ID" (the serve item ID's served disk on this host, target nbd) or an
+    /// absolute file path (a built disk, target dir).
+    pub source: String,
+}
+
+/// One disk an apply item keeps equal to the reverse replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyDisk {
+    pub disk: String,
+    /// The forward point id P the reverse points are over.
+    pub over: String,
+    /// The home path (a file or block device: the user's, never deleted).
+    pub target: String,
 }
 
 /// One disk a sync item makes equal to a point.
@@ -433,6 +560,8 @@ impl WorkOp {
             WorkOp::Script { .. } => "script",
             WorkOp::Remove { .. } => "remove",
             WorkOp::Sync { .. } => "sync",
+            WorkOp::Reverse { .. } => "reverse",
+            WorkOp::Apply { .. } => "apply",
         }
     }
 }
@@ -496,6 +625,47 @@ pub struct WorkResult {
     /// sync: what each disk took.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub synced: Vec<SyncedDisk>,
+    /// reverse: the newest round per disk (reported while running too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<RoundDisk>,
+    /// apply: the newest applied point per disk (reported while running too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<AppliedDisk>,
+}
+
+/// A reverse item's newest round of one disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundDisk {
+    pub disk: String,
+    /// The reverse replica's point the round made.
+    pub point: String,
+    /// Unix seconds of the point.
+    pub at: i64,
+    /// Bytes of disk data the round carried.
+    pub bytes_data: u64,
+    /// Bytes the round sent to the store.
+    pub bytes_sent: u64,
+    /// Bytes sent by every round of this item.
+    pub total_bytes_sent: u64,
+}
+
+/// An apply item's newest applied point of one disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedDisk {
+    pub disk: String,
+    /// The reverse point the home target now equals.
+    pub point: String,
+    /// Unix seconds of the point.
+    pub at: i64,
+    pub bytes_written: u64,
+    pub bytes_fetched: u64,
+    /// Bytes written by every apply of this item.
+    pub total_bytes_written: u64,
+    /// With `verify`: whether every block matched the final map.
+    #[serde(default)]
+    pub verified: Option<bool>,
 }
 
 /// A disk a sync item made equal to its point.

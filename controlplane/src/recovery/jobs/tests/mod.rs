@@ -202,6 +202,12 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                         },
                     ),
                 },
+                // Not played by this stand-in yet (failback's items, issue 16).
+                WorkOp::Reverse { .. } | WorkOp::Apply { .. } => (
+                    "failed",
+                    Some("no reverse or apply items here".into()),
+                    WorkResult::default(),
+                ),
             };
             // Each disk done, at the rate the job view shows as 118 MB/s.
             let per_disk = match &item.op {

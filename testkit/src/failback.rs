@@ -258,7 +258,9 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
 
     // The home site is lost: its process server first, so the agent acknowledges
     // writes it can no longer send; then the agent.
-    run.ps_home.take().map(|mut p| p.kill());
+    if let Some(mut p) = run.ps_home.take() {
+        p.kill();
+    }
     figures.home_changed_bytes = write_blocks(&m1.nbd(), o.disk_bytes, o.home_share, rng);
     m1.child.kill();
     // The home disk is the agent's own; a new, empty one replaces it in place (the
@@ -315,18 +317,12 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
         wire_bytes: wire,
         written_bytes: written,
     });
-    converged(&mut figures, &run.cp, "reprotect", &url, &home_disk);
+    converged(&run.cp, "reprotect", &url, &home_disk);
 
     // More writes at the recovery site; the reverse direction carries them home.
     let more = write_blocks(&url, o.disk_bytes, o.recovery_share / 4.0, rng);
     figures.recovery_changed_bytes += more;
-    converged(
-        &mut figures,
-        &run.cp,
-        "reverse replication",
-        &url,
-        &home_disk,
-    );
+    converged(&run.cp, "reverse replication", &url, &home_disk);
 
     // Failback, planned: the recovery site stops writing, a last round, verified home.
     let t = Instant::now();
@@ -409,9 +405,9 @@ fn same(f: &mut Figures, what: &str, got: &[u8], want: &[u8]) {
 }
 
 /// Waits until the home disk equals what the recovery site serves.
-fn converged(f: &mut Figures, cp: &Cp, what: &str, url: &str, home: &Path) {
+fn converged(cp: &Cp, what: &str, url: &str, home: &Path) {
     let want = read_export(url);
-    let r = wait_ok(
+    wait_ok(
         &format!("{what}: the home disk equals the recovery site's"),
         Duration::from_secs(120),
         || {
@@ -423,7 +419,6 @@ fn converged(f: &mut Figures, cp: &Cp, what: &str, url: &str, home: &Path) {
             }
         },
     );
-    let _ = (r, f);
 }
 
 /// (bytes fetched by the home side, bytes written to the home disks) of a job.

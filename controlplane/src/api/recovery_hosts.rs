@@ -136,6 +136,23 @@ fn check_report(r: &WorkReport) -> Result<(), String> {
         for d in &res.synced {
             ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
         }
+        if res.rounds.len() > MAX_WORK_ITEMS || res.applied.len() > MAX_WORK_ITEMS {
+            return Err(format!(
+                "report {}: {} rounds and {} applied disks; at most {MAX_WORK_ITEMS} each",
+                r.id,
+                res.rounds.len(),
+                res.applied.len()
+            ));
+        }
+        let points = res
+            .rounds
+            .iter()
+            .map(|d| (&d.disk, &d.point))
+            .chain(res.applied.iter().map(|d| (&d.disk, &d.point)));
+        for (disk, point) in points {
+            ferry_replica::layout::check_name("disk", disk).map_err(|e| e.to_string())?;
+            too_long("a disk's point", point, MAX_POINT_ID_BYTES)?;
+        }
         for d in &res.disks {
             ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
             too_long("a disk's point", &d.point, MAX_POINT_ID_BYTES)?;

@@ -231,7 +231,9 @@ fn checked_disks(op: &WorkOp, reported: &[DiskProgress]) -> Vec<DiskProgress> {
 
 /// Records what `host` reports of its items. A report about an item of another host,
 /// an unknown or a removed one is ignored; an ended item keeps its end (the host
-/// re-reports results after a restart, and the first word counts).
+/// re-reports results after a restart, and the first word counts). A running item's
+/// result is kept too (failback's reverse and apply items report their newest round
+/// while they run), and a report without one keeps the last.
 pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i64) -> Result<()> {
     for r in reports {
         if !matches!(r.state.as_str(), "running" | "succeeded" | "failed") {
@@ -260,7 +262,7 @@ pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i6
         let rate = figure(r.bytes_per_s);
         sqlx::query(
             "UPDATE recovery_work SET state = $1, progress = $2, bytes_per_s = $3, \
-             result = $4, error = $5, updated_at = $6, disk_progress = $9 \
+             result = COALESCE($4, result), error = $5, updated_at = $6, disk_progress = $9 \
              WHERE id = $7 AND host = $8 AND state IN ('pending', 'running')",
         )
         .bind(r.state.clone())

@@ -135,6 +135,17 @@ pub fn actions(failover: Option<&Failover>, job: Option<&Job>) -> Vec<MachineAct
             MachineAction::Commit,
             MachineAction::Cancel,
         ],
+        // Reprotected: failback; failed back: its commit; committed: re-enable.
+        Some("committed") => match failover.map(|f| (f.direction.as_str(), f.active_site.as_str()))
+        {
+            Some(("reverse", "recovery")) => vec![
+                MachineAction::FailbackPlanned,
+                MachineAction::FailbackUnplanned,
+            ],
+            Some(("reverse", "home")) => vec![MachineAction::Commit],
+            _ => Vec::new(),
+        },
+        Some("failed-back") => vec![MachineAction::ReEnable],
         Some(_) => Vec::new(),
     }
 }
@@ -370,6 +381,19 @@ mod tests {
         assert_eq!(actions(Some(&fo), None), vec![ChangePoint, Commit, Cancel]);
         assert_eq!(actions(Some(&failover("preparing")), None), vec![Cancel]);
         assert!(actions(Some(&failover("committed")), None).is_empty());
+        // Failback (docs/failback.md): reprotected, failed back, committed.
+        let mut rev = failover("committed");
+        rev.direction = "reverse".into();
+        assert_eq!(
+            actions(Some(&rev), None),
+            vec![FailbackPlanned, FailbackUnplanned]
+        );
+        rev.active_site = "home".into();
+        assert_eq!(actions(Some(&rev), None), vec![Commit]);
+        assert_eq!(
+            actions(Some(&failover("failed-back")), None),
+            vec![ReEnable]
+        );
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl Page {
         recovery::re_enable,
         plans::list, plans::create, plans::get, plans::replace, plans::delete,
         plans::test_failover, plans::test_failover_cleanup, plans::failover, plans::commit,
-        plans::cancel,
+        plans::cancel, plans::reprotect,
     ),
     components(schemas(
         error::Problem,
@@ -331,6 +331,11 @@ fn routes() -> Routes {
         plans::test_failover_cleanup,
     )
     .add(Post, "/v1/recovery-plans/{name}/failover", plans::failover)
+    .add(
+        Post,
+        "/v1/recovery-plans/{name}/reprotect",
+        plans::reprotect,
+    )
     .add(Post, "/v1/recovery-plans/{name}/commit", plans::commit)
     .add(Post, "/v1/recovery-plans/{name}/cancel", plans::cancel)
 }

@@ -151,7 +151,7 @@ async fn start_child(
     m: &str,
 ) -> Result<String, String> {
     let point = params.points.get(m).map(String::as_str);
-    let body = params.operation.child_params(point);
+    let body = params.operation.child_params(m, point);
     if let Some(id) = enqueue_child(&ctx.db, ctx.store.as_ref(), kind, m, &body).await? {
         return Ok(id);
     }

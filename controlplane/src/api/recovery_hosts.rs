@@ -358,4 +358,46 @@ mod tests {
         hb.name = "no/slash".into();
         assert!(check_heartbeat(&hb).is_err());
     }
+
+    #[test]
+    fn reverse_rounds_and_applied_points_are_bounded() {
+        use ferry_link::control::wire::{AppliedDisk, RoundDisk};
+        let round = |disk: &str, point: &str| RoundDisk {
+            disk: disk.into(),
+            point: point.into(),
+            at: 1,
+            bytes_data: 1,
+            bytes_sent: 1,
+            total_bytes_sent: 1,
+        };
+        let with = |rounds: Vec<RoundDisk>, applied: Vec<AppliedDisk>| {
+            let mut r = report("j-0-m", "running");
+            r.result = Some(WorkResult {
+                rounds,
+                applied,
+                ..WorkResult::default()
+            });
+            beat(vec![r])
+        };
+        assert_eq!(
+            check_heartbeat(&with(vec![round("sda", "r1")], vec![])),
+            Ok(())
+        );
+        assert!(check_heartbeat(&with(vec![round("../sda", "r1")], vec![])).is_err());
+        let long = "p".repeat(MAX_POINT_ID_BYTES + 1);
+        let e = check_heartbeat(&with(vec![round("sda", &long)], vec![])).unwrap_err();
+        assert!(e.contains("point"), "{e}");
+        let applied = AppliedDisk {
+            disk: "sda".into(),
+            point: "r1".into(),
+            at: 1,
+            bytes_written: 1,
+            bytes_fetched: 1,
+            total_bytes_written: 1,
+            verified: None,
+        };
+        let many = vec![applied; MAX_WORK_ITEMS + 1];
+        let e = check_heartbeat(&with(vec![], many)).unwrap_err();
+        assert!(e.contains("applied"), "{e}");
+    }
 }

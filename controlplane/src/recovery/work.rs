@@ -404,6 +404,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_running_items_result_is_kept_until_a_newer_one() {
+        use ferry_link::control::wire::AppliedDisk;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+        let id = item_id("j1", 0, "m1");
+        submit(&db, &id, "rh1", "j1", "m1", &serve("sda"), 1)
+            .await
+            .unwrap();
+        let applied = |point: &str| WorkResult {
+            applied: vec![AppliedDisk {
+                disk: "sda".into(),
+                point: point.into(),
+                at: 5,
+                bytes_written: 1,
+                bytes_fetched: 1,
+                total_bytes_written: 1,
+                verified: None,
+            }],
+            ..WorkResult::default()
+        };
+        let running = |result: Option<WorkResult>| WorkReport {
+            id: id.clone(),
+            state: "running".into(),
+            progress: 0.5,
+            bytes_per_s: 0.0,
+            error: None,
+            result,
+            disks: Vec::new(),
+        };
+        let point = |db: Db| {
+            let id = id.clone();
+            async move {
+                let r = get(&db, &id).await.unwrap().unwrap().result.unwrap();
+                r.applied[0].point.clone()
+            }
+        };
+        record_reports(&db, "rh1", &[running(Some(applied("r1")))], 2)
+            .await
+            .unwrap();
+        assert_eq!(point(db.clone()).await, "r1");
+        record_reports(&db, "rh1", &[running(None)], 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            point(db.clone()).await,
+            "r1",
+            "a report without one keeps it"
+        );
+        record_reports(&db, "rh1", &[running(Some(applied("r2")))], 4)
+            .await
+            .unwrap();
+        assert_eq!(point(db.clone()).await, "r2");
+    }
+
+    #[tokio::test]
     async fn an_item_is_submitted_once_reported_by_its_host_only_and_keeps_its_end() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&Db::default_url(dir.path())).await.unwrap();

@@ -58,12 +58,14 @@ pub enum MachineAction {
     /// A reprotected machine home (docs/failback.md).
     FailbackPlanned,
     FailbackUnplanned,
+    /// A failback's commit: the recovery-site copies go.
+    CommitFailback,
     /// A failed-back machine's forward protection resumed.
     ReEnable,
 }
 
 impl MachineAction {
-    pub const ALL: [MachineAction; 10] = [
+    pub const ALL: [MachineAction; 11] = [
         MachineAction::TestFailover,
         MachineAction::Cleanup,
         MachineAction::FailoverPlanned,
@@ -73,6 +75,7 @@ impl MachineAction {
         MachineAction::Cancel,
         MachineAction::FailbackPlanned,
         MachineAction::FailbackUnplanned,
+        MachineAction::CommitFailback,
         MachineAction::ReEnable,
     ];
 
@@ -88,6 +91,7 @@ impl MachineAction {
             MachineAction::Cancel => "cancel",
             MachineAction::FailbackPlanned => "failback-planned",
             MachineAction::FailbackUnplanned => "failback-unplanned",
+            MachineAction::CommitFailback => "commit-failback",
             MachineAction::ReEnable => "re-enable",
         }
     }
@@ -108,6 +112,7 @@ impl MachineAction {
             MachineAction::Cancel => "Cancel failover",
             MachineAction::FailbackPlanned => "Fail back (planned)",
             MachineAction::FailbackUnplanned => "Fail back (unplanned)",
+            MachineAction::CommitFailback => "Commit failback",
             MachineAction::ReEnable => "Re-enable protection",
         }
     }
@@ -150,6 +155,10 @@ impl MachineAction {
             MachineAction::FailbackUnplanned => {
                 "The home disks get the newest reverse point there is (the recovery site \
                  is taken as lost); writes at the recovery site after it are lost."
+            }
+            MachineAction::CommitFailback => {
+                "The failback becomes final: the recovery-site copies (disks, started \
+                 machine, reverse replication) and the reverse replica are deleted."
             }
             MachineAction::ReEnable => {
                 "The machine's agent at home writes again and resyncs with the recovery \
@@ -213,6 +222,7 @@ impl MachineAction {
             MachineAction::FailbackUnplanned => {
                 ("failover", json!({"direction": "home", "planned": false}))
             }
+            MachineAction::CommitFailback => ("commit", json!({})),
             MachineAction::ReEnable => ("re-enable", json!({})),
         };
         Ok((format!("/v1/machines/{machine}/{verb}"), body))
@@ -552,6 +562,10 @@ mod tests {
         assert_eq!(
             req(MachineAction::FailbackUnplanned, &none).1,
             json!({"direction": "home", "planned": false})
+        );
+        assert_eq!(
+            req(MachineAction::CommitFailback, &none),
+            ("/v1/machines/db1/commit".to_string(), json!({}))
         );
         assert_eq!(
             req(MachineAction::ReEnable, &none),

@@ -142,7 +142,7 @@ pub fn actions(failover: Option<&Failover>, job: Option<&Job>) -> Vec<MachineAct
                 MachineAction::FailbackPlanned,
                 MachineAction::FailbackUnplanned,
             ],
-            Some(("reverse", "home")) => vec![MachineAction::Commit],
+            Some(("reverse", "home")) => vec![MachineAction::CommitFailback],
             _ => Vec::new(),
         },
         Some("failed-back") => vec![MachineAction::ReEnable],
@@ -389,7 +389,7 @@ mod tests {
             vec![FailbackPlanned, FailbackUnplanned]
         );
         rev.active_site = "home".into();
-        assert_eq!(actions(Some(&rev), None), vec![Commit]);
+        assert_eq!(actions(Some(&rev), None), vec![CommitFailback]);
         assert_eq!(
             actions(Some(&failover("failed-back")), None),
             vec![ReEnable]

@@ -165,20 +165,23 @@ pub async fn start_apply(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
         let items = work::for_job(&w.ctx.db, &w.job.id)
             .await
             .map_err(|e| format!("reading the work items of job {}: {e}", w.job.id))?;
-        let mut ours = items
+        // This task's apply, and the newest reverse item of the task before (an
+        // earlier attempt that failed is not this one).
+        let reverse = items.iter().rev().find(|i| i.op.kind() == "reverse");
+        let ended = items
             .iter()
-            .filter(|i| i.id == apply.id || (i.op.kind() == "reverse" && i.state != "removed"));
-        for i in ours.by_ref() {
-            if i.is_ended() {
-                return Err(format!(
-                    "{} item {} on host {} {} while reverse replication started: {}",
-                    i.op.kind(),
-                    i.id,
-                    i.host,
-                    i.state,
-                    i.error.as_deref().unwrap_or("it gave no reason")
-                ));
-            }
+            .filter(|i| i.id == apply.id)
+            .chain(reverse)
+            .find(|i| i.is_ended());
+        if let Some(i) = ended {
+            return Err(format!(
+                "{} item {} on host {} {} while reverse replication started: {}",
+                i.op.kind(),
+                i.id,
+                i.host,
+                i.state,
+                i.error.as_deref().unwrap_or("it gave no reason")
+            ));
         }
         let now = items.iter().find(|i| i.id == apply.id);
         let applied = now

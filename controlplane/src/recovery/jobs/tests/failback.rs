@@ -332,6 +332,42 @@ async fn reprotect_failback_commit_and_re_enable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_reverse_item_fails_the_reprotect_and_the_machine_stays_forward() {
+    let s = site(None, true, true).await;
+    run(
+        &s,
+        FO,
+        json!({"planned": false, "point": point_id("P1"), "target": {"kind": "nbd"}}),
+    )
+    .await;
+    run(&s, "/v1/machines/m1/commit", Value::Null).await;
+    let gone = "export m1/sda is not served here";
+    *s.play.fail_reverses.lock().unwrap() = Some(gone.into());
+    let rp = s
+        .post(
+            "/v1/machines/m1/reprotect",
+            json!({"master_target": HOST, "disks": {"sda": "/h/sda", "sdb": "/h/sdb"}}),
+            202,
+        )
+        .await;
+    let job = s.until(rp["id"].as_str().unwrap(), JobState::Failed).await;
+    let e = job.error.unwrap();
+    assert!(
+        e.starts_with("task apply at home: reverse item ") && e.contains(gone),
+        "{e}"
+    );
+    let row = state::get(&s.db, "m1").await.unwrap().unwrap();
+    assert_eq!(row.direction, "forward");
+    s.refused(
+        FO,
+        json!({"direction": "home"}),
+        409,
+        "failback needs a reprotected",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_verify_fails_the_failback_and_a_resume_finishes_it() {
     let s = site(None, true, true).await;
     s.refused(FO, json!({"direction": "home"}), 409, "protected at home")

@@ -92,6 +92,8 @@ struct HostPlay {
     fail_syncs: Mutex<Option<String>>,
     /// Fail apply items with an end (failback's) with this error (a verify, say).
     fail_applies: Mutex<Option<String>>,
+    /// Fail reverse items with this error (a served disk gone, say).
+    fail_reverses: Mutex<Option<String>>,
     /// Keep the items of this kind running (`hold` for one kind only).
     hold_kind: Mutex<Option<&'static str>>,
 }
@@ -204,6 +206,11 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                 WorkOp::Script { .. } => (
                     "failed",
                     Some("no scripts here".into()),
+                    WorkResult::default(),
+                ),
+                WorkOp::Reverse { .. } if play.fail_reverses.lock().unwrap().is_some() => (
+                    "failed",
+                    play.fail_reverses.lock().unwrap().clone(),
                     WorkResult::default(),
                 ),
                 WorkOp::Reverse { disks, last, .. } => (

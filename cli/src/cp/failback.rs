@@ -108,10 +108,19 @@ pub fn lines(job: &Value) -> Vec<String> {
         }
     }
     for d in list("resynced") {
+        let n = |k: &str| {
+            d.get("resync")
+                .and_then(|r| r.get(k))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
         out.push(format!(
-            "{machine} {} resynced: {}, newest point {}",
+            "{machine} {} resynced: {}, {} of {} bytes compared, {} bytes sent, newest point {}",
             cell(&d, "name"),
             cell(&d, "state"),
+            n("compared_bytes"),
+            n("total_bytes"),
+            n("sent_bytes"),
             d.get("newest_uploaded_point")
                 .map_or_else(|| "-".to_string(), |pt| cell(pt, "id"))
         ));
@@ -239,14 +248,15 @@ mod tests {
                 "verified": true}],
             "deleted": ["rh1: file /w/items/j-1-m1"], "left": ["rh2: work item x (host not live)"],
             "resynced": [{"name": "sda", "state": "protected",
-                "newest_uploaded_point": {"id": "H1"}}]}});
+                "newest_uploaded_point": {"id": "H1"},
+                "resync": {"compared_bytes": 4096, "total_bytes": 4096, "sent_bytes": 512}}]}});
         assert_eq!(
             lines(&job),
             [
                 "m1 sda applied: point RF, 8192 bytes written, verified",
                 "m1 deleted: rh1: file /w/items/j-1-m1",
                 "m1 left: rh2: work item x (host not live)",
-                "m1 sda resynced: protected, newest point H1",
+                "m1 sda resynced: protected, 4096 of 4096 bytes compared, 512 bytes sent, newest point H1",
             ]
         );
     }

@@ -157,8 +157,10 @@ pub async fn resume_home(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
     Err(format!("machine {m} is not failed back: it stays as it is"))
 }
 
-/// True when every disk reported has a point uploaded after `since` and none is in
-/// its initial copy or resync.
+/// True when every disk reported finished the resync of its re-enable (its
+/// `resync` says `re-enable`, `done`: the agent dropped its journal from before the
+/// failover and compared the disk with the replica), is `protected`, and has a point
+/// uploaded after `since` (the re-enable's start).
 pub fn resynced(disks: &[DiskReport], since: i64) -> bool {
     !disks.is_empty()
         && disks.iter().all(|d| {
@@ -167,20 +169,24 @@ pub fn resynced(disks: &[DiskReport], since: i64) -> bool {
                 .as_ref()
                 .and_then(|pt| chrono::DateTime::parse_from_rfc3339(&pt.time).ok())
                 .is_some_and(|t| t.timestamp() > since);
-            newer && d.state == "protected"
+            let done = d
+                .resync
+                .as_ref()
+                .is_some_and(|r| r.reason == "re-enable" && r.phase == "done");
+            newer && done && d.state == "protected"
         })
 }
 
 /// `wait for home resync`: until the home agent's heartbeat shows every disk
-/// protected with a point uploaded since the re-enable started; its disks' figures
-/// go into the job.
+/// resynced for the re-enable and protected with a point uploaded since it started;
+/// its disks as reported (with the resync's compared and sent bytes) go into the job.
 pub async fn wait_resync(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
     let m = p.machine.clone();
     let since = p
         .since
         .ok_or_else(|| format!("job {}: no start time was recorded", w.job.id))?;
     let what =
-        format!("machine {m}'s home agent to resync and upload a point newer than the re-enable");
+        format!("machine {m}'s home agent to finish its re-enable resync and upload a point newer than the re-enable");
     loop {
         let row = crate::registry::machines::get(&w.ctx.db, &m)
             .await

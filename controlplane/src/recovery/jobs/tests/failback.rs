@@ -2,7 +2,7 @@
 //! phase, failback (planned and unplanned), its commit and re-enable; refusals before
 //! a job exists, a failed item, and a runner killed mid-failback.
 
-use ferry_link::control::wire::{DiskReport, PointRef};
+use ferry_link::control::wire::{DiskReport, PointRef, ResyncReport};
 
 use super::*;
 
@@ -68,8 +68,9 @@ async fn reverse_objects(s: &Site) -> usize {
         .len()
 }
 
-/// The home agent's heartbeat: every disk `state`, its newest point uploaded at `at`.
-async fn home_agent_beats(s: &Site, state: &str, at: i64) {
+/// The home agent's heartbeat: every disk `state`, its re-enable resync in `phase`,
+/// its newest point uploaded at `at`.
+async fn home_agent_beats(s: &Site, state: &str, phase: &str, at: i64) {
     let point = PointRef {
         id: "H1".into(),
         kind: "crash".into(),
@@ -88,6 +89,13 @@ async fn home_agent_beats(s: &Site, state: &str, at: i64) {
             unacked_bytes: 0,
             newest_point: Some(point.clone()),
             newest_uploaded_point: Some(point.clone()),
+            resync: Some(ResyncReport {
+                reason: "re-enable".into(),
+                phase: phase.into(),
+                compared_bytes: SIZE,
+                total_bytes: SIZE,
+                sent_bytes: 8192,
+            }),
         })
         .collect();
     crate::registry::machines::heartbeat(
@@ -313,15 +321,24 @@ async fn reprotect_failback_commit_and_re_enable() {
     let re_id = re["id"].as_str().unwrap().to_string();
     s.at_task(&re_id, "wait for home resync").await;
     assert!(state::get(&s.db, "m1").await.unwrap().is_none());
-    home_agent_beats(&s, "resync", crate::db::now_s() + 1).await;
+    // A resync under way, then done but no point since the re-enable: waiting.
+    home_agent_beats(&s, "resync", "comparing", crate::db::now_s() + 1).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         s.job(&re_id).await.state,
         JobState::Running,
         "a resync in progress"
     );
-    home_agent_beats(&s, "protected", crate::db::now_s() + 1).await;
+    home_agent_beats(&s, "protected", "done", crate::db::now_s() - 3600).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        s.job(&re_id).await.state,
+        JobState::Running,
+        "no point since"
+    );
+    home_agent_beats(&s, "protected", "done", crate::db::now_s() + 1).await;
     let re = s.until(&re_id, JobState::Succeeded).await;
+    assert_eq!(re.params["resynced"][1]["resync"]["sent_bytes"], 8192);
     assert_eq!(re.params["resynced"][0]["state"], "protected");
     assert!(re.params["since"].as_i64().is_some());
     let (_, m) = s.send("GET", "/v1/machines/m1", None).await;

@@ -117,10 +117,11 @@ pub async fn active_jobs(db: &Db, prefix: &str) -> Result<HashMap<String, String
 /// nothing (the API would answer 409).
 pub fn actions(failover: Option<&Failover>, job: Option<&Job>) -> Vec<MachineAction> {
     if let Some(j) = job {
-        return if j.kind == "test-failover" && j.state == JobState::WaitingForInput {
-            vec![MachineAction::Cleanup]
-        } else {
-            Vec::new()
+        return match (j.kind.as_str(), &j.state) {
+            ("test-failover", JobState::WaitingForInput) => vec![MachineAction::Cleanup],
+            // A failback waiting for its commit: the commit resumes it.
+            ("failback", JobState::WaitingForInput) => vec![MachineAction::CommitFailback],
+            _ => Vec::new(),
         };
     }
     match failover.map(|f| f.state.as_str()) {
@@ -394,6 +395,8 @@ mod tests {
             actions(Some(&failover("failed-back")), None),
             vec![ReEnable]
         );
+        let waiting = job("failback", JobState::WaitingForInput);
+        assert_eq!(actions(Some(&rev), Some(&waiting)), vec![CommitFailback]);
     }
 
     #[test]

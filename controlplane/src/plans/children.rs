@@ -67,12 +67,22 @@ impl ChildKind {
                 "stop applying",
                 "apply final point",
                 "mark active at home",
+                "wait for commit",
+                "remove recovery-site copies",
+                "remove master target's apply",
+                "delete reverse replica",
+                "mark failed back",
             ],
             ChildKind::Failback { planned: false } => &[
                 "check failback",
                 "stop applying",
                 "apply final point",
                 "mark active at home",
+                "wait for commit",
+                "remove recovery-site copies",
+                "remove master target's apply",
+                "delete reverse replica",
+                "mark failed back",
             ],
         }
     }

@@ -344,9 +344,10 @@ async fn latest_group_point(
     .map_err(|e| PlanError::BadRequest(format!("replication group {group}: {e}")))
 }
 
-/// Whether every machine of `plan` exists and has no recovery job active; the first
-/// that breaks this is the error.
-pub async fn check_machines(db: &Db, plan: &Plan) -> Result<(), PlanError> {
+/// Whether every machine of `plan` exists and has no recovery job active (but, for a
+/// commit, a failback waiting for its commit: the commit resumes it); the first that
+/// breaks this is the error.
+pub async fn check_machines(db: &Db, plan: &Plan, commit: bool) -> Result<(), PlanError> {
     for m in plan.machines() {
         let exists = crate::registry::machines::get(db, m)
             .await?
@@ -357,9 +358,13 @@ pub async fn check_machines(db: &Db, plan: &Plan) -> Result<(), PlanError> {
                 plan.name
             )));
         }
-        if let Some((id, kind)) =
-            super::store::active_job(db, &super::children::machine_key(m)).await?
-        {
+        let active = crate::recovery::jobs::state::active_job(db, m).await?;
+        let resumed_by_commit = |kind: &str, st: &str| {
+            commit
+                && kind == crate::recovery::jobs::FAILBACK
+                && st == crate::jobs::JobState::WaitingForInput.as_str()
+        };
+        if let Some((id, kind, _)) = active.filter(|(_, k, st)| !resumed_by_commit(k, st)) {
             return Err(PlanError::Conflict(format!(
                 "machine {m} of plan {} has a {kind} job active: {id}",
                 plan.name
@@ -387,7 +392,7 @@ pub async fn enqueue(
             "plan {name} has a {kind} job active: {id}"
         )));
     }
-    check_machines(db, &plan).await?;
+    check_machines(db, &plan, matches!(operation, Operation::Commit)).await?;
     let points = match point {
         Some(p) => resolve_points(db, ctx.store.as_ref(), &plan, p).await?,
         None => BTreeMap::new(),

@@ -136,8 +136,26 @@ pub async fn enqueue_machine_job(
             KINDS.join(", ")
         )));
     }
-    // The job in the way first: the failover state it is changing says less.
-    if state::active_job(db, machine).await?.is_some() {
+    // A failback waits for its commit: the commit resumes it (the recovery-site
+    // copy is frozen: it is never cancelled).
+    if let Some((id, k, st)) = state::active_job(db, machine).await? {
+        let waiting = k == FAILBACK && st == crate::jobs::JobState::WaitingForInput.as_str();
+        if waiting && kind == COMMIT {
+            let _: NoParams = parse(kind, request)?;
+            let input = serde_json::json!({"commit": true});
+            return match queue::resume_with(db, &id, Some(&input)).await? {
+                queue::Outcome::Done(job) => Ok(job),
+                _ => Err(busy(db, machine).await),
+            };
+        }
+        if waiting && kind == CANCEL_FAILOVER {
+            return Err(ApiError::Conflict(format!(
+                "machine {machine}'s failback job {id} froze its recovery-site copy (its \
+                 exports read-only) and nothing unfreezes it: commit it \
+                 (`ferry cp machines commit {machine}`)"
+            )));
+        }
+        // The job in the way first: the failover state it is changing says less.
         return Err(busy(db, machine).await);
     }
     let row = state::get(db, machine).await?;
@@ -296,7 +314,7 @@ pub async fn enqueue_machine_job(
                 )));
             }
             failback(db, machine, &row, r.planned, &mut p).await?;
-            if r.planned {
+            let mut tasks = if r.planned {
                 vec![
                     CHECK_FAILBACK,
                     STOP_REVERSE,
@@ -307,7 +325,16 @@ pub async fn enqueue_machine_job(
                 ]
             } else {
                 vec![CHECK_FAILBACK, STOP_APPLY, APPLY_FINAL, MARK_HOME]
-            }
+            };
+            // Then it waits for its commit, which this job does itself.
+            tasks.extend([
+                WAIT_COMMIT,
+                REMOVE_SITE,
+                REMOVE_APPLY,
+                DELETE_REVERSE,
+                MARK_FAILED_BACK,
+            ]);
+            tasks
         }
         RE_ENABLE => {
             let _: NoParams = parse(kind, request)?;

@@ -289,6 +289,22 @@ pub async fn apply_final(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
     record(w, p, |q| q.applied = applied).await
 }
 
+/// `wait for commit`: the machine is active at home; the job waits until
+/// `POST /v1/machines/M/commit` resumes it (`{"commit": true}`), then removes the
+/// recovery-site copies itself (`failed_back`).
+pub fn wait_commit(w: &Waiter<'_>, p: &Params) -> crate::jobs::Step {
+    let m = &p.machine;
+    if w.job.input.is_some() {
+        return crate::jobs::Step::Done;
+    }
+    crate::jobs::Step::Wait(format!(
+        "machine {m} is active at home: commit its failback with POST \
+         /v1/machines/{m}/commit (`ferry cp machines commit {m}`), which removes the \
+         recovery-site copies and the reverse replica; it is not cancelled (the \
+         recovery-site copy is frozen)"
+    ))
+}
+
 /// `mark active at home`.
 pub async fn mark_home(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
     let m = &p.machine;

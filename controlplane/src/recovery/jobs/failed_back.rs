@@ -193,7 +193,16 @@ pub async fn wait_resync(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
             .map_err(|e| format!("reading machine {m}: {e}"))?;
         let disks = row.map(|r| r.disks).unwrap_or_default();
         if resynced(&disks, since) {
-            return record(w, p, |q| q.resynced = disks).await;
+            let sent = disks
+                .iter()
+                .filter_map(|d| d.resync.as_ref())
+                .map(|r| r.sent_bytes)
+                .sum();
+            return record(w, p, |q| {
+                q.resynced = disks;
+                q.resync_sent_bytes = Some(sent);
+            })
+            .await;
         }
         w.tick(0.0, &what).await?;
     }

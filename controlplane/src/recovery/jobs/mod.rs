@@ -79,6 +79,7 @@ pub const FINAL_ROUND: &str = "take final point";
 pub const STOP_APPLY: &str = "stop applying";
 pub const APPLY_FINAL: &str = "apply final point";
 pub const MARK_HOME: &str = "mark active at home";
+pub const WAIT_COMMIT: &str = "wait for commit";
 pub const REMOVE_SITE: &str = "remove recovery-site copies";
 pub const REMOVE_APPLY: &str = "remove master target's apply";
 pub const DELETE_REVERSE: &str = "delete reverse replica";
@@ -202,6 +203,10 @@ pub struct Params {
     /// Re-enable: the home agent's disks as it reported them once resynced.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resynced: Vec<DiskReport>,
+    /// Re-enable: the bytes the resync sent, every disk together (what re-enable
+    /// cost on the wire).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_sent_bytes: Option<u64>,
 }
 
 /// The input a test failover waits for: `POST /v1/jobs/{id}/resume` or
@@ -245,6 +250,15 @@ impl Verdict {
 pub fn check_input(job: &crate::jobs::Job, input: &serde_json::Value) -> Result<(), String> {
     if job.kind == TEST_FAILOVER && job.state == crate::jobs::JobState::WaitingForInput {
         Verdict::parse(input).map_err(|e| format!("job {}: {e}", job.id))?;
+    }
+    if job.kind == FAILBACK
+        && job.state == crate::jobs::JobState::WaitingForInput
+        && *input != serde_json::json!({"commit": true})
+    {
+        return Err(format!(
+            "failback job {}: it takes {{\"commit\": true}} (POST /v1/machines/{}/commit)",
+            job.id, job.subject
+        ));
     }
     Ok(())
 }

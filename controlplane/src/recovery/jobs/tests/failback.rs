@@ -14,6 +14,21 @@ async fn run(s: &Site, path: &str, body: Value) -> Job {
         .await
 }
 
+/// A failback queued and home: waiting for its commit.
+async fn failed_back(s: &Site, body: Value) -> Job {
+    let job = s.post(FO, body, 202).await;
+    s.until(job["id"].as_str().unwrap(), JobState::WaitingForInput)
+        .await
+}
+
+const COMMIT_TASKS: [&str; 5] = [
+    "wait for commit",
+    "remove recovery-site copies",
+    "remove master target's apply",
+    "delete reverse replica",
+    "mark failed back",
+];
+
 fn names(job: &Job) -> Vec<&str> {
     job.tasks.iter().map(|t| t.name.as_str()).collect()
 }
@@ -206,10 +221,10 @@ async fn reprotect_failback_commit_and_re_enable() {
     assert!((4.0..60.0).contains(&rpo), "{rpo}");
 
     // Planned failback.
-    let fb = run(&s, FO, json!({"direction": "home"})).await;
+    let fb = failed_back(&s, json!({"direction": "home"})).await;
     assert_eq!(fb.kind, "failback");
     assert_eq!(
-        names(&fb),
+        names(&fb)[..6],
         [
             "check failback",
             "stop reverse replication",
@@ -219,6 +234,12 @@ async fn reprotect_failback_commit_and_re_enable() {
             "mark active at home"
         ]
     );
+    assert_eq!(names(&fb)[6..], COMMIT_TASKS);
+    assert!(fb
+        .prompt
+        .as_deref()
+        .unwrap()
+        .contains("commit its failback"));
     let rows = work::for_job(&s.db, &fb.id).await.unwrap();
     // The continuous items were removed first: one writer at a time.
     for id in [&rev[0].id, &apply[0].id] {
@@ -248,13 +269,33 @@ async fn reprotect_failback_commit_and_re_enable() {
         ("committed", "home", "reverse")
     );
     // Nothing unfreezes the recovery-site copy: no cancel from here on.
-    s.refused("/v1/machines/m1/cancel", Value::Null, 409, "frozen")
-        .await;
+    s.refused(
+        "/v1/machines/m1/cancel",
+        Value::Null,
+        409,
+        "nothing unfreezes",
+    )
+    .await;
+    s.refused(
+        &format!("/v1/jobs/{}/cancel", fb.id),
+        Value::Null,
+        409,
+        "no unfreeze",
+    )
+    .await;
     s.refused(
         FO,
         json!({"direction": "home"}),
         409,
-        "already active at home",
+        "one recovery job per machine",
+    )
+    .await;
+    // Resumed only to commit.
+    s.refused(
+        &format!("/v1/jobs/{}/resume", fb.id),
+        json!({"go": 1}),
+        400,
+        "commit",
     )
     .await;
 
@@ -263,16 +304,9 @@ async fn reprotect_failback_commit_and_re_enable() {
     reverse_points(&s);
     let before = reverse_objects(&s).await;
     assert!(before > 0);
+    // The commit resumes the failback, which removes it all.
     let c = run(&s, "/v1/machines/m1/commit", Value::Null).await;
-    assert_eq!(
-        names(&c),
-        [
-            "remove recovery-site copies",
-            "remove master target's apply",
-            "delete reverse replica",
-            "mark failed back"
-        ]
-    );
+    assert_eq!(c.id, fb.id);
     let deleted: Vec<&str> = c.params["deleted"]
         .as_array()
         .unwrap()
@@ -339,6 +373,7 @@ async fn reprotect_failback_commit_and_re_enable() {
     home_agent_beats(&s, "protected", "done", crate::db::now_s() + 1).await;
     let re = s.until(&re_id, JobState::Succeeded).await;
     assert_eq!(re.params["resynced"][1]["resync"]["sent_bytes"], 8192);
+    assert_eq!(re.params["resync_sent_bytes"], 2 * 8192);
     assert_eq!(re.params["resynced"][0]["state"], "protected");
     assert!(re.params["since"].as_i64().is_some());
     let (_, m) = s.send("GET", "/v1/machines/m1", None).await;
@@ -417,7 +452,7 @@ async fn a_failed_verify_fails_the_failback_and_a_resume_finishes_it() {
     *s.play.fail_applies.lock().unwrap() = None;
     s.post(&format!("/v1/jobs/{id}/resume"), json!({}), 200)
         .await;
-    s.until(&id, JobState::Succeeded).await;
+    s.until(&id, JobState::WaitingForInput).await;
     let applies = items_of(&work::for_job(&s.db, &id).await.unwrap(), "apply");
     assert_eq!(applies.len(), 2, "the failed attempt, then a new one");
     let row = state::get(&s.db, "m1").await.unwrap().unwrap();
@@ -454,9 +489,9 @@ async fn an_unplanned_failback_applies_the_newest_reverse_point_and_commits_with
         .unwrap();
     s.refused(FO, json!({"direction": "home"}), 409, "rh-lost is not live")
         .await;
-    let fb = run(&s, FO, json!({"direction": "home", "planned": false})).await;
+    let fb = failed_back(&s, json!({"direction": "home", "planned": false})).await;
     assert_eq!(
-        names(&fb),
+        names(&fb)[..4],
         [
             "check failback",
             "stop applying",
@@ -464,10 +499,19 @@ async fn an_unplanned_failback_applies_the_newest_reverse_point_and_commits_with
             "mark active at home"
         ]
     );
+    // Nothing was frozen: this one may be cancelled; its commit is then a job of
+    // its own.
+    s.post(&format!("/v1/jobs/{}/cancel", fb.id), Value::Null, 200)
+        .await;
+    s.until(&fb.id, JobState::Cancelled).await;
     // The newest reverse point in the store, not the newest applied.
     let p2 = point_id("P2");
     assert_eq!(fb.params["final_points"][0]["point"], p2.as_str());
     let c = run(&s, "/v1/machines/m1/commit", Value::Null).await;
+    assert_eq!(
+        (c.kind.as_str(), &names(&c)[..]),
+        ("commit", &COMMIT_TASKS[1..])
+    );
     let left: Vec<&str> = c.params["left"]
         .as_array()
         .unwrap()
@@ -521,11 +565,17 @@ async fn a_runner_killed_mid_failback_is_taken_over_and_finishes() {
     rt.shutdown_background();
     let runner_b = start_runner(&s.ctx, "cp-b", Duration::from_secs(30)).await;
     *s.play.hold_kind.lock().unwrap() = None;
-    s.until(&id, JobState::Succeeded).await;
-    runner_b.abort();
+    s.until(&id, JobState::WaitingForInput).await;
     let rows = work::for_job(&s.db, &id).await.unwrap();
     assert_eq!(items_of(&rows, "reverse").len(), 1, "found again: {rows:?}");
     assert_eq!(items_of(&rows, "apply").len(), 1);
     let row = state::get(&s.db, "m1").await.unwrap().unwrap();
     assert_eq!(row.active_site, "home");
+    // The commit resumes it under the runner that took it over.
+    let c = s.post("/v1/machines/m1/commit", Value::Null, 202).await;
+    assert_eq!(c["id"].as_str(), Some(id.as_str()));
+    s.until(&id, JobState::Succeeded).await;
+    runner_b.abort();
+    let row = state::get(&s.db, "m1").await.unwrap().unwrap();
+    assert_eq!(row.state, "failed-back");
 }

@@ -87,3 +87,45 @@ async fn a_plan_reprotects_then_fails_back_with_the_reverse_actions() {
     }
     assert_eq!(lines(&log), ["both reverse planned", "home"]);
 }
+
+/// A machine whose failback waits for its commit: a plan's commit is queued (it
+/// resumes that failback), any other plan operation is refused naming it.
+#[tokio::test]
+async fn a_plan_commit_is_queued_over_a_failback_waiting_for_its_commit() {
+    let s = site_with(None, None, false).await;
+    s.machine("m1", None).await;
+    s.plan(json!({"name": "shop", "groups": [{"name": "db", "machines": ["m1"]}]}))
+        .await;
+    s.j.lock().unwrap().hold.insert("m1".into());
+    let tasks = ["wait for commit".to_string()];
+    let id = queue::enqueue_keyed(
+        &s.db,
+        "failback",
+        "m1",
+        Some("recovery/m1"),
+        &json!({}),
+        &tasks,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let e = job::enqueue(&s.ctx, "shop", Operation::Commit, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("has a failback job active"), "{e}");
+    assert!(queue::claim(&s.db, &id, "fake-j", now_ms(), 60_000)
+        .await
+        .unwrap());
+    assert!(queue::task_started(&s.db, &id, "fake-j", 0).await.unwrap());
+    assert!(queue::wait_for_input(&s.db, &id, "fake-j", 0, "commit?")
+        .await
+        .unwrap());
+    let e = job::enqueue(&s.ctx, "shop", Operation::Cancel, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("has a failback job active"), "{e}");
+    let job = job::enqueue(&s.ctx, "shop", Operation::Commit, None)
+        .await
+        .unwrap();
+    assert_eq!(job.kind, "plan-commit");
+}

@@ -1,5 +1,7 @@
-//! The failback verbs of `ferry cp machines` (docs/failback.md): reprotect. It POSTs
-//! to `/v1/machines/{name}/reprotect` and follows the job like the recovery verbs.
+//! The failback verbs of `ferry cp machines` (docs/failback.md): reprotect, failback
+//! and re-enable. They POST to `/v1/machines/{name}/reprotect`, `.../failover` with
+//! the direction home, and `.../re-enable`, and follow the job like the recovery
+//! verbs.
 
 use std::collections::BTreeMap;
 
@@ -47,6 +49,83 @@ pub fn reprotect(a: &Reprotect) -> Result<(String, Value)> {
         format!("/v1/machines/{}/reprotect", a.name),
         json!({"master_target": a.master_target, "disks": disks}),
     ))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Failback {
+    /// The machine, reprotected (direction reverse)
+    pub name: String,
+    /// The recovery site is lost: apply the newest reverse point in the store (or
+    /// applied so far) instead of freezing the machine there and taking a final point
+    #[arg(long)]
+    pub unplanned: bool,
+    #[command(flatten)]
+    pub wait: Wait,
+}
+
+/// The request `failback` makes: its path and JSON body.
+pub fn failback(a: &Failback) -> Result<(String, Value)> {
+    check_name("machine", &a.name)?;
+    Ok((
+        format!("/v1/machines/{}/failover", a.name),
+        json!({"direction": "home", "planned": !a.unplanned}),
+    ))
+}
+
+/// What a failback job's, its commit's and a re-enable's params say, one line each
+/// (after a reprotect's synced disks): applied points, things deleted or left, the
+/// home agent's resynced disks.
+pub fn lines(job: &Value) -> Vec<String> {
+    let mut out = synced_lines(job);
+    let Some(p) = job.get("params") else {
+        return out;
+    };
+    let machine = cell(p, "machine");
+    let list = |k: &str| {
+        p.get(k)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for d in list("applied") {
+        let verified = match d.get("verified").and_then(Value::as_bool) {
+            Some(true) => "verified",
+            Some(false) => "not verified",
+            None => "not checked",
+        };
+        out.push(format!(
+            "{machine} {} applied: point {}, {} bytes written, {verified}",
+            cell(&d, "disk"),
+            cell(&d, "point"),
+            d.get("total_bytes_written")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        ));
+    }
+    for (key, what) in [("deleted", "deleted"), ("left", "left")] {
+        for d in list(key) {
+            out.push(format!("{machine} {what}: {}", d.as_str().unwrap_or("?")));
+        }
+    }
+    for d in list("resynced") {
+        let n = |k: &str| {
+            d.get("resync")
+                .and_then(|r| r.get(k))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        out.push(format!(
+            "{machine} {} resynced: {}, {} of {} bytes compared, {} bytes sent, newest point {}",
+            cell(&d, "name"),
+            cell(&d, "state"),
+            n("compared_bytes"),
+            n("total_bytes"),
+            n("sent_bytes"),
+            d.get("newest_uploaded_point")
+                .map_or_else(|| "-".to_string(), |pt| cell(pt, "id"))
+        ));
+    }
+    out
 }
 
 /// `MACHINE DISK synced: ...`, one per disk a reprotect job synced (its
@@ -133,6 +212,53 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[derive(Parser)]
+    struct FbCli {
+        #[command(flatten)]
+        f: Failback,
+    }
+
+    #[test]
+    fn failback_posts_the_direction_home_planned_unless_unplanned() {
+        let f = |args: &[&str]| {
+            let mut all = vec!["x"];
+            all.extend_from_slice(args);
+            failback(&FbCli::try_parse_from(all).unwrap().f)
+        };
+        assert_eq!(
+            f(&["m1"]).unwrap(),
+            (
+                "/v1/machines/m1/failover".to_string(),
+                json!({"direction": "home", "planned": true})
+            )
+        );
+        assert_eq!(
+            f(&["m1", "--unplanned"]).unwrap().1,
+            json!({"direction": "home", "planned": false})
+        );
+        assert!(f(&["../m"]).is_err());
+    }
+
+    #[test]
+    fn failback_commit_and_re_enable_print_what_they_did() {
+        let job = json!({"params": {"machine": "m1",
+            "applied": [{"disk": "sda", "point": "RF", "total_bytes_written": 8192,
+                "verified": true}],
+            "deleted": ["rh1: file /w/items/j-1-m1"], "left": ["rh2: work item x (host not live)"],
+            "resynced": [{"name": "sda", "state": "protected",
+                "newest_uploaded_point": {"id": "H1"},
+                "resync": {"compared_bytes": 4096, "total_bytes": 4096, "sent_bytes": 512}}]}});
+        assert_eq!(
+            lines(&job),
+            [
+                "m1 sda applied: point RF, 8192 bytes written, verified",
+                "m1 deleted: rh1: file /w/items/j-1-m1",
+                "m1 left: rh2: work item x (host not live)",
+                "m1 sda resynced: protected, 4096 of 4096 bytes compared, 512 bytes sent, newest point H1",
+            ]
+        );
     }
 
     #[test]

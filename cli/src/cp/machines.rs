@@ -80,6 +80,19 @@ pub enum Verb {
     /// copy); then the machine's direction is reverse. Nothing of the home disks is
     /// ever deleted. See docs/failback.md.
     Reprotect(super::failback::Reprotect),
+    /// Fail a reprotected machine back home (planned unless --unplanned)
+    ///
+    /// Planned: the machine at the recovery site is frozen (its start command
+    /// stopped, its exports read-only), a final point is sent and applied on the
+    /// master target, which checks every block of the home disks against it; then
+    /// the machine is active at home. `commit` then removes the recovery-site copies
+    /// and the reverse replica. See docs/failback.md.
+    Failback(super::failback::Failback),
+    /// Resume forward protection of a failed-back, committed machine
+    ///
+    /// Its agent resyncs by checksum (only what differs is sent); the job waits until
+    /// the agent uploaded a point.
+    ReEnable(recovery::Simple),
 }
 
 const HEADER: [&str; 8] = [
@@ -267,6 +280,11 @@ pub fn run(conn: &Conn, verb: Verb) -> Result<()> {
             recovery::submit(conn, (p, json!({})), &a.wait)?
         }
         Verb::Reprotect(a) => recovery::submit(conn, super::failback::reprotect(&a)?, &a.wait)?,
+        Verb::Failback(a) => recovery::submit(conn, super::failback::failback(&a)?, &a.wait)?,
+        Verb::ReEnable(a) => {
+            let p = format!("{}/re-enable", path(&a.name)?);
+            recovery::submit(conn, (p, json!({})), &a.wait)?
+        }
         Verb::SetStart(a) => {
             if let Some(m) = recovery::set_start(conn, &a)? {
                 show(conn, &m)?;

@@ -1,5 +1,6 @@
 //! `ferry cp plans create|replace|list|show|delete` and the plan jobs: `test-failover`,
-//! `test-failover-cleanup`, `failover`, `commit`, `cancel` (docs/recovery-plans.md).
+//! `test-failover-cleanup`, `failover`, `commit`, `cancel` (docs/recovery-plans.md),
+//! `reprotect` and `failback` (docs/failback.md).
 //! An admin token changes plans, an operator's runs them, a viewer's reads them.
 
 use std::path::PathBuf;
@@ -97,7 +98,26 @@ pub enum Verb {
         #[arg(long)]
         host: Option<String>,
     },
-    /// Commit the plan's failover
+    /// Reprotect every machine of the plan, group by group (docs/failback.md)
+    Reprotect {
+        name: String,
+        /// The recovery host at the home site that writes the home disks
+        #[arg(long, value_name = "HOST")]
+        master_target: String,
+        /// A machine's disk and its home disk on the master target, as
+        /// MACHINE:DISK=PATH; one for every disk of every machine
+        #[arg(long = "disk", value_name = "MACHINE:DISK=PATH")]
+        disks: Vec<String>,
+    },
+    /// Fail every reprotected machine of the plan back home, group by group; the
+    /// actions whose directions hold reverse run (FERRY_DIRECTION=reverse)
+    Failback {
+        name: String,
+        /// The recovery site is lost: each machine gets the newest reverse point
+        #[arg(long)]
+        unplanned: bool,
+    },
+    /// Commit the plan's failover (or failback)
     Commit { name: String },
     /// Cancel the plan's failover: the sources resume
     Cancel { name: String },
@@ -205,6 +225,30 @@ fn post_job(conn: &Conn, name: &str, what: &str, body: Option<Value>) -> Result<
     show_job(conn, &job)
 }
 
+/// `MACHINE:DISK=PATH` arguments as `{machine: {disk: path}}`.
+fn plan_disks(args: &[String]) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    for a in args {
+        let Some((md, path)) = a.split_once('=') else {
+            anyhow::bail!("--disk {a:?} must be MACHINE:DISK=PATH");
+        };
+        let Some((m, d)) = md.split_once(':') else {
+            anyhow::bail!("--disk {a:?} must be MACHINE:DISK=PATH");
+        };
+        check_name("machine", m)?;
+        check_name("disk", d)?;
+        if !path.starts_with('/') {
+            anyhow::bail!("--disk {a}: the home disk's path must be absolute");
+        }
+        let disks = out.entry(m.to_string()).or_insert_with(|| json!({}));
+        if disks.get(d).is_some() {
+            anyhow::bail!("--disk {m}:{d} is given twice");
+        }
+        disks[d] = json!(path);
+    }
+    Ok(Value::Object(out))
+}
+
 fn with_host(mut v: Value, host: Option<String>) -> Result<Value> {
     if let Some(h) = host {
         check_name("recovery host", &h)?;
@@ -291,7 +335,45 @@ pub fn run(conn: &Conn, verb: Verb) -> Result<()> {
             }
             post_job(conn, &name, "failover", Some(with_host(body, host)?))
         }
+        Verb::Reprotect {
+            name,
+            master_target,
+            disks,
+        } => {
+            check_name("master target", &master_target)?;
+            let body = json!({"master_target": master_target, "disks": plan_disks(&disks)?});
+            post_job(conn, &name, "reprotect", Some(body))
+        }
+        Verb::Failback { name, unplanned } => {
+            let body = json!({"direction": "home", "planned": !unplanned});
+            post_job(conn, &name, "failover", Some(body))
+        }
         Verb::Commit { name } => post_job(conn, &name, "commit", None),
         Verb::Cancel { name } => post_job(conn, &name, "cancel", None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_disks_nest_by_machine_and_bad_ones_are_refused() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            plan_disks(&args(&["m1:sda=/h/a", "m1:sdb=/h/b", "m2:sda=/dev/sdc"])).unwrap(),
+            json!({"m1": {"sda": "/h/a", "sdb": "/h/b"}, "m2": {"sda": "/dev/sdc"}})
+        );
+        for (bad, says) in [
+            ("m1=/h/a", "MACHINE:DISK=PATH"),
+            ("m1:sda", "MACHINE:DISK=PATH"),
+            ("m1:sda=rel", "absolute"),
+            ("../m:sda=/a", "machine"),
+        ] {
+            let e = plan_disks(&args(&[bad])).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+        }
+        let e = plan_disks(&args(&["m1:sda=/a", "m1:sda=/b"])).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
     }
 }

@@ -290,7 +290,7 @@ fn print_job(job: &Value) {
     for line in disk_lines(job) {
         println!("{line}");
     }
-    for line in super::failback::synced_lines(job) {
+    for line in super::failback::lines(job) {
         println!("{line}");
     }
 }
@@ -379,7 +379,7 @@ fn follow(conn: &Conn, first: &Value, every: Duration) -> Result<()> {
         for line in disk_lines(&job) {
             println!("{line}");
         }
-        for line in super::failback::synced_lines(&job) {
+        for line in super::failback::lines(&job) {
             println!("{line}");
         }
     }

@@ -247,6 +247,9 @@ async fn refuse_leaking_cancel(state: &AppState, id: &str) -> Result<(), ApiErro
     let Some(job) = queue::get(&state.db, id).await? else {
         return Ok(());
     };
+    if job.kind == crate::recovery::jobs::FAILBACK && !job.state.is_ended() {
+        return refuse_frozen_cancel(state, &job).await;
+    }
     if job.kind != crate::recovery::jobs::TEST_FAILOVER || job.state.is_ended() {
         return Ok(());
     }
@@ -261,6 +264,28 @@ async fn refuse_leaking_cancel(state: &AppState, id: &str) -> Result<(), ApiErro
     Err(ApiError::Conflict(format!(
         "test failover job {id} made {live} work items still on its recovery host: clean it up          instead (POST /v1/machines/{}/test-failover-cleanup with a verdict, once it waits)",
         job.subject
+    )))
+}
+
+/// A failback that gave its last reverse item froze the recovery-site machine (its
+/// exports read-only): nothing unfreezes it, so it is not cancelled from then on.
+async fn refuse_frozen_cancel(state: &AppState, job: &Job) -> Result<(), ApiError> {
+    let frozen = work::for_job(&state.db, &job.id)
+        .await?
+        .into_iter()
+        .any(|w| {
+            matches!(
+                w.op,
+                ferry_link::control::wire::WorkOp::Reverse { last: true, .. }
+            )
+        });
+    if !frozen {
+        return Ok(());
+    }
+    Err(ApiError::Conflict(format!(
+        "failback job {} froze machine {}'s recovery-site copy (its last reverse round): \
+         no unfreeze exists, so it cannot be cancelled; resume it if it failed, then commit",
+        job.id, job.subject
     )))
 }
 

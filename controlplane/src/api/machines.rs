@@ -71,6 +71,39 @@ pub struct MachineRecovery {
     pub master_target: Option<String>,
     /// Reprotect: `{disk: path on the master target}`.
     pub home_disks: std::collections::BTreeMap<String, String>,
+    /// In direction reverse: the reverse replication as the master target's apply
+    /// item last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<ReverseReplication>,
+}
+
+/// A reprotected machine's reverse replication (docs/failback.md).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReverseReplication {
+    /// The newest reverse point applied at home, per disk (`wire::AppliedDisk`).
+    #[schema(value_type = Vec<Object>)]
+    pub applied: Vec<ferry_link::control::wire::AppliedDisk>,
+    /// Now minus the time of the oldest of those points (the reverse RPO); null
+    /// before every disk has one.
+    pub rpo_seconds: Option<f64>,
+}
+
+impl ReverseReplication {
+    /// `applied` as the apply item reported it, over the machine's `disks`.
+    pub fn of(
+        applied: Vec<ferry_link::control::wire::AppliedDisk>,
+        disks: usize,
+        now: f64,
+    ) -> Self {
+        let rpo_seconds = (disks > 0 && applied.len() >= disks)
+            .then(|| applied.iter().map(|a| a.at).min())
+            .flatten()
+            .map(|oldest| (now - oldest as f64).max(0.0));
+        ReverseReplication {
+            applied,
+            rpo_seconds,
+        }
+    }
 }
 
 /// What the control plane runs for a machine.
@@ -99,6 +132,25 @@ pub(crate) fn rfc3339(s: i64) -> String {
 struct Extras {
     recovery: HashMap<String, RecoveryRow>,
     start: std::collections::BTreeMap<String, String>,
+    /// Reverse machines: what their running apply item last reported.
+    applied: HashMap<String, Vec<ferry_link::control::wire::AppliedDisk>>,
+}
+
+/// The newest applied points the apply item of a reverse machine reported (the item
+/// keeps its figures while it runs).
+async fn applied_of(
+    state: &AppState,
+    r: &RecoveryRow,
+) -> Result<Vec<ferry_link::control::wire::AppliedDisk>, ApiError> {
+    for id in &r.items {
+        let Some(item) = crate::recovery::work::get(&state.db, id).await? else {
+            continue;
+        };
+        if item.op.kind() == "apply" && item.state != "removed" {
+            return Ok(item.result.map(|x| x.applied).unwrap_or_default());
+        }
+    }
+    Ok(Vec::new())
 }
 
 async fn extras(state: &AppState, rows: &[MachineRow]) -> Result<Extras, ApiError> {
@@ -106,18 +158,35 @@ async fn extras(state: &AppState, rows: &[MachineRow]) -> Result<Extras, ApiErro
         return Ok(Extras {
             recovery: HashMap::new(),
             start: Default::default(),
+            applied: HashMap::new(),
         });
     };
-    let recovery = recovery_state::in_range(&state.db, &first.name, &last.name)
-        .await?
-        .into_iter()
-        .map(|r| (r.machine.clone(), r))
-        .collect();
+    let recovery: HashMap<String, RecoveryRow> =
+        recovery_state::in_range(&state.db, &first.name, &last.name)
+            .await?
+            .into_iter()
+            .map(|r| (r.machine.clone(), r))
+            .collect();
     let start = recovery_state::start_actions_in_range(&state.db, &first.name, &last.name).await?;
-    Ok(Extras { recovery, start })
+    let mut applied = HashMap::new();
+    for r in recovery.values() {
+        if r.direction == recovery_state::REVERSE {
+            applied.insert(r.machine.clone(), applied_of(state, r).await?);
+        }
+    }
+    Ok(Extras {
+        recovery,
+        start,
+        applied,
+    })
 }
 
 fn view(m: MachineRow, policies: &HashMap<String, Policy>, now: f64, x: &mut Extras) -> Machine {
+    let reverse = x
+        .applied
+        .remove(&m.name)
+        .map(|a| (a, x.recovery.get(&m.name).map_or(0, |r| r.home_disks.len())))
+        .map(|(a, disks)| ReverseReplication::of(a, disks, now));
     let recovery = x.recovery.remove(&m.name).map(|r| MachineRecovery {
         state: r.state,
         active_site: r.active_site,
@@ -128,6 +197,7 @@ fn view(m: MachineRow, policies: &HashMap<String, Policy>, now: f64, x: &mut Ext
         direction: r.direction,
         master_target: r.master_target,
         home_disks: r.home_disks,
+        reverse,
     });
     let (active_site, direction) = recovery.as_ref().map_or_else(
         || ("home".to_string(), recovery_state::FORWARD.to_string()),

@@ -166,11 +166,15 @@ impl Page {
         webhooks::list, webhooks::create, webhooks::get, webhooks::delete,
         recovery::test_failover, recovery::test_failover_cleanup, recovery::failover,
         recovery::change_point, recovery::commit, recovery::cancel, recovery::reprotect,
+        recovery::re_enable,
         plans::list, plans::create, plans::get, plans::replace, plans::delete,
         plans::test_failover, plans::test_failover_cleanup, plans::failover, plans::commit,
-        plans::cancel,
+        plans::cancel, plans::reprotect,
     ),
-    components(schemas(error::Problem)),
+    components(schemas(
+        error::Problem,
+        crate::recovery::jobs::enqueue::FailbackRequest
+    )),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -310,6 +314,7 @@ fn routes() -> Routes {
     .add(Post, "/v1/machines/{name}/commit", recovery::commit)
     .add(Post, "/v1/machines/{name}/cancel", recovery::cancel)
     .add(Post, "/v1/machines/{name}/reprotect", recovery::reprotect)
+    .add(Post, "/v1/machines/{name}/re-enable", recovery::re_enable)
     .add(Get, "/v1/recovery-plans", plans::list)
     .add(Post, "/v1/recovery-plans", plans::create)
     .add(Get, "/v1/recovery-plans/{name}", plans::get)
@@ -326,6 +331,11 @@ fn routes() -> Routes {
         plans::test_failover_cleanup,
     )
     .add(Post, "/v1/recovery-plans/{name}/failover", plans::failover)
+    .add(
+        Post,
+        "/v1/recovery-plans/{name}/reprotect",
+        plans::reprotect,
+    )
     .add(Post, "/v1/recovery-plans/{name}/commit", plans::commit)
     .add(Post, "/v1/recovery-plans/{name}/cancel", plans::cancel)
 }

@@ -60,6 +60,19 @@ pub struct FailoverRequest {
     pub point: Option<String>,
     pub target: Target,
     pub host: Option<String>,
+    /// `recovery` (default); `home` is a failback of every machine and takes
+    /// `{"direction": "home", "planned": true|false}` only (docs/failback.md).
+    pub direction: Option<String>,
+}
+
+/// `POST .../reprotect` (docs/failback.md).
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReprotectRequest {
+    /// The recovery host at the home site that writes the home disks.
+    pub master_target: String,
+    /// `{machine: {disk: path on the master target}}`, every machine of the plan.
+    pub disks: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 /// `POST .../test-failover-cleanup`.
@@ -293,10 +306,25 @@ pub async fn failover(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-    Body(req): Body<FailoverRequest>,
+    Body(body): Body<serde_json::Value>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     caller.require(Role::Operator)?;
     checked_name(&name)?;
+    // The direction picks the operation, as on one machine's failover.
+    if body.get("direction").and_then(|d| d.as_str()) == Some("home") {
+        let r: crate::recovery::jobs::enqueue::FailbackRequest = serde_json::from_value(body)
+            .map_err(|e| ApiError::BadRequest(format!("a plan's failback: {e}")))?;
+        let op = Operation::Failback { planned: r.planned };
+        let job = job::enqueue(&state.jobs, &name, op, None).await?;
+        return Ok((StatusCode::ACCEPTED, Json(job)));
+    }
+    let req: FailoverRequest = serde_json::from_value(body)
+        .map_err(|e| ApiError::BadRequest(format!("a plan's failover: {e}")))?;
+    if let Some(d) = req.direction.as_deref().filter(|d| *d != "recovery") {
+        return Err(ApiError::BadRequest(format!(
+            "direction {d:?} must be recovery (a failover) or home (a failback)"
+        )));
+    }
     checked_host(&req.host)?;
     if req.planned && req.point.is_some() {
         return Err(ApiError::BadRequest(
@@ -315,6 +343,27 @@ pub async fn failover(
         host: req.host,
     };
     let job = job::enqueue(&state.jobs, &name, op, point.as_deref()).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+#[utoipa::path(post, path = "/v1/recovery-plans/{name}/reprotect", tag = "recovery-plans",
+    params(("name" = String, Path)), request_body = ReprotectRequest, security(("bearer" = [])),
+    responses((status = 202, body = Job, description = "the plan job, queued: each machine's reprotect, group by group"),
+        (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn reprotect(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(req): Body<ReprotectRequest>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
+    caller.require(Role::Operator)?;
+    checked_name(&name)?;
+    super::machines::checked("master target", &req.master_target)?;
+    let op = Operation::Reprotect {
+        master_target: req.master_target,
+        disks: req.disks,
+    };
+    let job = job::enqueue(&state.jobs, &name, op, None).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 

@@ -1,5 +1,6 @@
 //! `/v1/machines/{name}/...`: the recovery jobs of one machine (operator): test
-//! failover and its cleanup, failover, change-point, commit, cancel, reprotect. Each POST
+//! failover and its cleanup, failover (and failback), change-point, commit, cancel,
+//! reprotect, re-enable. Each POST
 //! answers the job it queued (then `GET /v1/jobs/{id}` follows it); what can be
 //! refused is refused before a job exists (`recovery::jobs::enqueue`).
 
@@ -111,7 +112,8 @@ pub async fn test_failover_cleanup(
 }
 
 #[utoipa::path(post, path = "/v1/machines/{name}/failover", tag = "recovery",
-    params(("name" = String, Path)), request_body = FailoverRequest,
+    params(("name" = String, Path)),
+    request_body(content = FailoverRequest, description = "a failover; with `\"direction\": \"home\"` a failback (FailbackRequest: `planned`, default true)"),
     security(("bearer" = [])),
     responses((status = 202, body = Job), (status = 400, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem),
@@ -120,9 +122,34 @@ pub async fn failover(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-    Body(req): Body<FailoverRequest>,
+    Body(req): Body<serde_json::Value>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    queue_job(&state, &caller, jobs::FAILOVER, &name, to_json(&req)?).await
+    // The direction picks the job: home is a failback (docs/failback.md), with a body
+    // of its own; anything else is checked as a failover's.
+    let kind = match req.get("direction") {
+        Some(serde_json::Value::String(d)) if d == "home" => jobs::FAILBACK,
+        None => jobs::FAILOVER,
+        Some(serde_json::Value::String(d)) if d == "recovery" => jobs::FAILOVER,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "direction {other} must be recovery (a failover) or home (a failback)"
+            )))
+        }
+    };
+    queue_job(&state, &caller, kind, &name, req).await
+}
+
+#[utoipa::path(post, path = "/v1/machines/{name}/re-enable", tag = "recovery",
+    params(("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 202, body = Job, description = "queued: the failed-back machine's agent resumes forward protection; the job waits until it resynced and uploaded a point"),
+        (status = 400, body = Problem), (status = 409, body = Problem)))]
+pub async fn re_enable(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
+    queue_job(&state, &caller, jobs::RE_ENABLE, &name, no_params(&body)?).await
 }
 
 #[utoipa::path(post, path = "/v1/machines/{name}/change-point", tag = "recovery",

@@ -136,6 +136,23 @@ fn check_report(r: &WorkReport) -> Result<(), String> {
         for d in &res.synced {
             ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
         }
+        if res.rounds.len() > MAX_WORK_ITEMS || res.applied.len() > MAX_WORK_ITEMS {
+            return Err(format!(
+                "report {}: {} rounds and {} applied disks; at most {MAX_WORK_ITEMS} each",
+                r.id,
+                res.rounds.len(),
+                res.applied.len()
+            ));
+        }
+        let points = res
+            .rounds
+            .iter()
+            .map(|d| (&d.disk, &d.point))
+            .chain(res.applied.iter().map(|d| (&d.disk, &d.point)));
+        for (disk, point) in points {
+            ferry_replica::layout::check_name("disk", disk).map_err(|e| e.to_string())?;
+            too_long("a disk's point", point, MAX_POINT_ID_BYTES)?;
+        }
         for d in &res.disks {
             ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
             too_long("a disk's point", &d.point, MAX_POINT_ID_BYTES)?;
@@ -340,5 +357,47 @@ mod tests {
         let mut hb = beat(Vec::new());
         hb.name = "no/slash".into();
         assert!(check_heartbeat(&hb).is_err());
+    }
+
+    #[test]
+    fn reverse_rounds_and_applied_points_are_bounded() {
+        use ferry_link::control::wire::{AppliedDisk, RoundDisk};
+        let round = |disk: &str, point: &str| RoundDisk {
+            disk: disk.into(),
+            point: point.into(),
+            at: 1,
+            bytes_data: 1,
+            bytes_sent: 1,
+            total_bytes_sent: 1,
+        };
+        let with = |rounds: Vec<RoundDisk>, applied: Vec<AppliedDisk>| {
+            let mut r = report("j-0-m", "running");
+            r.result = Some(WorkResult {
+                rounds,
+                applied,
+                ..WorkResult::default()
+            });
+            beat(vec![r])
+        };
+        assert_eq!(
+            check_heartbeat(&with(vec![round("sda", "r1")], vec![])),
+            Ok(())
+        );
+        assert!(check_heartbeat(&with(vec![round("../sda", "r1")], vec![])).is_err());
+        let long = "p".repeat(MAX_POINT_ID_BYTES + 1);
+        let e = check_heartbeat(&with(vec![round("sda", &long)], vec![])).unwrap_err();
+        assert!(e.contains("point"), "{e}");
+        let applied = AppliedDisk {
+            disk: "sda".into(),
+            point: "r1".into(),
+            at: 1,
+            bytes_written: 1,
+            bytes_fetched: 1,
+            total_bytes_written: 1,
+            verified: None,
+        };
+        let many = vec![applied; MAX_WORK_ITEMS + 1];
+        let e = check_heartbeat(&with(vec![], many)).unwrap_err();
+        assert!(e.contains("applied"), "{e}");
     }
 }

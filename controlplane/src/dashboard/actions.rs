@@ -55,10 +55,17 @@ pub enum MachineAction {
     ChangePoint,
     Commit,
     Cancel,
+    /// A reprotected machine home (docs/failback.md).
+    FailbackPlanned,
+    FailbackUnplanned,
+    /// A failback's commit: the recovery-site copies go.
+    CommitFailback,
+    /// A failed-back machine's forward protection resumed.
+    ReEnable,
 }
 
 impl MachineAction {
-    pub const ALL: [MachineAction; 7] = [
+    pub const ALL: [MachineAction; 11] = [
         MachineAction::TestFailover,
         MachineAction::Cleanup,
         MachineAction::FailoverPlanned,
@@ -66,6 +73,10 @@ impl MachineAction {
         MachineAction::ChangePoint,
         MachineAction::Commit,
         MachineAction::Cancel,
+        MachineAction::FailbackPlanned,
+        MachineAction::FailbackUnplanned,
+        MachineAction::CommitFailback,
+        MachineAction::ReEnable,
     ];
 
     /// Its part of the form's URL.
@@ -78,6 +89,10 @@ impl MachineAction {
             MachineAction::ChangePoint => "change-point",
             MachineAction::Commit => "commit",
             MachineAction::Cancel => "cancel",
+            MachineAction::FailbackPlanned => "failback-planned",
+            MachineAction::FailbackUnplanned => "failback-unplanned",
+            MachineAction::CommitFailback => "commit-failback",
+            MachineAction::ReEnable => "re-enable",
         }
     }
 
@@ -95,6 +110,10 @@ impl MachineAction {
             MachineAction::ChangePoint => "Change point",
             MachineAction::Commit => "Commit",
             MachineAction::Cancel => "Cancel failover",
+            MachineAction::FailbackPlanned => "Fail back (planned)",
+            MachineAction::FailbackUnplanned => "Fail back (unplanned)",
+            MachineAction::CommitFailback => "Commit failback",
+            MachineAction::ReEnable => "Re-enable protection",
         }
     }
 
@@ -127,6 +146,23 @@ impl MachineAction {
             MachineAction::Cancel => {
                 "The recovery disks are removed (with any writes made to them) and the \
                  source resumes replicating."
+            }
+            MachineAction::FailbackPlanned => {
+                "The machine at the recovery site is frozen (stopped, its disks read-only), \
+                 a final point is applied to the home disks and checked block by block; \
+                 then the machine is active at home. This cannot be cancelled."
+            }
+            MachineAction::FailbackUnplanned => {
+                "The home disks get the newest reverse point there is (the recovery site \
+                 is taken as lost); writes at the recovery site after it are lost."
+            }
+            MachineAction::CommitFailback => {
+                "The failback becomes final: the recovery-site copies (disks, started \
+                 machine, reverse replication) and the reverse replica are deleted."
+            }
+            MachineAction::ReEnable => {
+                "The machine's agent at home writes again and resyncs with the recovery \
+                 site by checksum; the recovery-site failover is forgotten."
             }
             MachineAction::TestFailover | MachineAction::Cleanup => "",
         }
@@ -180,6 +216,14 @@ impl MachineAction {
             }
             MachineAction::Commit => ("commit", json!({})),
             MachineAction::Cancel => ("cancel", json!({})),
+            MachineAction::FailbackPlanned => {
+                ("failover", json!({"direction": "home", "planned": true}))
+            }
+            MachineAction::FailbackUnplanned => {
+                ("failover", json!({"direction": "home", "planned": false}))
+            }
+            MachineAction::CommitFailback => ("commit", json!({})),
+            MachineAction::ReEnable => ("re-enable", json!({})),
         };
         Ok((format!("/v1/machines/{machine}/{verb}"), body))
     }
@@ -507,6 +551,25 @@ mod tests {
         assert_eq!(
             req(MachineAction::Cancel, &none).0,
             "/v1/machines/db1/cancel"
+        );
+        assert_eq!(
+            req(MachineAction::FailbackPlanned, &none),
+            (
+                "/v1/machines/db1/failover".to_string(),
+                json!({"direction": "home", "planned": true})
+            )
+        );
+        assert_eq!(
+            req(MachineAction::FailbackUnplanned, &none).1,
+            json!({"direction": "home", "planned": false})
+        );
+        assert_eq!(
+            req(MachineAction::CommitFailback, &none),
+            ("/v1/machines/db1/commit".to_string(), json!({}))
+        );
+        assert_eq!(
+            req(MachineAction::ReEnable, &none),
+            ("/v1/machines/db1/re-enable".to_string(), json!({}))
         );
         let form = Form::parse(b"form_token=t&point=+2026-01-01T00%3A00%3A00Z+");
         assert_eq!(

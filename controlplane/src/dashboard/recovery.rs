@@ -117,10 +117,11 @@ pub async fn active_jobs(db: &Db, prefix: &str) -> Result<HashMap<String, String
 /// nothing (the API would answer 409).
 pub fn actions(failover: Option<&Failover>, job: Option<&Job>) -> Vec<MachineAction> {
     if let Some(j) = job {
-        return if j.kind == "test-failover" && j.state == JobState::WaitingForInput {
-            vec![MachineAction::Cleanup]
-        } else {
-            Vec::new()
+        return match (j.kind.as_str(), &j.state) {
+            ("test-failover", JobState::WaitingForInput) => vec![MachineAction::Cleanup],
+            // A failback waiting for its commit: the commit resumes it.
+            ("failback", JobState::WaitingForInput) => vec![MachineAction::CommitFailback],
+            _ => Vec::new(),
         };
     }
     match failover.map(|f| f.state.as_str()) {
@@ -135,6 +136,17 @@ pub fn actions(failover: Option<&Failover>, job: Option<&Job>) -> Vec<MachineAct
             MachineAction::Commit,
             MachineAction::Cancel,
         ],
+        // Reprotected: failback; failed back: its commit; committed: re-enable.
+        Some("committed") => match failover.map(|f| (f.direction.as_str(), f.active_site.as_str()))
+        {
+            Some(("reverse", "recovery")) => vec![
+                MachineAction::FailbackPlanned,
+                MachineAction::FailbackUnplanned,
+            ],
+            Some(("reverse", "home")) => vec![MachineAction::CommitFailback],
+            _ => Vec::new(),
+        },
+        Some("failed-back") => vec![MachineAction::ReEnable],
         Some(_) => Vec::new(),
     }
 }
@@ -370,6 +382,21 @@ mod tests {
         assert_eq!(actions(Some(&fo), None), vec![ChangePoint, Commit, Cancel]);
         assert_eq!(actions(Some(&failover("preparing")), None), vec![Cancel]);
         assert!(actions(Some(&failover("committed")), None).is_empty());
+        // Failback (docs/failback.md): reprotected, failed back, committed.
+        let mut rev = failover("committed");
+        rev.direction = "reverse".into();
+        assert_eq!(
+            actions(Some(&rev), None),
+            vec![FailbackPlanned, FailbackUnplanned]
+        );
+        rev.active_site = "home".into();
+        assert_eq!(actions(Some(&rev), None), vec![CommitFailback]);
+        assert_eq!(
+            actions(Some(&failover("failed-back")), None),
+            vec![ReEnable]
+        );
+        let waiting = job("failback", JobState::WaitingForInput);
+        assert_eq!(actions(Some(&rev), Some(&waiting)), vec![CommitFailback]);
     }
 
     #[test]

@@ -81,12 +81,20 @@ async fn policy_of(db: &Db, machine: &str) -> crate::db::Result<Policy> {
         .unwrap_or_else(Policy::default_policy))
 }
 
+/// A failback's reverse replica (`M.reverse`, docs/failback.md): its points are
+/// applied at home in order and the failback's commit deletes it whole, so retention
+/// never compacts or prunes it (a compaction would fold points the master target has
+/// not applied yet).
+pub fn is_reverse(machine: &str) -> bool {
+    machine.ends_with(".reverse")
+}
+
 /// Queues one retention job per machine in the store (none for a machine with an
 /// active one); the ids queued.
 pub async fn schedule(db: &Db, access: &Arc<StoreAccess>) -> Result<Vec<String>, String> {
     let mut queued = Vec::new();
     for (machine, disks) in machines_in_store(access).await? {
-        if disks.is_empty() {
+        if disks.is_empty() || is_reverse(&machine) {
             continue;
         }
         let policy = policy_of(db, &machine).await.map_err(|e| e.to_string())?;
@@ -157,6 +165,14 @@ pub async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<(), String
         .get(seq)
         .cloned()
         .ok_or_else(|| format!("no disk for task {seq}"))?;
+    if is_reverse(&params.machine) {
+        // A job queued by hand or by an older control plane: nothing is compacted.
+        tracing::info!(
+            "retention of {}: a reverse replica is never compacted",
+            params.machine
+        );
+        return Ok(());
+    }
     let keep = chrono::Duration::hours(i64::from(params.retention_hours));
     let machine = params.machine.clone();
     let report = tokio::task::spawn_blocking(move || {
@@ -181,4 +197,29 @@ pub async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<(), String
         r.objects_deleted
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_replica::{Disk, Store, VaultKey};
+
+    #[tokio::test]
+    async fn schedule_skips_reverse_replicas() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+        let store = Store::open(&format!("file://{}/store", dir.path().display())).unwrap();
+        let vault = VaultKey::generate();
+        for m in ["m1", "m1.reverse"] {
+            Disk::open_or_create(&store, m, "sda", &vault, 4096, 256 << 10)
+                .await
+                .unwrap();
+        }
+        let access = Arc::new(StoreAccess { store, vault });
+        let queued = schedule(&db, &access).await.unwrap();
+        assert_eq!(queued.len(), 1, "{queued:?}");
+        let job = queue::get(&db, &queued[0]).await.unwrap().unwrap();
+        assert_eq!(job.subject, "m1");
+        assert!(is_reverse("m1.reverse") && !is_reverse("m1"));
+    }
 }

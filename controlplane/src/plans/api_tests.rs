@@ -207,6 +207,49 @@ async fn plans_are_created_listed_replaced_and_deleted_and_bad_input_is_refused(
         409,
         "no test failover waiting",
     );
+    // Failback's direction, and its own body; reprotect needs every machine's disks.
+    expect(
+        s.call(
+            "POST",
+            "/v1/recovery-plans/shop/failover",
+            Some(json!({"direction": "sideways", "planned": true, "target": {"kind": "nbd"}})),
+        )
+        .await,
+        400,
+        "must be recovery (a failover) or home",
+    );
+    expect(
+        s.call(
+            "POST",
+            "/v1/recovery-plans/shop/failover",
+            Some(json!({"direction": "home", "target": {"kind": "nbd"}})),
+        )
+        .await,
+        400,
+        "unknown field",
+    );
+    expect(
+        s.call(
+            "POST",
+            "/v1/recovery-plans/shop/reprotect",
+            Some(json!({"master_target": "rh1", "disks": {"m1": {"sda": "/h/a"}}})),
+        )
+        .await,
+        400,
+        "has no home disks",
+    );
+    let (st, job) = s
+        .call(
+            "POST",
+            "/v1/recovery-plans/shop/failover",
+            Some(json!({"direction": "home", "planned": false})),
+        )
+        .await;
+    assert_eq!((st, &job["kind"]), (202, &json!("plan-failback")), "{job}");
+    assert_eq!(job["params"]["direction"], "reverse");
+    queue::cancel(&s.db, job["id"].as_str().unwrap())
+        .await
+        .unwrap();
     let (st, job) = s
         .call(
             "POST",

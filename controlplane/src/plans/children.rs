@@ -13,6 +13,8 @@ pub enum ChildKind {
     Failover { planned: bool },
     Commit,
     CancelFailover,
+    Reprotect,
+    Failback { planned: bool },
 }
 
 impl ChildKind {
@@ -22,6 +24,8 @@ impl ChildKind {
             ChildKind::Failover { .. } => "failover",
             ChildKind::Commit => "commit",
             ChildKind::CancelFailover => "cancel-failover",
+            ChildKind::Reprotect => "reprotect",
+            ChildKind::Failback { .. } => "failback",
         }
     }
 
@@ -49,6 +53,37 @@ impl ChildKind {
             }
             ChildKind::Commit => &["mark committed"],
             ChildKind::CancelFailover => &["remove recovery disks", "resume source"],
+            ChildKind::Reprotect => &[
+                "check reprotect",
+                "sync home disks",
+                "start reverse replication",
+                "apply at home",
+                "mark reverse",
+            ],
+            ChildKind::Failback { planned: true } => &[
+                "check failback",
+                "stop reverse replication",
+                "take final point",
+                "stop applying",
+                "apply final point",
+                "mark active at home",
+                "wait for commit",
+                "remove recovery-site copies",
+                "remove master target's apply",
+                "delete reverse replica",
+                "mark failed back",
+            ],
+            ChildKind::Failback { planned: false } => &[
+                "check failback",
+                "stop applying",
+                "apply final point",
+                "mark active at home",
+                "wait for commit",
+                "remove recovery-site copies",
+                "remove master target's apply",
+                "delete reverse replica",
+                "mark failed back",
+            ],
         }
     }
 

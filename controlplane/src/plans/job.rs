@@ -12,6 +12,11 @@
 //!   machine jobs, done once they succeeded.
 //! - `plan-commit`: `group G: machines` in order (`commit` jobs).
 //! - `plan-cancel`: `group G: machines` in reverse order (`cancel-failover` jobs).
+//! - `plan-reprotect`: `group G: machines` in order (`reprotect` jobs, each machine's
+//!   home disks as the plan job was given them); no actions.
+//! - `plan-failback` (planned or unplanned): the groups in order with `failback`
+//!   machine jobs and the actions of the failover type whose `directions` hold
+//!   `reverse` (`FERRY_DIRECTION=reverse`).
 //!
 //! The job's params also record what it decided while it ran (each machine's child
 //! job, the verdict), written under its lease, so that a task run again after a kill
@@ -36,7 +41,9 @@ pub const TEST_FAILOVER: &str = "plan-test-failover";
 pub const FAILOVER: &str = "plan-failover";
 pub const COMMIT: &str = "plan-commit";
 pub const CANCEL: &str = "plan-cancel";
-pub const KINDS: [&str; 4] = [TEST_FAILOVER, FAILOVER, COMMIT, CANCEL];
+pub const REPROTECT: &str = "plan-reprotect";
+pub const FAILBACK: &str = "plan-failback";
+pub const KINDS: [&str; 6] = [TEST_FAILOVER, FAILOVER, COMMIT, CANCEL, REPROTECT, FAILBACK];
 
 /// The task of a test failover that waits for the operator's verdict.
 pub const WAIT_FOR_CLEANUP: &str = "wait for cleanup";
@@ -79,6 +86,17 @@ pub enum Operation {
     },
     Commit,
     Cancel,
+    /// Failback's first step (docs/failback.md): each machine's home disks on the
+    /// master target.
+    Reprotect {
+        master_target: String,
+        /// `{machine: {disk: path on the master target}}`.
+        disks: BTreeMap<String, BTreeMap<String, String>>,
+    },
+    /// The machines home (direction reverse).
+    Failback {
+        planned: bool,
+    },
 }
 
 impl Operation {
@@ -88,6 +106,17 @@ impl Operation {
             Operation::Failover { .. } => FAILOVER,
             Operation::Commit => COMMIT,
             Operation::Cancel => CANCEL,
+            Operation::Reprotect { .. } => REPROTECT,
+            Operation::Failback { .. } => FAILBACK,
+        }
+    }
+
+    /// The direction its actions are chosen by (`FERRY_DIRECTION`): reverse for a
+    /// failback, forward for everything else.
+    pub fn direction(&self) -> Direction {
+        match self {
+            Operation::Failback { .. } => Direction::Reverse,
+            _ => Direction::Forward,
         }
     }
 
@@ -97,7 +126,9 @@ impl Operation {
             Operation::TestFailover { .. } => Some(FailoverType::Test),
             Operation::Failover { planned: true, .. } => Some(FailoverType::Planned),
             Operation::Failover { planned: false, .. } => Some(FailoverType::Unplanned),
-            Operation::Commit | Operation::Cancel => None,
+            Operation::Failback { planned: true } => Some(FailoverType::Planned),
+            Operation::Failback { planned: false } => Some(FailoverType::Unplanned),
+            Operation::Commit | Operation::Cancel | Operation::Reprotect { .. } => None,
         }
     }
 
@@ -107,11 +138,13 @@ impl Operation {
             Operation::Failover { planned, .. } => ChildKind::Failover { planned: *planned },
             Operation::Commit => ChildKind::Commit,
             Operation::Cancel => ChildKind::CancelFailover,
+            Operation::Reprotect { .. } => ChildKind::Reprotect,
+            Operation::Failback { planned } => ChildKind::Failback { planned: *planned },
         }
     }
 
     /// The body of machine `m`'s job (its POST's), given its point.
-    pub fn child_params(&self, point: Option<&str>) -> Value {
+    pub fn child_params(&self, m: &str, point: Option<&str>) -> Value {
         let with_host = |mut v: Value, host: &Option<String>| {
             if let Some(h) = host {
                 v["host"] = json!(h);
@@ -135,6 +168,14 @@ impl Operation {
                 with_host(v, host)
             }
             Operation::Commit | Operation::Cancel => json!({}),
+            Operation::Reprotect {
+                master_target,
+                disks,
+            } => json!({
+                "master_target": master_target,
+                "disks": disks.get(m).cloned().unwrap_or_default(),
+            }),
+            Operation::Failback { planned } => json!({"direction": "home", "planned": planned}),
         }
     }
 }
@@ -146,7 +187,7 @@ pub struct Params {
     /// The plan as it was when the job was queued.
     pub plan: Plan,
     pub operation: Operation,
-    /// `forward` (failback, `reverse`, is the next issue).
+    /// `forward`, or `reverse` for a failback.
     pub direction: Direction,
     /// The point each machine's job is given: a replication group's members share
     /// one group point, resolved once when the job was queued.
@@ -303,9 +344,10 @@ async fn latest_group_point(
     .map_err(|e| PlanError::BadRequest(format!("replication group {group}: {e}")))
 }
 
-/// Whether every machine of `plan` exists and has no recovery job active; the first
-/// that breaks this is the error.
-pub async fn check_machines(db: &Db, plan: &Plan) -> Result<(), PlanError> {
+/// Whether every machine of `plan` exists and has no recovery job active (but, for a
+/// commit, a failback waiting for its commit: the commit resumes it); the first that
+/// breaks this is the error.
+pub async fn check_machines(db: &Db, plan: &Plan, commit: bool) -> Result<(), PlanError> {
     for m in plan.machines() {
         let exists = crate::registry::machines::get(db, m)
             .await?
@@ -316,9 +358,13 @@ pub async fn check_machines(db: &Db, plan: &Plan) -> Result<(), PlanError> {
                 plan.name
             )));
         }
-        if let Some((id, kind)) =
-            super::store::active_job(db, &super::children::machine_key(m)).await?
-        {
+        let active = crate::recovery::jobs::state::active_job(db, m).await?;
+        let resumed_by_commit = |kind: &str, st: &str| {
+            commit
+                && kind == crate::recovery::jobs::FAILBACK
+                && st == crate::jobs::JobState::WaitingForInput.as_str()
+        };
+        if let Some((id, kind, _)) = active.filter(|(_, k, st)| !resumed_by_commit(k, st)) {
             return Err(PlanError::Conflict(format!(
                 "machine {m} of plan {} has a {kind} job active: {id}",
                 plan.name
@@ -346,15 +392,30 @@ pub async fn enqueue(
             "plan {name} has a {kind} job active: {id}"
         )));
     }
-    check_machines(db, &plan).await?;
+    check_machines(db, &plan, matches!(operation, Operation::Commit)).await?;
     let points = match point {
         Some(p) => resolve_points(db, ctx.store.as_ref(), &plan, p).await?,
         None => BTreeMap::new(),
     };
+    if let Operation::Reprotect { disks, .. } = &operation {
+        if let Some(m) = plan.machines().find(|m| !disks.contains_key(*m)) {
+            return Err(PlanError::BadRequest(format!(
+                "plan {name}: machine {m} has no home disks: give each machine's disks"
+            )));
+        }
+        if let Some(m) = disks
+            .keys()
+            .find(|m| !plan.machines().any(|p| p == m.as_str()))
+        {
+            return Err(PlanError::BadRequest(format!(
+                "plan {name} has no machine {m}"
+            )));
+        }
+    }
     let params = Params {
         plan,
+        direction: operation.direction(),
         operation,
-        direction: Direction::Forward,
         points,
         children: BTreeMap::new(),
         verdict: None,

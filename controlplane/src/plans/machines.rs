@@ -48,6 +48,12 @@ fn seen_bringing_up(kind: ChildKind, state: JobState) -> Seen {
     match state {
         JobState::Queued | JobState::Running => Seen::InProgress,
         JobState::WaitingForInput if kind.up_when_waiting() => Seen::Reached,
+        // A failback is home once it waits for its commit (or committed since).
+        JobState::WaitingForInput | JobState::Succeeded
+            if matches!(kind, ChildKind::Failback { .. }) =>
+        {
+            Seen::Reached
+        }
         JobState::WaitingForInput => Seen::InProgress,
         JobState::Succeeded if kind.up_when_waiting() => Seen::CleanedUp,
         JobState::Succeeded => Seen::Reached,
@@ -151,7 +157,7 @@ async fn start_child(
     m: &str,
 ) -> Result<String, String> {
     let point = params.points.get(m).map(String::as_str);
-    let body = params.operation.child_params(point);
+    let body = params.operation.child_params(m, point);
     if let Some(id) = enqueue_child(&ctx.db, ctx.store.as_ref(), kind, m, &body).await? {
         return Ok(id);
     }

@@ -54,8 +54,8 @@ impl FailoverType {
     }
 }
 
-/// Forward: home to recovery site. Reverse: failback (the next issue); accepted in a
-/// plan so that plans need not change then, never run now.
+/// Forward: home to recovery site. Reverse: failback (docs/failback.md): a plan's
+/// failback runs the actions whose directions hold it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Direction {

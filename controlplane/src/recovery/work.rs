@@ -231,7 +231,9 @@ fn checked_disks(op: &WorkOp, reported: &[DiskProgress]) -> Vec<DiskProgress> {
 
 /// Records what `host` reports of its items. A report about an item of another host,
 /// an unknown or a removed one is ignored; an ended item keeps its end (the host
-/// re-reports results after a restart, and the first word counts).
+/// re-reports results after a restart, and the first word counts). A running item's
+/// result is kept too (failback's reverse and apply items report their newest round
+/// while they run), and a report without one keeps the last.
 pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i64) -> Result<()> {
     for r in reports {
         if !matches!(r.state.as_str(), "running" | "succeeded" | "failed") {
@@ -260,7 +262,7 @@ pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i6
         let rate = figure(r.bytes_per_s);
         sqlx::query(
             "UPDATE recovery_work SET state = $1, progress = $2, bytes_per_s = $3, \
-             result = $4, error = $5, updated_at = $6, disk_progress = $9 \
+             result = COALESCE($4, result), error = $5, updated_at = $6, disk_progress = $9 \
              WHERE id = $7 AND host = $8 AND state IN ('pending', 'running')",
         )
         .bind(r.state.clone())
@@ -399,6 +401,61 @@ mod tests {
                 point: "p1".into(),
             }],
         }
+    }
+
+    #[tokio::test]
+    async fn a_running_items_result_is_kept_until_a_newer_one() {
+        use ferry_link::control::wire::AppliedDisk;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+        let id = item_id("j1", 0, "m1");
+        submit(&db, &id, "rh1", "j1", "m1", &serve("sda"), 1)
+            .await
+            .unwrap();
+        let applied = |point: &str| WorkResult {
+            applied: vec![AppliedDisk {
+                disk: "sda".into(),
+                point: point.into(),
+                at: 5,
+                bytes_written: 1,
+                bytes_fetched: 1,
+                total_bytes_written: 1,
+                verified: None,
+            }],
+            ..WorkResult::default()
+        };
+        let running = |result: Option<WorkResult>| WorkReport {
+            id: id.clone(),
+            state: "running".into(),
+            progress: 0.5,
+            bytes_per_s: 0.0,
+            error: None,
+            result,
+            disks: Vec::new(),
+        };
+        let point = |db: Db| {
+            let id = id.clone();
+            async move {
+                let r = get(&db, &id).await.unwrap().unwrap().result.unwrap();
+                r.applied[0].point.clone()
+            }
+        };
+        record_reports(&db, "rh1", &[running(Some(applied("r1")))], 2)
+            .await
+            .unwrap();
+        assert_eq!(point(db.clone()).await, "r1");
+        record_reports(&db, "rh1", &[running(None)], 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            point(db.clone()).await,
+            "r1",
+            "a report without one keeps it"
+        );
+        record_reports(&db, "rh1", &[running(Some(applied("r2")))], 4)
+            .await
+            .unwrap();
+        assert_eq!(point(db.clone()).await, "r2");
     }
 
     #[tokio::test]

@@ -25,7 +25,8 @@ use crate::jobs::singleton::Singleton;
 use crate::jobs::{Job, JobState, TaskState};
 use crate::recovery::work;
 
-const CHILD_KINDS: &str = "('test-failover', 'failover', 'commit', 'cancel-failover')";
+const CHILD_KINDS: &str =
+    "('test-failover', 'failover', 'commit', 'cancel-failover', 'reprotect', 'failback')";
 
 #[derive(Default)]
 struct FakeJ {
@@ -569,6 +570,7 @@ async fn a_hanging_script_is_killed_at_its_timeout_and_fails_the_job() {
     );
 }
 
+mod failback;
 mod points_and_hosts;
 
 /// A manual action waits once per run of its job: resumed (with `{}` or no input) it

@@ -45,6 +45,28 @@ pub struct FailoverRequest {
     pub target: Target,
     #[serde(default)]
     pub host: Option<String>,
+    /// `recovery` (the default): to the recovery site. `home` is a failback and takes
+    /// a `FailbackRequest` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+}
+
+/// `POST /v1/machines/{name}/failover` with `"direction": "home"`: failback
+/// (docs/failback.md).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailbackRequest {
+    /// `home`.
+    pub direction: String,
+    /// true (default): the recovery-site machine is frozen and its final point
+    /// applied and verified at home. false (the recovery site is lost): the newest
+    /// reverse point in the store, or applied so far.
+    #[serde(default = "yes")]
+    pub planned: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /v1/machines/{name}/change-point`.
@@ -114,8 +136,26 @@ pub async fn enqueue_machine_job(
             KINDS.join(", ")
         )));
     }
-    // The job in the way first: the failover state it is changing says less.
-    if state::active_job(db, machine).await?.is_some() {
+    // A failback waits for its commit: the commit resumes it (the recovery-site
+    // copy is frozen: it is never cancelled).
+    if let Some((id, k, st)) = state::active_job(db, machine).await? {
+        let waiting = k == FAILBACK && st == crate::jobs::JobState::WaitingForInput.as_str();
+        if waiting && kind == COMMIT {
+            let _: NoParams = parse(kind, request)?;
+            let input = serde_json::json!({"commit": true});
+            return match queue::resume_with(db, &id, Some(&input)).await? {
+                queue::Outcome::Done(job) => Ok(job),
+                _ => Err(busy(db, machine).await),
+            };
+        }
+        if waiting && kind == CANCEL_FAILOVER {
+            return Err(ApiError::Conflict(format!(
+                "machine {machine}'s failback job {id} froze its recovery-site copy (its \
+                 exports read-only) and nothing unfreezes it: commit it \
+                 (`ferry cp machines commit {machine}`)"
+            )));
+        }
+        // The job in the way first: the failover state it is changing says less.
         return Err(busy(db, machine).await);
     }
     let row = state::get(db, machine).await?;
@@ -135,7 +175,7 @@ pub async fn enqueue_machine_job(
         verdict_at: None,
         master_target: None,
         home_disks: Default::default(),
-        synced: Vec::new(),
+        ..Params::default()
     };
     let tasks: Vec<&str> = match kind {
         TEST_FAILOVER => {
@@ -154,6 +194,11 @@ pub async fn enqueue_machine_job(
         }
         FAILOVER => {
             let r: FailoverRequest = parse(kind, request)?;
+            if let Some(d) = r.direction.as_deref().filter(|d| *d != "recovery") {
+                return Err(ApiError::BadRequest(format!(
+                    "direction {d:?} must be recovery (a failover) or home (a failback)"
+                )));
+            }
             if failed_over {
                 return Err(conflict_state(machine, &row, "it is already failed over"));
             }
@@ -208,6 +253,12 @@ pub async fn enqueue_machine_job(
             p.host = Some(failover_host(db, machine, current).await?);
             vec![REMOVE_PREVIOUS, BRING_UP, START]
         }
+        COMMIT if row.as_ref().is_some_and(failed_back_waiting) => {
+            let _: NoParams = parse(kind, request)?;
+            p.host = row.as_ref().and_then(|r| r.host.clone());
+            p.master_target = row.as_ref().and_then(|r| r.master_target.clone());
+            vec![REMOVE_SITE, REMOVE_APPLY, DELETE_REVERSE, MARK_FAILED_BACK]
+        }
         COMMIT => {
             let _: NoParams = parse(kind, request)?;
             if row.as_ref().is_none_or(|r| r.state != FAILED_OVER) {
@@ -218,6 +269,13 @@ pub async fn enqueue_machine_job(
                 ));
             }
             vec![MARK_COMMITTED]
+        }
+        CANCEL_FAILOVER if row.as_ref().is_some_and(failed_back_waiting) => {
+            return Err(ApiError::Conflict(format!(
+                "machine {machine} failed back: its recovery-site machine is frozen (its \
+                 exports read-only) and nothing unfreezes it: commit the failback \
+                 (`ferry cp machines commit {machine}`)"
+            )));
         }
         CANCEL_FAILOVER => {
             let _: NoParams = parse(kind, request)?;
@@ -239,7 +297,55 @@ pub async fn enqueue_machine_job(
         REPROTECT => {
             let r: ReprotectRequest = parse(kind, request)?;
             reprotect(db, machine, &row, r, &mut p).await?;
-            vec![CHECK_REPROTECT, SYNC_HOME, MARK_REVERSE]
+            vec![
+                CHECK_REPROTECT,
+                SYNC_HOME,
+                START_REVERSE,
+                START_APPLY,
+                MARK_REVERSE,
+            ]
+        }
+        FAILBACK => {
+            let r: FailbackRequest = parse(kind, request)?;
+            if r.direction != "home" {
+                return Err(ApiError::BadRequest(format!(
+                    "a failback's direction is home, not {:?}",
+                    r.direction
+                )));
+            }
+            failback(db, machine, &row, r.planned, &mut p).await?;
+            let mut tasks = if r.planned {
+                vec![
+                    CHECK_FAILBACK,
+                    STOP_REVERSE,
+                    FINAL_ROUND,
+                    STOP_APPLY,
+                    APPLY_FINAL,
+                    MARK_HOME,
+                ]
+            } else {
+                vec![CHECK_FAILBACK, STOP_APPLY, APPLY_FINAL, MARK_HOME]
+            };
+            // Then it waits for its commit, which this job does itself.
+            tasks.extend([
+                WAIT_COMMIT,
+                REMOVE_SITE,
+                REMOVE_APPLY,
+                DELETE_REVERSE,
+                MARK_FAILED_BACK,
+            ]);
+            tasks
+        }
+        RE_ENABLE => {
+            let _: NoParams = parse(kind, request)?;
+            if row.as_ref().is_none_or(|r| r.state != state::FAILED_BACK) {
+                return Err(conflict_state(
+                    machine,
+                    &row,
+                    "re-enable needs a failback committed (`ferry cp machines commit`)",
+                ));
+            }
+            vec![RESUME_HOME, WAIT_RESYNC]
         }
         other => {
             return Err(ApiError::BadRequest(format!(
@@ -520,5 +626,62 @@ async fn reprotect(
     p.host = current.host.clone();
     p.master_target = Some(r.master_target);
     p.home_disks = r.disks;
+    Ok(())
+}
+
+/// A failback done and waiting for its commit: committed, reverse, active at home.
+fn failed_back_waiting(r: &RecoveryRow) -> bool {
+    r.state == COMMITTED && r.direction == state::REVERSE && r.active_site == "home"
+}
+
+/// Checks a failback of `machine` and fills its params: reprotected (committed,
+/// reverse, active at the recovery site) with its apply item running on the master
+/// target (409); the master target live (409), and for a planned failback the
+/// recovery-site host too.
+async fn failback(
+    db: &Db,
+    machine: &str,
+    row: &Option<RecoveryRow>,
+    planned: bool,
+    p: &mut Params,
+) -> Result<(), ApiError> {
+    let Some(current) = row else {
+        return Err(conflict_state(
+            machine,
+            row,
+            "failback needs a reprotected machine",
+        ));
+    };
+    super::failback::check_row(current, None).map_err(ApiError::Conflict)?;
+    let master = current
+        .master_target
+        .clone()
+        .ok_or_else(|| ApiError::Conflict(format!("machine {machine} names no master target")))?;
+    let items = super::reverse::live_items(db, current)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    if super::failback::running_apply(&items, &master).is_none() {
+        return Err(ApiError::Conflict(format!(
+            "machine {machine} has no apply item running on master target {master}: its \
+             reverse replication is not running (reprotect it first)"
+        )));
+    }
+    live_host(db, &master).await?;
+    if planned {
+        let host = failover_host(db, machine, current).await?;
+        p.host = Some(host);
+    } else {
+        p.host = current.host.clone();
+    }
+    p.planned = Some(planned);
+    p.master_target = Some(master);
+    p.home_disks = current.home_disks.clone();
+    p.points = current
+        .point
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(disk, point)| DiskPoint { disk, point })
+        .collect();
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The recovery jobs of one machine (docs/recovery.md, "Jobs on machines"): test failover and its
 //! cleanup, planned and unplanned failover, change-point, commit and cancel. Each is
-//! (and reprotect, the first step of failback: docs/failback.md) is
+//! (and failback's reprotect, failback, its commit and re-enable: docs/failback.md) is
 //! a job of the control plane's framework (`crate::jobs`) whose tasks give work
 //! items to a recovery host (`recovery::work`) and move the machine's failover
 //! (`state`, the `machine_recovery` row the split-brain orders are read from).
@@ -13,7 +13,10 @@
 //! - `template`: the machine's start action.
 
 pub mod enqueue;
+pub mod failback;
+pub mod failed_back;
 pub mod reprotect;
+pub mod reverse;
 pub mod state;
 pub mod tasks;
 pub mod template;
@@ -24,7 +27,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 
-use ferry_link::control::wire::{DiskPoint, SyncedDisk, WorkOp};
+use ferry_link::control::wire::{AppliedDisk, DiskPoint, DiskReport, SyncedDisk, WorkOp};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -36,15 +39,19 @@ pub const CHANGE_POINT: &str = "change-point";
 pub const COMMIT: &str = "commit";
 pub const CANCEL_FAILOVER: &str = "cancel-failover";
 pub const REPROTECT: &str = "reprotect";
+pub const FAILBACK: &str = "failback";
+pub const RE_ENABLE: &str = "re-enable";
 
 /// Every kind this module runs.
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 8] = [
     TEST_FAILOVER,
     FAILOVER,
     CHANGE_POINT,
     COMMIT,
     CANCEL_FAILOVER,
     REPROTECT,
+    FAILBACK,
+    RE_ENABLE,
 ];
 
 /// Task names; a task is dispatched by its job's kind and its name.
@@ -64,6 +71,21 @@ pub const RESUME_SOURCE: &str = "resume source";
 pub const CHECK_REPROTECT: &str = "check reprotect";
 pub const SYNC_HOME: &str = "sync home disks";
 pub const MARK_REVERSE: &str = "mark reverse";
+pub const START_REVERSE: &str = "start reverse replication";
+pub const START_APPLY: &str = "apply at home";
+pub const CHECK_FAILBACK: &str = "check failback";
+pub const STOP_REVERSE: &str = "stop reverse replication";
+pub const FINAL_ROUND: &str = "take final point";
+pub const STOP_APPLY: &str = "stop applying";
+pub const APPLY_FINAL: &str = "apply final point";
+pub const MARK_HOME: &str = "mark active at home";
+pub const WAIT_COMMIT: &str = "wait for commit";
+pub const REMOVE_SITE: &str = "remove recovery-site copies";
+pub const REMOVE_APPLY: &str = "remove master target's apply";
+pub const DELETE_REVERSE: &str = "delete reverse replica";
+pub const MARK_FAILED_BACK: &str = "mark failed back";
+pub const RESUME_HOME: &str = "resume home agent";
+pub const WAIT_RESYNC: &str = "wait for home resync";
 
 /// The key that keeps one recovery job per machine active, whatever its kind.
 pub fn job_key(machine: &str) -> String {
@@ -123,7 +145,7 @@ impl Target {
 
 /// A machine job's parameters, fixed when it is queued (but for a test failover's
 /// verdict, recorded when its cleanup is asked for).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
     pub machine: String,
@@ -162,6 +184,29 @@ pub struct Params {
     /// Reprotect: what the sync of each home disk took, once done.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub synced: Vec<SyncedDisk>,
+    /// Failback: the reverse points applied home (planned: the final round's; unplanned:
+    /// the newest in the store or applied), once chosen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub final_points: Vec<DiskPoint>,
+    /// Failback: what the master target's last apply reported of each disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<AppliedDisk>,
+    /// Commit of a failback: everything deleted (hosts' things, store objects).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
+    /// Commit of a failback: what could not be deleted (a recovery site that is lost).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left: Vec<String>,
+    /// Re-enable: when forward protection resumed (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    /// Re-enable: the home agent's disks as it reported them once resynced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resynced: Vec<DiskReport>,
+    /// Re-enable: the bytes the resync sent, every disk together (what re-enable
+    /// cost on the wire).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_sent_bytes: Option<u64>,
 }
 
 /// The input a test failover waits for: `POST /v1/jobs/{id}/resume` or
@@ -205,6 +250,15 @@ impl Verdict {
 pub fn check_input(job: &crate::jobs::Job, input: &serde_json::Value) -> Result<(), String> {
     if job.kind == TEST_FAILOVER && job.state == crate::jobs::JobState::WaitingForInput {
         Verdict::parse(input).map_err(|e| format!("job {}: {e}", job.id))?;
+    }
+    if job.kind == FAILBACK
+        && job.state == crate::jobs::JobState::WaitingForInput
+        && *input != serde_json::json!({"commit": true})
+    {
+        return Err(format!(
+            "failback job {}: it takes {{\"commit\": true}} (POST /v1/machines/{}/commit)",
+            job.id, job.subject
+        ));
     }
     Ok(())
 }

@@ -18,6 +18,9 @@ use crate::db::{now_s, q, Db, Error, Result};
 pub const PREPARING: &str = "preparing";
 pub const FAILED_OVER: &str = "failed-over";
 pub const COMMITTED: &str = "committed";
+/// Failback committed: the machine runs at home again; its agent stays read-only
+/// until re-enable deletes the row.
+pub const FAILED_BACK: &str = "failed-back";
 
 /// A machine's failover as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -332,6 +335,57 @@ pub async fn set_reverse(
             && r.master_target.as_deref() == Some(master_target)
             && r.home_disks == *home_disks
     }))
+}
+
+/// Failback, once the home disks hold the final (or newest) reverse point: the
+/// machine is active at home, its row still committed and reverse until the
+/// failback's commit. True when it is (now or before).
+pub async fn set_active_home(db: &Db, machine: &str, job_id: &str) -> Result<bool> {
+    sqlx::query(
+        "UPDATE machine_recovery SET active_site = 'home', job_id = $2, updated_at = $3 \
+         WHERE machine = $1 AND state = 'committed' AND direction = 'reverse'",
+    )
+    .bind(machine.to_string())
+    .bind(job_id.to_string())
+    .bind(now_s())
+    .execute(db.pool())
+    .await
+    .map_err(q("marking a machine active at home"))?;
+    Ok(get(db, machine)
+        .await?
+        .is_some_and(|r| r.state == COMMITTED && r.direction == REVERSE && r.active_site == "home"))
+}
+
+/// Commit of a failback, once the recovery site's copies are gone: `failed-back`,
+/// active at home, forward. True when it is (now or before).
+pub async fn mark_failed_back(db: &Db, machine: &str, job_id: &str) -> Result<bool> {
+    sqlx::query(
+        "UPDATE machine_recovery SET state = 'failed-back', active_site = 'home', \
+         direction = 'forward', items = '[]', job_id = $2, updated_at = $3 \
+         WHERE machine = $1 AND state = 'committed' AND direction = 'reverse' \
+         AND active_site = 'home'",
+    )
+    .bind(machine.to_string())
+    .bind(job_id.to_string())
+    .bind(now_s())
+    .execute(db.pool())
+    .await
+    .map_err(q("marking a machine failed back"))?;
+    Ok(get(db, machine)
+        .await?
+        .is_some_and(|r| r.state == FAILED_BACK))
+}
+
+/// Re-enable: a failed-back machine's row goes, so that its agent's orders carry no
+/// failover any more. True when no row is left (a second call finds none); false
+/// when the row is in another state.
+pub async fn re_enable(db: &Db, machine: &str) -> Result<bool> {
+    sqlx::query("DELETE FROM machine_recovery WHERE machine = $1 AND state = 'failed-back'")
+        .bind(machine.to_string())
+        .execute(db.pool())
+        .await
+        .map_err(q("re-enabling a machine's protection"))?;
+    Ok(get(db, machine).await?.is_none())
 }
 
 /// Every home disk of a reprotected machine: (machine, master target, disk, path).

@@ -16,6 +16,7 @@ use crate::recovery::work;
 use super::state::{self, Begin, FAILED_OVER, PREPARING};
 use super::wait::Waiter;
 use super::*;
+use super::{failback, failed_back};
 
 /// How often the store is read while waiting for the final points.
 const STORE_POLL: Duration = Duration::from_secs(1);
@@ -47,7 +48,22 @@ pub async fn run_task(ctx: &Context, job: &Job, seq: usize) -> Result<Step, Stri
         (CANCEL_FAILOVER, RESUME_SOURCE) => done(resume_source(&w, &p).await),
         (REPROTECT, CHECK_REPROTECT) => done(super::reprotect::check(&w, &p).await),
         (REPROTECT, SYNC_HOME) => done(super::reprotect::sync_home(&mut w, &p).await),
+        (REPROTECT, START_REVERSE) => done(super::reverse::start_reverse(&mut w, &p).await),
+        (REPROTECT, START_APPLY) => done(super::reverse::start_apply(&mut w, &p).await),
         (REPROTECT, MARK_REVERSE) => done(super::reprotect::mark_reverse(&w, &p).await),
+        (FAILBACK, CHECK_FAILBACK) => done(failback::check(&w, &p).await),
+        (FAILBACK, STOP_REVERSE) => done(failback::stop_reverse(&mut w, &p).await),
+        (FAILBACK, FINAL_ROUND) => done(failback::final_round(&mut w, &p).await),
+        (FAILBACK, STOP_APPLY) => done(failback::stop_apply(&mut w, &p).await),
+        (FAILBACK, APPLY_FINAL) => done(failback::apply_final(&mut w, &p).await),
+        (FAILBACK, MARK_HOME) => done(failback::mark_home(&w, &p).await),
+        (FAILBACK, WAIT_COMMIT) => Ok(failback::wait_commit(&w, &p)),
+        (COMMIT | FAILBACK, REMOVE_SITE) => done(failed_back::remove_site(&mut w, &p).await),
+        (COMMIT | FAILBACK, REMOVE_APPLY) => done(failed_back::remove_apply(&mut w, &p).await),
+        (COMMIT | FAILBACK, DELETE_REVERSE) => done(failed_back::delete_reverse(&mut w, &p).await),
+        (COMMIT | FAILBACK, MARK_FAILED_BACK) => done(failed_back::mark_failed_back(&w, &p).await),
+        (RE_ENABLE, RESUME_HOME) => done(failed_back::resume_home(&w, &p).await),
+        (RE_ENABLE, WAIT_RESYNC) => done(failed_back::wait_resync(&mut w, &p).await),
         (kind, task) => Err(format!("a {kind} job has no task {task:?}")),
     }
 }
@@ -200,7 +216,7 @@ async fn clean_up(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
 
 /// Gives `host` a remove item for `items`, waits for it (it fails naming what is
 /// left), and takes the items and itself out of the host's orders.
-async fn remove(
+pub(super) async fn remove(
     w: &mut Waiter<'_>,
     p: &Params,
     host: &str,

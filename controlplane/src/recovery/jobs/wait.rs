@@ -87,6 +87,19 @@ impl<'a> Waiter<'a> {
         op: &WorkOp,
         failover: Option<&[&str]>,
     ) -> Result<WorkRow, String> {
+        let row = self.submit(host, machine, op, failover).await?;
+        self.until_ended(row).await
+    }
+
+    /// `submit_and_wait` without the wait: for items that keep running (failback's
+    /// reverse and apply), whose task waits for what they report instead.
+    pub async fn submit(
+        &mut self,
+        host: &str,
+        machine: &str,
+        op: &WorkOp,
+        failover: Option<&[&str]>,
+    ) -> Result<WorkRow, String> {
         let db = &self.ctx.db;
         let id = self.attempt_id(machine).await?;
         let row = work::submit(db, &id, host, &self.job.id, machine, op, crate::db::now_s())
@@ -103,7 +116,7 @@ impl<'a> Waiter<'a> {
                 ));
             }
         }
-        self.until_ended(row).await
+        Ok(row)
     }
 
     async fn attempt_id(&self, machine: &str) -> Result<String, String> {

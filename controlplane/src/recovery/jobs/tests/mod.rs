@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_link::control::wire::{
-    DiskProgress, ReadyDisk, WorkItem, WorkOp, WorkReport, WorkResult,
+    AppliedDisk, DiskProgress, ReadyDisk, RoundDisk, WorkItem, WorkOp, WorkReport, WorkResult,
 };
 use ferry_replica::object::SealContext;
 use ferry_replica::writer::{append_writes, Payload, Write};
@@ -25,6 +25,7 @@ use crate::recovery::work;
 
 use super::state;
 
+mod failback;
 mod faults;
 mod reprotect;
 mod scenarios;
@@ -89,10 +90,35 @@ struct HostPlay {
     silent: AtomicBool,
     /// Fail sync items with this error (a home disk too small, say).
     fail_syncs: Mutex<Option<String>>,
+    /// Fail apply items with an end (failback's) with this error (a verify, say).
+    fail_applies: Mutex<Option<String>>,
+    /// Fail reverse items with this error (a served disk gone, say).
+    fail_reverses: Mutex<Option<String>>,
+    /// Keep the items of this kind running (`hold` for one kind only).
+    hold_kind: Mutex<Option<&'static str>>,
 }
 
 /// What the fake host reports a sync wrote on each disk: three blocks.
 const SYNC_BLOCKS_WRITTEN: u64 = 3;
+
+/// The reverse point the fake host's rounds end at: a continuous item's first round,
+/// or a last item's final point.
+fn reverse_point(disk: &str, last: bool) -> String {
+    format!("{}-{disk}", if last { "RF" } else { "R1" })
+}
+
+/// An applied disk as the fake master target reports it: applied 5 s before `now`.
+fn applied(disk: &str, point: &str, now: i64, verified: Option<bool>) -> AppliedDisk {
+    AppliedDisk {
+        disk: disk.into(),
+        point: point.into(),
+        at: now - 5,
+        bytes_written: 8192,
+        bytes_fetched: 9000,
+        total_bytes_written: 16384,
+        verified,
+    }
+}
 
 async fn play_host(db: Db, play: Arc<HostPlay>) {
     let mut reported: BTreeMap<String, ()> = BTreeMap::new();
@@ -112,7 +138,8 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                 continue;
             }
             play.seen.lock().unwrap().push(item.clone());
-            if play.hold.load(Ordering::SeqCst) {
+            let held_kind = *play.hold_kind.lock().unwrap() == Some(item.op.kind());
+            if play.hold.load(Ordering::SeqCst) || held_kind {
                 reports.push(WorkReport {
                     id: item.id.clone(),
                     state: "running".into(),
@@ -181,6 +208,57 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                     Some("no scripts here".into()),
                     WorkResult::default(),
                 ),
+                WorkOp::Reverse { .. } if play.fail_reverses.lock().unwrap().is_some() => (
+                    "failed",
+                    play.fail_reverses.lock().unwrap().clone(),
+                    WorkResult::default(),
+                ),
+                WorkOp::Reverse { disks, last, .. } => (
+                    // A continuous item runs on; a last one ends with its final points.
+                    if *last { "succeeded" } else { "running" },
+                    None,
+                    WorkResult {
+                        rounds: disks
+                            .iter()
+                            .map(|d| RoundDisk {
+                                disk: d.disk.clone(),
+                                point: reverse_point(&d.disk, *last),
+                                at: now - 2,
+                                bytes_data: 8192,
+                                bytes_sent: 9000,
+                                total_bytes_sent: 18000,
+                            })
+                            .collect(),
+                        ..WorkResult::default()
+                    },
+                ),
+                WorkOp::Apply { until, .. } if !until.is_empty() => {
+                    match play.fail_applies.lock().unwrap().clone() {
+                        Some(e) => ("failed", Some(e), WorkResult::default()),
+                        None => (
+                            "succeeded",
+                            None,
+                            WorkResult {
+                                applied: until
+                                    .iter()
+                                    .map(|d| applied(&d.disk, &d.point, now, Some(true)))
+                                    .collect(),
+                                ..WorkResult::default()
+                            },
+                        ),
+                    }
+                }
+                WorkOp::Apply { disks, .. } => (
+                    "running",
+                    None,
+                    WorkResult {
+                        applied: disks
+                            .iter()
+                            .map(|d| applied(&d.disk, &reverse_point(&d.disk, false), now, None))
+                            .collect(),
+                        ..WorkResult::default()
+                    },
+                ),
                 WorkOp::Sync { disks } => match play.fail_syncs.lock().unwrap().clone() {
                     Some(e) => ("failed", Some(e), WorkResult::default()),
                     None => (
@@ -202,12 +280,6 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                         },
                     ),
                 },
-                // Not played by this stand-in yet (failback's items, issue 16).
-                WorkOp::Reverse { .. } | WorkOp::Apply { .. } => (
-                    "failed",
-                    Some("no reverse or apply items here".into()),
-                    WorkResult::default(),
-                ),
             };
             // Each disk done, at the rate the job view shows as 118 MB/s.
             let per_disk = match &item.op {

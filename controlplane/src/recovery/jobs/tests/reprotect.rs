@@ -132,7 +132,13 @@ async fn a_refused_sync_fails_the_job_and_a_resume_finishes_it(s: &Site) {
     let job = s.until(&id, JobState::Succeeded).await;
     assert_eq!(
         names(&job),
-        ["check reprotect", "sync home disks", "mark reverse"]
+        [
+            "check reprotect",
+            "sync home disks",
+            "start reverse replication",
+            "apply at home",
+            "mark reverse"
+        ]
     );
     // One sync item per attempt, on the master target, each disk at its failover
     // point onto its home disk.

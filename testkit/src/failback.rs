@@ -63,6 +63,10 @@ pub struct Figures {
     pub changed_bytes: u64,
     pub recovery_changed_bytes: u64,
     pub home_changed_bytes: u64,
+    /// Of reprotect's bytes, what its sync of the home disk to the failover point
+    /// fetched: whole stored objects (a base extent, a log segment) for each block
+    /// that differs, however small the part of it needed.
+    pub sync_fetched_bytes: u64,
     /// Every disk equalled its reference at every step.
     pub identical: bool,
 }
@@ -73,8 +77,11 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// `n` distinct random 64 KiB blocks of a disk of `disk_bytes`, written whole with
-/// random patterns through `url`, in qemu-io commands of at most 200 writes each.
+/// `share` of the disk's 64 KiB blocks, distinct and chosen at random, written whole
+/// with random (incompressible) bytes through the NBD export at `url`, then flushed;
+/// returns the bytes written. Random, so that the bytes each step sends are what a
+/// real disk's changes would cost, not what a compressor makes of a pattern; a
+/// qemu-io write through the same export comes first (a real client's writes).
 pub fn write_blocks(url: &str, disk_bytes: u64, share: f64, rng: &mut StdRng) -> u64 {
     let blocks = disk_bytes / BLOCK;
     let want = ((blocks as f64 * share).ceil() as u64).clamp(1, blocks);
@@ -82,21 +89,49 @@ pub fn write_blocks(url: &str, disk_bytes: u64, share: f64, rng: &mut StdRng) ->
     while (chosen.len() as u64) < want {
         chosen.insert(rng.gen_range(0..blocks));
     }
-    let cmds: Vec<String> = chosen
-        .iter()
-        .map(|b| {
-            format!(
-                "write -P {} {} {BLOCK}",
-                rng.gen_range(1..=255u8),
-                b * BLOCK
-            )
-        })
-        .collect();
-    for chunk in cmds.chunks(200) {
-        let out = qemu_io(url, chunk);
-        assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+    let first = *chosen.iter().next().expect("one block at least");
+    let out = qemu_io(url, &[format!("write -P 90 {} {BLOCK}", first * BLOCK)]);
+    assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+    let (addr, name) = export_of(url);
+    let mut c = ferry_agent::nbd::client::Client::connect(addr, name)
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    let mut data = vec![0u8; BLOCK as usize];
+    for b in &chosen {
+        rng.fill(&mut data[..]);
+        c.write(b * BLOCK, &data)
+            .unwrap_or_else(|e| panic!("writing block {b} through {url}: {e}"));
     }
+    c.flush().unwrap_or_else(|e| panic!("flushing {url}: {e}"));
+    let _ = c.disconnect();
     want * BLOCK
+}
+
+/// The address and export name of `nbd://ADDR/NAME`.
+fn export_of(url: &str) -> (std::net::SocketAddr, &str) {
+    let rest = url.strip_prefix("nbd://").expect("an nbd:// URL");
+    let (addr, name) = rest.split_once('/').expect("nbd://ADDR/NAME");
+    (addr.parse().expect("ADDR is HOST:PORT"), name)
+}
+
+/// Bytes of the objects of machine `machine` in the `file://` store at `store_dir`
+/// (the reverse replica's rounds: what the master target fetches of them).
+fn stored_bytes(store_dir: &Path, machine: &str) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.filter_map(|e| e.ok())
+            .map(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p)
+                } else {
+                    e.metadata().map_or(0, |m| m.len())
+                }
+            })
+            .sum()
+    }
+    walk(&store_dir.join("machines").join(machine))
 }
 
 struct Run<'a> {
@@ -310,19 +345,25 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     run.kill_while_running(&id, "master target");
     run.kill_while_running(&id, "control plane");
     let j = run.cp.wait_job(&id, "succeeded");
-    let (wire, written) = job_bytes(&j);
-    figures.steps.push(Step {
-        name: "reprotect",
-        seconds: t.elapsed().as_secs_f64(),
-        wire_bytes: wire,
-        written_bytes: written,
-    });
+    let (synced, written) = job_bytes(&j);
+    let seconds = t.elapsed().as_secs_f64();
     converged(&run.cp, "reprotect", &url, &home_disk);
 
     // More writes at the recovery site; the reverse direction carries them home.
     let more = write_blocks(&url, o.disk_bytes, o.recovery_share / 4.0, rng);
     figures.recovery_changed_bytes += more;
     converged(&run.cp, "reverse replication", &url, &home_disk);
+    // Reprotect's bytes: what the sync fetched, and the reverse rounds so far (the
+    // master target fetches each once, its applied marker says how far it got).
+    let store_dir = d.join("store");
+    let rounds = stored_bytes(&store_dir, "m1.reverse");
+    figures.sync_fetched_bytes = synced;
+    figures.steps.push(Step {
+        name: "reprotect",
+        seconds,
+        wire_bytes: synced + rounds,
+        written_bytes: written,
+    });
 
     // Failback, planned: the recovery site stops writing, a last round, verified home.
     let t = Instant::now();
@@ -335,11 +376,14 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     run.kill_while_running(&id, "recovery host");
     run.kill_while_running(&id, "control plane");
     let j = run.cp.wait_job(&id, "waiting-for-input");
-    let (wire, written) = job_bytes(&j);
+    // Failback's bytes: the last round and its checksum map put in the store, and
+    // what the final apply fetched of the reverse replica.
+    let (fetched, written) = job_bytes(&j);
+    let last_round = stored_bytes(&store_dir, "m1.reverse").saturating_sub(rounds);
     figures.steps.push(Step {
         name: "failback",
         seconds: t.elapsed().as_secs_f64(),
-        wire_bytes: wire,
+        wire_bytes: fetched + last_round,
         written_bytes: written,
     });
     same(
@@ -450,9 +494,7 @@ fn resync_sent(j: &Value, bin: &Path, sock: &Path) -> u64 {
 
 /// Every byte of the export at `url` (`nbd://ADDR/NAME`), read in 4 MiB requests.
 pub fn read_export(url: &str) -> Vec<u8> {
-    let rest = url.strip_prefix("nbd://").expect("an nbd:// URL");
-    let (addr, name) = rest.split_once('/').expect("nbd://ADDR/NAME");
-    let addr: std::net::SocketAddr = addr.parse().expect("ADDR is HOST:PORT");
+    let (addr, name) = export_of(url);
     let mut c = ferry_agent::nbd::client::Client::connect(addr, name)
         .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
     let mut out = vec![0u8; c.size as usize];

@@ -7,67 +7,26 @@
 //! whole; a small, locked or missing target, or an unknown point or disk, is refused
 //! naming what was wrong.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
-use chrono::Utc;
+use common::*;
 use ferry_agent::recover::sync::{MapSource, Phase, SyncProgress};
 use ferry_agent::recover::{sync_to_point, SyncOptions};
-use ferry_agent::{seed, SeedOptions};
-use ferry_replica::meta::PointKind;
-use ferry_replica::object::SealContext;
-use ferry_replica::writer::{append, seal_segment, Payload, Write};
-use ferry_replica::{Disk, Point, Store, VaultKey};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const MIB: u64 = 1 << 20;
-const SIZE: u64 = 64 * MIB;
-const BLOCK: u64 = 64 << 10;
-/// Small extents, so that a repaired block costs one 256 KiB object, not 16 MiB.
-const EXTENT: u64 = 256 << 10;
-const BLOCKS: u64 = SIZE / BLOCK;
-
-struct Env {
-    tmp: tempfile::TempDir,
-    store: Store,
-    store_dir: PathBuf,
-    vault: VaultKey,
+/// A sync of disk `disk` of machine `m` onto `target`, with what it reported.
+trait Syncing {
+    fn sync(&self, disk: &str, point: &str, target: &Path, verify: bool) -> SyncResult;
 }
 
-impl Env {
-    fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let store_dir = tmp.path().join("store");
-        let store = Store::open(&format!("file://{}", store_dir.display())).unwrap();
-        Env {
-            tmp,
-            store,
-            store_dir,
-            vault: VaultKey::generate(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn disk(&self, name: &str) -> Disk {
-        self.store
-            .block(Disk::open_or_create(
-                &self.store,
-                "m",
-                name,
-                &self.vault,
-                BLOCK,
-                EXTENT,
-            ))
-            .unwrap()
-    }
-
+impl Syncing for Env {
     fn sync(&self, disk: &str, point: &str, target: &Path, verify: bool) -> SyncResult {
         let seen = Mutex::new(Vec::new());
         let opts = SyncOptions {
@@ -96,58 +55,6 @@ struct SyncResult {
     progress: Vec<SyncProgress>,
 }
 
-/// Appends one segment of `writes` (offset, data or None for zero, length) and a
-/// crash point after it; applies them to `model`. Returns the point's id.
-fn append_point(
-    env: &Env,
-    disk: &str,
-    writes: &[(u64, Option<Vec<u8>>, u64)],
-    model: &mut [u8],
-) -> String {
-    let d = env
-        .store
-        .block(Disk::open(&env.store, "m", disk, Some(&env.vault)))
-        .unwrap();
-    let mut state = env.store.block(d.load_state()).unwrap();
-    let mut seq = state.next_seq;
-    let mut ws = Vec::new();
-    for (offset, data, len) in writes {
-        let at = *offset as usize;
-        let payload = match data {
-            Some(b) => {
-                model[at..at + b.len()].copy_from_slice(b);
-                Payload::Data(b)
-            }
-            None => {
-                model[at..at + *len as usize].fill(0);
-                Payload::Zero(*len)
-            }
-        };
-        ws.push(Write {
-            seq,
-            offset: *offset,
-            payload,
-        });
-        seq += 1;
-    }
-    let sealed = vec![seal_segment(&d, &mut SealContext::new(1), &ws).unwrap()];
-    let id = ferry_replica::disk::new_point_id(Utc::now());
-    let point = Point {
-        id: id.clone(),
-        kind: PointKind::Crash,
-        time: Utc::now(),
-        seq,
-        disk_bytes: model.len() as u64,
-        label: None,
-        group: None,
-        sums: None,
-    };
-    env.store
-        .block(append(&d, &mut state, sealed, vec![point], seq + 1))
-        .unwrap();
-    id
-}
-
 fn random_block(rng: &mut StdRng) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK as usize];
     rng.fill(&mut b[..]);
@@ -173,28 +80,9 @@ fn block_of(data: &[u8], b: u64) -> &[u8] {
 /// of whole blocks, zeroes and one sub-block write after it up to point P, and more
 /// log after P. Returns the disk at P, P's id and the blocks P's log touched.
 fn seeded_disk(env: &Env, rng: &mut StdRng) -> (Vec<u8>, String, BTreeSet<u64>) {
-    env.disk("d0");
-    let mut model = vec![0u8; SIZE as usize];
-    for region in 0..SIZE / EXTENT {
-        if rng.gen_bool(0.5) {
-            let at = (region * EXTENT) as usize;
-            rng.fill(&mut model[at..at + EXTENT as usize]);
-        }
-    }
-    let image = env.path("seed.img");
-    std::fs::write(&image, &model).unwrap();
-    let opts = SeedOptions {
-        machine: "m",
-        disk: "d0",
-        image: &image,
-        label: None,
-        time: Utc::now(),
-        workers: 2,
-        orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
-    };
-    let seeded = seed(&env.store, &env.vault, &opts, &|_| {}).unwrap();
-    assert!(seeded.point.sums.is_some(), "the seed made a checksum map");
-    std::fs::remove_file(&image).unwrap();
+    let mut model = half_random(rng);
+    let seeded = seed_image(env, "d0", &model);
+    assert!(seeded.sums.is_some(), "the seed made a checksum map");
 
     // 2 % of the blocks written whole, two zeroed, one written in part.
     let mut touched = distinct_blocks(rng, (BLOCKS / 50) as usize, &BTreeSet::new());
@@ -224,10 +112,7 @@ fn seeded_disk(env: &Env, rng: &mut StdRng) -> (Vec<u8>, String, BTreeSet<u64>) 
 /// Stored bytes of the log segments up to point `p`, the checksum map objects, and
 /// the base extents holding `blocks`.
 fn stored_figures(env: &Env, p: &str, blocks: &BTreeSet<u64>) -> (u64, u64, u64) {
-    let d = env
-        .store
-        .block(Disk::open(&env.store, "m", "d0", Some(&env.vault)))
-        .unwrap();
+    let d = env.open("m", "d0");
     let state = env.store.block(d.load_state()).unwrap();
     let point = state.point(p).unwrap();
     let log = state

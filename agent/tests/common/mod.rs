@@ -22,6 +22,7 @@ pub const BLOCKS: u64 = SIZE / BLOCK;
 pub struct Env {
     pub tmp: tempfile::TempDir,
     pub store: Store,
+    pub store_dir: PathBuf,
     pub vault: VaultKey,
 }
 
@@ -33,6 +34,7 @@ impl Env {
         Env {
             tmp,
             store,
+            store_dir,
             vault: VaultKey::generate(),
         }
     }
@@ -47,6 +49,20 @@ impl Env {
             .unwrap()
     }
 
+    /// Disk `name` of machine `m` (64 KiB blocks, 256 KiB extents), made if new.
+    pub fn disk(&self, name: &str) -> Disk {
+        self.store
+            .block(Disk::open_or_create(
+                &self.store,
+                "m",
+                name,
+                &self.vault,
+                BLOCK,
+                EXTENT,
+            ))
+            .unwrap()
+    }
+
     pub fn point(&self, id: &str) -> Point {
         let d = self.open("m", "d0");
         let state = self.store.block(d.load_state()).unwrap();
@@ -56,8 +72,13 @@ impl Env {
 
 /// Appends one segment of `writes` (offset, data or None for zero, length) and a
 /// crash point after it; applies them to `model`. Returns the point's id.
-pub fn append_point(env: &Env, writes: &[(u64, Option<Vec<u8>>, u64)], model: &mut [u8]) -> String {
-    let d = env.open("m", "d0");
+pub fn append_point(
+    env: &Env,
+    disk: &str,
+    writes: &[(u64, Option<Vec<u8>>, u64)],
+    model: &mut [u8],
+) -> String {
+    let d = env.open("m", disk);
     let mut state = env.store.block(d.load_state()).unwrap();
     let mut seq = state.next_seq;
     let mut ws = Vec::new();
@@ -104,15 +125,8 @@ pub fn random_bytes(rng: &mut StdRng, n: u64) -> Vec<u8> {
     b
 }
 
-/// A seeded disk "d0" (half its 256 KiB regions random), a log of whole blocks and
-/// one zeroed after it up to point P, and one more point after P. Returns the disk
-/// at P, P's id and the later point's id.
-pub fn seeded_disk(env: &Env, rng: &mut StdRng) -> (Vec<u8>, String, String) {
-    env.store
-        .block(Disk::open_or_create(
-            &env.store, "m", "d0", &env.vault, BLOCK, EXTENT,
-        ))
-        .unwrap();
+/// A disk's content: half its 256 KiB regions random, the rest zero.
+pub fn half_random(rng: &mut StdRng) -> Vec<u8> {
     let mut model = vec![0u8; SIZE as usize];
     for region in 0..SIZE / EXTENT {
         if rng.gen_bool(0.5) {
@@ -120,19 +134,35 @@ pub fn seeded_disk(env: &Env, rng: &mut StdRng) -> (Vec<u8>, String, String) {
             rng.fill(&mut model[at..at + EXTENT as usize]);
         }
     }
+    model
+}
+
+/// Disk `disk` of machine `m` made and seeded (`ferry seed`) with `model`; the
+/// seed's point.
+pub fn seed_image(env: &Env, disk: &str, model: &[u8]) -> Point {
+    env.disk(disk);
     let image = env.path("seed.img");
-    std::fs::write(&image, &model).unwrap();
+    std::fs::write(&image, model).unwrap();
     let opts = SeedOptions {
         machine: "m",
-        disk: "d0",
+        disk,
         image: &image,
         label: None,
         time: Utc::now(),
         workers: 2,
         orphan_grace: ferry_replica::grace::ORPHAN_GRACE,
     };
-    seed(&env.store, &env.vault, &opts, &|_| {}).unwrap();
+    let seeded = seed(&env.store, &env.vault, &opts, &|_| {}).unwrap();
     std::fs::remove_file(&image).unwrap();
+    seeded.point
+}
+
+/// A seeded disk "d0" (half its 256 KiB regions random), a log of whole blocks and
+/// one zeroed after it up to point P, and one more point after P. Returns the disk
+/// at P, P's id and the later point's id.
+pub fn seeded_disk(env: &Env, rng: &mut StdRng) -> (Vec<u8>, String, String) {
+    let mut model = half_random(rng);
+    seed_image(env, "d0", &model);
     let mut writes: Vec<(u64, Option<Vec<u8>>, u64)> = (0..20)
         .map(|_| {
             let b = rng.gen_range(0..BLOCKS);
@@ -140,9 +170,9 @@ pub fn seeded_disk(env: &Env, rng: &mut StdRng) -> (Vec<u8>, String, String) {
         })
         .collect();
     writes.push((rng.gen_range(0..BLOCKS) * BLOCK, None, BLOCK));
-    let p = append_point(env, &writes, &mut model);
+    let p = append_point(env, "d0", &writes, &mut model);
     let mut after = model.clone();
     let later = vec![(0, Some(random_bytes(rng, BLOCK)), BLOCK)];
-    let p2 = append_point(env, &later, &mut after);
+    let p2 = append_point(env, "d0", &later, &mut after);
     (model, p, p2)
 }

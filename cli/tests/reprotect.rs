@@ -75,6 +75,16 @@ fn reprotect_rewrites_only_the_home_blocks_that_differ_from_the_failover_point()
     );
     let (_ps, _) = process_server(&cp, d, "ps1", &store_url, None);
     let (_rh, _) = recovery_host(&cp, &d.join("rh1"), "rh1", &store_url, &key, None);
+    // A machine may not take a reverse replica's name: a failback's commit deletes
+    // `M.reverse` whole.
+    let (st, v) = cp.api(
+        "POST",
+        "/v1/enroll",
+        Some(json!({"token": cp.enroll_token("agent"), "kind": "agent",
+            "name": "m1.reverse", "csr_pem": "not read"})),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("reverse replicas"), "{v}");
     let mut m1 = Agent::enroll(&cp, d, "m1", DISK_BYTES, &mut rng);
     wait_uploaded(bin(), &m1.sock);
     m1.write_and_point(bin(), &mut rng, "before-failover");

@@ -17,6 +17,25 @@ use crate::error::{Error, Result};
 pub const NAME_RULE: &str =
     "1 to 64 characters of letters, digits, '.', '_' and '-', not starting with '.' or '-'";
 
+/// What a forward machine's name becomes for its failback reverse replica, beside
+/// it in the same store (docs/failback.md). Reserved: no machine of its own may end
+/// in it, or a failback's commit, which deletes the reverse replica whole, would
+/// delete that machine's replica.
+pub const REVERSE_SUFFIX: &str = ".reverse";
+
+/// Whether `machine` names a reverse replica.
+pub fn is_reverse(machine: &str) -> bool {
+    machine.ends_with(REVERSE_SUFFIX)
+}
+
+/// The reverse replica's machine name for forward machine `machine`; an error when
+/// it would not be a valid name (too long).
+pub fn reverse_machine(machine: &str) -> Result<String> {
+    let name = format!("{machine}{REVERSE_SUFFIX}");
+    check_name("reverse machine", &name)?;
+    Ok(name)
+}
+
 /// Machine and disk names become path segments (in the store, and on the agent and
 /// the process server under their journal and cache directories): keep them portable
 /// across stores, and never `.`, `..` or anything that could read as an option. THE

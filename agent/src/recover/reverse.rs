@@ -27,7 +27,6 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use chrono::Utc;
-use ferry_replica::layout::check_name;
 use ferry_replica::meta::PointKind;
 use ferry_replica::object::{open_object, Expect, ObjectKind, OpenContext, SealContext};
 use ferry_replica::rebuild::zero_range;
@@ -45,8 +44,7 @@ use super::sync::open_target;
 use super::{io_err, Error, Result};
 use crate::nbd::Device;
 
-/// What a forward machine's name becomes for its reverse replica.
-pub const REVERSE_SUFFIX: &str = ".reverse";
+pub use ferry_replica::layout::REVERSE_SUFFIX;
 /// Data bytes sealed into one segment: a round's memory is a few of these.
 pub const SEGMENT_DATA_BYTES: u64 = 4 << 20;
 /// Records of one segment at most (zero records hold no data, so bytes alone would
@@ -60,9 +58,7 @@ pub const SEGMENTS_PER_COMMIT: usize = 4;
 
 /// The reverse replica's machine name for forward machine `machine`.
 pub fn reverse_machine(machine: &str) -> Result<String> {
-    let name = format!("{machine}{REVERSE_SUFFIX}");
-    check_name("reverse machine", &name)?;
-    Ok(name)
+    Ok(ferry_replica::layout::reverse_machine(machine)?)
 }
 
 /// The forward machine of reverse machine `reverse`, which must end in the suffix.

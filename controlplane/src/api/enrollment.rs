@@ -150,6 +150,13 @@ pub async fn enroll(
     };
     ferry_replica::layout::check_name(what, &req.name)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if req.kind == Kind::Agent && ferry_replica::layout::is_reverse(&req.name) {
+        return Err(ApiError::BadRequest(format!(
+            "machine name {:?} ends in {:?}, which names failback's reverse replicas",
+            req.name,
+            ferry_replica::layout::REVERSE_SUFFIX
+        )));
+    }
     let mut names = vec![req.name.clone()];
     match (req.kind, &req.advertise) {
         (Kind::Agent | Kind::RecoveryHost, None) => {}

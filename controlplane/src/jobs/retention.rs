@@ -86,7 +86,7 @@ async fn policy_of(db: &Db, machine: &str) -> crate::db::Result<Policy> {
 /// never compacts or prunes it (a compaction would fold points the master target has
 /// not applied yet).
 pub fn is_reverse(machine: &str) -> bool {
-    machine.ends_with(".reverse")
+    ferry_replica::layout::is_reverse(machine)
 }
 
 /// Queues one retention job per machine in the store (none for a machine with an

@@ -296,6 +296,9 @@ pub async fn enqueue_machine_job(
         }
         REPROTECT => {
             let r: ReprotectRequest = parse(kind, request)?;
+            // Its reverse replica needs a valid name of its own.
+            ferry_replica::layout::reverse_machine(machine)
+                .map_err(|e| ApiError::BadRequest(format!("reprotect of {machine}: {e}")))?;
             reprotect(db, machine, &row, r, &mut p).await?;
             vec![
                 CHECK_REPROTECT,

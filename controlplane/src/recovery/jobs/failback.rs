@@ -25,7 +25,7 @@ use crate::recovery::points::open_machine;
 
 /// The reverse replica of `machine` in the store.
 pub fn reverse_machine(machine: &str) -> String {
-    format!("{machine}.reverse")
+    format!("{machine}{}", ferry_replica::layout::REVERSE_SUFFIX)
 }
 
 fn master_of(p: &Params) -> Result<String, String> {

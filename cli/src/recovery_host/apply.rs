@@ -172,11 +172,28 @@ pub fn apply(
     }
     let state_dir = dir.join("applied");
     let mut newest: Vec<Option<AppliedDisk>> = vec![None; disks.len()];
+    // Stopped by a remove or by a newer apply: a running item's points so far are its
+    // result; one applying up to `until` stopped before it got there (or verified)
+    // did not do what it was for, and says so.
+    let stopped = |newest: &[Option<AppliedDisk>]| {
+        if until.is_empty() {
+            Outcome::ok(result(newest))
+        } else {
+            Outcome {
+                error: Some(format!(
+                    "stopped before the apply of {} up to its final points ended",
+                    item.machine
+                )),
+                result: result(newest),
+                disks: Vec::new(),
+            }
+        }
+    };
     loop {
         let mut error = None;
         for (i, d) in disks.iter().enumerate() {
             if host.stopping(&item.id) {
-                return Outcome::ok(result(&newest));
+                return stopped(&newest);
             }
             let up_to = until
                 .iter()
@@ -218,7 +235,7 @@ pub fn apply(
         let end = Instant::now() + Duration::from_secs(interval_s.max(1));
         while Instant::now() < end {
             if host.stopping(&item.id) {
-                return Outcome::ok(result(&newest));
+                return stopped(&newest);
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -247,8 +247,23 @@ pub fn reverse(
         // round carries what is left, and a later point would only follow it.
         return Outcome::ok(WorkResult::default());
     }
-    // Stopped by a remove (which then forgets the item) or by a last item.
-    let stopped = |newest: &[Option<RoundDisk>]| Outcome::ok(result(newest));
+    // Stopped by a remove (which then forgets the item) or by a last item: a running
+    // item's rounds so far are its result; a last item stopped before its round did
+    // not do what it was for, and says so.
+    let stopped = |newest: &[Option<RoundDisk>]| {
+        if last {
+            Outcome {
+                error: Some(format!(
+                    "stopped before the last round of {} ended",
+                    item.machine
+                )),
+                result: result(newest),
+                disks: Vec::new(),
+            }
+        } else {
+            Outcome::ok(result(newest))
+        }
+    };
     let mut newest: Vec<Option<RoundDisk>> = vec![None; disks.len()];
     loop {
         let mut error = None;

@@ -1,9 +1,13 @@
 //! The apply op (failback, docs/recovery-hosts.md): on the master target, every
 //! `interval_s`, each home target (made equal to the forward point P by a sync item)
 //! gets the reverse replica's points above the last one applied (`apply_deltas`).
-//! The "applied" markers live in the item's folder (a home target may be a block
-//! device), so a restart resumes from the last point applied; a remove deletes that
-//! folder, never a target.
+//! The "applied" markers live on the host by target (`marker_dir`; a home target may
+//! be a block device), not in the item's folder: a restart, and failback's final
+//! apply (a new item, given after the running one was removed), go on from the last
+//! point applied instead of applying every round again. A sync of the target deletes
+//! them (it rewrites the target to P), and so does the removal of an apply item with
+//! `until` (failback's final apply: the commit removes it); a remove never deletes a
+//! target.
 //!
 //! `until`: apply exactly up to those points and end; with `verify`, every block of
 //! each target is then compared with the point's final map (the last reverse round
@@ -22,6 +26,48 @@ use ferry_replica::{Disk, Point};
 
 use super::sync::check_home_target;
 use super::{Host, Outcome};
+
+/// The folder of `target`'s applied markers: one per target path (resolved, so that
+/// two names of one disk share it), under the host's work folder beside its items.
+pub fn marker_dir(host: &Host, target: &Path) -> PathBuf {
+    let resolved = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        resolved.as_os_str().as_encoded_bytes(),
+    );
+    let key: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    host.items.with_file_name(MARKERS).join(key)
+}
+
+/// The host's folder of applied markers, beside `items`.
+const MARKERS: &str = "applied";
+
+/// Deletes `target`'s applied markers (a sync rewrote it, or failback's final apply
+/// was removed): returns what it deleted.
+pub fn forget_markers(host: &Host, target: &Path) -> Result<Vec<String>, String> {
+    let dir = marker_dir(host, target);
+    let mut deleted = Vec::new();
+    let list = match std::fs::read_dir(&dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(deleted),
+        Err(e) => return Err(format!("listing {}: {e}", dir.display())),
+    };
+    for e in list.flatten() {
+        deleted.push(format!("file {}", e.path().display()));
+    }
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(deleted),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(deleted),
+        Err(e) => Err(format!(
+            "deleting the applied markers of {} in {}: {e}",
+            target.display(),
+            dir.display()
+        )),
+    }
+}
 
 /// The forward point `over` of `disk`, which every target holds under its deltas.
 fn over_point(host: &Host, machine: &str, d: &ApplyDisk) -> Result<Point, String> {
@@ -48,7 +94,6 @@ fn apply_one(
     over: &Point,
     target: &Path,
     up_to: Option<&str>,
-    state_dir: &Path,
 ) -> Result<Option<AppliedDisk>, String> {
     let reverse = match host
         .store
@@ -60,7 +105,7 @@ fn apply_one(
     };
     let opts = ApplyOptions {
         up_to: up_to.map(str::to_string),
-        state_dir: Some(state_dir.to_path_buf()),
+        state_dir: Some(marker_dir(host, target)),
     };
     let r = apply_deltas(&host.store, &host.vault, rev, &d.disk, over, target, &opts)
         .map_err(|e| format!("applying {rev}/{} onto {}: {e}", d.disk, target.display()))?;
@@ -135,7 +180,6 @@ pub fn apply(
     interval_s: u64,
     until: &[DiskPoint],
     verify_after: bool,
-    dir: &Path,
 ) -> Outcome {
     if disks.is_empty() {
         return Outcome::failed("no disks named");
@@ -170,7 +214,6 @@ pub fn apply(
             return Outcome::failed(e);
         }
     }
-    let state_dir = dir.join("applied");
     let mut newest: Vec<Option<AppliedDisk>> = vec![None; disks.len()];
     // Stopped by a remove or by a newer apply: a running item's points so far are its
     // result; one applying up to `until` stopped before it got there (or verified)
@@ -199,7 +242,7 @@ pub fn apply(
                 .iter()
                 .find(|u| u.disk == d.disk)
                 .map(|u| u.point.as_str());
-            match apply_one(host, &rev, d, &overs[i], &targets[i], up_to, &state_dir) {
+            match apply_one(host, &rev, d, &overs[i], &targets[i], up_to) {
                 Ok(Some(mut a)) => {
                     let total = newest[i].as_ref().map_or(0, |n| n.total_bytes_written);
                     a.total_bytes_written = total + a.bytes_written;

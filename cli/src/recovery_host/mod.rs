@@ -560,7 +560,7 @@ impl Host {
                 until,
                 verify,
             } => (
-                apply::apply(self, item, disks, *interval_s, until, *verify, &dir),
+                apply::apply(self, item, disks, *interval_s, until, *verify),
                 Vec::new(),
             ),
         }

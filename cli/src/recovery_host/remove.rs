@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_link::control::limits::{trimmed, MAX_TEXT_BYTES};
-use ferry_link::control::wire::WorkResult;
+use ferry_link::control::wire::{WorkOp, WorkResult};
 
 use super::{procs, Host, Outcome};
 
@@ -72,6 +72,9 @@ fn remove_one(host: &Host, id: &str, deleted: &mut Vec<String>, left: &mut Vec<S
         std::thread::sleep(Duration::from_millis(100));
     }
     let entry = host.table().entries.remove(id);
+    if let Some(e) = &entry {
+        forget_final_markers(host, &e.item.op, deleted, left);
+    }
     let (served, pgid) = entry.map_or((Vec::new(), None), |e| (e.served, e.pgid));
     for (name, gate) in &served {
         gate.close();
@@ -106,6 +109,29 @@ fn remove_one(host: &Host, id: &str, deleted: &mut Vec<String>, left: &mut Vec<S
     }
     if let Some(p) = pgid.filter(|p| procs::group_alive(*p)) {
         left.push(format!("process group {p}"));
+    }
+}
+
+/// Failback's final apply (one with `until`) is removed by its commit (or a retried
+/// failback): the applied markers of its targets go with it. A running apply's stay:
+/// the final apply given after its removal goes on from them.
+fn forget_final_markers(
+    host: &Host,
+    op: &WorkOp,
+    deleted: &mut Vec<String>,
+    left: &mut Vec<String>,
+) {
+    let WorkOp::Apply { disks, until, .. } = op else {
+        return;
+    };
+    if until.is_empty() {
+        return;
+    }
+    for d in disks {
+        match super::apply::forget_markers(host, Path::new(&d.target)) {
+            Ok(files) => deleted.extend(files),
+            Err(e) => left.push(e),
+        }
     }
 }
 

@@ -3,8 +3,10 @@
 //! since the last round home as the next point of the reverse replica
 //! `MACHINE.reverse`. A served disk (`item:ID`) sends its overlay's journal since the
 //! cursor (`send_delta`); a built disk (a file path) sends the blocks whose checksum
-//! changed since the last round's map (`send_file_delta`). Cursors and maps live in
-//! the item's folder, so a restart resumes where the last committed round ended.
+//! changed since the last round's map (`send_file_delta`). Cursors and maps live with
+//! the source (the serve item's folder, beside the built file), so a restart, and
+//! failback's last item after the running one, go on where the last committed round
+//! ended.
 //!
 //! `last`: the machine is frozen first (its start items' process groups stopped, its
 //! served disks refusing writes, both kept across a restart by `FROZEN` files), then
@@ -27,6 +29,8 @@ use super::{procs, Host, Outcome};
 
 /// How a source names a serve item.
 pub const ITEM_PREFIX: &str = "item:";
+/// The folder of a source's reverse state (`state_dir`).
+pub const STATE_DIR: &str = "reverse-state";
 /// How long a last round waits for what it needs (a serve item served again after a
 /// restart, a store that answers) before it fails.
 const LAST_TRIES: u32 = 30;
@@ -50,6 +54,26 @@ fn source(d: &ReverseDisk) -> Result<Source, String> {
         ));
     }
     Ok(Source::File(path))
+}
+
+/// Where a source's reverse state lives (the journal cursor of a served disk, the
+/// last round's map of a built one): with the source, not with the item. Failback's
+/// last round is a new item, given after the running one was removed; it goes on
+/// from where that one stopped instead of sending everything since the failover
+/// again. The state goes when the source does (the commit removes it).
+fn state_dir(host: &Host, src: &Source) -> Result<PathBuf, String> {
+    match src {
+        Source::Served(id) => host
+            .dir(id)
+            .map(|d| d.join(STATE_DIR))
+            .map_err(|e| format!("{e:#}")),
+        Source::File(path) => {
+            let name = path
+                .file_name()
+                .ok_or_else(|| format!("source {} names no file", path.display()))?;
+            Ok(path.with_file_name(format!(".{}.{STATE_DIR}", name.to_string_lossy())))
+        }
+    }
 }
 
 fn served_gate(host: &Host, serve_id: &str, export: &str) -> Option<Arc<Gate>> {
@@ -131,7 +155,7 @@ fn round(
     dir: &Path,
     last: bool,
 ) -> Result<DeltaReport, String> {
-    let cursors = dir.join("cursors");
+    let cursors = state_dir(host, src)?;
     let machine = &item.machine;
     let fwd_state = || -> Result<(Disk, ferry_replica::DiskState), String> {
         let disk = host

@@ -105,6 +105,11 @@ pub fn sync(host: &Host, item: &WorkItem, disks: &[SyncDisk], dir: &Path) -> Out
                 .collect();
             host.progress(&item.id, (i as f64 + fraction(p)) / n, rate, per_disk);
         };
+        // The sync rewrites the target to P: what an apply marker says it holds
+        // above P is void from the first block written.
+        if let Err(e) = super::apply::forget_markers(host, target) {
+            return failed(e, synced);
+        }
         // Scratch of a run the host died in is stale: each disk starts clean.
         let _ = std::fs::remove_dir_all(&scratch);
         if let Err(e) = std::fs::create_dir_all(&scratch) {

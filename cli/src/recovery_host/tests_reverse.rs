@@ -176,13 +176,24 @@ fn a_served_disk_comes_home_round_by_round_then_freezes_and_verifies() {
         },
     );
 
-    // The last round: the machine freezes, r1 ends, the final point is reported.
+    // As a failback does: the running items are removed first (their state, kept
+    // with the source and by target, stays), then the last round freezes the
+    // machine and reports the final point.
+    orders.push(item(
+        "x0",
+        WorkOp::Remove {
+            items: vec!["r1".into(), "a1".into()],
+        },
+    ));
+    h.apply(orders.clone());
+    assert_eq!(ended(&h, "x0"), "succeeded");
     orders.push(reverse("r2", "item:s1", true));
     h.apply(orders.clone());
     assert_eq!(ended(&h, "r2"), "succeeded", "{:?}", report(&h, "r2"));
-    assert_eq!(ended(&h, "r1"), "succeeded");
     let last = result(&h, "r2").rounds;
     assert_eq!(last.len(), 1);
+    // It goes on from r1's cursor: nothing was written since r1's last round.
+    assert_eq!(last[0].bytes_data, 0, "{last:?}");
     let refused = g.write(0, &[1; 512], false).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ReadOnlyFilesystem);
     assert!(tmp.path().join("items/s1").join(serve::FROZEN).exists());
@@ -194,15 +205,15 @@ fn a_served_disk_comes_home_round_by_round_then_freezes_and_verifies() {
     orders.push(apply("a2", &home, until.clone(), true));
     h.apply(orders.clone());
     assert_eq!(ended(&h, "a2"), "succeeded", "{:?}", report(&h, "a2"));
-    assert_eq!(ended(&h, "a1"), "succeeded");
     let applied = result(&h, "a2").applied;
     assert_eq!(applied[0].point, last[0].point);
     assert_eq!(applied[0].verified, Some(true));
+    // From a1's marker: only the last (empty) round was left to apply.
+    assert_eq!(applied[0].bytes_written, 0, "{applied:?}");
     assert_eq!(std::fs::read(&home).unwrap(), served());
 
-    // A home block that no longer matches fails the verify, named (one that no
-    // reverse record covers: a3, with no marker of its own, applies every record
-    // again, which would repair the others).
+    // A home block that no longer matches fails the verify, named (a3 goes on from
+    // the target's marker: nothing is left to apply, nothing repairs it).
     std::fs::OpenOptions::new()
         .write(true)
         .open(&home)
@@ -225,11 +236,37 @@ fn a_served_disk_comes_home_round_by_round_then_freezes_and_verifies() {
     h.apply(orders.clone());
     assert_eq!(ended(&h, "x1"), "succeeded");
     let deleted = result(&h, "x1").deleted;
+    // a3 was a final apply: its target's markers go with it.
     assert!(
-        deleted.iter().any(|d| d.contains("items/r2/cursors")),
+        deleted.iter().any(|d| d.contains("reverse-applied")),
         "{deleted:?}"
     );
     assert!(home.exists() && !tmp.path().join("items/r2").exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("applied"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // The reverse cursor lives with the served disk, and goes with it.
+    assert!(tmp
+        .path()
+        .join("items/s1")
+        .join(reverse::STATE_DIR)
+        .exists());
+    orders.push(item(
+        "x2",
+        WorkOp::Remove {
+            items: vec!["s1".into()],
+        },
+    ));
+    h.apply(orders.clone());
+    assert_eq!(ended(&h, "x2"), "succeeded");
+    let deleted = result(&h, "x2").deleted;
+    assert!(
+        deleted.iter().any(|d| d.contains("reverse-state")),
+        "{deleted:?}"
+    );
 }
 
 #[test]
@@ -286,6 +323,8 @@ fn a_built_disks_rounds_send_only_the_blocks_that_changed() {
     h.apply(orders.clone());
     assert_eq!(ended(&h, "r2"), "succeeded", "{:?}", report(&h, "r2"));
     let last = result(&h, "r2").rounds;
+    // From r1's map: the file did not change since its last round.
+    assert_eq!(last[0].bytes_data, 0, "{last:?}");
     orders.push(apply(
         "a1",
         &home,
@@ -345,6 +384,33 @@ fn an_apply_item_found_running_after_a_restart_resumes_from_its_marker() {
             .applied
             .first()
             .is_some_and(|a| a.total_bytes_written == 9000)
+    });
+
+    // A sync of the target rewrites it to P: its marker goes, and the next apply
+    // applies every round again (onto P, not onto what the marker said).
+    again.apply(vec![item(
+        "x1",
+        WorkOp::Remove {
+            items: vec!["a1".into()],
+        },
+    )]);
+    assert_eq!(ended(&again, "x1"), "succeeded");
+    let markers = || {
+        std::fs::read_dir(tmp.path().join("applied"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(markers(), 1, "a running apply's removal keeps its marker");
+    again.apply(vec![serve("s1"), sync("y2", &home)]);
+    assert_eq!(ended(&again, "y2"), "succeeded");
+    assert_eq!(markers(), 0);
+    again.apply(vec![serve("s1"), apply("a3", &home, Vec::new(), false)]);
+    wait_equal("every round applied again", &home, &served);
+    ferry_testkit::wait_for("a3's figures", Duration::from_secs(10), || {
+        result(&again, "a3")
+            .applied
+            .first()
+            .is_some_and(|a| a.total_bytes_written == 4096 + 9000)
     });
 }
 

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferry_agent::nbd::server::session;
 use ferry_agent::nbd::wire::Request;
@@ -48,11 +49,24 @@ impl Device for MemDevice {
     }
 }
 
+/// Threads of this process now.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
 fuzz_target!(|data: &[u8]| {
+    let before = threads();
     let mut exports = Exports::default();
     exports.add("d", Arc::new(MemDevice(Mutex::new(vec![0u8; 64 << 10]))));
     let mut r = data;
     let _ = session(&mut r, &mut io::sink(), &exports);
+    // The session's reader threads are scoped: it returns once their closures have,
+    // a moment before the threads exit and free their thread-locals. libFuzzer's
+    // leak check after each input would see those mid-teardown, so wait for them.
+    let end = Instant::now() + Duration::from_secs(5);
+    while threads() > before && Instant::now() < end {
+        std::thread::yield_now();
+    }
 
     for h in data.chunks_exact(28) {
         let h: &[u8; 28] = h.try_into().unwrap();

@@ -15,6 +15,7 @@ use ferry_link::control::wire::Kind;
 use ferry_replica::{Store, VaultKey};
 
 use crate::recovery_host::heartbeat::Beat;
+use crate::recovery_host::store_probe::{self, StoreHealth};
 use crate::recovery_host::Host;
 
 #[derive(clap::Args)]
@@ -109,6 +110,8 @@ pub fn run(a: RecoveryHostArgs) -> Result<()> {
         )
     })?;
     let exports = Arc::new(Exports::default());
+    let health = Arc::new(StoreHealth::default());
+    store_probe::spawn(store.clone(), health.clone()).context("start the store probe")?;
     let host = Host::open(
         a.work_dir.join("items"),
         store,
@@ -126,7 +129,7 @@ pub fn run(a: RecoveryHostArgs) -> Result<()> {
     // wanted.
     let _beats = Heartbeats::start(
         client,
-        Beat::new(host, name.clone(), a.work_dir.clone()),
+        Beat::new(host, name.clone(), a.work_dir.clone(), health),
         Duration::from_secs(1),
     )?;
     // One line a supervisor or script can wait for.

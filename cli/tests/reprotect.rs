@@ -2,8 +2,8 @@
 //! server, a recovery host and an agent written through NBD with qemu-io. The machine
 //! fails over (unplanned, its agent gone) and is committed; its home disk, the
 //! source's disk at the failover point, then gets a few writes that never reached the
-//! replica. A reprotect onto a home disk smaller than the replica fails with the
-//! host's error; one onto the home disk with the recovery host as master target
+//! replica. A reprotect naming a master target that cannot reach the store is
+//! refused; one onto a home disk smaller than the replica fails with the host's error; one onto the home disk with the recovery host as master target
 //! rewrites exactly the blocks that differ, and the home disk equals the failover
 //! point again; the machine's direction is reverse.
 
@@ -119,6 +119,43 @@ fn reprotect_rewrites_only_the_home_blocks_that_differ_from_the_failover_point()
         rng.fill_bytes(&mut disk[at..at + 4096]);
     }
     std::fs::write(&home, &disk).unwrap();
+
+    // A master target that cannot reach the store (its store's folder became a
+    // file): it says so in its heartbeat, the list shows it, a reprotect naming it
+    // is refused saying why.
+    let blind_store = d.join("blind-store");
+    let (_blind, _) = recovery_host(
+        &cp,
+        &d.join("rh-blind"),
+        "rh-blind",
+        &format!("file://{}", s(&blind_store)),
+        &key,
+        None,
+    );
+    std::fs::remove_dir_all(&blind_store).unwrap();
+    std::fs::write(&blind_store, b"not a folder").unwrap();
+    wait_ok(
+        "rh-blind says it cannot reach the store",
+        Duration::from_secs(30),
+        || {
+            let out = cp.cli(&["recovery-hosts", "list"]);
+            match out.lines().find(|l| l.starts_with("rh-blind")) {
+                Some(l) if l.contains("unreachable: ") => Ok(()),
+                _ => Err(out),
+            }
+        },
+    );
+    let (st, v) = cp.api(
+        "POST",
+        "/v1/machines/m1/reprotect",
+        Some(json!({"master_target": "rh-blind", "disks": {"sda": s(&d.join("any.img"))}})),
+    );
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v.to_string()
+            .contains("recovery host rh-blind cannot reach the store"),
+        "{v}"
+    );
 
     // A home disk smaller than the replica: the master target refuses it, the job
     // fails with its error, and nothing is written to it.

@@ -1,5 +1,6 @@
 //! `ferry cp recovery-hosts list`: the hosts that serve or rebuild failed-over
-//! machines' disks, with their load and when they were last heard from.
+//! machines' disks, with their load, when they were last heard from and whether they
+//! reach the store.
 
 use anyhow::Result;
 use serde_json::Value;
@@ -11,17 +12,19 @@ use super::print_table;
 pub enum Verb {
     /// Every recovery host: its NBD address, the work items it holds, its free work
     /// space, whether it is live (heard from lately: only a live host is given new
-    /// work; a failover without --host picks the least loaded live one)
+    /// work; a failover without --host picks the least loaded live one), and why it
+    /// cannot reach the store if it cannot (it is then given no new work)
     List,
 }
 
-const HEADER: [&str; 6] = [
+const HEADER: [&str; 7] = [
     "NAME",
     "NBD_ADDRESS",
     "ITEMS",
     "WORK_DIR_FREE",
     "LIVE",
     "LAST_SEEN",
+    "STORE",
 ];
 
 fn row(h: &Value) -> Vec<String> {
@@ -35,6 +38,10 @@ fn row(h: &Value) -> Vec<String> {
     ]
     .iter()
     .map(|k| cell(h, k))
+    .chain([match h["store_error"].as_str() {
+        Some(e) => format!("unreachable: {e}"),
+        None => "ok".into(),
+    }])
     .collect()
 }
 
@@ -63,9 +70,11 @@ mod tests {
                        "live": true});
         assert_eq!(
             row(&h),
-            ["rh1", "10.0.0.5:10809", "3", "-", "true", "-"]
+            ["rh1", "10.0.0.5:10809", "3", "-", "true", "-", "ok"]
                 .map(String::from)
                 .to_vec()
         );
+        let h = json!({"name": "rh2", "store_error": "connection refused"});
+        assert_eq!(row(&h)[6], "unreachable: connection refused");
     }
 }

@@ -31,14 +31,10 @@ use super::{Host, Outcome};
 /// two names of one disk share it), under the host's work folder beside its items.
 pub fn marker_dir(host: &Host, target: &Path) -> PathBuf {
     let resolved = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
-    let digest = ring::digest::digest(
-        &ring::digest::SHA256,
-        resolved.as_os_str().as_encoded_bytes(),
-    );
-    let key: String = digest.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    // A name of fixed length whatever the path's (the checksum used for blocks;
+    // not a secret, only a key).
+    let sum = ferry_replica::scan::block_sum(resolved.as_os_str().as_encoded_bytes());
+    let key: String = sum.iter().map(|b| format!("{b:02x}")).collect();
     host.items.with_file_name(MARKERS).join(key)
 }
 

@@ -1,6 +1,6 @@
 //! The recovery host's side of the heartbeat (`/v1/heartbeat/recovery-host`, every
-//! second): its NBD address, free space and the reports of its items out; its orders
-//! in.
+//! second): its NBD address, free space, whether it reaches the store and the reports
+//! of its items out; its orders in.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ferry_link::control::client::Heartbeater;
 use ferry_link::control::wire::{RecoveryHostHeartbeat, RecoveryHostOrders};
 
+use super::store_probe::StoreHealth;
 use super::{Host, Sent};
 
 /// The JSON bytes of reports one heartbeat carries at most: with the rest of the
@@ -18,16 +19,23 @@ pub struct Beat {
     pub host: Arc<Host>,
     pub name: String,
     pub work_dir: PathBuf,
+    pub store_health: Arc<StoreHealth>,
     /// What the last heartbeat carried.
     sent: Sent,
 }
 
 impl Beat {
-    pub fn new(host: Arc<Host>, name: String, work_dir: PathBuf) -> Beat {
+    pub fn new(
+        host: Arc<Host>,
+        name: String,
+        work_dir: PathBuf,
+        store_health: Arc<StoreHealth>,
+    ) -> Beat {
         Beat {
             host,
             name,
             work_dir,
+            store_health,
             sent: Vec::new(),
         }
     }
@@ -62,6 +70,7 @@ impl Heartbeater for Beat {
             name: self.name.clone(),
             nbd_address: self.host.nbd_address.clone(),
             work_dir_free_bytes: free_bytes(&self.work_dir),
+            store_error: self.store_health.error(),
             reports,
         }
     }

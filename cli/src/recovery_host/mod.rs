@@ -20,6 +20,7 @@ pub mod progress;
 pub mod remove;
 pub mod reverse;
 pub mod serve;
+pub mod store_probe;
 pub mod sync;
 
 use std::collections::BTreeMap;

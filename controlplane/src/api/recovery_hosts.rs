@@ -39,6 +39,8 @@ pub struct RecoveryHostHeartbeatBody {
     /// HOST:PORT of its NBD listener.
     nbd_address: String,
     work_dir_free_bytes: u64,
+    /// Why its last look at the store failed; absent while it reaches it.
+    store_error: Option<String>,
     /// `wire::WorkReport`s: `{id, state, progress, bytes_per_s, error?, result?,
     /// disks?}` (`disks`: `{disk, progress, bytes_per_s, bytes_done, bytes}` each).
     reports: Vec<serde_json::Value>,
@@ -57,6 +59,10 @@ pub struct RecoveryHost {
     pub items: i64,
     /// Heard from within the last 15 s: only a live host is given new work.
     pub live: bool,
+    /// Why it last could not reach the store (it is then given no new work, nor
+    /// made a failback's master target); absent while it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -73,6 +79,7 @@ fn view(h: HostRow, now: i64) -> RecoveryHost {
         work_dir_free_bytes: h.work_dir_free_bytes,
         last_seen: rfc3339(h.last_seen),
         items: h.items,
+        store_error: h.store_error,
     }
 }
 
@@ -174,6 +181,9 @@ pub fn check_heartbeat(hb: &RecoveryHostHeartbeat) -> Result<(), String> {
     if crate::enroll::issue::advertise_host(&hb.nbd_address).is_none() {
         return Err(format!("nbd_address {:?} is not HOST:PORT", hb.nbd_address));
     }
+    if let Some(e) = &hb.store_error {
+        too_long("store_error", e, MAX_TEXT_BYTES)?;
+    }
     if hb.reports.len() > MAX_WORK_ITEMS {
         return Err(format!(
             "{} reports in one heartbeat; at most {MAX_WORK_ITEMS}",
@@ -209,6 +219,7 @@ pub async fn heartbeat(
         let msg = format!("first heartbeat; it serves NBD at {}", hb.nbd_address);
         events::add(&state.db, "registered", &subject, &msg, now).await?;
     }
+    work::set_store_error(&state.db, &hb.name, hb.store_error.as_deref()).await?;
     work::record_reports(&state.db, &hb.name, &hb.reports, now).await?;
     Ok(Json(RecoveryHostOrders {
         work: work::for_host(&state.db, &hb.name).await?,
@@ -285,6 +296,7 @@ mod tests {
             name: "rh1".into(),
             nbd_address: "127.0.0.1:10809".into(),
             work_dir_free_bytes: 1 << 30,
+            store_error: None,
             reports,
         }
     }
@@ -357,6 +369,11 @@ mod tests {
         let mut hb = beat(Vec::new());
         hb.name = "no/slash".into();
         assert!(check_heartbeat(&hb).is_err());
+        let mut hb = beat(Vec::new());
+        hb.store_error = Some("refused".into());
+        assert_eq!(check_heartbeat(&hb), Ok(()));
+        hb.store_error = Some("e".repeat(MAX_TEXT_BYTES + 1));
+        assert!(check_heartbeat(&hb).unwrap_err().contains("store_error"));
     }
 
     #[test]

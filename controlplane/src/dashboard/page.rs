@@ -70,6 +70,8 @@ pub struct HostLine {
     /// Heard from lately: given new work.
     pub live: bool,
     pub last_seen_ago_s: i64,
+    /// Why it cannot reach the store, if it cannot.
+    pub store_error: Option<String>,
 }
 
 /// A recovery plan's row.
@@ -566,14 +568,26 @@ mod tests {
             disks: vec!["sda @ p9: nbd://10.0.0.5:10809/db1/sda".into()],
             disk_progress: vec!["<sda> 42.0 % 118 MB/s".into()],
         }];
-        v.recovery_hosts = vec![HostLine {
-            name: "rh1".into(),
-            nbd_address: "10.0.0.5:10809".into(),
-            items: 2,
-            work_dir_free_bytes: 10 << 30,
-            live: true,
-            last_seen_ago_s: 1,
-        }];
+        v.recovery_hosts = vec![
+            HostLine {
+                name: "rh1".into(),
+                nbd_address: "10.0.0.5:10809".into(),
+                items: 2,
+                work_dir_free_bytes: 10 << 30,
+                live: true,
+                last_seen_ago_s: 1,
+                store_error: None,
+            },
+            HostLine {
+                name: "rh2".into(),
+                nbd_address: "10.0.0.6:10809".into(),
+                items: 0,
+                work_dir_free_bytes: 10 << 30,
+                live: true,
+                last_seen_ago_s: 1,
+                store_error: Some("store s3://b: get probe/recovery-host: <refused>".into()),
+            },
+        ];
         v.plans = vec![PlanLine {
             name: "erp".into(),
             groups: Some(2),
@@ -598,6 +612,10 @@ mod tests {
         );
         assert!(html.contains("<progress max=\"100\" value=\"60\"></progress>"));
         assert!(html.contains("data-recovery-host=\"rh1\"") && html.contains("10.0 GiB"));
+        assert!(
+            html.contains("no store</span><div class=\"why\">cannot reach the store: store s3://b: get probe/recovery-host: &lt;refused&gt;</div>"),
+            "{html}"
+        );
         assert!(html.contains("data-plan=\"erp\""), "{html}");
     }
 

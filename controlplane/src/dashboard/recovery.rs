@@ -276,6 +276,7 @@ pub async fn hosts(db: &Db, now: i64) -> Result<Vec<HostLine>> {
             nbd_address: h.nbd_address,
             items: h.items,
             work_dir_free_bytes: h.work_dir_free_bytes,
+            store_error: h.store_error,
         })
         .collect())
 }

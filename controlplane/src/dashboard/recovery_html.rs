@@ -137,15 +137,25 @@ pub fn hosts(out: &mut String, v: &View) {
         );
     }
     for h in &v.recovery_hosts {
-        let (class, state) = if h.live {
-            ("normal", "live")
-        } else {
-            ("critical", "not seen")
+        let (class, state) = match (h.live, &h.store_error) {
+            (false, _) => ("critical", "not seen"),
+            (true, Some(_)) => ("critical", "no store"),
+            (true, None) => ("normal", "live"),
         };
+        let why = h
+            .store_error
+            .as_ref()
+            .map(|e| {
+                format!(
+                    "<div class=\"why\">cannot reach the store: {}</div>",
+                    esc(e)
+                )
+            })
+            .unwrap_or_default();
         let _ = write!(
             out,
             "<tr data-recovery-host=\"{name}\"><td>{name}<div class=\"why\">nbd://{}</div></td>\
-             <td><span class=\"badge {class}\">{state}</span></td><td class=\"num\">{}</td>\
+             <td><span class=\"badge {class}\">{state}</span>{why}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{}</td><td>{} ago</td></tr>",
             esc(&h.nbd_address),
             h.items,

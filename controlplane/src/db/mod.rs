@@ -97,6 +97,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "failback",
         include_str!("../../migrations/0010_failback.sql"),
     ),
+    (
+        11,
+        "host store error",
+        include_str!("../../migrations/0011_host_store_error.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

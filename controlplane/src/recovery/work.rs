@@ -56,6 +56,8 @@ pub struct HostRow {
     pub last_seen: i64,
     /// Items given to it and not removed.
     pub items: i64,
+    /// Why it last could not reach the store; None while it can.
+    pub store_error: Option<String>,
 }
 
 /// The id of the item task `seq` of job `job_id` makes for `machine`.
@@ -352,10 +354,22 @@ pub async fn host_heartbeat(
     Ok(true)
 }
 
+/// Records what a recovery host's heartbeat said of the store (None: it reaches it).
+pub async fn set_store_error(db: &Db, name: &str, error: Option<&str>) -> Result<()> {
+    sqlx::query("UPDATE recovery_hosts SET store_error = $1 WHERE name = $2")
+        .bind(error.map(str::to_string))
+        .bind(name.to_string())
+        .execute(db.pool())
+        .await
+        .map_err(q("recording a recovery host's store error"))?;
+    Ok(())
+}
+
 /// Every recovery host not removed, by name, with its live items counted.
 pub async fn hosts(db: &Db) -> Result<Vec<HostRow>> {
     let rows = sqlx::query(
         "SELECT h.name, h.nbd_address, h.work_dir_free_bytes, h.registered_at, h.last_seen, \
+         h.store_error, \
          (SELECT COUNT(*) FROM recovery_work w WHERE w.host = h.name AND w.state <> 'removed') \
          AS items FROM recovery_hosts h WHERE h.removed = 0 ORDER BY h.name",
     )
@@ -373,18 +387,19 @@ pub async fn hosts(db: &Db) -> Result<Vec<HostRow>> {
                 registered_at: r.try_get("registered_at").map_err(get)?,
                 last_seen: r.try_get("last_seen").map_err(get)?,
                 items: r.try_get("items").map_err(get)?,
+                store_error: r.try_get("store_error").map_err(get)?,
             })
         })
         .collect()
 }
 
-/// The live host (seen within `HOST_LIVE_S`) with the fewest items not removed, ties
-/// by name; None when no host is live.
+/// The live host (seen within `HOST_LIVE_S`) that reaches the store, with the fewest
+/// items not removed, ties by name; None when there is no such host.
 pub async fn least_loaded_host(db: &Db, now: i64) -> Result<Option<String>> {
     Ok(hosts(db)
         .await?
         .into_iter()
-        .filter(|h| now - h.last_seen <= HOST_LIVE_S)
+        .filter(|h| now - h.last_seen <= HOST_LIVE_S && h.store_error.is_none())
         .min_by(|a, b| a.items.cmp(&b.items).then_with(|| a.name.cmp(&b.name)))
         .map(|h| h.name))
 }
@@ -482,7 +497,17 @@ mod tests {
         assert_eq!(first, again);
         assert_eq!(for_host(&db, "rh1").await.unwrap().len(), 1);
         assert!(for_host(&db, "rh2").await.unwrap().is_empty());
-        // rh2 is the least loaded now.
+        // rh2 is the least loaded now; not while it cannot reach the store.
+        assert_eq!(
+            least_loaded_host(&db, 105).await.unwrap().as_deref(),
+            Some("rh2")
+        );
+        set_store_error(&db, "rh2", Some("refused")).await.unwrap();
+        assert_eq!(
+            least_loaded_host(&db, 105).await.unwrap().as_deref(),
+            Some("rh1")
+        );
+        set_store_error(&db, "rh2", None).await.unwrap();
         assert_eq!(
             least_loaded_host(&db, 105).await.unwrap().as_deref(),
             Some("rh2")

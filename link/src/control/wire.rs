@@ -437,6 +437,10 @@ pub struct RecoveryHostHeartbeat {
     pub nbd_address: String,
     /// Free bytes on its work directory's file system.
     pub work_dir_free_bytes: u64,
+    /// Why its last look at the store failed (at most `limits::MAX_TEXT_BYTES`);
+    /// absent while it reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
     /// The state of items of its last orders (at most `limits::MAX_WORK_ITEMS`), the
     /// ones that changed since its last answered heartbeat first; the body stays under
     /// the API's limit (outputs are cut to `limits::MAX_WORK_OUTPUT_BYTES`).

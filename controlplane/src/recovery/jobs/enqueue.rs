@@ -489,7 +489,24 @@ async fn choose_host(db: &Db, host: Option<&str>) -> Result<String, ApiError> {
         });
     };
     crate::api::machines::checked("recovery host", name)?;
-    live_host(db, name).await.map(|()| name.to_string())
+    working_host(db, name).await.map(|()| name.to_string())
+}
+
+/// A live host that reaches the store (409 saying why not): one that builds,
+/// serves, sends or applies from the store. A removal needs only a live host.
+async fn working_host(db: &Db, name: &str) -> Result<(), ApiError> {
+    live_host(db, name).await?;
+    let hosts = work::hosts(db).await?;
+    if let Some(e) = hosts
+        .iter()
+        .find(|h| h.name == name)
+        .and_then(|h| h.store_error.as_ref())
+    {
+        return Err(ApiError::Conflict(format!(
+            "recovery host {name} cannot reach the store: {e}"
+        )));
+    }
+    Ok(())
 }
 
 async fn live_host(db: &Db, name: &str) -> Result<(), ApiError> {
@@ -568,7 +585,7 @@ async fn reprotect(
             ))
         })?;
     crate::api::machines::checked("master target", &r.master_target)?;
-    live_host(db, &r.master_target).await?;
+    working_host(db, &r.master_target).await?;
     if let Some(d) = r.disks.keys().find(|d| !points.contains_key(*d)) {
         return Err(ApiError::BadRequest(format!(
             "machine {machine} has no disk {d} (its disks: {})",
@@ -669,9 +686,11 @@ async fn failback(
              reverse replication is not running (reprotect it first)"
         )));
     }
-    live_host(db, &master).await?;
+    working_host(db, &master).await?;
     if planned {
+        // Its last round puts the final points in the store.
         let host = failover_host(db, machine, current).await?;
+        working_host(db, &host).await?;
         p.host = Some(host);
     } else {
         p.host = current.host.clone();

@@ -79,9 +79,10 @@ pub fn running_apply<'a>(
 pub async fn check(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
     let row = row_of(w, &p.machine).await?;
     check_row(&row, Some(&w.job.id))?;
-    w.host_alive(&master_of(p)?, "a failback").await?;
+    w.host_working(&master_of(p)?, "a failback").await?;
     if p.planned != Some(false) {
-        w.host_alive(&host_of(&row)?, "a planned failback").await?;
+        w.host_working(&host_of(&row)?, "a planned failback")
+            .await?;
     }
     Ok(())
 }

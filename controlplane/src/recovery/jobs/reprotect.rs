@@ -42,7 +42,7 @@ pub async fn check(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
             row.master_target.as_deref().unwrap_or("?")
         ));
     }
-    w.host_alive(master, "a reprotect").await
+    w.host_working(master, "a reprotect").await
 }
 
 /// The sync item's disks: each disk's failover point onto its home disk.

@@ -176,6 +176,25 @@ impl<'a> Waiter<'a> {
         }
     }
 
+    /// `host_alive`, and the host reaches the store (a master target reads it, a
+    /// last round writes it).
+    pub async fn host_working(&self, host: &str, what: &str) -> Result<(), String> {
+        self.host_alive(host, what).await?;
+        let hosts = work::hosts(&self.ctx.db)
+            .await
+            .map_err(|e| format!("reading recovery hosts while checking {what}: {e}"))?;
+        match hosts
+            .iter()
+            .find(|h| h.name == host)
+            .and_then(|h| h.store_error.as_ref())
+        {
+            Some(e) => Err(format!(
+                "recovery host {host} cannot reach the store, needed for {what}: {e}"
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub async fn host_alive(&self, host: &str, what: &str) -> Result<(), String> {
         let hosts = work::hosts(&self.ctx.db)
             .await

@@ -68,6 +68,20 @@ async fn refusals_before_and_after_commit(s: &Site) {
         "recovery host rh-old is not live",
     )
     .await;
+    // A master target that cannot reach the store cannot read P nor the rounds.
+    work::host_heartbeat(&s.db, "rh-blind", NBD, 1 << 30, crate::db::now_s())
+        .await
+        .unwrap();
+    work::set_store_error(&s.db, "rh-blind", Some("get probe/recovery-host: refused"))
+        .await
+        .unwrap();
+    s.refused(
+        RP,
+        json!({"master_target": "rh-blind", "disks": {"sda": "/h/sda", "sdb": "/h/sdb"}}),
+        409,
+        "recovery host rh-blind cannot reach the store: get probe/recovery-host: refused",
+    )
+    .await;
     s.refused(
         RP,
         json!({"master_target": HOST, "disks": {"sda": "/h/sda"}}),

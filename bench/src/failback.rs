@@ -15,7 +15,7 @@ use rand::SeedableRng;
 
 const MIB: f64 = (1u64 << 20) as f64;
 
-pub fn run(ferry: PathBuf, work: PathBuf, mib: u64) -> Result<()> {
+pub fn run(ferry: PathBuf, work: PathBuf, mib: u64, base_share: f64) -> Result<()> {
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     for new_home_disk in [false, true] {
         let dir = tempfile::tempdir_in(&work)
@@ -26,6 +26,7 @@ pub fn run(ferry: PathBuf, work: PathBuf, mib: u64) -> Result<()> {
                 bin: &ferry,
                 dir: dir.path(),
                 disk_bytes: mib << 20,
+                base_share,
                 recovery_share: 0.02,
                 home_share: 0.01,
                 kills: false,

@@ -181,6 +181,10 @@ enum Command {
         /// The disk's size
         #[arg(long, default_value_t = 1024)]
         disk_mib: u64,
+        /// The share of the disk's blocks written (random bytes) before the failover
+        /// point: 1 for a full disk, where every stored extent holds data
+        #[arg(long, default_value_t = 0.02)]
+        base_share: f64,
     },
     /// All of the above, ending with the one-line summary
     All {
@@ -317,9 +321,13 @@ fn run(command: Command) -> Result<()> {
             ferry,
             work,
             disk_mib,
+            base_share,
         } => {
+            if !(0.0..=1.0).contains(&base_share) {
+                anyhow::bail!("--base-share {base_share}: a share from 0 to 1");
+            }
             machine::print();
-            failback::run(ferry, work, disk_mib)?;
+            failback::run(ferry, work, disk_mib, base_share)?;
         }
         Command::All {
             peer: PeerArgs { image, ferry, work },

@@ -3,10 +3,11 @@
 //! through NBD with qemu-io. Unplanned failover with the home process server and agent
 //! killed (the home disk holds acknowledged writes that never reached the replica),
 //! writes at the recovery site, reprotect onto the original home disk with the master
-//! target and the control plane killed (-9) in the middle, more writes, a planned
-//! failback with the recovery-site host and the control plane killed in the middle,
-//! commit (the recovery site left empty), re-enable with the control plane killed,
-//! writes at home, a second failover. Every disk equals its reference copy at every
+//! target, the recovery-site host and the control plane killed (-9) in the middle,
+//! more writes, a planned failback with the recovery-site host, the master target and
+//! the control plane killed in the middle, commit (the recovery site left empty),
+//! re-enable with the control plane and the home agent killed, writes at home, a
+//! second failover. Every disk equals its reference copy at every
 //! step, and each step sends at most twice the changed bytes plus metadata.
 //! Then the cycle onto a new, empty home disk: one full copy, deltas after.
 
@@ -31,6 +32,7 @@ fn failback_cycle_sends_only_what_changed_through_kills() {
             bin: Path::new(FERRY),
             dir: dir.path(),
             disk_bytes: DISK_BYTES,
+            base_share: 0.02,
             recovery_share: 0.02,
             home_share: 0.01,
             kills: true,
@@ -76,6 +78,7 @@ fn failback_to_a_new_empty_disk_copies_it_once_then_deltas() {
             bin: Path::new(FERRY),
             dir: dir.path(),
             disk_bytes: DISK_BYTES,
+            base_share: 0.02,
             recovery_share: 0.02,
             home_share: 0.01,
             kills: false,

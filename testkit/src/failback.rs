@@ -8,7 +8,8 @@
 //! protect -> write -> unplanned failover (home process server and agent killed; the
 //! home disk holds writes acknowledged after the failover point, never replicated) ->
 //! writes at the recovery site through its NBD export -> reprotect onto the original
-//! home disk -> more writes there -> failback (planned) -> commit -> re-enable ->
+//! home disk -> more writes there, carried home -> a few more, not waited for ->
+//! failback (planned) -> commit -> re-enable ->
 //! writes at home -> a second failover. At every step each disk is compared with a
 //! reference copy taken at the same moment.
 
@@ -40,6 +41,8 @@ pub struct Options<'a> {
     pub kills: bool,
     /// A new, empty home disk instead of the original one (alternate location).
     pub new_home_disk: bool,
+    /// Share of the disk's blocks written before the failover point (random bytes).
+    pub base_share: f64,
 }
 
 /// One step's figures.
@@ -210,6 +213,8 @@ impl Run<'_> {
             "control plane" => self.restart_cp(),
             "master target" => self.restart_rh_home(),
             "recovery host" => self.restart_rh_rec(),
+            // The caller kills what the run does not hold (the home agent).
+            "nothing" => {}
             other => panic!("nothing called {other} to kill"),
         }
     }
@@ -286,7 +291,7 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     };
 
     // Protect and write; the failover point.
-    write_blocks(&m1.nbd(), o.disk_bytes, 0.02, rng);
+    write_blocks(&m1.nbd(), o.disk_bytes, o.base_share, rng);
     let point = bookmark(o.bin, &m1.sock, "before-failover");
     wait_uploaded(o.bin, &m1.sock);
     let at_point = std::fs::read(&m1.disk).unwrap();
@@ -343,6 +348,7 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     );
     let id = j["id"].as_str().unwrap().to_string();
     run.kill_while_running(&id, "master target");
+    run.kill_while_running(&id, "recovery host");
     run.kill_while_running(&id, "control plane");
     let j = run.cp.wait_job(&id, "succeeded");
     let (synced, written) = job_bytes(&j);
@@ -366,6 +372,10 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     });
 
     // Failback, planned: the recovery site stops writing, a last round, verified home.
+    // Writes just before it, not waited for: the last round carries what the running
+    // rounds did not (and they may have taken some).
+    let late = write_blocks(&url, o.disk_bytes, o.recovery_share / 8.0, rng);
+    figures.recovery_changed_bytes += late;
     let t = Instant::now();
     let before = read_export(&url);
     let j = run.cp.post(
@@ -374,6 +384,7 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     );
     let id = j["id"].as_str().unwrap().to_string();
     run.kill_while_running(&id, "recovery host");
+    run.kill_while_running(&id, "master target");
     run.kill_while_running(&id, "control plane");
     let j = run.cp.wait_job(&id, "waiting-for-input");
     // Failback's bytes: the last round and its checksum map put in the store, and
@@ -406,6 +417,11 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     let j = run.cp.post("/v1/machines/m1/re-enable", json!({}));
     let id = j["id"].as_str().unwrap().to_string();
     run.kill_while_running(&id, "control plane");
+    if o.kills {
+        // The home agent, in the middle of its re-enable's resync (owed on disk).
+        run.kill_while_running(&id, "nothing");
+        m1.restart(&run.cp, d);
+    }
     let j = run.cp.wait_job(&id, "succeeded");
     wait_uploaded(o.bin, &m1.sock);
     let sent = resync_sent(&j, o.bin, &m1.sock);

@@ -648,7 +648,7 @@ pub fn apply_deltas(
                     if !above(r.seq) || r.seq > to.seq {
                         return Ok(());
                     }
-                    if r.offset + r.len > size {
+                    if r.offset.checked_add(r.len).is_none_or(|end| end > size) {
                         return Err(ferry_replica::Error::corrupt(
                             &seg.object,
                             format!("record past the disk's {size} bytes"),

@@ -28,12 +28,6 @@ pub fn reverse_machine(machine: &str) -> String {
     format!("{machine}{}", ferry_replica::layout::REVERSE_SUFFIX)
 }
 
-fn master_of(p: &Params) -> Result<String, String> {
-    p.master_target
-        .clone()
-        .ok_or_else(|| format!("machine {}: the job names no master target", p.machine))
-}
-
 fn host_of(row: &RecoveryRow) -> Result<String, String> {
     row.host.clone().ok_or_else(|| {
         format!(
@@ -79,7 +73,7 @@ pub fn running_apply<'a>(
 pub async fn check(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
     let row = row_of(w, &p.machine).await?;
     check_row(&row, Some(&w.job.id))?;
-    w.host_working(&master_of(p)?, "a failback").await?;
+    w.host_working(p.master()?, "a failback").await?;
     if p.planned != Some(false) {
         w.host_working(&host_of(&row)?, "a planned failback")
             .await?;
@@ -182,7 +176,7 @@ pub(super) async fn record(
 /// `stop applying`: the continuous apply item goes (unplanned: its newest applied
 /// points are kept in the job first, as the fallback for the points to apply).
 pub async fn stop_apply(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
-    let master = master_of(p)?;
+    let master = p.master()?.to_string();
     if p.planned == Some(false) && p.final_points.is_empty() {
         let row = row_of(w, &p.machine).await?;
         let items = live_items(&w.ctx.db, &row).await?;
@@ -253,7 +247,7 @@ async fn newest_points(
 /// verify, waited for; a planned failback needs every disk verified.
 pub async fn apply_final(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
     let m = p.machine.clone();
-    let master = master_of(p)?;
+    let master = p.master()?.to_string();
     if p.final_points.is_empty() {
         return Err(format!("job {}: no final point was chosen", w.job.id));
     }

@@ -209,6 +209,15 @@ pub struct Params {
     pub resync_sent_bytes: Option<u64>,
 }
 
+impl Params {
+    /// The master target a reprotect or failback job names.
+    pub fn master(&self) -> Result<&str, String> {
+        self.master_target
+            .as_deref()
+            .ok_or_else(|| format!("machine {}: the job names no master target", self.machine))
+    }
+}
+
 /// The input a test failover waits for: `POST /v1/jobs/{id}/resume` or
 /// `POST /v1/machines/{name}/test-failover-cleanup`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

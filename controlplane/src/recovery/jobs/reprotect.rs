@@ -10,12 +10,6 @@ use super::wait::Waiter;
 use super::Params;
 use crate::recovery::work;
 
-fn master_of(p: &Params) -> Result<&str, String> {
-    p.master_target
-        .as_deref()
-        .ok_or_else(|| format!("machine {}: the job names no master target", p.machine))
-}
-
 /// `check reprotect`: what the POST checked still holds when the job runs (a job
 /// queued behind another may find the machine changed): a committed failover, not
 /// reprotected elsewhere, and a master target that is heartbeating.
@@ -31,7 +25,7 @@ pub async fn check(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
             row.state
         ));
     }
-    let master = master_of(p)?;
+    let master = p.master()?;
     let ours = row.direction == REVERSE
         && row.master_target.as_deref() == Some(master)
         && row.home_disks == p.home_disks;
@@ -69,7 +63,7 @@ pub fn sync_op(p: &Params) -> Result<WorkOp, String> {
 /// disk, never removed.
 pub async fn sync_home(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
     let op = sync_op(p)?;
-    let master = master_of(p)?.to_string();
+    let master = p.master()?.to_string();
     w.submit_and_wait(&master, &p.machine, &op, None).await?;
     Ok(())
 }
@@ -118,7 +112,7 @@ pub async fn mark_reverse(w: &Waiter<'_>, p: &Params) -> Result<(), String> {
             return Err(format!("job {} is no longer held by {owner}", w.job.id));
         }
     }
-    let master = master_of(p)?;
+    let master = p.master()?;
     if state::set_reverse(db, m, &w.job.id, master, &p.home_disks)
         .await
         .map_err(|e| format!("marking machine {m} reverse: {e}"))?

@@ -114,12 +114,6 @@ pub fn apply_disks(p: &Params) -> Result<Vec<ApplyDisk>, String> {
         .collect()
 }
 
-fn master_of(p: &Params) -> Result<String, String> {
-    p.master_target
-        .clone()
-        .ok_or_else(|| format!("machine {}: the job names no master target", p.machine))
-}
-
 /// `start reverse replication`: a reverse item on the recovery-site host, recorded
 /// among the failover's items at once (a commit of the failback removes it).
 pub async fn start_reverse(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
@@ -150,7 +144,7 @@ pub async fn start_reverse(w: &mut Waiter<'_>, p: &Params) -> Result<(), String>
 /// one, waited for until every disk has a round applied (or either item fails).
 pub async fn start_apply(w: &mut Waiter<'_>, p: &Params) -> Result<(), String> {
     let m = p.machine.clone();
-    let master = master_of(p)?;
+    let master = p.master()?.to_string();
     let op = WorkOp::Apply {
         disks: apply_disks(p)?,
         interval_s: interval_s(&w.ctx.db, &m).await?,

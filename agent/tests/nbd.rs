@@ -386,11 +386,22 @@ fn refused_writes_are_errors_but_logged_once() {
             .unwrap();
             // Greeting (18 bytes), export reply (size and flags, no zeroes: 10),
             // then one simple reply of 16 bytes per request, each an error.
+            // The two reads run at once (agent/src/nbd/transmit.rs), so their replies
+            // may come in either order: matched by handle.
             let replies = &output[28..];
             assert_eq!(replies.len(), 16 * sent.len(), "one reply per request");
-            for (r, h) in replies.chunks(16).zip(&sent) {
-                assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), *h);
-                let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
+            let mut got: Vec<(u64, u32)> = replies
+                .chunks(16)
+                .map(|r| {
+                    (
+                        u64::from_be_bytes(r[8..16].try_into().unwrap()),
+                        u32::from_be_bytes(r[4..8].try_into().unwrap()),
+                    )
+                })
+                .collect();
+            got.sort_unstable();
+            assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), sent);
+            for (h, err) in got {
                 assert_ne!(err, 0, "request {h} was refused, its reply must say so");
             }
         }

@@ -27,6 +27,7 @@ pub fn run(ferry: PathBuf, work: PathBuf, mib: u64, base_share: f64) -> Result<(
                 dir: dir.path(),
                 disk_bytes: mib << 20,
                 base_share,
+                built_files: false,
                 recovery_share: 0.02,
                 home_share: 0.01,
                 kills: false,

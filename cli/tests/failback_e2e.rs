@@ -9,7 +9,9 @@
 //! re-enable with the control plane and the home agent killed, writes at home, a
 //! second failover. Every disk equals its reference copy at every
 //! step, and each step sends at most twice the changed bytes plus metadata.
-//! Then the cycle onto a new, empty home disk: one full copy, deltas after.
+//! Then the cycle onto a new, empty home disk: one full copy, deltas after; and the
+//! cycle of a machine failed over to built raw files (target dir), whose rounds go by
+//! checksum.
 
 use std::path::Path;
 
@@ -33,6 +35,7 @@ fn failback_cycle_sends_only_what_changed_through_kills() {
             dir: dir.path(),
             disk_bytes: DISK_BYTES,
             base_share: 0.02,
+            built_files: false,
             recovery_share: 0.02,
             home_share: 0.01,
             kills: true,
@@ -79,6 +82,7 @@ fn failback_to_a_new_empty_disk_copies_it_once_then_deltas() {
             dir: dir.path(),
             disk_bytes: DISK_BYTES,
             base_share: 0.02,
+            built_files: false,
             recovery_share: 0.02,
             home_share: 0.01,
             kills: false,
@@ -99,6 +103,41 @@ fn failback_to_a_new_empty_disk_copies_it_once_then_deltas() {
             s.wire_bytes <= 2 * f.changed_bytes + METADATA,
             "{n}: {} bytes for {} changed",
             s.wire_bytes,
+            f.changed_bytes
+        );
+    }
+}
+
+#[test]
+fn failback_of_a_machine_running_on_built_files_sends_only_what_changed() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(ferry_testkit::seed());
+    let dir = tempfile::tempdir().unwrap();
+    let f = cycle(
+        &Options {
+            bin: Path::new(FERRY),
+            dir: dir.path(),
+            disk_bytes: DISK_BYTES,
+            base_share: 0.02,
+            built_files: true,
+            recovery_share: 0.02,
+            home_share: 0.01,
+            kills: false,
+            new_home_disk: false,
+        },
+        &mut rng,
+    );
+    eprintln!("{f:#?}");
+    assert!(f.identical);
+    for s in &f.steps {
+        let own = match s.name {
+            "failover" => continue,
+            "reprotect" => s.wire_bytes - f.sync_fetched_bytes,
+            _ => s.wire_bytes,
+        };
+        assert!(
+            own <= 2 * f.changed_bytes + METADATA,
+            "{}: {own} bytes over the wire for {} changed",
+            s.name,
             f.changed_bytes
         );
     }

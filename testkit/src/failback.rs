@@ -43,6 +43,9 @@ pub struct Options<'a> {
     pub new_home_disk: bool,
     /// Share of the disk's blocks written before the failover point (random bytes).
     pub base_share: f64,
+    /// The failover builds raw files on the recovery-site host (target `dir`), which
+    /// the machine there writes, instead of serving the point over NBD.
+    pub built_files: bool,
 }
 
 /// One step's figures.
@@ -81,10 +84,11 @@ fn s(p: &Path) -> String {
 }
 
 /// `share` of the disk's 64 KiB blocks, distinct and chosen at random, written whole
-/// with random (incompressible) bytes through the NBD export at `url`, then flushed;
-/// returns the bytes written. Random, so that the bytes each step sends are what a
-/// real disk's changes would cost, not what a compressor makes of a pattern; a
-/// qemu-io write through the same export comes first (a real client's writes).
+/// with random (incompressible) bytes through the NBD export at `url` (or into the raw
+/// file at that path), then flushed; returns the bytes written. Random, so that the
+/// bytes each step sends are what a real disk's changes would cost, not what a
+/// compressor makes of a pattern; a qemu-io write through the same export (or file)
+/// comes first (a real client's writes).
 pub fn write_blocks(url: &str, disk_bytes: u64, share: f64, rng: &mut StdRng) -> u64 {
     let blocks = disk_bytes / BLOCK;
     let want = ((blocks as f64 * share).ceil() as u64).clamp(1, blocks);
@@ -95,10 +99,25 @@ pub fn write_blocks(url: &str, disk_bytes: u64, share: f64, rng: &mut StdRng) ->
     let first = *chosen.iter().next().expect("one block at least");
     let out = qemu_io(url, &[format!("write -P 90 {} {BLOCK}", first * BLOCK)]);
     assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+    let mut data = vec![0u8; BLOCK as usize];
+    if !url.starts_with("nbd://") {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(url)
+            .unwrap_or_else(|e| panic!("opening {url}: {e}"));
+        for b in &chosen {
+            rng.fill(&mut data[..]);
+            f.write_all_at(&data, b * BLOCK)
+                .unwrap_or_else(|e| panic!("writing block {b} of {url}: {e}"));
+        }
+        f.sync_all()
+            .unwrap_or_else(|e| panic!("syncing {url}: {e}"));
+        return want * BLOCK;
+    }
     let (addr, name) = export_of(url);
     let mut c = ferry_agent::nbd::client::Client::connect(addr, name)
         .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
-    let mut data = vec![0u8; BLOCK as usize];
     for b in &chosen {
         rng.fill(&mut data[..]);
         c.write(b * BLOCK, &data)
@@ -315,14 +334,23 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
         f.set_len(o.disk_bytes).unwrap();
     }
 
-    // Unplanned failover to the point, served over NBD by the recovery-site host.
+    // Unplanned failover to the point, served over NBD by the recovery-site host (or
+    // built there as a raw file, which the machine then writes).
     let t = Instant::now();
+    let target = if o.built_files {
+        json!({"kind": "dir", "format": "raw"})
+    } else {
+        json!({"kind": "nbd"})
+    };
     let j = run.cp.post(
         "/v1/machines/m1/failover",
-        json!({"planned": false, "point": point, "target": {"kind": "nbd"}, "host": "rh-rec"}),
+        json!({"planned": false, "point": point, "target": target, "host": "rh-rec"}),
     );
     let j = run.cp.wait_job(j["id"].as_str().unwrap(), "succeeded");
-    let url = j["disks"][0]["nbd_url"].as_str().unwrap().to_string();
+    let url = j["disks"][0][if o.built_files { "path" } else { "nbd_url" }]
+        .as_str()
+        .unwrap()
+        .to_string();
     let j = run.cp.post("/v1/machines/m1/commit", json!({}));
     run.cp.wait_job(j["id"].as_str().unwrap(), "succeeded");
     figures.steps.push(Step {
@@ -508,8 +536,12 @@ fn resync_sent(j: &Value, bin: &Path, sock: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Every byte of the export at `url` (`nbd://ADDR/NAME`), read in 4 MiB requests.
+/// Every byte of the export at `url` (`nbd://ADDR/NAME`), read in 4 MiB requests; or
+/// of the raw file at that path.
 pub fn read_export(url: &str) -> Vec<u8> {
+    if !url.starts_with("nbd://") {
+        return std::fs::read(url).unwrap_or_else(|e| panic!("reading {url}: {e}"));
+    }
     let (addr, name) = export_of(url);
     let mut c = ferry_agent::nbd::client::Client::connect(addr, name)
         .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));

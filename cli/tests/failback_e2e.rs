@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use ferry_testkit::failback::{cycle, Options, BLOCK};
+use ferry_testkit::failback::{cycle, Figures, Options, Step, BLOCK};
 use rand::SeedableRng;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
@@ -24,10 +24,11 @@ const DISK_BYTES: u64 = 16 << 20;
 /// records, object headers.
 const METADATA: u64 = 1 << 20;
 
-#[test]
-fn failback_cycle_sends_only_what_changed_through_kills() {
-    let seed = ferry_testkit::seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+/// The cycle on a 16 MiB disk with 2 % of its blocks written before the failover,
+/// 2 % at the recovery site and 1 % at home after the point; every disk equal to its
+/// reference at every step.
+fn run(kills: bool, new_home_disk: bool, built_files: bool) -> Figures {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(ferry_testkit::seed());
     let dir = tempfile::tempdir().unwrap();
     let f = cycle(
         &Options {
@@ -35,21 +36,26 @@ fn failback_cycle_sends_only_what_changed_through_kills() {
             dir: dir.path(),
             disk_bytes: DISK_BYTES,
             base_share: 0.02,
-            built_files: false,
+            built_files,
             recovery_share: 0.02,
             home_share: 0.01,
-            kills: true,
-            new_home_disk: false,
+            kills,
+            new_home_disk,
         },
         &mut rng,
     );
     eprintln!("{f:#?}");
     assert!(f.identical);
+    f
+}
+
+/// Every step after the failover sends at most twice the changed bytes plus
+/// metadata, never the disk. Reprotect's sync fetches whole stored objects for the
+/// blocks it repairs (counted apart, in `sync_fetched_bytes`).
+fn bounded_by_what_changed(f: &Figures) {
     let changed = f.changed_bytes;
     assert!(changed >= 2 * BLOCK, "{f:?}");
     for s in &f.steps {
-        // Reprotect's sync fetches whole stored objects for the blocks it repairs
-        // (counted apart); the rest of every step is bounded by what changed.
         let own = match s.name {
             "failover" => continue,
             "reprotect" => s.wire_bytes - f.sync_fetched_bytes,
@@ -66,39 +72,33 @@ fn failback_cycle_sends_only_what_changed_through_kills() {
             s.name
         );
     }
+}
+
+fn step(f: &Figures, name: &str) -> Step {
+    f.steps.iter().find(|s| s.name == name).unwrap().clone()
+}
+
+#[test]
+fn failback_cycle_sends_only_what_changed_through_kills() {
+    let f = run(true, false, false);
+    bounded_by_what_changed(&f);
     // The sync rewrote no more than the blocks written at home after the point (a
     // sync restarted after the master target's kill finds some already repaired).
-    let reprotect = f.steps.iter().find(|s| s.name == "reprotect").unwrap();
-    assert!(reprotect.written_bytes <= f.home_changed_bytes, "{f:?}");
+    assert!(
+        step(&f, "reprotect").written_bytes <= f.home_changed_bytes,
+        "{f:?}"
+    );
 }
 
 #[test]
 fn failback_to_a_new_empty_disk_copies_it_once_then_deltas() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(ferry_testkit::seed());
-    let dir = tempfile::tempdir().unwrap();
-    let f = cycle(
-        &Options {
-            bin: Path::new(FERRY),
-            dir: dir.path(),
-            disk_bytes: DISK_BYTES,
-            base_share: 0.02,
-            built_files: false,
-            recovery_share: 0.02,
-            home_share: 0.01,
-            kills: false,
-            new_home_disk: true,
-        },
-        &mut rng,
-    );
-    eprintln!("{f:#?}");
-    assert!(f.identical);
-    let step = |n: &str| f.steps.iter().find(|s| s.name == n).unwrap().clone();
+    let f = run(false, true, false);
     // The full copy: every block of the point that is not zero (the agent's random
     // first 2 MiB and the writes since), nothing skipped.
-    let reprotect = step("reprotect");
+    let reprotect = step(&f, "reprotect");
     assert!(reprotect.written_bytes >= 2 << 20, "{reprotect:?}");
     for n in ["failback", "re-enable"] {
-        let s = step(n);
+        let s = step(&f, n);
         assert!(
             s.wire_bytes <= 2 * f.changed_bytes + METADATA,
             "{n}: {} bytes for {} changed",
@@ -110,35 +110,5 @@ fn failback_to_a_new_empty_disk_copies_it_once_then_deltas() {
 
 #[test]
 fn failback_of_a_machine_running_on_built_files_sends_only_what_changed() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(ferry_testkit::seed());
-    let dir = tempfile::tempdir().unwrap();
-    let f = cycle(
-        &Options {
-            bin: Path::new(FERRY),
-            dir: dir.path(),
-            disk_bytes: DISK_BYTES,
-            base_share: 0.02,
-            built_files: true,
-            recovery_share: 0.02,
-            home_share: 0.01,
-            kills: false,
-            new_home_disk: false,
-        },
-        &mut rng,
-    );
-    eprintln!("{f:#?}");
-    assert!(f.identical);
-    for s in &f.steps {
-        let own = match s.name {
-            "failover" => continue,
-            "reprotect" => s.wire_bytes - f.sync_fetched_bytes,
-            _ => s.wire_bytes,
-        };
-        assert!(
-            own <= 2 * f.changed_bytes + METADATA,
-            "{}: {own} bytes over the wire for {} changed",
-            s.name,
-            f.changed_bytes
-        );
-    }
+    bounded_by_what_changed(&run(false, false, true));
 }

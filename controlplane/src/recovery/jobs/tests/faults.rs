@@ -154,13 +154,15 @@ async fn a_running_failover_asked_to_cancel_ends_cancelled() {
     assert!(e.contains("task bring up disks: cancel asked"), "{e}");
     let row = state::get(&s.db, "m1").await.unwrap().unwrap();
     assert_eq!(row.items.len(), 1, "{row:?}");
-    let events = crate::registry::events::list(&s.db, 0, 1000).await.unwrap();
-    assert!(
-        events
+    // The event follows the job's end (the runner writes it after the state).
+    wait_for("the job-cancelled event", || async {
+        crate::registry::events::list(&s.db, 0, 1000)
+            .await
+            .unwrap()
             .iter()
-            .any(|e| e.kind == "job-cancelled" && e.subject == format!("job {id}")),
-        "{events:?}"
-    );
+            .any(|e| e.kind == "job-cancelled" && e.subject == format!("job {id}"))
+    })
+    .await;
     s.play.hold.store(false, Ordering::SeqCst);
     let c = s.post("/v1/machines/m1/cancel", json!({}), 202).await;
     s.until(c["id"].as_str().unwrap(), JobState::Succeeded)

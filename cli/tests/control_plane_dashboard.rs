@@ -11,8 +11,8 @@
 //!   screenshot there, as an operator (docs/dashboard.png is one).
 //! - Recovery on the dashboard, seeded in the database as the recovery jobs leave it
 //!   (no recovery host runs here): a machine failed over unplanned, a test failover
-//!   of web1 waiting for its cleanup with its disk served over NBD, a recovery host
-//!   and a plan. An operator sees them with the buttons their states allow; a
+//!   of web1 waiting for its cleanup with its disk served over NBD, two recovery
+//!   hosts (one that cannot reach the store) and a plan. An operator sees them with the buttons their states allow; a
 //!   viewer sees no button.
 //!
 //! How Chromium signs in: a person types a token into the sign-in form; here a page
@@ -489,6 +489,12 @@ fn operators_see_a_killed_process_server_on_the_dashboard_and_in_a_webhook() {
         assert!(r.contains("nbd://127.0.0.1:10809/web1/sda"), "{r}");
         let h = row_with(&dom, "data-recovery-host=\"rh1\"");
         assert!(h.contains(">live<"), "{h}");
+        let h = row_with(&dom, "data-recovery-host=\"rh2\"");
+        assert!(
+            h.contains(">no store<")
+                && h.contains("cannot reach the store: store s3://dr: get probe/recovery-host: connection refused"),
+            "{h}"
+        );
         let p = row_with(&dom, "data-plan=\"erp\"");
         assert!(p.contains(">2<") && p.contains(">3<"), "{p}");
         let j = row_with(&dom, &format!("data-job=\"{waiting}\""));
@@ -521,6 +527,17 @@ async fn seed_recovery(state_dir: &Path) -> String {
     work::host_heartbeat(&db, "rh1", "127.0.0.1:10809", 40 << 30, now)
         .await
         .unwrap();
+    // A second host that cannot reach the store, as its heartbeat says.
+    work::host_heartbeat(&db, "rh2", "127.0.0.1:10810", 40 << 30, now)
+        .await
+        .unwrap();
+    work::set_store_error(
+        &db,
+        "rh2",
+        Some("store s3://dr: get probe/recovery-host: connection refused"),
+    )
+    .await
+    .unwrap();
     let beat = ferry_controlplane::registry::machines::Beat {
         name: "erp-db",
         state: "protected",

@@ -524,16 +524,16 @@ async fn seed_recovery(state_dir: &Path) -> String {
     let url = Db::default_url(state_dir);
     let db = Db::open(&url).await.unwrap();
     let now = chrono::Utc::now().timestamp();
-    work::host_heartbeat(&db, "rh1", "127.0.0.1:10809", 40 << 30, now)
+    work::host_heartbeat(&db, "rh1", "127.0.0.1:10809", 40 << 30, now, None)
         .await
         .unwrap();
     // A second host that cannot reach the store, as its heartbeat says.
-    work::host_heartbeat(&db, "rh2", "127.0.0.1:10810", 40 << 30, now)
-        .await
-        .unwrap();
-    work::set_store_error(
+    work::host_heartbeat(
         &db,
         "rh2",
+        "127.0.0.1:10810",
+        40 << 30,
+        now,
         Some("store s3://dr: get probe/recovery-host: connection refused"),
     )
     .await

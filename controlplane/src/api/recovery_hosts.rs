@@ -212,6 +212,7 @@ pub async fn heartbeat(
         &hb.nbd_address,
         hb.work_dir_free_bytes,
         now,
+        hb.store_error.as_deref(),
     )
     .await?;
     if registered {
@@ -219,7 +220,6 @@ pub async fn heartbeat(
         let msg = format!("first heartbeat; it serves NBD at {}", hb.nbd_address);
         events::add(&state.db, "registered", &subject, &msg, now).await?;
     }
-    work::set_store_error(&state.db, &hb.name, hb.store_error.as_deref()).await?;
     work::record_reports(&state.db, &hb.name, &hb.reports, now).await?;
     Ok(Json(RecoveryHostOrders {
         work: work::for_host(&state.db, &hb.name).await?,

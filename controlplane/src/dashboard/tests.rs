@@ -472,7 +472,7 @@ async fn the_page_shows_a_failover_a_waiting_test_its_disks_hosts_and_plans() {
         machine(&s.db, m).await;
     }
     let now = crate::db::now_s();
-    crate::recovery::work::host_heartbeat(&s.db, "rh1", "127.0.0.1:10809", 5 << 30, now)
+    crate::recovery::work::host_heartbeat(&s.db, "rh1", "127.0.0.1:10809", 5 << 30, now, None)
         .await
         .unwrap();
     // m1: failed over (unplanned), committed not yet; its disk served by an item of

@@ -3,6 +3,7 @@
 //! store at start and every hour after (`schedule_loop`); a machine that already has
 //! an active retention job gets no second one.
 
+use ferry_replica::layout::is_reverse;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,19 +82,15 @@ async fn policy_of(db: &Db, machine: &str) -> crate::db::Result<Policy> {
         .unwrap_or_else(Policy::default_policy))
 }
 
-/// A failback's reverse replica (`M.reverse`, docs/failback.md): its points are
-/// applied at home in order and the failback's commit deletes it whole, so retention
-/// never compacts or prunes it (a compaction would fold points the master target has
-/// not applied yet).
-pub fn is_reverse(machine: &str) -> bool {
-    ferry_replica::layout::is_reverse(machine)
-}
-
 /// Queues one retention job per machine in the store (none for a machine with an
 /// active one); the ids queued.
 pub async fn schedule(db: &Db, access: &Arc<StoreAccess>) -> Result<Vec<String>, String> {
     let mut queued = Vec::new();
     for (machine, disks) in machines_in_store(access).await? {
+        // A failback's reverse replica (`M.reverse`, docs/failback.md): its points
+        // are applied at home in order and the failback's commit deletes it whole,
+        // so retention never compacts or prunes it (a compaction would fold points
+        // the master target has not applied yet).
         if disks.is_empty() || is_reverse(&machine) {
             continue;
         }

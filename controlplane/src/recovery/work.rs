@@ -60,6 +60,15 @@ pub struct HostRow {
     pub store_error: Option<String>,
 }
 
+impl HostRow {
+    /// Why this host cannot do work that reads or writes the store, if it cannot.
+    pub fn store_refusal(&self) -> Option<String> {
+        self.store_error
+            .as_ref()
+            .map(|e| format!("recovery host {} cannot reach the store: {e}", self.name))
+    }
+}
+
 /// The id of the item task `seq` of job `job_id` makes for `machine`.
 pub fn item_id(job_id: &str, seq: usize, machine: &str) -> String {
     format!("{job_id}-{seq}-{machine}")
@@ -314,24 +323,28 @@ pub async fn ready_disks(db: &Db, job_id: &str) -> Result<Vec<(String, ReadyDisk
         .collect())
 }
 
-/// Registers the host at its first heartbeat, updates it at the others. True when
-/// this heartbeat registered it (or brought back a removed one).
+/// Registers the host at its first heartbeat, updates it at the others, with what it
+/// said of the store (`store_error`, None while it reaches it). True when this
+/// heartbeat registered it (or brought back a removed one).
 pub async fn host_heartbeat(
     db: &Db,
     name: &str,
     nbd_address: &str,
     free_bytes: u64,
     now: i64,
+    store_error: Option<&str>,
 ) -> Result<bool> {
     let free = i64::try_from(free_bytes).unwrap_or(i64::MAX);
+    let store_error = store_error.map(str::to_string);
     let updated = sqlx::query(
-        "UPDATE recovery_hosts SET nbd_address = $1, work_dir_free_bytes = $2, last_seen = $3 \
-         WHERE name = $4 AND removed = 0",
+        "UPDATE recovery_hosts SET nbd_address = $1, work_dir_free_bytes = $2, last_seen = $3, \
+         store_error = $5 WHERE name = $4 AND removed = 0",
     )
     .bind(nbd_address.to_string())
     .bind(free)
     .bind(now)
     .bind(name.to_string())
+    .bind(store_error.clone())
     .execute(db.pool())
     .await
     .map_err(q("recording a recovery host's heartbeat"))?;
@@ -340,29 +353,19 @@ pub async fn host_heartbeat(
     }
     sqlx::query(
         "INSERT INTO recovery_hosts (name, nbd_address, work_dir_free_bytes, registered_at, \
-         last_seen, removed) VALUES ($1, $2, $3, $4, $4, 0) \
+         last_seen, removed, store_error) VALUES ($1, $2, $3, $4, $4, 0, $5) \
          ON CONFLICT (name) DO UPDATE SET nbd_address = $2, work_dir_free_bytes = $3, \
-         registered_at = $4, last_seen = $4, removed = 0",
+         registered_at = $4, last_seen = $4, removed = 0, store_error = $5",
     )
     .bind(name.to_string())
     .bind(nbd_address.to_string())
     .bind(free)
     .bind(now)
+    .bind(store_error)
     .execute(db.pool())
     .await
     .map_err(q("registering a recovery host"))?;
     Ok(true)
-}
-
-/// Records what a recovery host's heartbeat said of the store (None: it reaches it).
-pub async fn set_store_error(db: &Db, name: &str, error: Option<&str>) -> Result<()> {
-    sqlx::query("UPDATE recovery_hosts SET store_error = $1 WHERE name = $2")
-        .bind(error.map(str::to_string))
-        .bind(name.to_string())
-        .execute(db.pool())
-        .await
-        .map_err(q("recording a recovery host's store error"))?;
-    Ok(())
 }
 
 /// Every recovery host not removed, by name, with its live items counted.
@@ -477,13 +480,13 @@ mod tests {
     async fn an_item_is_submitted_once_reported_by_its_host_only_and_keeps_its_end() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
-        assert!(host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 100)
+        assert!(host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 100, None)
             .await
             .unwrap());
-        assert!(!host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 101)
+        assert!(!host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 101, None)
             .await
             .unwrap());
-        host_heartbeat(&db, "rh2", "127.0.0.1:10810", 5, 101)
+        host_heartbeat(&db, "rh2", "127.0.0.1:10810", 5, 101, None)
             .await
             .unwrap();
         let id = item_id("j1", 0, "m1");
@@ -502,12 +505,16 @@ mod tests {
             least_loaded_host(&db, 105).await.unwrap().as_deref(),
             Some("rh2")
         );
-        set_store_error(&db, "rh2", Some("refused")).await.unwrap();
+        host_heartbeat(&db, "rh2", "127.0.0.1:10810", 5, 104, Some("refused"))
+            .await
+            .unwrap();
         assert_eq!(
             least_loaded_host(&db, 105).await.unwrap().as_deref(),
             Some("rh1")
         );
-        set_store_error(&db, "rh2", None).await.unwrap();
+        host_heartbeat(&db, "rh2", "127.0.0.1:10810", 5, 104, None)
+            .await
+            .unwrap();
         assert_eq!(
             least_loaded_host(&db, 105).await.unwrap().as_deref(),
             Some("rh2")
@@ -595,7 +602,7 @@ mod tests {
     /// item's disks: unknown and repeated disks dropped, figures clamped.
     async fn disk_progress_is_kept_checked(url: &str) {
         let db = Db::open(url).await.unwrap();
-        host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 100)
+        host_heartbeat(&db, "rh1", "127.0.0.1:10809", 5, 100, None)
             .await
             .unwrap();
         let op = WorkOp::Build {

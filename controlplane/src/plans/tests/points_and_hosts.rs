@@ -67,6 +67,7 @@ async fn the_members_of_a_replication_group_fail_over_at_one_group_point() {
         "127.0.0.1:10809",
         1 << 30,
         crate::db::now_s(),
+        None,
     )
     .await
     .unwrap();
@@ -137,9 +138,16 @@ async fn the_members_of_a_replication_group_fail_over_at_one_group_point() {
 #[tokio::test]
 async fn a_script_on_a_recovery_host_is_a_work_item_and_its_failure_shows_its_output() {
     let s = site().await;
-    work::host_heartbeat(&s.db, "rh1", "127.0.0.1:10809", 1 << 30, crate::db::now_s())
-        .await
-        .unwrap();
+    work::host_heartbeat(
+        &s.db,
+        "rh1",
+        "127.0.0.1:10809",
+        1 << 30,
+        crate::db::now_s(),
+        None,
+    )
+    .await
+    .unwrap();
     s.plan(
         json!({"name": "rh", "groups": [{"name": "g", "machines": [],
         "before": [{"kind": "script", "name": "remote", "timeout_s": 30,

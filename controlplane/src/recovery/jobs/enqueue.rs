@@ -495,25 +495,18 @@ async fn choose_host(db: &Db, host: Option<&str>) -> Result<String, ApiError> {
 /// A live host that reaches the store (409 saying why not): one that builds,
 /// serves, sends or applies from the store. A removal needs only a live host.
 async fn working_host(db: &Db, name: &str) -> Result<(), ApiError> {
-    live_host(db, name).await?;
-    let hosts = work::hosts(db).await?;
-    if let Some(e) = hosts
-        .iter()
-        .find(|h| h.name == name)
-        .and_then(|h| h.store_error.as_ref())
-    {
-        return Err(ApiError::Conflict(format!(
-            "recovery host {name} cannot reach the store: {e}"
-        )));
+    match live_host(db, name).await?.store_refusal() {
+        Some(e) => Err(ApiError::Conflict(e)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-async fn live_host(db: &Db, name: &str) -> Result<(), ApiError> {
+/// The host's row, if it is live.
+async fn live_host(db: &Db, name: &str) -> Result<work::HostRow, ApiError> {
     let now = crate::db::now_s();
-    let hosts = work::hosts(db).await?;
-    let h = hosts
-        .iter()
+    let h = work::hosts(db)
+        .await?
+        .into_iter()
         .find(|h| h.name == name)
         .ok_or_else(|| ApiError::BadRequest(format!("no recovery host {name}")))?;
     if now - h.last_seen > work::HOST_LIVE_S {
@@ -522,7 +515,7 @@ async fn live_host(db: &Db, name: &str) -> Result<(), ApiError> {
             now - h.last_seen
         )));
     }
-    Ok(())
+    Ok(h)
 }
 
 /// The host of a failover, which must be live to remove or bring up its disks.

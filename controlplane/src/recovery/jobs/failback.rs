@@ -23,9 +23,9 @@ use super::wait::Waiter;
 use super::Params;
 use crate::recovery::points::open_machine;
 
-/// The reverse replica of `machine` in the store.
-pub fn reverse_machine(machine: &str) -> String {
-    format!("{machine}{}", ferry_replica::layout::REVERSE_SUFFIX)
+/// The reverse replica of `machine` in the store (the replica layout's rule).
+pub fn reverse_machine(machine: &str) -> Result<String, String> {
+    ferry_replica::layout::reverse_machine(machine).map_err(|e| e.to_string())
 }
 
 fn host_of(row: &RecoveryRow) -> Result<String, String> {
@@ -201,7 +201,7 @@ async fn newest_points(
     let in_store = match w.ctx.store.clone() {
         None => Vec::new(),
         Some(access) => {
-            let name = reverse_machine(&p.machine);
+            let name = reverse_machine(&p.machine)?;
             tokio::task::spawn_blocking(move || match open_machine(&access.store, &name, None) {
                 Ok(disks) => Ok(disks
                     .iter()

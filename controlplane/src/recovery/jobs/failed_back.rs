@@ -106,7 +106,7 @@ pub async fn delete_reverse(w: &mut Waiter<'_>, p: &Params) -> Result<(), String
          reverse replica"
             .to_string()
     })?;
-    let prefix = format!("machines/{}/", reverse_machine(&p.machine));
+    let prefix = format!("machines/{}/", reverse_machine(&p.machine)?);
     let listed = access
         .store
         .list(&prefix)

@@ -179,28 +179,23 @@ impl<'a> Waiter<'a> {
     /// `host_alive`, and the host reaches the store (a master target reads it, a
     /// last round writes it).
     pub async fn host_working(&self, host: &str, what: &str) -> Result<(), String> {
-        self.host_alive(host, what).await?;
-        let hosts = work::hosts(&self.ctx.db)
-            .await
-            .map_err(|e| format!("reading recovery hosts while checking {what}: {e}"))?;
-        match hosts
-            .iter()
-            .find(|h| h.name == host)
-            .and_then(|h| h.store_error.as_ref())
-        {
-            Some(e) => Err(format!(
-                "recovery host {host} cannot reach the store, needed for {what}: {e}"
-            )),
+        match self.alive_row(host, what).await?.store_refusal() {
+            Some(e) => Err(format!("{e} (needed for {what})")),
             None => Ok(()),
         }
     }
 
     pub async fn host_alive(&self, host: &str, what: &str) -> Result<(), String> {
+        self.alive_row(host, what).await.map(|_| ())
+    }
+
+    /// The host's row, if it was seen within `HOST_LOST_S`.
+    async fn alive_row(&self, host: &str, what: &str) -> Result<work::HostRow, String> {
         let hosts = work::hosts(&self.ctx.db)
             .await
             .map_err(|e| format!("reading recovery hosts while waiting for {what}: {e}"))?;
         let h = hosts
-            .iter()
+            .into_iter()
             .find(|h| h.name == host)
             .ok_or_else(|| format!("recovery host {host} was removed while doing {what}"))?;
         let silent = crate::db::now_s() - h.last_seen;
@@ -209,6 +204,6 @@ impl<'a> Waiter<'a> {
                 "recovery host {host} not seen for {silent} s (over {HOST_LOST_S} s) while doing {what}"
             ));
         }
-        Ok(())
+        Ok(h)
     }
 }

@@ -466,9 +466,16 @@ async fn an_unplanned_failback_applies_the_newest_reverse_point_and_commits_with
     reverse_points(&s);
     // The recovery site is lost: its items are on a host not seen for an hour (the
     // stand-in host stays the master target).
-    work::host_heartbeat(&s.db, "rh-lost", NBD, 1 << 30, crate::db::now_s() - 3600)
-        .await
-        .unwrap();
+    work::host_heartbeat(
+        &s.db,
+        "rh-lost",
+        NBD,
+        1 << 30,
+        crate::db::now_s() - 3600,
+        None,
+    )
+    .await
+    .unwrap();
     let row = state::get(&s.db, "m1").await.unwrap().unwrap();
     let mut site_items = Vec::new();
     for id in &row.items {

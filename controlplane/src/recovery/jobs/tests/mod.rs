@@ -128,7 +128,7 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
             continue;
         }
         let now = crate::db::now_s();
-        work::host_heartbeat(&db, HOST, NBD, 1 << 40, now)
+        work::host_heartbeat(&db, HOST, NBD, 1 << 40, now, None)
             .await
             .unwrap();
         let orders = work::for_host(&db, HOST).await.unwrap();

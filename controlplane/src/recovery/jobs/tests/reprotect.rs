@@ -58,9 +58,16 @@ async fn refusals_before_and_after_commit(s: &Site) {
         "no recovery host nohost",
     )
     .await;
-    work::host_heartbeat(&s.db, "rh-old", NBD, 1 << 30, crate::db::now_s() - 3600)
-        .await
-        .unwrap();
+    work::host_heartbeat(
+        &s.db,
+        "rh-old",
+        NBD,
+        1 << 30,
+        crate::db::now_s() - 3600,
+        None,
+    )
+    .await
+    .unwrap();
     s.refused(
         RP,
         json!({"master_target": "rh-old", "disks": {"sda": "/h/sda", "sdb": "/h/sdb"}}),
@@ -69,12 +76,16 @@ async fn refusals_before_and_after_commit(s: &Site) {
     )
     .await;
     // A master target that cannot reach the store cannot read P nor the rounds.
-    work::host_heartbeat(&s.db, "rh-blind", NBD, 1 << 30, crate::db::now_s())
-        .await
-        .unwrap();
-    work::set_store_error(&s.db, "rh-blind", Some("get probe/recovery-host: refused"))
-        .await
-        .unwrap();
+    work::host_heartbeat(
+        &s.db,
+        "rh-blind",
+        NBD,
+        1 << 30,
+        crate::db::now_s(),
+        Some("get probe/recovery-host: refused"),
+    )
+    .await
+    .unwrap();
     s.refused(
         RP,
         json!({"master_target": "rh-blind", "disks": {"sda": "/h/sda", "sdb": "/h/sdb"}}),

@@ -89,6 +89,7 @@ fn apply_one(
     d: &ApplyDisk,
     over: &Point,
     target: &Path,
+    markers: &Path,
     up_to: Option<&str>,
 ) -> Result<Option<AppliedDisk>, String> {
     let reverse = match host
@@ -101,7 +102,7 @@ fn apply_one(
     };
     let opts = ApplyOptions {
         up_to: up_to.map(str::to_string),
-        state_dir: Some(marker_dir(host, target)),
+        state_dir: Some(markers.to_path_buf()),
     };
     let r = apply_deltas(&host.store, &host.vault, rev, &d.disk, over, target, &opts)
         .map_err(|e| format!("applying {rev}/{} onto {}: {e}", d.disk, target.display()))?;
@@ -210,6 +211,8 @@ pub fn apply(
             return Outcome::failed(e);
         }
     }
+    // Once: each round's apply reads and writes the markers there.
+    let markers: Vec<PathBuf> = targets.iter().map(|t| marker_dir(host, t)).collect();
     let mut newest: Vec<Option<AppliedDisk>> = vec![None; disks.len()];
     // Stopped by a remove or by a newer apply: a running item's points so far are its
     // result; one applying up to `until` stopped before it got there (or verified)
@@ -218,14 +221,13 @@ pub fn apply(
         if until.is_empty() {
             Outcome::ok(result(newest))
         } else {
-            Outcome {
-                error: Some(format!(
+            Outcome::failed_with(
+                format!(
                     "stopped before the apply of {} up to its final points ended",
                     item.machine
-                )),
-                result: result(newest),
-                disks: Vec::new(),
-            }
+                ),
+                result(newest),
+            )
         }
     };
     loop {
@@ -238,20 +240,14 @@ pub fn apply(
                 .iter()
                 .find(|u| u.disk == d.disk)
                 .map(|u| u.point.as_str());
-            match apply_one(host, &rev, d, &overs[i], &targets[i], up_to) {
+            match apply_one(host, &rev, d, &overs[i], &targets[i], &markers[i], up_to) {
                 Ok(Some(mut a)) => {
                     let total = newest[i].as_ref().map_or(0, |n| n.total_bytes_written);
                     a.total_bytes_written = total + a.bytes_written;
                     newest[i] = Some(a);
                 }
                 Ok(None) => {}
-                Err(e) if !until.is_empty() => {
-                    return Outcome {
-                        error: Some(e),
-                        result: result(&newest),
-                        disks: Vec::new(),
-                    }
-                }
+                Err(e) if !until.is_empty() => return Outcome::failed_with(e, result(&newest)),
                 Err(e) => {
                     tracing::warn!(item = %item.id, error = %e, "apply failed; the next one tries again");
                     error = Some(e);
@@ -261,11 +257,7 @@ pub fn apply(
         if !until.is_empty() {
             if verify_after {
                 if let Err(e) = verify(host, &rev, disks, &targets, until, &mut newest) {
-                    return Outcome {
-                        error: Some(e),
-                        result: result(&newest),
-                        disks: Vec::new(),
-                    };
+                    return Outcome::failed_with(e, result(&newest));
                 }
             }
             return Outcome::ok(result(&newest));

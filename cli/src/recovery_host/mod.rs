@@ -63,9 +63,14 @@ impl Outcome {
     }
 
     pub fn failed(error: impl Into<String>) -> Outcome {
+        Outcome::failed_with(error, WorkResult::default())
+    }
+
+    /// Failed, with what it did before (a failed script's output, the rounds made).
+    pub fn failed_with(error: impl Into<String>, result: WorkResult) -> Outcome {
         Outcome {
             error: Some(error.into()),
-            result: WorkResult::default(),
+            result,
             disks: Vec::new(),
         }
     }

@@ -157,10 +157,6 @@ pub fn remove(host: &Host, ids: &[String]) -> Outcome {
     if left.is_empty() {
         Outcome::ok(result)
     } else {
-        Outcome {
-            error: Some(format!("left after removal: {}", left.join("; "))),
-            result,
-            disks: Vec::new(),
-        }
+        Outcome::failed_with(format!("left after removal: {}", left.join("; ")), result)
     }
 }

@@ -276,14 +276,10 @@ pub fn reverse(
     // not do what it was for, and says so.
     let stopped = |newest: &[Option<RoundDisk>]| {
         if last {
-            Outcome {
-                error: Some(format!(
-                    "stopped before the last round of {} ended",
-                    item.machine
-                )),
-                result: result(newest),
-                disks: Vec::new(),
-            }
+            Outcome::failed_with(
+                format!("stopped before the last round of {} ended", item.machine),
+                result(newest),
+            )
         } else {
             Outcome::ok(result(newest))
         }
@@ -321,11 +317,7 @@ pub fn reverse(
                 Err(e) => {
                     let e = format!("round of disk {} of {}: {e}", d.disk, item.machine);
                     if last {
-                        return Outcome {
-                            error: Some(e),
-                            result: result(&newest),
-                            disks: Vec::new(),
-                        };
+                        return Outcome::failed_with(e, result(&newest));
                     }
                     tracing::warn!(item = %item.id, error = %e, "reverse round failed; the next one tries again");
                     error = Some(e);

@@ -168,12 +168,11 @@ pub fn sync(host: &Host, item: &WorkItem, disks: &[SyncDisk], dir: &Path) -> Out
 }
 
 fn failed(error: String, synced: Vec<SyncedDisk>) -> Outcome {
-    Outcome {
-        error: Some(error),
-        result: WorkResult {
+    Outcome::failed_with(
+        error,
+        WorkResult {
             synced,
             ..WorkResult::default()
         },
-        disks: Vec::new(),
-    }
+    )
 }

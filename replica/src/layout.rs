@@ -9,7 +9,13 @@
 //!                                 log/{first_seq:020}-{uid}.seg
 //!                                 base/{uid}/{extent:010}.ext
 //!                                 sums/{uid}.sum
+//!                                 sync/{point}-{uid}.{sum,seg}
 //! ```
+//!
+//! `sync/` holds a failback sync's exchange between the sites (docs/failback.md,
+//! "Syncing the home disks"), in a reverse replica only: checksum maps and the
+//! blocks that differ, sealed like the others, referenced by no commit, deleted once
+//! the sync is done.
 
 use crate::error::{Error, Result};
 
@@ -141,6 +147,17 @@ impl DiskPaths {
 
     pub fn sums(&self, uid: &str) -> String {
         format!("{}/sums/{uid}.sum", self.root)
+    }
+
+    pub fn exchange_dir(&self) -> String {
+        format!("{}/sync/", self.root)
+    }
+
+    /// An exchange object of a sync to point `point`: `ext` is `sum` (a checksum map)
+    /// or `seg` (a segment of the point's blocks). The point is in the name, which is
+    /// sealed into the object, so a reader can check what point it is of.
+    pub fn exchange(&self, point: &str, uid: &str, ext: &str) -> String {
+        format!("{}/sync/{point}-{uid}.{ext}", self.root)
     }
 }
 

@@ -32,10 +32,16 @@ impl BlockSums {
     /// Seals the map; returns its object path and bytes.
     pub fn seal(&self, disk: &Disk, ctx: &mut SealContext) -> Result<(String, Vec<u8>)> {
         let object = disk.paths.sums(&random_hex(8));
-        let mut b = ObjectBuilder::new(ctx, disk.key()?, &disk.disk_id, ObjectKind::Sums, &object);
+        let bytes = self.seal_as(disk, ctx, &object)?;
+        Ok((object, bytes))
+    }
+
+    /// Seals the map under the name `object` (of `disk`'s paths).
+    pub fn seal_as(&self, disk: &Disk, ctx: &mut SealContext, object: &str) -> Result<Vec<u8>> {
+        let mut b = ObjectBuilder::new(ctx, disk.key()?, &disk.disk_id, ObjectKind::Sums, object);
         b.raw(&self.header());
         b.raw(self.sums.as_flattened());
-        Ok((object, b.finish()))
+        Ok(b.finish())
     }
 
     pub async fn load(disk: &Disk, object: &str) -> Result<BlockSums> {

@@ -42,12 +42,25 @@ pub fn seal_segment(disk: &Disk, ctx: &mut SealContext, writes: &[Write<'_>]) ->
     let first = writes
         .first()
         .ok_or_else(|| Error::Invalid("a segment needs at least one write".into()))?;
+    let object = disk.paths.segment(first.seq, &random_hex(8));
+    seal_segment_as(disk, ctx, writes, object)
+}
+
+/// `seal_segment` under the name `object` (of `disk`'s paths).
+pub fn seal_segment_as(
+    disk: &Disk,
+    ctx: &mut SealContext,
+    writes: &[Write<'_>],
+    object: String,
+) -> Result<Sealed> {
+    let first = writes
+        .first()
+        .ok_or_else(|| Error::Invalid("a segment needs at least one write".into()))?;
     if writes.windows(2).any(|w| w[1].seq < w[0].seq) {
         return Err(Error::Invalid(
             "writes of a segment must be in sequence order".into(),
         ));
     }
-    let object = disk.paths.segment(first.seq, &random_hex(8));
     let mut b = ObjectBuilder::new(
         ctx,
         disk.key()?,

@@ -26,6 +26,7 @@ pub mod reverse_map;
 pub mod saved;
 pub mod served;
 pub mod sync;
+pub mod sync_exchange;
 
 use std::path::Path;
 

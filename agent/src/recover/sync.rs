@@ -50,6 +50,10 @@ pub enum Phase {
     Compare,
     /// Re-reading the target after the writes.
     Verify,
+    /// Hashing the home disk (a sync across the sites, `sync_exchange`).
+    Home,
+    /// Writing the blocks a point-diff stored (`sync_exchange`).
+    Write,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,8 @@ pub enum MapSource {
     /// No map describes a state at or before the point: every block that is not a
     /// hole (neither in a base extent nor written by the log) was read and hashed.
     Whole { blocks_hashed: u64 },
+    /// Made at the recovery site and stored for this sync (`sync_exchange`).
+    Stored { object: String },
 }
 
 impl std::fmt::Display for MapSource {
@@ -75,6 +81,7 @@ impl std::fmt::Display for MapSource {
         match self {
             MapSource::Seed { log_blocks, .. } => write!(f, "seed map + {log_blocks} log blocks"),
             MapSource::Whole { .. } => f.write_str("hashed whole"),
+            MapSource::Stored { .. } => f.write_str("stored by the recovery site"),
         }
     }
 }
@@ -199,7 +206,13 @@ fn touched_blocks(ranges: &[(u64, u64)], block_bytes: u64) -> Vec<u64> {
 }
 
 /// Reads block `b` of the point through `served` and hashes it.
-fn hash_block(served: &ServedDisk, b: u64, bs: u64, size: u64, buf: &mut [u8]) -> Result<Sum> {
+pub(super) fn hash_block(
+    served: &ServedDisk,
+    b: u64,
+    bs: u64,
+    size: u64,
+    buf: &mut [u8],
+) -> Result<Sum> {
     let at = b * bs;
     let n = bs.min(size - at) as usize;
     served.read(at, &mut buf[..n]).map_err(|e| Error::Fetch {
@@ -315,6 +328,42 @@ pub fn point_sums(
     })
 }
 
+/// Point `point` (an id) of `state`, or an error listing the points there are.
+pub fn find_point(state: &DiskState, machine: &str, disk: &str, point: &str) -> Result<Point> {
+    Ok(state.point(point).cloned().ok_or_else(|| {
+        let known: Vec<&str> = state.points.iter().map(|p| p.id.as_str()).collect();
+        ferry_replica::Error::NotFound(format!(
+            "no point {point} of disk {disk} of machine {machine} (its points: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })?)
+}
+
+/// Refuses a target of `target_bytes` smaller than `disk` of `machine` at `point`.
+pub fn check_size(
+    target: &Path,
+    target_bytes: u64,
+    machine: &str,
+    disk: &str,
+    point: &Point,
+) -> Result<()> {
+    let size = point.disk_bytes;
+    if target_bytes < size {
+        return Err(target_err(
+            target,
+            format!(
+                "is {target_bytes} bytes, smaller than disk {disk} of {machine} at point {} ({size} bytes)",
+                point.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Makes `target` equal to disk `disk` of `machine` at point `point` (an id): see
 /// `sync_disk`. The bytes fetched include opening the disk and reading its state.
 #[allow(clippy::too_many_arguments)]
@@ -332,17 +381,7 @@ pub fn sync_to_point(
     let store = store.counted();
     let d = store.block(Disk::open(&store, machine, disk, Some(vault)))?;
     let state = store.block(d.load_state())?;
-    let p = state.point(point).cloned().ok_or_else(|| {
-        let known: Vec<&str> = state.points.iter().map(|p| p.id.as_str()).collect();
-        ferry_replica::Error::NotFound(format!(
-            "no point {point} of disk {disk} of machine {machine} (its points: {})",
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        ))
-    })?;
+    let p = find_point(&state, machine, disk, point)?;
     let before = store.fetched_bytes();
     let mut report = sync_disk(d, &state, &p, target, opts, progress)?;
     report.bytes_fetched += before;
@@ -368,15 +407,13 @@ pub fn sync_disk(
     let bs = disk.info.block_bytes;
     // The target first: a wrong one is refused before anything is fetched.
     let (file, target_bytes) = open_target(target)?;
-    if target_bytes < size {
-        return Err(target_err(
-            target,
-            format!(
-                "is {target_bytes} bytes, smaller than disk {} of {} at point {} ({size} bytes)",
-                disk.info.disk, disk.info.machine, point.id
-            ),
-        ));
-    }
+    check_size(
+        target,
+        target_bytes,
+        &disk.info.machine,
+        &disk.info.disk,
+        point,
+    )?;
     disk.store = disk.store.counted();
     let store = disk.store.clone();
     let temp;
@@ -462,7 +499,7 @@ pub fn sync_disk(
 
 /// Reads the target back (from the device: its cached pages are dropped first) and
 /// says whether every block has the map's checksum.
-fn verify(
+pub(super) fn verify(
     file: &File,
     path: &Path,
     map: &BlockSums,

@@ -68,8 +68,8 @@ fn print(f: &Figures, mib: u64, new_home_disk: bool) {
             .map_or(0.0, |s| s.wire_bytes as f64 / MIB)
     };
     println!(
-        "  (of reprotect's bytes, {:.1} MiB were the stored objects its sync fetched whole for the home blocks it repaired)",
-        f.sync_fetched_bytes as f64 / MIB
+        "  (of reprotect's bytes, {:.1} MiB were its sync's: the two checksum maps and the blocks that differed)",
+        f.sync_bytes as f64 / MIB
     );
     println!(
         "failback: reprotect {:.1} MiB, failback {:.1} MiB, re-enable {:.1} MiB for {:.1} MiB changed{}",

@@ -50,6 +50,8 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Map => "checksums",
         Phase::Compare => "compare",
         Phase::Verify => "verify",
+        Phase::Home => "hash home",
+        Phase::Write => "write",
     }
 }
 

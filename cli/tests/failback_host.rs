@@ -162,6 +162,7 @@ fn a_home_disk_follows_the_served_one_then_the_last_round_freezes_it_and_verifie
             disk: "sda".into(),
             point: p.clone(),
             target: s(&home),
+            from: None,
         }],
     });
     assert_eq!(site.ended(&sync).state, "succeeded");

@@ -212,6 +212,20 @@ fn reprotect_rewrites_only_the_home_blocks_that_differ_from_the_failover_point()
     assert_eq!(synced["blocks_differing"], CHANGED, "{synced}");
     assert_eq!(synced["bytes_written"], CHANGED * bs, "{synced}");
     assert_eq!(synced["identical"], true, "{synced}");
+    // Across the sites: the home map put; P's map and the differing blocks fetched.
+    let data = CHANGED * bs;
+    let (put, fetched) = (
+        synced["bytes_stored"].as_u64().unwrap(),
+        synced["bytes_fetched"].as_u64().unwrap(),
+    );
+    assert!(put > 0 && put < DISK_BYTES / bs * 16 + 4096, "{synced}");
+    assert!(fetched < data + 2 * put + (256 << 10), "{synced}");
+    // The sync's exchange objects are gone once the home disk read back equal.
+    let exchange = d.join("store/machines/m1.reverse/disks/sda/sync");
+    let left: Vec<_> = std::fs::read_dir(&exchange)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", exchange.display());
     // The home disk is the failover point again, byte for byte.
     assert!(
         std::fs::read(&home).unwrap() == at_point,

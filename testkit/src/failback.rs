@@ -54,7 +54,7 @@ pub struct Step {
     pub name: &'static str,
     pub seconds: f64,
     /// Bytes that crossed between the sites: what the home side fetched from the
-    /// store at the recovery site, or what the home agent sent there.
+    /// store at the recovery site or put there, or what the home agent sent there.
     pub wire_bytes: u64,
     /// Bytes written to the home disk (reprotect, failback).
     pub written_bytes: u64,
@@ -70,9 +70,9 @@ pub struct Figures {
     pub recovery_changed_bytes: u64,
     pub home_changed_bytes: u64,
     /// Of reprotect's bytes, what its sync of the home disk to the failover point
-    /// fetched: whole stored objects (a base extent, a log segment) for each block
-    /// that differs, however small the part of it needed.
-    pub sync_fetched_bytes: u64,
+    /// moved between the sites: the home disk's checksum map put, the point's map and
+    /// blocks that differ fetched, and metadata.
+    pub sync_bytes: u64,
     /// Every disk equalled its reference at every step.
     pub identical: bool,
 }
@@ -391,7 +391,7 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     // master target fetches each once, its applied marker says how far it got).
     let store_dir = d.join("store");
     let rounds = stored_bytes(&store_dir, "m1.reverse");
-    figures.sync_fetched_bytes = synced;
+    figures.sync_bytes = synced;
     figures.steps.push(Step {
         name: "reprotect",
         seconds,
@@ -516,7 +516,9 @@ fn job_bytes(j: &Value) -> (u64, u64) {
     for key in ["synced", "applied"] {
         if let Some(list) = j["params"][key].as_array() {
             for d in list {
+                // Both ways across the sites: fetched, and put (a home checksum map).
                 fetched += d["bytes_fetched"].as_u64().unwrap_or(0);
+                fetched += d["bytes_stored"].as_u64().unwrap_or(0);
                 written += d["bytes_written"].as_u64().unwrap_or(0);
             }
         }

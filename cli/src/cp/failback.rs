@@ -143,12 +143,13 @@ pub fn synced_lines(job: &Value) -> Vec<String> {
             let n = |k: &str| d.get(k).and_then(Value::as_u64).unwrap_or(0);
             format!(
                 "{machine} {} synced: {} of {} blocks differed, {} bytes written, {} bytes \
-                 fetched{}",
+                 fetched, {} bytes stored{}",
                 cell(d, "disk"),
                 n("blocks_differing"),
                 n("blocks"),
                 n("bytes_written"),
                 n("bytes_fetched"),
+                n("bytes_stored"),
                 if d.get("identical") == Some(&Value::Bool(true)) {
                     ", identical"
                 } else {
@@ -265,10 +266,13 @@ mod tests {
     fn synced_disks_print_what_they_took() {
         let job = json!({"params": {"machine": "m1", "synced": [{"disk": "sda", "blocks": 256,
             "blocks_differing": 3, "bytes_written": 12288, "bytes_fetched": 99,
-            "identical": true}]}});
+            "bytes_stored": 4112, "identical": true}]}});
         assert_eq!(
             synced_lines(&job),
-            ["m1 sda synced: 3 of 256 blocks differed, 12288 bytes written, 99 bytes fetched, identical"]
+            [
+                "m1 sda synced: 3 of 256 blocks differed, 12288 bytes written, 99 bytes fetched, \
+              4112 bytes stored, identical"
+            ]
         );
     }
 }

@@ -8,7 +8,7 @@
 //! resumes from the table as it was: served items are served again, results are
 //! re-reported, a build that was running starts over. The ops themselves run on their
 //! own threads (`ops`, `serve`, `remove`, `sync`), at most `MAX_BUILDS` builds and
-//! syncs together and `MAX_SCRIPTS` scripts at once; the rest wait in the table for their turn, which
+//! syncs (and their home-map and point-diff steps) together and `MAX_SCRIPTS` scripts at once; the rest wait in the table for their turn, which
 //! the next heartbeat answer (one a second) gives them.
 
 pub mod apply;
@@ -37,6 +37,8 @@ use ferry_replica::{Store, VaultKey};
 /// Builds and syncs at once: each reads the store and writes whole disks, so more
 /// would only share the same bandwidth and disk.
 pub const MAX_BUILDS: usize = 2;
+/// The kinds `MAX_BUILDS` bounds: each reads or writes whole disks.
+const HEAVY: [&str; 4] = ["build", "sync", "home-map", "point-diff"];
 /// Scripts at once.
 pub const MAX_SCRIPTS: usize = 4;
 /// How long a last reverse or final apply item waits for the machine's running one
@@ -192,7 +194,11 @@ impl Host {
                 }
                 // A sync run again compares again: what it wrote already matches.
                 // Reverse and apply resume from their cursors and markers.
-                (Some(_), "build" | "serve" | "remove" | "sync" | "reverse" | "apply") => None,
+                (
+                    Some(_),
+                    "build" | "serve" | "remove" | "sync" | "home-map" | "point-diff" | "reverse"
+                    | "apply",
+                ) => None,
                 (Some(mut r), "start") => {
                     match pid.filter(|p| procs::group_alive(*p)) {
                         Some(_) => r.state = "succeeded".into(),
@@ -426,8 +432,8 @@ impl Host {
                     .filter(|e| e.busy && e.item.op.kind() == kind)
                     .count()
             };
-            let (mut builds, mut scripts) =
-                (busy(&t, "build") + busy(&t, "sync"), busy(&t, "script"));
+            let heavy: usize = HEAVY.iter().map(|k| busy(&t, k)).sum();
+            let (mut builds, mut scripts) = (heavy, busy(&t, "script"));
             let ordered = t.ordered.clone();
             for id in &ordered {
                 if gone.contains(id) {
@@ -440,8 +446,8 @@ impl Host {
                     continue;
                 }
                 match e.item.op.kind() {
-                    "build" | "sync" if builds >= MAX_BUILDS => continue,
-                    "build" | "sync" => builds += 1,
+                    k if HEAVY.contains(&k) && builds >= MAX_BUILDS => continue,
+                    k if HEAVY.contains(&k) => builds += 1,
                     "script" if scripts >= MAX_SCRIPTS => continue,
                     "script" => scripts += 1,
                     _ => {}
@@ -472,7 +478,10 @@ impl Host {
             .filter(|e| {
                 !e.busy
                     && !ordered.contains(&e.item.id)
-                    && matches!(e.item.op.kind(), "script" | "remove" | "sync")
+                    && matches!(
+                        e.item.op.kind(),
+                        "script" | "remove" | "sync" | "home-map" | "point-diff"
+                    )
                     && e.report.as_ref().is_some_and(|r| r.state != "running")
             })
             .map(|e| e.item.id.clone())
@@ -552,6 +561,8 @@ impl Host {
             ),
             WorkOp::Remove { items } => (remove::remove(self, items), Vec::new()),
             WorkOp::Sync { disks } => (sync::sync(self, item, disks, &dir), Vec::new()),
+            WorkOp::HomeMap { disks } => (sync::home_map(self, item, disks), Vec::new()),
+            WorkOp::PointDiff { disks } => (sync::point_diff(self, item, disks, &dir), Vec::new()),
             WorkOp::Reverse {
                 disks,
                 interval_s,

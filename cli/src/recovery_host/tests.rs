@@ -401,6 +401,7 @@ fn sync_item(id: &str, target: &std::path::Path) -> WorkItem {
                 disk: "sda".into(),
                 point: "p1".into(),
                 target: target.display().to_string(),
+                from: None,
             }],
         },
     }

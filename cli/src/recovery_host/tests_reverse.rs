@@ -50,6 +50,7 @@ fn sync(id: &str, home: &Path) -> WorkItem {
                 disk: "d0".into(),
                 point: "p1".into(),
                 target: home.display().to_string(),
+                from: None,
             }],
         },
     )

@@ -496,8 +496,17 @@ pub enum WorkOp {
     Remove { items: Vec<String> },
     /// Make each target (a file or block device on the host, the user's: a remove
     /// never deletes it) equal to its disk at its point by checksum, writing only the
-    /// blocks that differ (failback's master target, docs/failback.md).
+    /// blocks that differ (failback's master target, docs/failback.md). A disk with
+    /// `from` takes those blocks from what a point-diff item stored.
     Sync { disks: Vec<SyncDisk> },
+    /// The first step of a sync across the sites (docs/failback.md, "Syncing the home
+    /// disks"): hash each target at its point's size, store the checksum map in the
+    /// reverse replica's exchange area (`exchange` in the result).
+    HomeMap { disks: Vec<SyncDisk> },
+    /// The second step, at the recovery site beside the store: make each disk's
+    /// point's map, compare it with the home map, and store the point's map and the
+    /// point's bytes of every block that differs (`exchange` in the result).
+    PointDiff { disks: Vec<PointDiffDisk> },
     /// Every `interval_s`, send each disk's writes since the last round as the next
     /// point of the reverse replica `MACHINE.reverse` (failback, docs/recovery-hosts.md).
     /// `last`: first freeze the machine (its start item stopped, its exports
@@ -553,6 +562,32 @@ pub struct SyncDisk {
     pub point: String,
     /// The path of the disk on the recovery host.
     pub target: String,
+    /// The point's map and differing blocks a point-diff item stored: the sync
+    /// writes those and verifies; without, it reads the store for what differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<SyncFrom>,
+}
+
+/// What a sync takes from a point-diff item (objects of the reverse replica).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncFrom {
+    /// The point's checksum map.
+    pub map: String,
+    /// Segments of the point's bytes of the blocks that differ.
+    #[serde(default)]
+    pub segments: Vec<String>,
+}
+
+/// One disk a point-diff item compares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointDiffDisk {
+    pub disk: String,
+    /// The point's id.
+    pub point: String,
+    /// The home disk's checksum map a home-map item stored.
+    pub home_map: String,
 }
 
 impl WorkOp {
@@ -564,6 +599,8 @@ impl WorkOp {
             WorkOp::Script { .. } => "script",
             WorkOp::Remove { .. } => "remove",
             WorkOp::Sync { .. } => "sync",
+            WorkOp::HomeMap { .. } => "home-map",
+            WorkOp::PointDiff { .. } => "point-diff",
             WorkOp::Reverse { .. } => "reverse",
             WorkOp::Apply { .. } => "apply",
         }
@@ -635,6 +672,29 @@ pub struct WorkResult {
     /// apply: the newest applied point per disk (reported while running too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied: Vec<AppliedDisk>,
+    /// home-map, point-diff: what each disk stored for the next step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exchange: Vec<ExchangeDisk>,
+}
+
+/// What a step of a sync across the sites stored for one disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeDisk {
+    pub disk: String,
+    /// home-map: the home disk's checksum map; point-diff: the point's.
+    pub map: String,
+    /// point-diff: segments of the point's bytes of the blocks that differ.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<String>,
+    pub blocks: u64,
+    /// point-diff: blocks whose checksums differ.
+    #[serde(default)]
+    pub blocks_differing: u64,
+    /// Bytes of objects read from the store.
+    pub bytes_fetched: u64,
+    /// Bytes of objects put to the store.
+    pub bytes_stored: u64,
 }
 
 /// A reverse item's newest round of one disk.
@@ -684,6 +744,9 @@ pub struct SyncedDisk {
     pub bytes_written: u64,
     /// Bytes of objects read from the store.
     pub bytes_fetched: u64,
+    /// Bytes of objects put to the store (the home disk's checksum map).
+    #[serde(default)]
+    pub bytes_stored: u64,
     /// The target read back equal to the point.
     pub identical: bool,
 }

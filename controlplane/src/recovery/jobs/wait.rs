@@ -100,8 +100,73 @@ impl<'a> Waiter<'a> {
         op: &WorkOp,
         failover: Option<&[&str]>,
     ) -> Result<WorkRow, String> {
-        let db = &self.ctx.db;
         let id = self.attempt_id(machine).await?;
+        self.submit_as(&id, host, machine, op, failover).await
+    }
+
+    /// Gives part `part` of round `round` of this task's chain of items (see
+    /// `chain_round`) to `host`, or finds it given, and waits until it ended.
+    pub async fn submit_part_and_wait(
+        &mut self,
+        host: &str,
+        machine: &str,
+        part: &str,
+        round: u32,
+        op: &WorkOp,
+    ) -> Result<WorkRow, String> {
+        let base = work::item_id(&self.job.id, self.seq, machine);
+        let id = match round {
+            0 => format!("{base}-{part}"),
+            n => format!("{base}-{part}-r{n}"),
+        };
+        let row = self.submit_as(&id, host, machine, op, None).await?;
+        self.until_ended(row).await
+    }
+
+    /// The round of this task's chain of items for `machine` (`parts`, each given
+    /// after the one before ended, each taking what the one before made): the round
+    /// its items were last given in, or, when one of those failed or was removed
+    /// and the task runs again (a resume, not a takeover), the next, which gives
+    /// every part anew; 0 at first.
+    pub async fn chain_round(&self, machine: &str, parts: &[&str]) -> Result<u32, String> {
+        let base = format!("{}-", work::item_id(&self.job.id, self.seq, machine));
+        let rows = work::for_job(&self.ctx.db, &self.job.id)
+            .await
+            .map_err(|e| format!("reading the work items of job {}: {e}", self.job.id))?;
+        let round = |r: &WorkRow| -> Option<u32> {
+            let rest = r.id.strip_prefix(&base).filter(|_| r.machine == machine)?;
+            parts
+                .iter()
+                .find_map(|part| match rest.strip_prefix(part)? {
+                    "" => Some(0),
+                    n => n.strip_prefix("-r")?.parse().ok(),
+                })
+        };
+        let rounds: Vec<(u32, &WorkRow)> =
+            rows.iter().filter_map(|r| Some((round(r)?, r))).collect();
+        let Some(last) = rounds.iter().map(|(n, _)| *n).max() else {
+            return Ok(0);
+        };
+        let ended_badly = rounds
+            .iter()
+            .any(|(n, r)| *n == last && matches!(r.state.as_str(), "failed" | "removed"));
+        Ok(if ended_badly && !self.rerun_after_takeover() {
+            last + 1
+        } else {
+            last
+        })
+    }
+
+    async fn submit_as(
+        &mut self,
+        id: &str,
+        host: &str,
+        machine: &str,
+        op: &WorkOp,
+        failover: Option<&[&str]>,
+    ) -> Result<WorkRow, String> {
+        let db = &self.ctx.db;
+        let id = id.to_string();
         let row = work::submit(db, &id, host, &self.job.id, machine, op, crate::db::now_s())
             .await
             .map_err(|e| format!("giving work item {id} to recovery host {host}: {e}"))?;

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_link::control::wire::{
-    AppliedDisk, DiskProgress, ReadyDisk, RoundDisk, WorkItem, WorkOp, WorkReport, WorkResult,
+    AppliedDisk, DiskProgress, ExchangeDisk, ReadyDisk, RoundDisk, WorkItem, WorkOp, WorkReport,
+    WorkResult,
 };
 use ferry_replica::object::SealContext;
 use ferry_replica::writer::{append_writes, Payload, Write};
@@ -117,6 +118,20 @@ fn applied(disk: &str, point: &str, now: i64, verified: Option<bool>) -> Applied
         bytes_fetched: 9000,
         total_bytes_written: 16384,
         verified,
+    }
+}
+
+/// What the fake hosts' home-map and point-diff items store for `disk`: a map named
+/// `map`, and segments.
+fn exchange(disk: &str, map: &str, segments: &[&str]) -> ExchangeDisk {
+    ExchangeDisk {
+        disk: disk.into(),
+        map: format!("{map}-{disk}"),
+        segments: segments.iter().map(|s| format!("{s}-{disk}")).collect(),
+        blocks: SIZE / 4096,
+        blocks_differing: SYNC_BLOCKS_WRITTEN,
+        bytes_fetched: 500,
+        bytes_stored: 700,
     }
 }
 
@@ -259,6 +274,28 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                         ..WorkResult::default()
                     },
                 ),
+                WorkOp::HomeMap { disks } => (
+                    "succeeded",
+                    None,
+                    WorkResult {
+                        exchange: disks
+                            .iter()
+                            .map(|d| exchange(&d.disk, &format!("home-{}", item.id), &[]))
+                            .collect(),
+                        ..WorkResult::default()
+                    },
+                ),
+                WorkOp::PointDiff { disks } => (
+                    "succeeded",
+                    None,
+                    WorkResult {
+                        exchange: disks
+                            .iter()
+                            .map(|d| exchange(&d.disk, &format!("point-{}", item.id), &["seg"]))
+                            .collect(),
+                        ..WorkResult::default()
+                    },
+                ),
                 WorkOp::Sync { disks } => match play.fail_syncs.lock().unwrap().clone() {
                     Some(e) => ("failed", Some(e), WorkResult::default()),
                     None => (
@@ -273,6 +310,7 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                                     blocks_differing: SYNC_BLOCKS_WRITTEN,
                                     bytes_written: SYNC_BLOCKS_WRITTEN * 4096,
                                     bytes_fetched: 10_000,
+                                    bytes_stored: 0,
                                     identical: true,
                                 })
                                 .collect(),

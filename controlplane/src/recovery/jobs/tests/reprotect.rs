@@ -189,11 +189,41 @@ async fn a_refused_sync_fails_the_job_and_a_resume_finishes_it(s: &Site) {
             ("sdb", p1.as_str(), "/h/sdb")
         ]
     );
-    // The job says what each disk took.
+    // The sync takes, per disk, the map and segments the point-diff stored from the
+    // home map the home-map stored, all three of the new round.
+    let items = work::for_job(&s.db, &id).await.unwrap();
+    let of_round = |kind: &str| -> Vec<String> {
+        items
+            .iter()
+            .filter(|w| w.op.kind() == kind && w.id.ends_with("-r1"))
+            .map(|w| w.id.clone())
+            .collect()
+    };
+    let (maps, diffs) = (of_round("home-map"), of_round("point-diff"));
+    assert_eq!((maps.len(), diffs.len()), (1, 1), "{items:?}");
+    assert_eq!(
+        syncs[1].id,
+        format!(
+            "{}-sync-r1",
+            &maps[0][..maps[0].len() - "-home-map-r1".len()]
+        )
+    );
+    let diff = items.iter().find(|w| w.id == diffs[0]).unwrap();
+    let WorkOp::PointDiff { disks: pd } = &diff.op else {
+        panic!("{:?}", diff.op)
+    };
+    assert_eq!(pd[1].home_map, format!("home-{}-sdb", maps[0]));
+    let from = disks[1].from.as_ref().unwrap();
+    assert_eq!(from.map, format!("point-{}-sdb", diffs[0]));
+    assert_eq!(from.segments, ["seg-sdb"]);
+    // The job says what each disk took: the sync's, and the home map put and what
+    // its item fetched.
     let synced = job.params["synced"].as_array().unwrap();
     assert_eq!(synced.len(), 2);
     for d in synced {
         assert_eq!(d["bytes_written"], SYNC_BLOCKS_WRITTEN * 4096);
+        assert_eq!(d["bytes_fetched"], 10_500);
+        assert_eq!(d["bytes_stored"], 700);
         assert_eq!(d["identical"], true);
     }
     let row = state::get(&s.db, "m1").await.unwrap().unwrap();
@@ -218,9 +248,10 @@ async fn an_active_reprotect_holds_its_home_disks(s: &Site) {
     // m3 failed over and committed, its reprotect held running on the host.
     sqlx::query(
         "INSERT INTO machine_recovery (machine, state, active_site, planned, point, items, \
-         updated_at) VALUES ('m3', 'committed', 'recovery', 0, $1, '[]', 1)",
+         host, updated_at) VALUES ('m3', 'committed', 'recovery', 0, $1, '[]', $2, 1)",
     )
     .bind(json!({ "sda": point_id("P1") }).to_string())
+    .bind(HOST)
     .execute(s.db.pool())
     .await
     .unwrap();
@@ -286,11 +317,11 @@ async fn a_runner_killed_mid_sync_is_taken_over_and_the_reprotect_finishes() {
     let job = s.post(RP, home(), 202).await;
     let id = job["id"].as_str().unwrap().to_string();
     s.at_task(&id, "sync home disks").await;
-    wait_for("the sync item", || async {
+    wait_for("the home-map item", || async {
         s.live_items(&id)
             .await
             .iter()
-            .any(|w| w.op.kind() == "sync")
+            .any(|w| w.op.kind() == "home-map")
     })
     .await;
     rt.shutdown_background();
@@ -305,6 +336,15 @@ async fn a_runner_killed_mid_sync_is_taken_over_and_the_reprotect_finishes() {
         .filter(|w| w.op.kind() == "sync")
         .collect();
     assert_eq!(syncs.len(), 1, "one sync item, found again: {syncs:?}");
+    // The whole chain given once: each part found again, none given twice.
+    let kinds: Vec<String> = work::for_job(&s.db, &id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| matches!(w.op.kind(), "home-map" | "point-diff"))
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
     assert_eq!(job.params["synced"].as_array().unwrap().len(), 2);
     let row = state::get(&s.db, "m1").await.unwrap().unwrap();
     assert_eq!(row.direction, state::REVERSE);

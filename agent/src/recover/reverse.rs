@@ -236,6 +236,12 @@ impl<'a> Round<'a> {
         }
     }
 
+    /// The seq the round's point will have when `finish` is called with nothing more
+    /// pushed: every pending write takes the next number when sealed.
+    pub(super) fn point_seq(&self) -> u64 {
+        self.seq + self.writes.len() as u64
+    }
+
     /// Seals what is pending and commits it with the round's point, labelled over
     /// `over`; with `final_map` (the disk's checksum map at this point, failback's
     /// last round) the map is stored first and the point references it, as a seed's

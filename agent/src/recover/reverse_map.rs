@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use ferry_replica::scan::{block_sum, ZERO_SUM};
 use ferry_replica::sums::BlockSums;
-use ferry_replica::{Disk, Point, Store, VaultKey, DEFAULT_BLOCK_BYTES, DEFAULT_EXTENT_BYTES};
+use ferry_replica::{
+    Disk, DiskState, Point, Store, VaultKey, DEFAULT_BLOCK_BYTES, DEFAULT_EXTENT_BYTES,
+};
 
 use super::reverse::{
     check_over, forward_machine, over_json, DeltaReport, Over, Round, PIECE_BYTES,
@@ -29,10 +31,20 @@ pub fn map_path(state_dir: &Path, disk: &str) -> PathBuf {
     state_dir.join(format!("{disk}.reverse-map"))
 }
 
-/// The saved map of the last round, when it belongs to this reverse disk over this
-/// point; None otherwise (the first round, or a reverse replica made anew: the
-/// round then compares with P's map and sends everything since failover).
-fn load_map(path: &Path, over: &Over, reverse_disk_id: &str) -> Result<Option<BlockSums>> {
+/// Where a round's new map waits while its point is committed: renamed to
+/// `map_path` after the commit.
+pub fn pending_map_path(state_dir: &Path, disk: &str) -> PathBuf {
+    state_dir.join(format!("{disk}.reverse-map.pending"))
+}
+
+/// A map file `save_map` wrote, when it belongs to this reverse disk over this
+/// point, with the point seq its header names; None when absent or of another
+/// reverse disk.
+fn read_map(
+    path: &Path,
+    over: &Over,
+    reverse_disk_id: &str,
+) -> Result<Option<(BlockSums, Option<u64>)>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -55,11 +67,52 @@ fn load_map(path: &Path, over: &Over, reverse_disk_id: &str) -> Result<Option<Bl
         return Ok(None);
     }
     let map = BlockSums::parse(&path.display().to_string(), &bytes[nl + 1..])?;
-    Ok(Some(map))
+    Ok(Some((map, head["point_seq"].as_u64())))
 }
 
-fn save_map(path: &Path, over: &Over, reverse_disk_id: &str, map: &BlockSums) -> Result<()> {
-    let head = serde_json::json!({"over": over_json(over), "reverse_disk_id": reverse_disk_id});
+/// The map of the last round committed, when it belongs to this reverse disk over
+/// this point; None otherwise (the first round, or a reverse replica made anew: the
+/// round then compares with P's map and sends everything since failover). A pending
+/// map (a round killed between its commit and the rename) is that map when its
+/// point is in `state` (the commit landed), and is dropped when not.
+fn load_map(
+    state_dir: &Path,
+    disk: &str,
+    over: &Over,
+    reverse_disk_id: &str,
+    state: &DiskState,
+) -> Result<Option<BlockSums>> {
+    let saved = map_path(state_dir, disk);
+    let pending = pending_map_path(state_dir, disk);
+    if let Some((map, seq)) = read_map(&pending, over, reverse_disk_id)? {
+        if seq.is_some_and(|s| state.points.iter().any(|p| p.seq == s)) {
+            std::fs::rename(&pending, &saved).map_err(io_err("rename", &pending))?;
+            return Ok(Some(map));
+        }
+    }
+    match std::fs::remove_file(&pending) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_err("remove", &pending)(e))
+        }
+        _ => {}
+    }
+    Ok(read_map(&saved, over, reverse_disk_id)?.map(|(m, _)| m))
+}
+
+/// Writes a map file (aside, then renamed), with the seq of the point it describes
+/// when that point is still to be committed.
+fn save_map(
+    path: &Path,
+    over: &Over,
+    reverse_disk_id: &str,
+    map: &BlockSums,
+    point_seq: Option<u64>,
+) -> Result<()> {
+    let head = serde_json::json!({
+        "over": over_json(over),
+        "reverse_disk_id": reverse_disk_id,
+        "point_seq": point_seq,
+    });
     let mut bytes = head.to_string().into_bytes();
     bytes.push(b'\n');
     bytes.extend_from_slice(&map.header());
@@ -70,9 +123,11 @@ fn save_map(path: &Path, over: &Over, reverse_disk_id: &str, map: &BlockSums) ->
 /// One round of reverse replication for `file` (a recovered disk as a raw file,
 /// equal to forward point `over_point` of `disk` at failover): hashes it, sends the
 /// blocks whose checksum differs from the last round's map (saved in `state_dir`;
-/// without one, `first_map()`, P's map) as the next point of `reverse_machine`,
-/// then saves the new map (written aside and renamed, after the commit: a crash in
-/// between sends the same blocks again, which applies to the same bytes). With
+/// without one, `first_map()`, P's map) as the next point of `reverse_machine`.
+/// The new map is written (pending, naming the point's seq) before the commit and
+/// renamed into place after it: a round killed in between finds its point committed
+/// and takes that map, where the older map would miss a block changed in the lost
+/// round and back again since; killed before the commit, it drops the map. With
 /// `last` the new map is stored and named by the point (failback's final map).
 #[allow(clippy::too_many_arguments)]
 pub fn send_file_delta(
@@ -113,7 +168,7 @@ pub fn send_file_delta(
     check_over(&d, &state, &over)?;
     ferry_replica::local::create_private_dir(state_dir).map_err(io_err("create", state_dir))?;
     let saved = map_path(state_dir, disk);
-    let prev = match load_map(&saved, &over, &d.info.disk_id)? {
+    let prev = match load_map(state_dir, disk, &over, &d.info.disk_id, &state)? {
         Some(m) => m,
         None => first_map()?,
     };
@@ -186,11 +241,19 @@ pub fn send_file_delta(
         count(&mut report, &w);
         round.push(w)?;
     }
+    let pending_map = pending_map_path(state_dir, disk);
+    save_map(
+        &pending_map,
+        &over,
+        &d.info.disk_id,
+        &next,
+        Some(round.point_seq()),
+    )?;
     let (point_id, when) = round.finish(&over, size, last.then_some(&next))?;
     report.point_id = point_id;
     report.at = when;
     report.bytes_sent = round.sent;
-    save_map(&saved, &over, &d.info.disk_id, &next)?;
+    std::fs::rename(&pending_map, &saved).map_err(io_err("rename", &pending_map))?;
     Ok(report)
 }
 

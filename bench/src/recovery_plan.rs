@@ -162,29 +162,13 @@ fn check_disks(cp: &Cp, job: &str, agents: &[Agent]) -> Result<usize> {
     Ok(disks.len())
 }
 
-/// What is left under the recovery host's `items` folder.
-fn items_left(rh_dir: &Path) -> Result<Vec<String>> {
-    let items = rh_dir.join("items");
-    let rd = match std::fs::read_dir(&items) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", items.display())),
-    };
-    let mut left = Vec::new();
-    for e in rd {
-        let e = e.with_context(|| format!("listing {}", items.display()))?;
-        left.push(e.file_name().to_string_lossy().to_string());
-    }
-    Ok(left)
-}
-
 /// Waits until the recovery host holds no item; how long that took. Outside the
 /// timing: the jobs' own remove items verified their folders gone, this checks that
 /// nothing at all is left, the remove items' own folders included.
 fn wait_host_empty(rh_dir: &Path) -> Result<f64> {
     let t = Instant::now();
     loop {
-        let left = items_left(rh_dir)?;
+        let left = ferry_testkit::control::items_left(rh_dir);
         if left.is_empty() {
             return Ok(t.elapsed().as_secs_f64());
         }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ferry_testkit::boot::{accel, boot_image, boot_test_runs};
 use ferry_testkit::cli::wait_uploaded;
-use ferry_testkit::control::{process_server, recovery_host, Agent, Cp};
+use ferry_testkit::control::{items_left, process_server, recovery_host, Agent, Cp};
 use ferry_testkit::net::free_addr;
 use ferry_testkit::process::run_ok;
 use ferry_testkit::wait_ok;
@@ -53,16 +53,6 @@ fn processes_with(needle: &str) -> Vec<(u32, String)> {
         }
     }
     found
-}
-
-/// The work items' folders on the recovery host.
-fn items_left(work_dir: &Path) -> Vec<String> {
-    match std::fs::read_dir(work_dir.join("items")) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .collect(),
-        Err(_) => Vec::new(),
-    }
 }
 
 /// What the recovery host's start items printed (qemu's own errors), for a failure.

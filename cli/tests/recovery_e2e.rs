@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_testkit::cli::wait_uploaded;
-use ferry_testkit::control::{process_server, recovery_host, Agent, Cp};
+use ferry_testkit::control::{items_left, process_server, recovery_host, Agent, Cp};
 use ferry_testkit::net::free_addr;
 use ferry_testkit::process::run_ok;
 use ferry_testkit::process::Killed;
@@ -101,15 +101,6 @@ fn group_point_after(cp: &Cp, machines: &[&str], group: &str, after: &str) -> St
             common.unwrap_or_default().into_iter().max().ok_or(())
         },
     )
-}
-
-fn items_left(work_dir: &Path) -> Vec<String> {
-    match std::fs::read_dir(work_dir.join("items")) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .collect(),
-        Err(_) => Vec::new(),
-    }
 }
 
 /// The machine job plan job `id` queued for `machine`, once it is running: the

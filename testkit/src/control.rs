@@ -434,3 +434,15 @@ pub fn recovery_host(
     );
     (child, nbd)
 }
+
+/// The names under the `items` folder of the recovery host working in `work_dir`
+/// (one folder an item it holds); none when there is no such folder.
+pub fn items_left(work_dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(work_dir.join("items")) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}

@@ -217,6 +217,17 @@ impl Run<'_> {
         if !self.o.kills {
             return;
         }
+        self.wait_running(id);
+        match kill {
+            "control plane" => self.restart_cp(),
+            "master target" => self.restart_rh_home(),
+            "recovery host" => self.restart_rh_rec(),
+            other => panic!("nothing called {other} to kill"),
+        }
+    }
+
+    /// Waits until job `id` runs (a kill then lands in the middle of it).
+    fn wait_running(&self, id: &str) {
         wait_ok(
             &format!("job {id} running"),
             Duration::from_secs(60),
@@ -228,14 +239,6 @@ impl Run<'_> {
                 }
             },
         );
-        match kill {
-            "control plane" => self.restart_cp(),
-            "master target" => self.restart_rh_home(),
-            "recovery host" => self.restart_rh_rec(),
-            // The caller kills what the run does not hold (the home agent).
-            "nothing" => {}
-            other => panic!("nothing called {other} to kill"),
-        }
     }
 }
 
@@ -434,7 +437,7 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     let j = run.cp.post("/v1/machines/m1/commit", json!({}));
     let j = run.cp.wait_job(j["id"].as_str().unwrap(), "succeeded");
     assert_eq!(run.cp.machine("m1")["active_site"], "home", "{j}");
-    let left = items_left(&d.join("rh-rec"));
+    let left = crate::control::items_left(&d.join("rh-rec"));
     assert!(left.is_empty(), "the recovery site still holds {left:?}");
 
     // Re-enable: the home agent (on the home disk) resumes forward replication.
@@ -447,7 +450,7 @@ pub fn cycle(o: &Options<'_>, rng: &mut StdRng) -> Figures {
     run.kill_while_running(&id, "control plane");
     if o.kills {
         // The home agent, in the middle of its re-enable's resync (owed on disk).
-        run.kill_while_running(&id, "nothing");
+        run.wait_running(&id);
         m1.restart(&run.cp, d);
     }
     let j = run.cp.wait_job(&id, "succeeded");
@@ -554,15 +557,4 @@ pub fn read_export(url: &str) -> Vec<u8> {
     }
     let _ = c.disconnect();
     out
-}
-
-/// Files left under a recovery host's items folder.
-pub fn items_left(work_dir: &Path) -> Vec<String> {
-    let items = work_dir.join("items");
-    let Ok(rd) = std::fs::read_dir(&items) else {
-        return Vec::new();
-    };
-    rd.filter_map(|e| e.ok())
-        .map(|e| e.path().display().to_string())
-        .collect()
 }

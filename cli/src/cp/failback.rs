@@ -28,19 +28,26 @@ pub struct Reprotect {
     pub wait: Wait,
 }
 
+/// One `--disk KEY=PATH` argument (`shape` names its form in errors): the key and
+/// the home disk's path, which must be absolute.
+pub fn home_disk_arg<'a>(arg: &'a str, shape: &str) -> Result<(&'a str, &'a str)> {
+    let Some((key, path)) = arg.split_once('=') else {
+        bail!("--disk {arg:?} must be {shape}");
+    };
+    if !path.starts_with('/') {
+        bail!("--disk {arg}: the home disk's path must be absolute");
+    }
+    Ok((key, path))
+}
+
 /// The request `reprotect` makes: its path and JSON body.
 pub fn reprotect(a: &Reprotect) -> Result<(String, Value)> {
     check_name("machine", &a.name)?;
     check_name("master target", &a.master_target)?;
     let mut disks = BTreeMap::new();
     for d in &a.disks {
-        let Some((disk, path)) = d.split_once('=') else {
-            bail!("--disk {d:?} must be DISK=PATH");
-        };
+        let (disk, path) = home_disk_arg(d, "DISK=PATH")?;
         check_name("disk", disk)?;
-        if !path.starts_with('/') {
-            bail!("--disk {d}: the home disk's path must be absolute");
-        }
         if disks.insert(disk.to_string(), path.to_string()).is_some() {
             bail!("--disk {disk} is given twice");
         }

@@ -228,18 +228,14 @@ fn post_job(conn: &Conn, name: &str, what: &str, body: Option<Value>) -> Result<
 /// `MACHINE:DISK=PATH` arguments as `{machine: {disk: path}}`.
 fn plan_disks(args: &[String]) -> Result<Value> {
     let mut out = serde_json::Map::new();
+    const SHAPE: &str = "MACHINE:DISK=PATH";
     for a in args {
-        let Some((md, path)) = a.split_once('=') else {
-            anyhow::bail!("--disk {a:?} must be MACHINE:DISK=PATH");
-        };
+        let (md, path) = super::failback::home_disk_arg(a, SHAPE)?;
         let Some((m, d)) = md.split_once(':') else {
-            anyhow::bail!("--disk {a:?} must be MACHINE:DISK=PATH");
+            anyhow::bail!("--disk {a:?} must be {SHAPE}");
         };
         check_name("machine", m)?;
         check_name("disk", d)?;
-        if !path.starts_with('/') {
-            anyhow::bail!("--disk {a}: the home disk's path must be absolute");
-        }
         let disks = out.entry(m.to_string()).or_insert_with(|| json!({}));
         if disks.get(d).is_some() {
             anyhow::bail!("--disk {m}:{d} is given twice");

@@ -191,6 +191,10 @@ pub fn client_trusting(pem: &[u8]) -> reqwest::Client {
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(Duration::from_secs(10))
+        // The control plane closes a connection idle for 30 s (its header timeout);
+        // one reused just as it closes fails the request ("peer closed connection
+        // without sending TLS close_notify"), so idle ones are let go well before.
+        .pool_idle_timeout(Duration::from_secs(10))
         .build()
         .unwrap()
 }

@@ -90,6 +90,9 @@ impl Conn {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(std::time::Duration::from_secs(30))
+            // Below the control plane's 30 s idle close: a connection reused as the
+            // server closes it fails the request.
+            .pool_idle_timeout(std::time::Duration::from_secs(20))
             .build()
             .context("building the HTTPS client")?;
         let rt = tokio::runtime::Builder::new_current_thread()

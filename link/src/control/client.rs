@@ -253,6 +253,9 @@ fn read_validity(path: &Path) -> Result<Validity> {
     })
 }
 
+/// How long an idle connection is kept for the next call.
+const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// HTTPS to the control plane, with or without the client certificate.
 fn http_client(tls: rustls::ClientConfig) -> Result<reqwest::Client> {
     let mut tls = tls;
@@ -262,6 +265,9 @@ fn http_client(tls: rustls::ClientConfig) -> Result<reqwest::Client> {
         .tls_backend_preconfigured(tls)
         .timeout(CALL_TIMEOUT)
         .connect_timeout(CONNECT_TIMEOUT)
+        // Below the control plane's 30 s idle close (its header timeout): a pooled
+        // connection reused just as the server closes it fails the call.
+        .pool_idle_timeout(POOL_IDLE)
         .build()
         .map_err(|source| ControlError::Http {
             what: "building the HTTPS client".into(),

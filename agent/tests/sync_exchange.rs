@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use common::*;
 use ferry_agent::recover::sync::{MapSource, Phase, SyncProgress};
-use ferry_agent::recover::sync_exchange::{home_map, point_diff, write_diff, Exchanged};
+use ferry_agent::recover::sync_exchange::{home_map, point_diff, write_diff, At, Exchanged};
 use ferry_agent::recover::SyncReport;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -48,6 +48,16 @@ fn full_disk(env: &Env, rng: &mut StdRng) -> (Vec<u8>, String) {
     (model, p)
 }
 
+fn at<'a>(env: &'a Env, point: &'a str) -> At<'a> {
+    At {
+        store: &env.store,
+        vault: &env.vault,
+        machine: "m",
+        disk: "d1",
+        point,
+    }
+}
+
 struct Steps {
     home: Exchanged,
     diff: Exchanged,
@@ -59,31 +69,11 @@ fn run(env: &Env, p: &str, target: &Path) -> Result<Steps, String> {
     let seen = Mutex::new(Vec::new());
     let progress = |x: &SyncProgress| seen.lock().unwrap().push(x.phase);
     let e = |e: ferry_agent::recover::Error| e.to_string();
-    let home = home_map(&env.store, &env.vault, "m", "d1", p, target, &progress).map_err(e)?;
+    let at = at(env, p);
+    let home = home_map(&at, target, &progress).map_err(e)?;
     let scratch = tempfile::tempdir().unwrap();
-    let diff = point_diff(
-        &env.store,
-        &env.vault,
-        "m",
-        "d1",
-        p,
-        &home.map,
-        scratch.path(),
-        &progress,
-    )
-    .map_err(e)?;
-    let sync = write_diff(
-        &env.store,
-        &env.vault,
-        "m",
-        "d1",
-        p,
-        target,
-        &diff.map,
-        &diff.segments,
-        &progress,
-    )
-    .map_err(e)?;
+    let diff = point_diff(&at, &home.map, scratch.path(), &progress).map_err(e)?;
+    let sync = write_diff(&at, target, &diff.map, &diff.segments, &progress).map_err(e)?;
     let mut phases = seen.into_inner().unwrap();
     phases.dedup();
     Ok(Steps {
@@ -223,40 +213,21 @@ fn another_points_objects_a_changed_home_disk_and_a_small_one_are_refused_or_cau
     let none = |_: &SyncProgress| {};
 
     // A home map stored for P, given as one of another point.
-    let home = home_map(&env.store, &env.vault, "m", "d1", &p, &target, &none).unwrap();
+    let home = home_map(&at(&env, &p), &target, &none).unwrap();
     let d = env.open("m", "d1");
     let state = env.store.block(d.load_state()).unwrap();
     let other = state.points.iter().find(|x| x.id != p).unwrap().id.clone();
     let scratch = tempfile::tempdir().unwrap();
-    let e = point_diff(
-        &env.store,
-        &env.vault,
-        "m",
-        "d1",
-        &other,
-        &home.map,
-        scratch.path(),
-        &none,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = point_diff(&at(&env, &other), &home.map, scratch.path(), &none)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains(&home.map) && e.contains(&format!("a sync to point {other}")),
         "{e}"
     );
 
     // The home disk written between the steps: the read-back says so.
-    let diff = point_diff(
-        &env.store,
-        &env.vault,
-        "m",
-        "d1",
-        &p,
-        &home.map,
-        scratch.path(),
-        &none,
-    )
-    .unwrap();
+    let diff = point_diff(&at(&env, &p), &home.map, scratch.path(), &none).unwrap();
     assert_eq!(diff.blocks_differing, 0);
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -264,24 +235,13 @@ fn another_points_objects_a_changed_home_disk_and_a_small_one_are_refused_or_cau
         .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"late", 3 * BLOCK).unwrap();
     drop(f);
-    let r = write_diff(
-        &env.store,
-        &env.vault,
-        "m",
-        "d1",
-        &p,
-        &target,
-        &diff.map,
-        &diff.segments,
-        &none,
-    )
-    .unwrap();
+    let r = write_diff(&at(&env, &p), &target, &diff.map, &diff.segments, &none).unwrap();
     assert_eq!(r.identical, Some(false));
 
     // A home disk smaller than the point, refused before anything is stored.
     let small = env.path("small.img");
     std::fs::File::create(&small).unwrap().set_len(MIB).unwrap();
-    let e = home_map(&env.store, &env.vault, "m", "d1", &p, &small, &none)
+    let e = home_map(&at(&env, &p), &small, &none)
         .unwrap_err()
         .to_string();
     assert!(

@@ -343,6 +343,20 @@ pub fn find_point(state: &DiskState, machine: &str, disk: &str, point: &str) -> 
     })?)
 }
 
+/// Disk `disk` of `machine` opened on `store`, its state, and point `point` of it.
+pub fn open_at(
+    store: &Store,
+    vault: &VaultKey,
+    machine: &str,
+    disk: &str,
+    point: &str,
+) -> Result<(Disk, DiskState, Point)> {
+    let d = store.block(Disk::open(store, machine, disk, Some(vault)))?;
+    let state = store.block(d.load_state())?;
+    let p = find_point(&state, machine, disk, point)?;
+    Ok((d, state, p))
+}
+
 /// Refuses a target of `target_bytes` smaller than `disk` of `machine` at `point`.
 pub fn check_size(
     target: &Path,
@@ -379,9 +393,7 @@ pub fn sync_to_point(
 ) -> Result<SyncReport> {
     // A store handle of the sync's own, so that its fetched bytes are exactly ours.
     let store = store.counted();
-    let d = store.block(Disk::open(&store, machine, disk, Some(vault)))?;
-    let state = store.block(d.load_state())?;
-    let p = find_point(&state, machine, disk, point)?;
+    let (d, state, p) = open_at(&store, vault, machine, disk, point)?;
     let before = store.fetched_bytes();
     let mut report = sync_disk(d, &state, &p, target, opts, progress)?;
     report.bytes_fetched += before;

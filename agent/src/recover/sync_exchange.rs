@@ -37,10 +37,28 @@ use ferry_replica::{Disk, Store, VaultKey, DEFAULT_BLOCK_BYTES, DEFAULT_EXTENT_B
 use super::reverse::{reverse_machine, PIECE_BYTES, SEGMENT_DATA_BYTES, SEGMENT_RECORDS};
 use super::served::ServedDisk;
 use super::sync::{
-    check_size, find_point, hash_block, open_target, point_sums, seed_map, verify, MapSource,
-    Phase, SyncProgress, SyncReport, CACHE_EXTENTS, READ_BYTES,
+    check_size, hash_block, open_at, open_target, point_sums, seed_map, verify, MapSource, Phase,
+    SyncProgress, SyncReport, CACHE_EXTENTS, READ_BYTES,
 };
 use super::{io_err, Error, Result};
+
+/// The disk and point a sync across the sites is of: forward disk `disk` of
+/// `machine` at point `point` (an id), read with `vault` from `store`.
+#[derive(Clone, Copy)]
+pub struct At<'a> {
+    pub store: &'a Store,
+    pub vault: &'a VaultKey,
+    pub machine: &'a str,
+    pub disk: &'a str,
+    pub point: &'a str,
+}
+
+impl At<'_> {
+    /// A store handle of the step's own (its fetched bytes are exactly the step's).
+    fn counted(&self) -> Store {
+        self.store.counted()
+    }
+}
 
 /// What a step stored for the next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,20 +110,16 @@ fn check_exchange(rev: &Disk, point: &str, object: &str, ext: &str) -> Result<()
 
 /// Step 1, at home: hashes `target` at the size of `disk` of `machine` at `point`,
 /// held exclusively, and stores the map. Refuses a target smaller than the disk.
-#[allow(clippy::too_many_arguments)]
-pub fn home_map(
-    store: &Store,
-    vault: &VaultKey,
-    machine: &str,
-    disk: &str,
-    point: &str,
-    target: &Path,
-    progress: &dyn Fn(&SyncProgress),
-) -> Result<Exchanged> {
-    let store = store.counted();
-    let fwd = store.block(Disk::open(&store, machine, disk, Some(vault)))?;
-    let state = store.block(fwd.load_state())?;
-    let p = find_point(&state, machine, disk, point)?;
+pub fn home_map(at: &At, target: &Path, progress: &dyn Fn(&SyncProgress)) -> Result<Exchanged> {
+    let At {
+        vault,
+        machine,
+        disk,
+        point,
+        ..
+    } = *at;
+    let store = at.counted();
+    let (fwd, _, p) = open_at(&store, vault, machine, disk, point)?;
     let (file, target_bytes) = open_target(target)?;
     check_size(target, target_bytes, machine, disk, &p)?;
     let map = hash_target(&file, target, p.disk_bytes, fwd.info.block_bytes, progress)?;
@@ -215,21 +229,21 @@ impl Segments<'_> {
 /// Step 2, at the recovery site: makes the map of `disk` of `machine` at `point`
 /// (decoding its log into `scratch`), compares it with the home map `home_map`, and
 /// stores the point's map and the point's bytes of every block that differs.
-#[allow(clippy::too_many_arguments)]
 pub fn point_diff(
-    store: &Store,
-    vault: &VaultKey,
-    machine: &str,
-    disk: &str,
-    point: &str,
+    at: &At,
     home_map: &str,
     scratch: &Path,
     progress: &dyn Fn(&SyncProgress),
 ) -> Result<Exchanged> {
-    let store = store.counted();
-    let fwd = store.block(Disk::open(&store, machine, disk, Some(vault)))?;
-    let state = store.block(fwd.load_state())?;
-    let p = find_point(&state, machine, disk, point)?;
+    let At {
+        vault,
+        machine,
+        disk,
+        point,
+        ..
+    } = *at;
+    let store = at.counted();
+    let (fwd, state, p) = open_at(&store, vault, machine, disk, point)?;
     let rev = reverse_disk(&store, vault, machine, disk)?;
     check_exchange(&rev, &p.id, home_map, "sum")?;
     let home = store.block(BlockSums::load(&rev, home_map))?;
@@ -329,20 +343,22 @@ pub fn point_diff(
 
 /// Step 3, at home: writes the records of `segments` onto `target` (held
 /// exclusively), syncs it, and reads it back against the point's map `map`.
-#[allow(clippy::too_many_arguments)]
 pub fn write_diff(
-    store: &Store,
-    vault: &VaultKey,
-    machine: &str,
-    disk: &str,
-    point: &str,
+    at: &At,
     target: &Path,
     map_object: &str,
     segments: &[String],
     progress: &dyn Fn(&SyncProgress),
 ) -> Result<SyncReport> {
+    let At {
+        vault,
+        machine,
+        disk,
+        point,
+        ..
+    } = *at;
     let started = Instant::now();
-    let store = store.counted();
+    let store = at.counted();
     let rev = store.block(Disk::open(
         &store,
         &reverse_machine(machine)?,

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use ferry_agent::recover::sync::{Phase, SyncProgress};
-use ferry_agent::recover::sync_exchange::{self, Exchanged};
+use ferry_agent::recover::sync_exchange::{self, At, Exchanged};
 use ferry_agent::recover::{sync_to_point, SyncOptions, SyncReport};
 use ferry_link::control::wire::{
     DiskProgress, ExchangeDisk, PointDiffDisk, SyncDisk, SyncedDisk, WorkItem, WorkResult,
@@ -159,11 +159,7 @@ pub fn sync(host: &Host, item: &WorkItem, disks: &[SyncDisk], dir: &Path) -> Out
             };
             let r = match &d.from {
                 Some(from) => sync_exchange::write_diff(
-                    &host.store,
-                    &host.vault,
-                    &item.machine,
-                    &d.disk,
-                    &d.point,
+                    &at(host, item, &d.disk, &d.point),
                     target,
                     &from.map,
                     &from.segments,
@@ -210,6 +206,17 @@ pub fn sync(host: &Host, item: &WorkItem, disks: &[SyncDisk], dir: &Path) -> Out
     match error {
         Some(e) => Outcome::failed_with(e, result),
         None => Outcome::ok(result),
+    }
+}
+
+/// Disk `disk` of the item's machine at `point`, read with the host's store and key.
+fn at<'a>(host: &'a Host, item: &'a WorkItem, disk: &'a str, point: &'a str) -> At<'a> {
+    At {
+        store: &host.store,
+        vault: &host.vault,
+        machine: &item.machine,
+        disk,
+        point,
     }
 }
 
@@ -263,22 +270,14 @@ pub fn home_map(host: &Host, item: &WorkItem, disks: &[SyncDisk]) -> Outcome {
         &[Phase::Home],
         |i, progress| {
             let d = &disks[i];
-            sync_exchange::home_map(
-                &host.store,
-                &host.vault,
-                &item.machine,
-                &d.disk,
-                &d.point,
-                &targets[i],
-                progress,
-            )
-            .map(|x| exchange_disk(&d.disk, x))
-            .map_err(|e| {
-                format!(
-                    "hashing {} for disk {} of {} at point {}: {e}",
-                    d.target, d.disk, item.machine, d.point
-                )
-            })
+            sync_exchange::home_map(&at(host, item, &d.disk, &d.point), &targets[i], progress)
+                .map(|x| exchange_disk(&d.disk, x))
+                .map_err(|e| {
+                    format!(
+                        "hashing {} for disk {} of {} at point {}: {e}",
+                        d.target, d.disk, item.machine, d.point
+                    )
+                })
         },
         &mut out,
     );
@@ -302,11 +301,7 @@ pub fn point_diff(host: &Host, item: &WorkItem, disks: &[PointDiffDisk], dir: &P
             let d = &disks[i];
             let work = scratch(dir, "point")?;
             let r = sync_exchange::point_diff(
-                &host.store,
-                &host.vault,
-                &item.machine,
-                &d.disk,
-                &d.point,
+                &at(host, item, &d.disk, &d.point),
                 &d.home_map,
                 &work,
                 progress,

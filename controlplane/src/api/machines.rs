@@ -136,21 +136,19 @@ struct Extras {
     applied: HashMap<String, Vec<ferry_link::control::wire::AppliedDisk>>,
 }
 
-/// The newest applied points the apply item of a reverse machine reported (the item
-/// keeps its figures while it runs).
-async fn applied_of(
-    state: &AppState,
+/// The newest applied points the apply item among `items` reported (the item keeps
+/// its figures while it runs).
+fn applied_of(
     r: &RecoveryRow,
-) -> Result<Vec<ferry_link::control::wire::AppliedDisk>, ApiError> {
-    for id in &r.items {
-        let Some(item) = crate::recovery::work::get(&state.db, id).await? else {
-            continue;
-        };
-        if item.op.kind() == "apply" && item.state != "removed" {
-            return Ok(item.result.map(|x| x.applied).unwrap_or_default());
-        }
-    }
-    Ok(Vec::new())
+    items: &HashMap<String, crate::recovery::work::WorkRow>,
+) -> Vec<ferry_link::control::wire::AppliedDisk> {
+    r.items
+        .iter()
+        .filter_map(|id| items.get(id))
+        .find(|i| i.op.kind() == "apply" && i.state != "removed")
+        .and_then(|i| i.result.as_ref())
+        .map(|x| x.applied.clone())
+        .unwrap_or_default()
 }
 
 async fn extras(state: &AppState, rows: &[MachineRow]) -> Result<Extras, ApiError> {
@@ -168,11 +166,21 @@ async fn extras(state: &AppState, rows: &[MachineRow]) -> Result<Extras, ApiErro
             .map(|r| (r.machine.clone(), r))
             .collect();
     let start = recovery_state::start_actions_in_range(&state.db, &first.name, &last.name).await?;
+    // The reverse machines' items, read at once.
+    let reverse: Vec<&RecoveryRow> = recovery
+        .values()
+        .filter(|r| r.direction == recovery_state::REVERSE)
+        .collect();
+    let ids: Vec<String> = reverse.iter().flat_map(|r| r.items.clone()).collect();
+    let items: HashMap<String, crate::recovery::work::WorkRow> =
+        crate::recovery::work::get_many(&state.db, &ids)
+            .await?
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect();
     let mut applied = HashMap::new();
-    for r in recovery.values() {
-        if r.direction == recovery_state::REVERSE {
-            applied.insert(r.machine.clone(), applied_of(state, r).await?);
-        }
+    for r in reverse {
+        applied.insert(r.machine.clone(), applied_of(r, &items));
     }
     Ok(Extras {
         recovery,

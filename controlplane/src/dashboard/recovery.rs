@@ -163,13 +163,7 @@ pub async fn line(
     // a change of point); a test's, its job's.
     let mut items = Vec::new();
     match failover.filter(|f| !f.items.is_empty()) {
-        Some(f) => {
-            for id in &f.items {
-                if let Some(w) = work::get(db, id).await? {
-                    items.push(w);
-                }
-            }
-        }
+        Some(f) => items = work::get_in_order(db, &f.items).await?,
         None => {
             if let Some(j) = job {
                 items.extend(

@@ -161,6 +161,38 @@ pub async fn get(db: &Db, id: &str) -> Result<Option<WorkRow>> {
     row.as_ref().map(from_row).transpose()
 }
 
+/// The items of `ids` that exist, in one query (a page of machines' items, not one
+/// query an item); in no particular order.
+pub async fn get_many(db: &Db, ids: &[String]) -> Result<Vec<WorkRow>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT {COLUMNS} FROM recovery_work WHERE id IN ({})",
+        marks.join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for id in ids {
+        query = query.bind(id.clone());
+    }
+    let rows = query
+        .fetch_all(db.pool())
+        .await
+        .map_err(q("reading work items"))?;
+    rows.iter().map(from_row).collect()
+}
+
+/// The items of `ids` that exist, in the order of `ids`, in one query.
+pub async fn get_in_order(db: &Db, ids: &[String]) -> Result<Vec<WorkRow>> {
+    let mut found: std::collections::HashMap<String, WorkRow> = get_many(db, ids)
+        .await?
+        .into_iter()
+        .map(|w| (w.id.clone(), w))
+        .collect();
+    Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
+}
+
 /// Every item a job made, oldest first.
 pub async fn for_job(db: &Db, job_id: &str) -> Result<Vec<WorkRow>> {
     let sql =

@@ -532,14 +532,8 @@ async fn failover_host(db: &Db, machine: &str, row: &RecoveryRow) -> Result<Stri
 /// The target the failover's disks were brought up on (its first build or serve
 /// item).
 async fn current_target(db: &Db, row: &RecoveryRow) -> Result<Option<Target>, ApiError> {
-    for id in &row.items {
-        if let Some(item) = work::get(db, id).await? {
-            if let Some(t) = Target::of_op(&item.op) {
-                return Ok(Some(t));
-            }
-        }
-    }
-    Ok(None)
+    let items = work::get_in_order(db, &row.items).await?;
+    Ok(items.iter().find_map(|i| Target::of_op(&i.op)))
 }
 
 /// Checks a reprotect of `machine` and fills its params: the machine is failed over

@@ -43,16 +43,10 @@ pub async fn row_of(w: &Waiter<'_>, machine: &str) -> Result<RecoveryRow, String
 
 /// The live items of the failover, as stored.
 pub async fn live_items(db: &Db, row: &RecoveryRow) -> Result<Vec<WorkRow>, String> {
-    let mut out = Vec::with_capacity(row.items.len());
-    for id in &row.items {
-        let item = work::get(db, id)
-            .await
-            .map_err(|e| format!("reading work item {id}: {e}"))?;
-        if let Some(item) = item.filter(|i| i.state != "removed") {
-            out.push(item);
-        }
-    }
-    Ok(out)
+    let items = work::get_in_order(db, &row.items)
+        .await
+        .map_err(|e| format!("reading the work items of machine {}: {e}", row.machine))?;
+    Ok(items.into_iter().filter(|i| i.state != "removed").collect())
 }
 
 /// What each recovery-site disk is read from: the serve item's export

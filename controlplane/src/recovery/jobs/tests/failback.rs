@@ -219,6 +219,18 @@ async fn reprotect_failback_commit_and_re_enable() {
     assert_eq!(rev_view["applied"][0]["point"], "R1-sda");
     let rpo = rev_view["rpo_seconds"].as_f64().unwrap();
     assert!((4.0..60.0).contains(&rpo), "{rpo}");
+    // The list too (its page's items read in one query).
+    let (_, list) = s.send("GET", "/v1/machines", None).await;
+    let listed = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "m1")
+        .unwrap();
+    assert_eq!(
+        listed["recovery"]["reverse"]["applied"][1]["point"],
+        "R1-sdb"
+    );
 
     // Planned failback.
     let fb = failed_back(&s, json!({"direction": "home"})).await;

@@ -73,7 +73,7 @@ fn run(env: &Env, p: &str, target: &Path) -> Result<Steps, String> {
     let home = home_map(&at, target, &progress).map_err(e)?;
     let scratch = tempfile::tempdir().unwrap();
     let diff = point_diff(&at, &home.map, scratch.path(), &progress).map_err(e)?;
-    let sync = write_diff(&at, target, &diff.map, &diff.segments, &progress).map_err(e)?;
+    let sync = write_diff(&at, target, &diff.map, diff.segments, &progress).map_err(e)?;
     let mut phases = seen.into_inner().unwrap();
     phases.dedup();
     Ok(Steps {
@@ -177,7 +177,7 @@ fn a_full_disk_syncs_across_the_sites_moving_maps_and_differing_blocks_only() {
     // Again: nothing differs, no segment, nothing written.
     let again = run(&env, &p, &target).unwrap();
     assert_eq!(again.diff.blocks_differing, 0);
-    assert!(again.diff.segments.is_empty());
+    assert_eq!(again.diff.segments, 0);
     assert_eq!(again.sync.bytes_written, 0);
     assert_eq!(again.sync.identical, Some(true));
 }
@@ -226,6 +226,12 @@ fn another_points_objects_a_changed_home_disk_and_a_small_one_are_refused_or_cau
         "{e}"
     );
 
+    // The home map given as the point's (it would verify the disk against itself).
+    let e = write_diff(&at(&env, &p), &target, &home.map, 0, &none)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&home.map) && e.contains("(point.sum)"), "{e}");
+
     // The home disk written between the steps: the read-back says so.
     let diff = point_diff(&at(&env, &p), &home.map, scratch.path(), &none).unwrap();
     assert_eq!(diff.blocks_differing, 0);
@@ -235,7 +241,7 @@ fn another_points_objects_a_changed_home_disk_and_a_small_one_are_refused_or_cau
         .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"late", 3 * BLOCK).unwrap();
     drop(f);
-    let r = write_diff(&at(&env, &p), &target, &diff.map, &diff.segments, &none).unwrap();
+    let r = write_diff(&at(&env, &p), &target, &diff.map, diff.segments, &none).unwrap();
     assert_eq!(r.identical, Some(false));
 
     // A home disk smaller than the point, refused before anything is stored.

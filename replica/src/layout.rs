@@ -9,7 +9,9 @@
 //!                                 log/{first_seq:020}-{uid}.seg
 //!                                 base/{uid}/{extent:010}.ext
 //!                                 sums/{uid}.sum
-//!                                 sync/{point}-{uid}.{sum,seg}
+//!                                 sync/{point}-{uid}.home.sum
+//!                                 sync/{point}-{uid}.point.sum
+//!                                 sync/{point}-{uid}-{n:08}.seg
 //! ```
 //!
 //! `sync/` holds a failback sync's exchange between the sites (docs/failback.md,
@@ -153,9 +155,10 @@ impl DiskPaths {
         format!("{}/sync/", self.root)
     }
 
-    /// An exchange object of a sync to point `point`: `ext` is `sum` (a checksum map)
-    /// or `seg` (a segment of the point's blocks). The point is in the name, which is
-    /// sealed into the object, so a reader can check what point it is of.
+    /// An exchange object of a sync to point `point`: `ext` says what it is
+    /// (`home.sum`, `point.sum`: checksum maps; `seg`: a segment of the point's
+    /// blocks). The point and the role are in the name, which is sealed into the
+    /// object, so a reader can check what point it is of and what it holds.
     pub fn exchange(&self, point: &str, uid: &str, ext: &str) -> String {
         format!("{}/sync/{point}-{uid}.{ext}", self.root)
     }

@@ -65,8 +65,9 @@ impl At<'_> {
 pub struct Exchanged {
     /// The checksum map stored: the home disk's (`home_map`), the point's (`point_diff`).
     pub map: String,
-    /// `point_diff`: the segments of the point's bytes of the blocks that differ.
-    pub segments: Vec<String>,
+    /// `point_diff`: how many segments of the point's bytes of the blocks that differ
+    /// it stored (`segment_name`).
+    pub segments: u64,
     pub blocks: u64,
     /// `point_diff`: blocks whose checksums differ (data and zero).
     pub blocks_differing: u64,
@@ -91,14 +92,23 @@ fn reverse_disk(store: &Store, vault: &VaultKey, machine: &str, disk: &str) -> R
     ))?)
 }
 
+/// What an exchange object is, the end of its name: the home disk's map, the
+/// point's map, and the segments of the point's blocks (named after the point's map).
+pub const HOME_MAP: &str = "home.sum";
+pub const POINT_MAP: &str = "point.sum";
+const SEGMENT: &str = "seg";
+
 /// Refuses an object that is not an exchange object of `rev` for `point` of kind
-/// `ext`: the name is sealed into the object, so this binds what is read to the point.
+/// `ext` (`HOME_MAP`, `POINT_MAP`): the name is sealed into the object, so this binds
+/// what is read to the point and its role (a home map given as the point's would
+/// verify the home disk against itself).
 fn check_exchange(rev: &Disk, point: &str, object: &str, ext: &str) -> Result<()> {
     let ok = object
         .strip_prefix(&rev.paths.exchange_dir())
         .and_then(|rest| rest.strip_prefix(point))
         .and_then(|rest| rest.strip_prefix('-'))
-        .is_some_and(|rest| rest.ends_with(&format!(".{ext}")) && !rest.contains('/'));
+        .and_then(|rest| rest.strip_suffix(&format!(".{ext}")))
+        .is_some_and(|uid| !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_hexdigit()));
     if ok {
         return Ok(());
     }
@@ -106,6 +116,15 @@ fn check_exchange(rev: &Disk, point: &str, object: &str, ext: &str) -> Result<()
         disk: rev.paths.label(),
         why: format!("{object} is not an exchange object ({ext}) of a sync to point {point}"),
     })
+}
+
+/// The name of segment `n` (from 1) of the point's blocks stored with the point's
+/// map `point_map`: a report then carries a count, not a list as long as the data.
+pub fn segment_name(point_map: &str, n: u64) -> String {
+    let base = point_map
+        .strip_suffix(&format!(".{POINT_MAP}"))
+        .unwrap_or(point_map);
+    format!("{base}-{n:08}.{SEGMENT}")
 }
 
 /// Step 1, at home: hashes `target` at the size of `disk` of `machine` at `point`,
@@ -125,13 +144,13 @@ pub fn home_map(at: &At, target: &Path, progress: &dyn Fn(&SyncProgress)) -> Res
     let map = hash_target(&file, target, p.disk_bytes, fwd.info.block_bytes, progress)?;
     drop(file);
     let rev = reverse_disk(&store, vault, machine, disk)?;
-    let object = rev.paths.exchange(&p.id, &random_hex(8), "sum");
+    let object = rev.paths.exchange(&p.id, &random_hex(8), HOME_MAP);
     let bytes = map.seal_as(&rev, &mut SealContext::new(1), &object)?;
     let stored = bytes.len() as u64;
     store.block(rev.upload(&object, bytes.into()))?;
     Ok(Exchanged {
         map: object,
-        segments: Vec::new(),
+        segments: 0,
         blocks: map.sums.len() as u64,
         blocks_differing: 0,
         bytes_data: 0,
@@ -173,15 +192,16 @@ fn hash_target(
 }
 
 /// Seals writes into exchange segments as they come, one segment in memory at a
-/// time (`SEGMENT_DATA_BYTES`, `SEGMENT_RECORDS`), each uploaded when full.
+/// time (`SEGMENT_DATA_BYTES`, `SEGMENT_RECORDS`), each uploaded when full and
+/// named after the point's map (`segment_name`).
 struct Segments<'a> {
     rev: &'a Disk,
-    point: &'a str,
+    map: &'a str,
     ctx: SealContext,
     seq: u64,
     writes: Vec<(u64, Option<Vec<u8>>, u64)>,
     data_bytes: u64,
-    names: Vec<String>,
+    count: u64,
     stored: u64,
 }
 
@@ -214,12 +234,12 @@ impl Segments<'_> {
                 },
             });
         }
-        let object = self.rev.paths.exchange(self.point, &random_hex(8), "seg");
+        let object = segment_name(self.map, self.count + 1);
         let sealed = seal_segment_as(self.rev, &mut self.ctx, &writes, object.clone())?;
         self.stored += sealed.bytes.len() as u64;
         let rev = self.rev;
         rev.store.block(rev.upload(&object, sealed.bytes.into()))?;
-        self.names.push(object);
+        self.count += 1;
         self.writes.clear();
         self.data_bytes = 0;
         Ok(())
@@ -245,7 +265,7 @@ pub fn point_diff(
     let store = at.counted();
     let (fwd, state, p) = open_at(&store, vault, machine, disk, point)?;
     let rev = reverse_disk(&store, vault, machine, disk)?;
-    check_exchange(&rev, &p.id, home_map, "sum")?;
+    check_exchange(&rev, &p.id, home_map, HOME_MAP)?;
     let home = store.block(BlockSums::load(&rev, home_map))?;
     let (size, bs) = (p.disk_bytes, fwd.info.block_bytes);
     if home.block_bytes != bs || home.disk_bytes != size {
@@ -262,19 +282,19 @@ pub fn point_diff(
     let map = point_sums(seed, &served, bs, progress)?.map;
 
     let mut ctx = SealContext::new(1);
-    let map_object = rev.paths.exchange(&p.id, &random_hex(8), "sum");
+    let map_object = rev.paths.exchange(&p.id, &random_hex(8), POINT_MAP);
     let bytes = map.seal_as(&rev, &mut ctx, &map_object)?;
     let map_stored = bytes.len() as u64;
     store.block(rev.upload(&map_object, bytes.into()))?;
 
     let mut out = Segments {
         rev: &rev,
-        point: &p.id,
+        map: &map_object,
         ctx,
         seq: 0,
         writes: Vec::new(),
         data_bytes: 0,
-        names: Vec::new(),
+        count: 0,
         stored: map_stored,
     };
     let (mut differing, mut bytes_data, mut bytes_zero) = (0u64, 0u64, 0u64);
@@ -329,25 +349,27 @@ pub fn point_diff(
         });
     }
     out.flush()?;
+    let (segments, stored) = (out.count, out.stored);
     Ok(Exchanged {
         map: map_object,
-        segments: std::mem::take(&mut out.names),
+        segments,
         blocks: blocks as u64,
         blocks_differing: differing,
         bytes_data,
         bytes_zero,
         bytes_fetched: store.fetched_bytes(),
-        bytes_stored: out.stored,
+        bytes_stored: stored,
     })
 }
 
-/// Step 3, at home: writes the records of `segments` onto `target` (held
-/// exclusively), syncs it, and reads it back against the point's map `map`.
+/// Step 3, at home: writes the records of the `segments` segments stored with the
+/// point's map `map_object` onto `target` (held exclusively), syncs it, and reads it
+/// back against that map.
 pub fn write_diff(
     at: &At,
     target: &Path,
     map_object: &str,
-    segments: &[String],
+    segments: u64,
     progress: &dyn Fn(&SyncProgress),
 ) -> Result<SyncReport> {
     let At {
@@ -365,10 +387,7 @@ pub fn write_diff(
         disk,
         Some(vault),
     ))?;
-    check_exchange(&rev, point, map_object, "sum")?;
-    for s in segments {
-        check_exchange(&rev, point, s, "seg")?;
-    }
+    check_exchange(&rev, point, map_object, POINT_MAP)?;
     let map = store.block(BlockSums::load(&rev, map_object))?;
     let (size, bs) = (map.disk_bytes, map.block_bytes);
     let (file, target_bytes) = open_target(target)?;
@@ -384,7 +403,8 @@ pub fn write_diff(
     let key = rev.key()?;
     let mut ctx = OpenContext::default();
     let (mut blocks_differing, mut written) = (0u64, 0u64);
-    for (i, seg) in segments.iter().enumerate() {
+    for n in 1..=segments {
+        let seg = &segment_name(map_object, n);
         let mut buf: Vec<u8> = store.block(store.get(seg))?.into();
         let expect = Expect {
             key,
@@ -416,8 +436,8 @@ pub fn write_diff(
         })?;
         progress(&SyncProgress {
             phase: Phase::Write,
-            done_bytes: i as u64 + 1,
-            total_bytes: segments.len() as u64,
+            done_bytes: n,
+            total_bytes: segments,
         });
     }
     file.sync_all().map_err(io_err("sync target", target))?;

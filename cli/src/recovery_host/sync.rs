@@ -162,7 +162,7 @@ pub fn sync(host: &Host, item: &WorkItem, disks: &[SyncDisk], dir: &Path) -> Out
                     &at(host, item, &d.disk, &d.point),
                     target,
                     &from.map,
-                    &from.segments,
+                    from.segments,
                     progress,
                 ),
                 None => {

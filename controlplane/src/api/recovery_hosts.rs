@@ -160,6 +160,21 @@ fn check_report(r: &WorkReport) -> Result<(), String> {
             ferry_replica::layout::check_name("disk", disk).map_err(|e| e.to_string())?;
             too_long("a disk's point", point, MAX_POINT_ID_BYTES)?;
         }
+        if res.exchange.len() > MAX_WORK_ITEMS {
+            return Err(format!(
+                "report {}: {} exchanged disks; at most {MAX_WORK_ITEMS}",
+                r.id,
+                res.exchange.len()
+            ));
+        }
+        for d in &res.exchange {
+            ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
+            too_long(
+                &format!("report {}: an exchanged map", r.id),
+                &d.map,
+                MAX_TEXT_BYTES,
+            )?;
+        }
         for d in &res.disks {
             ferry_replica::layout::check_name("disk", &d.disk).map_err(|e| e.to_string())?;
             too_long("a disk's point", &d.point, MAX_POINT_ID_BYTES)?;
@@ -349,6 +364,27 @@ mod tests {
             ..WorkResult::default()
         });
         assert!(check_heartbeat(&beat(vec![bad_disk])).is_err());
+        // A sync step's exchange: disk names checked, object names bounded.
+        let exchanged = |disk: &str, map: String| {
+            let mut r = report("j-0-m-point-diff", "succeeded");
+            r.result = Some(WorkResult {
+                exchange: vec![ferry_link::control::wire::ExchangeDisk {
+                    disk: disk.into(),
+                    map,
+                    segments: 3,
+                    blocks: 16,
+                    blocks_differing: 2,
+                    bytes_fetched: 1,
+                    bytes_stored: 1,
+                }],
+                ..WorkResult::default()
+            });
+            check_heartbeat(&beat(vec![r]))
+        };
+        assert_eq!(exchanged("sda", "m".into()), Ok(()));
+        assert!(exchanged("../sda", "m".into()).is_err());
+        let e = exchanged("sda", "m".repeat(MAX_TEXT_BYTES + 1)).unwrap_err();
+        assert!(e.contains("an exchanged map"), "{e}");
         let progress = |name: &str| ferry_link::control::wire::DiskProgress {
             disk: name.into(),
             progress: 0.5,

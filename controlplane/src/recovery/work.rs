@@ -161,26 +161,33 @@ pub async fn get(db: &Db, id: &str) -> Result<Option<WorkRow>> {
     row.as_ref().map(from_row).transpose()
 }
 
-/// The items of `ids` that exist, in one query (a page of machines' items, not one
-/// query an item); in no particular order.
+/// Ids bound in one query of `get_many`: far below SQLite's 32,766 variables and
+/// PostgreSQL's 65,535 parameters, whatever a page holds.
+const IDS_PER_QUERY: usize = 500;
+
+/// The items of `ids` that exist, a query per `IDS_PER_QUERY` of them (a page of
+/// machines' items, not one query an item); in no particular order.
 pub async fn get_many(db: &Db, ids: &[String]) -> Result<Vec<WorkRow>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(IDS_PER_QUERY) {
+        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT {COLUMNS} FROM recovery_work WHERE id IN ({})",
+            marks.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.clone());
+        }
+        let rows = query
+            .fetch_all(db.pool())
+            .await
+            .map_err(q("reading work items"))?;
+        for row in &rows {
+            out.push(from_row(row)?);
+        }
     }
-    let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-    let sql = format!(
-        "SELECT {COLUMNS} FROM recovery_work WHERE id IN ({})",
-        marks.join(", ")
-    );
-    let mut query = sqlx::query(&sql);
-    for id in ids {
-        query = query.bind(id.clone());
-    }
-    let rows = query
-        .fetch_all(db.pool())
-        .await
-        .map_err(q("reading work items"))?;
-    rows.iter().map(from_row).collect()
+    Ok(out)
 }
 
 /// The items of `ids` that exist, in the order of `ids`, in one query.

@@ -574,9 +574,10 @@ pub struct SyncDisk {
 pub struct SyncFrom {
     /// The point's checksum map.
     pub map: String,
-    /// Segments of the point's bytes of the blocks that differ.
+    /// How many segments of the point's bytes of the blocks that differ it stored
+    /// (named after the map: `sync_exchange::segment_name`).
     #[serde(default)]
-    pub segments: Vec<String>,
+    pub segments: u64,
 }
 
 /// One disk a point-diff item compares.
@@ -684,9 +685,10 @@ pub struct ExchangeDisk {
     pub disk: String,
     /// home-map: the home disk's checksum map; point-diff: the point's.
     pub map: String,
-    /// point-diff: segments of the point's bytes of the blocks that differ.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub segments: Vec<String>,
+    /// point-diff: how many segments of the point's bytes of the blocks that differ
+    /// (named after the map, so that a report's size does not grow with them).
+    #[serde(default)]
+    pub segments: u64,
     pub blocks: u64,
     /// point-diff: blocks whose checksums differ.
     #[serde(default)]

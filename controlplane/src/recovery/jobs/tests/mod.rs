@@ -123,11 +123,11 @@ fn applied(disk: &str, point: &str, now: i64, verified: Option<bool>) -> Applied
 
 /// What the fake hosts' home-map and point-diff items store for `disk`: a map named
 /// `map`, and segments.
-fn exchange(disk: &str, map: &str, segments: &[&str]) -> ExchangeDisk {
+fn exchange(disk: &str, map: &str, segments: u64) -> ExchangeDisk {
     ExchangeDisk {
         disk: disk.into(),
         map: format!("{map}-{disk}"),
-        segments: segments.iter().map(|s| format!("{s}-{disk}")).collect(),
+        segments,
         blocks: SIZE / 4096,
         blocks_differing: SYNC_BLOCKS_WRITTEN,
         bytes_fetched: 500,
@@ -280,7 +280,7 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                     WorkResult {
                         exchange: disks
                             .iter()
-                            .map(|d| exchange(&d.disk, &format!("home-{}", item.id), &[]))
+                            .map(|d| exchange(&d.disk, &format!("home-{}", item.id), 0))
                             .collect(),
                         ..WorkResult::default()
                     },
@@ -291,7 +291,7 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
                     WorkResult {
                         exchange: disks
                             .iter()
-                            .map(|d| exchange(&d.disk, &format!("point-{}", item.id), &["seg"]))
+                            .map(|d| exchange(&d.disk, &format!("point-{}", item.id), 3))
                             .collect(),
                         ..WorkResult::default()
                     },

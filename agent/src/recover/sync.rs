@@ -52,7 +52,8 @@ pub enum Phase {
     Verify,
     /// Hashing the home disk (a sync across the sites, `sync_exchange`).
     Home,
-    /// Writing the blocks a point-diff stored (`sync_exchange`).
+    /// Writing the blocks a point-diff stored (`sync_exchange`): bytes written of the
+    /// disk's size.
     Write,
 }
 

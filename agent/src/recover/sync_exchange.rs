@@ -32,7 +32,9 @@ use ferry_replica::record::decode_records;
 use ferry_replica::scan::{block_sum, ZERO_SUM};
 use ferry_replica::sums::BlockSums;
 use ferry_replica::writer::{seal_segment_as, Payload, Write};
-use ferry_replica::{Disk, Store, VaultKey, DEFAULT_BLOCK_BYTES, DEFAULT_EXTENT_BYTES};
+use ferry_replica::{
+    Disk, DiskState, Point, Store, VaultKey, DEFAULT_BLOCK_BYTES, DEFAULT_EXTENT_BYTES,
+};
 
 use super::reverse::{reverse_machine, PIECE_BYTES, SEGMENT_DATA_BYTES, SEGMENT_RECORDS};
 use super::served::ServedDisk;
@@ -57,6 +59,11 @@ impl At<'_> {
     /// A store handle of the step's own (its fetched bytes are exactly the step's).
     fn counted(&self) -> Store {
         self.store.counted()
+    }
+
+    /// The forward disk opened on `store`, its state, and the point.
+    fn open(&self, store: &Store) -> Result<(Disk, DiskState, Point)> {
+        open_at(store, self.vault, self.machine, self.disk, self.point)
     }
 }
 
@@ -130,15 +137,14 @@ pub fn segment_name(point_map: &str, n: u64) -> String {
 /// Step 1, at home: hashes `target` at the size of `disk` of `machine` at `point`,
 /// held exclusively, and stores the map. Refuses a target smaller than the disk.
 pub fn home_map(at: &At, target: &Path, progress: &dyn Fn(&SyncProgress)) -> Result<Exchanged> {
+    let store = at.counted();
     let At {
         vault,
         machine,
         disk,
-        point,
         ..
     } = *at;
-    let store = at.counted();
-    let (fwd, _, p) = open_at(&store, vault, machine, disk, point)?;
+    let (fwd, _, p) = at.open(&store)?;
     let (file, target_bytes) = open_target(target)?;
     check_size(target, target_bytes, machine, disk, &p)?;
     let map = hash_target(&file, target, p.disk_bytes, fwd.info.block_bytes, progress)?;
@@ -255,15 +261,14 @@ pub fn point_diff(
     scratch: &Path,
     progress: &dyn Fn(&SyncProgress),
 ) -> Result<Exchanged> {
+    let store = at.counted();
     let At {
         vault,
         machine,
         disk,
-        point,
         ..
     } = *at;
-    let store = at.counted();
-    let (fwd, state, p) = open_at(&store, vault, machine, disk, point)?;
+    let (fwd, state, p) = at.open(&store)?;
     let rev = reverse_disk(&store, vault, machine, disk)?;
     check_exchange(&rev, &p.id, home_map, HOME_MAP)?;
     let home = store.block(BlockSums::load(&rev, home_map))?;
@@ -434,10 +439,11 @@ pub fn write_diff(
                 seg,
             )
         })?;
+        // Bytes written of the disk's: the pass reads as far as the disk is rewritten.
         progress(&SyncProgress {
             phase: Phase::Write,
-            done_bytes: n,
-            total_bytes: segments,
+            done_bytes: written,
+            total_bytes: size,
         });
     }
     file.sync_all().map_err(io_err("sync target", target))?;

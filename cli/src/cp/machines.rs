@@ -77,8 +77,10 @@ pub enum Verb {
     /// The master target (a recovery host at the home site) makes each home disk
     /// equal to the failover point by checksum, writing only the blocks that differ
     /// (the original disk keeps nearly all of them; a new, empty one gets a full
-    /// copy); then the machine's direction is reverse. Nothing of the home disks is
-    /// ever deleted. See docs/failback.md.
+    /// copy). It hashes the home disks; the recovery-site host compares with the
+    /// point and stores the blocks that differ, so only checksums and those blocks
+    /// cross the sites. Then the machine's direction is reverse. Nothing of the home
+    /// disks is ever deleted. See docs/failback.md.
     Reprotect(super::failback::Reprotect),
     /// Fail a reprotected machine back home (planned unless --unplanned)
     ///

@@ -65,11 +65,22 @@ fn each_disk<T>(
     mut one: impl FnMut(usize, &dyn Fn(&SyncProgress)) -> Result<T, String>,
     done: &mut Vec<T>,
 ) -> Result<(), String> {
-    let started = Instant::now();
     let last = Mutex::new(Instant::now());
+    // When the pass being reported began: its bytes over its own time make the rate
+    // (over the item's whole time, each new pass would start near zero).
+    let pass = Mutex::new((usize::MAX, Phase::Home, Instant::now()));
     let n = names.len() as f64;
     for i in 0..names.len() {
         let progress = |p: &SyncProgress| {
+            let since = {
+                let mut pass = pass
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if (pass.0, pass.1) != (i, p.phase) {
+                    *pass = (i, p.phase, Instant::now());
+                }
+                pass.2
+            };
             let mut last = last
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -77,7 +88,7 @@ fn each_disk<T>(
                 return;
             }
             *last = Instant::now();
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let secs = since.elapsed().as_secs_f64().max(1e-3);
             let rate = p.done_bytes as f64 / secs;
             // Each disk's own figure: those before this one are done, those after
             // not started.

@@ -116,3 +116,80 @@ pub async fn active_job(db: &Db, key: &str) -> Result<Option<(String, String)>> 
     })
     .transpose()
 }
+
+/// The newest job of `kind` on machine `machine` queued after job `after` (ids sort
+/// by creation), whatever its state: (id).
+pub async fn job_after(db: &Db, kind: &str, machine: &str, after: &str) -> Result<Option<String>> {
+    let row = sqlx::query(
+        "SELECT id FROM jobs WHERE kind = $1 AND subject = $2 AND id > $3 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(kind.to_string())
+    .bind(machine.to_string())
+    .bind(after.to_string())
+    .fetch_optional(db.pool())
+    .await
+    .map_err(q("finding a machine's job"))?;
+    row.map(|r| r.try_get("id").map_err(q("finding a machine's job")))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::queue;
+
+    /// A plan task killed between queueing a machine's job and recording it finds
+    /// that job again, even once it ended: the newest of its kind on the machine
+    /// queued after the plan job, none before.
+    #[tokio::test]
+    async fn the_newest_job_of_a_kind_on_a_machine_after_another_is_found_in_any_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+        let q = |kind: &'static str, subject: &'static str| {
+            let db = db.clone();
+            async move {
+                let id =
+                    queue::enqueue_keyed(&db, kind, subject, None, &serde_json::json!({}), &[])
+                        .await
+                        .unwrap()
+                        .unwrap();
+                // Ids sort by creation in milliseconds.
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                id
+            }
+        };
+        let end = |id: String| {
+            let db = db.clone();
+            async move {
+                sqlx::query("UPDATE jobs SET state = 'succeeded', active_key = NULL WHERE id = $1")
+                    .bind(id)
+                    .execute(db.pool())
+                    .await
+                    .unwrap();
+            }
+        };
+        let before = q("commit", "m4").await;
+        end(before.clone()).await;
+        let plan = q("plan-commit", "pair").await;
+        assert_eq!(job_after(&db, "commit", "m4", &plan).await.unwrap(), None);
+        let child = q("commit", "m3").await;
+        let mine = q("commit", "m4").await;
+        end(mine.clone()).await;
+        assert_eq!(
+            job_after(&db, "commit", "m4", &plan)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(mine.as_str())
+        );
+        assert_eq!(
+            job_after(&db, "commit", "m3", &plan)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(child.as_str())
+        );
+        assert_eq!(job_after(&db, "failover", "m4", &plan).await.unwrap(), None);
+        assert_ne!(before, mine);
+    }
+}

@@ -215,6 +215,12 @@ async fn planned_failover_change_point_and_commit(s: &Site) {
         .await;
     let id = job["id"].as_str().unwrap().to_string();
     s.at_task(&id, "stop source writes").await;
+    // The task runs before its first step has written the row: wait for that step.
+    wait_for("machine m1 preparing", || async {
+        let row = state::get(&s.db, "m1").await.unwrap();
+        row.is_some_and(|r| r.state == "preparing")
+    })
+    .await;
     let row = state::get(&s.db, "m1").await.unwrap().unwrap();
     assert_eq!(row.state, "preparing");
     assert_eq!(row.active_site, "home");

@@ -453,4 +453,43 @@ mod tests {
         let e = check_heartbeat(&with(vec![], many)).unwrap_err();
         assert!(e.contains("applied"), "{e}");
     }
+
+    /// A heartbeat that passed the peer check just before the host was removed (its
+    /// certificate revoked in the same transaction) does not bring it back; one after
+    /// a new enrollment does.
+    #[tokio::test]
+    async fn a_removed_host_comes_back_only_with_a_new_certificate() {
+        use crate::enroll::issue::Leaf;
+        use crate::enroll::store::{record_cert, Owner};
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&Db::default_url(dir.path())).await.unwrap();
+        let owner = Owner {
+            kind: "recovery-host",
+            name: "rh1",
+            names: &[],
+        };
+        let cert = |serial: &str| Leaf {
+            pem: String::new(),
+            der_sha256: format!("sha-{serial}"),
+            serial: serial.into(),
+            not_after: 2_000_000_000,
+        };
+        let listed = |db: Db| async move {
+            let hosts = work::hosts(&db).await.unwrap();
+            hosts.iter().any(|h| h.name == "rh1")
+        };
+        let beat = |db: Db, now: i64| async move {
+            work::host_heartbeat(&db, "rh1", "127.0.0.1:10809", 1, now, None)
+                .await
+                .unwrap()
+        };
+        record_cert(&db, &cert("1"), &owner, 100).await.unwrap();
+        assert!(beat(db.clone(), 100).await, "registered");
+        assert!(remove(&db, "rh1").await.unwrap());
+        assert!(!beat(db.clone(), 101).await);
+        assert!(!listed(db.clone()).await, "the old certificate's beat");
+        record_cert(&db, &cert("2"), &owner, 102).await.unwrap();
+        assert!(beat(db.clone(), 103).await, "back after a new enrollment");
+        assert!(listed(db.clone()).await);
+    }
 }

@@ -244,6 +244,17 @@ pub async fn find_cert(db: &Db, sha256: &str) -> Result<Option<CertRow>> {
     row.as_ref().map(cert_row).transpose()
 }
 
+/// SQL true while owner `kind` named by the parameter `name_param` (`$1`) holds a
+/// certificate not revoked. A heartbeat brings a removed owner back only under it:
+/// the removal revoked the owner's certificates in its transaction, so only a new
+/// enrollment makes it true again.
+pub fn live_cert(kind: &'static str, name_param: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM issued_certs c WHERE c.owner_kind = '{kind}' \
+         AND c.owner_name = {name_param} AND c.revoked = 0)"
+    )
+}
+
 /// Revokes every certificate of an owner; how many were not revoked before.
 pub async fn revoke_owner(conn: &mut sqlx::AnyConnection, kind: &str, name: &str) -> Result<u64> {
     let done = sqlx::query(

@@ -15,6 +15,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use crate::db::{q, Db, Error, Result};
+use crate::enroll::store::live_cert;
 
 /// A recovery host not heard from for this long is not given new work.
 pub const HOST_LIVE_S: i64 = 15;
@@ -364,7 +365,8 @@ pub async fn ready_disks(db: &Db, job_id: &str) -> Result<Vec<(String, ReadyDisk
 
 /// Registers the host at its first heartbeat, updates it at the others, with what it
 /// said of the store (`store_error`, None while it reaches it). True when this
-/// heartbeat registered it (or brought back a removed one).
+/// heartbeat registered it (or brought back a removed one, which only a new
+/// enrollment can).
 pub async fn host_heartbeat(
     db: &Db,
     name: &str,
@@ -390,21 +392,27 @@ pub async fn host_heartbeat(
     if updated.rows_affected() == 1 {
         return Ok(false);
     }
-    sqlx::query(
+    // A removed host comes back only through a new enrollment. The check of the
+    // certificate is in this statement: a heartbeat that passed the peer check just
+    // before the removal committed must not bring the host back.
+    let upsert = format!(
         "INSERT INTO recovery_hosts (name, nbd_address, work_dir_free_bytes, registered_at, \
          last_seen, removed, store_error) VALUES ($1, $2, $3, $4, $4, 0, $5) \
          ON CONFLICT (name) DO UPDATE SET nbd_address = $2, work_dir_free_bytes = $3, \
-         registered_at = $4, last_seen = $4, removed = 0, store_error = $5",
-    )
-    .bind(name.to_string())
-    .bind(nbd_address.to_string())
-    .bind(free)
-    .bind(now)
-    .bind(store_error)
-    .execute(db.pool())
-    .await
-    .map_err(q("registering a recovery host"))?;
-    Ok(true)
+         registered_at = $4, last_seen = $4, removed = 0, store_error = $5 \
+         WHERE recovery_hosts.removed = 0 OR {}",
+        live_cert("recovery-host", "$1")
+    );
+    let done = sqlx::query(&upsert)
+        .bind(name.to_string())
+        .bind(nbd_address.to_string())
+        .bind(free)
+        .bind(now)
+        .bind(store_error)
+        .execute(db.pool())
+        .await
+        .map_err(q("registering a recovery host"))?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Every recovery host not removed, by name, with its live items counted.

@@ -19,6 +19,7 @@ use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{q, Db, Error, Result};
+use crate::enroll::store::live_cert;
 
 /// Heartbeats written in one transaction at most: bounds how long one commit holds
 /// the write lock.
@@ -193,8 +194,12 @@ async fn write_one(tx: &mut sqlx::Transaction<'static, sqlx::Any>, b: &BeatRow) 
          ON CONFLICT (name) DO NOTHING{ASSIGNED}"
     );
     // A removed machine comes back only through a new enrollment (the removed one's
-    // certificates are revoked): that is a registration too.
-    let revive = format!("{set}, removed = 0 WHERE name = $1 AND removed <> 0{ASSIGNED}");
+    // certificates are revoked): that is a registration too. The certificate is
+    // checked in the statement, so a heartbeat in flight while the machine was
+    // removed does not bring it back.
+    let live = live_cert("agent", "$1");
+    let revive =
+        format!("{set}, removed = 0 WHERE name = $1 AND removed <> 0 AND {live}{ASSIGNED}");
     // In order: registered and newer (the common case); new; removed and back; a first
     // heartbeat that lost the INSERT to another's and is newer; older than the one
     // recorded, which only reads the assignments.

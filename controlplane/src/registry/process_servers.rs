@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use crate::db::{q, Db, Error, Result};
-use crate::enroll::store::revoke_owner;
+use crate::enroll::store::{live_cert, revoke_owner};
 
 /// A process server as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,14 +174,19 @@ pub async fn heartbeat(db: &Db, hb: &ProcessServerHeartbeat, now: i64) -> Result
         == 1;
     let mut revived = false;
     if !inserted {
-        revived =
-            sqlx::query("UPDATE process_servers SET removed = 0 WHERE name = $1 AND removed <> 0")
-                .bind(hb.name.clone())
-                .execute(&mut *tx)
-                .await
-                .map_err(q("recording a heartbeat"))?
-                .rows_affected()
-                == 1;
+        // Back only through a new enrollment, checked in the statement (see
+        // `live_cert`): a heartbeat in flight while it was removed stays out.
+        let revive = format!(
+            "UPDATE process_servers SET removed = 0 WHERE name = $1 AND removed <> 0 AND {}",
+            live_cert("process-server", "$1")
+        );
+        revived = sqlx::query(&revive)
+            .bind(hb.name.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("recording a heartbeat"))?
+            .rows_affected()
+            == 1;
         values(
             "UPDATE process_servers SET address = $2, cache_used_bytes = $3, \
              cache_free_bytes = $4, ingest_bytes_per_s = $5, upload_lag_s = $6, \

@@ -60,6 +60,11 @@ fn agent_beat(machine: &str, state: &str, uploaded: Option<&str>) -> AgentHeartb
     }
 }
 
+async fn ps_listed(db: &Db, name: &str) -> bool {
+    let all = process_servers::list(db, None, 10).await.unwrap();
+    all.into_iter().any(|p| p.name == name)
+}
+
 pub(crate) async fn every_query(db: &Db) {
     let now = 1_800_000_000;
     // Enrollment tokens: one use, expiry, kind, unknown.
@@ -284,7 +289,13 @@ pub(crate) async fn every_query(db: &Db) {
         ["4001"],
         "the list is bounded: 4006 would be next"
     );
-    // A heartbeat after a new enrollment brings it back.
+    // A heartbeat sent with the revoked certificate (in flight while it was removed)
+    // does not bring it back; one after a new enrollment does.
+    assert!(!machines::heartbeat(db, &beat("m1", None)).await.unwrap());
+    assert!(machines::get(db, "m1").await.unwrap().unwrap().removed);
+    store::record_cert(db, &leaf("4008", now + 3600), &agent_m1, now)
+        .await
+        .unwrap();
     assert!(machines::heartbeat(db, &beat("m1", None)).await.unwrap());
     assert!(!machines::get(db, "m1").await.unwrap().unwrap().removed);
 
@@ -305,6 +316,26 @@ pub(crate) async fn every_query(db: &Db) {
         .map(|p| p.name)
         .collect();
     assert_eq!(left, ["psb", "psold"]);
+    // Its revoked certificate's heartbeat does not bring it back; a new one's does.
+    assert!(
+        !process_servers::heartbeat(db, &ps_beat("psa", 50), now + 1)
+            .await
+            .unwrap()
+    );
+    assert!(!ps_listed(db, "psa").await);
+    let ps_a = Owner {
+        kind: "process-server",
+        name: "psa",
+        names: &[],
+    };
+    store::record_cert(db, &leaf("4009", now + 3600), &ps_a, now)
+        .await
+        .unwrap();
+    assert!(process_servers::heartbeat(db, &ps_beat("psa", 50), now + 2)
+        .await
+        .unwrap());
+    assert!(ps_listed(db, "psa").await);
+    assert!(process_servers::remove(db, "psa").await.unwrap());
 
     // Events: numbered in order, paged by id.
     let base = events::list(db, 0, 1000).await.unwrap().len() as i64;

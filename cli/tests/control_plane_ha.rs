@@ -402,14 +402,20 @@ fn killing_one_of_two_control_planes_loses_no_job_and_no_heartbeat() {
         let started = format!("job {id}: task {seq} (");
         assert_eq!(logs.matches(&started).count(), 1, "{started}\n{logs}");
     }
-    let events = survivor.get_ok("/v1/events?limit=1000")["items"]
-        .as_array()
-        .unwrap()
-        .clone();
-    let ends: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["subject"] == json!(format!("job {id}")))
-        .collect();
+    // The job's end event is written just after its state: waited for.
+    let subject = json!(format!("job {id}"));
+    let mut ends: Vec<Value> = Vec::new();
+    wait_for("the job's end event", Duration::from_secs(20), || {
+        let events = survivor.get_ok("/v1/events?limit=1000");
+        ends = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["subject"] == subject)
+            .cloned()
+            .collect();
+        !ends.is_empty()
+    });
     assert_eq!(ends.len(), 1, "{ends:?}");
     assert_eq!(ends[0]["kind"], json!("job-succeeded"));
     // One job for `archive`. (A survivor that took the scheduler over schedules

@@ -194,11 +194,13 @@ fn a_recovery_host_builds_serves_runs_survives_a_kill_and_removes_everything() {
     let (_, list) = site.cp.api("GET", "/v1/recovery-hosts", None);
     assert_eq!(list["items"][0]["nbd_address"], site.nbd.as_str());
     assert!(list["items"][0]["work_dir_free_bytes"].as_u64().unwrap() > 0);
-    assert!(site
-        .cp
-        .events()
-        .iter()
-        .any(|e| e["kind"] == "registered" && e["subject"] == "recovery-host rh1"));
+    // The event is written just after the row: waited for.
+    wait_for("rh1's registered event", Duration::from_secs(20), || {
+        site.cp
+            .events()
+            .iter()
+            .any(|e| e["kind"] == "registered" && e["subject"] == "recovery-host rh1")
+    });
 
     // Each disk at its own seed point (the points of a machine's disks need not be
     // one: the jobs choose them).

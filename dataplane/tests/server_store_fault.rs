@@ -130,8 +130,12 @@ fn a_store_outage_grows_the_cache_raises_the_alert_and_loses_nothing() {
         round(&mut sim, &mut rng);
         sim.finish(&target, Duration::from_secs(30)).await.unwrap();
     });
-    let (_, g, _) = server.view.snapshot();
-    assert!(!g.store_failing);
+    // The uploader clears the alert just after the commit `finish` waits for.
+    wait_for(
+        "the alert to clear once the disk caught up",
+        Duration::from_secs(10),
+        || !server.view.snapshot().1.store_failing,
+    );
     server.stop();
     let store = Store::with_object_store(inner, "memory");
     let points = verify(&store, &vault, &sim).unwrap();
@@ -253,12 +257,15 @@ fn a_disk_whose_uploads_fail_holds_back_only_itself() {
         round(&mut bad, &mut s.rng);
         bad.finish(&target, Duration::from_secs(30)).await.unwrap();
     });
+    // The alert clears first, then the count is published: both waited for.
     wait_for(
         "the alert to clear once the disk caught up",
         Duration::from_secs(10),
-        || !server.view.snapshot().1.store_failing,
+        || {
+            let g = server.view.snapshot().1;
+            !g.store_failing && g.failing_disks == 0
+        },
     );
-    assert_eq!(server.view.snapshot().1.failing_disks, 0);
     server.stop();
     let store = Store::with_object_store(s.inner.clone(), "memory");
     assert_eq!(verify(&store, &s.vault, &good).unwrap(), 4);
@@ -307,7 +314,9 @@ fn an_outage_of_several_disks_is_caught_up_in_full() {
             sim.finish(&target, Duration::from_secs(30)).await.unwrap();
         }
     });
-    assert_eq!(server.view.snapshot().1.failing_disks, 0);
+    wait_for("no disk failing", Duration::from_secs(10), || {
+        server.view.snapshot().1.failing_disks == 0
+    });
     server.stop();
     let store = Store::with_object_store(s.inner.clone(), "memory");
     for sim in &sims {

@@ -138,6 +138,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    async fn held_within(s: &Singleton, limit: Duration) {
+        let until = std::time::Instant::now() + limit;
+        while !s.held() {
+            assert!(
+                std::time::Instant::now() < until,
+                "not held within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test]
     async fn one_holder_of_two_and_a_takeover_after_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
@@ -149,7 +160,10 @@ mod tests {
         assert!(!b.held(), "the second does not while it is renewed");
         let b_gains = b.gains();
         tokio::time::sleep(lease * 2).await;
-        assert!(a.held() && !b.held(), "renewed, still one holder");
+        // `held` is a margin that each renewal extends: a renewal late on a busy
+        // machine can lapse it for a moment, so cp-a's is polled, not sampled.
+        assert!(!b.held(), "renewed, still one holder");
+        held_within(&a, lease).await;
         assert_eq!(
             leases::holder(&db, "work").await.unwrap().map(|h| h.0),
             Some("cp-a".to_string())
@@ -159,8 +173,8 @@ mod tests {
         a.stop_renewing();
         tokio::time::sleep(lease * 2 / 3).await;
         assert!(!a.held(), "past its margin it no longer acts");
-        tokio::time::sleep(lease).await;
-        assert!(b.held(), "taken over within a lease and a renewal");
+        // Taken over within a lease and a renewal, or a few more on a busy machine.
+        held_within(&b, lease * 5).await;
         assert!(b_gains.has_changed().unwrap(), "the takeover is told");
         assert_eq!(
             leases::holder(&db, "work").await.unwrap().map(|h| h.0),

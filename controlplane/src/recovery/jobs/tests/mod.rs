@@ -4,7 +4,7 @@
 //! failover, the source agent through `machine_recovery.prepared`).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +89,8 @@ struct HostPlay {
     fail_removes: AtomicBool,
     /// Stop heartbeating.
     silent: AtomicBool,
+    /// Heartbeats skipped while silent: once it grows, no heartbeat is in flight.
+    silent_ticks: AtomicU64,
     /// Fail sync items with this error (a home disk too small, say).
     fail_syncs: Mutex<Option<String>>,
     /// Fail apply items with an end (failback's) with this error (a verify, say).
@@ -140,6 +142,7 @@ async fn play_host(db: Db, play: Arc<HostPlay>) {
     loop {
         tokio::time::sleep(Duration::from_millis(30)).await;
         if play.silent.load(Ordering::SeqCst) {
+            play.silent_ticks.fetch_add(1, Ordering::SeqCst);
             continue;
         }
         let now = crate::db::now_s();
@@ -538,6 +541,17 @@ impl Site {
     }
 
     /// Waits until task `name` of job `id` runs.
+    /// Stops the host's heartbeats and returns once none is in flight, so that a
+    /// `last_seen` written next is not overwritten by a late one.
+    async fn hush(&self) {
+        self.play.silent.store(true, Ordering::SeqCst);
+        let from = self.play.silent_ticks.load(Ordering::SeqCst);
+        wait_for("the host silent", || async {
+            self.play.silent_ticks.load(Ordering::SeqCst) > from
+        })
+        .await;
+    }
+
     async fn at_task(&self, id: &str, name: &str) {
         wait_for(&format!("task {name}"), || async {
             let job = self.job(id).await;

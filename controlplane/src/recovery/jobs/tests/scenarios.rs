@@ -475,7 +475,7 @@ async fn bad_input_is_refused_before_a_job_exists(s: &Site) {
     )
     .await;
     // No live host.
-    s.play.silent.store(true, Ordering::SeqCst);
+    s.hush().await;
     sqlx::query("UPDATE recovery_hosts SET last_seen = last_seen - 100")
         .execute(s.db.pool())
         .await

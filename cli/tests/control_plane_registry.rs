@@ -332,7 +332,7 @@ fn enrolled_parts_heartbeat_over_mutual_tls_and_the_registry_follows() {
         reasons.contains("critical threshold 120 s") && reasons.contains("disk d0 is in resync")
     );
     // The background sweep (every heartbeat interval) records the change as an event.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let evs = http
             .send("GET", "/v1/events?limit=1000", Some(&admin))

@@ -4,18 +4,29 @@
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
-/// How often a condition is looked at again.
-const POLL: Duration = Duration::from_millis(10);
+/// How often a condition is looked at again: at first soon, then less often, since
+/// many conditions start a process (`ferry agent ctl`, qemu-io) to look, and polling
+/// those every 10 ms takes a core from what is being waited on.
+const POLL_FIRST: Duration = Duration::from_millis(10);
+const POLL_MAX: Duration = Duration::from_millis(100);
+
+/// The pause before the next look: doubling from `POLL_FIRST` up to `POLL_MAX`.
+fn backoff(poll: &mut Duration) -> Duration {
+    let now = *poll;
+    *poll = (*poll * 2).min(POLL_MAX);
+    now
+}
 
 /// Polls `cond` until it holds; panics naming `what` if it does not within `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
+    let mut poll = POLL_FIRST;
     while !cond() {
         assert!(
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        std::thread::sleep(POLL);
+        std::thread::sleep(backoff(&mut poll));
     }
 }
 
@@ -27,6 +38,7 @@ pub fn wait_ok<T, E: Debug>(
     mut f: impl FnMut() -> Result<T, E>,
 ) -> T {
     let deadline = Instant::now() + timeout;
+    let mut poll = POLL_FIRST;
     loop {
         match f() {
             Ok(v) => return v,
@@ -35,7 +47,7 @@ pub fn wait_ok<T, E: Debug>(
                 "timed out after {timeout:?} waiting for {what}: {e:?}"
             ),
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(backoff(&mut poll));
     }
 }
 

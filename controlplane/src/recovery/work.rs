@@ -286,17 +286,27 @@ fn checked_disks(op: &WorkOp, reported: &[DiskProgress]) -> Vec<DiskProgress> {
 /// result is kept too (failback's reverse and apply items report their newest round
 /// while they run), and a report without one keeps the last.
 pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i64) -> Result<()> {
-    for r in reports {
-        if !matches!(r.state.as_str(), "running" | "succeeded" | "failed") {
-            continue;
-        }
-        // Checked against the item's own disks, which only its row knows. An ended
-        // item (re-reported at every heartbeat while it is ordered) is not updated
-        // below either: its read replaces the update.
+    let counted = |r: &&WorkReport| matches!(r.state.as_str(), "running" | "succeeded" | "failed");
+    // Per-disk figures are checked against the item's own disks, which only its row
+    // knows: the rows of the reports that have them, read in one query.
+    let with_disks: Vec<String> = reports
+        .iter()
+        .filter(counted)
+        .filter(|r| !r.disks.is_empty())
+        .map(|r| r.id.clone())
+        .collect();
+    let rows: std::collections::HashMap<String, WorkRow> = get_many(db, &with_disks)
+        .await?
+        .into_iter()
+        .map(|w| (w.id.clone(), w))
+        .collect();
+    for r in reports.iter().filter(counted) {
+        // An ended item (re-reported at every heartbeat while it is ordered) is not
+        // updated below either: its read replaces the update.
         let disks = if r.disks.is_empty() {
             Vec::new()
         } else {
-            match get(db, &r.id).await? {
+            match rows.get(&r.id) {
                 Some(w) if w.host == host && !w.is_ended() => checked_disks(&w.op, &r.disks),
                 _ => continue,
             }

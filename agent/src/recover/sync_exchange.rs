@@ -65,6 +65,20 @@ impl At<'_> {
     fn open(&self, store: &Store) -> Result<(Disk, DiskState, Point)> {
         open_at(store, self.vault, self.machine, self.disk, self.point)
     }
+
+    /// The reverse replica's disk on `store`, made when absent: the exchange area
+    /// lives in it, and a failback's commit deletes it whole.
+    fn reverse(&self, store: &Store) -> Result<Disk> {
+        let rev = reverse_machine(self.machine)?;
+        Ok(store.block(Disk::open_or_create(
+            store,
+            &rev,
+            self.disk,
+            self.vault,
+            DEFAULT_BLOCK_BYTES,
+            DEFAULT_EXTENT_BYTES,
+        ))?)
+    }
 }
 
 /// What a step stored for the next.
@@ -83,20 +97,6 @@ pub struct Exchanged {
     pub bytes_zero: u64,
     pub bytes_fetched: u64,
     pub bytes_stored: u64,
-}
-
-/// The reverse replica's disk `disk` of forward machine `machine`, made when absent:
-/// the exchange area lives in it, and a failback's commit deletes it whole.
-fn reverse_disk(store: &Store, vault: &VaultKey, machine: &str, disk: &str) -> Result<Disk> {
-    let rev = reverse_machine(machine)?;
-    Ok(store.block(Disk::open_or_create(
-        store,
-        &rev,
-        disk,
-        vault,
-        DEFAULT_BLOCK_BYTES,
-        DEFAULT_EXTENT_BYTES,
-    ))?)
 }
 
 /// What an exchange object is, the end of its name: the home disk's map, the
@@ -138,18 +138,12 @@ pub fn segment_name(point_map: &str, n: u64) -> String {
 /// held exclusively, and stores the map. Refuses a target smaller than the disk.
 pub fn home_map(at: &At, target: &Path, progress: &dyn Fn(&SyncProgress)) -> Result<Exchanged> {
     let store = at.counted();
-    let At {
-        vault,
-        machine,
-        disk,
-        ..
-    } = *at;
     let (fwd, _, p) = at.open(&store)?;
     let (file, target_bytes) = open_target(target)?;
-    check_size(target, target_bytes, machine, disk, &p)?;
+    check_size(target, target_bytes, at.machine, at.disk, &p)?;
     let map = hash_target(&file, target, p.disk_bytes, fwd.info.block_bytes, progress)?;
     drop(file);
-    let rev = reverse_disk(&store, vault, machine, disk)?;
+    let rev = at.reverse(&store)?;
     let object = rev.paths.exchange(&p.id, &random_hex(8), HOME_MAP);
     let bytes = map.seal_as(&rev, &mut SealContext::new(1), &object)?;
     let stored = bytes.len() as u64;
@@ -262,14 +256,9 @@ pub fn point_diff(
     progress: &dyn Fn(&SyncProgress),
 ) -> Result<Exchanged> {
     let store = at.counted();
-    let At {
-        vault,
-        machine,
-        disk,
-        ..
-    } = *at;
     let (fwd, state, p) = at.open(&store)?;
-    let rev = reverse_disk(&store, vault, machine, disk)?;
+    let rev = at.reverse(&store)?;
+    let disk = at.disk;
     check_exchange(&rev, &p.id, home_map, HOME_MAP)?;
     let home = store.block(BlockSums::load(&rev, home_map))?;
     let (size, bs) = (p.disk_bytes, fwd.info.block_bytes);

@@ -172,12 +172,7 @@ async fn extras(state: &AppState, rows: &[MachineRow]) -> Result<Extras, ApiErro
         .filter(|r| r.direction == recovery_state::REVERSE)
         .collect();
     let ids: Vec<String> = reverse.iter().flat_map(|r| r.items.clone()).collect();
-    let items: HashMap<String, crate::recovery::work::WorkRow> =
-        crate::recovery::work::get_many(&state.db, &ids)
-            .await?
-            .into_iter()
-            .map(|w| (w.id.clone(), w))
-            .collect();
+    let items = crate::recovery::work::get_by_id(&state.db, &ids).await?;
     let mut applied = HashMap::new();
     for r in reverse {
         applied.insert(r.machine.clone(), applied_of(r, &items));

@@ -158,23 +158,22 @@ async fn start_child(
 ) -> Result<String, String> {
     let point = params.points.get(m).map(String::as_str);
     let body = params.operation.child_params(m, point);
-    let refused = match enqueue_child(&ctx.db, ctx.store.as_ref(), kind, m, &body).await {
+    match enqueue_child(&ctx.db, ctx.store.as_ref(), kind, m, &body).await {
         Ok(Some(id)) => return Ok(id),
-        Ok(None) => None,
-        Err(e) => Some(e),
-    };
-    // Refused: the job an earlier run of this task queued (killed before it recorded
-    // it) may have ended already, leaving the machine where it refuses another (a
-    // commit done). That job is this plan's: newer than the plan job, of the kind it
-    // queues, recorded for no other machine.
-    if let Some(e) = refused {
-        let earlier = super::store::job_after(&ctx.db, kind.as_str(), m, &job.id)
-            .await
-            .map_err(|e| e.to_string())?;
-        return match earlier {
-            Some(id) if !params.children.values().any(|c| c == &id) => Ok(id),
-            _ => Err(e),
-        };
+        Ok(None) => {}
+        // Refused: the job an earlier run of this task queued (killed before it
+        // recorded it) may have ended already, leaving the machine where it refuses
+        // another (a commit done). That job is this plan's: newer than the plan job,
+        // of the kind it queues, recorded for no other machine.
+        Err(refused) => {
+            let earlier = super::store::job_after(&ctx.db, kind.as_str(), m, &job.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            return match earlier {
+                Some(id) if !params.children.values().any(|c| c == &id) => Ok(id),
+                _ => Err(refused),
+            };
+        }
     }
     let active = super::store::active_job(&ctx.db, &machine_key(m))
         .await

@@ -7,6 +7,8 @@
 //! instead of submitting a second one, and the host, which works by item id, never
 //! does one item twice.
 
+use std::collections::HashMap;
+
 use ferry_link::control::limits::MAX_WORK_ITEMS;
 use ferry_link::control::wire::{
     DiskProgress, ReadyDisk, WorkItem, WorkOp, WorkReport, WorkResult,
@@ -191,13 +193,15 @@ pub async fn get_many(db: &Db, ids: &[String]) -> Result<Vec<WorkRow>> {
     Ok(out)
 }
 
-/// The items of `ids` that exist, in the order of `ids`, in one query.
+/// The items of `ids` that exist, by id (`get_many`).
+pub async fn get_by_id(db: &Db, ids: &[String]) -> Result<HashMap<String, WorkRow>> {
+    let rows = get_many(db, ids).await?;
+    Ok(rows.into_iter().map(|w| (w.id.clone(), w)).collect())
+}
+
+/// The items of `ids` that exist, in the order of `ids` (`get_many`).
 pub async fn get_in_order(db: &Db, ids: &[String]) -> Result<Vec<WorkRow>> {
-    let mut found: std::collections::HashMap<String, WorkRow> = get_many(db, ids)
-        .await?
-        .into_iter()
-        .map(|w| (w.id.clone(), w))
-        .collect();
+    let mut found = get_by_id(db, ids).await?;
     Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
 }
 
@@ -295,11 +299,7 @@ pub async fn record_reports(db: &Db, host: &str, reports: &[WorkReport], now: i6
         .filter(|r| !r.disks.is_empty())
         .map(|r| r.id.clone())
         .collect();
-    let rows: std::collections::HashMap<String, WorkRow> = get_many(db, &with_disks)
-        .await?
-        .into_iter()
-        .map(|w| (w.id.clone(), w))
-        .collect();
+    let rows = get_by_id(db, &with_disks).await?;
     for r in reports.iter().filter(counted) {
         // An ended item (re-reported at every heartbeat while it is ordered) is not
         // updated below either: its read replaces the update.
